@@ -1,0 +1,3 @@
+from dbmigrate.cli import main
+
+raise SystemExit(main())

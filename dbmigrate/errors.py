@@ -1,0 +1,59 @@
+"""Errors the user can act on. Each carries a one-line message; the CLI prints it
+without a traceback and exits non-zero. Anything else escaping is a bug."""
+
+
+class DbMigrateError(Exception):
+    """Base for expected, user-facing failures."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(DbMigrateError):
+    """Bad input: URL, alembic directory, option values, environment block."""
+
+
+class ConnectionFailed(DbMigrateError):
+    """The database could not be reached; `reason` says why in a few words."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"cannot connect to {where}: {reason}")
+        self.reason = reason
+
+
+class RevisionError(DbMigrateError):
+    """Unknown, ambiguous or unreachable revision."""
+
+
+class GuardBusy(DbMigrateError):
+    """Another migration holds the per-database guard."""
+
+
+class ConfirmationRefused(DbMigrateError):
+    """The operator said no, or there was nobody to ask."""
+
+
+class BackupFailed(DbMigrateError):
+    """pg_dump or the storage failed; no backup was recorded."""
+
+    exit_code = 1
+
+
+class MigrationFailed(DbMigrateError):
+    """A phase of the pipeline failed after it started; the report says which."""
+
+    exit_code = 1
+
+
+class StepFailed(MigrationFailed):
+    """A revision failed; ``applied`` lists the steps the database kept."""
+
+    def __init__(self, message: str, applied: list):
+        super().__init__(message)
+        self.applied = applied

@@ -1,0 +1,147 @@
+"""Pre-flight health checks. Each check has a name, a status (ok/warn/fail), a
+one-line detail, its duration, and structured data for the JSON output."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dbmigrate import db, revisions
+from dbmigrate.errors import DbMigrateError
+from dbmigrate.revisions import Project
+from dbmigrate.target import DatabaseTarget
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str = OK
+    detail: str = ""
+    duration_s: float = 0.0
+    data: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "detail": self.detail,
+            "duration_s": round(self.duration_s, 3),
+            **({"data": self.data} if self.data else {}),
+        }
+
+
+def passed(checks: list[Check]) -> bool:
+    return all(c.status != FAIL for c in checks)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_disk(backup_dir: Path, database_size: int | None) -> Check:
+    check = Check("disk_space")
+    existing = backup_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    usage = shutil.disk_usage(existing)
+    writable = True
+    try:
+        backup_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=backup_dir):
+            pass
+    except OSError:
+        writable = False
+    used_pct = round(100 * usage.used / usage.total, 1) if usage.total else 0.0
+    check.data = {
+        "path": str(backup_dir),
+        "free_bytes": usage.free,
+        "used_percent": used_pct,
+        "writable": writable,
+        "database_size_bytes": database_size,
+    }
+    check.detail = f"{_human_bytes(usage.free)} free ({used_pct}% used) at {backup_dir}"
+    if not writable:
+        check.status, check.detail = FAIL, f"backup directory {backup_dir} is not writable; {check.detail}"
+    elif database_size is not None and usage.free < database_size:
+        check.status = WARN
+        check.detail += f"; less than the database size ({_human_bytes(database_size)})"
+    return check
+
+
+def check_version_table(project: Project, has_table: bool, current: tuple[str, ...]) -> Check:
+    check = Check("alembic_version", data={"current": list(current), "heads": project.heads})
+    heads = project.heads
+    if not has_table:
+        check.detail = "no alembic_version table: first-time migration"
+    elif unknown := project.check_known(current):
+        check.status = FAIL
+        check.detail = f"database is at revision {', '.join(unknown)}, which the migration scripts do not know"
+    elif not current:
+        check.detail = "alembic_version table is empty: database is at base"
+    else:
+        check.detail = f"database at {', '.join(current)}"
+    if len(heads) > 1 and check.status == OK:
+        check.status = WARN
+        check.detail += f"; the scripts have {len(heads)} heads ({', '.join(heads)}): 'head' is ambiguous"
+    return check
+
+
+def check_pending(project: Project, current: tuple[str, ...], target: str) -> Check:
+    check = Check("pending_revisions")
+    try:
+        steps = project.plan_upgrade(current, project.resolve(target))
+    except DbMigrateError as exc:
+        check.status, check.detail = WARN, str(exc)
+        return check
+    check.data = {"target": target, "pending": [s.as_dict() for s in steps]}
+    check.detail = (
+        f"{len(steps)} pending to {target}: " + ", ".join(s.revision for s in steps) if steps else f"at {target}"
+    )
+    return check
+
+
+def run(
+    target: DatabaseTarget,
+    project: Project,
+    backup_dir: Path,
+    timeout: float,
+    target_revision: str = "head",
+) -> list[Check]:
+    checks: list[Check] = []
+
+    def timed(check_fn, *args) -> Check:
+        start = time.monotonic()
+        check = check_fn(*args)
+        check.duration_s = time.monotonic() - start
+        checks.append(check)
+        return check
+
+    start = time.monotonic()
+    try:
+        with db.connect(target, timeout) as conn:
+            _, version = db.server_version(conn)
+            connection = Check("connection", detail=f"PostgreSQL {version} at {target.where}",
+                               data={"server_version": version})
+            connection.duration_s = time.monotonic() - start
+            checks.append(connection)
+            size = db.database_size(conn)
+            has_table = revisions.has_version_table(conn)
+            current = revisions.current_revisions(conn) if has_table else ()
+    except DbMigrateError as exc:
+        checks.append(Check("connection", FAIL, str(exc), time.monotonic() - start))
+        timed(check_disk, backup_dir, None)
+        return checks
+    timed(check_disk, backup_dir, size)
+    version_check = timed(check_version_table, project, has_table, current)
+    if version_check.status != FAIL:
+        timed(check_pending, project, current, target_revision)
+    return checks

@@ -1,0 +1,131 @@
+"""Run Alembic upgrades and downgrades in-process, timing each revision.
+
+Nothing here depends on the project's env.py beyond the stock contract (read
+``sqlalchemy.url``, call ``context.configure`` and ``context.run_migrations``):
+timeouts reach env.py's own connections through libpq's ``PGOPTIONS``, and the
+per-revision timing is a callback added to whatever env.py configures.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from alembic import util as alembic_util
+from alembic.runtime.environment import EnvironmentContext
+
+from dbmigrate.errors import RevisionError
+from dbmigrate.revisions import Project
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Server-side limits for every statement a migration runs (0 = no limit)."""
+
+    lock_timeout_s: float = 10.0
+    statement_timeout_s: float = 0.0
+
+    def pgoptions(self) -> str:
+        return (
+            f"-c lock_timeout={int(self.lock_timeout_s * 1000)} "
+            f"-c statement_timeout={int(self.statement_timeout_s * 1000)}"
+        )
+
+
+@dataclass(frozen=True)
+class AppliedStep:
+    revision: str
+    message: str
+    duration_s: float
+
+    def as_dict(self) -> dict:
+        return {"revision": self.revision, "message": self.message, "duration_s": round(self.duration_s, 3)}
+
+
+class _TimedEnvironment(EnvironmentContext):
+    """EnvironmentContext that times each step, whatever env.py passes to configure()."""
+
+    def __init__(self, *args, on_step: Callable[[AppliedStep], None], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_step = on_step
+        self._mark = time.monotonic()
+
+    def configure(self, *args, on_version_apply=None, **kwargs) -> None:
+        callbacks = (*alembic_util.to_tuple(on_version_apply, default=()), self._step_done)
+        super().configure(*args, on_version_apply=callbacks, **kwargs)
+
+    def run_migrations(self, **kwargs) -> None:
+        self._mark = time.monotonic()
+        super().run_migrations(**kwargs)
+
+    def _step_done(self, *, step, **_) -> None:
+        now = time.monotonic()
+        self._on_step(AppliedStep(step.up_revision_id, step.doc or "", now - self._mark))
+        self._mark = now
+
+
+@contextmanager
+def session_limits(limits: SessionLimits, application_name: str = "dbmigrate") -> Iterator[None]:
+    """Apply limits to every libpq connection opened inside, including env.py's own engine."""
+    saved = {key: os.environ.get(key) for key in ("PGOPTIONS", "PGAPPNAME")}
+    os.environ["PGOPTIONS"] = f"{saved['PGOPTIONS'] or ''} {limits.pgoptions()}".strip()
+    os.environ["PGAPPNAME"] = application_name
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _steps_fn(project: Project, target: str, upgrade: bool):
+    # The same step functions alembic.command.upgrade/downgrade hand to the environment.
+    script = project.script
+    if upgrade:
+        return lambda rev, context: script._upgrade_revs(target, rev)
+    return lambda rev, context: script._downgrade_revs(target, rev)
+
+
+def run(
+    project: Project,
+    target: str,
+    *,
+    upgrade: bool,
+    limits: SessionLimits,
+    on_step: Callable[[AppliedStep], None],
+) -> None:
+    """Migrate the database online. ``on_step`` hears of each revision as its SQL
+    completes (before env.py commits: a later failure may still roll it back)."""
+    with session_limits(limits), _TimedEnvironment(
+        project.config,
+        project.script,
+        fn=_steps_fn(project, target, upgrade),
+        destination_rev=target,
+        on_step=on_step,
+    ):
+        project.script.run_env()
+
+
+def render_sql(project: Project, current: tuple[str, ...], target: str, *, upgrade: bool) -> str:
+    """The SQL Alembic would run from ``current`` to ``target`` (offline mode: no connection)."""
+    if len(current) > 1:
+        raise RevisionError("--dry-run needs a single current revision; the database has several")
+    buffer = io.StringIO()
+    with _TimedEnvironment(
+        project.config,
+        project.script,
+        fn=_steps_fn(project, target, upgrade),
+        as_sql=True,
+        starting_rev=current[0] if current else None,
+        destination_rev=target,
+        output_buffer=buffer,
+        on_step=lambda step: None,
+    ):
+        project.script.run_env()
+    return buffer.getvalue()

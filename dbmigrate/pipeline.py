@@ -1,0 +1,245 @@
+"""One run of the pipeline: health checks -> plan -> backup -> migrate -> validate -> report.
+
+Each phase is a plain function over a few objects, so the command line calls
+:func:`execute` and the Prefect flow wraps the same phases as tasks.
+"""
+
+from __future__ import annotations
+
+import getpass
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import text
+
+from dbmigrate import __version__, backup, db, guard, health, migrate, revisions
+from dbmigrate.errors import ConfirmationRefused, DbMigrateError, MigrationFailed, RevisionError, StepFailed
+from dbmigrate.health import FAIL, OK, Check
+from dbmigrate.migrate import AppliedStep, SessionLimits
+from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Report
+from dbmigrate.revisions import PlannedStep, Project
+from dbmigrate.target import DatabaseTarget
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where state lives and how long to wait; the same for every command."""
+
+    home: Path
+    alembic_config: str | None = None
+    connect_timeout: float = db.DEFAULT_CONNECT_TIMEOUT
+    guard_wait_s: float = 0.0
+    limits: SessionLimits = field(default_factory=SessionLimits)
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.home / "backups"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    def project(self, target: DatabaseTarget | None = None) -> Project:
+        return revisions.load(self.alembic_config, target, self.connect_timeout)
+
+
+@dataclass(frozen=True)
+class Request:
+    operation: str  # "upgrade" | "downgrade"
+    revision: str
+    dry_run: bool = False
+    backup: bool = False
+    skip_health_checks: bool = False
+    skip_validation: bool = False
+    json_report: Path | None = None
+    operator: str = field(default_factory=getpass.getuser)
+
+    @property
+    def upgrade(self) -> bool:
+        return self.operation == "upgrade"
+
+
+@dataclass(frozen=True)
+class Plan:
+    current: tuple[str, ...]
+    target: str
+    steps: list[PlannedStep]
+    server_major: int
+
+    @property
+    def revision_before(self) -> str | None:
+        return ",".join(self.current) or None
+
+
+@dataclass
+class Outcome:
+    report: Report
+    report_path: Path
+    error: DbMigrateError | None = None
+    sql: str | None = None
+
+
+def preflight(target: DatabaseTarget, project: Project, settings: Settings, revision: str) -> list[Check]:
+    """Health checks; raises MigrationFailed naming every failed check."""
+    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout, revision)
+    failed = [c for c in checks if c.status == FAIL]
+    if failed:
+        raise MigrationFailed("health checks failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
+    return checks
+
+
+def plan(target: DatabaseTarget, project: Project, settings: Settings, request: Request) -> Plan:
+    """Read the database's revision and work out the steps; touches nothing."""
+    resolved = project.resolve(request.revision)
+    with db.connect(target, settings.connect_timeout) as conn:
+        major, _ = db.server_version(conn)
+        current = revisions.current_revisions(conn) if revisions.has_version_table(conn) else ()
+    if unknown := project.check_known(current):
+        raise RevisionError(f"the database is at revision {', '.join(unknown)}, which the migration scripts do not know")
+    if request.upgrade:
+        steps = project.plan_upgrade(current, resolved)
+    else:
+        steps = project.plan_downgrade(current, resolved)
+    return Plan(current, resolved, steps, major)
+
+
+def expected_revisions(project: Project, plan: Plan, upgrade: bool) -> set[str]:
+    """The revision(s) the database must be at once the plan has run."""
+    if not plan.steps:
+        return set(plan.current)
+    last = project.script.get_revision(plan.steps[-1].revision)
+    if upgrade:
+        return set(project.heads) if plan.target == "heads" else {last.revision}
+    below = last.down_revision
+    return set(below) if isinstance(below, tuple) else ({below} if below else set())
+
+
+def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan, upgrade: bool) -> list[AppliedStep]:
+    """Run the plan. On failure, raises MigrationFailed; the steps reported as
+    applied are only those the database really kept (see :func:`kept_steps`)."""
+    ran: list[AppliedStep] = []
+    try:
+        migrate.run(project, plan.target, upgrade=upgrade, limits=settings.limits, on_step=ran.append)
+    except Exception as exc:
+        failing = plan.steps[len(ran)].revision if len(ran) < len(plan.steps) else "?"
+        first_line = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        message = f"revision {failing} failed: {target.redact(first_line)}"
+        raise StepFailed(message, kept_steps(target, settings, ran)) from exc
+    return ran
+
+
+def kept_steps(target: DatabaseTarget, settings: Settings, ran: list[AppliedStep]) -> list[AppliedStep]:
+    """Steps whose effect survived a failure: env.py may run all in one transaction
+    (everything rolled back) or one per revision (a prefix kept)."""
+    with db.connect(target, settings.connect_timeout) as conn:
+        now = set(revisions.current_revisions(conn)) if revisions.has_version_table(conn) else set()
+    for index in range(len(ran), 0, -1):
+        if ran[index - 1].revision in now:
+            return ran[:index]
+    return []
+
+
+def validate(target: DatabaseTarget, project: Project, settings: Settings, expected: set[str]) -> list[Check]:
+    checks = []
+    start = time.monotonic()
+    with db.connect(target, settings.connect_timeout) as conn:
+        answered = conn.execute(text("SELECT 1")).scalar_one() == 1
+        checks.append(Check("database_answers", OK if answered else FAIL, "SELECT 1 answered",
+                            time.monotonic() - start))
+        start = time.monotonic()
+        current = set(revisions.current_revisions(conn)) if revisions.has_version_table(conn) else set()
+    shown = ", ".join(sorted(current)) or "base"
+    if current == expected:
+        checks.append(Check("revision", OK, f"database at {shown}", time.monotonic() - start))
+    else:
+        want = ", ".join(sorted(expected)) or "base"
+        checks.append(Check("revision", FAIL, f"database at {shown}, expected {want}", time.monotonic() - start))
+    return checks
+
+
+def current_revision(target: DatabaseTarget, settings: Settings) -> str | None:
+    with db.connect(target, settings.connect_timeout) as conn:
+        if not revisions.has_version_table(conn):
+            return None
+        return ",".join(revisions.current_revisions(conn)) or None
+
+
+def execute(
+    target: DatabaseTarget,
+    settings: Settings,
+    request: Request,
+    confirm: Callable[[Plan], bool] = lambda plan: True,
+) -> Outcome:
+    """The whole run for the command line. Never raises for expected failures: the
+    outcome carries the error, and the report is always written."""
+    report = Report(
+        operation=request.operation,
+        environment=target.environment,
+        database=target.describe(),
+        target_revision=request.revision,
+        operator=request.operator,
+        tool_version=__version__,
+    )
+    outcome = Outcome(report, Path())
+    phase, touched = "load", False
+    try:
+        project = settings.project(target)
+        if not request.skip_health_checks:
+            phase = "health_checks"
+            report.health_checks = [c.as_dict() for c in preflight(target, project, settings, request.revision)]
+        phase = "plan"
+        the_plan = plan(target, project, settings, request)
+        report.revision_before = report.revision_after = the_plan.revision_before
+        report.migrations_planned = [s.as_dict() for s in the_plan.steps]
+        if not the_plan.steps:
+            report.finish(NOOP)
+        elif request.dry_run:
+            outcome.sql = migrate.render_sql(project, the_plan.current, the_plan.target, upgrade=request.upgrade)
+            report.finish(DRY_RUN)
+        else:
+            phase = "confirm"
+            if not confirm(the_plan):
+                raise ConfirmationRefused("not confirmed: nothing was changed")
+            phase = "guard"
+            with guard.hold(target, request.operation, settings.guard_wait_s, settings.connect_timeout):
+                if plan(target, project, settings, request).current != the_plan.current:
+                    raise MigrationFailed("the database changed while waiting for confirmation: run again")
+                if request.backup:
+                    phase = "backup"
+                    result = backup.take(target, settings.backup_dir, the_plan.revision_before, the_plan.server_major)
+                    report.backup = result.as_dict()
+                phase, touched = "migrate", True
+                applied = apply(target, project, settings, the_plan, request.upgrade)
+                report.migrations_applied = [s.as_dict() for s in applied]
+                if not request.skip_validation:
+                    phase = "validate"
+                    checks = validate(target, project, settings, expected_revisions(project, the_plan, request.upgrade))
+                    report.validation = [c.as_dict() for c in checks]
+                    if not health.passed(checks):
+                        failed = "; ".join(c.detail for c in checks if c.status == FAIL)
+                        raise MigrationFailed(f"validation failed: {failed}")
+            report.finish(SUCCEEDED)
+    except DbMigrateError as exc:
+        if isinstance(exc, StepFailed):
+            report.migrations_applied = [s.as_dict() for s in exc.applied]
+        report.fail(phase, exc)
+        report.error["message"] = target.redact(str(exc))
+        outcome.error = exc
+    except BaseException as exc:  # a bug: record it, then let the traceback through
+        report.fail(phase, exc)
+        report.error["message"] = target.redact(str(exc))
+        raise
+    finally:
+        if touched:
+            report.revision_after = _revision_after(target, settings)
+        outcome.report_path = report.write(settings.reports_dir, request.json_report)
+    return outcome
+
+
+def _revision_after(target: DatabaseTarget, settings: Settings) -> str | None:
+    try:
+        return current_revision(target, settings)
+    except DbMigrateError:
+        return None

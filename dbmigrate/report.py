@@ -1,0 +1,71 @@
+"""The JSON audit record of one upgrade or downgrade."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+SUCCEEDED, FAILED, DRY_RUN, NOOP = "succeeded", "failed", "dry_run", "noop"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Report:
+    operation: str  # upgrade | downgrade
+    environment: str
+    database: dict
+    target_revision: str
+    started_at: datetime = field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    status: str = FAILED
+    revision_before: str | None = None
+    revision_after: str | None = None
+    migrations_planned: list[dict] = field(default_factory=list)
+    migrations_applied: list[dict] = field(default_factory=list)
+    health_checks: list[dict] = field(default_factory=list)
+    backup: dict | None = None
+    validation: list[dict] = field(default_factory=list)
+    error: dict | None = None
+    operator: str | None = None
+    tool_version: str | None = None
+
+    def finish(self, status: str) -> None:
+        self.status = status
+        self.finished_at = utcnow()
+
+    def fail(self, phase: str, exc: BaseException) -> None:
+        self.error = {"type": type(exc).__name__, "message": str(exc), "phase": phase}
+        self.finish(FAILED)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["started_at"] = self.started_at.isoformat()
+        data["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
+        data["duration_s"] = (
+            round((self.finished_at - self.started_at).total_seconds(), 3) if self.finished_at else None
+        )
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, default=str) + "\n"
+
+    def file_name(self) -> str:
+        stamp = self.started_at.strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"
+        return f"{stamp}-{re.sub(r'[^A-Za-z0-9._-]+', '_', self.target_revision)}.json"
+
+    def write(self, reports_dir: Path, extra_path: Path | None = None) -> Path:
+        """Write to ``reports_dir`` (and a copy to ``extra_path``); returns the main path."""
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        path = reports_dir / self.file_name()
+        body = self.to_json()
+        path.write_text(body)
+        if extra_path is not None:
+            extra_path.parent.mkdir(parents=True, exist_ok=True)
+            extra_path.write_text(body)
+        return path

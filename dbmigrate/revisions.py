@@ -1,0 +1,127 @@
+"""The Alembic project (alembic.ini + script directory) and revision arithmetic.
+
+Works with any project whose env.py reads ``sqlalchemy.url``: the URL is set on
+the in-memory Config and never written to disk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+
+from dbmigrate.errors import ConfigError, RevisionError
+from dbmigrate.target import DatabaseTarget
+
+DEFAULT_CONFIG = "alembic.ini"
+VERSION_TABLE = "alembic_version"
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One revision a run will apply (upgrade) or revert (downgrade)."""
+
+    revision: str
+    message: str
+    is_upgrade: bool
+
+    def as_dict(self) -> dict:
+        return {"revision": self.revision, "message": self.message}
+
+
+@dataclass
+class Project:
+    config: Config
+    script: ScriptDirectory
+
+    @property
+    def heads(self) -> list[str]:
+        return list(self.script.get_heads())
+
+    def check_known(self, revisions: tuple[str, ...]) -> list[str]:
+        """Revisions in the database that these scripts do not know."""
+        unknown = []
+        for rev in revisions:
+            try:
+                self.script.get_revision(rev)
+            except CommandError:
+                unknown.append(rev)
+        return unknown
+
+    def resolve(self, revision: str) -> str:
+        """Validate a target: one known revision, 'heads', 'base', or relative."""
+        heads = self.heads
+        if revision == "head" and len(heads) > 1:
+            raise RevisionError(
+                f"'head' is ambiguous: the scripts have {len(heads)} heads ({', '.join(heads)}); "
+                "name one revision, or merge the heads with 'alembic merge'"
+            )
+        if revision in ("head", "heads", "base") or revision[:1] in "+-":
+            return revision
+        try:
+            scripts = self.script.get_revisions(revision)
+        except CommandError as exc:
+            raise RevisionError(_one_line(exc, f"unknown revision '{revision}'")) from None
+        if len(scripts) != 1 or scripts[0] is None:
+            raise RevisionError(f"unknown revision '{revision}'")
+        return scripts[0].revision
+
+    def plan_upgrade(self, current: tuple[str, ...], target: str) -> list[PlannedStep]:
+        # _upgrade_revs is what alembic.command.upgrade runs; using it keeps our plan
+        # identical to what Alembic will execute.
+        try:
+            steps = self.script._upgrade_revs(target, current)
+        except CommandError as exc:
+            raise RevisionError(_one_line(exc, f"cannot upgrade to '{target}'")) from None
+        return [PlannedStep(s.up_revision_id, s.doc or "", True) for s in steps]
+
+    def plan_downgrade(self, current: tuple[str, ...], target: str) -> list[PlannedStep]:
+        if not current:
+            raise RevisionError("the database has no alembic revision: nothing to downgrade")
+        if target.startswith("+"):
+            raise RevisionError(f"'{target}' moves up: use upgrade")
+        try:
+            steps = self.script._downgrade_revs(target, current)
+        except CommandError as exc:
+            raise RevisionError(_one_line(exc, f"cannot downgrade to '{target}'")) from None
+        return [PlannedStep(s.up_revision_id, s.doc or "", False) for s in steps]
+
+
+def _one_line(exc: Exception, fallback: str) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else fallback
+
+
+def load(config_path: str | None, target: DatabaseTarget | None = None, timeout: float | None = None) -> Project:
+    """Load alembic.ini (``--alembic-config``, ``ALEMBIC_CONFIG``, or ./alembic.ini)."""
+    path = Path(config_path or os.environ.get("ALEMBIC_CONFIG") or DEFAULT_CONFIG)
+    if not path.is_file():
+        raise ConfigError(f"alembic config not found: {path} (use --alembic-config PATH or ALEMBIC_CONFIG)")
+    config = Config(str(path))
+    if not config.get_main_option("script_location"):
+        raise ConfigError(f"{path} has no 'script_location' in its [alembic] section")
+    try:
+        script = ScriptDirectory.from_config(config)
+        script.get_heads()  # loads every revision file: a broken one fails here, not mid-run
+    except CommandError as exc:
+        raise ConfigError(f"alembic scripts in {path}: {_one_line(exc, 'cannot be loaded')}") from None
+    if target is not None:
+        # ConfigParser interpolates '%': escape it so passwords with '%' survive.
+        config.set_main_option("sqlalchemy.url", target.sqlalchemy_url(timeout).replace("%", "%%"))
+    return Project(config, script)
+
+
+def has_version_table(conn: Connection) -> bool:
+    return inspect(conn).has_table(VERSION_TABLE)
+
+
+def current_revisions(conn: Connection) -> tuple[str, ...]:
+    """The revision(s) stamped in the database; empty before the first migration."""
+    return tuple(MigrationContext.configure(conn).get_current_heads())

@@ -1,0 +1,115 @@
+"""Which database a command works on, and how to reach it without leaking the password.
+
+Resolution order, the same for every command:
+  1. ``--url`` or ``DATABASE_URL``;
+  2. ``--env NAME``: the Prefect ``DatabaseCredentials`` block named NAME;
+  3. the embedded local database under ``.dbmigrate/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from dbmigrate.errors import ConfigError
+
+DRIVER = "postgresql+psycopg"
+URL_SHAPE = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """A database and the name of the environment it belongs to.
+
+    ``url`` holds the password; nothing here renders it except
+    :meth:`sqlalchemy_url` (handed to Alembic in-process) and :meth:`libpq_env`
+    (handed to child processes through their environment, never argv).
+    """
+
+    url: URL
+    environment: str
+
+    @property
+    def host(self) -> str:
+        # A unix-socket URL carries the socket directory as ?host=...
+        return str(self.url.query.get("host") or self.url.host or "localhost")
+
+    @property
+    def port(self) -> int:
+        return int(self.url.port or self.url.query.get("port") or 5432)
+
+    @property
+    def database(self) -> str:
+        return self.url.database or self.url.username or "postgres"
+
+    @property
+    def where(self) -> str:
+        """Human-readable location, safe to print: host:port/database."""
+        return f"{self.host}:{self.port}/{self.database}"
+
+    def describe(self) -> dict:
+        """The report's ``database`` entry: never the password."""
+        return {"host": self.host, "port": self.port, "name": self.database, "user": self.url.username}
+
+    def sqlalchemy_url(self, connect_timeout: float | None = None) -> str:
+        url = self.url
+        if connect_timeout:
+            url = url.update_query_dict({"connect_timeout": str(max(1, round(connect_timeout)))})
+        return url.render_as_string(hide_password=False)
+
+    def libpq_env(self) -> dict[str, str]:
+        """libpq environment variables for child processes such as pg_dump."""
+        env = {"PGHOST": self.host, "PGPORT": str(self.port), "PGDATABASE": self.database}
+        if self.url.username:
+            env["PGUSER"] = self.url.username
+        if self.url.password:
+            env["PGPASSWORD"] = str(self.url.password)
+        for key, var in (("sslmode", "PGSSLMODE"), ("connect_timeout", "PGCONNECT_TIMEOUT")):
+            if key in self.url.query:
+                env[var] = str(self.url.query[key])
+        return env
+
+    def with_database(self, name: str) -> DatabaseTarget:
+        return DatabaseTarget(self.url.set(database=name), self.environment)
+
+    def redact(self, text: str) -> str:
+        """Remove the password from any text before it is shown or stored."""
+        password = self.url.password
+        return text.replace(str(password), "***") if password else text
+
+
+def parse_url(raw: str, environment: str = "url") -> DatabaseTarget:
+    """Parse a SQLAlchemy/libpq URL; the message never repeats the URL (it may hold a password)."""
+    try:
+        url = make_url(raw.strip())
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"malformed database URL: expected {URL_SHAPE}") from None
+    backend = url.get_backend_name()
+    if backend not in ("postgresql", "postgres"):
+        raise ConfigError(f"unsupported database URL scheme '{url.drivername}': expected {URL_SHAPE}")
+    if url.port is not None and not 0 < url.port < 65536:
+        raise ConfigError(f"malformed database URL: port {url.port} is out of range")
+    return DatabaseTarget(url.set(drivername=DRIVER), environment)
+
+
+def resolve(url: str | None, env: str | None, home: Path) -> DatabaseTarget:
+    """Apply the resolution order. Explicit sources must not conflict: a stray
+    DATABASE_URL silently overriding ``--env production`` would be dangerous."""
+    if url and env:
+        raise ConfigError("give either --url or --env, not both")
+    env_url = os.environ.get("DATABASE_URL")
+    if env and env_url and not url:
+        raise ConfigError(f"--env {env} was given but DATABASE_URL is also set: unset one of them")
+    if url or env_url:
+        return parse_url(url or env_url, os.environ.get("DBMIGRATE_ENVIRONMENT", "url"))
+    if env:
+        from dbmigrate.environments import load_credentials  # imports Prefect: only on this path
+
+        return load_credentials(env)
+    from dbmigrate import local
+
+    return local.target(home)
