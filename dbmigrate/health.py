@@ -135,7 +135,7 @@ def run(
             checks.append(connection)
             size = db.database_size(conn)
             has_table = revisions.has_version_table(conn)
-            current = revisions.current_revisions(conn) if has_table else ()
+            current = revisions.current_revisions(conn)
     except DbMigrateError as exc:
         checks.append(Check("connection", FAIL, str(exc), time.monotonic() - start))
         timed(check_disk, backup_dir, None)

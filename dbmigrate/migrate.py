@@ -46,26 +46,32 @@ class AppliedStep:
         return {"revision": self.revision, "message": self.message, "duration_s": round(self.duration_s, 3)}
 
 
-class _TimedEnvironment(EnvironmentContext):
-    """EnvironmentContext that times each step, whatever env.py passes to configure()."""
+def _timed_environment(project: Project, on_step: Callable[[AppliedStep], None], **kwargs) -> EnvironmentContext:
+    """An EnvironmentContext that times each step, whatever env.py passes to configure().
 
-    def __init__(self, *args, on_step: Callable[[AppliedStep], None], **kwargs):
-        super().__init__(*args, **kwargs)
-        self._on_step = on_step
-        self._mark = time.monotonic()
+    Alembic's module proxy (``alembic.context``) is registered for EnvironmentContext
+    itself, not subclasses, so the two methods are wrapped on the instance instead.
+    """
+    env = EnvironmentContext(project.config, project.script, **kwargs)
+    configure, run_migrations = env.configure, env.run_migrations
+    mark = time.monotonic()
 
-    def configure(self, *args, on_version_apply=None, **kwargs) -> None:
-        callbacks = (*alembic_util.to_tuple(on_version_apply, default=()), self._step_done)
-        super().configure(*args, on_version_apply=callbacks, **kwargs)
-
-    def run_migrations(self, **kwargs) -> None:
-        self._mark = time.monotonic()
-        super().run_migrations(**kwargs)
-
-    def _step_done(self, *, step, **_) -> None:
+    def step_done(*, step, **_) -> None:
+        nonlocal mark
         now = time.monotonic()
-        self._on_step(AppliedStep(step.up_revision_id, step.doc or "", now - self._mark))
-        self._mark = now
+        on_step(AppliedStep(step.up_revision_id, step.up_revision.doc or "", now - mark))
+        mark = now
+
+    def timed_configure(*args, on_version_apply=None, **kw) -> None:
+        configure(*args, on_version_apply=(*alembic_util.to_tuple(on_version_apply, default=()), step_done), **kw)
+
+    def timed_run_migrations(**kw) -> None:
+        nonlocal mark
+        mark = time.monotonic()
+        run_migrations(**kw)
+
+    env.configure, env.run_migrations = timed_configure, timed_run_migrations
+    return env
 
 
 @contextmanager
@@ -102,13 +108,8 @@ def run(
 ) -> None:
     """Migrate the database online. ``on_step`` hears of each revision as its SQL
     completes (before env.py commits: a later failure may still roll it back)."""
-    with session_limits(limits), _TimedEnvironment(
-        project.config,
-        project.script,
-        fn=_steps_fn(project, target, upgrade),
-        destination_rev=target,
-        on_step=on_step,
-    ):
+    env = _timed_environment(project, on_step, fn=_steps_fn(project, target, upgrade), destination_rev=target)
+    with session_limits(limits), env:
         project.script.run_env()
 
 
@@ -117,15 +118,15 @@ def render_sql(project: Project, current: tuple[str, ...], target: str, *, upgra
     if len(current) > 1:
         raise RevisionError("--dry-run needs a single current revision; the database has several")
     buffer = io.StringIO()
-    with _TimedEnvironment(
-        project.config,
-        project.script,
+    env = _timed_environment(
+        project,
+        lambda step: None,
         fn=_steps_fn(project, target, upgrade),
         as_sql=True,
         starting_rev=current[0] if current else None,
         destination_rev=target,
         output_buffer=buffer,
-        on_step=lambda step: None,
-    ):
+    )
+    with env:
         project.script.run_env()
     return buffer.getvalue()

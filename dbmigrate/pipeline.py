@@ -95,7 +95,7 @@ def plan(target: DatabaseTarget, project: Project, settings: Settings, request: 
     resolved = project.resolve(request.revision)
     with db.connect(target, settings.connect_timeout) as conn:
         major, _ = db.server_version(conn)
-        current = revisions.current_revisions(conn) if revisions.has_version_table(conn) else ()
+        current = revisions.current_revisions(conn)
     if unknown := project.check_known(current):
         raise RevisionError(f"the database is at revision {', '.join(unknown)}, which the migration scripts do not know")
     if request.upgrade:
@@ -134,7 +134,7 @@ def kept_steps(target: DatabaseTarget, settings: Settings, ran: list[AppliedStep
     """Steps whose effect survived a failure: env.py may run all in one transaction
     (everything rolled back) or one per revision (a prefix kept)."""
     with db.connect(target, settings.connect_timeout) as conn:
-        now = set(revisions.current_revisions(conn)) if revisions.has_version_table(conn) else set()
+        now = set(revisions.current_revisions(conn))
     for index in range(len(ran), 0, -1):
         if ran[index - 1].revision in now:
             return ran[:index]
@@ -149,7 +149,7 @@ def validate(target: DatabaseTarget, project: Project, settings: Settings, expec
         checks.append(Check("database_answers", OK if answered else FAIL, "SELECT 1 answered",
                             time.monotonic() - start))
         start = time.monotonic()
-        current = set(revisions.current_revisions(conn)) if revisions.has_version_table(conn) else set()
+        current = set(revisions.current_revisions(conn))
     shown = ", ".join(sorted(current)) or "base"
     if current == expected:
         checks.append(Check("revision", OK, f"database at {shown}", time.monotonic() - start))
@@ -161,8 +161,6 @@ def validate(target: DatabaseTarget, project: Project, settings: Settings, expec
 
 def current_revision(target: DatabaseTarget, settings: Settings) -> str | None:
     with db.connect(target, settings.connect_timeout) as conn:
-        if not revisions.has_version_table(conn):
-            return None
         return ",".join(revisions.current_revisions(conn)) or None
 
 

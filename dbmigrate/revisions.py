@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alembic.config import Config
-from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
 from dbmigrate.errors import ConfigError, RevisionError
@@ -67,8 +66,8 @@ class Project:
             return revision
         try:
             scripts = self.script.get_revisions(revision)
-        except CommandError as exc:
-            raise RevisionError(_one_line(exc, f"unknown revision '{revision}'")) from None
+        except CommandError:
+            raise RevisionError(f"unknown revision '{revision}': not in the migration scripts") from None
         if len(scripts) != 1 or scripts[0] is None:
             raise RevisionError(f"unknown revision '{revision}'")
         return scripts[0].revision
@@ -80,7 +79,7 @@ class Project:
             steps = self.script._upgrade_revs(target, current)
         except CommandError as exc:
             raise RevisionError(_one_line(exc, f"cannot upgrade to '{target}'")) from None
-        return [PlannedStep(s.up_revision_id, s.doc or "", True) for s in steps]
+        return [PlannedStep(s.revision.revision, s.doc or "", True) for s in steps]
 
     def plan_downgrade(self, current: tuple[str, ...], target: str) -> list[PlannedStep]:
         if not current:
@@ -90,8 +89,12 @@ class Project:
         try:
             steps = self.script._downgrade_revs(target, current)
         except CommandError as exc:
+            if "not a valid downgrade target" in str(exc):
+                raise RevisionError(
+                    f"cannot downgrade to {target}: it is not below the current revision {', '.join(current)}"
+                ) from None
             raise RevisionError(_one_line(exc, f"cannot downgrade to '{target}'")) from None
-        return [PlannedStep(s.up_revision_id, s.doc or "", False) for s in steps]
+        return [PlannedStep(s.revision.revision, s.doc or "", False) for s in steps]
 
 
 def _one_line(exc: Exception, fallback: str) -> str:
@@ -124,4 +127,6 @@ def has_version_table(conn: Connection) -> bool:
 
 def current_revisions(conn: Connection) -> tuple[str, ...]:
     """The revision(s) stamped in the database; empty before the first migration."""
-    return tuple(MigrationContext.configure(conn).get_current_heads())
+    if not has_version_table(conn):
+        return ()
+    return tuple(sorted(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars()))

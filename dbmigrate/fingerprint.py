@@ -1,0 +1,46 @@
+"""A database's fingerprint: schema hash, per-table row counts and alembic revision.
+
+Two equal fingerprints mean the schema and the amount of data are the same; this
+is how a failed run proves it left the database as it found it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from dbmigrate import revisions
+
+_SCHEMA_QUERIES = (
+    "SELECT table_name, column_name, data_type, is_nullable, column_default, character_maximum_length "
+    "FROM information_schema.columns WHERE table_schema = current_schema() ORDER BY 1, 2",
+    "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() ORDER BY 1",
+    "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
+    "WHERE connamespace = current_schema()::regnamespace ORDER BY 1, 2",
+)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    schema_sha256: str
+    row_counts: dict[str, int]
+    revisions: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return {"schema_sha256": self.schema_sha256, "row_counts": self.row_counts, "revisions": list(self.revisions)}
+
+
+def take(conn: Connection) -> Fingerprint:
+    digest = hashlib.sha256()
+    for query in _SCHEMA_QUERIES:
+        rows = [list(map(str, row)) for row in conn.execute(text(query))]
+        digest.update(json.dumps(rows).encode())
+    tables = conn.execute(
+        text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1")
+    ).scalars().all()
+    counts = {t: int(conn.execute(text(f'SELECT count(*) FROM "{t}"')).scalar_one()) for t in tables}
+    return Fingerprint(digest.hexdigest(), counts, revisions.current_revisions(conn))

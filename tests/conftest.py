@@ -1,0 +1,88 @@
+"""Shared fixtures: a real PostgreSQL on loopback, a fresh database per test, and a
+`cli` runner that executes the installed command line and checks every output for
+the canary password."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from dbmigrate import db, fingerprint
+from dbmigrate.target import DatabaseTarget
+from tests import pgcluster
+from tests.pgcluster import CANARY_PASSWORD
+
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_CONFIG = REPO / "alembic.ini"
+SAMPLE_HEAD = "0006"
+
+
+def assert_no_canary(text: str, where: str) -> None:
+    for form in (CANARY_PASSWORD, quote(CANARY_PASSWORD, safe="")):
+        assert form not in text, f"the password leaked into {where}"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory):
+    cluster = pgcluster.create(tmp_path_factory.mktemp("pg"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def db_name(pg_cluster):
+    name = pg_cluster.create_database()
+    yield name
+    pg_cluster.drop_database(name)
+
+
+@pytest.fixture
+def target(pg_cluster, db_name) -> DatabaseTarget:
+    return pg_cluster.target(db_name)
+
+
+@pytest.fixture
+def url(target) -> str:
+    return target.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+def fingerprint_of(target: DatabaseTarget) -> fingerprint.Fingerprint:
+    with db.connect(target) as conn:
+        return fingerprint.take(conn)
+
+
+def reports_in(home: Path) -> list[Path]:
+    return sorted((home / "reports").glob("*.json"))
+
+
+@pytest.fixture
+def cli(home):
+    """Run `python -m dbmigrate ARGS` from the repository root, as a user would."""
+
+    def run(*args: str, env: dict | None = None, input: str | None = None, cwd: Path = REPO):
+        environ = {**pgcluster.environ_without_db(), "DBMIGRATE_HOME": str(home), **(env or {})}
+        result = subprocess.run(
+            [sys.executable, "-m", "dbmigrate", *args],
+            cwd=cwd, env=environ, input=input or "", capture_output=True, text=True, timeout=240,
+        )
+        assert_no_canary(result.stdout + result.stderr, f"the output of dbmigrate {' '.join(args[:1])}")
+        assert "Traceback" not in result.stderr, result.stderr
+        for report in reports_in(home):
+            assert_no_canary(report.read_text(), str(report))
+        return result
+
+    return run

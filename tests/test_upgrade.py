@@ -1,0 +1,169 @@
+"""The main job, through the command line, against a real PostgreSQL."""
+
+import json
+import subprocess
+
+from sqlalchemy import text
+
+from dbmigrate import db, pgtools
+from tests.conftest import SAMPLE_HEAD, fingerprint_of, reports_in
+
+ALL = ["0001", "0002", "0003", "0004", "0005", "0006"]
+
+
+def test_status_health_check_and_heads_on_a_fresh_database(cli, url):
+    env = {"DATABASE_URL": url}
+    status = cli("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert state["current"] == [] and state["heads"] == [SAMPLE_HEAD]
+    assert [p["revision"] for p in state["pending"]] == ALL
+    assert state["database"]["port"] and "password" not in state["database"]
+
+    health = cli("health", "--json", env=env)
+    assert health.returncode == 0, health.stderr
+    checks = {c["name"]: c for c in json.loads(health.stdout)["checks"]}
+    assert set(checks) == {"connection", "disk_space", "alembic_version", "pending_revisions"}
+    assert all(c["status"] == "ok" and c["duration_s"] >= 0 for c in checks.values())
+    assert "first-time migration" in checks["alembic_version"]["detail"]
+    assert checks["disk_space"]["data"]["writable"] and checks["disk_space"]["data"]["free_bytes"] > 0
+    assert checks["connection"]["data"]["server_version"]
+
+    check = cli("check", env=env)
+    assert check.returncode == 1 and "6 revision(s) pending" in check.stdout
+
+    heads = cli("heads")
+    assert heads.returncode == 0 and heads.stdout.startswith(f"{SAMPLE_HEAD} (head)")
+
+
+def test_upgrade_with_backup_migrates_reports_and_backs_up(cli, url, target, home, tmp_path):
+    copy = tmp_path / "copy.json"
+    result = cli("upgrade", "--backup", "--yes", "--json-report", str(copy), env={"DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert "succeeded: base -> 0006" in result.stdout
+
+    with db.connect(target) as conn:
+        tables = set(conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname='public'")).scalars())
+        version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    assert {"accounts", "cloud_resources", "cost_records", "recommendations"} <= tables
+    assert version == SAMPLE_HEAD
+
+    [report_path] = reports_in(home)
+    assert report_path.name.endswith("-head.json")
+    report = json.loads(report_path.read_text())
+    assert json.loads(copy.read_text()) == report
+    assert report["status"] == "succeeded" and report["error"] is None
+    assert report["revision_before"] is None and report["revision_after"] == SAMPLE_HEAD
+    assert [m["revision"] for m in report["migrations_applied"]] == ALL
+    assert all(m["duration_s"] >= 0 and m["message"] for m in report["migrations_applied"])
+    assert report["database"]["name"] == target.database and report["environment"] == "url"
+    assert report["duration_s"] >= 0 and report["started_at"] < report["finished_at"]
+    assert {c["name"] for c in report["health_checks"]} >= {"connection", "disk_space"}
+    assert {c["name"]: c["status"] for c in report["validation"]} == {"database_answers": "ok", "revision": "ok"}
+
+    backup = report["backup"]
+    dump = home / "backups" / "url" / target.database
+    [dump_file] = list(dump.glob("*-base.dump"))
+    assert backup["location"] == str(dump_file) and backup["size_bytes"] == dump_file.stat().st_size
+    import hashlib
+
+    assert hashlib.sha256(dump_file.read_bytes()).hexdigest() == backup["sha256"]
+    pg_restore = pgtools.find("pg_restore", 16)
+    listing = subprocess.run([str(pg_restore), "--list", str(dump_file)], capture_output=True, text=True)
+    assert listing.returncode == 0 and "Format: CUSTOM" in listing.stdout
+
+    again = cli("upgrade", "--backup", "--yes", env={"DATABASE_URL": url})
+    assert again.returncode == 0 and "nothing to do: database already at 0006" in again.stdout
+    assert json.loads(reports_in(home)[-1].read_text())["status"] == "noop"
+    assert len(list(dump.glob("*.dump"))) == 1, "a no-op run must not take a backup"
+
+
+def test_data_migration_converts_costs_both_ways(cli, url, target):
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "0004", "--yes", env=env).returncode == 0
+    with db.connect(target) as conn, conn.begin():
+        conn.execute(text("INSERT INTO accounts (id, name, provider, external_id) VALUES (1, 'prod', 'aws', '123')"))
+        conn.execute(text("INSERT INTO cloud_resources (id, account_id, resource_type, region, name) "
+                          "VALUES (1, 1, 'ec2', 'eu-west-1', 'web-1')"))
+        conn.execute(text("INSERT INTO cost_records (resource_id, usage_date, cost_usd) "
+                          "VALUES (1, '2026-11-01', 12.34), (1, '2026-11-02', 0.05)"))
+
+    assert cli("upgrade", "--yes", env=env).returncode == 0
+    with db.connect(target) as conn:
+        cents = conn.execute(text("SELECT amount_cents FROM cost_records ORDER BY usage_date")).scalars().all()
+    assert cents == [1234, 5]
+
+    down = cli("downgrade", "-r", "0004", "--yes", env=env)
+    assert down.returncode == 0, down.stderr
+    assert "succeeded: 0006 -> 0004" in down.stdout
+    with db.connect(target) as conn:
+        dollars = conn.execute(text("SELECT cost_usd::text FROM cost_records ORDER BY usage_date")).scalars().all()
+    assert dollars == ["12.34", "0.05"]
+
+
+def test_dry_run_prints_sql_and_changes_nothing(cli, url, target, home):
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "0002", "--yes", env=env).returncode == 0
+    before = fingerprint_of(target)
+    result = cli("upgrade", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "CREATE TABLE cost_records" in result.stdout
+    assert "CREATE TABLE accounts" not in result.stdout, "the SQL must start at the current revision"
+    assert "UPDATE alembic_version SET version_num='0006'" in result.stdout
+    assert fingerprint_of(target) == before
+    assert json.loads(reports_in(home)[-1].read_text())["status"] == "dry_run"
+
+    down = cli("downgrade", "-r", "base", "--dry-run", env=env)
+    assert down.returncode == 0 and "DROP TABLE accounts" in down.stdout
+    assert fingerprint_of(target) == before
+
+
+def test_without_yes_and_without_a_terminal_it_refuses(cli, url, target):
+    before = fingerprint_of(target)
+    result = cli("upgrade", env={"DATABASE_URL": url})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "dbmigrate: error: refusing to upgrade without confirmation: no terminal to ask on (pass --yes)"
+    )
+    assert fingerprint_of(target) == before
+
+
+def test_confirmation_on_a_terminal(url, target, home):
+    """A real pseudo-terminal: 'n' changes nothing, 'y' migrates."""
+    import os
+    import pty
+    import sys
+
+    from tests.conftest import REPO
+    from tests.pgcluster import environ_without_db
+
+    def run_answering(answer: str) -> tuple[int, str]:
+        env = {**environ_without_db(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home)}
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.chdir(REPO)
+            os.execve(sys.executable, [sys.executable, "-m", "dbmigrate", "upgrade", "-r", "0001"], env)
+        output = b""
+        answered = False
+        while True:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+            if not answered and b"[y/N]" in output:
+                os.write(fd, answer.encode() + b"\n")
+                answered = True
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), output.decode()
+
+    before = fingerprint_of(target)
+    code, output = run_answering("n")
+    assert code == 2 and "0001  create accounts" in output and "not confirmed" in output
+    assert fingerprint_of(target) == before
+
+    code, output = run_answering("y")
+    assert code == 0 and "succeeded: base -> 0001" in output
+    assert fingerprint_of(target).revisions == ("0001",)
