@@ -38,7 +38,9 @@ def _seconds(value: str) -> float:
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     where = common.add_argument_group("database and project")
-    where.add_argument("--url", help="database URL (postgresql://user:pass@host:port/db); default: DATABASE_URL")
+    where.add_argument(
+        "--url", help="database URL, postgresql://user:pass@host:port/db (prefer DATABASE_URL: argv is visible in ps)"
+    )
     where.add_argument("--env", metavar="NAME", help="environment: the DatabaseCredentials block named NAME")
     where.add_argument(
         "--alembic-config", metavar="PATH", help="alembic.ini of the project (default: ALEMBIC_CONFIG or ./alembic.ini)"
@@ -54,7 +56,7 @@ def _common() -> argparse.ArgumentParser:
         type=_seconds,
         default=db.DEFAULT_CONNECT_TIMEOUT,
         metavar="S",
-        help=f"seconds to wait for a database connection (default {db.DEFAULT_CONNECT_TIMEOUT:g})",
+        help=f"seconds to wait for a database connection (default {db.DEFAULT_CONNECT_TIMEOUT:g}, minimum 2)",
     )
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     return common

@@ -11,14 +11,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from dbmigrate.errors import ConnectionFailed
-from dbmigrate.target import DatabaseTarget
+from dbmigrate.target import DatabaseTarget, libpq_timeout
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
 # libpq's wording, lowercased, mapped to what an operator needs to know.
 _REASONS = (
     (("password authentication failed", "no password supplied", "authentication failed"), "authentication failed"),
-    (("could not translate host name", "name or service not known", "temporary failure in name resolution"),
+    (("could not translate host name", "failed to resolve host", "name or service not known",
+      "temporary failure in name resolution"),
      "DNS lookup failed: unknown host"),
     (("connection refused",), "connection refused: no server listening at that address"),
     (("timeout expired", "timed out"), "timed out"),
@@ -33,7 +34,7 @@ def failure_reason(exc: BaseException, timeout: float) -> str:
     lowered = message.lower()
     for needles, reason in _REASONS:
         if any(needle in lowered for needle in needles):
-            return f"timed out after {timeout:g}s" if reason == "timed out" else reason
+            return f"timed out after {libpq_timeout(timeout)}s" if reason == "timed out" else reason
     return message.strip().splitlines()[-1] if message.strip() else type(exc).__name__
 
 
@@ -51,6 +52,8 @@ def connect(target: DatabaseTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT, **
             conn = eng.connect()
         except DBAPIError as exc:
             raise ConnectionFailed(target.where, target.redact(failure_reason(exc, timeout))) from None
+        except UnicodeError:  # psycopg resolves names itself; IDNA rejects malformed ones
+            raise ConnectionFailed(target.where, "invalid host name") from None
         with conn:
             yield conn
     finally:

@@ -8,6 +8,7 @@ Resolution order, the same for every command:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,11 @@ from dbmigrate.errors import ConfigError
 
 DRIVER = "postgresql+psycopg"
 URL_SHAPE = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+
+
+def libpq_timeout(seconds: float) -> int:
+    """libpq counts whole seconds and treats anything below 2 as 2."""
+    return max(2, math.ceil(seconds))
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class DatabaseTarget:
     def sqlalchemy_url(self, connect_timeout: float | None = None) -> str:
         url = self.url
         if connect_timeout:
-            url = url.update_query_dict({"connect_timeout": str(max(1, round(connect_timeout)))})
+            url = url.update_query_dict({"connect_timeout": str(libpq_timeout(connect_timeout))})
         return url.render_as_string(hide_password=False)
 
     def libpq_env(self) -> dict[str, str]:

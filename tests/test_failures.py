@@ -1,0 +1,233 @@
+"""Every failure the core promises: a one-line error, a non-zero exit, and proof
+that the database is unchanged."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from dbmigrate import guard
+from tests.conftest import fingerprint_of, reports_in
+from tests.pgcluster import CANARY_PASSWORD, free_port
+from tests.projects import linear, stock_project
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO  [alembic")]
+    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def at_0003(cli, url, target):
+    assert cli("upgrade", "-r", "0003", "--yes", env={"DATABASE_URL": url}).returncode == 0
+    return fingerprint_of(target)
+
+
+@pytest.fixture
+def blackhole():
+    """A loopback port that accepts TCP connections and never answers."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield server.getsockname()[1]
+
+
+def test_bad_input_changes_nothing(cli, url, target, at_0003, tmp_path, blackhole):
+    def other(host_port: str, password: str = CANARY_PASSWORD) -> str:
+        return f"postgresql://postgres:{password}@{host_port}/{target.database}".replace("%", "%25")
+
+    # Longer than DNS allows: the resolver fails it locally, so no DNS packet leaves the machine.
+    unresolvable = ".".join(["a" * 60] * 5) + ".invalid"
+    broken_ini = tmp_path / "broken.ini"
+    broken_ini.write_text("[alembic]\nscript_location = %(here)s/does-not-exist\n")
+    cases = [
+        (["upgrade", "-r", "deadbeef", "--yes"], url, "unknown revision 'deadbeef'", 2),
+        (["downgrade", "-r", "0005", "--yes"], url, "cannot downgrade to 0005: it is not below the current revision 0003", 2),
+        (["upgrade", "--yes"], "not a url at all", "malformed database URL", 2),
+        (["upgrade", "--yes"], "mysql://u:p@127.0.0.1/x", "unsupported database URL scheme 'mysql'", 2),
+        (["upgrade", "--yes"], other(f"127.0.0.1:{free_port()}"), "connection refused", 2),
+        (["status"], other(f"127.0.0.1:{free_port()}"), "connection refused", 2),
+        (["status"], other(f"127.0.0.1:{target.port}", "wrong-password"), "authentication failed", 2),
+        (["status"], other(f"{unresolvable}:5432"), "DNS lookup failed", 2),
+        (["status"], other(f"{'b' * 64}.invalid:5432"), "invalid host name", 2),
+        (["status", "--timeout", "2"], other(f"127.0.0.1:{blackhole}"), "timed out after 2s", 2),
+        (["upgrade", "--yes", "--alembic-config", str(tmp_path / "missing.ini")], url,
+         "alembic config not found", 2),
+        (["upgrade", "--yes", "--alembic-config", str(broken_ini)], url, "does-not-exist", 2),
+    ]
+    for args, database_url, expected, code in cases:
+        result = cli(*args, env={"DATABASE_URL": database_url})
+        assert result.returncode == code, (args, expected, result.stderr)
+        assert expected in one_line_error(result), (args, result.stderr)
+    assert fingerprint_of(target) == at_0003
+
+
+def test_health_names_the_failure_reason(cli, target, blackhole):
+    url = f"postgresql://postgres:x@127.0.0.1:{blackhole}/{target.database}"
+    started = time.monotonic()
+    result = cli("health", "--json", "--timeout", "2", env={"DATABASE_URL": url})
+    assert result.returncode == 1
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["connection"]["status"] == "fail"
+    assert checks["connection"]["detail"].endswith("timed out after 2s")
+    assert checks["disk_space"]["status"] == "ok", "disk space is still reported when the database is down"
+    assert time.monotonic() - started < 15
+
+
+def test_several_heads(cli, url, target, tmp_path):
+    revisions = linear("op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))")
+    revisions.append({"revision": "b1", "down": "r1", "message": "branch b", "upgrade": "pass"})
+    revisions.append({"revision": "c1", "down": "r1", "message": "branch c", "upgrade": "pass"})
+    ini = str(stock_project(tmp_path, revisions))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    before = fingerprint_of(target)
+
+    result = cli("upgrade", "--yes", "--alembic-config", ini, env=env)
+    assert result.returncode == 2
+    assert "'head' is ambiguous: the scripts have 2 heads" in one_line_error(result)
+    assert fingerprint_of(target) == before
+
+    health = json.loads(cli("health", "--json", "--alembic-config", ini, env=env).stdout)
+    version = {c["name"]: c for c in health["checks"]}["alembic_version"]
+    assert version["status"] == "warn" and "2 heads" in version["detail"]
+
+    named = cli("upgrade", "-r", "b1", "--yes", "--alembic-config", ini, env=env)
+    assert named.returncode == 0, named.stderr
+    assert fingerprint_of(target).revisions == ("b1",)
+
+
+def test_unknown_revision_in_the_database(cli, url, target, pg_cluster):
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('f00dface')")
+    before = fingerprint_of(target)
+    env = {"DATABASE_URL": url}
+    health = cli("health", env=env)
+    assert health.returncode == 1
+    assert "database is at revision f00dface, which the migration scripts do not know" in health.stdout
+    upgrade = cli("upgrade", "--yes", env=env)
+    assert upgrade.returncode == 1 and "f00dface" in one_line_error(upgrade)
+    status = cli("status", env=env)
+    assert status.returncode == 2 and "f00dface" in one_line_error(status)
+    assert fingerprint_of(target) == before
+
+
+def test_failed_revision_rolls_back_and_is_reported(cli, url, target, home, tmp_path):
+    ini = str(stock_project(tmp_path, linear(
+        "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))",
+        "op.create_table('t2', sa.Column('id', sa.Integer, primary_key=True))",
+        "op.execute('SELECT 1/0')",
+    )))
+    before = fingerprint_of(target)
+    result = cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert result.returncode == 1
+    assert "revision r3 failed: division by zero" in one_line_error(result)
+    assert fingerprint_of(target) == before, "the stock env.py runs all revisions in one transaction"
+
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["status"] == "failed"
+    assert report["error"]["phase"] == "migrate" and "division by zero" in report["error"]["message"]
+    assert report["migrations_applied"] == [], "nothing the database did not keep may be reported as applied"
+    assert report["revision_before"] is None and report["revision_after"] is None
+
+
+def test_lock_timeout_reaches_a_stock_env_py(cli, url, target, pg_cluster, tmp_path):
+    ini = str(stock_project(tmp_path, linear(
+        "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))",
+        "op.add_column('t1', sa.Column('note', sa.Text))",
+    )))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    before = fingerprint_of(target)
+    with pg_cluster.admin(target.database) as blocker:
+        blocker.autocommit = False
+        blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        result = cli("upgrade", "--yes", "--lock-timeout", "1", "--alembic-config", ini, env=env)
+        elapsed = time.monotonic() - started
+        blocker.rollback()
+    assert result.returncode == 1
+    assert "revision r2 failed: canceling statement due to lock timeout" in one_line_error(result)
+    assert elapsed < 20
+    assert fingerprint_of(target) == before
+
+
+def test_statement_timeout_reaches_a_stock_env_py(cli, url, target, tmp_path):
+    ini = str(stock_project(tmp_path, linear("op.execute('SELECT pg_sleep(30)')")))
+    before = fingerprint_of(target)
+    result = cli("upgrade", "--yes", "--statement-timeout", "1", "--alembic-config", ini,
+                 env={"DATABASE_URL": url})
+    assert result.returncode == 1
+    assert "canceling statement due to statement timeout" in one_line_error(result)
+    assert fingerprint_of(target) == before
+
+
+def test_backup_failure_stops_before_migrating(cli, url, target, home):
+    (home / "backups").write_text("a file where the backup directory should be")
+    before = fingerprint_of(target)
+    result = cli("upgrade", "--yes", "--backup", "--skip-health-checks", env={"DATABASE_URL": url})
+    assert result.returncode == 1
+    assert "cannot create backup file" in one_line_error(result)
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["error"]["phase"] == "backup" and report["backup"] is None
+    assert fingerprint_of(target) == before
+
+    with_checks = cli("upgrade", "--yes", "--backup", env={"DATABASE_URL": url})
+    assert with_checks.returncode == 1 and "disk_space: backup directory" in one_line_error(with_checks)
+    assert fingerprint_of(target) == before
+
+
+def test_guard_held_by_another_migration(cli, url, target):
+    before = fingerprint_of(target)
+    with guard.hold(target, "upgrade", wait_s=0, timeout=5):
+        result = cli("upgrade", "--yes", "--lock-wait", "1", env={"DATABASE_URL": url})
+    assert result.returncode == 2
+    error = one_line_error(result)
+    assert "another migration holds the guard" in error and "'dbmigrate upgrade by " in error
+    assert "waited 1s" in error
+    assert fingerprint_of(target) == before
+
+
+def test_guard_is_waited_for(cli, url, target):
+    held = threading.Event()
+
+    def hold_briefly():
+        with guard.hold(target, "downgrade", wait_s=0, timeout=5):
+            held.set()
+            time.sleep(2)
+
+    holder = threading.Thread(target=hold_briefly)
+    holder.start()
+    held.wait(10)
+    result = cli("upgrade", "-r", "0001", "--yes", "--lock-wait", "30", env={"DATABASE_URL": url})
+    holder.join()
+    assert result.returncode == 0, result.stderr
+    assert fingerprint_of(target).revisions == ("0001",)
+
+
+def test_two_concurrent_upgrades_exactly_one_migrates(url, target, home, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.pgcluster import environ_without_db
+
+    ini = str(stock_project(tmp_path, linear(
+        "op.execute('SELECT pg_sleep(3)'); op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))",
+    )))
+    env = {**environ_without_db(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home)}
+    command = [sys.executable, "-m", "dbmigrate", "upgrade", "--yes", "--alembic-config", ini]
+    runs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [(run.wait(60), *run.communicate()) for run in runs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, _, err in results if code == 2)
+    assert "another migration holds the guard" in loser
+    reports = [json.loads(p.read_text()) for p in reports_in(home)]
+    assert [r["status"] for r in reports].count("succeeded") == 1
+    assert fingerprint_of(target).revisions == ("r1",)
