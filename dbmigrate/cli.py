@@ -278,10 +278,8 @@ def cmd_generate(args, settings) -> int:
 
     target = resolve(args.url, args.env, args.home) if args.autogenerate else None
     project = settings.project(target)
-    scripts = command.revision(project.config, message=args.message, autogenerate=args.autogenerate,
-                               rev_id=args.rev_id)
-    for script in scripts if isinstance(scripts, list) else [scripts]:
-        print(f"created {script.path}")
+    # Alembic prints "Generating <path> ... done" itself.
+    command.revision(project.config, message=args.message, autogenerate=args.autogenerate, rev_id=args.rev_id)
     return 0
 
 

@@ -167,3 +167,41 @@ def test_confirmation_on_a_terminal(url, target, home):
     code, output = run_answering("y")
     assert code == 0 and "succeeded: base -> 0001" in output
     assert fingerprint_of(target).revisions == ("0001",)
+
+
+def test_pg_dump_gets_the_password_through_its_environment_not_argv(cli, url, target, tmp_path):
+    """A pass-through pg_dump on PG_BIN_DIR records what the real one received."""
+    with db.connect(target) as conn:
+        real = pgtools.find("pg_dump", db.server_version(conn)[0])
+    shim_dir = tmp_path / "bin"
+    shim_dir.mkdir()
+    log = tmp_path / "pg_dump.log"
+    shim = shim_dir / "pg_dump"
+    shim.write_text(
+        "#!/bin/sh\n"
+        f'printf "argv: %s\\n" "$*" >> {log}\n'
+        f'[ -n "$PGPASSWORD" ] && echo "password: from environment" >> {log}\n'
+        f'exec {real} "$@"\n'
+    )
+    shim.chmod(0o755)
+    result = cli("upgrade", "--backup", "--yes", env={"DATABASE_URL": url, "PG_BIN_DIR": str(shim_dir)})
+    assert result.returncode == 0, result.stderr
+    recorded = log.read_text()
+    assert "argv: --format=custom --no-password" in recorded
+    assert "password: from environment" in recorded
+    from tests.conftest import assert_no_canary
+
+    assert_no_canary(recorded, "pg_dump's command line")
+
+
+def test_generate_creates_a_revision_file(cli, tmp_path, url):
+    from tests.projects import linear, stock_project
+
+    ini = str(stock_project(tmp_path, linear("pass")))
+    result = cli("generate", "-m", "add invoices", "--rev-id", "r2", "--alembic-config", ini)
+    assert result.returncode == 0, result.stderr
+    created = tmp_path / "migrations" / "versions" / "r2_add_invoices.py"
+    assert f"Generating {created}" in result.stdout
+    assert "down_revision: Union[str, Sequence[str], None] = 'r1'" in created.read_text()
+    heads = cli("heads", "--alembic-config", ini)
+    assert heads.stdout.startswith("r2 (head)  add invoices")

@@ -1,0 +1,67 @@
+"""--env NAME: credentials from a DatabaseCredentials block on a real Prefect API."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.pgcluster import CANARY_PASSWORD, environ_without_db, free_port
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def staging(prefect_api, target):
+    from blocks import DatabaseCredentials
+
+    DatabaseCredentials.register_type_and_schema()
+    DatabaseCredentials(
+        host="127.0.0.1", port=target.port, database=target.database, username="postgres",
+        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
+    ).save("staging", overwrite=True)
+    return {"PREFECT_API_URL": prefect_api}
+
+
+def test_blocks_register_with_the_prefect_cli(prefect_api):
+    env = {**environ_without_db(), "PREFECT_API_URL": prefect_api}
+    result = subprocess.run([sys.executable, "-m", "prefect", "block", "register", "-m", "blocks"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "dbmigrate Database Credentials" in result.stdout
+
+
+def test_upgrade_with_env_reads_the_block(cli, staging, home, target):
+    status = cli("status", "--json", "--env", "staging", env=staging)
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert state["environment"] == "staging" and state["database"]["name"] == target.database
+
+    result = cli("upgrade", "--env", "staging", "--backup", "--yes", env=staging)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(sorted((home / "reports").glob("*.json"))[-1].read_text())
+    assert report["environment"] == "staging" and report["status"] == "succeeded"
+    assert f"/backups/staging/{target.database}/" in report["backup"]["location"]
+
+
+def test_env_errors_are_one_line(cli, staging, url):
+    missing = cli("status", "--env", "nope", env=staging)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (
+        "dbmigrate: error: no DatabaseCredentials block named 'nope' (create one, see README 'Environments')"
+    )
+    both = cli("status", "--env", "staging", env={**staging, "DATABASE_URL": url})
+    assert both.returncode == 2 and "DATABASE_URL is also set" in both.stderr
+
+    down = cli("status", "--env", "staging", env={"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"})
+    assert down.returncode == 2
+    assert down.stderr.startswith("dbmigrate: error: cannot load block 'staging' from the Prefect API")
+    assert len(down.stderr.strip().splitlines()) == 1
