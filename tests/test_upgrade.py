@@ -205,3 +205,23 @@ def test_generate_creates_a_revision_file(cli, tmp_path, url):
     assert "down_revision: Union[str, Sequence[str], None] = 'r1'" in created.read_text()
     heads = cli("heads", "--alembic-config", ini)
     assert heads.stdout.startswith("r2 (head)  add invoices")
+
+
+def test_plain_commands_do_not_import_prefect(url, home):
+    """status/check/health/heads must stay fast: Prefect costs seconds to import."""
+    import sys
+
+    from tests.conftest import REPO
+    from tests.pgcluster import environ_without_db
+
+    probe = (
+        "import sys; from dbmigrate.cli import main\n"
+        "for command in (['status'], ['check'], ['health'], ['heads'], ['upgrade', '--dry-run']):\n"
+        "    main(command)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'prefect_aws', 'blocks'))\n"
+        "print('PREFECT-MODULES:', loaded)\n"
+    )
+    env = {**environ_without_db(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home)}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "PREFECT-MODULES: []" in result.stdout
