@@ -257,10 +257,11 @@ def _print_outcome(outcome: pipeline.Outcome) -> None:
     if report.backup:
         b = report.backup
         print(f"backup:   {b['location']} ({b['size_bytes']} bytes, sha256 {b['sha256'][:12]}, {b['duration_s']}s)")
+    verb = "applied: " if report.operation == "upgrade" else "reverted:"
     for step in report.migrations_applied:
-        print(f"applied:  {step['revision']}  {step['message']}  ({step['duration_s']}s)")
+        print(f"{verb} {step['revision']}  {step['message']}  ({step['duration_s']}s)")
     if report.status == NOOP:
-        summary = f"nothing to do: database already at {before}"
+        summary = f"had nothing to do: database already at {before}"
     elif report.status == DRY_RUN:
         summary = f"dry run: {len(report.migrations_planned)} revision(s) from {before}; nothing was changed"
     elif report.status == SUCCEEDED:

@@ -82,8 +82,6 @@ class Project:
         return [PlannedStep(s.revision.revision, s.doc or "", True) for s in steps]
 
     def plan_downgrade(self, current: tuple[str, ...], target: str) -> list[PlannedStep]:
-        if not current:
-            raise RevisionError("the database has no alembic revision: nothing to downgrade")
         if target.startswith("+"):
             raise RevisionError(f"'{target}' moves up: use upgrade")
         try:
@@ -91,7 +89,7 @@ class Project:
         except CommandError as exc:
             if "not a valid downgrade target" in str(exc):
                 raise RevisionError(
-                    f"cannot downgrade to {target}: it is not below the current revision {', '.join(current)}"
+                    f"cannot downgrade to {target}: it is not below the current revision {', '.join(current) or 'base'}"
                 ) from None
             raise RevisionError(_one_line(exc, f"cannot downgrade to '{target}'")) from None
         return [PlannedStep(s.revision.revision, s.doc or "", False) for s in steps]
