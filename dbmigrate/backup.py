@@ -1,89 +1,352 @@
-"""Take a pg_dump backup before a migration (custom format, streamed, checksummed).
+"""Backups: ``pg_dump`` streamed into storage, checksummed, verified, with a manifest.
 
-The password reaches pg_dump through its environment, never its command line.
+A backup is valid only once its manifest exists: the manifest is written last,
+after the stored object was read back, its sha256 checked and ``pg_restore --list``
+run on it (and, with ``verify_restore``, after a restore into a scratch database
+reproduced the row counts). Any failure before that removes the object.
+
+The password reaches pg_dump/pg_restore through their environment, never argv.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
+import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import BinaryIO, Callable
 
-from dbmigrate import pgtools
-from dbmigrate.errors import BackupFailed
+from sqlalchemy import text
+
+from dbmigrate import db, fingerprint, pgtools
+from dbmigrate.errors import BackupFailed, ConfigError
+from dbmigrate.storage import CHUNK, Storage
 from dbmigrate.target import DatabaseTarget
 
-CHUNK = 1 << 20
+ProgressFn = Callable[[int, float], None]  # (bytes so far, bytes per second)
 
 
 @dataclass(frozen=True)
-class BackupResult:
-    location: str
-    size_bytes: int
-    sha256: str
-    duration_s: float
+class DumpOptions:
+    compression: str = "auto"  # auto | zstd[:LEVEL] | gzip[:LEVEL] | none
+    verify_restore: bool = False
+    lock_wait_timeout_s: float = 60.0  # pg_dump gives up on a table lock held this long
+    progress_interval_s: float = 5.0
 
-    def as_dict(self) -> dict:
+
+@dataclass
+class Manifest:
+    id: str
+    environment: str
+    database: str
+    key: str
+    location: str
+    sha256: str
+    size_bytes: int
+    compression: str
+    pg_dump_version: str
+    server_version: str
+    revision: str | None
+    row_counts: dict[str, int]
+    duration_s: float
+    created_at: str
+    checks: dict = field(default_factory=dict)
+    verified: bool = False
+    verified_at: str | None = None
+
+    @property
+    def manifest_key(self) -> str:
+        return manifest_key(self.key)
+
+    @property
+    def created(self) -> datetime:
+        return datetime.fromisoformat(self.created_at)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, body: str) -> Manifest:
+        return cls(**json.loads(body))
+
+    def summary(self) -> dict:
+        """What the migration report records of the backup."""
         return {
+            "id": self.id,
             "location": self.location,
             "size_bytes": self.size_bytes,
             "sha256": self.sha256,
-            "duration_s": round(self.duration_s, 3),
+            "duration_s": self.duration_s,
+            "verified": self.verified,
         }
+
+
+def manifest_key(dump_key: str) -> str:
+    return dump_key.removesuffix(".dump") + ".json"
 
 
 def _safe(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", part) or "_"
 
 
-def backup_name(target: DatabaseTarget, revision: str | None, now: datetime) -> str:
+def prefix(target: DatabaseTarget) -> str:
+    return f"{_safe(target.environment)}/{_safe(target.database)}/"
+
+
+def backup_key(target: DatabaseTarget, revision: str | None, now: datetime) -> str:
     """``<environment>/<database>/<UTC timestamp>-<revision>.dump``"""
-    stamp = now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{_safe(target.environment)}/{_safe(target.database)}/{stamp}-{_safe(revision or 'base')}.dump"
+    stamp = now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"  # ms: ids stay unique
+    return f"{prefix(target)}{stamp}-{_safe(revision or 'base')}.dump"
 
 
-def take(target: DatabaseTarget, backup_dir: Path, revision: str | None, server_major: int) -> BackupResult:
-    """Stream ``pg_dump -Fc`` into ``backup_dir``; a failed dump leaves no file behind."""
-    pg_dump = pgtools.find("pg_dump", server_major)
-    path = backup_dir / backup_name(target, revision, datetime.now(timezone.utc))
+class _Tap:
+    """A read-only stream that hashes, counts and reports progress as it is read."""
+
+    def __init__(self, stream: BinaryIO, interval_s: float, on_progress: ProgressFn | None):
+        self.stream, self.interval_s, self.on_progress = stream, interval_s, on_progress
+        self.digest, self.size = hashlib.sha256(), 0
+        self.started = self.reported = time.monotonic()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        now = time.monotonic()
+        if self.on_progress and now - self.reported >= self.interval_s:
+            self.reported = now
+            self.on_progress(self.size, self.size / max(now - self.started, 1e-6))
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+def _supports(pg_dump: Path, method: str) -> bool:
+    # pg_dump validates --compress before connecting; the socket path below does not exist.
+    probe = subprocess.run(
+        [str(pg_dump), f"--compress={method}", "--schema-only", "--dbname=postgresql:///x?host=/nonexistent"],
+        capture_output=True, text=True, timeout=30,
+    )
+    return "does not support compression" not in probe.stderr
+
+
+def compression_for(pg_dump: Path, pg_dump_major: int, requested: str) -> str:
+    """The --compress value: zstd when this pg_dump has it, gzip otherwise."""
+    if pg_dump_major < 16:  # before 16 pg_dump takes only a gzip level
+        return {"auto": "6", "none": "0"}.get(requested, requested.removeprefix("gzip:"))
+    if requested == "auto":
+        return "zstd:3" if _supports(pg_dump, "zstd") else "gzip:6"
+    if not re.fullmatch(r"(zstd|gzip|lz4|none)(:\d+)?", requested):
+        raise ConfigError(f"unknown compression '{requested}': use auto, zstd[:LEVEL], gzip[:LEVEL] or none")
+    if not _supports(pg_dump, requested):
+        raise ConfigError(f"{pg_dump} does not support compression '{requested}'")
+    return requested
+
+
+def stderr_tail(proc: subprocess.Popen, target: DatabaseTarget) -> str:
+    """The line of a PostgreSQL tool's stderr that says what went wrong."""
+    lines = (proc.stderr.read().decode(errors="replace") if proc.stderr else "").strip().splitlines()
+    errors = [line for line in lines if "error:" in line.lower() or "fatal:" in line.lower()]
+    line = (errors or lines or [f"exit status {proc.returncode}"])[0]
+    line = re.sub(r"^[\w.]+: (error|fatal): ", "", line, flags=re.IGNORECASE)
+    details = [d.split("detail:", 1)[1].strip() for d in lines if "detail:" in d]
+    return target.redact(line + (f" ({'; '.join(details)})" if details else ""))
+
+
+def take(
+    target: DatabaseTarget,
+    storage: Storage,
+    revision: str | None,
+    options: DumpOptions = DumpOptions(),
+    on_progress: ProgressFn | None = None,
+    timeout: float = db.DEFAULT_CONNECT_TIMEOUT,
+) -> Manifest:
+    """Dump, store, verify; returns the manifest once written."""
     started = time.monotonic()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(path, "xb")  # never overwrite an existing backup
-    except OSError as exc:
-        raise BackupFailed(f"cannot create backup file {path}: {exc.strerror or exc}") from None
-    try:
-        with out:
-            size, sha256 = _dump_into(pg_dump, target, out)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return BackupResult(str(path), size, sha256, time.monotonic() - started)
+    created = datetime.now(timezone.utc)
+    with db.connect(target, timeout) as conn:
+        server_major, server_version = db.server_version(conn)
+        pg_dump = pgtools.find("pg_dump", server_major)
+        pg_restore = pgtools.find("pg_restore", server_major)
+        dump_major = pgtools.major_version(pg_dump) or server_major
+        compression = compression_for(pg_dump, dump_major, options.compression)
+        key = backup_key(target, revision, created)
+        # Row counts and pg_dump read one snapshot, so the counts describe exactly what is dumped.
+        conn.commit()  # SET TRANSACTION must open a fresh transaction
+        conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+        snapshot = conn.execute(text("SELECT pg_export_snapshot()")).scalar_one()
+        command = [
+            str(pg_dump), "--format=custom", f"--compress={compression}", f"--snapshot={snapshot}",
+            f"--lock-wait-timeout={int(options.lock_wait_timeout_s * 1000)}", "--no-password",
+        ]
+        counts: dict[str, int] = {}
+        count_errors: list[BaseException] = []
 
+        def count_rows() -> None:
+            try:
+                counts.update(fingerprint.row_counts(conn))
+            except BaseException as exc:  # reported by the main thread
+                count_errors.append(exc)
 
-def _dump_into(pg_dump: Path, target: DatabaseTarget, out) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    env = {**os.environ, **target.libpq_env()}
-    with subprocess.Popen(
-        [str(pg_dump), "--format=custom", "--no-password"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    ) as proc:
+        conn.execute(text(f"SET LOCAL lock_timeout = {int(options.lock_wait_timeout_s * 1000)}"))
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, **target.libpq_env()})
+        counter = threading.Thread(target=count_rows, name="row-counts")
+        counter.start()
+        tap = _Tap(proc.stdout, options.progress_interval_s, on_progress)
         try:
-            while chunk := proc.stdout.read(CHUNK):
-                out.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        except OSError as exc:
+            storage.upload(key, tap)
+            if proc.wait() != 0:
+                storage.delete(key)
+                raise BackupFailed(f"pg_dump failed: {stderr_tail(proc, target)}")
+        except BaseException:
             proc.kill()
-            raise BackupFailed(f"writing the backup failed: {exc.strerror or exc}") from None
-        stderr = proc.stderr.read().decode(errors="replace").strip()
-        if proc.wait() != 0:
-            last_line = stderr.splitlines()[-1] if stderr else f"exit status {proc.returncode}"
-            raise BackupFailed(f"pg_dump failed: {target.redact(last_line)}")
-    return size, digest.hexdigest()
+            proc.wait()
+            conn.connection.dbapi_connection.cancel_safe()  # stop counting rows for a backup that failed
+            raise
+        finally:
+            counter.join()
+        if count_errors:
+            storage.delete(key)
+            raise BackupFailed(f"counting rows in the backup's snapshot failed: {count_errors[0]}")
+    manifest = Manifest(
+        id=key.rsplit("/", 1)[-1].removesuffix(".dump"), environment=target.environment, database=target.database, key=key,
+        location=storage.location(key), sha256=tap.digest.hexdigest(), size_bytes=tap.size,
+        compression=compression, pg_dump_version=str(dump_major), server_version=server_version,
+        revision=revision, row_counts=counts, duration_s=0.0, created_at=created.isoformat(),
+    )
+    try:
+        check_stored(storage, manifest, pg_restore)
+        if options.verify_restore:
+            verify_restore(target, storage, manifest, pg_restore, timeout)
+    except BaseException:
+        storage.delete(key)
+        raise
+    manifest.duration_s = round(time.monotonic() - started, 3)
+    storage.write_text(manifest.manifest_key, manifest.to_json())
+    return manifest
+
+
+def feed(storage: Storage, key: str, proc: subprocess.Popen) -> hashlib._Hash:
+    """Stream a stored object into proc's stdin, hashing all of it; a reader that
+    stops early (pg_restore --list reads only the table of contents) is fine."""
+    digest = hashlib.sha256()
+    feeding = True
+    with storage.open(key) as body:
+        while chunk := body.read(CHUNK):
+            digest.update(chunk)
+            if feeding:
+                try:
+                    proc.stdin.write(chunk)
+                except BrokenPipeError:
+                    feeding = False
+    try:
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    return digest
+
+
+def check_stored(storage: Storage, manifest: Manifest, pg_restore: Path) -> None:
+    """Re-read the stored object: its sha256 must match and pg_restore must read it."""
+    with subprocess.Popen([str(pg_restore), "--list"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE) as proc:
+        try:
+            digest = feed(storage, manifest.key, proc)
+        except Exception as exc:
+            proc.kill()
+            raise BackupFailed(f"verify: reading {manifest.location} back failed: {exc}") from None
+        proc.wait()
+    if digest.hexdigest() != manifest.sha256:
+        raise BackupFailed(f"verify: {manifest.location} does not match its sha256 after storing")
+    if proc.returncode != 0:
+        raise BackupFailed(f"verify: pg_restore --list cannot read {manifest.location}")
+    manifest.checks.update({"sha256": True, "pg_restore_list": True})
+
+
+def restore_into(target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path) -> None:
+    """pg_restore the backup into ``target`` (an existing, empty database) in one transaction."""
+    command = [str(pg_restore), f"--dbname={target.database}", "--single-transaction", "--exit-on-error",
+               "--no-password"]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env={**os.environ, **target.libpq_env()}) as proc:
+        digest = feed(storage, manifest.key, proc)
+        proc.wait()
+        if proc.returncode != 0:
+            raise BackupFailed(f"pg_restore failed: {stderr_tail(proc, target)}")
+    if digest.hexdigest() != manifest.sha256:
+        raise BackupFailed(f"{manifest.location} no longer matches its sha256")
+
+
+def scratch_database(target: DatabaseTarget, label: str, timeout: float) -> DatabaseTarget:
+    name = f"dbmigrate_{label}_{uuid.uuid4().hex[:8]}"
+    with db.connect(target, timeout, isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    return target.with_database(name)
+
+
+def drop_database(target: DatabaseTarget, name: str, timeout: float) -> None:
+    with db.connect(target, timeout, isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def verify_restore(
+    target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path, timeout: float
+) -> None:
+    """Restore into a scratch database and compare per-table row counts with the manifest."""
+    scratch = scratch_database(target, "verify", timeout)
+    try:
+        restore_into(scratch, storage, manifest, pg_restore)
+        with db.connect(scratch, timeout) as conn:
+            restored = fingerprint.row_counts(conn)
+        if restored != manifest.row_counts:
+            differ = sorted(t for t in set(restored) | set(manifest.row_counts)
+                            if restored.get(t) != manifest.row_counts.get(t))
+            raise BackupFailed(f"verify-restore: row counts differ from the manifest in {', '.join(differ)}")
+    finally:
+        drop_database(target, scratch.database, timeout)
+    manifest.checks["restore"] = True
+    manifest.verified = True
+    manifest.verified_at = datetime.now(timezone.utc).isoformat()
+
+
+def list_backups(storage: Storage, target: DatabaseTarget) -> list[Manifest]:
+    """Valid backups (those with a manifest) of this environment and database, newest first."""
+    keys = [k for k in storage.keys(prefix(target)) if k.endswith(".json")]
+    manifests = [Manifest.from_json(storage.read_text(k)) for k in keys]
+    return sorted(manifests, key=lambda m: m.created_at, reverse=True)
+
+
+def find(storage: Storage, target: DatabaseTarget, backup_id: str) -> Manifest:
+    # accept "<id>", "<id>.dump" or "env/db/<id>.dump" (ids contain a dot: no Path.stem here)
+    wanted = backup_id.rsplit("/", 1)[-1].removesuffix(".dump").removesuffix(".json")
+    for manifest in list_backups(storage, target):
+        if manifest.id == wanted:
+            return manifest
+    raise ConfigError(f"no valid backup '{backup_id}' of {target.environment}/{target.database} in {storage!r}")
+
+
+def prune(
+    storage: Storage, target: DatabaseTarget, keep_last: int, keep_days: float | None, dry_run: bool = False
+) -> list[Manifest]:
+    """Delete backups beyond the newest ``keep_last`` (and older than ``keep_days``);
+    the newest verified backup is always kept."""
+    backups = list_backups(storage, target)
+    newest_verified = next((m for m in backups if m.verified), None)
+    cutoff = datetime.now(timezone.utc) - timedelta(days=keep_days) if keep_days is not None else None
+    doomed = [
+        m for m in backups[keep_last:]
+        if m is not newest_verified and (cutoff is None or m.created < cutoff)
+    ]
+    if not dry_run:
+        for m in doomed:
+            storage.delete(m.manifest_key)  # manifest first: an object without one is never listed as valid
+            storage.delete(m.key)
+    return doomed

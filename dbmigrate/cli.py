@@ -8,13 +8,15 @@ unreachable database, with nothing changed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
-from dbmigrate import __version__, db, health, local, pipeline, revisions
-from dbmigrate.errors import ConfirmationRefused, DbMigrateError
+from dbmigrate import __version__, backup, db, guard, health, local, pipeline, restore, revisions
+from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED
 from dbmigrate.target import DatabaseTarget, resolve
@@ -58,8 +60,23 @@ def _common() -> argparse.ArgumentParser:
         metavar="S",
         help=f"seconds to wait for a database connection (default {db.DEFAULT_CONNECT_TIMEOUT:g}, minimum 2)",
     )
+    where.add_argument(
+        "--storage",
+        metavar="SPEC",
+        default=os.environ.get("DBMIGRATE_BACKUP_STORAGE"),
+        help="where backups go: a directory, or s3-bucket/BLOCK for a prefect-aws S3Bucket block "
+        "(default: DBMIGRATE_BACKUP_STORAGE or <home>/backups)",
+    )
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     return common
+
+
+def _dump_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backup")
+    group.add_argument("--compression", default="auto", metavar="METHOD[:LEVEL]",
+                       help="pg_dump compression: auto (zstd if this pg_dump has it, else gzip), zstd, gzip or none")
+    group.add_argument("--verify-restore", action="store_true",
+                       help="also restore the backup into a scratch database and compare row counts")
 
 
 def _migration_options(parser: argparse.ArgumentParser, revision_required: bool) -> None:
@@ -71,7 +88,7 @@ def _migration_options(parser: argparse.ArgumentParser, revision_required: bool)
         help="target revision" + ("" if revision_required else " (default: head)"),
     )
     parser.add_argument("--dry-run", action="store_true", help="print the SQL of the pending range; change nothing")
-    parser.add_argument("--backup", action="store_true", help="pg_dump the database before migrating")
+    parser.add_argument("--backup", action="store_true", help="back the database up before migrating")
     parser.add_argument("--skip-health-checks", action="store_true", help="skip the pre-flight checks")
     parser.add_argument("--skip-validation", action="store_true", help="skip the post-migration validation")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
@@ -110,8 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "current revision(s), head(s) and pending revisions")
     add("heads", "head revision(s) of the migration scripts")
     add("check", "exit 0 at head, 1 when revisions are pending, 2 on error")
-    _migration_options(add("upgrade", "health checks, backup, upgrade, validation and report"), False)
-    _migration_options(add("downgrade", "like upgrade, towards an older revision"), True)
+    for name, text, required in (("upgrade", "health checks, backup, upgrade, validation and report", False),
+                                 ("downgrade", "like upgrade, towards an older revision", True)):
+        parser_ = add(name, text)
+        _migration_options(parser_, required)
+        _dump_options(parser_)
+    _dump_options(add("backup", "pg_dump the database into the backup storage, verified, with a manifest"))
+    restore = add("restore", "restore a backup into a new database (--target-db) or over the original")
+    restore.add_argument("backup_id", metavar="BACKUP_ID", help="as shown by 'dbmigrate backups list'")
+    restore.add_argument("--target-db", metavar="NAME", help="restore into this new database instead")
+    restore.add_argument("--no-safety-backup", action="store_true",
+                         help="over the original: do not back up its current state first")
+    restore.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    backups = sub.add_parser("backups", help="list or prune the backups of a database")
+    backups_sub = backups.add_subparsers(dest="backups_command", required=True, metavar="ACTION")
+    backups_sub.add_parser("list", parents=[common], help="valid backups, newest first",
+                           description="valid backups (with a manifest), newest first")
+    prune = backups_sub.add_parser("prune", parents=[common], help="delete old backups",
+                                   description="delete old backups; the newest verified one is always kept")
+    prune.add_argument("--keep-last", type=int, required=True, metavar="N", help="keep the newest N backups")
+    prune.add_argument("--keep-days", type=float, metavar="D", help="and keep every backup younger than D days")
+    prune.add_argument("--dry-run", action="store_true", help="show what would be deleted")
     generate = add("generate", "create a new revision file")
     generate.add_argument("-m", "--message", required=True, help="what the revision does")
     generate.add_argument("--autogenerate", action="store_true", help="compare models with the database")
@@ -136,12 +172,17 @@ def _settings(args) -> pipeline.Settings:
         getattr(args, "lock_timeout", SessionLimits.lock_timeout_s),
         getattr(args, "statement_timeout", SessionLimits.statement_timeout_s),
     )
+    dump = backup.DumpOptions(
+        compression=getattr(args, "compression", "auto"), verify_restore=getattr(args, "verify_restore", False)
+    )
     return pipeline.Settings(
         home=args.home,
         alembic_config=args.alembic_config,
         connect_timeout=args.timeout,
         guard_wait_s=getattr(args, "lock_wait", 0.0),
         limits=limits,
+        storage_spec=args.storage,
+        dump=dump,
     )
 
 
@@ -237,7 +278,7 @@ def cmd_migrate(args, target, settings) -> int:
         json_report=args.json_report,
     )
     confirm = (lambda plan: True) if args.yes else _confirm_on_terminal(args.command, target)
-    outcome = pipeline.execute(target, settings, request, confirm)
+    outcome = pipeline.execute(target, settings, request, confirm, _print_progress)
     report = outcome.report
     if args.json:
         _print_json({**report.as_dict(), "report_path": str(outcome.report_path), "sql": outcome.sql})
@@ -274,6 +315,90 @@ def _print_outcome(outcome: pipeline.Outcome) -> None:
     print(f"report:   {outcome.report_path}")
 
 
+def _print_progress(size: int, rate: float) -> None:
+    print(f"backup: {health.human_bytes(size)} written, {health.human_bytes(rate)}/s", file=sys.stderr, flush=True)
+
+
+def _age(created) -> str:
+    seconds = (datetime.now(timezone.utc) - created).total_seconds()
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _manifest_line(m: backup.Manifest) -> str:
+    verified = "verified" if m.verified else "checked"
+    return f"{m.id:32} {health.human_bytes(m.size_bytes):>10}  {m.revision or 'base':12} {_age(m.created):>5}  {verified}"
+
+
+def cmd_backup(args, target, settings) -> int:
+    with db.connect(target, settings.connect_timeout) as conn:
+        revision = ",".join(revisions.current_revisions(conn)) or None
+    manifest = backup.take(target, settings.storage(), revision, settings.dump, _print_progress,
+                           settings.connect_timeout)
+    if args.json:
+        _print_json(dataclasses.asdict(manifest))
+    else:
+        print(f"backup {manifest.id}: {manifest.location}")
+        print(f"  {manifest.size_bytes} bytes, sha256 {manifest.sha256}, {manifest.compression}, "
+              f"{sum(manifest.row_counts.values())} rows in {len(manifest.row_counts)} tables, {manifest.duration_s}s")
+        print(f"  {'verified by a restore' if manifest.verified else 'checksum and pg_restore --list checked'}")
+    return 0
+
+
+def cmd_backups(args, target, settings) -> int:
+    storage = settings.storage()
+    if args.backups_command == "list":
+        manifests = backup.list_backups(storage, target)
+        if args.json:
+            _print_json([dataclasses.asdict(m) for m in manifests])
+        elif not manifests:
+            print(f"no backups of {target.environment}/{target.database} in {storage!r}")
+        for m in [] if args.json else manifests:
+            print(_manifest_line(m))
+        return 0
+    if args.keep_last < 0:
+        raise ConfigError("--keep-last must be 0 or more")
+    doomed = backup.prune(storage, target, args.keep_last, args.keep_days, dry_run=args.dry_run)
+    if args.json:
+        _print_json([m.id for m in doomed])
+    for m in [] if args.json else doomed:
+        print(f"{'would delete' if args.dry_run else 'deleted'} {m.id}")
+    if not doomed and not args.json:
+        print("nothing to prune")
+    return 0
+
+
+def cmd_restore(args, target, settings) -> int:
+    storage = settings.storage()
+    manifest = backup.find(storage, target, args.backup_id)
+    if args.target_db:
+        result = restore.into_new_database(target, storage, manifest, args.target_db, settings.connect_timeout)
+        print(f"restored {manifest.id} into new database {result.database}")
+        return 0
+    if not args.yes:
+        question = (f"replace the contents of {target.where} ({target.environment}) with backup {manifest.id} "
+                    f"(revision {manifest.revision or 'base'})? [y/N] ")
+        if not sys.stdin.isatty():
+            raise ConfirmationRefused("refusing to restore over the database without confirmation: "
+                                      "no terminal to ask on (pass --yes)")
+        if input(question).strip().lower() not in ("y", "yes"):
+            raise ConfirmationRefused("not confirmed: nothing was changed")
+    safety = None
+    if not args.no_safety_backup:
+        def safety():
+            with db.connect(target, settings.connect_timeout) as conn:
+                revision = ",".join(revisions.current_revisions(conn)) or None
+            return backup.take(target, storage, revision, settings.dump, _print_progress, settings.connect_timeout)
+    with guard.hold(target, "restore", settings.guard_wait_s, settings.connect_timeout):
+        result = restore.over_original(target, storage, manifest, settings.connect_timeout, safety)
+    if result.safety_backup:
+        print(f"safety backup of the previous state: {result.safety_backup.id}")
+    print(f"restored {manifest.id} over {target.where}")
+    return 0
+
+
 def cmd_generate(args, settings) -> int:
     from alembic import command
 
@@ -308,8 +433,9 @@ def run(args) -> int:
     if args.command == "generate":
         return cmd_generate(args, settings)
     target = resolve(args.url, args.env, args.home)
-    handler = {"health": cmd_health, "status": cmd_status, "check": cmd_check,
-               "upgrade": cmd_migrate, "downgrade": cmd_migrate}[args.command]
+    handler = {"health": cmd_health, "status": cmd_status, "check": cmd_check, "upgrade": cmd_migrate,
+               "downgrade": cmd_migrate, "backup": cmd_backup, "backups": cmd_backups,
+               "restore": cmd_restore}[args.command]
     try:
         return handler(args, target, settings)
     except DbMigrateError as exc:

@@ -34,13 +34,20 @@ class Fingerprint:
         return {"schema_sha256": self.schema_sha256, "row_counts": self.row_counts, "revisions": list(self.revisions)}
 
 
+def row_counts(conn: Connection) -> dict[str, int]:
+    """Exact row counts of every user table, keyed ``schema.table``, in the connection's snapshot."""
+    tables = conn.execute(
+        text(
+            "SELECT format('%I.%I', schemaname, tablename) AS qualified, schemaname || '.' || tablename AS name "
+            "FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 2"
+        )
+    ).all()
+    return {t.name: int(conn.execute(text(f"SELECT count(*) FROM {t.qualified}")).scalar_one()) for t in tables}
+
+
 def take(conn: Connection) -> Fingerprint:
     digest = hashlib.sha256()
     for query in _SCHEMA_QUERIES:
         rows = [list(map(str, row)) for row in conn.execute(text(query))]
         digest.update(json.dumps(rows).encode())
-    tables = conn.execute(
-        text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1")
-    ).scalars().all()
-    counts = {t: int(conn.execute(text(f'SELECT count(*) FROM "{t}"')).scalar_one()) for t in tables}
-    return Fingerprint(digest.hexdigest(), counts, revisions.current_revisions(conn))
+    return Fingerprint(digest.hexdigest(), row_counts(conn), revisions.current_revisions(conn))

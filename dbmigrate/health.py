@@ -39,7 +39,7 @@ def passed(checks: list[Check]) -> bool:
     return all(c.status != FAIL for c in checks)
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -47,8 +47,11 @@ def _human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def check_disk(backup_dir: Path, database_size: int | None) -> Check:
+def check_disk(backup_dir: Path | None, database_size: int | None) -> Check:
     check = Check("disk_space")
+    if backup_dir is None:
+        check.detail = "backups go to S3: no local disk space needed"
+        return check
     existing = backup_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -68,12 +71,12 @@ def check_disk(backup_dir: Path, database_size: int | None) -> Check:
         "writable": writable,
         "database_size_bytes": database_size,
     }
-    check.detail = f"{_human_bytes(usage.free)} free ({used_pct}% used) at {backup_dir}"
+    check.detail = f"{human_bytes(usage.free)} free ({used_pct}% used) at {backup_dir}"
     if not writable:
         check.status, check.detail = FAIL, f"backup directory {backup_dir} is not writable; {check.detail}"
     elif database_size is not None and usage.free < database_size:
         check.status = WARN
-        check.detail += f"; less than the database size ({_human_bytes(database_size)})"
+        check.detail += f"; less than the database size ({human_bytes(database_size)})"
     return check
 
 
@@ -112,7 +115,7 @@ def check_pending(project: Project, current: tuple[str, ...], target: str) -> Ch
 def run(
     target: DatabaseTarget,
     project: Project,
-    backup_dir: Path,
+    backup_dir: Path | None,
     timeout: float,
     target_revision: str = "head",
 ) -> list[Check]:

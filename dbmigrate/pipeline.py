@@ -16,10 +16,12 @@ from sqlalchemy import text
 
 from dbmigrate import __version__, backup, db, guard, health, migrate, revisions
 from dbmigrate.errors import ConfirmationRefused, DbMigrateError, MigrationFailed, RevisionError, StepFailed
+from dbmigrate.backup import DumpOptions, ProgressFn
 from dbmigrate.health import FAIL, OK, Check
 from dbmigrate.migrate import AppliedStep, SessionLimits
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Report
 from dbmigrate.revisions import PlannedStep, Project
+from dbmigrate.storage import S3_PREFIX, Storage, open_storage
 from dbmigrate.target import DatabaseTarget
 
 
@@ -32,10 +34,18 @@ class Settings:
     connect_timeout: float = db.DEFAULT_CONNECT_TIMEOUT
     guard_wait_s: float = 0.0
     limits: SessionLimits = field(default_factory=SessionLimits)
+    storage_spec: str | None = None  # None: <home>/backups; a directory; or s3-bucket/BLOCK
+    dump: DumpOptions = field(default_factory=DumpOptions)
 
     @property
-    def backup_dir(self) -> Path:
-        return self.home / "backups"
+    def backup_dir(self) -> Path | None:
+        """The local directory backups go to; None when they go to S3."""
+        if self.storage_spec and self.storage_spec.startswith(S3_PREFIX):
+            return None
+        return Path(self.storage_spec) if self.storage_spec else self.home / "backups"
+
+    def storage(self) -> Storage:
+        return open_storage(self.storage_spec, self.home)
 
     @property
     def reports_dir(self) -> Path:
@@ -66,7 +76,6 @@ class Plan:
     current: tuple[str, ...]
     target: str
     steps: list[PlannedStep]
-    server_major: int
 
     @property
     def revision_before(self) -> str | None:
@@ -96,7 +105,6 @@ def plan(target: DatabaseTarget, project: Project, settings: Settings, request: 
     """Read the database's revision and work out the steps; touches nothing."""
     resolved = project.resolve(request.revision)
     with db.connect(target, settings.connect_timeout) as conn:
-        major, _ = db.server_version(conn)
         current = revisions.current_revisions(conn)
     if unknown := project.check_known(current):
         raise RevisionError(f"the database is at revision {', '.join(unknown)}, which the migration scripts do not know")
@@ -104,7 +112,7 @@ def plan(target: DatabaseTarget, project: Project, settings: Settings, request: 
         steps = project.plan_upgrade(current, resolved)
     else:
         steps = project.plan_downgrade(current, resolved)
-    return Plan(current, resolved, steps, major)
+    return Plan(current, resolved, steps)
 
 
 def expected_revisions(project: Project, plan: Plan, upgrade: bool) -> set[str]:
@@ -171,6 +179,7 @@ def execute(
     settings: Settings,
     request: Request,
     confirm: Callable[[Plan], bool] = lambda plan: True,
+    on_progress: ProgressFn | None = None,
 ) -> Outcome:
     """The whole run for the command line. Never raises for expected failures: the
     outcome carries the error, and the report is always written."""
@@ -208,8 +217,9 @@ def execute(
                     raise MigrationFailed("the database changed while waiting for confirmation: run again")
                 if request.backup:
                     phase = "backup"
-                    result = backup.take(target, settings.backup_dir, the_plan.revision_before, the_plan.server_major)
-                    report.backup = result.as_dict()
+                    manifest = backup.take(target, settings.storage(), the_plan.revision_before, settings.dump,
+                                           on_progress, settings.connect_timeout)
+                    report.backup = manifest.summary()
                 phase, touched = "migrate", True
                 applied = apply(target, project, settings, the_plan, request.upgrade)
                 report.migrations_applied = [s.as_dict() for s in applied]

@@ -86,3 +86,39 @@ def cli(home):
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on a loopback port: real HTTP, real multipart uploads."""
+    from moto.server import ThreadedMotoServer
+
+    port = pgcluster.free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def s3_bucket_block(endpoint: str, bucket: str, folder: str = "", client_config: dict | None = None):
+    """A prefect-aws S3Bucket block for the moto endpoint (not saved to any API)."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    credentials = AwsCredentials(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=endpoint, config=client_config),
+    )
+    return S3Bucket(bucket_name=bucket, credentials=credentials, bucket_folder=folder)
+
+
+@pytest.fixture
+def s3_storage(s3_endpoint):
+    import uuid
+
+    from dbmigrate.storage import S3Storage
+
+    bucket = "backups-" + uuid.uuid4().hex[:8]
+    storage = S3Storage.from_block(s3_bucket_block(s3_endpoint, bucket, "db-backups"))
+    storage.client.create_bucket(Bucket=bucket)
+    return storage

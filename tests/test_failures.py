@@ -171,7 +171,7 @@ def test_backup_failure_stops_before_migrating(cli, url, target, home):
     before = fingerprint_of(target)
     result = cli("upgrade", "--yes", "--backup", "--skip-health-checks", env={"DATABASE_URL": url})
     assert result.returncode == 1
-    assert "cannot create backup file" in one_line_error(result)
+    assert "storage: cannot create" in one_line_error(result)
     report = json.loads(reports_in(home)[-1].read_text())
     assert report["error"]["phase"] == "backup" and report["backup"] is None
     assert fingerprint_of(target) == before

@@ -1,0 +1,192 @@
+"""Where backups live: a local directory or an S3 bucket (a prefect-aws S3Bucket block).
+
+Both stores take a stream and never hold a whole backup in memory or on a
+temporary disk. A failed upload leaves nothing behind: the partial file is
+removed, the multipart upload aborted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator, Protocol
+
+from dbmigrate.errors import BackupFailed, ConfigError
+
+CHUNK = 1 << 20
+S3_PREFIX = "s3-bucket/"
+
+
+class Storage(Protocol):
+    def location(self, key: str) -> str: ...
+    def upload(self, key: str, stream: BinaryIO) -> None: ...
+    @contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]: ...
+    def write_text(self, key: str, text: str) -> None: ...
+    def read_text(self, key: str) -> str: ...
+    def keys(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+
+
+class LocalStorage:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"local directory {self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def location(self, key: str) -> str:
+        return str(self._path(key))
+
+    def upload(self, key: str, stream: BinaryIO) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(path, "xb")  # never overwrite a backup
+        except OSError as exc:
+            raise BackupFailed(f"storage: cannot create {path}: {exc.strerror or exc}") from None
+        try:
+            with out:
+                try:
+                    shutil.copyfileobj(stream, out, CHUNK)
+                    out.flush()
+                    os.fsync(out.fileno())
+                except OSError as exc:
+                    raise BackupFailed(f"storage: writing {path} failed: {exc.strerror or exc}") from None
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+    @contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
+        with open(self._path(key), "rb") as f:
+            yield f
+
+    def write_text(self, key: str, text: str) -> None:
+        path = self._path(key)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # readers never see half a manifest
+
+    def read_text(self, key: str) -> str:
+        return self._path(key).read_text()
+
+    def keys(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3Storage:
+    """An S3 bucket (any S3-compatible endpoint) under an optional folder."""
+
+    PART_SIZE = 16 << 20
+    CONCURRENCY = 4  # parts in flight: memory is about PART_SIZE x (CONCURRENCY + 1)
+
+    def __init__(self, client, bucket: str, folder: str = ""):
+        self.client, self.bucket, self.folder = client, bucket, folder.strip("/")
+
+    def __repr__(self) -> str:
+        return f"S3 bucket {self.bucket}" + (f"/{self.folder}" if self.folder else "")
+
+    @classmethod
+    def from_block(cls, block) -> S3Storage:
+        return cls(block.credentials.get_s3_client(), block.bucket_name, block.bucket_folder or "")
+
+    def _key(self, key: str) -> str:
+        return f"{self.folder}/{key}" if self.folder else key
+
+    def location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def upload(self, key: str, stream: BinaryIO) -> None:
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        config = TransferConfig(
+            multipart_threshold=self.PART_SIZE, multipart_chunksize=self.PART_SIZE, max_concurrency=self.CONCURRENCY
+        )
+        try:
+            # s3transfer reads the stream part by part and aborts the multipart upload on failure.
+            self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=config)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            self._abort_leftovers(key)
+            raise BackupFailed(f"storage: upload to {self.location(key)} failed: {_one_line(exc)}") from None
+
+    def _abort_leftovers(self, key: str, attempts: int = 5) -> None:
+        """Abort any multipart upload of this key that s3transfer could not abort itself
+        (the endpoint may be coming back after an outage: retry for a few seconds)."""
+        from botocore.exceptions import ClientError
+
+        for attempt in range(attempts):
+            try:
+                listing = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._key(key))
+                for upload in listing.get("Uploads", []):
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                return
+            except ClientError:  # the endpoint answered (no such bucket, access denied): nothing to retry
+                return
+            except Exception:  # unreachable: it may be coming back
+                time.sleep(1 + attempt)
+        # Still unreachable: the bucket's AbortIncompleteMultipartUpload lifecycle rule has to clean up.
+
+    @contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        try:
+            yield body
+        finally:
+            body.close()
+
+    def write_text(self, key: str, text: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode())
+
+    def read_text(self, key: str) -> str:
+        with self.open(key) as body:
+            return body.read().decode()
+
+    def keys(self, prefix: str) -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        strip = len(self.folder) + 1 if self.folder else 0
+        found = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            found.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return sorted(found)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_storage(spec: str | None, home: Path) -> Storage:
+    """``None`` -> <home>/backups; ``s3-bucket/NAME`` -> the S3Bucket block NAME; else a directory."""
+    if not spec:
+        return LocalStorage(home / "backups")
+    if spec.startswith(S3_PREFIX):
+        name = spec[len(S3_PREFIX):]
+        from prefect_aws import S3Bucket  # slow import: only for S3 storage
+
+        try:
+            block = S3Bucket.load(name)
+        except ValueError:
+            raise ConfigError(f"no S3Bucket block named '{name}'") from None
+        except Exception as exc:
+            raise ConfigError(f"cannot load S3Bucket block '{name}' from the Prefect API: {_one_line(exc)}") from None
+        return S3Storage.from_block(block)
+    return LocalStorage(Path(spec))

@@ -1,0 +1,274 @@
+"""Backups against the real PostgreSQL and moto's S3 server: taken, verified,
+listed, restored, pruned, and every failure leaving nothing behind."""
+
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+
+from dbmigrate import backup, db, restore
+from dbmigrate.backup import DumpOptions
+from dbmigrate.errors import BackupFailed
+from dbmigrate.storage import LocalStorage
+from tests.conftest import fingerprint_of
+
+
+def fill(pg_cluster, target, rows: int) -> None:
+    """A table of random text, which compresses to about half, not to nothing."""
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("CREATE TABLE payload (id bigint PRIMARY KEY, body text, doc jsonb)")
+        conn.execute(
+            "INSERT INTO payload SELECT g, md5(random()::text) || md5(random()::text) || md5(random()::text), "
+            "jsonb_build_object('n', random(), 'tag', md5(g::text)) FROM generate_series(1, %s) g",
+            (rows,),
+        )
+
+
+@pytest.fixture
+def local_storage(tmp_path):
+    return LocalStorage(tmp_path / "backups")
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return LocalStorage(tmp_path / "backups")
+    return request.getfixturevalue("s3_storage")
+
+
+def test_backup_manifest_verify_and_list(storage, pg_cluster, target):
+    fill(pg_cluster, target, 1000)
+    manifest = backup.take(target, storage, "0003", DumpOptions(verify_restore=True))
+    assert manifest.row_counts == {"public.payload": 1000}
+    assert manifest.verified and manifest.checks == {"sha256": True, "pg_restore_list": True, "restore": True}
+    assert manifest.key == f"test/{target.database}/{manifest.id}.dump" and manifest.id.endswith("-0003")
+    assert manifest.compression in ("zstd:3", "gzip:6") and manifest.size_bytes > 0
+    stored = json.loads(storage.read_text(manifest.manifest_key))
+    assert stored["sha256"] == manifest.sha256 and stored["server_version"] and stored["pg_dump_version"]
+    with storage.open(manifest.key) as body:
+        import hashlib
+
+        assert hashlib.sha256(body.read()).hexdigest() == manifest.sha256
+    second = backup.take(target, storage, "0003")
+    assert not second.verified and second.checks == {"sha256": True, "pg_restore_list": True}
+    assert [m.id for m in backup.list_backups(storage, target)] == [second.id, manifest.id]
+    scratch = [n for n in _databases(pg_cluster) if n.startswith("dbmigrate_verify_")]
+    assert scratch == [], "the scratch database of --verify-restore must be dropped"
+
+
+def _databases(pg_cluster) -> list[str]:
+    with pg_cluster.admin() as conn:
+        return [r[0] for r in conn.execute("SELECT datname FROM pg_database")]
+
+
+def test_row_counts_come_from_the_dumped_snapshot(local_storage, pg_cluster, target):
+    """Rows inserted while the dump runs are neither dumped nor counted."""
+    fill(pg_cluster, target, 200_000)
+    inserted = threading.Event()
+
+    def insert_once(size, rate):
+        if not inserted.is_set():
+            with pg_cluster.admin(target.database) as conn:
+                conn.execute("INSERT INTO payload SELECT g, 'late', '{}' FROM generate_series(1000001, 1000500) g")
+            inserted.set()
+
+    manifest = backup.take(target, local_storage, None, DumpOptions(verify_restore=True, progress_interval_s=0),
+                           on_progress=insert_once)
+    assert inserted.is_set()
+    assert manifest.row_counts == {"public.payload": 200_000} and manifest.verified
+
+
+def test_pg_dump_failure_leaves_nothing(storage, pg_cluster, target):
+    fill(pg_cluster, target, 10)
+    with pg_cluster.admin(target.database) as blocker:
+        blocker.autocommit = False
+        blocker.execute("LOCK TABLE payload IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(BackupFailed, match="pg_dump failed: .*statement timeout .*LOCK TABLE public.payload"):
+            backup.take(target, storage, None, DumpOptions(lock_wait_timeout_s=1))
+        blocker.rollback()
+    assert storage.keys("") == [] and backup.list_backups(storage, target) == []
+
+
+def test_pg_dump_dying_mid_stream_leaves_nothing(storage, pg_cluster, target):
+    fill(pg_cluster, target, 400_000)  # more than one S3 part, so the upload is under way when pg_dump dies
+
+    def kill_pg_dump(size, rate):
+        with pg_cluster.admin() as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_dump'")
+
+    with pytest.raises(BackupFailed, match="pg_dump failed"):
+        backup.take(target, storage, None, DumpOptions(progress_interval_s=0), on_progress=kill_pg_dump)
+    assert storage.keys("") == [] and backup.list_backups(storage, target) == []
+
+
+def test_disk_full_removes_the_partial_file(pg_cluster, target, tmp_path):
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        fill(pg_cluster, target, 100_000)
+        storage = LocalStorage(mountpoint / "backups")
+        with pytest.raises(BackupFailed, match="storage: writing .* failed: No space left on device"):
+            backup.take(target, storage, None)
+        assert storage.keys("") == []
+        assert not any(pg_dump_processes()), "pg_dump must not be left running"
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def pg_dump_processes():
+    import psutil
+
+    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "pg_dump"]
+
+
+def test_missing_bucket_fails_before_anything_is_stored(s3_storage, target):
+    from dbmigrate.storage import S3Storage
+
+    missing = S3Storage(s3_storage.client, "no-such-bucket")
+    with pytest.raises(BackupFailed, match="storage: upload to s3://no-such-bucket/.* failed: .*NoSuchBucket"):
+        backup.take(target, missing, None)
+
+
+def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
+    """The endpoint dies after the first part and comes back: the multipart upload is
+    aborted, nothing is listed, and the error names the storage step."""
+    from moto.server import ThreadedMotoServer
+
+    from dbmigrate.storage import S3Storage
+    from tests.conftest import s3_bucket_block
+    from tests.pgcluster import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    # No botocore retries, so the outage outlasts them and the upload fails at once.
+    block = s3_bucket_block(f"http://127.0.0.1:{port}", "outage", client_config={"retries": {"max_attempts": 1}})
+    storage = S3Storage.from_block(block)
+    storage.client.create_bucket(Bucket="outage")
+    fill(pg_cluster, target, 400_000)  # well over one 16 MiB part
+    replacement = {}
+
+    def cut_after_first_part(size, rate):
+        if size > storage.PART_SIZE + (1 << 20) and "server" not in replacement:
+            server.stop()
+            replacement["server"] = None
+
+            def come_back():
+                time.sleep(3)
+                replacement["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+                replacement["server"].start()
+
+            threading.Thread(target=come_back).start()
+
+    try:
+        with pytest.raises(BackupFailed, match="storage: upload to s3://outage/.* failed"):
+            backup.take(target, storage, None, DumpOptions(progress_interval_s=0), on_progress=cut_after_first_part)
+        assert storage.client.list_multipart_uploads(Bucket="outage").get("Uploads", []) == []
+        assert storage.keys("") == [] and backup.list_backups(storage, target) == []
+    finally:
+        if replacement.get("server"):
+            replacement["server"].stop()
+
+
+def test_restore_into_a_new_database_and_over_the_original(storage, pg_cluster, target):
+    fill(pg_cluster, target, 500)
+    before = fingerprint_of(target)
+    manifest = backup.take(target, storage, None)
+    with pg_cluster.admin(target.database) as conn:  # what a migration might do afterwards
+        conn.execute("DELETE FROM payload WHERE id <= 100")
+        conn.execute("CREATE TABLE added_later (id int REFERENCES payload(id))")
+    changed = fingerprint_of(target)
+
+    copy = restore.into_new_database(target, storage, manifest, target.database + "_copy", 10)
+    try:
+        assert fingerprint_of(target.with_database(copy.database)).row_counts == {"public.payload": 500}
+    finally:
+        backup.drop_database(target, copy.database, 10)
+
+    result = restore.over_original(target, storage, manifest, 10,
+                                   lambda: backup.take(target, storage, "before-restore"))
+    assert fingerprint_of(target) == before
+    assert result.safety_backup.row_counts == changed.row_counts
+    assert {m.id for m in backup.list_backups(storage, target)} == {manifest.id, result.safety_backup.id}
+
+
+def test_failed_restore_leaves_the_database_as_it_was(local_storage, pg_cluster, target):
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("CREATE ROLE short_lived")
+        conn.execute("CREATE TABLE owned (id int)")
+        conn.execute("ALTER TABLE owned OWNER TO short_lived")
+    manifest = backup.take(target, local_storage, None)
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("ALTER TABLE owned OWNER TO postgres")
+        conn.execute("DROP ROLE short_lived")
+        conn.execute("INSERT INTO owned VALUES (1), (2)")
+    before = fingerprint_of(target)
+    with pytest.raises(BackupFailed, match='restore failed, database left as it was: .*role "short_lived"'):
+        restore.over_original(target, local_storage, manifest, 10, None)
+    assert fingerprint_of(target) == before
+
+
+def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storage, pg_cluster, target):
+    fill(pg_cluster, target, 100)
+    manifest = backup.take(target, local_storage, None)
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("DELETE FROM payload")
+    before = fingerprint_of(target)
+    path = local_storage.root / manifest.key
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BackupFailed, match="does not match its sha256"):
+        restore.over_original(target, local_storage, manifest, 10, None)
+    assert fingerprint_of(target) == before
+
+
+def test_prune_keeps_the_newest_verified(local_storage, pg_cluster, target):
+    fill(pg_cluster, target, 10)
+    verified = backup.take(target, local_storage, "a", DumpOptions(verify_restore=True))
+    newer = [backup.take(target, local_storage, "b") for _ in range(3)]
+    deleted = backup.prune(local_storage, target, keep_last=1, keep_days=None)
+    assert {m.id for m in deleted} == {newer[0].id, newer[1].id}
+    assert [m.id for m in backup.list_backups(local_storage, target)] == [newer[2].id, verified.id]
+    assert sorted(local_storage.keys("")) == sorted(
+        k for m in (newer[2], verified) for k in (m.key, m.manifest_key)
+    )
+    assert backup.prune(local_storage, target, keep_last=0, keep_days=1) == [], "all are younger than a day"
+
+
+def test_backup_commands(cli, url, target, pg_cluster, home):
+    env = {"DATABASE_URL": url}
+    fill(pg_cluster, target, 50)
+    taken = cli("backup", "--verify-restore", "--json", env=env)
+    assert taken.returncode == 0, taken.stderr
+    manifest = json.loads(taken.stdout)
+    assert manifest["verified"] and manifest["row_counts"] == {"public.payload": 50}
+
+    listed = cli("backups", "list", env=env)
+    assert listed.returncode == 0 and manifest["id"] in listed.stdout and "verified" in listed.stdout
+
+    with db.connect(target) as conn, conn.begin():
+        conn.execute(text("DELETE FROM payload"))
+    refused = cli("restore", manifest["id"], env=env)
+    assert refused.returncode == 2 and "no terminal to ask on (pass --yes)" in refused.stderr
+    assert fingerprint_of(target).row_counts == {"public.payload": 0}
+
+    restored = cli("restore", manifest["id"], "--yes", env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert fingerprint_of(target).row_counts == {"public.payload": 50}
+    assert "safety backup of the previous state" in restored.stdout
+
+    unknown = cli("restore", "20000101T000000.000Z-nope", "--yes", env=env)
+    assert unknown.returncode == 2 and "no valid backup '20000101T000000.000Z-nope'" in unknown.stderr
+
+    pruned = cli("backups", "prune", "--keep-last", "0", env=env)
+    assert pruned.returncode == 0 and "deleted" in pruned.stdout
+    remaining = json.loads(cli("backups", "list", "--json", env=env).stdout)
+    assert [m["id"] for m in remaining] == [manifest["id"]], "only the newest verified backup survives"
