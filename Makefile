@@ -31,8 +31,9 @@ demo: install
 test: install-dev
 	$(BIN)/python -m pytest
 
-bench: install
+bench: install-dev
 	$(BIN)/python benchmarks/cli_latency.py
+	$(BIN)/python benchmarks/backup_restore.py
 
 clean:
 	-$(BIN)/dbmigrate local stop

@@ -46,4 +46,36 @@ class DatabaseCredentials(Block):
         )
 
 
-__all__ = ["DatabaseCredentials"]
+class EnvironmentPolicy(Block):
+    """Overrides of an environment's migration policy (see dbmigrate.policy for the defaults:
+    production strict, development and staging with automatic rollback). Name it after the environment."""
+
+    _block_type_name = "dbmigrate Environment Policy"
+    _block_type_slug = "dbmigrate-environment-policy"
+    _description = "What db-migrate requires and allows in one environment."
+
+    backup_required: bool | None = Field(default=None, title="Backup required",
+                                         description="Refuse runs with backup=false.")
+    approval_required: bool | None = Field(default=None, title="Approval required",
+                                           description="Pause for a human's approval in the UI before migrating.")
+    auto_rollback: bool | None = Field(default=None, title="Automatic rollback",
+                                       description="Downgrade (or restore the backup) when migrate or validate fails.")
+    approval_timeout_s: float | None = Field(default=None, title="Approval timeout (s)",
+                                             description="Reject the run if nobody answers within this time.")
+    approval_poll_s: int | None = Field(default=None, title="Approval poll interval (s)",
+                                        description="How often a paused run checks for an answer.")
+    lock_timeout_s: float | None = Field(default=None, title="Lock timeout (s)",
+                                         description="PostgreSQL lock_timeout for migration statements.")
+    statement_timeout_s: float | None = Field(default=None, title="Statement timeout (s)",
+                                              description="PostgreSQL statement_timeout for migration statements; 0 = none.")
+    guard_wait_s: float | None = Field(default=None, title="Wait for a running migration (s)",
+                                       description="How long a second run waits before failing.")
+    transient_retries: int | None = Field(default=None, title="Retries of connecting and uploading",
+                                          description="The migration itself is never retried.")
+    retry_delay_s: float | None = Field(default=None, title="Delay between retries (s)")
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in self.model_dump(exclude={"block_type_slug"}).items() if v is not None}
+
+
+__all__ = ["DatabaseCredentials", "EnvironmentPolicy"]

@@ -18,16 +18,17 @@ import subprocess
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from sqlalchemy import text
 
 from dbmigrate import db, fingerprint, pgtools
 from dbmigrate.errors import BackupFailed, ConfigError
-from dbmigrate.storage import CHUNK, Storage
+from dbmigrate.storage import CHUNK, LocalStorage, Storage
 from dbmigrate.target import DatabaseTarget
 
 ProgressFn = Callable[[int, float], None]  # (bytes so far, bytes per second)
@@ -39,6 +40,7 @@ class DumpOptions:
     verify_restore: bool = False
     lock_wait_timeout_s: float = 60.0  # pg_dump gives up on a table lock held this long
     progress_interval_s: float = 5.0
+    jobs: int = 1  # > 1: pg_dump's parallel directory format (local storage only)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Manifest:
     checks: dict = field(default_factory=dict)
     verified: bool = False
     verified_at: str | None = None
+    format: str = "custom"  # custom: one streamed file; directory: pg_dump -Fd -j N
 
     @property
     def manifest_key(self) -> str:
@@ -89,7 +92,11 @@ class Manifest:
 
 
 def manifest_key(dump_key: str) -> str:
-    return dump_key.removesuffix(".dump") + ".json"
+    return dump_key.removesuffix(".dump").removesuffix(".dir") + ".json"
+
+
+def backup_id(dump_key: str) -> str:
+    return manifest_key(dump_key).rsplit("/", 1)[-1].removesuffix(".json")
 
 
 def _safe(part: str) -> str:
@@ -100,10 +107,10 @@ def prefix(target: DatabaseTarget) -> str:
     return f"{_safe(target.environment)}/{_safe(target.database)}/"
 
 
-def backup_key(target: DatabaseTarget, revision: str | None, now: datetime) -> str:
-    """``<environment>/<database>/<UTC timestamp>-<revision>.dump``"""
+def backup_key(target: DatabaseTarget, revision: str | None, now: datetime, directory: bool = False) -> str:
+    """``<environment>/<database>/<UTC timestamp>-<revision>.dump`` (``.dir`` for the directory format)"""
     stamp = now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"  # ms: ids stay unique
-    return f"{prefix(target)}{stamp}-{_safe(revision or 'base')}.dump"
+    return f"{prefix(target)}{stamp}-{_safe(revision or 'base')}.{'dir' if directory else 'dump'}"
 
 
 class _Tap:
@@ -169,6 +176,9 @@ def take(
     timeout: float = db.DEFAULT_CONNECT_TIMEOUT,
 ) -> Manifest:
     """Dump, store, verify; returns the manifest once written."""
+    parallel = options.jobs > 1
+    if parallel and not isinstance(storage, LocalStorage):
+        raise ConfigError(f"--jobs needs a local directory: {storage!r} takes a single stream")
     started = time.monotonic()
     created = datetime.now(timezone.utc)
     with db.connect(target, timeout) as conn:
@@ -177,13 +187,14 @@ def take(
         pg_restore = pgtools.find("pg_restore", server_major)
         dump_major = pgtools.major_version(pg_dump) or server_major
         compression = compression_for(pg_dump, dump_major, options.compression)
-        key = backup_key(target, revision, created)
+        key = backup_key(target, revision, created, directory=parallel)
         # Row counts and pg_dump read one snapshot, so the counts describe exactly what is dumped.
         conn.commit()  # SET TRANSACTION must open a fresh transaction
         conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
         snapshot = conn.execute(text("SELECT pg_export_snapshot()")).scalar_one()
+        conn.execute(text(f"SET LOCAL lock_timeout = {int(options.lock_wait_timeout_s * 1000)}"))
         command = [
-            str(pg_dump), "--format=custom", f"--compress={compression}", f"--snapshot={snapshot}",
+            str(pg_dump), f"--compress={compression}", f"--snapshot={snapshot}",
             f"--lock-wait-timeout={int(options.lock_wait_timeout_s * 1000)}", "--no-password",
         ]
         counts: dict[str, int] = {}
@@ -195,20 +206,14 @@ def take(
             except BaseException as exc:  # reported by the main thread
                 count_errors.append(exc)
 
-        conn.execute(text(f"SET LOCAL lock_timeout = {int(options.lock_wait_timeout_s * 1000)}"))
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={**os.environ, **target.libpq_env()})
         counter = threading.Thread(target=count_rows, name="row-counts")
         counter.start()
-        tap = _Tap(proc.stdout, options.progress_interval_s, on_progress)
         try:
-            storage.upload(key, tap)
-            if proc.wait() != 0:
-                storage.delete(key)
-                raise BackupFailed(f"pg_dump failed: {stderr_tail(proc, target)}")
+            if parallel:
+                size, sha256 = _dump_directory(command, options.jobs, storage, key, target)
+            else:
+                size, sha256 = _dump_stream(command, storage, key, target, options, on_progress)
         except BaseException:
-            proc.kill()
-            proc.wait()
             conn.connection.dbapi_connection.cancel_safe()  # stop counting rows for a backup that failed
             raise
         finally:
@@ -217,21 +222,60 @@ def take(
             storage.delete(key)
             raise BackupFailed(f"counting rows in the backup's snapshot failed: {count_errors[0]}")
     manifest = Manifest(
-        id=key.rsplit("/", 1)[-1].removesuffix(".dump"), environment=target.environment, database=target.database, key=key,
-        location=storage.location(key), sha256=tap.digest.hexdigest(), size_bytes=tap.size,
+        id=backup_id(key), environment=target.environment, database=target.database, key=key,
+        location=storage.location(key), sha256=sha256, size_bytes=size,
         compression=compression, pg_dump_version=str(dump_major), server_version=server_version,
         revision=revision, row_counts=counts, duration_s=0.0, created_at=created.isoformat(),
+        format="directory" if parallel else "custom",
     )
     try:
         check_stored(storage, manifest, pg_restore)
         if options.verify_restore:
-            verify_restore(target, storage, manifest, pg_restore, timeout)
+            verify_restore(target, storage, manifest, pg_restore, timeout, options.jobs)
     except BaseException:
         storage.delete(key)
         raise
     manifest.duration_s = round(time.monotonic() - started, 3)
     storage.write_text(manifest.manifest_key, manifest.to_json())
     return manifest
+
+
+def _dump_stream(command, storage: Storage, key: str, target: DatabaseTarget, options: DumpOptions,
+                 on_progress: ProgressFn | None) -> tuple[int, str]:
+    """pg_dump -Fc piped straight into the storage."""
+    proc = subprocess.Popen([*command, "--format=custom"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **target.libpq_env()})
+    tap = _Tap(proc.stdout, options.progress_interval_s, on_progress)
+    try:
+        storage.upload(key, tap)
+        if proc.wait() != 0:
+            storage.delete(key)
+            raise BackupFailed(f"pg_dump failed: {stderr_tail(proc, target)}")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return tap.size, tap.digest.hexdigest()
+
+
+def _dump_directory(command, jobs: int, storage: LocalStorage, key: str, target: DatabaseTarget) -> tuple[int, str]:
+    """pg_dump -Fd -j N into a directory of the local storage."""
+    path = storage.directory(key)
+    proc = subprocess.run([*command, "--format=directory", f"--jobs={jobs}", f"--file={path}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **target.libpq_env()})
+    if proc.returncode != 0:
+        storage.delete(key)
+        raise BackupFailed(f"pg_dump failed: {stderr_tail(proc, target)}")
+    return directory_digest(path)
+
+
+def directory_digest(path: Path) -> tuple[int, str]:
+    """Total size and one sha256 over every file's name and sha256."""
+    digest, size = hashlib.sha256(), 0
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path)} {file_sha256(file)}\n".encode())
+        size += file.stat().st_size
+    return size, digest.hexdigest()
 
 
 def feed(storage: Storage, key: str, proc: subprocess.Popen) -> hashlib._Hash:
@@ -254,34 +298,65 @@ def feed(storage: Storage, key: str, proc: subprocess.Popen) -> hashlib._Hash:
     return digest
 
 
-def check_stored(storage: Storage, manifest: Manifest, pg_restore: Path) -> None:
-    """Re-read the stored object: its sha256 must match and pg_restore must read it."""
-    with subprocess.Popen([str(pg_restore), "--list"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE) as proc:
-        try:
-            digest = feed(storage, manifest.key, proc)
-        except Exception as exc:
-            proc.kill()
-            raise BackupFailed(f"verify: reading {manifest.location} back failed: {exc}") from None
+@contextmanager
+def pg_restore_process(pg_restore: Path, args: list[str], storage: Storage, manifest: Manifest,
+                       env: dict | None = None, stdout=subprocess.DEVNULL) -> Iterator[Restoring]:
+    """pg_restore ARGS over a stored backup. A local backup is read in place and hashed
+    once pg_restore is done (no pipe, no contention for the CPU); a remote one is
+    streamed into pg_restore's stdin and hashed on the way. On exit it has finished."""
+    path = storage.local_path(manifest.key)
+    if path is not None:
+        proc = subprocess.Popen([str(pg_restore), *args, str(path)], stdin=subprocess.DEVNULL, stdout=stdout,
+                                stderr=subprocess.PIPE, env=env)
+        running = Restoring(proc)
+        yield running
         proc.wait()
-    if digest.hexdigest() != manifest.sha256:
-        raise BackupFailed(f"verify: {manifest.location} does not match its sha256 after storing")
-    if proc.returncode != 0:
+        running.sha256 = directory_digest(path)[1] if manifest.format == "directory" else file_sha256(path)
+    else:
+        proc = subprocess.Popen([str(pg_restore), *args], stdin=subprocess.PIPE, stdout=stdout,
+                                stderr=subprocess.PIPE, env=env)
+        running = Restoring(proc)
+        yield running
+        running.sha256 = feed(storage, manifest.key, proc).hexdigest()
+        proc.wait()
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@dataclass
+class Restoring:
+    proc: subprocess.Popen
+    sha256: str | None = None  # of what pg_restore was given, once it has all of it
+
+
+def check_stored(storage: Storage, manifest: Manifest, pg_restore: Path) -> None:
+    """Re-read the stored backup: its sha256 must match and pg_restore must read it."""
+    try:
+        with pg_restore_process(pg_restore, ["--list"], storage, manifest) as restoring:
+            pass
+    except OSError as exc:
+        raise BackupFailed(f"verify: reading {manifest.location} back failed: {exc}") from None
+    if restoring.sha256 != manifest.sha256:
+        raise BackupFailed(f"verify: {manifest.location} does not match its sha256")
+    if restoring.proc.returncode != 0:
         raise BackupFailed(f"verify: pg_restore --list cannot read {manifest.location}")
     manifest.checks.update({"sha256": True, "pg_restore_list": True})
 
 
-def restore_into(target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path) -> None:
-    """pg_restore the backup into ``target`` (an existing, empty database) in one transaction."""
-    command = [str(pg_restore), f"--dbname={target.database}", "--single-transaction", "--exit-on-error",
-               "--no-password"]
-    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          env={**os.environ, **target.libpq_env()}) as proc:
-        digest = feed(storage, manifest.key, proc)
-        proc.wait()
-        if proc.returncode != 0:
-            raise BackupFailed(f"pg_restore failed: {stderr_tail(proc, target)}")
-    if digest.hexdigest() != manifest.sha256:
+def restore_into(target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path,
+                 jobs: int = 1) -> None:
+    """pg_restore the backup into ``target``, an existing empty database: in one
+    transaction, or with ``jobs`` > 1 (directory format only) in parallel."""
+    args = [f"--dbname={target.database}", "--exit-on-error", "--no-password"]
+    args += [f"--jobs={jobs}"] if jobs > 1 and manifest.format == "directory" else ["--single-transaction"]
+    with pg_restore_process(pg_restore, args, storage, manifest, env={**os.environ, **target.libpq_env()}) as r:
+        pass
+    if r.proc.returncode != 0:
+        raise BackupFailed(f"pg_restore failed: {stderr_tail(r.proc, target)}")
+    if r.sha256 != manifest.sha256:
         raise BackupFailed(f"{manifest.location} no longer matches its sha256")
 
 
@@ -298,12 +373,12 @@ def drop_database(target: DatabaseTarget, name: str, timeout: float) -> None:
 
 
 def verify_restore(
-    target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path, timeout: float
+    target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path, timeout: float, jobs: int = 1
 ) -> None:
     """Restore into a scratch database and compare per-table row counts with the manifest."""
     scratch = scratch_database(target, "verify", timeout)
     try:
-        restore_into(scratch, storage, manifest, pg_restore)
+        restore_into(scratch, storage, manifest, pg_restore, jobs)
         with db.connect(scratch, timeout) as conn:
             restored = fingerprint.row_counts(conn)
         if restored != manifest.row_counts:
@@ -324,13 +399,15 @@ def list_backups(storage: Storage, target: DatabaseTarget) -> list[Manifest]:
     return sorted(manifests, key=lambda m: m.created_at, reverse=True)
 
 
-def find(storage: Storage, target: DatabaseTarget, backup_id: str) -> Manifest:
-    # accept "<id>", "<id>.dump" or "env/db/<id>.dump" (ids contain a dot: no Path.stem here)
-    wanted = backup_id.rsplit("/", 1)[-1].removesuffix(".dump").removesuffix(".json")
+def find(storage: Storage, target: DatabaseTarget, wanted: str) -> Manifest:
+    """The valid backup named ``<id>``, ``<id>.dump`` or ``<environment>/<database>/<id>.dump``."""
+    name = wanted.rsplit("/", 1)[-1]
+    for suffix in (".dump", ".dir", ".json"):  # ids contain a dot: no Path.stem here
+        name = name.removesuffix(suffix)
     for manifest in list_backups(storage, target):
-        if manifest.id == wanted:
+        if manifest.id == name:
             return manifest
-    raise ConfigError(f"no valid backup '{backup_id}' of {target.environment}/{target.database} in {storage!r}")
+    raise ConfigError(f"no valid backup '{wanted}' of {target.environment}/{target.database} in {storage!r}")
 
 
 def prune(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
 import json
 import os
 import sys
@@ -35,6 +36,12 @@ def _seconds(value: str) -> float:
     if seconds < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {value}")
     return seconds
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {value!r}")
+    return int(value)
 
 
 def _common() -> argparse.ArgumentParser:
@@ -77,6 +84,8 @@ def _dump_options(parser: argparse.ArgumentParser) -> None:
                        help="pg_dump compression: auto (zstd if this pg_dump has it, else gzip), zstd, gzip or none")
     group.add_argument("--verify-restore", action="store_true",
                        help="also restore the backup into a scratch database and compare row counts")
+    group.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
+                       help="N > 1: pg_dump's parallel directory format (local storage only), for large databases")
 
 
 def _migration_options(parser: argparse.ArgumentParser, revision_required: bool) -> None:
@@ -138,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--target-db", metavar="NAME", help="restore into this new database instead")
     restore.add_argument("--no-safety-backup", action="store_true",
                          help="over the original: do not back up its current state first")
+    restore.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
+                         help="into a new database: restore a directory-format backup with N parallel jobs")
     restore.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     backups = sub.add_parser("backups", help="list or prune the backups of a database")
     backups_sub = backups.add_subparsers(dest="backups_command", required=True, metavar="ACTION")
@@ -173,7 +184,9 @@ def _settings(args) -> pipeline.Settings:
         getattr(args, "statement_timeout", SessionLimits.statement_timeout_s),
     )
     dump = backup.DumpOptions(
-        compression=getattr(args, "compression", "auto"), verify_restore=getattr(args, "verify_restore", False)
+        compression=getattr(args, "compression", "auto"),
+        verify_restore=getattr(args, "verify_restore", False),
+        jobs=getattr(args, "jobs", 1) if args.command != "restore" else 1,
     )
     return pipeline.Settings(
         home=args.home,
@@ -255,14 +268,14 @@ def cmd_heads(args, settings) -> int:
 
 
 def _confirm_on_terminal(operation: str, target: DatabaseTarget):
-    def confirm(plan: pipeline.Plan) -> bool:
+    def confirm(plan: pipeline.Plan) -> pipeline.Approval:
         if not sys.stdin.isatty():
             raise ConfirmationRefused(f"refusing to {operation} without confirmation: no terminal to ask on (pass --yes)")
         print(f"{operation} {target.where} ({target.environment}) from {plan.revision_before or 'base'}:")
         for step in plan.steps:
             print(f"  {step.revision}  {step.message}")
         answer = input(f"apply {len(plan.steps)} revision(s)? [y/N] ")
-        return answer.strip().lower() in ("y", "yes")
+        return pipeline.Approval(answer.strip().lower() in ("y", "yes"), getpass.getuser(), "terminal")
 
     return confirm
 
@@ -277,8 +290,10 @@ def cmd_migrate(args, target, settings) -> int:
         skip_validation=args.skip_validation,
         json_report=args.json_report,
     )
-    confirm = (lambda plan: True) if args.yes else _confirm_on_terminal(args.command, target)
-    outcome = pipeline.execute(target, settings, request, confirm, _print_progress)
+    hooks = pipeline.Hooks(on_progress=_print_progress)
+    if not args.yes:
+        hooks.confirm = _confirm_on_terminal(args.command, target)
+    outcome = pipeline.execute(target, settings, request, hooks)
     report = outcome.report
     if args.json:
         _print_json({**report.as_dict(), "report_path": str(outcome.report_path), "sql": outcome.sql})
@@ -374,7 +389,8 @@ def cmd_restore(args, target, settings) -> int:
     storage = settings.storage()
     manifest = backup.find(storage, target, args.backup_id)
     if args.target_db:
-        result = restore.into_new_database(target, storage, manifest, args.target_db, settings.connect_timeout)
+        result = restore.into_new_database(target, storage, manifest, args.target_db, settings.connect_timeout,
+                                           args.jobs)
         print(f"restored {manifest.id} into new database {result.database}")
         return 0
     if not args.yes:

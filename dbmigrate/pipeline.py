@@ -6,6 +6,7 @@ Each phase is a plain function over a few objects, so the command line calls
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import time
 from dataclasses import dataclass, field
@@ -14,14 +15,15 @@ from typing import Callable
 
 from sqlalchemy import text
 
-from dbmigrate import __version__, backup, db, guard, health, migrate, revisions
+from dbmigrate import __version__, backup, db, fingerprint, guard, health, migrate, revisions
 from dbmigrate.errors import ConfirmationRefused, DbMigrateError, MigrationFailed, RevisionError, StepFailed
 from dbmigrate.backup import DumpOptions, ProgressFn
 from dbmigrate.health import FAIL, OK, Check
 from dbmigrate.migrate import AppliedStep, SessionLimits
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Report
 from dbmigrate.revisions import PlannedStep, Project
-from dbmigrate.storage import S3_PREFIX, Storage, open_storage
+from dbmigrate.fingerprint import Fingerprint
+from dbmigrate.storage import LocalStorage, Storage, local_directory, open_storage
 from dbmigrate.target import DatabaseTarget
 
 
@@ -40,9 +42,7 @@ class Settings:
     @property
     def backup_dir(self) -> Path | None:
         """The local directory backups go to; None when they go to S3."""
-        if self.storage_spec and self.storage_spec.startswith(S3_PREFIX):
-            return None
-        return Path(self.storage_spec) if self.storage_spec else self.home / "backups"
+        return local_directory(self.storage_spec, self.home)
 
     def storage(self) -> Storage:
         return open_storage(self.storage_spec, self.home)
@@ -174,15 +174,38 @@ def current_revision(target: DatabaseTarget, settings: Settings) -> str | None:
         return ",".join(revisions.current_revisions(conn)) or None
 
 
-def execute(
-    target: DatabaseTarget,
-    settings: Settings,
-    request: Request,
-    confirm: Callable[[Plan], bool] = lambda plan: True,
-    on_progress: ProgressFn | None = None,
-) -> Outcome:
-    """The whole run for the command line. Never raises for expected failures: the
-    outcome carries the error, and the report is always written."""
+@dataclass(frozen=True)
+class Approval:
+    approved: bool
+    approver: str
+    via: str  # "--yes", "terminal", "prefect-ui"
+    comment: str = ""
+
+
+def _no_questions(plan: Plan) -> Approval:
+    return Approval(True, getpass.getuser(), "--yes")
+
+
+def _call(phase: str, fn: Callable, *args):
+    return fn(*args)
+
+
+@dataclass
+class Hooks:
+    """How a caller takes part in a run. The command line asks on the terminal; the
+    Prefect flow pauses for approval, runs each phase as a task, and rolls back."""
+
+    confirm: Callable[[Plan], Approval] = _no_questions
+    on_progress: ProgressFn | None = None
+    run_phase: Callable = _call  # run_phase(name, fn, *args) -> fn(*args)
+    # recover(target, project, settings, fingerprint_before, backup_manifest, storage) -> RollbackResult
+    recover: Callable | None = None
+
+
+def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks: Hooks | None = None) -> Outcome:
+    """The whole run. Never raises for expected failures: the outcome carries the
+    error, and the report is always written."""
+    hooks = hooks or Hooks()
     report = Report(
         operation=request.operation,
         environment=target.environment,
@@ -193,13 +216,16 @@ def execute(
     )
     outcome = Outcome(report, Path())
     phase, touched = "load", False
+    run = hooks.run_phase
+    manifest = before = storage = None
     try:
         project = settings.project(target)
         if not request.skip_health_checks:
             phase = "health_checks"
-            report.health_checks = [c.as_dict() for c in preflight(target, project, settings, request.revision)]
+            checks = run(phase, preflight, target, project, settings, request.revision)
+            report.health_checks = [c.as_dict() for c in checks]
         phase = "plan"
-        the_plan = plan(target, project, settings, request)
+        the_plan = run(phase, plan, target, project, settings, request)
         report.revision_before = report.revision_after = the_plan.revision_before
         report.migrations_planned = [s.as_dict() for s in the_plan.steps]
         if not the_plan.steps:
@@ -208,24 +234,29 @@ def execute(
             outcome.sql = migrate.render_sql(project, the_plan.current, the_plan.target, upgrade=request.upgrade)
             report.finish(DRY_RUN)
         else:
-            phase = "confirm"
-            if not confirm(the_plan):
-                raise ConfirmationRefused("not confirmed: nothing was changed")
+            phase = "approval"
+            approval = hooks.confirm(the_plan)
+            report.approval = dataclasses.asdict(approval)
+            if not approval.approved:
+                raise ConfirmationRefused(f"not approved by {approval.approver}: nothing was changed")
             phase = "guard"
             with guard.hold(target, request.operation, settings.guard_wait_s, settings.connect_timeout):
                 if plan(target, project, settings, request).current != the_plan.current:
-                    raise MigrationFailed("the database changed while waiting for confirmation: run again")
+                    raise MigrationFailed("the database changed while waiting for approval: run again")
                 if request.backup:
-                    phase = "backup"
-                    manifest = backup.take(target, settings.storage(), the_plan.revision_before, settings.dump,
-                                           on_progress, settings.connect_timeout)
+                    phase, storage = "backup", settings.storage()
+                    manifest = run(phase, backup.take, target, storage, the_plan.revision_before, settings.dump,
+                                   hooks.on_progress, settings.connect_timeout)
                     report.backup = manifest.summary()
+                if hooks.recover:
+                    before = _fingerprint(target, settings)
                 phase, touched = "migrate", True
-                applied = apply(target, project, settings, the_plan, request.upgrade)
+                applied = run(phase, apply, target, project, settings, the_plan, request.upgrade)
                 report.migrations_applied = [s.as_dict() for s in applied]
                 if not request.skip_validation:
                     phase = "validate"
-                    checks = validate(target, project, settings, expected_revisions(project, the_plan, request.upgrade))
+                    expected = expected_revisions(project, the_plan, request.upgrade)
+                    checks = run(phase, validate, target, project, settings, expected)
                     report.validation = [c.as_dict() for c in checks]
                     if not health.passed(checks):
                         failed = "; ".join(c.detail for c in checks if c.status == FAIL)
@@ -234,6 +265,9 @@ def execute(
     except DbMigrateError as exc:
         if isinstance(exc, StepFailed):
             report.migrations_applied = [s.as_dict() for s in exc.applied]
+        if hooks.recover and phase in ("migrate", "validate"):
+            result = run("rollback", hooks.recover, target, project, settings, before, manifest, storage)
+            report.rollback = result.as_dict()
         report.fail(phase, exc)
         report.error["message"] = target.redact(str(exc))
         outcome.error = exc
@@ -245,7 +279,14 @@ def execute(
         if touched:
             report.revision_after = _revision_after(target, settings)
         outcome.report_path = report.write(settings.reports_dir, request.json_report)
+        if storage is not None and not isinstance(storage, LocalStorage):
+            storage.write_text(f"reports/{backup.prefix(target)}{outcome.report_path.name}", report.to_json())
     return outcome
+
+
+def _fingerprint(target: DatabaseTarget, settings: Settings) -> Fingerprint:
+    with db.connect(target, settings.connect_timeout) as conn:
+        return fingerprint.take(conn)
 
 
 def _revision_after(target: DatabaseTarget, settings: Settings) -> str | None:

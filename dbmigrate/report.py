@@ -31,6 +31,8 @@ class Report:
     health_checks: list[dict] = field(default_factory=list)
     backup: dict | None = None
     validation: list[dict] = field(default_factory=list)
+    approval: dict | None = None
+    rollback: dict | None = None
     error: dict | None = None
     operator: str | None = None
     tool_version: str | None = None

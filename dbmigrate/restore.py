@@ -37,7 +37,7 @@ def _user_schemas(conn) -> list[str]:
 
 
 def into_new_database(
-    target: DatabaseTarget, storage: Storage, manifest: Manifest, name: str, timeout: float
+    target: DatabaseTarget, storage: Storage, manifest: Manifest, name: str, timeout: float, jobs: int = 1
 ) -> RestoreResult:
     with db.connect(target, timeout, isolation_level="AUTOCOMMIT") as conn:
         major, _ = db.server_version(conn)
@@ -45,7 +45,7 @@ def into_new_database(
             raise ConfigError(f"database '{name}' already exists: choose another --target-db")
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        backup.restore_into(target.with_database(name), storage, manifest, pgtools.find("pg_restore", major))
+        backup.restore_into(target.with_database(name), storage, manifest, pgtools.find("pg_restore", major), jobs)
     except BaseException:
         backup.drop_database(target, name, timeout)
         raise
@@ -70,19 +70,14 @@ def over_original(
     drops = "".join(f'DROP SCHEMA "{s}" CASCADE; ' for s in schemas)
     # pg_dump omits CREATE SCHEMA public (initdb makes it), so recreate it as initdb would.
     prelude = drops + "CREATE SCHEMA public AUTHORIZATION pg_database_owner;"
-    env = {**os.environ, **target.libpq_env()}
-    restorer = subprocess.Popen([str(pg_restore), "--file=-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-    applier = subprocess.Popen(
-        [str(psql), "--no-psqlrc", "--quiet", "--single-transaction", "--set=ON_ERROR_STOP=1",
-         f"--command={prelude}", "--file=-", "--no-password"],
-        stdin=restorer.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-    )
-    restorer.stdout.close()  # psql owns the read end now
-    backup.feed(storage, manifest.key, restorer)
-    restorer.wait()
+    psql_command = [str(psql), "--no-psqlrc", "--quiet", "--single-transaction", "--set=ON_ERROR_STOP=1",
+                    f"--command={prelude}", "--file=-", "--no-password"]
+    with backup.pg_restore_process(pg_restore, ["--file=-"], storage, manifest, stdout=subprocess.PIPE) as r:
+        applier = subprocess.Popen(psql_command, stdin=r.proc.stdout, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, env={**os.environ, **target.libpq_env()})
+        r.proc.stdout.close()  # psql owns the read end now
     applier.wait()
-    if applier.returncode != 0 or restorer.returncode != 0:
-        failed = applier if applier.returncode != 0 else restorer
+    if applier.returncode != 0 or r.proc.returncode != 0:
+        failed = applier if applier.returncode != 0 else r.proc
         raise BackupFailed(f"restore failed, database left as it was: {backup.stderr_tail(failed, target)}")
     return RestoreResult(manifest.id, target.database, safety)

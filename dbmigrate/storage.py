@@ -22,6 +22,7 @@ S3_PREFIX = "s3-bucket/"
 
 class Storage(Protocol):
     def location(self, key: str) -> str: ...
+    def local_path(self, key: str) -> Path | None: ...
     def upload(self, key: str, stream: BinaryIO) -> None: ...
     @contextmanager
     def open(self, key: str) -> Iterator[BinaryIO]: ...
@@ -44,6 +45,9 @@ class LocalStorage:
     def location(self, key: str) -> str:
         return str(self._path(key))
 
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
     def upload(self, key: str, stream: BinaryIO) -> None:
         path = self._path(key)
         try:
@@ -62,6 +66,13 @@ class LocalStorage:
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+
+    def directory(self, key: str, create: bool = True) -> Path:
+        """A directory for pg_dump's directory format (only local storage has one)."""
+        path = self._path(key)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     @contextmanager
     def open(self, key: str) -> Iterator[BinaryIO]:
@@ -84,14 +95,18 @@ class LocalStorage:
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 class S3Storage:
     """An S3 bucket (any S3-compatible endpoint) under an optional folder."""
 
-    PART_SIZE = 16 << 20
-    CONCURRENCY = 4  # parts in flight: memory is about PART_SIZE x (CONCURRENCY + 1)
+    PART_SIZE = 16 << 20  # 10,000 parts at most: objects up to 160 GiB
+    CONCURRENCY = 4  # parts uploading at once; memory is bounded by PART_SIZE x CONCURRENCY
 
     def __init__(self, client, bucket: str, folder: str = ""):
         self.client, self.bucket, self.folder = client, bucket, folder.strip("/")
@@ -109,6 +124,9 @@ class S3Storage:
     def location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
+    def local_path(self, key: str) -> Path | None:
+        return None
+
     def upload(self, key: str, stream: BinaryIO) -> None:
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
@@ -116,6 +134,8 @@ class S3Storage:
         config = TransferConfig(
             multipart_threshold=self.PART_SIZE, multipart_chunksize=self.PART_SIZE, max_concurrency=self.CONCURRENCY
         )
+        # Parts read from a pipe wait in memory; s3transfer's default would let ten queue up.
+        config.max_in_memory_upload_chunks = self.CONCURRENCY
         try:
             # s3transfer reads the stream part by part and aborts the multipart upload on failure.
             self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=config)
@@ -174,11 +194,25 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def local_directory(spec: str | None, home: Path) -> Path | None:
+    """The directory a storage spec writes to; None for S3."""
+    if spec and spec.startswith((S3_PREFIX, "s3://")):
+        return None
+    return Path(spec) if spec else home / "backups"
+
+
 def open_storage(spec: str | None, home: Path) -> Storage:
-    """``None`` -> <home>/backups; ``s3-bucket/NAME`` -> the S3Bucket block NAME; else a directory."""
-    if not spec:
-        return LocalStorage(home / "backups")
-    if spec.startswith(S3_PREFIX):
+    """``None`` -> <home>/backups; ``s3-bucket/NAME`` -> the S3Bucket block NAME;
+    ``s3://BUCKET[/FOLDER]`` -> boto3's own credentials (AWS_* variables, AWS_ENDPOINT_URL,
+    instance profile), without Prefect; anything else is a directory."""
+    if spec and spec.startswith("s3://"):
+        import boto3
+
+        bucket, _, folder = spec[len("s3://"):].partition("/")
+        if not bucket:
+            raise ConfigError(f"no bucket in '{spec}': use s3://BUCKET[/FOLDER]")
+        return S3Storage(boto3.client("s3"), bucket, folder)
+    if spec and spec.startswith(S3_PREFIX):
         name = spec[len(S3_PREFIX):]
         from prefect_aws import S3Bucket  # slow import: only for S3 storage
 
@@ -189,4 +223,4 @@ def open_storage(spec: str | None, home: Path) -> Storage:
         except Exception as exc:
             raise ConfigError(f"cannot load S3Bucket block '{name}' from the Prefect API: {_one_line(exc)}") from None
         return S3Storage.from_block(block)
-    return LocalStorage(Path(spec))
+    return LocalStorage(local_directory(spec, home))

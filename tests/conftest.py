@@ -122,3 +122,13 @@ def s3_storage(s3_endpoint):
     storage = S3Storage.from_block(s3_bucket_block(s3_endpoint, bucket, "db-backups"))
     storage.client.create_bucket(Bucket=bucket)
     return storage
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (temporary server and database) for blocks and flows."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()

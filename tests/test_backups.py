@@ -272,3 +272,40 @@ def test_backup_commands(cli, url, target, pg_cluster, home):
     assert pruned.returncode == 0 and "deleted" in pruned.stdout
     remaining = json.loads(cli("backups", "list", "--json", env=env).stdout)
     assert [m["id"] for m in remaining] == [manifest["id"]], "only the newest verified backup survives"
+
+
+def test_parallel_directory_format(local_storage, s3_storage, pg_cluster, target):
+    fill(pg_cluster, target, 20_000)
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("CREATE TABLE second AS SELECT * FROM payload WHERE id <= 500")
+    manifest = backup.take(target, local_storage, "0006", DumpOptions(jobs=2, verify_restore=True))
+    assert manifest.format == "directory" and manifest.key.endswith(".dir") and manifest.verified
+    assert manifest.row_counts == {"public.payload": 20_000, "public.second": 500}
+    assert (local_storage.root / manifest.key / "toc.dat").is_file()
+
+    copy = restore.into_new_database(target, local_storage, manifest, target.database + "_par", 10, jobs=2)
+    try:
+        assert fingerprint_of(target.with_database(copy.database)).row_counts == manifest.row_counts
+    finally:
+        backup.drop_database(target, copy.database, 10)
+
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("DROP TABLE second")
+    restore.over_original(target, local_storage, manifest, 10, None)
+    assert fingerprint_of(target).row_counts == manifest.row_counts
+
+    backup.prune(local_storage, target, keep_last=0, keep_days=None)  # the only backup is verified: kept
+    assert (local_storage.root / manifest.key).is_dir()
+    with pytest.raises(Exception, match="--jobs needs a local directory"):
+        backup.take(target, s3_storage, None, DumpOptions(jobs=2))
+
+
+def test_plain_s3_url_uses_boto3_credentials_without_prefect(cli, url, s3_endpoint, s3_storage, target):
+    env = {"DATABASE_URL": url, "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "DBMIGRATE_BACKUP_STORAGE": f"s3://{s3_storage.bucket}/plain"}
+    taken = cli("backup", "--json", env=env)
+    assert taken.returncode == 0, taken.stderr
+    manifest = json.loads(taken.stdout)
+    assert manifest["location"].startswith(f"s3://{s3_storage.bucket}/plain/url/{target.database}/")
+    assert [m["id"] for m in json.loads(cli("backups", "list", "--json", env=env).stdout)] == [manifest["id"]]

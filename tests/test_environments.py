@@ -10,15 +10,6 @@ from tests.conftest import REPO
 from tests.pgcluster import CANARY_PASSWORD, environ_without_db, free_port
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 @pytest.fixture
 def staging(prefect_api, target):
     from blocks import DatabaseCredentials
@@ -65,3 +56,27 @@ def test_env_errors_are_one_line(cli, staging, url):
     assert down.returncode == 2
     assert down.stderr.startswith("dbmigrate: error: cannot load block 'staging' from the Prefect API")
     assert len(down.stderr.strip().splitlines()) == 1
+
+
+def test_backups_to_an_s3_bucket_block(cli, staging, s3_endpoint, target, home):
+    from tests.conftest import s3_bucket_block
+
+    block = s3_bucket_block(s3_endpoint, "staging-backups", "dbmigrate")
+    block.credentials.get_s3_client().create_bucket(Bucket="staging-backups")
+    block.save("staging-backups", overwrite=True)
+    env = {**staging, "DBMIGRATE_BACKUP_STORAGE": "s3-bucket/staging-backups"}
+
+    taken = cli("backup", "--env", "staging", "--json", env=env)
+    assert taken.returncode == 0, taken.stderr
+    manifest = json.loads(taken.stdout)
+    assert manifest["location"] == f"s3://staging-backups/dbmigrate/{manifest['key']}"
+    assert manifest["key"].startswith(f"staging/{target.database}/")
+
+    upgraded = cli("upgrade", "--env", "staging", "--backup", "--yes", env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    listed = json.loads(cli("backups", "list", "--env", "staging", "--json", env=env).stdout)
+    assert len(listed) == 2 and listed[1]["id"] == manifest["id"]
+    assert not (home / "backups").exists(), "nothing may be written to local disk when storage is S3"
+
+    missing = cli("backups", "list", "--env", "staging", "--storage", "s3-bucket/nope", env=staging)
+    assert missing.returncode == 2 and "no S3Bucket block named 'nope'" in missing.stderr

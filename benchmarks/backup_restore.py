@@ -1,0 +1,200 @@
+"""dbmigrate backup/restore against the raw tools, on one generated database, in one run.
+
+  1. `dbmigrate backup` to local storage   vs  `pg_dump -Fc --compress=C -f FILE`
+  2. `dbmigrate backup` to S3 (moto)       vs  `pg_dump -Fc | boto3 upload_fileobj` to the same endpoint
+  3. `dbmigrate restore --target-db`       vs  `pg_restore --single-transaction -d` of the same file
+  4. peak memory (max RSS) of the dbmigrate process, at size N and at size 2N
+
+The data is random text, numbers and jsonb (about 2:1 under gzip), not pgbench's blank
+filler. Targets (issue 3): ratios at most 1.10, peak memory at most 200 MB and not
+growing with the database.
+
+    python benchmarks/backup_restore.py [--gigabytes 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # for tests.pgcluster / tests.conftest helpers
+
+from dbmigrate import local, pgtools  # noqa: E402
+from dbmigrate.backup import compression_for  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ROWS_PER_GB = 3_300_000  # about 1 GiB on disk per this many rows of the table below
+
+
+def generate(url: str, gigabytes: float) -> int:
+    rows = int(ROWS_PER_GB * gigabytes)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_events")
+        conn.execute("CREATE TABLE bench_events (id bigint PRIMARY KEY, amount numeric(12,2), "
+                     "body text, doc jsonb, created_at timestamptz)")
+        batch = 500_000
+        for start in range(1, rows + 1, batch):
+            conn.execute(
+                "INSERT INTO bench_events SELECT g, round((random() * 10000)::numeric, 2), "
+                "md5(random()::text) || md5(random()::text) || md5(random()::text) || md5(random()::text), "
+                "jsonb_build_object('account', md5(random()::text), 'region', (random() * 20)::int, "
+                "'score', random()), now() - random() * interval '365 days' "
+                "FROM generate_series(%s, %s) g",
+                (start, min(start + batch - 1, rows)),
+            )
+        conn.execute("VACUUM ANALYZE bench_events")
+        return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+
+
+def timed(command: list[str], env: dict, **kwargs) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(command[:4])}: {result.stderr.strip()[-500:]}")
+    return time.perf_counter() - started, result
+
+
+# The peak RSS of the process itself: VmHWM, not getrusage's ru_maxrss, which on Linux
+# carries over the forking parent's high-water mark across exec (and our parent holds
+# moto's in-memory bucket).
+PEAK_RSS = "print('VMHWM_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)\n"
+
+# Runs the CLI in-process and prints its own peak RSS: the memory of dbmigrate itself,
+# without pg_dump's (a separate process that both sides run alike).
+MEASURED = (
+    "import sys\n"
+    "from dbmigrate.cli import main\n"
+    "code = main(sys.argv[1:])\n" + PEAK_RSS + "raise SystemExit(code)\n"
+)
+
+
+def peak_rss(stderr: str) -> int:
+    return int(stderr.rsplit("VMHWM_KB", 1)[1].split()[0]) * 1024
+
+
+def dbmigrate(args: list[str], env: dict) -> tuple[float, int]:
+    seconds, result = timed([sys.executable, "-c", MEASURED, *args], env)
+    return seconds, peak_rss(result.stderr)
+
+
+RAW_S3 = (
+    "import subprocess, sys, boto3\n"
+    "from boto3.s3.transfer import TransferConfig\n"
+    "endpoint, bucket, key, pg_dump, compress = sys.argv[1:6]\n"
+    "client = boto3.client('s3', endpoint_url=endpoint, region_name='us-east-1',\n"
+    "                      aws_access_key_id='bench', aws_secret_access_key='bench')\n"
+    "dump = subprocess.Popen([pg_dump, '-Fc', '--compress=' + compress], stdout=subprocess.PIPE)\n"
+    "client.upload_fileobj(dump.stdout, bucket, key, Config=TransferConfig(multipart_chunksize=16 << 20))\n"
+    "raise SystemExit(dump.wait())\n"
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gigabytes", type=float, default=1.0, help="size of the generated table (default 1)")
+    args = parser.parse_args()
+
+    from moto.server import ThreadedMotoServer
+
+    from tests.pgcluster import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="dbmigrate-bench-"))
+    home = work / "home"
+    target = local.target(home)
+    url = target.sqlalchemy_url().replace("+psycopg", "")
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="bench", aws_secret_access_key="bench")
+    s3.create_bucket(Bucket="bench")
+
+    env = {**os.environ, **target.libpq_env(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with psycopg.connect(url) as conn:
+        major = conn.info.server_version // 10000
+    pg_dump, pg_restore = pgtools.find("pg_dump", major), pgtools.find("pg_restore", major)
+    compression = compression_for(pg_dump, pgtools.major_version(pg_dump) or major, "auto")
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"PostgreSQL {major}, compression {compression}")
+    rows: list[tuple[str, float, float]] = []
+    memory: list[tuple[float, int, int]] = []
+    for scale in (args.gigabytes, 2 * args.gigabytes):
+        size = generate(url, scale)
+        print(f"\ndatabase: {size / 2**30:.2f} GiB on disk", flush=True)
+
+        raw_local, _ = timed([str(pg_dump), "-Fc", f"--compress={compression}", "-f", str(work / "raw.dump")], env)
+        ours_local, rss_local = dbmigrate(["backup", "--storage", str(work / "store")], env)
+        dump_size = (work / "raw.dump").stat().st_size
+        print(f"  dump: {dump_size / 2**20:.0f} MiB ({size / dump_size:.1f}:1 against the database size)")
+
+        key = f"raw-{uuid.uuid4().hex[:6]}.dump"
+        raw_s3, _ = timed([sys.executable, "-c", RAW_S3, endpoint, "bench", key, str(pg_dump), compression], env)
+        s3_env = {**env, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+        ours_s3, rss_s3 = dbmigrate_s3(endpoint, s3_env, work)
+
+        backup_id = sorted((work / "store").rglob("*.json"))[-1].name.removesuffix(".json")
+        raw_db, ours_db = f"raw_{uuid.uuid4().hex[:6]}", f"ours_{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{raw_db}"')
+        raw_restore, _ = timed([str(pg_restore), "--single-transaction", "-d", raw_db, str(work / "raw.dump")], env)
+        ours_restore, rss_restore = dbmigrate(
+            ["restore", backup_id, "--target-db", ours_db, "--storage", str(work / "store")], env)
+        with psycopg.connect(url, autocommit=True) as conn:
+            for name in (raw_db, ours_db):
+                conn.execute(f'DROP DATABASE "{name}"')
+        for path in (work / "raw.dump",):
+            path.unlink()
+
+        label = f"{size / 2**30:.1f} GiB"
+        print(f"  backup local {ours_local:.1f}s vs {raw_local:.1f}s, S3 {ours_s3:.1f}s vs {raw_s3:.1f}s, "
+              f"restore {ours_restore:.1f}s vs {raw_restore:.1f}s", flush=True)
+        rows += [(f"backup to local disk ({label})", ours_local, raw_local),
+                 (f"backup to S3 ({label})", ours_s3, raw_s3),
+                 (f"restore ({label})", ours_restore, raw_restore)]
+        memory.append((size, rss_local, rss_s3, rss_restore))
+
+    print("\n| operation | dbmigrate | raw tool | ratio |\n|---|---|---|---|")
+    for name, ours, raw in rows:
+        print(f"| {name} | {ours:.1f} s | {raw:.1f} s | {ours / raw:.2f}x |")
+    print("\n| database | peak RSS: backup to disk | backup to S3 | restore |\n|---|---|---|---|")
+    for size, *peaks in memory:
+        print(f"| {size / 2**30:.2f} GiB | " + " | ".join(f"{p / 2**20:.0f} MiB" for p in peaks) + " |")
+    moto.stop()
+    local.stop(home)
+    return 0
+
+
+def dbmigrate_s3(endpoint: str, env: dict, work: Path) -> tuple[float, int]:
+    """`dbmigrate backup` to S3 through an S3Bucket block built in-process (no Prefect API needed)."""
+    script = (
+        "import sys, os\n"
+        "from pathlib import Path\n"
+        "sys.path.insert(0, os.getcwd())\n"
+        "from tests.conftest import s3_bucket_block\n"
+        "from dbmigrate import backup, target\n"
+        "from dbmigrate.storage import S3Storage\n"
+        f"storage = S3Storage.from_block(s3_bucket_block({endpoint!r}, 'bench'))\n"
+        "t = target.parse_url(os.environ['DATABASE_URL'], 'bench')\n"
+        "backup.take(t, storage, None)\n" + PEAK_RSS
+    )
+    seconds, result = timed([sys.executable, "-c", script], env, cwd=REPO)
+    return seconds, peak_rss(result.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

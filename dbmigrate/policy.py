@@ -1,0 +1,45 @@
+"""What each environment allows: the rules the db-migrate flow enforces.
+
+Production is strict by default: a backup is mandatory, a human approves in the
+Prefect UI, and nothing rolls back on its own (an operator decides). Development
+and staging roll back automatically on failure. Any other environment name gets
+the production rules: an unknown environment is treated as one that matters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from dbmigrate.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Policy:
+    backup_required: bool = True
+    approval_required: bool = True
+    auto_rollback: bool = False
+    approval_timeout_s: float = 3600.0
+    approval_poll_s: int = 5
+    lock_timeout_s: float = 10.0
+    statement_timeout_s: float = 0.0
+    guard_wait_s: float = 0.0
+    transient_retries: int = 2  # connecting and uploading; the migration itself is never retried
+    retry_delay_s: float = 10.0
+
+    def check(self, backup: bool) -> None:
+        if self.backup_required and not backup:
+            raise ConfigError("this environment requires a backup before migrating: backup=false is refused")
+
+
+STRICT = Policy()
+RELAXED = Policy(backup_required=False, approval_required=False, auto_rollback=True)
+DEFAULTS = {"production": STRICT, "staging": RELAXED, "development": RELAXED, "local": RELAXED}
+
+
+def for_environment(name: str, **overrides) -> Policy:
+    """The environment's default policy with any overrides (for example from a deployment's parameters)."""
+    base = DEFAULTS.get(name, STRICT)
+    unknown = set(overrides) - set(Policy.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown policy setting(s): {', '.join(sorted(unknown))}")
+    return replace(base, **overrides)

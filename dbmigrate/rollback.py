@@ -1,0 +1,87 @@
+"""Put a database back where a failed run found it, and prove it.
+
+First choice: downgrade to the starting revision. If that is impossible or fails,
+restore the pre-migration backup over the database. Either way, the result is
+checked against the fingerprint taken before the migration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from dbmigrate import db, fingerprint, pipeline, restore
+from dbmigrate.backup import Manifest
+from dbmigrate.fingerprint import Fingerprint
+from dbmigrate.revisions import Project
+from dbmigrate.storage import Storage
+from dbmigrate.target import DatabaseTarget
+
+
+@dataclass
+class RollbackResult:
+    performed: bool
+    method: str | None  # "downgrade" | "restore" | None when nothing had changed
+    succeeded: bool
+    revision_after: str | None
+    detail: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _state(target: DatabaseTarget, timeout: float) -> Fingerprint:
+    with db.connect(target, timeout) as conn:
+        return fingerprint.take(conn)
+
+
+def roll_back(
+    target: DatabaseTarget,
+    project: Project,
+    settings: pipeline.Settings,
+    before: Fingerprint,
+    backup: Manifest | None,
+    storage: Storage | None,
+) -> RollbackResult:
+    timeout = settings.connect_timeout
+    now = _state(target, timeout)
+    if now == before:  # the failed revision's transaction already undid everything
+        return RollbackResult(False, None, True, ",".join(now.revisions) or None,
+                              "nothing to undo: the database is as the run found it")
+    start = before.revisions[0] if len(before.revisions) == 1 else "base"
+    method, problem = "downgrade", ""
+    try:
+        plan = pipeline.Plan(now.revisions, start, project.plan_downgrade(now.revisions, start))
+        pipeline.apply(target, project, settings, plan, upgrade=False)
+    except Exception as exc:  # a downgrade can fail like any migration: fall back to the backup
+        problem = f"downgrade failed ({exc}); "
+        if backup is None or storage is None:
+            after = _state(target, timeout)
+            return RollbackResult(True, method, False, ",".join(after.revisions) or None,
+                                  problem + "no backup to restore")
+        method = "restore"
+        try:
+            restore.over_original(target, storage, backup, timeout, take_safety_backup=None)
+        except Exception as exc:
+            after = _state(target, timeout)
+            return RollbackResult(True, method, False, ",".join(after.revisions) or None,
+                                  problem + f"restoring backup {backup.id} failed ({exc})")
+    after = _state(target, timeout)
+    succeeded = after == before
+    detail = problem + (
+        "database back at the starting revision with the same schema and row counts" if succeeded
+        else f"database differs from before the run: {_difference(before, after)}"
+    )
+    return RollbackResult(True, method, succeeded, ",".join(after.revisions) or None, detail)
+
+
+def _difference(before: Fingerprint, after: Fingerprint) -> str:
+    parts = []
+    if before.revisions != after.revisions:
+        parts.append(f"revision {','.join(after.revisions) or 'base'} instead of {','.join(before.revisions) or 'base'}")
+    if before.schema_sha256 != after.schema_sha256:
+        parts.append("schema differs")
+    changed = sorted(t for t in set(before.row_counts) | set(after.row_counts)
+                     if before.row_counts.get(t) != after.row_counts.get(t))
+    if changed:
+        parts.append(f"row counts differ in {', '.join(changed)}")
+    return "; ".join(parts)

@@ -1,0 +1,163 @@
+"""What a db-migrate run leaves in Prefect: tags, the policy it ran under, the
+concurrency limit it held, the approval request, and artifacts (summary, the
+revisions applied, backup progress). The flow-run history is the audit trail."""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from prefect import runtime
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectNotFound
+
+from dbmigrate import pipeline
+from dbmigrate.policy import Policy, for_environment
+
+
+def artifact_key(environment: str) -> str:
+    # Artifact keys allow lowercase letters, digits and dashes only.
+    return "db-migrate-" + "".join(c if c.isalnum() else "-" for c in environment.lower())
+
+
+def policy_for(environment: str) -> Policy:
+    """The default policy of the environment, with the EnvironmentPolicy block of that name applied."""
+    from blocks import EnvironmentPolicy
+
+    try:
+        block = EnvironmentPolicy.load(environment)
+    except ValueError:
+        return for_environment(environment)
+    fields = Policy.__dataclass_fields__
+    return for_environment(environment, **{k: getattr(block, k) for k in fields if getattr(block, k) is not None})
+
+
+def tag_run(environment: str) -> None:
+    flow_run_id = runtime.flow_run.id
+    if not flow_run_id:
+        return
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(flow_run_id))
+        client.update_flow_run(run.id, tags=sorted({*run.tags, environment}))
+
+
+def ensure_concurrency_limit(environment: str) -> str:
+    """One db-migrate run per environment: a global concurrency limit of 1, created on first use."""
+    name = artifact_key(environment)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    return name
+
+
+def holders(environment: str) -> str:
+    """Names of the other db-migrate runs of this environment that are running or paused."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["db-migrate"])),
+            flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[environment]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PAUSED])),
+            ),
+        )
+    mine = runtime.flow_run.id
+    others = [f"'{r.name}' ({r.state_name})" for r in runs if str(r.id) != mine]
+    return ", ".join(others) or "a run that has not been identified"
+
+
+def approval_request(target, plan: pipeline.Plan, sql: str) -> str:
+    steps = "\n".join(f"| `{s.revision}` | {s.message} |" for s in plan.steps)
+    return (
+        f"## Approve migration of {target.environment}\n\n"
+        f"Database `{target.where}`, from `{plan.revision_before or 'base'}` to `{plan.target}`:\n\n"
+        f"| revision | what it does |\n|---|---|\n{steps}\n\n"
+        f"<details><summary>SQL</summary>\n\n```sql\n{sql}\n```\n</details>\n\n"
+        "Set **approve** and your **name** to migrate; leave approve unset to reject. Nothing changes until then."
+    )
+
+
+class BackupProgress:
+    """A progress artifact that follows the backup as it streams."""
+
+    def __init__(self, environment: str):
+        self.environment, self.artifact_id, self.last = environment, None, 0.0
+
+    def __call__(self, size: int, rate: float) -> None:
+        description = f"Backup of {self.environment}: {size / 2**20:.1f} MiB written, {rate / 2**20:.1f} MiB/s"
+        # The final size is unknown while pg_dump streams: show motion, never a false 100%.
+        progress = min(95.0, 100.0 * (1 - 1 / (1 + size / (256 * 2**20))))
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(progress, key=f"{artifact_key(self.environment)}-backup",
+                                                        description=description)
+        elif time.monotonic() - self.last >= 2:
+            update_progress_artifact(self.artifact_id, progress, description=description)
+        self.last = time.monotonic()
+
+    def done(self) -> None:
+        if self.artifact_id is not None:
+            update_progress_artifact(self.artifact_id, 100.0, description=f"Backup of {self.environment}: done")
+
+
+def summary_markdown(outcome: pipeline.Outcome) -> str:
+    r = outcome.report
+    lines = [
+        f"## db-migrate {r.environment}: **{r.status}**",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| database | `{r.database['host']}:{r.database['port']}/{r.database['name']}` |",
+        f"| requested by | {r.operator} |",
+        f"| revision | `{r.revision_before or 'base'}` → `{r.revision_after or 'base'}` (target `{r.target_revision}`) |",
+        f"| started / finished | {r.started_at.isoformat()} / {r.finished_at.isoformat() if r.finished_at else '-'} |",
+        f"| duration | {r.as_dict()['duration_s']} s |",
+    ]
+    if r.approval:
+        a = r.approval
+        lines.append(f"| approval | {'approved' if a['approved'] else 'rejected'} by {a['approver']} ({a['via']}) |")
+    if r.backup:
+        lines.append(f"| backup | `{r.backup['id']}` at {r.backup['location']}, {r.backup['size_bytes']} bytes |")
+    if r.error:
+        lines.append(f"| failed in | **{r.error['phase']}**: {r.error['message']} |")
+    if r.rollback:
+        rb = r.rollback
+        lines.append(f"| rollback | {rb['method'] or 'none needed'}: {'succeeded' if rb['succeeded'] else 'FAILED'}, "
+                     f"at `{rb['revision_after'] or 'base'}`; {rb['detail']} |")
+    checks = r.health_checks + r.validation
+    if checks:
+        lines += ["", "| check | status | detail | s |", "|---|---|---|---|"]
+        lines += [f"| {c['name']} | {c['status']} | {c['detail']} | {c['duration_s']} |" for c in checks]
+    lines += ["", f"Report: `{outcome.report_path}`"]
+    return "\n".join(lines)
+
+
+def publish(outcome: pipeline.Outcome, environment: str, progress: BackupProgress | None = None) -> None:
+    if progress is not None:
+        progress.done()
+    key = artifact_key(environment)
+    report = outcome.report
+    create_markdown_artifact(summary_markdown(outcome), key=key, description=f"db-migrate {environment}")
+    rows = report.migrations_applied or [{**m, "duration_s": None} for m in report.migrations_planned]
+    create_table_artifact(
+        [{"revision": m["revision"], "message": m["message"], "duration_s": m["duration_s"],
+          "applied": bool(report.migrations_applied)} for m in rows],
+        key=f"{key}-revisions",
+        description=f"Revisions {'applied' if report.migrations_applied else 'planned, not applied'}",
+    )

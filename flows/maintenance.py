@@ -1,0 +1,81 @@
+"""Scheduled flows: db-health (checks and drift) and db-backup (backup and pruning)."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from dbmigrate import backup, db, drift, health, revisions
+from dbmigrate.backup import DumpOptions
+from dbmigrate.environments import load_credentials
+from dbmigrate.errors import MigrationFailed
+from flows import audit
+from flows.migrate import phase_runner, settings_for
+
+
+@flow(name="db-health", flow_run_name="{environment}-health")
+def db_health(environment: str, credentials_block: str | None = None, alembic_config: str | None = None,
+              check_drift: bool = True) -> list[dict]:
+    """Health checks, plus drift: is the database at head, and does its schema match the migrations?
+
+    Args:
+        environment: development, staging or production.
+        credentials_block: Name of the DatabaseCredentials block; default the environment name.
+        alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
+        check_drift: Replay the migrations into a scratch database and compare schemas.
+    """
+    audit.tag_run(environment)
+    rules = audit.policy_for(environment)
+    target = load_credentials(credentials_block or environment)
+    settings = settings_for(rules, alembic_config, None)
+    run = phase_runner(rules)
+    project = settings.project(target)
+    checks = run("health_checks", health.run, target, project, settings.backup_dir, settings.connect_timeout)
+    if health.passed(checks):
+        pending = next((c for c in checks if c.name == "pending_revisions"), None)
+        if pending is not None and pending.data.get("pending"):
+            pending.status = health.WARN  # not at head: worth a look, not an outage
+        if check_drift:
+            checks.append(run("drift", drift.check, target, settings))
+    table = "\n".join(f"| {c.name} | {c.status} | {c.detail} |" for c in checks)
+    create_markdown_artifact(f"## db-health {environment}\n\n| check | status | detail |\n|---|---|---|\n{table}",
+                             key=f"{audit.artifact_key(environment)}-health")
+    failed = [c for c in checks if c.status == health.FAIL]
+    if failed:
+        raise MigrationFailed("health failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
+    get_run_logger().info("%s healthy: %s", environment, ", ".join(f"{c.name} {c.status}" for c in checks))
+    return [c.as_dict() for c in checks]
+
+
+@flow(name="db-backup", flow_run_name="{environment}-backup")
+def db_backup(environment: str, credentials_block: str | None = None, backup_storage: str | None = None,
+              verify_restore: bool = True, keep_last: int | None = None, keep_days: float | None = None) -> dict:
+    """Back the database up (verified), then optionally prune old backups.
+
+    Args:
+        environment: development, staging or production.
+        credentials_block: Name of the DatabaseCredentials block; default the environment name.
+        backup_storage: s3-bucket/BLOCK or a directory; default DBMIGRATE_BACKUP_STORAGE.
+        verify_restore: Restore into a scratch database and compare row counts before calling it verified.
+        keep_last: Then delete all but the newest N backups (the newest verified one always stays).
+        keep_days: With keep_last, delete only backups older than this many days.
+    """
+    audit.tag_run(environment)
+    rules = audit.policy_for(environment)
+    target = load_credentials(credentials_block or environment)
+    settings = settings_for(rules, None, backup_storage)
+    storage = settings.storage()
+    with db.connect(target, settings.connect_timeout) as conn:
+        revision = ",".join(revisions.current_revisions(conn)) or None
+    progress = audit.BackupProgress(environment)
+    manifest = phase_runner(rules)("backup", backup.take, target, storage, revision,
+                                   DumpOptions(verify_restore=verify_restore), progress, settings.connect_timeout)
+    progress.done()
+    pruned = backup.prune(storage, target, keep_last, keep_days) if keep_last is not None else []
+    create_markdown_artifact(
+        f"## db-backup {environment}\n\nBackup `{manifest.id}` at {manifest.location}: {manifest.size_bytes} bytes, "
+        f"sha256 `{manifest.sha256}`, {'verified by a restore' if manifest.verified else 'checksum checked'}.\n\n"
+        f"Pruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
+        key=f"{audit.artifact_key(environment)}-backup-summary",
+    )
+    return manifest.summary()

@@ -1,0 +1,154 @@
+"""The db-migrate flow: what operators run from the Prefect UI, a schedule or GitHub Actions.
+
+The pipeline's phases (health checks, plan, backup, migrate, validate) run as
+Prefect tasks through :class:`dbmigrate.pipeline.Hooks`; this module only adds
+what Prefect is for: the environment's policy, approval in the UI, automatic
+rollback, a concurrency limit per environment, and artifacts so the flow-run
+history is the audit trail.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import Field
+
+from dbmigrate import migrate, pipeline, rollback
+from dbmigrate.environments import load_credentials
+from dbmigrate.errors import BackupFailed, ConfirmationRefused, ConnectionFailed, MigrationFailed
+from dbmigrate.migrate import SessionLimits
+from dbmigrate.policy import Policy
+from flows import audit
+
+# Phases that only connect or upload: safe to retry. The migration itself never is.
+TRANSIENT_PHASES = ("health_checks", "backup")
+
+
+class ApprovalForm(RunInput):
+    approve: bool = Field(default=False, description="Apply these revisions to the database now?")
+    approver: str = Field(default="", description="Your name. It is recorded in the audit report.")
+    comment: str = Field(default="", description="Optional: ticket, reason, change window.")
+
+
+def _transient(task_, task_run, state) -> bool:
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, ConnectionFailed) or (isinstance(exc, BackupFailed) and str(exc).startswith("storage:"))
+
+
+def phase_runner(rules: Policy):
+    """Run each pipeline phase as a Prefect task named after it."""
+
+    def run_phase(name: str, fn, *args):
+        options = {"name": name, "cache_policy": NO_CACHE, "persist_result": False}
+        if name in TRANSIENT_PHASES:
+            options.update(retries=rules.transient_retries, retry_delay_seconds=rules.retry_delay_s,
+                           retry_condition_fn=_transient)
+        return task(fn, **options)(*args)
+
+    return run_phase
+
+
+def approval_in_ui(rules: Policy, settings: pipeline.Settings, target, requested_by: str):
+    """Pause the run until someone approves or rejects it in the Prefect UI."""
+
+    def confirm(plan: pipeline.Plan) -> pipeline.Approval:
+        if not rules.approval_required:
+            return pipeline.Approval(True, requested_by, "policy")
+        sql = migrate.render_sql(settings.project(target), plan.current, plan.target, upgrade=True)
+        form = ApprovalForm.with_initial_data(description=audit.approval_request(target, plan, sql))
+        try:
+            answer = pause_flow_run(wait_for_input=form, timeout=int(rules.approval_timeout_s),
+                                    poll_interval=rules.approval_poll_s)
+        except FlowPauseTimeout:
+            raise ConfirmationRefused(
+                f"nobody approved within {rules.approval_timeout_s:g}s: nothing was changed"
+            ) from None
+        approver = answer.approver.strip()
+        if answer.approve and not approver:
+            return pipeline.Approval(False, "unknown", "prefect-ui", "approved without a name: refused")
+        return pipeline.Approval(answer.approve, approver or "unknown", "prefect-ui", answer.comment)
+
+    return confirm
+
+
+def settings_for(rules: Policy, alembic_config: str | None, backup_storage: str | None) -> pipeline.Settings:
+    return pipeline.Settings(
+        home=Path(os.environ.get("DBMIGRATE_HOME", ".dbmigrate")),
+        alembic_config=alembic_config,
+        guard_wait_s=rules.guard_wait_s,
+        limits=SessionLimits(rules.lock_timeout_s, rules.statement_timeout_s),
+        storage_spec=backup_storage or os.environ.get("DBMIGRATE_BACKUP_STORAGE"),
+    )
+
+
+@flow(name="db-migrate", flow_run_name="{environment}-{target_revision}")
+def db_migrate(
+    environment: str,
+    target_revision: str = "head",
+    backup: bool = True,
+    dry_run: bool = False,
+    skip_health_checks: bool = False,
+    skip_validation: bool = False,
+    credentials_block: str | None = None,
+    backup_storage: str | None = None,
+    alembic_config: str | None = None,
+    requested_by: str = "",
+) -> dict:
+    """Migrate one environment's database safely: health checks, backup, approval,
+    migrate, validate, report; roll back automatically where the policy allows.
+
+    Args:
+        environment: development, staging or production. Picks the policy and, by default, the credentials block.
+        target_revision: Alembic revision to migrate to; 'head' for the latest.
+        backup: Back the database up first. Production refuses false.
+        dry_run: Only show the SQL of the pending revisions; change nothing.
+        skip_health_checks: Skip the pre-flight checks (not recommended).
+        skip_validation: Skip the post-migration checks (not recommended).
+        credentials_block: Name of the DatabaseCredentials block; default the environment name. Never the password.
+        backup_storage: Where backups go: s3-bucket/BLOCK or a directory; default DBMIGRATE_BACKUP_STORAGE.
+        alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
+        requested_by: Who asked for this run (recorded in the report); default the worker's user.
+    """
+    logger = get_run_logger()
+    rules = audit.policy_for(environment)
+    if not dry_run:
+        rules.check(backup)
+    audit.tag_run(environment)
+    target = load_credentials(credentials_block or environment)
+    settings = settings_for(rules, alembic_config, backup_storage)
+    request = pipeline.Request(
+        operation="upgrade", revision=target_revision, dry_run=dry_run, backup=backup,
+        skip_health_checks=skip_health_checks, skip_validation=skip_validation,
+        **({"operator": requested_by} if requested_by else {}),
+    )
+    progress = audit.BackupProgress(environment)
+    hooks = pipeline.Hooks(
+        confirm=approval_in_ui(rules, settings, target, request.operator),
+        on_progress=progress,
+        run_phase=phase_runner(rules),
+        recover=task(rollback.roll_back, name="rollback", cache_policy=NO_CACHE) if rules.auto_rollback else None,
+    )
+    limit = audit.ensure_concurrency_limit(environment)
+    logger.info("%s %s: %s to %s", environment, target.where, "dry run" if dry_run else "upgrade", target_revision)
+    try:
+        with concurrency(limit, occupy=1, timeout_seconds=max(rules.guard_wait_s, 1), strict=True):
+            outcome = pipeline.execute(target, settings, request, hooks)
+    except TimeoutError:
+        raise MigrationFailed(
+            f"concurrency failed: another db-migrate run for {environment} holds {limit}: {audit.holders(environment)}"
+        ) from None
+    audit.publish(outcome, environment, progress)
+    report = outcome.report
+    if outcome.error is not None:
+        rolled = f"; rollback: {report.rollback['detail']}" if report.rollback else ""
+        raise MigrationFailed(f"{report.error['phase']} failed: {report.error['message']}{rolled}")
+    logger.info("%s: %s -> %s (%s)", report.status, report.revision_before or "base",
+                report.revision_after or "base", outcome.report_path)
+    return report.as_dict()
