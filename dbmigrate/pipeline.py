@@ -278,10 +278,20 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
     finally:
         if touched:
             report.revision_after = _revision_after(target, settings)
-        outcome.report_path = report.write(settings.reports_dir, request.json_report)
         if storage is not None and not isinstance(storage, LocalStorage):
-            storage.write_text(f"reports/{backup.prefix(target)}{outcome.report_path.name}", report.to_json())
+            _copy_report_beside_backups(report, storage, target)
+        outcome.report_path = report.write(settings.reports_dir, request.json_report)
     return outcome
+
+
+def _copy_report_beside_backups(report: Report, storage: Storage, target: DatabaseTarget) -> None:
+    """Keep the audit record with the backups in S3 too; the local copy is written regardless."""
+    key = f"reports/{backup.prefix(target)}{report.file_name()}"
+    try:
+        storage.write_text(key, report.to_json())
+        report.copies.append(storage.location(key))
+    except Exception as exc:  # the storage may be what failed the run
+        report.warnings.append(f"could not copy this report to {storage.location(key)}: {type(exc).__name__}")
 
 
 def _fingerprint(target: DatabaseTarget, settings: Settings) -> Fingerprint:

@@ -34,6 +34,8 @@ class Report:
     approval: dict | None = None
     rollback: dict | None = None
     error: dict | None = None
+    copies: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     operator: str | None = None
     tool_version: str | None = None
 

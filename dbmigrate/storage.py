@@ -143,7 +143,7 @@ class S3Storage:
             self._abort_leftovers(key)
             raise BackupFailed(f"storage: upload to {self.location(key)} failed: {_one_line(exc)}") from None
 
-    def _abort_leftovers(self, key: str, attempts: int = 5) -> None:
+    def _abort_leftovers(self, key: str, attempts: int = 3) -> None:
         """Abort any multipart upload of this key that s3transfer could not abort itself
         (the endpoint may be coming back after an outage: retry for a few seconds)."""
         from botocore.exceptions import ClientError

@@ -18,11 +18,12 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from prefect.states import Failed
 from pydantic import Field
 
 from dbmigrate import migrate, pipeline, rollback
 from dbmigrate.environments import load_credentials
-from dbmigrate.errors import BackupFailed, ConfirmationRefused, ConnectionFailed, MigrationFailed
+from dbmigrate.errors import BackupFailed, ConfirmationRefused, ConnectionFailed, DbMigrateError, MigrationFailed
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
 from flows import audit
@@ -116,6 +117,16 @@ def db_migrate(
         alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
         requested_by: Who asked for this run (recorded in the report); default the worker's user.
     """
+    try:
+        return _migrate(environment, target_revision, backup, dry_run, skip_health_checks, skip_validation,
+                        credentials_block, backup_storage, alembic_config, requested_by)
+    except DbMigrateError as exc:  # expected failures: the run ends Failed with exactly this message
+        get_run_logger().error(str(exc))
+        return Failed(message=str(exc))
+
+
+def _migrate(environment, target_revision, backup, dry_run, skip_health_checks, skip_validation,
+             credentials_block, backup_storage, alembic_config, requested_by) -> dict:
     logger = get_run_logger()
     rules = audit.policy_for(environment)
     if not dry_run:

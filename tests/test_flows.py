@@ -135,7 +135,7 @@ def test_production_waits_for_approval(environment, target, home, tmp_path):
 
 def test_unreachable_s3_retries_the_backup_then_fails_before_migrating(environment, target, home, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from tests.conftest import s3_bucket_block
 
@@ -149,9 +149,11 @@ def test_unreachable_s3_retries_the_backup_then_fails_before_migrating(environme
     assert fingerprint_of(target) == before
     assert last_report(home)["migrations_applied"] == []
     with get_client(sync_client=True) as client:
-        [backup_run] = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["backup"])),
-                                             flow_run_filter=None)[-1:]
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    [backup_run] = [t for t in task_runs if t.name.startswith("backup")]
     assert backup_run.run_count == 3, "two retries of the transient upload failure"
+    assert not any(t.name.startswith("migrate") for t in task_runs)
 
 
 def test_two_concurrent_runs_exactly_one_migrates(environment, target, home, tmp_path):
