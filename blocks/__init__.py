@@ -74,8 +74,5 @@ class EnvironmentPolicy(Block):
                                           description="The migration itself is never retried.")
     retry_delay_s: float | None = Field(default=None, title="Delay between retries (s)")
 
-    def overrides(self) -> dict:
-        return {k: v for k, v in self.model_dump(exclude={"block_type_slug"}).items() if v is not None}
-
 
 __all__ = ["DatabaseCredentials", "EnvironmentPolicy"]
