@@ -1,12 +1,15 @@
 """dbmigrate backup/restore against the raw tools, on one generated database, in one run.
 
   1. `dbmigrate backup` to local storage   vs  `pg_dump -Fc --compress=C -f FILE`
-  2. `dbmigrate backup` to S3 (moto)       vs  `pg_dump -Fc | boto3 upload_fileobj` to the same endpoint
+  2. `dbmigrate backup --storage s3://B`   vs  `pg_dump -Fc | boto3 upload_fileobj` to the same endpoint (moto);
+     also through a prefect-aws S3Bucket block (what the flows use), which adds `import prefect_aws`
   3. `dbmigrate restore --target-db`       vs  `pg_restore --single-transaction -d` of the same file
-  4. peak memory (max RSS) of the dbmigrate process, at size N and at size 2N
+  4. `dbmigrate backup --jobs 2` / `restore --jobs 2` (directory format) vs `pg_dump -Fd -j 2`, and
+     what they gain over the single-stream backup and restore
+  5. peak memory (VmHWM) of the dbmigrate process, at size N and at size 2N
 
 The data is random text, numbers and jsonb (about 2:1 under gzip), not pgbench's blank
-filler. Targets (issue 3): ratios at most 1.10, peak memory at most 200 MB and not
+filler, spread over four tables so that the parallel format has something to share out. Targets (issue 3): ratios at most 1.10, peak memory at most 200 MB and not
 growing with the database.
 
     python benchmarks/backup_restore.py [--gigabytes 1.0]
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,23 +40,24 @@ BIN = Path(sys.executable).parent
 ROWS_PER_GB = 3_300_000  # about 1 GiB on disk per this many rows of the table below
 
 
-def generate(url: str, gigabytes: float) -> int:
-    rows = int(ROWS_PER_GB * gigabytes)
+def generate(url: str, gigabytes: float, tables: int = 4) -> int:
+    rows = int(ROWS_PER_GB * gigabytes / tables)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS bench_events")
-        conn.execute("CREATE TABLE bench_events (id bigint PRIMARY KEY, amount numeric(12,2), "
-                     "body text, doc jsonb, created_at timestamptz)")
-        batch = 500_000
-        for start in range(1, rows + 1, batch):
-            conn.execute(
-                "INSERT INTO bench_events SELECT g, round((random() * 10000)::numeric, 2), "
-                "md5(random()::text) || md5(random()::text) || md5(random()::text) || md5(random()::text), "
-                "jsonb_build_object('account', md5(random()::text), 'region', (random() * 20)::int, "
-                "'score', random()), now() - random() * interval '365 days' "
-                "FROM generate_series(%s, %s) g",
-                (start, min(start + batch - 1, rows)),
-            )
-        conn.execute("VACUUM ANALYZE bench_events")
+        for n in range(tables):
+            conn.execute(f"DROP TABLE IF EXISTS bench_events_{n}")
+            conn.execute(f"CREATE TABLE bench_events_{n} (id bigint PRIMARY KEY, amount numeric(12,2), "
+                         "body text, doc jsonb, created_at timestamptz)")
+            batch = 500_000
+            for start in range(1, rows + 1, batch):
+                conn.execute(
+                    f"INSERT INTO bench_events_{n} SELECT g, round((random() * 10000)::numeric, 2), "
+                    "md5(random()::text) || md5(random()::text) || md5(random()::text) || md5(random()::text), "
+                    "jsonb_build_object('account', md5(random()::text), 'region', (random() * 20)::int, "
+                    "'score', random()), now() - random() * interval '365 days' "
+                    "FROM generate_series(%s::bigint, %s::bigint) g",
+                    (start, min(start + batch - 1, rows)),
+                )
+        conn.execute("VACUUM ANALYZE")
         return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
 
 
@@ -101,7 +106,7 @@ RAW_S3 = (
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gigabytes", type=float, default=1.0, help="size of the generated table (default 1)")
+    parser.add_argument("--gigabytes", type=float, default=1.0, help="size of the generated data (default 1)")
     args = parser.parse_args()
 
     from moto.server import ThreadedMotoServer
@@ -124,6 +129,8 @@ def main() -> int:
 
     env = {**os.environ, **target.libpq_env(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    s3_env = {**env, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+              "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
     with psycopg.connect(url) as conn:
         major = conn.info.server_version // 10000
     pg_dump, pg_restore = pgtools.find("pg_dump", major), pgtools.find("pg_restore", major)
@@ -131,64 +138,82 @@ def main() -> int:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"PostgreSQL {major}, compression {compression}")
-    rows: list[tuple[str, float, float]] = []
-    memory: list[tuple[float, int, int]] = []
+    rows: list[tuple[str, float, float, str]] = []
+    memory: list[tuple[float, int, int, int]] = []
     for scale in (args.gigabytes, 2 * args.gigabytes):
         size = generate(url, scale)
+        label = f"{size / 2**30:.1f} GiB"
         print(f"\ndatabase: {size / 2**30:.2f} GiB on disk", flush=True)
+        store, parallel_store = work / "store", work / "parallel"
 
         raw_local, _ = timed([str(pg_dump), "-Fc", f"--compress={compression}", "-f", str(work / "raw.dump")], env)
-        ours_local, rss_local = dbmigrate(["backup", "--storage", str(work / "store")], env)
+        ours_local, rss_local = dbmigrate(["backup", "--storage", str(store)], env)
         dump_size = (work / "raw.dump").stat().st_size
         print(f"  dump: {dump_size / 2**20:.0f} MiB ({size / dump_size:.1f}:1 against the database size)")
 
         key = f"raw-{uuid.uuid4().hex[:6]}.dump"
         raw_s3, _ = timed([sys.executable, "-c", RAW_S3, endpoint, "bench", key, str(pg_dump), compression], env)
-        s3_env = {**env, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
-        ours_s3, rss_s3 = dbmigrate_s3(endpoint, s3_env, work)
+        ours_s3, rss_s3 = dbmigrate(["backup", "--storage", "s3://bench/ours"], s3_env)
+        block_s3, _ = dbmigrate_s3_block(endpoint, env)
 
-        backup_id = sorted((work / "store").rglob("*.json"))[-1].name.removesuffix(".json")
-        raw_db, ours_db = f"raw_{uuid.uuid4().hex[:6]}", f"ours_{uuid.uuid4().hex[:6]}"
+        raw_dir, _ = timed([str(pg_dump), "-Fd", "-j", "2", f"--compress={compression}",
+                            "-f", str(work / "raw.dir")], env)
+        ours_dir, _ = dbmigrate(["backup", "--jobs", "2", "--storage", str(parallel_store)], env)
+
+        backup_id, dir_id = newest_backup(store), newest_backup(parallel_store)
+        raw_db, ours_db, dir_db = (f"{side}_{uuid.uuid4().hex[:6]}" for side in ("raw", "ours", "dir"))
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{raw_db}"')
         raw_restore, _ = timed([str(pg_restore), "--single-transaction", "-d", raw_db, str(work / "raw.dump")], env)
         ours_restore, rss_restore = dbmigrate(
-            ["restore", backup_id, "--target-db", ours_db, "--storage", str(work / "store")], env)
+            ["restore", backup_id, "--target-db", ours_db, "--storage", str(store)], env)
+        dir_restore, _ = dbmigrate(
+            ["restore", dir_id, "--target-db", dir_db, "--jobs", "2", "--storage", str(parallel_store)], env)
         with psycopg.connect(url, autocommit=True) as conn:
-            for name in (raw_db, ours_db):
+            for name in (raw_db, ours_db, dir_db):
                 conn.execute(f'DROP DATABASE "{name}"')
-        for path in (work / "raw.dump",):
-            path.unlink()
+        (work / "raw.dump").unlink()
+        shutil.rmtree(work / "raw.dir")
 
-        label = f"{size / 2**30:.1f} GiB"
-        print(f"  backup local {ours_local:.1f}s vs {raw_local:.1f}s, S3 {ours_s3:.1f}s vs {raw_s3:.1f}s, "
-              f"restore {ours_restore:.1f}s vs {raw_restore:.1f}s", flush=True)
-        rows += [(f"backup to local disk ({label})", ours_local, raw_local),
-                 (f"backup to S3 ({label})", ours_s3, raw_s3),
-                 (f"restore ({label})", ours_restore, raw_restore)]
+        print(f"  backup local {ours_local:.1f}s vs {raw_local:.1f}s, S3 {ours_s3:.1f}s vs {raw_s3:.1f}s "
+              f"(block {block_s3:.1f}s), restore {ours_restore:.1f}s vs {raw_restore:.1f}s, "
+              f"-j 2: backup {ours_dir:.1f}s, restore {dir_restore:.1f}s", flush=True)
+        rows += [(f"backup to local disk ({label})", ours_local, raw_local, "`pg_dump -Fc -f`"),
+                 (f"backup to S3, `--storage s3://` ({label})", ours_s3, raw_s3, "`pg_dump -Fc | upload_fileobj`"),
+                 (f"backup to S3 through an S3Bucket block ({label})", block_s3, raw_s3,
+                  "`pg_dump -Fc | upload_fileobj`"),
+                 (f"restore ({label})", ours_restore, raw_restore, "`pg_restore --single-transaction -d`"),
+                 (f"backup `--jobs 2` ({label})", ours_dir, raw_dir, "`pg_dump -Fd -j 2`"),
+                 (f"backup `--jobs 2` ({label})", ours_dir, ours_local, "dbmigrate backup (one stream)"),
+                 (f"restore `--jobs 2` ({label})", dir_restore, ours_restore, "dbmigrate restore (one stream)")]
         memory.append((size, rss_local, rss_s3, rss_restore))
 
-    print("\n| operation | dbmigrate | raw tool | ratio |\n|---|---|---|---|")
-    for name, ours, raw in rows:
-        print(f"| {name} | {ours:.1f} s | {raw:.1f} s | {ours / raw:.2f}x |")
+    print("\n| operation | dbmigrate | compared with | its time | ratio |\n|---|---|---|---|---|")
+    for name, ours, raw, against in rows:
+        print(f"| {name} | {ours:.1f} s | {against} | {raw:.1f} s | {ours / raw:.2f}x |")
     print("\n| database | peak RSS: backup to disk | backup to S3 | restore |\n|---|---|---|---|")
     for size, *peaks in memory:
         print(f"| {size / 2**30:.2f} GiB | " + " | ".join(f"{p / 2**20:.0f} MiB" for p in peaks) + " |")
     moto.stop()
     local.stop(home)
+    shutil.rmtree(work)
     return 0
 
 
-def dbmigrate_s3(endpoint: str, env: dict, work: Path) -> tuple[float, int]:
-    """`dbmigrate backup` to S3 through an S3Bucket block built in-process (no Prefect API needed)."""
+def newest_backup(store: Path) -> str:
+    return sorted(store.rglob("*.json"))[-1].name.removesuffix(".json")
+
+
+def dbmigrate_s3_block(endpoint: str, env: dict) -> tuple[float, int]:
+    """A backup to S3 through a prefect-aws S3Bucket block built in-process (no Prefect API
+    needed), as the flows take it: the same streaming code plus `import prefect_aws`."""
     script = (
         "import sys, os\n"
-        "from pathlib import Path\n"
         "sys.path.insert(0, os.getcwd())\n"
         "from tests.conftest import s3_bucket_block\n"
         "from dbmigrate import backup, target\n"
         "from dbmigrate.storage import S3Storage\n"
-        f"storage = S3Storage.from_block(s3_bucket_block({endpoint!r}, 'bench'))\n"
+        f"storage = S3Storage.from_block(s3_bucket_block({endpoint!r}, 'bench', 'block'))\n"
         "t = target.parse_url(os.environ['DATABASE_URL'], 'bench')\n"
         "backup.take(t, storage, None)\n" + PEAK_RSS
     )

@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -301,17 +302,21 @@ def feed(storage: Storage, key: str, proc: subprocess.Popen) -> hashlib._Hash:
 @contextmanager
 def pg_restore_process(pg_restore: Path, args: list[str], storage: Storage, manifest: Manifest,
                        env: dict | None = None, stdout=subprocess.DEVNULL) -> Iterator[Restoring]:
-    """pg_restore ARGS over a stored backup. A local backup is read in place and hashed
-    once pg_restore is done (no pipe, no contention for the CPU); a remote one is
-    streamed into pg_restore's stdin and hashed on the way. On exit it has finished."""
+    """pg_restore ARGS over a stored backup. A local backup is read in place by
+    pg_restore and hashed beside it (no pipe through Python); a remote one is streamed
+    into pg_restore's stdin and hashed on the way. On exit it has finished."""
     path = storage.local_path(manifest.key)
     if path is not None:
-        proc = subprocess.Popen([str(pg_restore), *args, str(path)], stdin=subprocess.DEVNULL, stdout=stdout,
-                                stderr=subprocess.PIPE, env=env)
-        running = Restoring(proc)
-        yield running
-        proc.wait()
-        running.sha256 = directory_digest(path)[1] if manifest.format == "directory" else file_sha256(path)
+        with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+            # hashlib releases the GIL: the hash costs no wall time beside pg_restore.
+            digest = hasher.submit(lambda: directory_digest(path)[1] if manifest.format == "directory"
+                                   else file_sha256(path))
+            proc = subprocess.Popen([str(pg_restore), *args, str(path)], stdin=subprocess.DEVNULL, stdout=stdout,
+                                    stderr=subprocess.PIPE, env=env)
+            running = Restoring(proc)
+            yield running
+            proc.wait()
+            running.sha256 = digest.result()
     else:
         proc = subprocess.Popen([str(pg_restore), *args], stdin=subprocess.PIPE, stdout=stdout,
                                 stderr=subprocess.PIPE, env=env)
