@@ -387,8 +387,7 @@ def verify_restore(
         with db.connect(scratch, timeout) as conn:
             restored = fingerprint.row_counts(conn)
         if restored != manifest.row_counts:
-            differ = sorted(t for t in set(restored) | set(manifest.row_counts)
-                            if restored.get(t) != manifest.row_counts.get(t))
+            differ = fingerprint.tables_differing(restored, manifest.row_counts)
             raise BackupFailed(f"verify-restore: row counts differ from the manifest in {', '.join(differ)}")
     finally:
         drop_database(target, scratch.database, timeout)

@@ -16,7 +16,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dbmigrate import __version__, backup, db, guard, health, local, pipeline, restore, revisions
+from dbmigrate import __version__, backup, db, health, local, pipeline, restore, revisions
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED
@@ -71,7 +71,8 @@ def _common() -> argparse.ArgumentParser:
         "--storage",
         metavar="SPEC",
         default=os.environ.get("DBMIGRATE_BACKUP_STORAGE"),
-        help="where backups go: a directory, or s3-bucket/BLOCK for a prefect-aws S3Bucket block "
+        help="where backups go: a directory; s3://BUCKET[/FOLDER] with boto3's credentials (AWS_* variables, "
+        "AWS_ENDPOINT_URL); or s3-bucket/BLOCK for a prefect-aws S3Bucket block "
         "(default: DBMIGRATE_BACKUP_STORAGE or <home>/backups)",
     )
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
@@ -401,14 +402,8 @@ def cmd_restore(args, target, settings) -> int:
                                       "no terminal to ask on (pass --yes)")
         if input(question).strip().lower() not in ("y", "yes"):
             raise ConfirmationRefused("not confirmed: nothing was changed")
-    safety = None
-    if not args.no_safety_backup:
-        def safety():
-            with db.connect(target, settings.connect_timeout) as conn:
-                revision = ",".join(revisions.current_revisions(conn)) or None
-            return backup.take(target, storage, revision, settings.dump, _print_progress, settings.connect_timeout)
-    with guard.hold(target, "restore", settings.guard_wait_s, settings.connect_timeout):
-        result = restore.over_original(target, storage, manifest, settings.connect_timeout, safety)
+    result = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout, settings.guard_wait_s,
+                                         None if args.no_safety_backup else settings.dump, _print_progress)
     if result.safety_backup:
         print(f"safety backup of the previous state: {result.safety_backup.id}")
     print(f"restored {manifest.id} over {target.where}")

@@ -45,6 +45,11 @@ def row_counts(conn: Connection) -> dict[str, int]:
     return {t.name: int(conn.execute(text(f"SELECT count(*) FROM {t.qualified}")).scalar_one()) for t in tables}
 
 
+def tables_differing(a: dict[str, int], b: dict[str, int]) -> list[str]:
+    """Tables whose row counts differ between two snapshots (or that only one has)."""
+    return sorted(t for t in set(a) | set(b) if a.get(t) != b.get(t))
+
+
 def take(conn: Connection) -> Fingerprint:
     digest = hashlib.sha256()
     for query in _SCHEMA_QUERIES:

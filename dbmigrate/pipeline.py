@@ -251,23 +251,26 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
                 if hooks.recover:
                     before = _fingerprint(target, settings)
                 phase, touched = "migrate", True
-                applied = run(phase, apply, target, project, settings, the_plan, request.upgrade)
-                report.migrations_applied = [s.as_dict() for s in applied]
-                if not request.skip_validation:
-                    phase = "validate"
-                    expected = expected_revisions(project, the_plan, request.upgrade)
-                    checks = run(phase, validate, target, project, settings, expected)
-                    report.validation = [c.as_dict() for c in checks]
-                    if not health.passed(checks):
-                        failed = "; ".join(c.detail for c in checks if c.status == FAIL)
-                        raise MigrationFailed(f"validation failed: {failed}")
+                try:
+                    applied = run(phase, apply, target, project, settings, the_plan, request.upgrade)
+                    report.migrations_applied = [s.as_dict() for s in applied]
+                    if not request.skip_validation:
+                        phase = "validate"
+                        expected = expected_revisions(project, the_plan, request.upgrade)
+                        checks = run(phase, validate, target, project, settings, expected)
+                        report.validation = [c.as_dict() for c in checks]
+                        if not health.passed(checks):
+                            failed = "; ".join(c.detail for c in checks if c.status == FAIL)
+                            raise MigrationFailed(f"validation failed: {failed}")
+                except DbMigrateError as exc:
+                    if isinstance(exc, StepFailed):
+                        report.migrations_applied = [s.as_dict() for s in exc.applied]
+                    if hooks.recover:  # still holding the guard: nobody else migrates in between
+                        result = run("rollback", hooks.recover, target, project, settings, before, manifest, storage)
+                        report.rollback = result.as_dict()
+                    raise
             report.finish(SUCCEEDED)
     except DbMigrateError as exc:
-        if isinstance(exc, StepFailed):
-            report.migrations_applied = [s.as_dict() for s in exc.applied]
-        if hooks.recover and phase in ("migrate", "validate"):
-            result = run("rollback", hooks.recover, target, project, settings, before, manifest, storage)
-            report.rollback = result.as_dict()
         report.fail(phase, exc)
         report.error["message"] = target.redact(str(exc))
         outcome.error = exc

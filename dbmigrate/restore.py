@@ -15,8 +15,8 @@ from typing import Callable
 
 from sqlalchemy import text
 
-from dbmigrate import backup, db, pgtools
-from dbmigrate.backup import Manifest
+from dbmigrate import backup, db, guard, pgtools, revisions
+from dbmigrate.backup import DumpOptions, Manifest, ProgressFn
 from dbmigrate.errors import BackupFailed, ConfigError
 from dbmigrate.storage import Storage
 from dbmigrate.target import DatabaseTarget
@@ -81,3 +81,24 @@ def over_original(
         failed = applier if applier.returncode != 0 else r.proc
         raise BackupFailed(f"restore failed, database left as it was: {backup.stderr_tail(failed, target)}")
     return RestoreResult(manifest.id, target.database, safety)
+
+
+def replace_with_backup(
+    target: DatabaseTarget,
+    storage: Storage,
+    manifest: Manifest,
+    timeout: float,
+    guard_wait_s: float,
+    safety_backup: DumpOptions | None,
+    on_progress: ProgressFn | None = None,
+) -> RestoreResult:
+    """Restore over the original as an operator asks for it: holding the migration guard,
+    after a backup of the current state (``safety_backup`` None: without one)."""
+
+    def take_safety_backup() -> Manifest:
+        with db.connect(target, timeout) as conn:
+            revision = ",".join(revisions.current_revisions(conn)) or None
+        return backup.take(target, storage, revision, safety_backup, on_progress, timeout)
+
+    with guard.hold(target, "restore", guard_wait_s, timeout):
+        return over_original(target, storage, manifest, timeout, take_safety_backup if safety_backup else None)

@@ -80,8 +80,7 @@ def _difference(before: Fingerprint, after: Fingerprint) -> str:
         parts.append(f"revision {','.join(after.revisions) or 'base'} instead of {','.join(before.revisions) or 'base'}")
     if before.schema_sha256 != after.schema_sha256:
         parts.append("schema differs")
-    changed = sorted(t for t in set(before.row_counts) | set(after.row_counts)
-                     if before.row_counts.get(t) != after.row_counts.get(t))
+    changed = fingerprint.tables_differing(before.row_counts, after.row_counts)
     if changed:
         parts.append(f"row counts differ in {', '.join(changed)}")
     return "; ".join(parts)

@@ -5,6 +5,8 @@ revisions applied, backup progress). The flow-run history is the audit trail."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from typing import Iterator
 from uuid import UUID
 
 from prefect import runtime
@@ -25,9 +27,12 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Running
 
 from dbmigrate import pipeline
+from dbmigrate.errors import MigrationFailed
 from dbmigrate.policy import Policy, for_environment
 
 
@@ -57,8 +62,18 @@ def tag_run(environment: str) -> None:
         client.update_flow_run(run.id, tags=sorted({*run.tags, environment}))
 
 
+SCHEMA_CHANGING_FLOWS = ("db-migrate", "db-rollback")
+
+
+def take_back_expired_pause() -> None:
+    """Prefect's server fails a run whose pause expired with a message of its own ("The flow
+    was failed and never resumed"); set it running again so it ends with ours, which says why."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(UUID(runtime.flow_run.id), Running(), force=True)
+
+
 def ensure_concurrency_limit(environment: str) -> str:
-    """One db-migrate run per environment: a global concurrency limit of 1, created on first use."""
+    """A global concurrency limit of 1 per environment, created on first use."""
     name = artifact_key(environment)
     with get_client(sync_client=True) as client:
         try:
@@ -68,11 +83,29 @@ def ensure_concurrency_limit(environment: str) -> str:
     return name
 
 
+@contextmanager
+def one_run_per_environment(environment: str, wait_s: float) -> Iterator[None]:
+    """Hold the environment's concurrency limit (db-migrate and db-rollback share it);
+    after ``wait_s`` fail with a message that names the runs holding it."""
+    limit = ensure_concurrency_limit(environment)
+    acquired = False
+    try:
+        with concurrency(limit, occupy=1, timeout_seconds=max(wait_s, 1), strict=True):
+            acquired = True
+            yield
+    except TimeoutError:
+        if acquired:  # raised by the work itself, not by the wait
+            raise
+        raise MigrationFailed(
+            f"concurrency failed: another run for {environment} holds {limit}: {holders(environment)}"
+        ) from None
+
+
 def holders(environment: str) -> str:
-    """Names of the other db-migrate runs of this environment that are running or paused."""
+    """Names of the other runs of this environment that change its schema and are running or paused."""
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["db-migrate"])),
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(SCHEMA_CHANGING_FLOWS))),
             flow_run_filter=FlowRunFilter(
                 tags=FlowRunFilterTags(all_=[environment]),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PAUSED])),
@@ -83,10 +116,10 @@ def holders(environment: str) -> str:
     return ", ".join(others) or "a run that has not been identified"
 
 
-def approval_request(target, plan: pipeline.Plan, sql: str) -> str:
+def approval_request(target, plan: pipeline.Plan, sql: str, upgrade: bool = True) -> str:
     steps = "\n".join(f"| `{s.revision}` | {s.message} |" for s in plan.steps)
     return (
-        f"## Approve migration of {target.environment}\n\n"
+        f"## Approve {'migration' if upgrade else 'downgrade'} of {target.environment}\n\n"
         f"Database `{target.where}`, from `{plan.revision_before or 'base'}` to `{plan.target}`:\n\n"
         f"| revision | what it does |\n|---|---|\n{steps}\n\n"
         f"<details><summary>SQL</summary>\n\n```sql\n{sql}\n```\n</details>\n\n"

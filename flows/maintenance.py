@@ -10,10 +10,11 @@ from dbmigrate.backup import DumpOptions
 from dbmigrate.environments import load_credentials
 from dbmigrate.errors import MigrationFailed
 from flows import audit
-from flows.migrate import phase_runner, settings_for
+from flows.migrate import ends_failed_on_error, phase_runner, settings_for
 
 
 @flow(name="db-health", flow_run_name="{environment}-health")
+@ends_failed_on_error
 def db_health(environment: str, credentials_block: str | None = None, alembic_config: str | None = None,
               check_drift: bool = True) -> list[dict]:
     """Health checks, plus drift: is the database at head, and does its schema match the migrations?
@@ -48,6 +49,7 @@ def db_health(environment: str, credentials_block: str | None = None, alembic_co
 
 
 @flow(name="db-backup", flow_run_name="{environment}-backup")
+@ends_failed_on_error
 def db_backup(environment: str, credentials_block: str | None = None, backup_storage: str | None = None,
               verify_restore: bool = True, keep_last: int | None = None, keep_days: float | None = None) -> dict:
     """Back the database up (verified), then optionally prune old backups.

@@ -9,12 +9,12 @@ history is the audit trail.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
@@ -43,6 +43,21 @@ def _transient(task_, task_run, state) -> bool:
     return isinstance(exc, ConnectionFailed) or (isinstance(exc, BackupFailed) and str(exc).startswith("storage:"))
 
 
+def ends_failed_on_error(body):
+    """Expected failures end the flow run Failed with exactly their one-line message:
+    what an operator reads in the run history, without a traceback to dig through."""
+
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        except DbMigrateError as exc:
+            get_run_logger().error(str(exc))
+            return Failed(message=str(exc))
+
+    return run
+
+
 def phase_runner(rules: Policy):
     """Run each pipeline phase as a Prefect task named after it."""
 
@@ -56,27 +71,32 @@ def phase_runner(rules: Policy):
     return run_phase
 
 
-def approval_in_ui(rules: Policy, settings: pipeline.Settings, target, requested_by: str):
-    """Pause the run until someone approves or rejects it in the Prefect UI."""
+def ask_in_ui(rules: Policy, requested_by: str, describe) -> pipeline.Approval:
+    """Where the policy asks for it, pause the run until someone approves or rejects
+    in the Prefect UI; ``describe()`` is the markdown the approver reads."""
+    if not rules.approval_required:
+        return pipeline.Approval(True, requested_by, "policy")
+    form = ApprovalForm.with_initial_data(description=describe())
+    try:
+        answer = pause_flow_run(wait_for_input=form, timeout=int(rules.approval_timeout_s),
+                                poll_interval=rules.approval_poll_s)
+    except FlowPauseTimeout:
+        audit.take_back_expired_pause()
+        raise ConfirmationRefused(f"nobody approved within {rules.approval_timeout_s:g}s: nothing was changed") from None
+    approver = answer.approver.strip()
+    if answer.approve and not approver:
+        return pipeline.Approval(False, "unknown", "prefect-ui", "approved without a name: refused")
+    return pipeline.Approval(answer.approve, approver or "unknown", "prefect-ui", answer.comment)
 
-    def confirm(plan: pipeline.Plan) -> pipeline.Approval:
-        if not rules.approval_required:
-            return pipeline.Approval(True, requested_by, "policy")
-        sql = migrate.render_sql(settings.project(target), plan.current, plan.target, upgrade=True)
-        form = ApprovalForm.with_initial_data(description=audit.approval_request(target, plan, sql))
-        try:
-            answer = pause_flow_run(wait_for_input=form, timeout=int(rules.approval_timeout_s),
-                                    poll_interval=rules.approval_poll_s)
-        except FlowPauseTimeout:
-            raise ConfirmationRefused(
-                f"nobody approved within {rules.approval_timeout_s:g}s: nothing was changed"
-            ) from None
-        approver = answer.approver.strip()
-        if answer.approve and not approver:
-            return pipeline.Approval(False, "unknown", "prefect-ui", "approved without a name: refused")
-        return pipeline.Approval(answer.approve, approver or "unknown", "prefect-ui", answer.comment)
 
-    return confirm
+def approval_in_ui(rules: Policy, settings: pipeline.Settings, target, requested_by: str, upgrade: bool = True):
+    """The pipeline's confirm hook: the approver sees the pending revisions and their SQL."""
+
+    def describe_plan(plan: pipeline.Plan) -> str:
+        sql = migrate.render_sql(settings.project(target), plan.current, plan.target, upgrade=upgrade)
+        return audit.approval_request(target, plan, sql, upgrade)
+
+    return lambda plan: ask_in_ui(rules, requested_by, lambda: describe_plan(plan))
 
 
 def settings_for(rules: Policy, alembic_config: str | None, backup_storage: str | None) -> pipeline.Settings:
@@ -90,6 +110,7 @@ def settings_for(rules: Policy, alembic_config: str | None, backup_storage: str 
 
 
 @flow(name="db-migrate", flow_run_name="{environment}-{target_revision}")
+@ends_failed_on_error
 def db_migrate(
     environment: str,
     target_revision: str = "head",
@@ -117,16 +138,6 @@ def db_migrate(
         alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
         requested_by: Who asked for this run (recorded in the report); default the worker's user.
     """
-    try:
-        return _migrate(environment, target_revision, backup, dry_run, skip_health_checks, skip_validation,
-                        credentials_block, backup_storage, alembic_config, requested_by)
-    except DbMigrateError as exc:  # expected failures: the run ends Failed with exactly this message
-        get_run_logger().error(str(exc))
-        return Failed(message=str(exc))
-
-
-def _migrate(environment, target_revision, backup, dry_run, skip_health_checks, skip_validation,
-             credentials_block, backup_storage, alembic_config, requested_by) -> dict:
     logger = get_run_logger()
     rules = audit.policy_for(environment)
     if not dry_run:
@@ -146,15 +157,9 @@ def _migrate(environment, target_revision, backup, dry_run, skip_health_checks, 
         run_phase=phase_runner(rules),
         recover=task(rollback.roll_back, name="rollback", cache_policy=NO_CACHE) if rules.auto_rollback else None,
     )
-    limit = audit.ensure_concurrency_limit(environment)
     logger.info("%s %s: %s to %s", environment, target.where, "dry run" if dry_run else "upgrade", target_revision)
-    try:
-        with concurrency(limit, occupy=1, timeout_seconds=max(rules.guard_wait_s, 1), strict=True):
-            outcome = pipeline.execute(target, settings, request, hooks)
-    except TimeoutError:
-        raise MigrationFailed(
-            f"concurrency failed: another db-migrate run for {environment} holds {limit}: {audit.holders(environment)}"
-        ) from None
+    with audit.one_run_per_environment(environment, rules.guard_wait_s):
+        outcome = pipeline.execute(target, settings, request, hooks)
     audit.publish(outcome, environment, progress)
     report = outcome.report
     if outcome.error is not None:

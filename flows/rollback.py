@@ -4,18 +4,21 @@ and a backup of the current state first."""
 
 from __future__ import annotations
 
+import dataclasses
+import getpass
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.concurrency.sync import concurrency
 
-from dbmigrate import backup, db, fingerprint, guard, pipeline, restore
+from dbmigrate import backup, db, fingerprint, pipeline, restore
 from dbmigrate.environments import load_credentials
-from dbmigrate.errors import ConfigError, MigrationFailed
+from dbmigrate.errors import ConfigError, ConfirmationRefused, MigrationFailed
 from flows import audit
-from flows.migrate import approval_in_ui, phase_runner, settings_for
+from flows.migrate import approval_in_ui, ask_in_ui, ends_failed_on_error, phase_runner, settings_for
 
 
 @flow(name="db-rollback", flow_run_name="{environment}-rollback")
+@ends_failed_on_error
 def db_rollback(
     environment: str,
     to_revision: str | None = None,
@@ -44,17 +47,16 @@ def db_rollback(
     rules = audit.policy_for(environment)
     target = load_credentials(credentials_block or environment)
     settings = settings_for(rules, alembic_config, backup_storage)
-    limit = audit.ensure_concurrency_limit(environment)
-    with concurrency(limit, occupy=1, timeout_seconds=max(rules.guard_wait_s, 1), strict=True):
+    with audit.one_run_per_environment(environment, rules.guard_wait_s):
         if to_revision:
             return _downgrade(target, settings, rules, environment, to_revision, dry_run, requested_by)
-        return _restore(target, settings, environment, backup_id, dry_run)
+        return _restore(target, settings, rules, environment, backup_id, dry_run, requested_by or getpass.getuser())
 
 
 def _downgrade(target, settings, rules, environment, revision, dry_run, requested_by) -> dict:
     request = pipeline.Request("downgrade", revision, dry_run=dry_run, backup=True,
                                **({"operator": requested_by} if requested_by else {}))
-    hooks = pipeline.Hooks(confirm=approval_in_ui(rules, settings, target, request.operator),
+    hooks = pipeline.Hooks(confirm=approval_in_ui(rules, settings, target, request.operator, upgrade=False),
                            run_phase=phase_runner(rules))
     outcome = pipeline.execute(target, settings, request, hooks)
     audit.publish(outcome, environment)
@@ -66,25 +68,27 @@ def _downgrade(target, settings, rules, environment, revision, dry_run, requeste
     return outcome.report.as_dict()
 
 
-def _restore(target, settings, environment, backup_id, dry_run) -> dict:
+def _restore(target, settings, rules, environment, backup_id, dry_run, requested_by) -> dict:
     storage = settings.storage()
     manifest = backup.find(storage, target, backup_id)
     with db.connect(target, settings.connect_timeout) as conn:
         now = fingerprint.take(conn)
-    changes = sorted(t for t in set(now.row_counts) | set(manifest.row_counts)
-                     if now.row_counts.get(t) != manifest.row_counts.get(t))
+    changes = fingerprint.tables_differing(now.row_counts, manifest.row_counts)
     lines = [f"## db-rollback {environment}: {'dry run' if dry_run else 'restore'} of backup `{manifest.id}`", "",
              f"Revision `{','.join(now.revisions) or 'base'}` → `{manifest.revision or 'base'}`.", "",
              "| table | rows now | rows in the backup |", "|---|---|---|"]
     lines += [f"| {t} | {now.row_counts.get(t, '-')} | {manifest.row_counts.get(t, '-')} |" for t in changes]
     result = {"backup_id": manifest.id, "dry_run": dry_run, "tables_changing": changes}
     if not dry_run:
-        def safety() -> backup.Manifest:
-            return backup.take(target, storage, ",".join(now.revisions) or None,
-                               timeout=settings.connect_timeout)
-
-        with guard.hold(target, "restore", settings.guard_wait_s, settings.connect_timeout):
-            restored = restore.over_original(target, storage, manifest, settings.connect_timeout, safety)
+        approval = ask_in_ui(rules, requested_by, lambda: "\n".join(
+            [*lines, "", "Set **approve** and your **name** to replace the database with this backup "
+             "(a backup of its current state is taken first)."]))
+        result["approval"] = dataclasses.asdict(approval)
+        if not approval.approved:
+            raise ConfirmationRefused(f"restore not approved by {approval.approver}: nothing was changed")
+        lines += ["", f"Approved by {approval.approver} ({approval.via})."]
+        restored = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout,
+                                               settings.guard_wait_s, settings.dump)
         result["safety_backup"] = restored.safety_backup.id
         lines += ["", f"Restored. Safety backup of the previous state: `{restored.safety_backup.id}`."]
     create_markdown_artifact("\n".join(lines), key=f"{audit.artifact_key(environment)}-rollback")

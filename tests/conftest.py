@@ -132,3 +132,21 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def environment(prefect_api, target, home, monkeypatch):
+    """Blocks for an environment named like the test's: credentials and a quick policy."""
+    from blocks import DatabaseCredentials, EnvironmentPolicy
+
+    monkeypatch.setenv("DBMIGRATE_HOME", str(home))
+
+    def make(name: str, **policy) -> str:
+        DatabaseCredentials(
+            host="127.0.0.1", port=target.port, database=target.database, username="postgres",
+            password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
+        ).save(name, overwrite=True)
+        EnvironmentPolicy(retry_delay_s=0.2, approval_poll_s=1, **policy).save(name, overwrite=True)
+        return name
+
+    return make

@@ -1,7 +1,12 @@
 """prefect.yaml and the GitHub workflow name flows and parameters that exist."""
 
 import inspect
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import yaml
 from prefect.flows import load_flow_from_entrypoint
@@ -40,3 +45,45 @@ def test_flow_parameters_are_described_for_the_ui():
     assert set(properties) >= {"environment", "target_revision", "backup", "dry_run", "skip_health_checks",
                                "skip_validation"}
     assert all(p.get("description") for p in properties.values())
+
+
+def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(prefect_api, environment, target, home, tmp_path):
+    """`prefect deploy --all` from prefect.yaml, `prefect deployment run` as the GitHub workflow calls it,
+    and a process worker of the `dbmigrate` pool running the flow from this checkout."""
+    from prefect.client.orchestration import get_client
+
+    from tests.conftest import assert_no_canary, fingerprint_of, reports_in
+    from tests.projects import linear, stock_project
+
+    name = environment("staging")
+    ini = stock_project(tmp_path / "project", linear("op.create_table('t1', sa.Column('id', sa.Integer))"))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "DBMIGRATE_CHECKOUT": str(REPO),
+           "DBMIGRATE_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    prefect = str(Path(sys.executable).parent / "prefect")
+
+    def run(*args: str) -> str:
+        result = subprocess.run([prefect, "--no-prompt", *args], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=240)
+        assert result.returncode == 0, f"prefect {' '.join(args)}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
+        assert_no_canary(result.stdout + result.stderr, f"prefect {args[0]}")
+        return result.stdout
+
+    run("work-pool", "create", "dbmigrate", "--type", "process", "--overwrite")
+    run("deploy", "--all")
+    with get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("db-health/production-nightly")
+        staging = client.read_deployment_by_name("db-migrate/staging")
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert staging.parameters == {"environment": "staging"} and staging.work_pool_name == "dbmigrate"
+
+    run("deployment", "run", "db-migrate/staging", "--param", f"credentials_block={name}",
+        "--param", f"alembic_config={ini}", "--param", "requested_by=octocat (GitHub Actions run 1)")
+    run("worker", "start", "--pool", "dbmigrate", "--run-once")
+
+    with get_client(sync_client=True) as client:
+        [flow_run] = [r for r in client.read_flow_runs() if r.deployment_id == staging.id]
+    assert flow_run.state.is_completed(), flow_run.state.message
+    assert flow_run.name == "staging-head" and "staging" in flow_run.tags
+    assert fingerprint_of(target).revisions == ("r1",)
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["operator"] == "octocat (GitHub Actions run 1)" and report["backup"]["verified"] is False

@@ -4,10 +4,9 @@ import json
 import threading
 import time
 
-import pytest
 
 from tests.conftest import assert_no_canary, fingerprint_of, reports_in
-from tests.pgcluster import CANARY_PASSWORD, free_port
+from tests.pgcluster import free_port
 from tests.projects import linear, stock_project
 
 CREATE = "op.create_table('{0}', sa.Column('id', sa.Integer, primary_key=True))"
@@ -16,24 +15,6 @@ DROP = "op.drop_table('{0}')"
 
 def table_step(name: str) -> tuple[str, str]:
     return CREATE.format(name), DROP.format(name)
-
-
-@pytest.fixture
-def environment(prefect_api, target, home, monkeypatch):
-    """Blocks for an environment named like the test's: credentials and a quick policy."""
-    from blocks import DatabaseCredentials, EnvironmentPolicy
-
-    monkeypatch.setenv("DBMIGRATE_HOME", str(home))
-
-    def make(name: str, **policy) -> str:
-        DatabaseCredentials(
-            host="127.0.0.1", port=target.port, database=target.database, username="postgres",
-            password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
-        ).save(name, overwrite=True)
-        EnvironmentPolicy(retry_delay_s=0.2, approval_poll_s=1, **policy).save(name, overwrite=True)
-        return name
-
-    return make
 
 
 def run_flow(**parameters):
@@ -208,3 +189,175 @@ def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path
         assert_no_canary(path.read_text(), str(path))
     for path in (home / "backups").rglob("*.json"):
         assert_no_canary(path.read_text(), str(path))
+
+
+def test_staging_restores_the_backup_when_the_downgrade_fails(environment, target, home, tmp_path, cli, url):
+    ini = str(stock_project(tmp_path, linear(
+        table_step("t1"),
+        (CREATE.format("t2"), "op.execute('SELECT 1/0')"),  # a downgrade that cannot run
+        ("op.execute('SELECT 1/0')", "pass"),
+    ), transaction_per_migration=True))
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    with __import__("dbmigrate.db", fromlist=["db"]).connect(target) as conn, conn.begin():
+        conn.exec_driver_sql("INSERT INTO t1 VALUES (1), (2)")
+    before = fingerprint_of(target)
+
+    state = run_flow(environment=environment("staging"), alembic_config=ini)
+    assert state.is_failed()
+    assert state.message.startswith("migrate failed: revision r3 failed: division by zero")
+    assert fingerprint_of(target) == before, "the pre-migration backup put the database back"
+
+    report = last_report(home)
+    assert [m["revision"] for m in report["migrations_applied"]] == ["r2"]
+    rollback = report["rollback"]
+    assert (rollback["method"], rollback["succeeded"], rollback["revision_after"]) == ("restore", True, "r1")
+    assert rollback["detail"] == ("downgrade failed (revision r2 failed: division by zero); database back at "
+                                  "the starting revision with the same schema and row counts")
+
+
+def test_production_approval_that_times_out_changes_nothing(environment, target, home, tmp_path):
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    before = fingerprint_of(target)
+    state = run_flow(environment=environment("production", approval_timeout_s=3), alembic_config=ini)
+    assert state.is_failed() and state.message == "approval failed: nobody approved within 3s: nothing was changed"
+    assert fingerprint_of(target) == before
+    report = last_report(home)
+    assert report["error"]["phase"] == "approval" and report["backup"] is None
+    assert report["error"]["message"] == "nobody approved within 3s: nothing was changed"
+    assert "failed in | **approval**: nobody approved within 3s" in artifact("db-migrate-production")
+
+
+def run_named(flow_name: str, **parameters):
+    from flows.maintenance import db_backup, db_health
+    from flows.rollback import db_rollback
+
+    flow = {"db-rollback": db_rollback, "db-health": db_health, "db-backup": db_backup}[flow_name]
+    return flow(return_state=True, **parameters)
+
+
+def artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    return next(a.data for a in sorted(artifacts, key=lambda a: a.created, reverse=True) if a.key == key)
+
+
+def test_db_rollback_to_a_revision_dry_run_first(environment, target, home, tmp_path, cli, url):
+    ini = str(stock_project(tmp_path, linear(table_step("t1"), table_step("t2"))))
+    assert cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    before = fingerprint_of(target)
+    name = environment("staging")
+
+    state = run_named("db-rollback", environment=name, to_revision="r1", alembic_config=ini)
+    assert state.is_completed(), state.message
+    assert state.result()["status"] == "dry_run" and fingerprint_of(target) == before
+    assert "DROP TABLE t2" in artifact("db-migrate-staging-rollback")
+
+    state = run_named("db-rollback", environment=name, to_revision="r1", dry_run=False, alembic_config=ini,
+                      requested_by="carol")
+    assert state.is_completed(), state.message
+    assert fingerprint_of(target).revisions == ("r1",)
+    report = last_report(home)
+    assert (report["operation"], report["revision_before"], report["revision_after"]) == ("downgrade", "r2", "r1")
+    assert report["operator"] == "carol" and report["backup"]["id"], "a backup of the state before the downgrade"
+
+    state = run_named("db-rollback", environment=name, alembic_config=ini)
+    assert state.is_failed() and state.message == "give exactly one of to_revision and backup_id"
+
+
+def test_db_backup_then_db_rollback_from_it_in_production(environment, target, home, tmp_path, cli, url):
+    from dbmigrate import backup, db
+    from dbmigrate.storage import LocalStorage
+    from dbmigrate.target import DatabaseTarget
+
+    name = environment("production")
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    assert cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    with db.connect(target) as conn, conn.begin():
+        conn.exec_driver_sql("INSERT INTO t1 VALUES (1), (2), (3)")
+    state = run_named("db-backup", environment=name, verify_restore=True)
+    assert state.is_completed(), state.message
+    backed_up = fingerprint_of(target)
+    backup_id = state.result()["id"]
+    assert state.result()["verified"] and backup_id in artifact("db-migrate-production-backup-summary")
+
+    with db.connect(target) as conn, conn.begin():
+        conn.exec_driver_sql("INSERT INTO t1 VALUES (4), (5)")
+    changed = fingerprint_of(target)
+
+    state = run_named("db-rollback", environment=name, backup_id=backup_id)
+    assert state.is_completed(), state.message
+    assert state.result()["tables_changing"] == ["public.t1"] and fingerprint_of(target) == changed
+
+    seen = {}
+    for answer, outcome in (({"approve": False, "approver": "dave"}, "rejected"),
+                            ({"approve": True, "approver": "Erin"}, "approved")):
+        resumer = threading.Thread(target=_resume_when_paused, args=(answer, seen))
+        resumer.start()
+        state = run_named("db-rollback", environment=name, backup_id=backup_id, dry_run=False)
+        resumer.join()
+        if outcome == "rejected":
+            assert state.is_failed() and state.message == "restore not approved by dave: nothing was changed"
+            assert fingerprint_of(target) == changed
+    assert state.is_completed(), state.message
+    assert fingerprint_of(target) == backed_up
+    result = state.result()
+    assert result["approval"]["approver"] == "Erin"
+    listed = [m.id for m in backup.list_backups(LocalStorage(home / "backups"), DatabaseTarget(target.url, name))]
+    assert result["safety_backup"] in listed, "the state before the restore was backed up first"
+    assert "Approved by Erin (prefect-ui)" in artifact("db-migrate-production-rollback")
+
+
+def test_db_health_reports_pending_revisions_and_drift(environment, target, tmp_path, cli, url, pg_cluster):
+    ini = str(stock_project(tmp_path, linear(table_step("t1"), table_step("t2"))))
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    name = environment("staging")
+
+    state = run_named("db-health", environment=name, alembic_config=ini)
+    assert state.is_completed(), state.message
+    checks = {c["name"]: c for c in state.result()}
+    assert checks["pending_revisions"]["status"] == "warn" and checks["drift"]["status"] == "ok"
+
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("ALTER TABLE t1 ADD COLUMN hotfix text")  # a change made by hand, outside Alembic
+    state = run_named("db-health", environment=name, alembic_config=ini)
+    assert state.is_failed()
+    assert state.message == ("health failed: drift: schema differs from what the migrations build at r1: "
+                             "changed outside Alembic")
+    assert "| drift | fail |" in artifact("db-migrate-staging-health")
+    assert not [n for n in _databases(pg_cluster) if n.startswith("dbmigrate_drift_")], "scratch database dropped"
+
+
+def _databases(pg_cluster) -> list[str]:
+    with pg_cluster.admin() as conn:
+        return [row[0] for row in conn.execute("SELECT datname FROM pg_database")]
+
+
+def test_db_backup_to_an_s3_bucket_block_prunes_but_keeps_the_newest_verified(environment, target, s3_endpoint):
+    import uuid
+
+    from dbmigrate import backup
+    from dbmigrate.storage import S3Storage
+    from dbmigrate.target import DatabaseTarget
+    from tests.conftest import s3_bucket_block
+
+    block = s3_bucket_block(s3_endpoint, "nightly-" + uuid.uuid4().hex[:8], "db")
+    storage = S3Storage.from_block(block)
+    storage.client.create_bucket(Bucket=block.bucket_name)
+    block.save("nightly-backups", overwrite=True)
+    name = environment("production")
+    production = DatabaseTarget(target.url, name)
+
+    def nightly(**parameters) -> str:
+        state = run_named("db-backup", environment=name, backup_storage="s3-bucket/nightly-backups", **parameters)
+        assert state.is_completed(), state.message
+        return state.result()["id"]
+
+    verified = nightly(verify_restore=True)
+    unverified = nightly(verify_restore=False, keep_last=1)
+    assert [m.id for m in backup.list_backups(storage, production)] == [unverified, verified], \
+        "the newest verified backup is never pruned"
+    newest = nightly(verify_restore=True, keep_last=1)
+    assert [m.id for m in backup.list_backups(storage, production)] == [newest]
+    assert sorted(storage.keys("")) == sorted(f"production/{target.database}/{newest}.{ext}" for ext in ("dump", "json"))
