@@ -27,14 +27,24 @@ def last_report(home) -> dict:
     return json.loads(reports_in(home)[-1].read_text())
 
 
-def test_staging_failure_rolls_back_to_the_starting_revision(environment, target, home, tmp_path, cli, url):
-    ini = str(stock_project(tmp_path, linear(
-        table_step("t1"), table_step("t2"), table_step("t3"),
-        ("op.execute('SELECT 1/0')", "pass"),
-    ), transaction_per_migration=True))
+def execute(target, sql: str) -> None:
+    from dbmigrate import db
+
+    with db.connect(target) as conn, conn.begin():
+        conn.exec_driver_sql(sql)
+
+
+def at_r1_with_rows(tmp_path, cli, url, target, *steps) -> str:
+    """A stock project (one transaction per revision) whose database is at r1 with rows in t1."""
+    ini = str(stock_project(tmp_path, linear(*steps), transaction_per_migration=True))
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
-    with __import__("dbmigrate.db", fromlist=["db"]).connect(target) as conn, conn.begin():
-        conn.exec_driver_sql("INSERT INTO t1 VALUES (1), (2), (3)")
+    execute(target, "INSERT INTO t1 VALUES (1), (2), (3)")
+    return ini
+
+
+def test_staging_failure_rolls_back_to_the_starting_revision(environment, target, home, tmp_path, cli, url):
+    ini = at_r1_with_rows(tmp_path, cli, url, target, table_step("t1"), table_step("t2"), table_step("t3"),
+                          ("op.execute('SELECT 1/0')", "pass"))
     before = fingerprint_of(target)
 
     state = run_flow(environment=environment("staging"), alembic_config=ini)
@@ -192,14 +202,9 @@ def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path
 
 
 def test_staging_restores_the_backup_when_the_downgrade_fails(environment, target, home, tmp_path, cli, url):
-    ini = str(stock_project(tmp_path, linear(
-        table_step("t1"),
-        (CREATE.format("t2"), "op.execute('SELECT 1/0')"),  # a downgrade that cannot run
-        ("op.execute('SELECT 1/0')", "pass"),
-    ), transaction_per_migration=True))
-    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
-    with __import__("dbmigrate.db", fromlist=["db"]).connect(target) as conn, conn.begin():
-        conn.exec_driver_sql("INSERT INTO t1 VALUES (1), (2)")
+    ini = at_r1_with_rows(tmp_path, cli, url, target, table_step("t1"),
+                          (CREATE.format("t2"), "op.execute('SELECT 1/0')"),  # a downgrade that cannot run
+                          ("op.execute('SELECT 1/0')", "pass"))
     before = fingerprint_of(target)
 
     state = run_flow(environment=environment("staging"), alembic_config=ini)
@@ -267,23 +272,21 @@ def test_db_rollback_to_a_revision_dry_run_first(environment, target, home, tmp_
 
 
 def test_db_backup_then_db_rollback_from_it_in_production(environment, target, home, tmp_path, cli, url):
-    from dbmigrate import backup, db
+    from dbmigrate import backup
     from dbmigrate.storage import LocalStorage
     from dbmigrate.target import DatabaseTarget
 
     name = environment("production")
     ini = str(stock_project(tmp_path, linear(table_step("t1"))))
     assert cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
-    with db.connect(target) as conn, conn.begin():
-        conn.exec_driver_sql("INSERT INTO t1 VALUES (1), (2), (3)")
+    execute(target, "INSERT INTO t1 VALUES (1), (2), (3)")
     state = run_named("db-backup", environment=name, verify_restore=True)
     assert state.is_completed(), state.message
     backed_up = fingerprint_of(target)
     backup_id = state.result()["id"]
     assert state.result()["verified"] and backup_id in artifact("db-migrate-production-backup-summary")
 
-    with db.connect(target) as conn, conn.begin():
-        conn.exec_driver_sql("INSERT INTO t1 VALUES (4), (5)")
+    execute(target, "INSERT INTO t1 VALUES (4), (5)")
     changed = fingerprint_of(target)
 
     state = run_named("db-rollback", environment=name, backup_id=backup_id)
