@@ -191,7 +191,7 @@ def main() -> int:
     print("\n| operation | dbmigrate | compared with | its time | ratio |\n|---|---|---|---|---|")
     for name, ours, raw, against in rows:
         print(f"| {name} | {ours:.1f} s | {against} | {raw:.1f} s | {ours / raw:.2f}x |")
-    print("\n| database | peak RSS: backup to disk | backup to S3 | restore |\n|---|---|---|---|")
+    print("\n| database | peak memory (VmHWM): backup to disk | backup to S3 | restore |\n|---|---|---|---|")
     for size, *peaks in memory:
         print(f"| {size / 2**30:.2f} GiB | " + " | ".join(f"{p / 2**20:.0f} MiB" for p in peaks) + " |")
     moto.stop()

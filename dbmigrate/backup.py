@@ -18,7 +18,6 @@ import subprocess
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -301,29 +300,58 @@ def feed(storage: Storage, key: str, proc: subprocess.Popen) -> hashlib._Hash:
 
 @contextmanager
 def pg_restore_process(pg_restore: Path, args: list[str], storage: Storage, manifest: Manifest,
-                       env: dict | None = None, stdout=subprocess.DEVNULL) -> Iterator[Restoring]:
-    """pg_restore ARGS over a stored backup. A local backup is read in place by
-    pg_restore and hashed beside it (no pipe through Python); a remote one is streamed
-    into pg_restore's stdin and hashed on the way. On exit it has finished."""
+                       env: dict | None = None, stdout=subprocess.DEVNULL, checksum: bool = True
+                       ) -> Iterator[Restoring]:
+    """pg_restore ARGS over a stored backup. A local backup is read in place by pg_restore
+    and, with ``checksum``, hashed in a thread beside it (no pipe through Python); a remote
+    one is streamed into pg_restore's stdin and hashed on the way. On exit it has finished;
+    if the caller fails, pg_restore is killed."""
     path = storage.local_path(manifest.key)
-    if path is not None:
-        with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
-            # hashlib releases the GIL: the hash costs no wall time beside pg_restore.
-            digest = hasher.submit(lambda: directory_digest(path)[1] if manifest.format == "directory"
-                                   else file_sha256(path))
-            proc = subprocess.Popen([str(pg_restore), *args, str(path)], stdin=subprocess.DEVNULL, stdout=stdout,
-                                    stderr=subprocess.PIPE, env=env)
-            running = Restoring(proc)
+    proc = subprocess.Popen([str(pg_restore), *args, *([str(path)] if path is not None else [])],
+                            stdin=subprocess.DEVNULL if path is not None else subprocess.PIPE,
+                            stdout=stdout, stderr=subprocess.PIPE, env=env)
+    running = Restoring(proc)
+    try:
+        if path is not None:
+            digest = _in_background(lambda: stored_sha256(path, manifest.format)) if checksum else None
             yield running
             proc.wait()
-            running.sha256 = digest.result()
-    else:
-        proc = subprocess.Popen([str(pg_restore), *args], stdin=subprocess.PIPE, stdout=stdout,
-                                stderr=subprocess.PIPE, env=env)
-        running = Restoring(proc)
-        yield running
-        running.sha256 = feed(storage, manifest.key, proc).hexdigest()
+            running.sha256 = digest() if digest else None
+        else:
+            yield running
+            running.sha256 = feed(storage, manifest.key, proc).hexdigest()
+            proc.wait()
+    except BaseException:
+        proc.kill()
         proc.wait()
+        raise
+
+
+def _in_background(work: Callable[[], str]) -> Callable[[], str]:
+    """Start ``work`` in a daemon thread; call the result to wait for its value. A caller
+    that gives up (an error, Ctrl-C) does not wait for it."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to whoever waits
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="sha256", daemon=True)
+    thread.start()
+
+    def result() -> str:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return result
+
+
+def stored_sha256(path: Path, backup_format: str) -> str:
+    return directory_digest(path)[1] if backup_format == "directory" else file_sha256(path)
 
 
 def file_sha256(path: Path) -> str:
@@ -334,7 +362,7 @@ def file_sha256(path: Path) -> str:
 @dataclass
 class Restoring:
     proc: subprocess.Popen
-    sha256: str | None = None  # of what pg_restore was given, once it has all of it
+    sha256: str | None = None  # of the stored backup, once pg_restore is done (None: not asked for)
 
 
 def check_stored(storage: Storage, manifest: Manifest, pg_restore: Path) -> None:

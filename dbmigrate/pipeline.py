@@ -136,7 +136,11 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
         failing = plan.steps[len(ran)].revision if len(ran) < len(plan.steps) else "?"
         first_line = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
         message = f"revision {failing} failed: {target.redact(first_line)}"
-        raise StepFailed(message, kept_steps(target, settings, ran)) from exc
+        try:
+            kept = kept_steps(target, settings, ran)
+        except DbMigrateError:  # the database cannot be asked: report what ran rather than lose this error
+            kept = ran
+        raise StepFailed(message, kept) from exc
     return ran
 
 
@@ -266,8 +270,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
                     if isinstance(exc, StepFailed):
                         report.migrations_applied = [s.as_dict() for s in exc.applied]
                     if hooks.recover:  # still holding the guard: nobody else migrates in between
-                        result = run("rollback", hooks.recover, target, project, settings, before, manifest, storage)
-                        report.rollback = result.as_dict()
+                        report.rollback = _recover(hooks, target, project, settings, before, manifest, storage)
                     raise
             report.finish(SUCCEEDED)
     except DbMigrateError as exc:
@@ -285,6 +288,16 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             _copy_report_beside_backups(report, storage, target)
         outcome.report_path = report.write(settings.reports_dir, request.json_report)
     return outcome
+
+
+def _recover(hooks: Hooks, target: DatabaseTarget, *args) -> dict:
+    """Run the rollback hook; if it cannot even run (the database went away), say so
+    in the report without hiding the failure that called for it."""
+    try:
+        return hooks.run_phase("rollback", hooks.recover, target, *args).as_dict()
+    except DbMigrateError as exc:
+        return {"performed": None, "method": None, "succeeded": False, "revision_after": None,
+                "detail": f"rollback could not run: {target.redact(str(exc))}"}
 
 
 def _copy_report_beside_backups(report: Report, storage: Storage, target: DatabaseTarget) -> None:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Iterator
 from uuid import UUID
 
-from prefect import runtime
+from prefect import get_run_logger, runtime
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -67,9 +67,16 @@ SCHEMA_CHANGING_FLOWS = ("db-migrate", "db-rollback")
 
 def take_back_expired_pause() -> None:
     """Prefect's server fails a run whose pause expired with a message of its own ("The flow
-    was failed and never resumed"); set it running again so it ends with ours, which says why."""
-    with get_client(sync_client=True) as client:
-        client.set_flow_run_state(UUID(runtime.flow_run.id), Running(), force=True)
+    was failed and never resumed"); set it running again so it ends with ours, which says why.
+    A run cancelled meanwhile stays cancelled."""
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(runtime.flow_run.id))
+            if run.state and (run.state.is_paused() or (run.state.is_failed() and "never resumed" in
+                                                        (run.state.message or ""))):
+                client.set_flow_run_state(run.id, Running(), force=True)
+    except Exception as exc:  # the run then ends with Prefect's message; ours is still in the log and report
+        get_run_logger().warning("could not record why the approval ended: %s", exc)
 
 
 def ensure_concurrency_limit(environment: str) -> str:
@@ -123,7 +130,8 @@ def approval_request(target, plan: pipeline.Plan, sql: str, upgrade: bool = True
         f"Database `{target.where}`, from `{plan.revision_before or 'base'}` to `{plan.target}`:\n\n"
         f"| revision | what it does |\n|---|---|\n{steps}\n\n"
         f"<details><summary>SQL</summary>\n\n```sql\n{sql}\n```\n</details>\n\n"
-        "Set **approve** and your **name** to migrate; leave approve unset to reject. Nothing changes until then."
+        "Set **approve** and your **name** to apply these revisions; leave approve unset to reject. "
+        "Nothing changes until then."
     )
 
 

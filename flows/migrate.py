@@ -33,7 +33,7 @@ TRANSIENT_PHASES = ("health_checks", "backup")
 
 
 class ApprovalForm(RunInput):
-    approve: bool = Field(default=False, description="Apply these revisions to the database now?")
+    approve: bool = Field(default=False, description="Go ahead with the change described above, now?")
     approver: str = Field(default="", description="Your name. It is recorded in the audit report.")
     comment: str = Field(default="", description="Optional: ticket, reason, change window.")
 

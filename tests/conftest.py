@@ -146,7 +146,9 @@ def environment(prefect_api, target, home, monkeypatch):
             host="127.0.0.1", port=target.port, database=target.database, username="postgres",
             password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
         ).save(name, overwrite=True)
-        EnvironmentPolicy(retry_delay_s=0.2, approval_poll_s=1, **policy).save(name, overwrite=True)
+        # A test whose approver never comes fails in two minutes, not the default hour.
+        quick = {"retry_delay_s": 0.2, "approval_poll_s": 1, "approval_timeout_s": 120}
+        EnvironmentPolicy(**{**quick, **policy}).save(name, overwrite=True)
         return name
 
     return make

@@ -4,9 +4,8 @@ import json
 import threading
 import time
 
-
 from tests.conftest import assert_no_canary, fingerprint_of, reports_in
-from tests.pgcluster import free_port
+from tests.pgcluster import CANARY_PASSWORD, free_port
 from tests.projects import linear, stock_project
 
 CREATE = "op.create_table('{0}', sa.Column('id', sa.Integer, primary_key=True))"
@@ -18,9 +17,16 @@ def table_step(name: str) -> tuple[str, str]:
 
 
 def run_flow(**parameters):
-    from flows.migrate import db_migrate
+    return run_named("db-migrate", **parameters)
 
-    return db_migrate(return_state=True, **parameters)
+
+def run_named(flow_name: str, **parameters):
+    from flows.maintenance import db_backup, db_health
+    from flows.migrate import db_migrate
+    from flows.rollback import db_rollback
+
+    flow = {"db-migrate": db_migrate, "db-rollback": db_rollback, "db-health": db_health, "db-backup": db_backup}
+    return flow[flow_name](return_state=True, **parameters)
 
 
 def last_report(home) -> dict:
@@ -71,18 +77,24 @@ def test_production_refuses_to_run_without_a_backup(environment, target, tmp_pat
 
 
 def _resume_when_paused(answer: dict, seen: dict):
+    """Answer the first paused run's approval form, as an operator in the UI would, once
+    the form (and the description the approver reads, kept in ``seen``) is there."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
+    from prefect.input.actions import read_flow_run_input
+    from prefect.input.run_input import keyset_from_paused_state
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         with get_client(sync_client=True) as client:
             paused = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
-        if paused:
-            seen["run"] = paused[0]
+        description = paused and read_flow_run_input(keyset_from_paused_state(paused[0].state)["description"],
+                                                     flow_run_id=paused[0].id)
+        if description:
+            seen.update(run=paused[0], description=description)
             resume_flow_run(paused[0].id, run_input=answer)
             return
         time.sleep(0.5)
@@ -105,6 +117,7 @@ def test_production_waits_for_approval(environment, target, home, tmp_path):
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(seen["run"].id)
     assert run.name == "production-head" and "production" in run.tags
+    assert "CREATE TABLE t2" in seen["description"], "the approver sees the SQL"
 
     approver = threading.Thread(target=_resume_when_paused,
                                 args=({"approve": True, "approver": "Alice Ops", "comment": "CHG-42"}, seen))
@@ -232,40 +245,43 @@ def test_production_approval_that_times_out_changes_nothing(environment, target,
     assert "failed in | **approval**: nobody approved within 3s" in artifact("db-migrate-production")
 
 
-def run_named(flow_name: str, **parameters):
-    from flows.maintenance import db_backup, db_health
-    from flows.rollback import db_rollback
-
-    flow = {"db-rollback": db_rollback, "db-health": db_health, "db-backup": db_backup}[flow_name]
-    return flow(return_state=True, **parameters)
-
-
 def artifact(key: str) -> str:
+    """The newest version of the artifact with this key."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts()
-    return next(a.data for a in sorted(artifacts, key=lambda a: a.created, reverse=True) if a.key == key)
+        [latest] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                         sort=ArtifactSort.CREATED_DESC, limit=1)
+    return latest.data
 
 
-def test_db_rollback_to_a_revision_dry_run_first(environment, target, home, tmp_path, cli, url):
+def test_db_rollback_to_a_revision_dry_run_first_then_approved(environment, target, home, tmp_path, cli, url):
     ini = str(stock_project(tmp_path, linear(table_step("t1"), table_step("t2"))))
     assert cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
     before = fingerprint_of(target)
-    name = environment("staging")
+    name = environment("production")
 
     state = run_named("db-rollback", environment=name, to_revision="r1", alembic_config=ini)
     assert state.is_completed(), state.message
     assert state.result()["status"] == "dry_run" and fingerprint_of(target) == before
-    assert "DROP TABLE t2" in artifact("db-migrate-staging-rollback")
+    assert "DROP TABLE t2" in artifact("db-migrate-production-rollback")
 
+    seen = {}
+    approver = threading.Thread(target=_resume_when_paused, args=({"approve": True, "approver": "Frank"}, seen))
+    approver.start()
     state = run_named("db-rollback", environment=name, to_revision="r1", dry_run=False, alembic_config=ini,
                       requested_by="carol")
+    approver.join()
     assert state.is_completed(), state.message
     assert fingerprint_of(target).revisions == ("r1",)
     report = last_report(home)
     assert (report["operation"], report["revision_before"], report["revision_after"]) == ("downgrade", "r2", "r1")
     assert report["operator"] == "carol" and report["backup"]["id"], "a backup of the state before the downgrade"
+    assert report["approval"]["approver"] == "Frank" and report["approval"]["via"] == "prefect-ui"
+    assert seen["description"].startswith("## Approve downgrade of production")
+    assert "DROP TABLE t2" in seen["description"], "the approver sees the downgrade's SQL"
 
     state = run_named("db-rollback", environment=name, alembic_config=ini)
     assert state.is_failed() and state.message == "give exactly one of to_revision and backup_id"
@@ -364,3 +380,33 @@ def test_db_backup_to_an_s3_bucket_block_prunes_but_keeps_the_newest_verified(en
     newest = nightly(verify_restore=True, keep_last=1)
     assert [m.id for m in backup.list_backups(storage, production)] == [newest]
     assert sorted(storage.keys("")) == sorted(f"production/{target.database}/{newest}.{ext}" for ext in ("dump", "json"))
+
+
+def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, home, tmp_path, cli, url,
+                                                           pg_cluster):
+    """The migration locks its own role out, then fails: the report keeps the migration's error
+    and says the rollback could not run, rather than pretend or lose either."""
+    import uuid
+
+    from blocks import DatabaseCredentials
+
+    role = "migrator_" + uuid.uuid4().hex[:8]
+    with pg_cluster.admin() as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{CANARY_PASSWORD}'")
+    DatabaseCredentials(host="127.0.0.1", port=target.port, database=target.database, username=role,
+                        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5).save("locked-out", overwrite=True)
+    ini = at_r1_with_rows(tmp_path, cli, url, target, table_step("t1"),
+                          ("op.execute('ALTER ROLE CURRENT_USER NOLOGIN')", "pass"),
+                          ("op.execute('SELECT 1/0')", "pass"))
+    try:
+        state = run_flow(environment=environment("staging"), credentials_block="locked-out", alembic_config=ini)
+    finally:
+        with pg_cluster.admin() as conn:
+            conn.execute(f"DROP ROLE {role}")
+    assert state.is_failed()
+    assert state.message.startswith("migrate failed: revision r3 failed: division by zero; "
+                                    "rollback: rollback could not run: cannot connect to")
+    report = last_report(home)
+    assert report["error"]["message"] == "revision r3 failed: division by zero"
+    assert report["rollback"]["succeeded"] is False and report["revision_after"] is None
+    assert fingerprint_of(target).revisions == ("r2",), "nothing pretended to roll back"
