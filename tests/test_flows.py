@@ -76,13 +76,12 @@ def test_production_refuses_to_run_without_a_backup(environment, target, tmp_pat
     assert fingerprint_of(target).revisions == ()
 
 
-def _resume_when_paused(answer: dict, seen: dict):
-    """Answer the first paused run's approval form, as an operator in the UI would, once
-    the form (and the description the approver reads, kept in ``seen``) is there."""
+def _wait_for_approval_form(seen: dict) -> None:
+    """Wait for a run paused for approval whose form is there; keep the run and the
+    description the approver reads in ``seen``."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
-    from prefect.flow_runs import resume_flow_run
     from prefect.input.actions import read_flow_run_input
     from prefect.input.run_input import keyset_from_paused_state
 
@@ -95,9 +94,16 @@ def _resume_when_paused(answer: dict, seen: dict):
                                                      flow_run_id=paused[0].id)
         if description:
             seen.update(run=paused[0], description=description)
-            resume_flow_run(paused[0].id, run_input=answer)
             return
         time.sleep(0.5)
+
+
+def _resume_when_paused(answer: dict, seen: dict):
+    """Answer the approval form as an operator in the UI would."""
+    from prefect.flow_runs import resume_flow_run
+
+    _wait_for_approval_form(seen)
+    resume_flow_run(seen["run"].id, run_input=answer)
 
 
 def test_production_waits_for_approval(environment, target, home, tmp_path):
@@ -410,3 +416,25 @@ def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, 
     assert report["error"]["message"] == "revision r3 failed: division by zero"
     assert report["rollback"]["succeeded"] is False and report["revision_after"] is None
     assert fingerprint_of(target).revisions == ("r2",), "nothing pretended to roll back"
+
+
+def test_db_rollback_does_not_run_while_a_migration_waits_for_approval(environment, target, tmp_path):
+    from prefect.flow_runs import resume_flow_run
+
+    name = environment("production")
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    before = fingerprint_of(target)
+    migrations = []
+    migration = threading.Thread(target=lambda: migrations.append(run_flow(environment=name, alembic_config=ini)))
+    migration.start()
+    seen = {}
+    _wait_for_approval_form(seen)
+    try:
+        state = run_named("db-rollback", environment=name, to_revision="base", alembic_config=ini)
+    finally:
+        resume_flow_run(seen["run"].id, run_input={"approve": False, "approver": "gina"})
+        migration.join()
+    assert state.is_failed()
+    assert state.message == ("concurrency failed: another run for production holds db-migrate-production: "
+                             "'production-head' (Paused)")
+    assert migrations[0].is_failed() and fingerprint_of(target) == before
