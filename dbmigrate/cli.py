@@ -350,7 +350,7 @@ def _manifest_line(m: backup.Manifest) -> str:
 
 def cmd_backup(args, target, settings) -> int:
     with db.connect(target, settings.connect_timeout) as conn:
-        revision = ",".join(revisions.current_revisions(conn)) or None
+        revision = revisions.current_label(conn)
     manifest = backup.take(target, settings.storage(), revision, settings.dump, _print_progress,
                            settings.connect_timeout)
     if args.json:

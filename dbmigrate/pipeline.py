@@ -175,7 +175,7 @@ def validate(target: DatabaseTarget, project: Project, settings: Settings, expec
 
 def current_revision(target: DatabaseTarget, settings: Settings) -> str | None:
     with db.connect(target, settings.connect_timeout) as conn:
-        return ",".join(revisions.current_revisions(conn)) or None
+        return revisions.current_label(conn)
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ def replace_with_backup(
 
     def take_safety_backup() -> Manifest:
         with db.connect(target, timeout) as conn:
-            revision = ",".join(revisions.current_revisions(conn)) or None
+            revision = revisions.current_label(conn)
         return backup.take(target, storage, revision, safety_backup, on_progress, timeout)
 
     with guard.hold(target, "restore", guard_wait_s, timeout):

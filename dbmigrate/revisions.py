@@ -128,3 +128,8 @@ def current_revisions(conn: Connection) -> tuple[str, ...]:
     if not has_version_table(conn):
         return ()
     return tuple(sorted(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars()))
+
+
+def current_label(conn: Connection) -> str | None:
+    """The revision(s) as backups and reports name them: joined with ',', None at base."""
+    return ",".join(current_revisions(conn)) or None

@@ -68,7 +68,7 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
     settings = settings_for(rules, None, backup_storage)
     storage = settings.storage()
     with db.connect(target, settings.connect_timeout) as conn:
-        revision = ",".join(revisions.current_revisions(conn)) or None
+        revision = revisions.current_label(conn)
     progress = audit.BackupProgress(environment)
     manifest = phase_runner(rules)("backup", backup.take, target, storage, revision,
                                    DumpOptions(verify_restore=verify_restore), progress, settings.connect_timeout)

@@ -56,6 +56,10 @@ class PgCluster:
             conn.execute(f'CREATE DATABASE "{name}"')
         return name
 
+    def databases(self) -> list[str]:
+        with self.admin() as conn:
+            return [row[0] for row in conn.execute("SELECT datname FROM pg_database")]
+
     def drop_database(self, name: str) -> None:
         with self.admin() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

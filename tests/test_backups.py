@@ -55,13 +55,8 @@ def test_backup_manifest_verify_and_list(storage, pg_cluster, target):
     second = backup.take(target, storage, "0003")
     assert not second.verified and second.checks == {"sha256": True, "pg_restore_list": True}
     assert [m.id for m in backup.list_backups(storage, target)] == [second.id, manifest.id]
-    scratch = [n for n in _databases(pg_cluster) if n.startswith("dbmigrate_verify_")]
+    scratch = [n for n in pg_cluster.databases() if n.startswith("dbmigrate_verify_")]
     assert scratch == [], "the scratch database of --verify-restore must be dropped"
-
-
-def _databases(pg_cluster) -> list[str]:
-    with pg_cluster.admin() as conn:
-        return [r[0] for r in conn.execute("SELECT datname FROM pg_database")]
 
 
 def test_row_counts_come_from_the_dumped_snapshot(local_storage, pg_cluster, target):

@@ -351,12 +351,7 @@ def test_db_health_reports_pending_revisions_and_drift(environment, target, tmp_
     assert state.message == ("health failed: drift: schema differs from what the migrations build at r1: "
                              "changed outside Alembic")
     assert "| drift | fail |" in artifact("db-migrate-staging-health")
-    assert not [n for n in _databases(pg_cluster) if n.startswith("dbmigrate_drift_")], "scratch database dropped"
-
-
-def _databases(pg_cluster) -> list[str]:
-    with pg_cluster.admin() as conn:
-        return [row[0] for row in conn.execute("SELECT datname FROM pg_database")]
+    assert not [n for n in pg_cluster.databases() if n.startswith("dbmigrate_drift_")], "scratch database dropped"
 
 
 def test_db_backup_to_an_s3_bucket_block_prunes_but_keeps_the_newest_verified(environment, target, s3_endpoint):
@@ -429,6 +424,7 @@ def test_db_rollback_does_not_run_while_a_migration_waits_for_approval(environme
     migration.start()
     seen = {}
     _wait_for_approval_form(seen)
+    assert "run" in seen, f"the migration did not pause: {migrations[0].message if migrations else 'still running'}"
     try:
         state = run_named("db-rollback", environment=name, to_revision="base", alembic_config=ini)
     finally:
@@ -438,3 +434,4 @@ def test_db_rollback_does_not_run_while_a_migration_waits_for_approval(environme
     assert state.message == ("concurrency failed: another run for production holds db-migrate-production: "
                              "'production-head' (Paused)")
     assert migrations[0].is_failed() and fingerprint_of(target) == before
+
