@@ -38,6 +38,7 @@ class Settings:
     limits: SessionLimits = field(default_factory=SessionLimits)
     storage_spec: str | None = None  # None: <home>/backups; a directory; or s3-bucket/BLOCK
     dump: DumpOptions = field(default_factory=DumpOptions)
+    project_logging: bool = True  # let the project's env.py configure logging (see revisions.load)
 
     @property
     def backup_dir(self) -> Path | None:
@@ -52,7 +53,7 @@ class Settings:
         return self.home / "reports"
 
     def project(self, target: DatabaseTarget | None = None) -> Project:
-        return revisions.load(self.alembic_config, target, self.connect_timeout)
+        return revisions.load(self.alembic_config, target, self.connect_timeout, self.project_logging)
 
 
 @dataclass(frozen=True)

@@ -100,12 +100,21 @@ def _one_line(exc: Exception, fallback: str) -> str:
     return text.splitlines()[0] if text else fallback
 
 
-def load(config_path: str | None, target: DatabaseTarget | None = None, timeout: float | None = None) -> Project:
-    """Load alembic.ini (``--alembic-config``, ``ALEMBIC_CONFIG``, or ./alembic.ini)."""
+def load(config_path: str | None, target: DatabaseTarget | None = None, timeout: float | None = None,
+         project_logging: bool = True) -> Project:
+    """Load alembic.ini (``--alembic-config``, ``ALEMBIC_CONFIG``, or ./alembic.ini).
+
+    ``project_logging=False`` keeps the project's env.py from configuring Python logging:
+    every Alembic template calls ``fileConfig(config.config_file_name)`` when that name is
+    set, and fileConfig shuts down every handler in the process (a Prefect flow's run log
+    among them) and disables the loggers it does not name."""
     path = Path(config_path or os.environ.get("ALEMBIC_CONFIG") or DEFAULT_CONFIG)
     if not path.is_file():
         raise ConfigError(f"alembic config not found: {path} (use --alembic-config PATH or ALEMBIC_CONFIG)")
     config = Config(str(path))
+    if not project_logging:
+        config.file_config  # read the file (and %(here)s) now, while the name is still known
+        config.config_file_name = None
     if not config.get_main_option("script_location"):
         raise ConfigError(f"{path} has no 'script_location' in its [alembic] section")
     try:

@@ -5,10 +5,11 @@ revisions applied, backup progress). The flow-run history is the audit trail."""
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 from uuid import UUID
 
+from httpx import HTTPStatusError
 from prefect import get_run_logger, runtime
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -28,6 +29,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.concurrency.sync import concurrency
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Running
 
@@ -93,19 +95,30 @@ def ensure_concurrency_limit(environment: str) -> str:
 @contextmanager
 def one_run_per_environment(environment: str, wait_s: float) -> Iterator[None]:
     """Hold the environment's concurrency limit (db-migrate and db-rollback share it);
-    after ``wait_s`` fail with a message that names the runs holding it."""
+    after ``wait_s`` fail with a message that names the runs holding it.
+
+    Each attempt is one request (``max_retries=0``, no timeout): Prefect's own timed wait
+    abandons a request the server may still grant, which leaves a slot that nobody holds
+    occupied until its lease lapses (5 minutes), and its Retry-After grows with how long
+    slots were held, which overshoots any short wait."""
     limit = ensure_concurrency_limit(environment)
-    acquired = False
-    try:
-        with concurrency(limit, occupy=1, timeout_seconds=max(wait_s, 1), strict=True):
-            acquired = True
-            yield
-    except TimeoutError:
-        if acquired:  # raised by the work itself, not by the wait
-            raise
-        raise MigrationFailed(
-            f"concurrency failed: another run for {environment} holds {limit}: {holders(environment)}"
-        ) from None
+    deadline = time.monotonic() + wait_s
+    with ExitStack() as held:
+        while True:
+            try:
+                held.enter_context(concurrency(limit, occupy=1, max_retries=0, strict=True,
+                                               raise_on_lease_renewal_failure=False))
+                break
+            except ConcurrencySlotAcquisitionError as exc:
+                denied = isinstance(exc.__cause__, HTTPStatusError) and exc.__cause__.response.status_code == 423
+                if not denied:
+                    raise MigrationFailed(f"concurrency failed: {exc}") from None
+                if time.monotonic() >= deadline:
+                    raise MigrationFailed(
+                        f"concurrency failed: another run for {environment} holds {limit}: {holders(environment)}"
+                    ) from None
+                time.sleep(1)
+        yield
 
 
 def holders(environment: str) -> str:

@@ -106,6 +106,7 @@ def settings_for(rules: Policy, alembic_config: str | None, backup_storage: str 
         guard_wait_s=rules.guard_wait_s,
         limits=SessionLimits(rules.lock_timeout_s, rules.statement_timeout_s),
         storage_spec=backup_storage or os.environ.get("DBMIGRATE_BACKUP_STORAGE"),
+        project_logging=False,  # the flow-run log is the audit trail: env.py must not shut it down
     )
 
 

@@ -237,6 +237,8 @@ def test_staging_restores_the_backup_when_the_downgrade_fails(environment, targe
     assert (rollback["method"], rollback["succeeded"], rollback["revision_after"]) == ("restore", True, "r1")
     assert rollback["detail"] == ("downgrade failed (revision r2 failed: division by zero); database back at "
                                   "the starting revision with the same schema and row counts")
+    assert "migrate failed: revision r3 failed: division by zero" in run_logs(state), \
+        "the run log survives the project's env.py (stock template: fileConfig)"
 
 
 def test_production_approval_that_times_out_changes_nothing(environment, target, home, tmp_path):
@@ -249,6 +251,19 @@ def test_production_approval_that_times_out_changes_nothing(environment, target,
     assert report["error"]["phase"] == "approval" and report["backup"] is None
     assert report["error"]["message"] == "nobody approved within 3s: nothing was changed"
     assert "failed in | **approval**: nobody approved within 3s" in artifact("db-migrate-production")
+    assert "approval failed: nobody approved within 3s" in run_logs(state), "logged after Alembic rendered the SQL"
+
+
+def run_logs(state) -> str:
+    """Everything the flow run logged to the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # logs reach the API in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return "\n".join(log.message for log in logs)
 
 
 def artifact(key: str) -> str:
@@ -434,4 +449,3 @@ def test_db_rollback_does_not_run_while_a_migration_waits_for_approval(environme
     assert state.message == ("concurrency failed: another run for production holds db-migrate-production: "
                              "'production-head' (Paused)")
     assert migrations[0].is_failed() and fingerprint_of(target) == before
-
