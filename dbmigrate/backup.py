@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -77,7 +78,19 @@ class Manifest:
 
     @classmethod
     def from_json(cls, body: str) -> Manifest:
-        return cls(**json.loads(body))
+        """Raises ValueError saying what is wrong with a damaged manifest."""
+        try:
+            manifest = cls(**json.loads(body))
+        except TypeError as exc:  # not an object, a field missing or unknown
+            raise ValueError(str(exc).removeprefix("Manifest.__init__() ")) from None
+        for name, kind in _FIELD_TYPES.items():
+            if not isinstance(getattr(manifest, name), kind):
+                raise ValueError(f"{name} is not a {kind.__name__}")
+        if manifest.created.tzinfo is None:  # compared with aware times by prune
+            raise ValueError("created_at has no time zone")
+        if manifest.format not in ("custom", "directory"):
+            raise ValueError(f"unknown format {manifest.format!r}")
+        return manifest
 
     def summary(self) -> dict:
         """What the migration report records of the backup."""
@@ -91,6 +104,10 @@ class Manifest:
         }
 
 
+_FIELD_TYPES = {"id": str, "key": str, "size_bytes": int, "created_at": str, "checks": dict, "verified": bool,
+                "row_counts": dict, "format": str}
+
+
 def manifest_key(dump_key: str) -> str:
     return dump_key.removesuffix(".dump").removesuffix(".dir") + ".json"
 
@@ -100,7 +117,9 @@ def backup_id(dump_key: str) -> str:
 
 
 def _safe(part: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", part) or "_"
+    """A name as one storage path segment: never empty, '.' or '..' (an environment named '..')."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", part)
+    return safe if safe.strip(".") else safe.replace(".", "_") or "_"
 
 
 def prefix(target: DatabaseTarget) -> str:
@@ -232,11 +251,11 @@ def take(
         check_stored(storage, manifest, pg_restore)
         if options.verify_restore:
             verify_restore(target, storage, manifest, pg_restore, timeout, options.jobs)
+        manifest.duration_s = round(time.monotonic() - started, 3)
+        storage.write_text(manifest.manifest_key, manifest.to_json())
     except BaseException:
-        storage.delete(key)
+        storage.delete(key)  # a dump without its manifest is never listed: do not keep it either
         raise
-    manifest.duration_s = round(time.monotonic() - started, 3)
-    storage.write_text(manifest.manifest_key, manifest.to_json())
     return manifest
 
 
@@ -424,11 +443,94 @@ def verify_restore(
     manifest.verified_at = datetime.now(timezone.utc).isoformat()
 
 
+@dataclass
+class Listed:
+    """A backup as the storage shows it now: its manifest and the size of its dump."""
+
+    manifest: Manifest
+    stored_size: int | None  # bytes found now; None: the dump is missing
+
+    @property
+    def damage(self) -> str | None:
+        if self.stored_size is None:
+            return "dump missing"
+        if self.stored_size != self.manifest.size_bytes:
+            return (f"size differs: truncated or corrupted ({self.stored_size} bytes stored, "
+                    f"{self.manifest.size_bytes} in the manifest)")
+        return None
+
+    @property
+    def restorable(self) -> bool:
+        checks = self.manifest.checks
+        return self.damage is None and bool(self.manifest.verified or (checks.get("sha256") and
+                                                                       checks.get("pg_restore_list")))
+
+    @property
+    def status(self) -> str:
+        return "damaged" if self.damage else "verified" if self.manifest.verified else "checked"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self.manifest), "status": self.status, "damage": self.damage,
+                "stored_size_bytes": self.stored_size}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A manifest that cannot be trusted (unreadable, or naming another object): never followed."""
+
+    key: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"id": backup_id(self.key), "manifest_key": self.key, "status": "damaged",
+                "damage": f"manifest unreadable: {self.reason}"}
+
+
+@dataclass
+class Catalogue:
+    backups: list[Listed]  # newest first
+    skipped: list[Skipped]
+
+    def newest_restorable(self) -> Listed | None:
+        """The newest verified backup whose dump is intact, else the newest intact one that passed its checks."""
+        restorable = [b for b in self.backups if b.restorable]
+        return next((b for b in restorable if b.manifest.verified), restorable[0] if restorable else None)
+
+
+def catalogue(storage: Storage, target: DatabaseTarget) -> Catalogue:
+    """Every backup of this environment and database, with what a cheap look at the storage
+    tells now; a damaged manifest is skipped (and named) rather than hiding the others."""
+    sizes = storage.sizes(prefix(target))
+    backups, skipped = [], []
+    for key in sorted(k for k in sizes if k.endswith(".json")):
+        try:
+            manifest = _read_manifest(storage, key)
+        except (ValueError, ConfigError) as exc:  # truncated, hostile, or a key refused by the storage
+            skipped.append(Skipped(key, str(exc)))
+            continue
+        backups.append(Listed(manifest, _stored_size(manifest, sizes)))
+    return Catalogue(sorted(backups, key=lambda b: b.manifest.created, reverse=True), skipped)
+
+
+def _read_manifest(storage: Storage, key: str) -> Manifest:
+    manifest = Manifest.from_json(storage.read_text(key))
+    # A manifest describes only the dump beside it: one naming any other key is never followed.
+    own = key.removesuffix(".json") + (".dir" if manifest.format == "directory" else ".dump")
+    if manifest.key != own or manifest.id != backup_id(own):
+        raise ValueError(f"it names {manifest.key!r}, not its own dump {own!r}")
+    return manifest
+
+
+def _stored_size(manifest: Manifest, sizes: dict[str, int]) -> int | None:
+    if manifest.format == "directory":
+        inside = [size for key, size in sizes.items() if key.startswith(manifest.key + "/")]
+        return sum(inside) if inside else None
+    return sizes.get(manifest.key)
+
+
 def list_backups(storage: Storage, target: DatabaseTarget) -> list[Manifest]:
-    """Valid backups (those with a manifest) of this environment and database, newest first."""
-    keys = [k for k in storage.keys(prefix(target)) if k.endswith(".json")]
-    manifests = [Manifest.from_json(storage.read_text(k)) for k in keys]
-    return sorted(manifests, key=lambda m: m.created_at, reverse=True)
+    """Valid backups (a trustworthy manifest and an intact-looking dump), newest first."""
+    return [b.manifest for b in catalogue(storage, target).backups if b.damage is None]
 
 
 def find(storage: Storage, target: DatabaseTarget, wanted: str) -> Manifest:
@@ -436,26 +538,51 @@ def find(storage: Storage, target: DatabaseTarget, wanted: str) -> Manifest:
     name = wanted.rsplit("/", 1)[-1]
     for suffix in (".dump", ".dir", ".json"):  # ids contain a dot: no Path.stem here
         name = name.removesuffix(suffix)
-    for manifest in list_backups(storage, target):
-        if manifest.id == name:
-            return manifest
+    listing = catalogue(storage, target)
+    for listed in listing.backups:
+        if listed.manifest.id == name:
+            if listed.damage:
+                raise ConfigError(f"backup '{wanted}' is damaged ({listed.damage}): choose another one")
+            return listed.manifest
+    for skipped in listing.skipped:
+        if backup_id(skipped.key) == name:
+            raise ConfigError(f"the manifest of backup '{wanted}' is damaged ({skipped.reason}): choose another one")
     raise ConfigError(f"no valid backup '{wanted}' of {target.environment}/{target.database} in {storage!r}")
 
 
+def check_retention(keep_last: int, keep_days: float | None) -> None:
+    """Refuse a retention that could delete every backup, or is not a number of days."""
+    if keep_last < 1:
+        raise ConfigError(f"--keep-last {keep_last} refused: it could delete every backup; "
+                          "keep at least 1 (the newest restorable backup always stays)")
+    if keep_days is not None and not (math.isfinite(keep_days) and keep_days > 0):
+        raise ConfigError(f"--keep-days must be a finite number of days above 0, not {keep_days}")
+
+
 def prune(
-    storage: Storage, target: DatabaseTarget, keep_last: int, keep_days: float | None, dry_run: bool = False
+    storage: Storage, target: DatabaseTarget, keep_last: int, keep_days: float | None, dry_run: bool = False,
+    listing: Catalogue | None = None,
 ) -> list[Manifest]:
-    """Delete backups beyond the newest ``keep_last`` (and older than ``keep_days``);
-    the newest verified backup is always kept."""
-    backups = list_backups(storage, target)
-    newest_verified = next((m for m in backups if m.verified), None)
-    cutoff = datetime.now(timezone.utc) - timedelta(days=keep_days) if keep_days is not None else None
+    """Delete backups beyond the newest ``keep_last`` (and older than ``keep_days``); the newest
+    restorable backup always stays. ``listing``: the catalogue, if the caller already read it.
+    Skipped (damaged) manifests are never followed: nothing they name is deleted."""
+    check_retention(keep_last, keep_days)
+    listing = catalogue(storage, target) if listing is None else listing
+    keep = listing.newest_restorable()
+    cutoff = _days_ago(keep_days) if keep_days is not None else None
     doomed = [
-        m for m in backups[keep_last:]
-        if m is not newest_verified and (cutoff is None or m.created < cutoff)
+        b.manifest for b in listing.backups[keep_last:]
+        if b is not keep and (cutoff is None or b.manifest.created < cutoff)
     ]
     if not dry_run:
         for m in doomed:
             storage.delete(m.manifest_key)  # manifest first: an object without one is never listed as valid
             storage.delete(m.key)
     return doomed
+
+
+def _days_ago(days: float) -> datetime:
+    try:
+        return datetime.now(timezone.utc) - timedelta(days=days)
+    except OverflowError:  # before the calendar starts: no backup is that old
+        return datetime.min.replace(tzinfo=timezone.utc)

@@ -343,9 +343,27 @@ def _age(created) -> str:
     return f"{seconds:.0f}s"
 
 
-def _manifest_line(m: backup.Manifest) -> str:
-    verified = "verified" if m.verified else "checked"
-    return f"{m.id:32} {health.human_bytes(m.size_bytes):>10}  {m.revision or 'base':12} {_age(m.created):>5}  {verified}"
+def _manifest_line(listed: backup.Listed) -> str:
+    m = listed.manifest
+    return (f"{m.id:32} {health.human_bytes(m.size_bytes):>10}  {m.revision or 'base':12} {_age(m.created):>5}  "
+            f"{listed.status.upper() if listed.damage else listed.status:8}  {'; '.join(_what_we_know(listed))}")
+
+
+def _what_we_know(listed: backup.Listed) -> list[str]:
+    """What was checked and when, then what a look at the storage shows now."""
+    m = listed.manifest
+    checked = [name for key, name in (("sha256", "sha256"), ("pg_restore_list", "pg_restore --list"))
+               if m.checks.get(key)]
+    facts = [f"{' + '.join(checked)} at creation" if checked else "not checked at creation"]
+    if m.verified:
+        facts.append(f"restore-verified at {m.verified_at or 'an unknown time'}")
+    facts.append(listed.damage or "dump present, size as recorded")
+    return facts
+
+
+def _warn_skipped(listing: backup.Catalogue) -> None:
+    for skipped in listing.skipped:
+        print(f"dbmigrate: warning: skipped damaged manifest {skipped.key}: {skipped.reason}", file=sys.stderr)
 
 
 def cmd_backup(args, target, settings) -> int:
@@ -364,19 +382,22 @@ def cmd_backup(args, target, settings) -> int:
 
 
 def cmd_backups(args, target, settings) -> int:
+    """Damaged backups are shown as such (and skipped manifests warned about on stderr), with exit 0:
+    the listing itself succeeded."""
+    if args.backups_command == "prune":
+        backup.check_retention(args.keep_last, args.keep_days)
     storage = settings.storage()
+    listing = backup.catalogue(storage, target)
+    _warn_skipped(listing)
     if args.backups_command == "list":
-        manifests = backup.list_backups(storage, target)
         if args.json:
-            _print_json([dataclasses.asdict(m) for m in manifests])
-        elif not manifests:
+            _print_json([b.as_dict() for b in listing.backups] + [s.as_dict() for s in listing.skipped])
+        elif not listing.backups:
             print(f"no backups of {target.environment}/{target.database} in {storage!r}")
-        for m in [] if args.json else manifests:
-            print(_manifest_line(m))
+        for b in [] if args.json else listing.backups:
+            print(_manifest_line(b))
         return 0
-    if args.keep_last < 0:
-        raise ConfigError("--keep-last must be 0 or more")
-    doomed = backup.prune(storage, target, args.keep_last, args.keep_days, dry_run=args.dry_run)
+    doomed = backup.prune(storage, target, args.keep_last, args.keep_days, dry_run=args.dry_run, listing=listing)
     if args.json:
         _print_json([m.id for m in doomed])
     for m in [] if args.json else doomed:

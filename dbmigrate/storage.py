@@ -2,7 +2,9 @@
 
 Both stores take a stream and never hold a whole backup in memory or on a
 temporary disk. A failed upload leaves nothing behind: the partial file is
-removed, the multipart upload aborted.
+removed, the multipart upload aborted. Every key is checked before use, so
+nothing outside the storage is ever read, written or deleted, and every
+failure of the storage itself is a one-line StorageFailed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
-from dbmigrate.errors import BackupFailed, ConfigError
+from dbmigrate.errors import ConfigError, StorageFailed
 
 CHUNK = 1 << 20
 S3_PREFIX = "s3-bucket/"
@@ -28,8 +30,48 @@ class Storage(Protocol):
     def open(self, key: str) -> Iterator[BinaryIO]: ...
     def write_text(self, key: str, text: str) -> None: ...
     def read_text(self, key: str) -> str: ...
+    def sizes(self, prefix: str) -> dict[str, int]: ...
     def keys(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
+
+
+def checked_key(key: str, prefix: bool = False) -> str:
+    """A key names a place inside the storage: relative, with no empty, '.' or '..' segment
+    (keys come from manifests and names, which may be damaged or hostile). A ``prefix``
+    may also be '' (everything) or end with '/'."""
+    if prefix and key == "":
+        return key
+    parts = (key.removesuffix("/") if prefix else key).split("/")
+    if key.startswith("/") or "\0" in key or any(part in ("", ".", "..") for part in parts):
+        _refuse(key)
+    return key
+
+
+def _refuse(key: str):
+    raise ConfigError(f"refusing storage key {key!r}: not a relative path inside the storage")
+
+
+@contextmanager
+def _failing_as_storage(doing: str, kinds: type[BaseException] | tuple[type[BaseException], ...]) -> Iterator[None]:
+    """Errors of ``kinds`` become one-line StorageFailed errors saying what was being done."""
+    try:
+        yield
+    except kinds as exc:
+        raise StorageFailed(f"storage: {doing} failed: {_reason(exc)}") from None
+
+
+class _Reader:
+    """A stored object being read: a read that fails is a StorageFailed."""
+
+    def __init__(self, body, doing: str, kinds):
+        self.body, self.doing, self.kinds = body, doing, kinds
+
+    def read(self, size: int = -1) -> bytes:
+        with _failing_as_storage(self.doing, self.kinds):
+            return self.body.read(size)
+
+    def readable(self) -> bool:
+        return True
 
 
 class LocalStorage:
@@ -39,8 +81,12 @@ class LocalStorage:
     def __repr__(self) -> str:
         return f"local directory {self.root}"
 
-    def _path(self, key: str) -> Path:
-        return self.root / key
+    def _path(self, key: str, prefix: bool = False) -> Path:
+        path = self.root / checked_key(key, prefix)
+        # A symlink inside the storage must not lead out of it either.
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            _refuse(key)
+        return path
 
     def location(self, key: str) -> str:
         return str(self._path(key))
@@ -54,7 +100,7 @@ class LocalStorage:
             path.parent.mkdir(parents=True, exist_ok=True)
             out = open(path, "xb")  # never overwrite a backup
         except OSError as exc:
-            raise BackupFailed(f"storage: cannot create {path}: {exc.strerror or exc}") from None
+            raise StorageFailed(f"storage: cannot create {path}: {_reason(exc)}") from None
         try:
             with out:
                 try:
@@ -62,7 +108,7 @@ class LocalStorage:
                     out.flush()
                     os.fsync(out.fileno())
                 except OSError as exc:
-                    raise BackupFailed(f"storage: writing {path} failed: {exc.strerror or exc}") from None
+                    raise StorageFailed(f"storage: writing {path} failed: {_reason(exc)}") from None
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -71,35 +117,61 @@ class LocalStorage:
         """A directory for pg_dump's directory format (only local storage has one)."""
         path = self._path(key)
         if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            with _failing_as_storage(f"creating {path.parent}", OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     @contextmanager
     def open(self, key: str) -> Iterator[BinaryIO]:
-        with open(self._path(key), "rb") as f:
-            yield f
+        path = self._path(key)
+        with _failing_as_storage(f"reading {path}", OSError):
+            f = open(path, "rb")
+        with f:
+            yield _Reader(f, f"reading {path}", OSError)
 
     def write_text(self, key: str, text: str) -> None:
         path = self._path(key)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)  # readers never see half a manifest
+        try:
+            with _failing_as_storage(f"writing {path}", OSError):
+                with open(tmp, "w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                tmp.replace(path)  # readers never see half a manifest
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not keep half of one either
+            raise
 
     def read_text(self, key: str) -> str:
-        return self._path(key).read_text()
+        path = self._path(key)
+        with _failing_as_storage(f"reading {path}", OSError):
+            return path.read_text()
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Every file under ``prefix`` and its size in bytes."""
+        base = self._path(prefix, prefix=True)
+        with _failing_as_storage(f"listing {base}", OSError):
+            if not base.is_dir():
+                return {}
+            return {str(p.relative_to(self.root)): p.stat().st_size for p in base.rglob("*") if p.is_file()}
 
     def keys(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
-        if not base.is_dir():
-            return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+        return sorted(self.sizes(prefix))
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        with _failing_as_storage(f"deleting {path}", OSError):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _s3_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError  # imported only where S3 is used
+
+    return BotoCoreError, ClientError
 
 
 class S3Storage:
@@ -118,7 +190,8 @@ class S3Storage:
     def from_block(cls, block) -> S3Storage:
         return cls(block.credentials.get_s3_client(), block.bucket_name, block.bucket_folder or "")
 
-    def _key(self, key: str) -> str:
+    def _key(self, key: str, prefix: bool = False) -> str:
+        checked_key(key, prefix)
         return f"{self.folder}/{key}" if self.folder else key
 
     def location(self, key: str) -> str:
@@ -129,7 +202,6 @@ class S3Storage:
 
     def upload(self, key: str, stream: BinaryIO) -> None:
         from boto3.s3.transfer import TransferConfig
-        from botocore.exceptions import BotoCoreError, ClientError
 
         config = TransferConfig(
             multipart_threshold=self.PART_SIZE, multipart_chunksize=self.PART_SIZE, max_concurrency=self.CONCURRENCY
@@ -139,9 +211,9 @@ class S3Storage:
         try:
             # s3transfer reads the stream part by part and aborts the multipart upload on failure.
             self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=config)
-        except (BotoCoreError, ClientError, OSError) as exc:
+        except (*_s3_errors(), OSError) as exc:
             self._abort_leftovers(key)
-            raise BackupFailed(f"storage: upload to {self.location(key)} failed: {_one_line(exc)}") from None
+            raise StorageFailed(f"storage: upload to {self.location(key)} failed: {_one_line(exc)}") from None
 
     def _abort_leftovers(self, key: str, attempts: int = 3) -> None:
         """Abort any multipart upload of this key that s3transfer could not abort itself
@@ -164,34 +236,47 @@ class S3Storage:
 
     @contextmanager
     def open(self, key: str) -> Iterator[BinaryIO]:
-        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        doing = f"reading {self.location(key)}"
+        with _failing_as_storage(doing, _s3_errors()):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         try:
-            yield body
+            yield _Reader(body, doing, _s3_errors())
         finally:
             body.close()
 
     def write_text(self, key: str, text: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode())
+        with _failing_as_storage(f"writing {self.location(key)}", _s3_errors()):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode())
 
     def read_text(self, key: str) -> str:
         with self.open(key) as body:
             return body.read().decode()
 
-    def keys(self, prefix: str) -> list[str]:
-        paginator = self.client.get_paginator("list_objects_v2")
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Every object under ``prefix`` and its size in bytes."""
+        listed = self._key(prefix, prefix=True)
         strip = len(self.folder) + 1 if self.folder else 0
-        found = []
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-            found.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        return sorted(found)
+        found = {}
+        with _failing_as_storage(f"listing s3://{self.bucket}/{listed}", _s3_errors()):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=listed):
+                found.update((obj["Key"][strip:], obj["Size"]) for obj in page.get("Contents", []))
+        return found
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(self.sizes(prefix))
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        with _failing_as_storage(f"deleting {self.location(key)}", _s3_errors()):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
 
 
 def local_directory(spec: str | None, home: Path) -> Path | None:
@@ -211,7 +296,11 @@ def open_storage(spec: str | None, home: Path) -> Storage:
         bucket, _, folder = spec[len("s3://"):].partition("/")
         if not bucket:
             raise ConfigError(f"no bucket in '{spec}': use s3://BUCKET[/FOLDER]")
-        return S3Storage(boto3.client("s3"), bucket, folder)
+        try:
+            client = boto3.client("s3")
+        except (*_s3_errors(), ValueError) as exc:  # a bad AWS_ENDPOINT_URL, an unknown AWS_PROFILE
+            raise ConfigError(f"cannot set up an S3 client for '{spec}': {_one_line(exc)}") from None
+        return S3Storage(client, bucket, folder)
     if spec and spec.startswith(S3_PREFIX):
         name = spec[len(S3_PREFIX):]
         from prefect_aws import S3Bucket  # slow import: only for S3 storage
