@@ -481,8 +481,12 @@ class Skipped:
     key: str
     reason: str
 
+    @property
+    def id(self) -> str:
+        return self.key.rsplit("/", 1)[-1].removesuffix(".json")
+
     def as_dict(self) -> dict:
-        return {"id": backup_id(self.key), "manifest_key": self.key, "status": "damaged",
+        return {"id": self.id, "manifest_key": self.key, "status": "damaged",
                 "damage": f"manifest unreadable: {self.reason}"}
 
 
@@ -518,6 +522,7 @@ def _read_manifest(storage: Storage, key: str) -> Manifest:
     own = key.removesuffix(".json") + (".dir" if manifest.format == "directory" else ".dump")
     if manifest.key != own or manifest.id != backup_id(own):
         raise ValueError(f"it names {manifest.key!r}, not its own dump {own!r}")
+    storage.location(own)  # the storage refuses a dump that leads out of it (a symlink)
     return manifest
 
 
@@ -545,7 +550,7 @@ def find(storage: Storage, target: DatabaseTarget, wanted: str) -> Manifest:
                 raise ConfigError(f"backup '{wanted}' is damaged ({listed.damage}): choose another one")
             return listed.manifest
     for skipped in listing.skipped:
-        if backup_id(skipped.key) == name:
+        if skipped.id == name:
             raise ConfigError(f"the manifest of backup '{wanted}' is damaged ({skipped.reason}): choose another one")
     raise ConfigError(f"no valid backup '{wanted}' of {target.environment}/{target.database} in {storage!r}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
@@ -140,7 +140,8 @@ class LocalStorage:
                     os.fsync(f.fileno())
                 tmp.replace(path)  # readers never see half a manifest
         except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk must not keep half of one either
+            with suppress(OSError):  # there may be no tmp to remove; the first error is the one to tell
+                tmp.unlink(missing_ok=True)  # a full disk must not keep half a manifest either
             raise
 
     def read_text(self, key: str) -> str:

@@ -1,0 +1,255 @@
+"""The backup catalogue under attack and failure: hostile and damaged manifests, hostile
+names, retention that would delete everything, S3 failing, a disk too full for the manifest.
+Real PostgreSQL, real pg_dump, moto's S3 server on loopback, a small tmpfs."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dbmigrate import backup
+from dbmigrate.errors import ConfigError
+from dbmigrate.storage import LocalStorage
+from dbmigrate.target import DatabaseTarget
+from tests.pgcluster import free_port
+
+
+def one_line_error(result) -> str:
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), result.stderr
+    return lines[0]
+
+
+def small_table(pg_cluster, target, rows: int = 20) -> None:
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("CREATE TABLE item (id int PRIMARY KEY, name text)")
+        conn.execute("INSERT INTO item SELECT g, 'item ' || g FROM generate_series(1, %s) g", (rows,))
+
+
+def plant_manifest(storage: LocalStorage, like: backup.Manifest, backup_name: str, **fields) -> str:
+    """A manifest beside the real ones, copied from ``like`` with ``fields`` changed."""
+    key = f"{like.key.rsplit('/', 1)[0]}/{backup_name}.json"
+    data = {**json.loads(like.to_json()), "id": backup_name, "created_at": "2000-01-01T00:00:00+00:00", **fields}
+    (storage.root / key).write_text(json.dumps(data))
+    return key
+
+
+@pytest.fixture
+def store(tmp_path) -> LocalStorage:
+    return LocalStorage(tmp_path / "store" / "backups")
+
+
+@pytest.fixture
+def as_url(target) -> DatabaseTarget:
+    """The target as the CLI sees it with DATABASE_URL (environment "url")."""
+    return DatabaseTarget(target.url, "url")
+
+
+def test_prune_never_deletes_what_a_manifest_names_outside_the_storage(cli, url, pg_cluster, target, as_url, store,
+                                                                        tmp_path):
+    """Item 6: manifests naming an absolute path and a ../ path; both victims live outside the storage."""
+    small_table(pg_cluster, target)
+    env = {"DATABASE_URL": url}
+    taken = cli("backup", "--json", "--storage", str(store.root), env=env)
+    assert taken.returncode == 0, taken.stderr
+    good = backup.Manifest.from_json(taken.stdout)
+    absolute_victim, relative_victim = tmp_path / "absolute-victim", tmp_path / "relative-victim"
+    for victim in (absolute_victim, relative_victim):
+        victim.write_text("not a backup: must survive any prune")
+    # <root>/../../relative-victim is tmp_path/relative-victim
+    planted = [
+        plant_manifest(store, good, "20000101T000000.000Z-abs", key=str(absolute_victim)),
+        plant_manifest(store, good, "20000101T000000.001Z-rel", key="../../relative-victim"),
+    ]
+
+    pruned = cli("backups", "prune", "--keep-last", "1", "--storage", str(store.root), env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert absolute_victim.exists() and relative_victim.exists()
+    warnings = pruned.stderr.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("dbmigrate: warning: skipped damaged manifest") for w in warnings)
+    assert all(any(key in w for w in warnings) for key in planted), pruned.stderr
+    assert "nothing to prune" in pruned.stdout
+    assert [m.id for m in backup.list_backups(store, as_url)] == [good.id]
+
+
+def test_an_environment_named_dotdot_writes_only_inside_the_storage(cli, url, pg_cluster, target, store):
+    """Item 6: DBMIGRATE_ENVIRONMENT=.. used to put the backup beside the storage directory."""
+    small_table(pg_cluster, target)
+    outside = store.root.parent
+    taken = cli("backup", "--json", "--storage", str(store.root), env={"DATABASE_URL": url, "DBMIGRATE_ENVIRONMENT": ".."})
+    assert taken.returncode == 0, taken.stderr
+    written = [p for p in outside.rglob("*") if p.is_file()]
+    assert written and all(p.is_relative_to(store.root) for p in written), written
+    assert json.loads(taken.stdout)["key"].startswith(f"__/{target.database}/")
+    assert backup.prefix(DatabaseTarget(target.url, "..").with_database("..")) == "__/__/", "a database named .."
+
+
+def test_s3_keys_follow_the_same_rules(s3_storage, pg_cluster, target):
+    """Item 6 on S3: a manifest naming an object outside its own prefix is skipped, never followed."""
+    small_table(pg_cluster, target)
+    good = backup.take(target, s3_storage, None)
+    s3_storage.write_text("victims/precious.dump", "another environment's backup")
+    for name, key in (("20000101T000000.000Z-other", "victims/precious.dump"),
+                      ("20000101T000000.001Z-up", "../victims/precious.dump")):
+        data = {**json.loads(good.to_json()), "id": name, "key": key, "created_at": "2000-01-01T00:00:00+00:00"}
+        s3_storage.write_text(f"{backup.prefix(target)}{name}.json", json.dumps(data))
+
+    assert backup.prune(s3_storage, target, keep_last=1, keep_days=None) == []
+    assert s3_storage.read_text("victims/precious.dump") == "another environment's backup"
+    assert len(backup.catalogue(s3_storage, target).skipped) == 2
+    with pytest.raises(ConfigError, match="refusing storage key"):
+        s3_storage.delete("test/../victims/precious.dump")
+
+
+def test_keep_last_below_one_and_bad_keep_days_are_refused(cli, url, pg_cluster, target, store):
+    """Item 7: a plain backup is only "checked"; --keep-last 0 used to delete it, and --keep-days nan
+    was a traceback."""
+    small_table(pg_cluster, target)
+    env = {"DATABASE_URL": url}
+    assert cli("backup", "--storage", str(store.root), env=env).returncode == 0
+    before = store.keys("")
+    for option, value, says in (("--keep-last", "0", "--keep-last 0 refused: it could delete every backup"),
+                                ("--keep-last", "-1", "--keep-last -1 refused"),
+                                ("--keep-days", "nan", "--keep-days must be a finite number of days above 0"),
+                                ("--keep-days", "inf", "--keep-days must be a finite number of days above 0"),
+                                ("--keep-days", "0", "--keep-days must be a finite number of days above 0")):
+        retention = ["--keep-last", "1", option, value] if option == "--keep-days" else [option, value]
+        result = cli("backups", "prune", *retention, "--storage", str(store.root), env=env)
+        assert result.returncode == 2 and says in one_line_error(result), (option, value, result.stderr)
+        assert store.keys("") == before, f"{option} {value} must change nothing"
+
+
+def test_the_newest_good_backup_survives_prune_when_newer_ones_are_damaged(pg_cluster, target, store):
+    """Items 7 and 19: nothing is verified; the newer backups lost or truncated their dump."""
+    small_table(pg_cluster, target)
+    good, lost, truncated = (backup.take(target, store, "0001") for _ in range(3))
+    (store.root / lost.key).unlink()
+    with open(store.root / truncated.key, "r+b") as dump:
+        dump.truncate(truncated.size_bytes // 2)
+
+    listing = backup.catalogue(store, target)
+    assert [(b.manifest.id, b.status) for b in listing.backups] == [
+        (truncated.id, "damaged"), (lost.id, "damaged"), (good.id, "checked")]
+    assert listing.newest_restorable().manifest.id == good.id
+    with pytest.raises(ConfigError, match="is damaged \\(size differs: truncated or corrupted"):
+        backup.find(store, target, truncated.id)
+
+    deleted = backup.prune(store, target, keep_last=1, keep_days=None)
+    assert [m.id for m in deleted] == [lost.id]
+    assert [b.manifest.id for b in backup.catalogue(store, target).backups] == [truncated.id, good.id]
+    assert (store.root / good.key).exists()
+
+
+def test_list_says_what_it_knows_of_each_backup(cli, url, pg_cluster, target, as_url, store):
+    """Item 19 and 14: a truncated dump, a deleted dump and a truncated manifest are shown as damaged
+    (exit 0: the listing worked); the good backups stay listed and restorable."""
+    small_table(pg_cluster, target)
+    env = {"DATABASE_URL": url}
+    storage = ["--storage", str(store.root)]
+    verified = backup.take(as_url, store, "0001", backup.DumpOptions(verify_restore=True))
+    checked, lost, truncated, unreadable = (backup.take(as_url, store, "0001") for _ in range(4))
+    (store.root / lost.key).unlink()
+    with open(store.root / truncated.key, "r+b") as dump:
+        dump.truncate(truncated.size_bytes - 1)
+    manifest = store.root / unreadable.manifest_key
+    manifest.write_text(manifest.read_text()[:100])
+
+    listed = cli("backups", "list", *storage, env=env)
+    assert listed.returncode == 0, listed.stderr
+    [warning] = listed.stderr.splitlines()
+    assert warning.startswith(f"dbmigrate: warning: skipped damaged manifest {unreadable.manifest_key}: "), warning
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines()}
+    assert set(lines) == {verified.id, checked.id, lost.id, truncated.id}
+    assert "DAMAGED" in lines[lost.id] and "dump missing" in lines[lost.id]
+    assert "DAMAGED" in lines[truncated.id] and "size differs: truncated or corrupted" in lines[truncated.id]
+    assert "checked" in lines[checked.id] and "sha256 + pg_restore --list at creation" in lines[checked.id]
+    assert "dump present, size as recorded" in lines[checked.id]
+    assert f"restore-verified at {verified.verified_at}" in lines[verified.id]
+
+    as_json = {m["id"]: m for m in json.loads(cli("backups", "list", "--json", *storage, env=env).stdout)}
+    assert {i: m["status"] for i, m in as_json.items()} == {
+        verified.id: "verified", checked.id: "checked", lost.id: "damaged", truncated.id: "damaged",
+        unreadable.id: "damaged"}
+    assert as_json[lost.id]["damage"] == "dump missing" and as_json[lost.id]["stored_size_bytes"] is None
+    assert as_json[truncated.id]["stored_size_bytes"] == truncated.size_bytes - 1
+    assert as_json[unreadable.id]["damage"].startswith("manifest unreadable: ")
+
+    refused = cli("restore", unreadable.id, "--target-db", target.database + "_bad", *storage, env=env)
+    assert refused.returncode == 2 and "the manifest of backup" in one_line_error(refused)
+    restored = cli("restore", checked.id, "--target-db", target.database + "_copy", *storage, env=env)
+    try:
+        assert restored.returncode == 0, restored.stderr
+    finally:
+        pg_cluster.drop_database(target.database + "_copy")
+
+
+S3_FAILURES = {
+    "missing bucket": lambda endpoint: ("s3://no-such-bucket", {"AWS_ENDPOINT_URL": endpoint}, "NoSuchBucket"),
+    "no credentials": lambda endpoint: ("s3://some-bucket", {
+        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_EC2_METADATA_DISABLED": "true"}, "Unable to locate credentials"),
+    "endpoint down": lambda endpoint: ("s3://some-bucket", {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
+                                       "Could not connect to the endpoint URL"),
+}
+
+
+@pytest.mark.parametrize("failure", list(S3_FAILURES))
+def test_s3_failures_are_one_line_errors(cli, url, s3_endpoint, failure):
+    """Item 14: list, prune and restore against a missing bucket, without credentials, and with
+    the endpoint down (a closed loopback port)."""
+    spec, aws, says = S3_FAILURES[failure](s3_endpoint)
+    env = {"DATABASE_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", **aws}
+    for command in (["backups", "list"], ["backups", "prune", "--keep-last", "1"],
+                    ["restore", "20000101T000000.000Z-base", "--yes"]):
+        result = cli(*command, "--storage", spec, env=env)
+        error = one_line_error(result)
+        assert result.returncode == 1 and error.startswith("dbmigrate: error: storage: listing s3://"), error
+        assert says in error, (command, error)
+
+
+def test_a_manifest_that_does_not_fit_leaves_nothing_behind(cli, url, pg_cluster, target, tmp_path):
+    """Item 14: the dump fits on the disk, its manifest does not (many tables: a long manifest)."""
+    with pg_cluster.admin(target.database) as conn:
+        for i in range(200):
+            conn.execute(f"CREATE TABLE table_with_a_rather_long_name_to_make_the_manifest_long_{i:03} (id int)")
+    env = {"DATABASE_URL": url}
+    measured = cli("backup", "--json", "--storage", str(tmp_path / "measure"), env=env)
+    assert measured.returncode == 0, measured.stderr
+    dump_size, manifest_size = json.loads(measured.stdout)["size_bytes"], len(measured.stdout)
+    page = 4096
+    room = -(-dump_size // page) * page + page  # the dump, and one page: less than the manifest needs
+    assert manifest_size > 2 * page, "the manifest must need more than the room left"
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        stat = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - room))
+        result = cli("backup", "--storage", str(disk / "backups"), env=env)
+        assert result.returncode == 1
+        error = one_line_error(result)
+        assert "storage: writing " in error and ".json failed: No space left on device" in error, error
+        assert [p.name for p in disk.rglob("*") if p.is_file()] == ["filler"], "neither the dump nor a .json.tmp"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_storage_failures_are_their_own_kind(tmp_path):
+    """Item 14/16: code tells a storage failure by its type, not by the text of its message."""
+    from dbmigrate.errors import BackupFailed, StorageFailed
+
+    storage = LocalStorage(tmp_path / "backups")
+    with pytest.raises(StorageFailed) as failed:
+        storage.read_text("test/db/missing.json")
+    assert isinstance(failed.value, BackupFailed) and "No such file or directory" in str(failed.value)
+    (tmp_path / "backups").write_text("a file where the directory should be")
+    with pytest.raises(StorageFailed):
+        storage.write_text("test/db/x.json", "{}")
+    assert not Path(tmp_path / "backups" / "test").exists()
