@@ -129,6 +129,7 @@ def test_the_newest_good_backup_survives_prune_when_newer_ones_are_damaged(pg_cl
     with open(store.root / truncated.key, "r+b") as dump:
         dump.truncate(truncated.size_bytes // 2)
 
+    assert [m.id for m in backup.prune(store, target, keep_last=1, keep_days=None, dry_run=True)] == [lost.id]
     listing = backup.catalogue(store, target)
     assert [(b.manifest.id, b.status) for b in listing.backups] == [
         (truncated.id, "damaged"), (lost.id, "damaged"), (good.id, "checked")]
@@ -136,8 +137,7 @@ def test_the_newest_good_backup_survives_prune_when_newer_ones_are_damaged(pg_cl
     with pytest.raises(ConfigError, match="is damaged \\(size differs: truncated or corrupted"):
         backup.find(store, target, truncated.id)
 
-    deleted = backup.prune(store, target, keep_last=1, keep_days=None)
-    assert [m.id for m in deleted] == [lost.id]
+    assert [m.id for m in backup.prune(store, target, keep_last=1, keep_days=None)] == [lost.id]
     assert [b.manifest.id for b in backup.catalogue(store, target).backups] == [truncated.id, good.id]
     assert (store.root / good.key).exists()
 
