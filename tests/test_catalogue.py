@@ -4,7 +4,10 @@ Real PostgreSQL, real pg_dump, moto's S3 server on loopback, a small tmpfs."""
 
 import json
 import os
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +75,22 @@ def test_prune_never_deletes_what_a_manifest_names_outside_the_storage(cli, url,
     assert all(any(key in w for w in warnings) for key in planted), pruned.stderr
     assert "nothing to prune" in pruned.stdout
     assert [m.id for m in backup.list_backups(store, as_url)] == [good.id]
+
+
+def test_a_dump_symlinked_out_of_the_storage_is_never_read(pg_cluster, target, store, tmp_path):
+    """Item 6: a planted symlink as a dump, with a manifest that names it properly."""
+    small_table(pg_cluster, target)
+    good = backup.take(target, store, None)
+    outside = tmp_path / "outside.dump"
+    outside.write_bytes((store.root / good.key).read_bytes())
+    name = "20000101T000000.000Z-link"
+    link = store.root / f"{good.key.rsplit('/', 1)[0]}/{name}.dump"
+    link.symlink_to(outside)
+    plant_manifest(store, good, name, key=f"{good.key.rsplit('/', 1)[0]}/{name}.dump")
+
+    assert [m.id for m in backup.list_backups(store, target)] == [good.id]
+    with pytest.raises(ConfigError, match="the manifest of backup .* is damaged \\(refusing storage key"):
+        backup.find(store, target, name)
 
 
 def test_an_environment_named_dotdot_writes_only_inside_the_storage(cli, url, pg_cluster, target, store):
@@ -185,8 +204,31 @@ def test_list_says_what_it_knows_of_each_backup(cli, url, pg_cluster, target, as
         pg_cluster.drop_database(target.database + "_copy")
 
 
+@pytest.fixture(scope="module")
+def s3_checking_credentials():
+    """A moto server that checks credentials and knows none: every key is wrong."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "moto did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
 S3_FAILURES = {
     "missing bucket": lambda endpoint: ("s3://no-such-bucket", {"AWS_ENDPOINT_URL": endpoint}, "NoSuchBucket"),
+    "wrong credentials": lambda endpoint: ("s3://some-bucket", {"AWS_ENDPOINT_URL": endpoint}, "InvalidAccessKeyId"),
     "no credentials": lambda endpoint: ("s3://some-bucket", {
         "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
         "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
@@ -197,10 +239,11 @@ S3_FAILURES = {
 
 
 @pytest.mark.parametrize("failure", list(S3_FAILURES))
-def test_s3_failures_are_one_line_errors(cli, url, s3_endpoint, failure):
-    """Item 14: list, prune and restore against a missing bucket, without credentials, and with
-    the endpoint down (a closed loopback port)."""
-    spec, aws, says = S3_FAILURES[failure](s3_endpoint)
+def test_s3_failures_are_one_line_errors(cli, url, s3_endpoint, failure, request):
+    """Item 14: list, prune and restore against a missing bucket, with wrong credentials, without
+    credentials, and with the endpoint down (a closed loopback port)."""
+    endpoint = request.getfixturevalue("s3_checking_credentials") if failure == "wrong credentials" else s3_endpoint
+    spec, aws, says = S3_FAILURES[failure](endpoint)
     env = {"DATABASE_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", **aws}
     for command in (["backups", "list"], ["backups", "prune", "--keep-last", "1"],
