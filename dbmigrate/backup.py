@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Iterator
 from sqlalchemy import text
 
 from dbmigrate import db, fingerprint, pgtools
-from dbmigrate.errors import BackupFailed, ConfigError
+from dbmigrate.errors import BackupFailed, ConfigError, first_line
 from dbmigrate.storage import CHUNK, LocalStorage, Storage
 from dbmigrate.target import DatabaseTarget
 
@@ -213,14 +213,19 @@ def take(
                 size, sha256 = _dump_directory(command, options.jobs, storage, key, target)
             else:
                 size, sha256 = _dump_stream(command, storage, key, target, options, on_progress)
-        except BaseException:
+        except BaseException as exc:
+            # A count that failed first aborted the snapshot's transaction, which is what pg_dump then
+            # failed on ("could not import the requested snapshot"): report the first cause.
+            counting_failed = count_errors[:1]  # before the cancel below adds one of its own
             conn.connection.dbapi_connection.cancel_safe()  # stop counting rows for a backup that failed
-            raise
-        finally:
             counter.join()
+            if counting_failed and isinstance(exc, Exception):
+                raise _counting_failed(counting_failed[0]) from exc
+            raise
+        counter.join()
         if count_errors:
             storage.delete(key)
-            raise BackupFailed(f"counting rows in the backup's snapshot failed: {count_errors[0]}")
+            raise _counting_failed(count_errors[0])
     manifest = Manifest(
         id=backup_id(key), environment=target.environment, database=target.database, key=key,
         location=storage.location(key), sha256=sha256, size_bytes=size,
@@ -238,6 +243,10 @@ def take(
     manifest.duration_s = round(time.monotonic() - started, 3)
     storage.write_text(manifest.manifest_key, manifest.to_json())
     return manifest
+
+
+def _counting_failed(exc: BaseException) -> BackupFailed:
+    return BackupFailed(f"counting rows in the backup's snapshot failed: {first_line(exc)}")
 
 
 def _dump_stream(command, storage: Storage, key: str, target: DatabaseTarget, options: DumpOptions,
