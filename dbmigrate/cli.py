@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import getpass
 import json
+import logging
 import math
 import os
 import re
@@ -575,6 +576,8 @@ def run(args) -> int:
         return cmd_heads(args, settings)
     if args.command == "generate":
         return cmd_generate(args, settings)
+    if args.env:  # Prefect's event worker says "Still processing items" on stderr as it flushes at exit
+        logging.getLogger("EventsWorker").setLevel(logging.ERROR)
     target = resolve(args.url, args.env, args.home)
     handler = {"health": cmd_health, "status": cmd_status, "check": cmd_check, "upgrade": cmd_migrate,
                "downgrade": cmd_migrate, "backup": cmd_backup, "backups": cmd_backups,
