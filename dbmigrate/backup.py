@@ -214,13 +214,12 @@ def take(
             else:
                 size, sha256 = _dump_stream(command, storage, key, target, options, on_progress)
         except BaseException as exc:
-            # A count that failed first aborted the snapshot's transaction, which is what pg_dump then
-            # failed on ("could not import the requested snapshot"): report the first cause.
-            counting_failed = count_errors[:1]  # before the cancel below adds one of its own
             conn.connection.dbapi_connection.cancel_safe()  # stop counting rows for a backup that failed
             counter.join()
-            if counting_failed and isinstance(exc, Exception):
-                raise _counting_failed(counting_failed[0]) from exc
+            # pg_dump could not import the snapshot because a count that failed first (a table this
+            # role cannot read) aborted the snapshot's transaction: that failure is the cause.
+            if count_errors and isinstance(exc, BackupFailed) and "snapshot" in str(exc):
+                raise _counting_failed(count_errors[0]) from exc
             raise
         counter.join()
         if count_errors:

@@ -186,8 +186,8 @@ def test_an_unreadable_table_is_named_by_the_backup(cli, pg_cluster, target, hom
         url = f"postgresql://{role}:{password}@127.0.0.1:{target.port}/{target.database}"
         result = cli("backup", env={"DATABASE_URL": url})
         assert result.returncode == 1
-        assert one_line_error(result) == ("dbmigrate: error: counting rows in the backup's snapshot failed: "
-                                          "permission denied for table secret")
+        line = one_line_error(result)
+        assert "permission denied for table secret" in line and "could not import" not in line, line
         assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "nothing stored"
     finally:
         with pg_cluster.admin(target.database) as conn:
