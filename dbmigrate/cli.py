@@ -57,7 +57,8 @@ def _number(unit: str, maximum: float, minimum: float = 0.0):
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number of {unit}: {value!r}") from None
         if not (math.isfinite(number) and minimum <= number <= maximum):
-            raise argparse.ArgumentTypeError(f"must be a number of {unit} from {minimum:g} to {maximum:g}: {value!r}")
+            raise argparse.ArgumentTypeError(
+                f"must be a number of {unit} from {minimum:.10g} to {maximum:.10g}: {value!r}")
         return number
 
     return parse
@@ -518,6 +519,9 @@ def cmd_backups(args, target, settings) -> int:
 
 
 def cmd_restore(args, target, settings) -> int:
+    rules = None if args.target_db else _policy(args, target)  # a new database: nothing existing changes
+    _check_policy(rules, target.environment, "restore over the original", not args.no_safety_backup,
+                  "drop --no-safety-backup")
     storage = settings.storage()
     manifest = backup.find(storage, target, args.backup_id)
     if args.target_db:
@@ -525,9 +529,6 @@ def cmd_restore(args, target, settings) -> int:
                                            args.jobs)
         print(f"restored {manifest.id} into new database {result.database}")
         return 0
-    rules = _policy(args, target)
-    _check_policy(rules, target.environment, "restore over the original", not args.no_safety_backup,
-                  "drop --no-safety-backup")
     approval = _approve(args, rules, target.environment, "restore over the database",
                         f"restore {target.where} ({target.environment}) from backup {manifest.id} "
                         f"(revision {manifest.revision or 'base'}):",

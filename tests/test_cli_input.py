@@ -266,3 +266,45 @@ def test_staging_works_as_before(cli, environment, prefect_api, target, at_0005,
     assert fingerprint_of(target).revisions == ("0004",)
     report = json.loads(reports_in(home)[-1].read_text())
     assert report["approval"]["via"] == "--yes" and report["backup"] is None
+
+
+def run_on_a_terminal(args: list[str], answers: dict[bytes, str], env: dict) -> tuple[int, str]:
+    """dbmigrate on a real pseudo-terminal, answering each prompt once as it appears."""
+    import pty
+    import sys
+
+    from tests.conftest import REPO
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-m", "dbmigrate", *args], env)
+    output, pending = b"", dict(answers)
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        for prompt in [p for p in pending if p in output]:
+            os.write(fd, pending.pop(prompt).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode()
+
+
+def test_on_a_terminal_the_approver_gives_a_name(environment, prefect_api, target, at_0005, home):
+    from tests.pgcluster import environ_without_db
+
+    environment("production", cli_changes_allowed=True)
+    env = {**environ_without_db(), "PREFECT_API_URL": prefect_api, "DBMIGRATE_HOME": str(home)}
+    args = ["downgrade", "-r", "0004", "--backup", "--yes", "--env", "production"]
+    code, output = run_on_a_terminal(args, {b"[y/N]": "y", b"approver's name:": ""}, env)
+    assert code == 2 and "requires the approver's name: nothing was changed" in output, output
+    assert fingerprint_of(target) == at_0005
+
+    code, output = run_on_a_terminal(args, {b"[y/N]": "y", b"approver's name:": "carol"}, env)
+    assert code == 0 and "succeeded: 0005 -> 0004" in output, output
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["approval"] == {"approved": True, "approver": "carol", "via": "terminal", "comment": ""}
