@@ -15,13 +15,12 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dbmigrate import __version__, backup, db, health, local, pipeline, restore, revisions
-from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError
+from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED
@@ -37,8 +36,6 @@ REPORT_NOT_WRITTEN = 3
 MAX_SECONDS = 2_147_483  # PostgreSQL keeps its timeouts as int milliseconds: about 24.8 days
 MAX_DAYS = 36_500
 MAX_JOBS = 128
-# A revision id, head(s), base, +N/-N, REV+N, or BRANCH@REV: Alembic asserts on "", "@" or "REV@".
-REVISION = re.compile(r"[\w.+-]+(@[\w.+-]+)?", re.ASCII)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,11 +80,10 @@ def _jobs(value: str) -> int:
 
 
 def _revision(value: str) -> str:
-    if not REVISION.fullmatch(value):
-        raise argparse.ArgumentTypeError(
-            f"malformed revision {value!r}: expected a revision id, head, heads, base, +N, -N or BRANCH@REV"
-        )
-    return value
+    try:
+        return revisions.check_syntax(value)
+    except RevisionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _approver(value: str) -> str:
