@@ -32,7 +32,6 @@ block); else the embedded local PostgreSQL under .dbmigrate/ (started on first u
 Exit codes: 0 ok, 1 the operation failed, 2 bad input or unreachable database,
 3 succeeded but the report could not be written."""
 
-REPORT_NOT_WRITTEN = 3
 MAX_SECONDS = 2_147_483  # PostgreSQL keeps its timeouts as int milliseconds: about 24.8 days
 MAX_DAYS = 36_500
 MAX_JOBS = 128
@@ -429,7 +428,7 @@ def _finish(outcome: pipeline.Outcome, target: DatabaseTarget, as_json: bool) ->
     print(f"dbmigrate: error: {target.redact(line)}", file=sys.stderr)
     if report_error is not None and not as_json:
         print(report.to_json(), end="", file=sys.stderr)
-    return error.exit_code if error is not None else REPORT_NOT_WRITTEN
+    return (error or report_error).exit_code
 
 
 def _summary(report) -> str:

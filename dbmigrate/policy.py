@@ -57,5 +57,5 @@ def load(environment: str) -> Policy:
         block = EnvironmentPolicy.load(environment)
     except ValueError:  # no block of that name: the defaults
         return for_environment(environment)
-    fields = Policy.__dataclass_fields__
-    return for_environment(environment, **{k: getattr(block, k) for k in fields if getattr(block, k, None) is not None})
+    overrides = {k: getattr(block, k) for k in Policy.__dataclass_fields__ if getattr(block, k) is not None}
+    return for_environment(environment, **overrides)
