@@ -73,6 +73,10 @@ class EnvironmentPolicy(Block):
     transient_retries: int | None = Field(default=None, title="Retries of connecting and uploading",
                                           description="The migration itself is never retried.")
     retry_delay_s: float | None = Field(default=None, title="Delay between retries (s)")
+    cli_changes_allowed: bool | None = Field(
+        default=None, title="Schema changes from the command line",
+        description="Allow upgrade, downgrade and restore over the original from `dbmigrate --env`; "
+                    "off, they run only through the db-migrate deployment.")
 
 
 __all__ = ["DatabaseCredentials", "EnvironmentPolicy"]

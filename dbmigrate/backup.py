@@ -28,7 +28,7 @@ from typing import BinaryIO, Callable, Iterator
 from sqlalchemy import text
 
 from dbmigrate import db, fingerprint, pgtools
-from dbmigrate.errors import BackupFailed, ConfigError
+from dbmigrate.errors import BackupFailed, ConfigError, first_line
 from dbmigrate.storage import CHUNK, LocalStorage, Storage
 from dbmigrate.target import DatabaseTarget
 
@@ -232,14 +232,18 @@ def take(
                 size, sha256 = _dump_directory(command, options.jobs, storage, key, target)
             else:
                 size, sha256 = _dump_stream(command, storage, key, target, options, on_progress)
-        except BaseException:
+        except BaseException as exc:
             conn.connection.dbapi_connection.cancel_safe()  # stop counting rows for a backup that failed
-            raise
-        finally:
             counter.join()
+            # pg_dump could not import the snapshot because a count that failed first (a table this
+            # role cannot read) aborted the snapshot's transaction: that failure is the cause.
+            if count_errors and isinstance(exc, BackupFailed) and "snapshot" in str(exc):
+                raise _counting_failed(count_errors[0]) from exc
+            raise
+        counter.join()
         if count_errors:
             storage.delete(key)
-            raise BackupFailed(f"counting rows in the backup's snapshot failed: {count_errors[0]}")
+            raise _counting_failed(count_errors[0])
     manifest = Manifest(
         id=backup_id(key), environment=target.environment, database=target.database, key=key,
         location=storage.location(key), sha256=sha256, size_bytes=size,
@@ -257,6 +261,10 @@ def take(
         storage.delete(key)  # a dump without its manifest is never listed: do not keep it either
         raise
     return manifest
+
+
+def _counting_failed(exc: BaseException) -> BackupFailed:
+    return BackupFailed(f"counting rows in the backup's snapshot failed: {first_line(exc)}")
 
 
 def _dump_stream(command, storage: Storage, key: str, target: DatabaseTarget, options: DumpOptions,

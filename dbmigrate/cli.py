@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 the operation ran and failed (a failed health check, a
 failed migration, ``check`` with pending revisions); 2 bad input or an
-unreachable database, with nothing changed.
+unreachable database, with nothing changed; 3 the upgrade or downgrade succeeded
+but its report could not be written (the report is then printed on stderr).
 """
 
 from __future__ import annotations
@@ -11,41 +12,99 @@ import argparse
 import dataclasses
 import getpass
 import json
+import logging
+import math
 import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dbmigrate import __version__, backup, db, health, local, pipeline, restore, revisions
-from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError
+from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError
 from dbmigrate.migrate import SessionLimits
+from dbmigrate.policy import Policy
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED
 from dbmigrate.target import DatabaseTarget, resolve
 
 EPILOG = """\
 Which database: --url or DATABASE_URL; else --env NAME (a Prefect DatabaseCredentials
 block); else the embedded local PostgreSQL under .dbmigrate/ (started on first use).
-Exit codes: 0 ok, 1 the operation failed, 2 bad input or unreachable database."""
+Exit codes: 0 ok, 1 the operation failed, 2 bad input or unreachable database,
+3 succeeded but the report could not be written."""
+
+MAX_SECONDS = 2_147_483  # PostgreSQL keeps its timeouts as int milliseconds: about 24.8 days
+MAX_DAYS = 36_500
+MAX_JOBS = 128
 
 
-def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value}")
-    return seconds
+class _Parser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"dbmigrate: error: {message} (see '{self.prog} --help')\n")
+
+
+def _number(unit: str, maximum: float, minimum: float = 0.0):
+    """An argparse type: a finite number from minimum to maximum (nan and inf are refused)."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {value!r}") from None
+        if not (math.isfinite(number) and minimum <= number <= maximum):
+            raise argparse.ArgumentTypeError(
+                f"must be a number of {unit} from {minimum:.10g} to {maximum:.10g}: {value!r}")
+        return number
+
+    return parse
+
+
+_seconds = _number("seconds", MAX_SECONDS)
+_connect_seconds = _number("seconds", MAX_SECONDS, minimum=1)  # libpq takes 0 as "wait forever"
+_days = _number("days", MAX_DAYS)
 
 
 def _positive_int(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit() and int(value) >= 1):
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {value!r}")
     return int(value)
 
 
+def _jobs(value: str) -> int:
+    jobs = _positive_int(value)
+    if jobs > MAX_JOBS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_JOBS} parallel jobs: {value!r}")
+    return jobs
+
+
+def _revision(value: str) -> str:
+    try:
+        return revisions.check_syntax(value)
+    except RevisionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _approver(value: str) -> str:
+    name = value.strip()
+    if not name or not name.isprintable() or len(name) > 100:
+        raise argparse.ArgumentTypeError(f"not a name: {value!r}")
+    return name
+
+
+def _report_path(value: str) -> Path:
+    """--json-report: refused before anything changes if it can never be written."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a directory: name a file")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {value!r}: {parent} is not a writable directory")
+    return path
+
+
 def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     where = common.add_argument_group("database and project")
     where.add_argument(
         "--url", help="database URL, postgresql://user:pass@host:port/db (prefer DATABASE_URL: argv is visible in ps)"
@@ -62,10 +121,11 @@ def _common() -> argparse.ArgumentParser:
     )
     where.add_argument(
         "--timeout",
-        type=_seconds,
+        type=_connect_seconds,
         default=db.DEFAULT_CONNECT_TIMEOUT,
         metavar="S",
-        help=f"seconds to wait for a database connection (default {db.DEFAULT_CONNECT_TIMEOUT:g}, minimum 2)",
+        help=f"seconds to wait for a database connection (default {db.DEFAULT_CONNECT_TIMEOUT:g}; "
+             "libpq waits at least 2)",
     )
     where.add_argument(
         "--storage",
@@ -85,7 +145,7 @@ def _dump_options(parser: argparse.ArgumentParser) -> None:
                        help="pg_dump compression: auto (zstd if this pg_dump has it, else gzip), zstd, gzip or none")
     group.add_argument("--verify-restore", action="store_true",
                        help="also restore the backup into a scratch database and compare row counts")
-    group.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
+    group.add_argument("--jobs", "-j", type=_jobs, default=1, metavar="N",
                        help="N > 1: pg_dump's parallel directory format (local storage only), for large databases")
 
 
@@ -93,6 +153,7 @@ def _migration_options(parser: argparse.ArgumentParser, revision_required: bool)
     parser.add_argument(
         "--revision",
         "-r",
+        type=_revision,
         required=revision_required,
         default=None if revision_required else "head",
         help="target revision" + ("" if revision_required else " (default: head)"),
@@ -101,8 +162,8 @@ def _migration_options(parser: argparse.ArgumentParser, revision_required: bool)
     parser.add_argument("--backup", action="store_true", help="back the database up before migrating")
     parser.add_argument("--skip-health-checks", action="store_true", help="skip the pre-flight checks")
     parser.add_argument("--skip-validation", action="store_true", help="skip the post-migration validation")
-    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    parser.add_argument("--json-report", type=Path, metavar="PATH", help="also write the JSON report here")
+    _confirmation_options(parser)
+    parser.add_argument("--json-report", type=_report_path, metavar="PATH", help="also write the JSON report here")
     limits = parser.add_argument_group("limits")
     limits.add_argument(
         "--lock-wait", type=_seconds, default=0.0, metavar="S",
@@ -118,8 +179,15 @@ def _migration_options(parser: argparse.ArgumentParser, revision_required: bool)
     )
 
 
+def _confirmation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    parser.add_argument("--approver", type=_approver, metavar="NAME",
+                        help="approve as NAME without asking (recorded in the report); needed instead of --yes "
+                             "where the environment's policy requires an approval")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dbmigrate",
         description="Safe PostgreSQL migrations with Alembic: health checks, backup, migrate, validate, report.",
         epilog=EPILOG,
@@ -148,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--target-db", metavar="NAME", help="restore into this new database instead")
     restore.add_argument("--no-safety-backup", action="store_true",
                          help="over the original: do not back up its current state first")
-    restore.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
+    restore.add_argument("--jobs", "-j", type=_jobs, default=1, metavar="N",
                          help="into a new database: restore a directory-format backup with N parallel jobs")
-    restore.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    _confirmation_options(restore)
     backups = sub.add_parser("backups", help="list or prune the backups of a database")
     backups_sub = backups.add_subparsers(dest="backups_command", required=True, metavar="ACTION")
     backups_sub.add_parser("list", parents=[common], help="valid backups, newest first",
@@ -158,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune = backups_sub.add_parser("prune", parents=[common], help="delete old backups",
                                    description="delete old backups; the newest verified one is always kept")
     prune.add_argument("--keep-last", type=int, required=True, metavar="N", help="keep the newest N backups")
-    prune.add_argument("--keep-days", type=float, metavar="D", help="and keep every backup younger than D days")
+    prune.add_argument("--keep-days", type=_days, metavar="D", help="and keep every backup younger than D days")
     prune.add_argument("--dry-run", action="store_true", help="show what would be deleted")
     generate = add("generate", "create a new revision file")
     generate.add_argument("-m", "--message", required=True, help="what the revision does")
@@ -268,20 +336,59 @@ def cmd_heads(args, settings) -> int:
     return 0
 
 
-def _confirm_on_terminal(operation: str, target: DatabaseTarget):
-    def confirm(plan: pipeline.Plan) -> pipeline.Approval:
-        if not sys.stdin.isatty():
-            raise ConfirmationRefused(f"refusing to {operation} without confirmation: no terminal to ask on (pass --yes)")
-        print(f"{operation} {target.where} ({target.environment}) from {plan.revision_before or 'base'}:")
-        for step in plan.steps:
-            print(f"  {step.revision}  {step.message}")
-        answer = input(f"apply {len(plan.steps)} revision(s)? [y/N] ")
-        return pipeline.Approval(answer.strip().lower() in ("y", "yes"), getpass.getuser(), "terminal")
+def _policy(args, target: DatabaseTarget) -> Policy | None:
+    """With --env the environment's policy applies on the command line too."""
+    if not args.env:
+        return None
+    from dbmigrate import policy  # policy.load imports Prefect: only on the --env path
 
-    return confirm
+    try:
+        return policy.load(target.environment)
+    except Exception as exc:  # the API went away since the credentials loaded: say so, in one line
+        raise ConfigError(f"cannot load the policy of '{target.environment}' from the Prefect API: "
+                          f"{type(exc).__name__}: {exc}") from None
+
+
+def _check_policy(rules: Policy | None, environment: str, operation: str, backed_up: bool, how_to_back_up: str) -> None:
+    """Refuse, before anything is read or changed, what the policy forbids."""
+    if rules is None:
+        return
+    if not rules.cli_changes_allowed:
+        raise ConfigError(f"{environment} changes run through the db-migrate deployment: the policy of {environment} "
+                          f"does not allow {operation} from the command line (cli_changes_allowed is off)")
+    if rules.backup_required and not backed_up:
+        raise ConfigError(f"the policy of {environment} requires a backup first: {how_to_back_up}")
+
+
+def _approve(args, rules: Policy | None, environment: str, operation: str, plan_text: str, question: str
+             ) -> pipeline.Approval:
+    """Who approved this change: --approver NAME; --yes where the policy asks no approval;
+    otherwise the operator on the terminal, by name where the policy requires an approval."""
+    by_name = rules is not None and rules.approval_required
+    if args.approver:
+        return pipeline.Approval(True, args.approver, "--approver")
+    if args.yes and not by_name:
+        return pipeline.Approval(True, getpass.getuser(), "--yes")
+    if not sys.stdin.isatty():
+        if by_name:
+            raise ConfirmationRefused(f"the policy of {environment} requires an approval by name: "
+                                      "pass --approver NAME (--yes is not enough) or run on a terminal")
+        raise ConfirmationRefused(f"refusing to {operation} without confirmation: no terminal to ask on (pass --yes)")
+    print(plan_text)
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        return pipeline.Approval(False, getpass.getuser(), "terminal")
+    if not by_name:
+        return pipeline.Approval(True, getpass.getuser(), "terminal")
+    name = input("approver's name: ").strip()
+    if not name:
+        raise ConfirmationRefused(f"the policy of {environment} requires the approver's name: nothing was changed")
+    return pipeline.Approval(True, name, "terminal")
 
 
 def cmd_migrate(args, target, settings) -> int:
+    rules = _policy(args, target)
+    if not args.dry_run:
+        _check_policy(rules, target.environment, args.command, args.backup, "add --backup")
     request = pipeline.Request(
         operation=args.command,
         revision=args.revision,
@@ -291,24 +398,54 @@ def cmd_migrate(args, target, settings) -> int:
         skip_validation=args.skip_validation,
         json_report=args.json_report,
     )
-    hooks = pipeline.Hooks(on_progress=_print_progress)
-    if not args.yes:
-        hooks.confirm = _confirm_on_terminal(args.command, target)
-    outcome = pipeline.execute(target, settings, request, hooks)
+
+    def confirm(plan: pipeline.Plan) -> pipeline.Approval:
+        steps = "".join(f"\n  {step.revision}  {step.message}" for step in plan.steps)
+        return _approve(args, rules, target.environment, args.command,
+                        f"{args.command} {target.where} ({target.environment}) from {plan.revision_before or 'base'}:"
+                        f"{steps}", f"apply {len(plan.steps)} revision(s)?")
+
+    outcome = pipeline.execute(target, settings, request, pipeline.Hooks(confirm=confirm, on_progress=_print_progress))
     report = outcome.report
     if args.json:
-        _print_json({**report.as_dict(), "report_path": str(outcome.report_path), "sql": outcome.sql})
+        _print_json({**report.as_dict(), "report_path": outcome.report_path, "sql": outcome.sql,
+                     "report_error": outcome.report_error and str(outcome.report_error)})
     else:
         _print_outcome(outcome)
-    if outcome.error is not None:
-        print(f"dbmigrate: error: {target.redact(str(outcome.error))}", file=sys.stderr)
-        return outcome.error.exit_code
-    return 0
+    return _finish(outcome, target, args.json)
+
+
+def _finish(outcome: pipeline.Outcome, target: DatabaseTarget, as_json: bool) -> int:
+    """The error line and the exit code. A report that could not be written is said in the same
+    line as what happened to the database, and the report goes to stderr instead (--json: stdout has it)."""
+    report, error, report_error = outcome.report, outcome.error, outcome.report_error
+    if error is None and report_error is None:
+        return 0
+    if error is None:
+        line = f"{report.operation} {_summary(report)}, but {report_error}"
+    else:
+        line = f"{error}" + (f"; and {report_error}" if report_error else "")
+    print(f"dbmigrate: error: {target.redact(line)}", file=sys.stderr)
+    if report_error is not None and not as_json:
+        print(report.to_json(), end="", file=sys.stderr)
+    return (error or report_error).exit_code
+
+
+def _summary(report) -> str:
+    before = report.revision_before or "base"
+    if report.status == NOOP:
+        return f"had nothing to do: database already at {before}"
+    if report.status == DRY_RUN:
+        return f"dry run: {len(report.migrations_planned)} revision(s) from {before}; nothing was changed"
+    if report.status == SUCCEEDED:
+        return f"succeeded: {before} -> {report.revision_after or 'base'}"
+    if report.error["phase"] in ("migrate", "validate"):
+        return f"failed in {report.error['phase']}: database at {report.revision_after or 'base'}"
+    return f"failed in {report.error['phase']}: nothing was changed"
 
 
 def _print_outcome(outcome: pipeline.Outcome) -> None:
     report = outcome.report
-    before = report.revision_before or "base"
     if outcome.sql is not None:
         print(outcome.sql, end="")
     if report.backup:
@@ -317,18 +454,8 @@ def _print_outcome(outcome: pipeline.Outcome) -> None:
     verb = "applied: " if report.operation == "upgrade" else "reverted:"
     for step in report.migrations_applied:
         print(f"{verb} {step['revision']}  {step['message']}  ({step['duration_s']}s)")
-    if report.status == NOOP:
-        summary = f"had nothing to do: database already at {before}"
-    elif report.status == DRY_RUN:
-        summary = f"dry run: {len(report.migrations_planned)} revision(s) from {before}; nothing was changed"
-    elif report.status == SUCCEEDED:
-        summary = f"succeeded: {before} -> {report.revision_after or 'base'}"
-    elif report.error["phase"] in ("migrate", "validate"):
-        summary = f"failed in {report.error['phase']}: database at {report.revision_after or 'base'}"
-    else:
-        summary = f"failed in {report.error['phase']}: nothing was changed"
-    print(f"{report.operation} {summary} ({report.as_dict()['duration_s']}s)")
-    print(f"report:   {outcome.report_path}")
+    print(f"{report.operation} {_summary(report)} ({report.as_dict()['duration_s']}s)")
+    print(f"report:   {outcome.report_path or 'not written (see stderr)'}")
 
 
 def _print_progress(size: int, rate: float) -> None:
@@ -408,6 +535,9 @@ def cmd_backups(args, target, settings) -> int:
 
 
 def cmd_restore(args, target, settings) -> int:
+    rules = None if args.target_db else _policy(args, target)  # a new database: nothing existing changes
+    _check_policy(rules, target.environment, "restore over the original", not args.no_safety_backup,
+                  "drop --no-safety-backup")
     storage = settings.storage()
     manifest = backup.find(storage, target, args.backup_id)
     if args.target_db:
@@ -415,14 +545,13 @@ def cmd_restore(args, target, settings) -> int:
                                            args.jobs)
         print(f"restored {manifest.id} into new database {result.database}")
         return 0
-    if not args.yes:
-        question = (f"replace the contents of {target.where} ({target.environment}) with backup {manifest.id} "
-                    f"(revision {manifest.revision or 'base'})? [y/N] ")
-        if not sys.stdin.isatty():
-            raise ConfirmationRefused("refusing to restore over the database without confirmation: "
-                                      "no terminal to ask on (pass --yes)")
-        if input(question).strip().lower() not in ("y", "yes"):
-            raise ConfirmationRefused("not confirmed: nothing was changed")
+    approval = _approve(args, rules, target.environment, "restore over the database",
+                        f"restore {target.where} ({target.environment}) from backup {manifest.id} "
+                        f"(revision {manifest.revision or 'base'}):",
+                        "replace the contents of the database with this backup?")
+    if not approval.approved:
+        raise ConfirmationRefused(f"not approved by {approval.approver}: nothing was changed")
+    print(f"restore approved by {approval.approver} ({approval.via})")
     result = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout, settings.guard_wait_s,
                                          None if args.no_safety_backup else settings.dump, _print_progress)
     if result.safety_backup:
@@ -464,6 +593,8 @@ def run(args) -> int:
         return cmd_heads(args, settings)
     if args.command == "generate":
         return cmd_generate(args, settings)
+    if args.env:  # Prefect's event worker says "Still processing items" on stderr as it flushes at exit
+        logging.getLogger("EventsWorker").setLevel(logging.ERROR)
     target = resolve(args.url, args.env, args.home)
     handler = {"health": cmd_health, "status": cmd_status, "check": cmd_check, "upgrade": cmd_migrate,
                "downgrade": cmd_migrate, "backup": cmd_backup, "backups": cmd_backups,

@@ -55,6 +55,22 @@ class MigrationFailed(DbMigrateError):
     exit_code = 1
 
 
+class ReportNotWritten(DbMigrateError):
+    """The run's report could not be written (a full disk, a bad path); ``written`` is
+    where it was written after all, if anywhere."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, written=None):
+        super().__init__(message)
+        self.written = written
+
+
+def first_line(exc: BaseException) -> str:
+    """The line of an error worth showing: the database's own message, not SQLAlchemy's wrapping."""
+    return (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class StepFailed(MigrationFailed):
     """A revision failed; ``applied`` lists the steps the database kept."""
 

@@ -14,9 +14,18 @@ from pathlib import Path
 from typing import Callable
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from dbmigrate import __version__, backup, db, fingerprint, guard, health, migrate, revisions
-from dbmigrate.errors import ConfirmationRefused, DbMigrateError, MigrationFailed, RevisionError, StepFailed
+from dbmigrate.errors import (
+    ConfirmationRefused,
+    DbMigrateError,
+    MigrationFailed,
+    ReportNotWritten,
+    RevisionError,
+    StepFailed,
+    first_line,
+)
 from dbmigrate.backup import DumpOptions, ProgressFn
 from dbmigrate.health import FAIL, OK, Check
 from dbmigrate.migrate import AppliedStep, SessionLimits
@@ -86,9 +95,10 @@ class Plan:
 @dataclass
 class Outcome:
     report: Report
-    report_path: Path
+    report_path: Path | None  # None: the report could not be written (see report_error)
     error: DbMigrateError | None = None
     sql: str | None = None
+    report_error: ReportNotWritten | None = None
 
 
 def preflight(target: DatabaseTarget, project: Project, settings: Settings, revision: str) -> list[Check]:
@@ -134,15 +144,22 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
     try:
         migrate.run(project, plan.target, upgrade=upgrade, limits=settings.limits, on_step=ran.append)
     except Exception as exc:
-        failing = plan.steps[len(ran)].revision if len(ran) < len(plan.steps) else "?"
-        first_line = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
-        message = f"revision {failing} failed: {target.redact(first_line)}"
         try:
             kept = kept_steps(target, settings, ran)
         except DbMigrateError:  # the database cannot be asked: report what ran rather than lose this error
             kept = ran
-        raise StepFailed(message, kept) from exc
+        raise StepFailed(f"{_what_failed(exc, plan, ran, kept)}: {target.redact(first_line(exc))}", kept) from exc
     return ran
+
+
+def _what_failed(exc: Exception, plan: Plan, ran: list[AppliedStep], kept: list[AppliedStep]) -> str:
+    """The revision to blame. A statement fails in the revision after those that ran. An
+    error without a statement comes from COMMIT (a deferred constraint): it fails the steps
+    that ran but the database did not keep, all of them (one transaction) or the last one."""
+    if isinstance(exc, DBAPIError) and exc.statement is None and ran:
+        committed = [step.revision for step in ran[len(kept):] or ran[-1:]]
+        return f"commit of revision{'s' if len(committed) > 1 else ''} {', '.join(committed)} failed"
+    return f"revision {plan.steps[len(ran)].revision if len(ran) < len(plan.steps) else '?'} failed"
 
 
 def kept_steps(target: DatabaseTarget, settings: Settings, ran: list[AppliedStep]) -> list[AppliedStep]:
@@ -219,7 +236,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         operator=request.operator,
         tool_version=__version__,
     )
-    outcome = Outcome(report, Path())
+    outcome = Outcome(report, None)
     phase, touched = "load", False
     run = hooks.run_phase
     manifest = before = storage = None
@@ -287,7 +304,10 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             report.revision_after = _revision_after(target, settings)
         if storage is not None and not isinstance(storage, LocalStorage):
             _copy_report_beside_backups(report, storage, target)
-        outcome.report_path = report.write(settings.reports_dir, request.json_report)
+        try:
+            outcome.report_path = report.write(settings.reports_dir, request.json_report)
+        except ReportNotWritten as exc:  # the run's own outcome (perhaps a committed migration) still stands
+            outcome.report_path, outcome.report_error = exc.written, exc
     return outcome
 
 

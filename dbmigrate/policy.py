@@ -1,9 +1,11 @@
 """What each environment allows: the rules the db-migrate flow enforces.
 
 Production is strict by default: a backup is mandatory, a human approves in the
-Prefect UI, and nothing rolls back on its own (an operator decides). Development
-and staging roll back automatically on failure. Any other environment name gets
-the production rules: an unknown environment is treated as one that matters.
+Prefect UI, nothing rolls back on its own (an operator decides), and its schema
+changes only through the db-migrate deployment, never from the command line, so
+the Prefect run history stays the one audit trail. Development and staging roll
+back automatically on failure. Any other environment name gets the production
+rules: an unknown environment is treated as one that matters.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Policy:
     guard_wait_s: float = 0.0
     transient_retries: int = 2  # connecting and uploading; the migration itself is never retried
     retry_delay_s: float = 10.0
+    cli_changes_allowed: bool = False  # upgrade, downgrade and restore over the original from `dbmigrate --env`
 
     def check(self, backup: bool) -> None:
         if self.backup_required and not backup:
@@ -32,7 +35,7 @@ class Policy:
 
 
 STRICT = Policy()
-RELAXED = Policy(backup_required=False, approval_required=False, auto_rollback=True)
+RELAXED = Policy(backup_required=False, approval_required=False, auto_rollback=True, cli_changes_allowed=True)
 DEFAULTS = {"production": STRICT, "staging": RELAXED, "development": RELAXED, "local": RELAXED}
 
 
@@ -43,3 +46,16 @@ def for_environment(name: str, **overrides) -> Policy:
     if unknown:
         raise ConfigError(f"unknown policy setting(s): {', '.join(sorted(unknown))}")
     return replace(base, **overrides)
+
+
+def load(environment: str) -> Policy:
+    """The environment's default policy with the EnvironmentPolicy block of that name applied.
+    Imports Prefect: only the flows and the CLI's ``--env`` path call it."""
+    from blocks import EnvironmentPolicy
+
+    try:
+        block = EnvironmentPolicy.load(environment)
+    except ValueError:  # no block of that name: the defaults
+        return for_environment(environment)
+    overrides = {k: getattr(block, k) for k in Policy.__dataclass_fields__ if getattr(block, k) is not None}
+    return for_environment(environment, **overrides)

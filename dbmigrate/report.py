@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from dbmigrate.errors import ReportNotWritten
 
 SUCCEEDED, FAILED, DRY_RUN, NOOP = "succeeded", "failed", "dry_run", "noop"
 
@@ -64,12 +67,30 @@ class Report:
         return f"{stamp}-{re.sub(r'[^A-Za-z0-9._-]+', '_', self.target_revision)}.json"
 
     def write(self, reports_dir: Path, extra_path: Path | None = None) -> Path:
-        """Write to ``reports_dir`` (and a copy to ``extra_path``); returns the main path."""
-        reports_dir.mkdir(parents=True, exist_ok=True)
+        """Write to ``reports_dir`` (and a copy to ``extra_path``); returns the main path.
+        Raises ReportNotWritten naming every path that failed, after trying them all."""
         path = reports_dir / self.file_name()
         body = self.to_json()
-        path.write_text(body)
-        if extra_path is not None:
-            extra_path.parent.mkdir(parents=True, exist_ok=True)
-            extra_path.write_text(body)
+        written, failed = [], []
+        for destination in (path, extra_path) if extra_path is not None else (path,):
+            try:
+                _write_whole(destination, body)
+                written.append(destination)
+            except OSError as exc:
+                failed.append(f"{destination}: {exc.strerror or exc}")
+        if failed:
+            raise ReportNotWritten(f"the report could not be written to {'; '.join(failed)}",
+                                   written[0] if written else None)
         return path
+
+
+def _write_whole(path: Path, body: str) -> None:
+    """All of the report or none of it: a full disk must not leave a truncated report behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        partial.write_text(body)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -7,6 +7,7 @@ the in-memory Config and never written to disk.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,16 @@ from dbmigrate.target import DatabaseTarget
 
 DEFAULT_CONFIG = "alembic.ini"
 VERSION_TABLE = "alembic_version"
+# A revision id, head(s), base, +N/-N, REV+N or BRANCH@REV. Alembic asserts on "", "@" or "REV@".
+_SYNTAX = re.compile(r"[\w.+-]+(@[\w.+-]+)?", re.ASCII)
+
+
+def check_syntax(revision: str) -> str:
+    if not _SYNTAX.fullmatch(revision):
+        raise RevisionError(
+            f"malformed revision {revision!r}: expected a revision id, head, heads, base, +N, -N or BRANCH@REV"
+        )
+    return revision
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Project:
 
     def resolve(self, revision: str) -> str:
         """Validate a target: one known revision, 'heads', 'base', or relative."""
+        check_syntax(revision)
         heads = self.heads
         if revision == "head" and len(heads) > 1:
             raise RevisionError(

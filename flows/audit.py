@@ -35,24 +35,12 @@ from prefect.states import Running
 
 from dbmigrate import pipeline
 from dbmigrate.errors import MigrationFailed
-from dbmigrate.policy import Policy, for_environment
+from dbmigrate.policy import load as policy_for  # noqa: F401  (the flows call it audit.policy_for)
 
 
 def artifact_key(environment: str) -> str:
     # Artifact keys allow lowercase letters, digits and dashes only.
     return "db-migrate-" + "".join(c if c.isalnum() else "-" for c in environment.lower())
-
-
-def policy_for(environment: str) -> Policy:
-    """The default policy of the environment, with the EnvironmentPolicy block of that name applied."""
-    from blocks import EnvironmentPolicy
-
-    try:
-        block = EnvironmentPolicy.load(environment)
-    except ValueError:
-        return for_environment(environment)
-    fields = Policy.__dataclass_fields__
-    return for_environment(environment, **{k: getattr(block, k) for k in fields if getattr(block, k) is not None})
 
 
 def tag_run(environment: str) -> None:

@@ -1,0 +1,310 @@
+"""Input the command line must refuse before anything changes, the environment's policy on
+the command line, a report that cannot be written after the migration committed, and
+errors blamed on what really failed (issue 8, items 5, 14 and 18)."""
+
+import json
+import os
+import subprocess
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from dbmigrate import db
+from tests.conftest import fingerprint_of, reports_in
+from tests.projects import linear, stock_project
+
+
+def stderr_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if not line.startswith("INFO  [alembic")]
+
+
+def one_line_error(result) -> str:
+    lines = stderr_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def at_0002(cli, url, target):
+    assert cli("upgrade", "-r", "0002", "--yes", env={"DATABASE_URL": url}).returncode == 0
+    return fingerprint_of(target)
+
+
+def test_numbers_are_checked_before_anything_runs(cli, url, target, at_0002, home):
+    reports = reports_in(home)
+    cases = [
+        ["upgrade", "--yes", "--timeout", "nan"],
+        ["upgrade", "--yes", "--timeout", "inf"],
+        ["upgrade", "--yes", "--timeout", "0"],
+        ["status", "--timeout", "nan"],
+        ["upgrade", "--yes", "--lock-timeout", "nan"],
+        ["upgrade", "--yes", "--lock-timeout", "inf"],
+        ["upgrade", "--yes", "--lock-timeout", "1e12"],
+        ["upgrade", "--yes", "--statement-timeout", "nan"],
+        ["upgrade", "--yes", "--statement-timeout", "-1"],
+        ["upgrade", "--yes", "--lock-wait", "inf"],
+        ["upgrade", "--yes", "--backup", "--jobs", "0"],
+        ["upgrade", "--yes", "--backup", "--jobs", "\u00b2"],
+        ["upgrade", "--yes", "--backup", "--jobs", "100000"],
+        ["backup", "--jobs", "nan"],
+        ["restore", "some-id", "--yes", "--jobs", "-1"],
+        ["backups", "prune", "--keep-last", "1", "--keep-days", "nan"],
+        ["backups", "prune", "--keep-last", "1", "--keep-days", "inf"],
+    ]
+    for args in cases:
+        result = cli(*args, env={"DATABASE_URL": url})
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        line = one_line_error(result)
+        assert args[-1] in line or repr(args[-1]) in line, (args, line)
+    assert fingerprint_of(target) == at_0002
+    assert reports_in(home) == reports, "refused before the run: no report"
+
+
+def test_malformed_revisions_are_refused(cli, url, target, at_0002):
+    for command in ("upgrade", "downgrade"):
+        for revision in ("", "@", "0001@", "@0001", " ", "0001 "):
+            result = cli(command, "-r", revision, "--yes", env={"DATABASE_URL": url})
+            assert result.returncode == 2, (command, revision, result.stderr)
+            assert f"malformed revision {revision!r}" in one_line_error(result)
+    assert fingerprint_of(target) == at_0002
+
+
+def test_a_json_report_that_can_never_be_written_is_refused_first(cli, url, target, at_0002, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for path, expected in ((tmp_path, "is a directory"), (a_file / "report.json", "is not a writable directory")):
+        result = cli("upgrade", "--yes", "--json-report", str(path), env={"DATABASE_URL": url})
+        assert result.returncode == 2
+        assert expected in one_line_error(result)
+    assert fingerprint_of(target) == at_0002
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """Mount a tiny tmpfs at a path and fill it: every write there fails with ENOSPC."""
+    mounted = []
+
+    def mount(path):
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(path)
+        fd = os.open(path / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_report_on_a_full_disk_after_the_commit_says_the_migration_was_applied(
+        cli, url, target, at_0002, home, tmp_path, full_disk):
+    # --json-report on a full disk: the main report is still written.
+    elsewhere = full_disk(tmp_path / "small") / "copy.json"
+    result = cli("upgrade", "-r", "0003", "--yes", "--json-report", str(elsewhere), env={"DATABASE_URL": url})
+    assert result.returncode == 3, result.stderr
+    line = stderr_lines(result)[0]
+    assert line.startswith("dbmigrate: error: upgrade succeeded: 0002 -> 0003, but the report could not be "
+                           f"written to {elsewhere}: No space left on device"), line
+    assert fingerprint_of(target).revisions == ("0003",)
+    assert json.loads(reports_in(home)[-1].read_text())["revision_after"] == "0003"
+    assert os.listdir(elsewhere.parent) == ["filler"], "no partial report left behind"
+
+    # --home's reports directory on a full disk: the report goes to stderr instead.
+    full_disk(home / "reports")
+    result = cli("upgrade", "-r", "0004", "--yes", env={"DATABASE_URL": url})
+    assert result.returncode == 3, result.stderr
+    line, *rest = stderr_lines(result)
+    assert line.startswith("dbmigrate: error: upgrade succeeded: 0003 -> 0004, but the report could not be "
+                           f"written to {home / 'reports'}/"), line
+    assert line.endswith(": No space left on device")
+    copy = json.loads("\n".join(rest))
+    assert copy["status"] == "succeeded" and copy["revision_after"] == "0004"
+    assert "report:   not written (see stderr)" in result.stdout
+    assert fingerprint_of(target).revisions == ("0004",)
+    assert os.listdir(home / "reports") == ["filler"]
+
+    # --json: stdout still carries the report, saying it was not written.
+    result = cli("upgrade", "-r", "0005", "--yes", "--json", env={"DATABASE_URL": url})
+    assert result.returncode == 3
+    printed = json.loads(result.stdout)
+    assert printed["status"] == "succeeded" and printed["report_path"] is None
+    assert printed["report_error"].endswith("No space left on device")
+    assert len(stderr_lines(result)) == 1
+
+
+# --- item 18: errors blamed on what failed -----------------------------------------------
+
+DEFERRED_FK = ("op.execute('CREATE TABLE parent (id int PRIMARY KEY); CREATE TABLE child "
+               "(parent_id int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)')")
+ORPHAN = "op.execute('INSERT INTO child VALUES (42)')"  # violates the foreign key, but only at COMMIT
+
+
+def test_a_deferred_constraint_failing_at_commit_names_the_revision(cli, url, target, home, tmp_path):
+    ini = str(stock_project(tmp_path, linear(DEFERRED_FK, ORPHAN)))
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    before = fingerprint_of(target)
+    result = cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert result.returncode == 1
+    assert one_line_error(result) == ('dbmigrate: error: commit of revision r2 failed: insert or update on table '
+                                      '"child" violates foreign key constraint "child_parent_id_fkey"')
+    assert fingerprint_of(target) == before
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["migrations_applied"] == [] and report["revision_after"] == "r1"
+
+
+def test_with_one_transaction_per_revision_the_commit_that_failed_is_named(cli, url, target, home, tmp_path):
+    ini = str(stock_project(tmp_path, linear(DEFERRED_FK, ORPHAN, "op.execute('SELECT 1')"),
+                            transaction_per_migration=True))
+    result = cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert result.returncode == 1
+    assert "commit of revision r2 failed: insert or update on table \"child\"" in one_line_error(result)
+    assert fingerprint_of(target).revisions == ("r1",)
+    with db.connect(target) as conn:
+        assert conn.execute(text("SELECT count(*) FROM child")).scalar_one() == 0
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert [m["revision"] for m in report["migrations_applied"]] == ["r1"] and report["revision_after"] == "r1"
+
+
+def test_an_unreadable_table_is_named_by_the_backup(cli, pg_cluster, target, home):
+    """The backup role cannot read one table: the first cause, not pg_dump's snapshot error."""
+    role, password = "reader_" + uuid.uuid4().hex[:8], uuid.uuid4().hex
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        conn.execute("CREATE TABLE readable (id int); CREATE TABLE secret (id int)")
+        conn.execute(f"GRANT SELECT ON readable TO {role}")
+    try:
+        url = f"postgresql://{role}:{password}@127.0.0.1:{target.port}/{target.database}"
+        result = cli("backup", env={"DATABASE_URL": url})
+        assert result.returncode == 1
+        line = one_line_error(result)
+        assert "permission denied for table secret" in line and "could not import" not in line, line
+        assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "nothing stored"
+    finally:
+        with pg_cluster.admin(target.database) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+# --- item 5: the environment's policy on the command line --------------------------------
+
+@pytest.fixture
+def at_0005(cli, url, target):
+    assert cli("upgrade", "-r", "0005", "--yes", env={"DATABASE_URL": url}).returncode == 0
+    return fingerprint_of(target)
+
+
+def test_production_changes_only_through_the_deployment(cli, environment, prefect_api, target, at_0005, home):
+    env = {"PREFECT_API_URL": prefect_api}
+    environment("production")
+    for args in (["downgrade", "-r", "0004", "--yes"],
+                 ["downgrade", "-r", "0004", "--backup", "--approver", "alice"],
+                 ["upgrade", "--backup", "--approver", "alice"]):
+        result = cli(*args, "--env", "production", env=env)
+        assert result.returncode == 2, result.stderr
+        assert one_line_error(result) == (
+            "dbmigrate: error: production changes run through the db-migrate deployment: the policy of production "
+            f"does not allow {args[0]} from the command line (cli_changes_allowed is off)")
+    dry_run = cli("downgrade", "-r", "0004", "--dry-run", "--env", "production", env=env)
+    assert dry_run.returncode == 0, "a dry run changes nothing: allowed"
+    backup = cli("backup", "--env", "production", "--json", env=env)
+    assert backup.returncode == 0, backup.stderr
+    restore = cli("restore", json.loads(backup.stdout)["id"], "--approver", "alice", "--env", "production", env=env)
+    assert restore.returncode == 2 and "does not allow restore over the original" in one_line_error(restore)
+    assert fingerprint_of(target) == at_0005
+
+
+def test_production_policy_needs_a_backup_and_a_named_approver(cli, environment, prefect_api, target, at_0005,
+                                                               home):
+    env = {"PREFECT_API_URL": prefect_api}
+    environment("production", cli_changes_allowed=True)
+    refused = cli("downgrade", "-r", "0004", "--yes", "--env", "production", env=env)
+    assert refused.returncode == 2
+    assert one_line_error(refused) == "dbmigrate: error: the policy of production requires a backup first: add --backup"
+
+    refused = cli("downgrade", "-r", "0004", "--yes", "--backup", "--env", "production", env=env)
+    assert refused.returncode == 2
+    assert one_line_error(refused) == (
+        "dbmigrate: error: the policy of production requires an approval by name: pass --approver NAME "
+        "(--yes is not enough) or run on a terminal")
+    assert fingerprint_of(target) == at_0005
+
+    done = cli("downgrade", "-r", "0004", "--backup", "--approver", "alice", "--env", "production", env=env)
+    assert done.returncode == 0, done.stderr
+    assert fingerprint_of(target).revisions == ("0004",)
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["environment"] == "production" and report["status"] == "succeeded"
+    assert report["approval"] == {"approved": True, "approver": "alice", "via": "--approver", "comment": ""}
+    assert report["backup"] is not None
+
+    backup_id = report["backup"]["id"]
+    refused = cli("restore", backup_id, "--yes", "--no-safety-backup", "--env", "production", env=env)
+    assert refused.returncode == 2 and "requires a backup first: drop --no-safety-backup" in one_line_error(refused)
+    refused = cli("restore", backup_id, "--yes", "--env", "production", env=env)
+    assert refused.returncode == 2 and "requires an approval by name" in one_line_error(refused)
+    assert fingerprint_of(target).revisions == ("0004",)
+    restored = cli("restore", backup_id, "--approver", "alice", "--env", "production", env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert "restore approved by alice (--approver)" in restored.stdout
+    assert fingerprint_of(target) == at_0005
+
+
+def test_staging_works_as_before(cli, environment, prefect_api, target, at_0005, home):
+    env = {"PREFECT_API_URL": prefect_api}
+    environment("staging")
+    done = cli("downgrade", "-r", "0004", "--yes", "--env", "staging", env=env)
+    assert done.returncode == 0, done.stderr
+    assert fingerprint_of(target).revisions == ("0004",)
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["approval"]["via"] == "--yes" and report["backup"] is None
+
+
+def run_on_a_terminal(args: list[str], answers: dict[bytes, str], env: dict) -> tuple[int, str]:
+    """dbmigrate on a real pseudo-terminal, answering each prompt once as it appears."""
+    import pty
+    import sys
+
+    from tests.conftest import REPO
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-m", "dbmigrate", *args], env)
+    output, pending = b"", dict(answers)
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        for prompt in [p for p in pending if p in output]:
+            os.write(fd, pending.pop(prompt).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode()
+
+
+def test_on_a_terminal_the_approver_gives_a_name(environment, prefect_api, target, at_0005, home):
+    from tests.pgcluster import environ_without_db
+
+    environment("production", cli_changes_allowed=True)
+    env = {**environ_without_db(), "PREFECT_API_URL": prefect_api, "DBMIGRATE_HOME": str(home)}
+    args = ["downgrade", "-r", "0004", "--backup", "--yes", "--env", "production"]
+    code, output = run_on_a_terminal(args, {b"[y/N]": "y", b"approver's name:": ""}, env)
+    assert code == 2 and "requires the approver's name: nothing was changed" in output, output
+    assert fingerprint_of(target) == at_0005
+
+    code, output = run_on_a_terminal(args, {b"[y/N]": "y", b"approver's name:": "carol"}, env)
+    assert code == 0 and "succeeded: 0005 -> 0004" in output, output
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["approval"] == {"approved": True, "approver": "carol", "via": "terminal", "comment": ""}
