@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from dbmigrate import db, fingerprint, pgtools
 from dbmigrate.errors import BackupFailed, ConfigError, DbMigrateError
@@ -158,6 +159,7 @@ def compression_for(pg_dump: Path, pg_dump_major: int, requested: str) -> str:
     return requested
 
 
+_NOT_A_REASON = re.compile(r"\b(?:NOTICE|WARNING|INFO|LOG|DETAIL|HINT|CONTEXT|LOCATION):", re.IGNORECASE)
 # "pg_restore: error: ", "psql:<stdin>:12: ERROR:  55P03: " (psql with VERBOSITY=verbose names the SQLSTATE)
 _TOOL_PREFIX = re.compile(r"^(?:[\w.]+:(?:\S*?:\d+:)? )?(?:error|fatal):\s+(?:[0-9A-Z]{5}: )?", re.IGNORECASE)
 
@@ -166,12 +168,14 @@ def stderr_tail(proc: subprocess.Popen, target: DatabaseTarget, stderr: str | No
     """What went wrong with a PostgreSQL tool: the signal that killed it, or the line of its
     stderr (``stderr``: already read) that says why it failed."""
     if proc.returncode is not None and proc.returncode < 0:
-        return f"{Path(proc.args[0]).name} was killed by signal {-proc.returncode} ({signal.Signals(-proc.returncode).name})"
+        number = -proc.returncode
+        return f"{Path(proc.args[0]).name} was killed by signal {number} ({signal.Signals(number).name})"
     if stderr is None:
         stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     lines = stderr.strip().splitlines()
-    errors = [line for line in lines if "error:" in line.lower() or "fatal:" in line.lower()]
-    line = _TOOL_PREFIX.sub("", (errors or lines or [f"exit status {proc.returncode}"])[0])
+    errors = ([line for line in lines if "error:" in line.lower() or "fatal:" in line.lower()]
+              or [line for line in lines if not _NOT_A_REASON.search(line)])
+    line = _TOOL_PREFIX.sub("", (errors or [f"exit status {proc.returncode}"])[0])
     details = [d.split("detail:", 1)[1].strip() for d in lines if "detail:" in d]
     return target.redact(line + (f" ({'; '.join(details)})" if details else ""))
 
@@ -274,7 +278,7 @@ def _dump_directory(command, jobs: int, storage: LocalStorage, key: str, target:
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **target.libpq_env()})
     if proc.returncode != 0:
         storage.delete(key)
-        raise BackupFailed(f"pg_dump failed: {stderr_tail(proc, target)}")
+        raise BackupFailed(f"pg_dump failed: {stderr_tail(proc, target, proc.stderr.decode(errors='replace'))}")
     return directory_digest(path)
 
 
@@ -428,7 +432,10 @@ def drop_database(target: DatabaseTarget, name: str, timeout: float) -> None:
 
 def _outside_transaction(target: DatabaseTarget, statement: str, timeout: float) -> None:
     with db.connect(target, timeout, isolation_level="AUTOCOMMIT") as conn:
-        db.execute_literal(conn, statement)
+        try:
+            db.execute_literal(conn, statement)
+        except DBAPIError as exc:  # no permission, a name in use
+            raise BackupFailed(f"{statement}: {str(exc.orig).strip().splitlines()[0]}") from None
 
 
 def restore_checked(target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path, timeout: float,

@@ -186,19 +186,19 @@ def _replay(applier: _Psql, prelude: bytes, pg_restore: Path, storage: Storage, 
 def _forward(prelude: bytes, restoring: subprocess.Popen, psql: subprocess.Popen) -> bytes | None:
     """Copy the prelude and pg_restore's output into psql, all but the last TAIL_BYTES,
     which are returned. None: psql stopped reading (it failed), and pg_restore is stopped."""
-    held = b""
+    held = bytearray()  # pg_restore writes in small pieces: gather them, forward a CHUNK at a time
     try:
         psql.stdin.write(prelude)
-        while chunk := restoring.stdout.read1(CHUNK):
-            held += chunk
-            if len(held) > TAIL_BYTES:
-                psql.stdin.write(held[:-TAIL_BYTES])
-                held = held[-TAIL_BYTES:]
+        while piece := restoring.stdout.read1(CHUNK):
+            held += piece
+            if len(held) >= TAIL_BYTES + CHUNK:
+                psql.stdin.write(memoryview(held)[:-TAIL_BYTES])
+                del held[:-TAIL_BYTES]
         psql.stdin.flush()
     except BrokenPipeError:
         restoring.kill()
         return None
-    return held
+    return bytes(held)
 
 
 def _ends_with_commit(tail: bytes) -> bool:
