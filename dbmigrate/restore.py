@@ -66,11 +66,10 @@ def into_new_database(
         major, _ = db.server_version(conn)
         if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
             raise ConfigError(f"database '{name}' already exists: choose another --target-db")
-    pg_restore = pgtools.find("pg_restore", major)
-    backup.check_stored(storage, manifest, pg_restore)  # a missing or damaged backup makes no database
     backup.create_database(target, name, timeout)
     try:
-        backup.restore_checked(target.with_database(name), storage, manifest, pg_restore, timeout, jobs)
+        backup.restore_checked(target.with_database(name), storage, manifest, pgtools.find("pg_restore", major),
+                               timeout, jobs)
     except BaseException:
         backup.drop_database(target, name, timeout)
         raise
