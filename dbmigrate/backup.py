@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -26,9 +27,10 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from dbmigrate import db, fingerprint, pgtools
-from dbmigrate.errors import BackupFailed, ConfigError, first_line
+from dbmigrate.errors import BackupFailed, ConfigError, DbMigrateError, first_line
 from dbmigrate.storage import CHUNK, LocalStorage, Storage
 from dbmigrate.target import DatabaseTarget
 
@@ -176,12 +178,23 @@ def compression_for(pg_dump: Path, pg_dump_major: int, requested: str) -> str:
     return requested
 
 
-def stderr_tail(proc: subprocess.Popen, target: DatabaseTarget) -> str:
-    """The line of a PostgreSQL tool's stderr that says what went wrong."""
-    lines = (proc.stderr.read().decode(errors="replace") if proc.stderr else "").strip().splitlines()
-    errors = [line for line in lines if "error:" in line.lower() or "fatal:" in line.lower()]
-    line = (errors or lines or [f"exit status {proc.returncode}"])[0]
-    line = re.sub(r"^[\w.]+: (error|fatal): ", "", line, flags=re.IGNORECASE)
+_NOT_A_REASON = re.compile(r"\b(?:NOTICE|WARNING|INFO|LOG|DETAIL|HINT|CONTEXT|LOCATION):", re.IGNORECASE)
+# "pg_restore: error: ", "psql:<stdin>:12: ERROR:  55P03: " (psql with VERBOSITY=verbose names the SQLSTATE)
+_TOOL_PREFIX = re.compile(r"^(?:[\w.]+:(?:\S*?:\d+:)? )?(?:error|fatal):\s+(?:[0-9A-Z]{5}: )?", re.IGNORECASE)
+
+
+def stderr_tail(proc: subprocess.Popen, target: DatabaseTarget, stderr: str | None = None) -> str:
+    """What went wrong with a PostgreSQL tool: the signal that killed it, or the line of its
+    stderr (``stderr``: already read) that says why it failed."""
+    if proc.returncode is not None and proc.returncode < 0:
+        number = -proc.returncode
+        return f"{Path(proc.args[0]).name} was killed by signal {number} ({signal.Signals(number).name})"
+    if stderr is None:
+        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    lines = stderr.strip().splitlines()
+    errors = ([line for line in lines if "error:" in line.lower() or "fatal:" in line.lower()]
+              or [line for line in lines if not _NOT_A_REASON.search(line)])
+    line = _TOOL_PREFIX.sub("", (errors or [f"exit status {proc.returncode}"])[0])
     details = [d.split("detail:", 1)[1].strip() for d in lines if "detail:" in d]
     return target.redact(line + (f" ({'; '.join(details)})" if details else ""))
 
@@ -292,7 +305,7 @@ def _dump_directory(command, jobs: int, storage: LocalStorage, key: str, target:
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **target.libpq_env()})
     if proc.returncode != 0:
         storage.delete(key)
-        raise BackupFailed(f"pg_dump failed: {stderr_tail(proc, target)}")
+        raise BackupFailed(f"pg_dump failed: {stderr_tail(proc, target, proc.stderr.decode(errors='replace'))}")
     return directory_digest(path)
 
 
@@ -340,13 +353,15 @@ def pg_restore_process(pg_restore: Path, args: list[str], storage: Storage, mani
     running = Restoring(proc)
     try:
         if path is not None:
-            digest = _in_background(lambda: stored_sha256(path, manifest.format)) if checksum else None
+            digest = in_background(lambda: stored_sha256(path, manifest.format)) if checksum else None
             yield running
             proc.wait()
-            running.sha256 = digest() if digest else None
+            with _reading(manifest.location):
+                running.sha256 = digest() if digest else None
         else:
             yield running
-            running.sha256 = feed(storage, manifest.key, proc).hexdigest()
+            with _reading(manifest.location):
+                running.sha256 = feed(storage, manifest.key, proc).hexdigest()
             proc.wait()
     except BaseException:
         proc.kill()
@@ -354,7 +369,18 @@ def pg_restore_process(pg_restore: Path, args: list[str], storage: Storage, mani
         raise
 
 
-def _in_background(work: Callable[[], str]) -> Callable[[], str]:
+@contextmanager
+def _reading(location: str) -> Iterator[None]:
+    """A backup that cannot be read back, as one line."""
+    try:
+        yield
+    except DbMigrateError:
+        raise
+    except Exception as exc:  # OSError from a file; botocore's own errors (no common base) from S3
+        raise BackupFailed(f"reading {location} failed: {first_line(exc)}") from None
+
+
+def in_background(work: Callable[[], str]) -> Callable[[], str]:
     """Start ``work`` in a daemon thread; call the result to wait for its value. A caller
     that gives up (an error, Ctrl-C) does not wait for it."""
     outcome: dict = {}
@@ -394,11 +420,8 @@ class Restoring:
 
 def check_stored(storage: Storage, manifest: Manifest, pg_restore: Path) -> None:
     """Re-read the stored backup: its sha256 must match and pg_restore must read it."""
-    try:
-        with pg_restore_process(pg_restore, ["--list"], storage, manifest) as restoring:
-            pass
-    except OSError as exc:
-        raise BackupFailed(f"verify: reading {manifest.location} back failed: {exc}") from None
+    with pg_restore_process(pg_restore, ["--list"], storage, manifest) as restoring:
+        pass
     if restoring.sha256 != manifest.sha256:
         raise BackupFailed(f"verify: {manifest.location} does not match its sha256")
     if restoring.proc.returncode != 0:
@@ -420,16 +443,37 @@ def restore_into(target: DatabaseTarget, storage: Storage, manifest: Manifest, p
         raise BackupFailed(f"{manifest.location} no longer matches its sha256")
 
 
+def create_database(target: DatabaseTarget, name: str, timeout: float) -> None:
+    _outside_transaction(target, f"CREATE DATABASE {db.identifier(name)}", timeout)
+
+
 def scratch_database(target: DatabaseTarget, label: str, timeout: float) -> DatabaseTarget:
     name = f"dbmigrate_{label}_{uuid.uuid4().hex[:8]}"
-    with db.connect(target, timeout, isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    create_database(target, name, timeout)
     return target.with_database(name)
 
 
 def drop_database(target: DatabaseTarget, name: str, timeout: float) -> None:
+    _outside_transaction(target, f"DROP DATABASE IF EXISTS {db.identifier(name)} WITH (FORCE)", timeout)
+
+
+def _outside_transaction(target: DatabaseTarget, statement: str, timeout: float) -> None:
     with db.connect(target, timeout, isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        try:
+            db.execute_literal(conn, statement)
+        except DBAPIError as exc:  # no permission, a name in use
+            raise BackupFailed(f"{statement}: {str(exc.orig).strip().splitlines()[0]}") from None
+
+
+def restore_checked(target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path, timeout: float,
+                    jobs: int = 1) -> None:
+    """:func:`restore_into`, then the restored row counts must be the manifest's."""
+    restore_into(target, storage, manifest, pg_restore, jobs)
+    with db.connect(target, timeout) as conn:
+        restored = fingerprint.row_counts(conn)
+    if restored != manifest.row_counts:
+        differ = fingerprint.tables_differing(restored, manifest.row_counts)
+        raise BackupFailed(f"row counts after the restore differ from the manifest in {', '.join(differ)}")
 
 
 def verify_restore(
@@ -438,12 +482,7 @@ def verify_restore(
     """Restore into a scratch database and compare per-table row counts with the manifest."""
     scratch = scratch_database(target, "verify", timeout)
     try:
-        restore_into(scratch, storage, manifest, pg_restore, jobs)
-        with db.connect(scratch, timeout) as conn:
-            restored = fingerprint.row_counts(conn)
-        if restored != manifest.row_counts:
-            differ = fingerprint.tables_differing(restored, manifest.row_counts)
-            raise BackupFailed(f"verify-restore: row counts differ from the manifest in {', '.join(differ)}")
+        restore_checked(scratch, storage, manifest, pg_restore, timeout, jobs)
     finally:
         drop_database(target, scratch.database, timeout)
     manifest.checks["restore"] = True

@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--jobs", "-j", type=_jobs, default=1, metavar="N",
                          help="into a new database: restore a directory-format backup with N parallel jobs")
     _confirmation_options(restore)
+    restore.add_argument("--lock-timeout", type=_seconds, default=SessionLimits.lock_timeout_s, metavar="S",
+                         help="over the original: give up when a lock is not granted within S seconds, rather "
+                         f"than queue the application's queries behind it (default {SessionLimits.lock_timeout_s:g})")
     backups = sub.add_parser("backups", help="list or prune the backups of a database")
     backups_sub = backups.add_subparsers(dest="backups_command", required=True, metavar="ACTION")
     backups_sub.add_parser("list", parents=[common], help="valid backups, newest first",
@@ -553,7 +556,8 @@ def cmd_restore(args, target, settings) -> int:
         raise ConfirmationRefused(f"not approved by {approval.approver}: nothing was changed")
     print(f"restore approved by {approval.approver} ({approval.via})")
     result = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout, settings.guard_wait_s,
-                                         None if args.no_safety_backup else settings.dump, _print_progress)
+                                         None if args.no_safety_backup else settings.dump, _print_progress,
+                                         settings.limits.lock_timeout_s)
     if result.safety_backup:
         print(f"safety backup of the previous state: {result.safety_backup.id}")
     print(f"restored {manifest.id} over {target.where}")

@@ -69,3 +69,13 @@ def server_version(conn: Connection) -> tuple[int, str]:
 
 def database_size(conn: Connection) -> int:
     return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+
+
+def identifier(name: str) -> str:
+    """``name`` as one quoted SQL identifier, whatever it holds (quotes, spaces, semicolons)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def execute_literal(conn: Connection, statement: str):
+    """Run ``statement`` as written: no ':name' or '%s' in a quoted name is taken for a parameter."""
+    return conn.exec_driver_sql(statement.replace("%", "%%"))  # psycopg reads '%%' as '%'

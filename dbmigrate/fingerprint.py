@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from dbmigrate import revisions
+from dbmigrate import db, revisions
 
 _SCHEMA_QUERIES = (
     "SELECT table_name, column_name, data_type, is_nullable, column_default, character_maximum_length "
@@ -42,7 +42,7 @@ def row_counts(conn: Connection) -> dict[str, int]:
             "FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 2"
         )
     ).all()
-    return {t.name: int(conn.execute(text(f"SELECT count(*) FROM {t.qualified}")).scalar_one()) for t in tables}
+    return {t.name: int(db.execute_literal(conn, f"SELECT count(*) FROM {t.qualified}").scalar_one()) for t in tables}
 
 
 def tables_differing(a: dict[str, int], b: dict[str, int]) -> list[str]:

@@ -73,9 +73,11 @@ def start(home: Path) -> LocalServer:
 def _ensure_database(server: LocalServer) -> None:
     import psycopg
 
+    from dbmigrate.db import identifier
+
     with psycopg.connect(host=server.socket_dir, user="postgres", dbname="postgres", autocommit=True) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
-            conn.execute(f'CREATE DATABASE "{DATABASE}"')
+            conn.execute(f"CREATE DATABASE {identifier(DATABASE)}")
 
 
 def stop(home: Path) -> bool:

@@ -1,25 +1,41 @@
 """Restore a backup into a new database, or over the original.
 
-Over the original, everything happens in one transaction: the user schemas are
-dropped and the backup's script replayed by psql with ON_ERROR_STOP, so a failed
-restore rolls back and leaves the database as it was. A safety backup of the
-current state is taken first unless the operator declines it.
+Over the original, everything happens in one transaction that only dbmigrate commits.
+psql reads its input from us: our prelude (BEGIN, bounded lock waits, the user schemas
+dropped), then pg_restore's ``--single-transaction`` script, but for its last bytes,
+which hold the script's COMMIT. Those follow only once pg_restore exited 0 and the whole
+stored object was read and matched its sha256. Any other end (a tool killed, the storage
+failing, dbmigrate itself dying) ends psql without that COMMIT, and the server rolls the
+transaction back. A safety backup of the current state is taken first unless the
+operator declines it.
+
+Into a new database, the copy is checked against the manifest's row counts, and a
+failed or mismatching copy is dropped.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
 
 from sqlalchemy import text
 
 from dbmigrate import backup, db, guard, pgtools, revisions
 from dbmigrate.backup import DumpOptions, Manifest, ProgressFn
 from dbmigrate.errors import BackupFailed, ConfigError
-from dbmigrate.storage import Storage
+from dbmigrate.migrate import SessionLimits
+from dbmigrate.storage import CHUNK, Storage
 from dbmigrate.target import DatabaseTarget
+
+# Held back from psql until every check passed. pg_restore writes only a few comment lines
+# and psql's \unrestrict after its COMMIT; _ends_with_commit proves the COMMIT was held.
+TAIL_BYTES = 64 << 10
+LOCK_NOT_AVAILABLE = "55P03"  # the SQLSTATE of a lock_timeout
 
 
 @dataclass
@@ -36,16 +52,24 @@ def _user_schemas(conn) -> list[str]:
     )).scalars())
 
 
+def _check_new_name(name: str) -> None:
+    # PostgreSQL would truncate a longer name; a '?' does not survive the connection URL.
+    if not name or len(name.encode()) > 63 or "?" in name or "\0" in name:
+        raise ConfigError(f"cannot use {name!r} as a database name: 1 to 63 bytes, without '?'")
+
+
 def into_new_database(
     target: DatabaseTarget, storage: Storage, manifest: Manifest, name: str, timeout: float, jobs: int = 1
 ) -> RestoreResult:
-    with db.connect(target, timeout, isolation_level="AUTOCOMMIT") as conn:
+    _check_new_name(name)
+    with db.connect(target, timeout) as conn:
         major, _ = db.server_version(conn)
         if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
             raise ConfigError(f"database '{name}' already exists: choose another --target-db")
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    backup.create_database(target, name, timeout)
     try:
-        backup.restore_into(target.with_database(name), storage, manifest, pgtools.find("pg_restore", major), jobs)
+        backup.restore_checked(target.with_database(name), storage, manifest, pgtools.find("pg_restore", major),
+                               timeout, jobs)
     except BaseException:
         backup.drop_database(target, name, timeout)
         raise
@@ -58,31 +82,144 @@ def over_original(
     manifest: Manifest,
     timeout: float,
     take_safety_backup: Callable[[], Manifest] | None,
+    lock_timeout_s: float = SessionLimits.lock_timeout_s,
 ) -> RestoreResult:
     with db.connect(target, timeout) as conn:
         major, _ = db.server_version(conn)
     pg_restore, psql = pgtools.find("pg_restore", major), pgtools.find("psql", major)
-    # psql commits at the end of its input: prove the object intact before replaying any of it.
+    # Fail before the safety backup and before any lock is taken if the backup is unreadable.
     backup.check_stored(storage, manifest, pg_restore)
     safety = take_safety_backup() if take_safety_backup else None
     with db.connect(target, timeout) as conn:
-        schemas = _user_schemas(conn)
-    drops = "".join(f'DROP SCHEMA "{s}" CASCADE; ' for s in schemas)
-    # pg_dump omits CREATE SCHEMA public (initdb makes it), so recreate it as initdb would.
-    prelude = drops + "CREATE SCHEMA public AUTHORIZATION pg_database_owner;"
-    psql_command = [str(psql), "--no-psqlrc", "--quiet", "--single-transaction", "--set=ON_ERROR_STOP=1",
-                    f"--command={prelude}", "--file=-", "--no-password"]
-    # Checked above: psql commits before a checksum taken during the replay could be compared.
-    with backup.pg_restore_process(pg_restore, ["--file=-"], storage, manifest, stdout=subprocess.PIPE,
-                                   checksum=False) as r:
-        applier = subprocess.Popen(psql_command, stdin=r.proc.stdout, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, env={**os.environ, **target.libpq_env()})
-        r.proc.stdout.close()  # psql owns the read end now
-    applier.wait()
-    if applier.returncode != 0 or r.proc.returncode != 0:
-        failed = applier if applier.returncode != 0 else r.proc
-        raise BackupFailed(f"restore failed, database left as it was: {backup.stderr_tail(failed, target)}")
+        prelude = _prelude(_user_schemas(conn), lock_timeout_s)
+    with _Psql.start(psql, target, major, lock_timeout_s, timeout) as applier:
+        try:
+            _replay(applier, prelude, pg_restore, storage, manifest, target)
+        except BackupFailed as exc:
+            raise BackupFailed(f"restore failed, database left as it was: {exc}") from None
     return RestoreResult(manifest.id, target.database, safety)
+
+
+def _prelude(schemas: list[str], lock_timeout_s: float) -> bytes:
+    drops = "".join(f"DROP SCHEMA {db.identifier(s)} CASCADE;\n" for s in schemas)
+    return (
+        "BEGIN;\n"
+        # These lock waits queue the application's queries behind them: bounded. (The script's own
+        # SET lock_timeout = 0 comes later, once every object it replaces is locked.)
+        f"SET LOCAL lock_timeout = {int(lock_timeout_s * 1000)};\n"
+        "SET LOCAL client_min_messages = warning;\n"  # no NOTICE per object dropped
+        f"{drops}"
+        # pg_dump omits CREATE SCHEMA public (initdb makes it), so recreate it as initdb would.
+        "CREATE SCHEMA public AUTHORIZATION pg_database_owner;\n"
+        # Large objects belong to no schema; the backup brings its own.
+        "SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata;\n"
+    ).encode()
+
+
+@dataclass
+class _Psql:
+    """psql reading a script from us, and how to say why it failed."""
+
+    proc: subprocess.Popen
+    stderr: BinaryIO  # a file, not a pipe: psql never waits for us to read its warnings
+    target: DatabaseTarget
+    lock_timeout_s: float
+    timeout: float
+
+    @classmethod
+    @contextmanager
+    def start(cls, psql: Path, target: DatabaseTarget, server_major: int, lock_timeout_s: float,
+              timeout: float) -> Iterator[_Psql]:
+        env = {**os.environ, **target.libpq_env(), "PGAPPNAME": "dbmigrate restore"}
+        if server_major >= 14:  # a psql that died is noticed within a second, even mid-statement
+            env["PGOPTIONS"] = f"{os.environ.get('PGOPTIONS', '')} -c client_connection_check_interval=1000".strip()
+        with tempfile.TemporaryFile() as stderr:
+            proc = subprocess.Popen(
+                [str(psql), "--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1", "--set=VERBOSITY=verbose",
+                 "--no-password", "--file=-"],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+            )
+            yield cls(proc, stderr, target, lock_timeout_s, timeout)
+
+    def failure(self) -> str:
+        """Why psql ended on its own: a signal, a lock not granted in time (naming its holders), an error."""
+        self.proc.wait()
+        self.stderr.seek(0)
+        stderr = self.stderr.read().decode(errors="replace")
+        if self.proc.returncode > 0 and LOCK_NOT_AVAILABLE in stderr:
+            return (f"a lock was not granted within the lock timeout ({self.lock_timeout_s:g}s); "
+                    f"held by {_lock_holders(self.target, self.timeout)}")
+        return backup.stderr_tail(self.proc, self.target, stderr)
+
+
+def _replay(applier: _Psql, prelude: bytes, pg_restore: Path, storage: Storage, manifest: Manifest,
+            target: DatabaseTarget) -> None:
+    """Feed psql the prelude and the backup's script; send the COMMIT only if nothing failed."""
+    psql = applier.proc
+    try:
+        with backup.pg_restore_process(pg_restore, ["--single-transaction", "--file=-"], storage, manifest,
+                                       stdout=subprocess.PIPE) as restoring:
+            forwarded = backup.in_background(lambda: _forward(prelude, restoring.proc, psql))
+        tail = forwarded()
+        if tail is None or psql.poll() is not None:
+            raise BackupFailed(applier.failure())
+        if restoring.proc.returncode != 0:
+            raise BackupFailed(backup.stderr_tail(restoring.proc, target))
+        if restoring.sha256 != manifest.sha256:
+            raise BackupFailed(f"{manifest.location} does not match its sha256")
+        if not _ends_with_commit(tail):
+            raise BackupFailed("pg_restore's script does not end with its COMMIT")
+        try:
+            psql.stdin.write(tail)
+            psql.stdin.close()
+        except BrokenPipeError:
+            pass  # psql ended first: its own reason follows
+    except BaseException:
+        psql.kill()  # SIGKILL: psql never reads an end of input it could take for the end of the script
+        psql.wait()
+        raise
+    if psql.wait() != 0:
+        raise BackupFailed(applier.failure())
+
+
+def _forward(prelude: bytes, restoring: subprocess.Popen, psql: subprocess.Popen) -> bytes | None:
+    """Copy the prelude and pg_restore's output into psql, all but the last TAIL_BYTES,
+    which are returned. None: psql stopped reading (it failed), and pg_restore is stopped."""
+    held = bytearray()  # pg_restore writes in small pieces: gather them, forward a CHUNK at a time
+    try:
+        psql.stdin.write(prelude)
+        while piece := restoring.stdout.read1(CHUNK):
+            held += piece
+            if len(held) >= TAIL_BYTES + CHUNK:
+                psql.stdin.write(memoryview(held)[:-TAIL_BYTES])
+                del held[:-TAIL_BYTES]
+        psql.stdin.flush()
+    except BrokenPipeError:
+        restoring.kill()
+        return None
+    return bytes(held)
+
+
+def _ends_with_commit(tail: bytes) -> bool:
+    """The tail holds the script's COMMIT and, after it, nothing but comments and \\unrestrict."""
+    _, commit, rest = tail.rpartition(b"\nCOMMIT;\n")
+    return bool(commit) and all(not line.strip() or line.startswith((b"--", b"\\unrestrict "))
+                                for line in rest.splitlines())
+
+
+def _lock_holders(target: DatabaseTarget, timeout: float) -> str:
+    """The sessions holding locks on user tables: pid, application, state and first line of query."""
+    with db.connect(target, timeout) as conn:
+        rows = conn.execute(text(
+            "SELECT DISTINCT a.pid, a.application_name, a.state, split_part(a.query, E'\\n', 1) AS query "
+            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE l.granted AND l.pid <> pg_backend_pid() "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema' ORDER BY a.pid"
+        )).all()
+    sessions = [f"pid {r.pid} (application '{r.application_name}', {r.state}: {r.query[:100]})" for r in rows]
+    return ", ".join(sessions) or "a session that has finished since"
 
 
 def replace_with_backup(
@@ -93,6 +230,7 @@ def replace_with_backup(
     guard_wait_s: float,
     safety_backup: DumpOptions | None,
     on_progress: ProgressFn | None = None,
+    lock_timeout_s: float = SessionLimits.lock_timeout_s,
 ) -> RestoreResult:
     """Restore over the original as an operator asks for it: holding the migration guard,
     after a backup of the current state (``safety_backup`` None: without one)."""
@@ -103,4 +241,5 @@ def replace_with_backup(
         return backup.take(target, storage, revision, safety_backup, on_progress, timeout)
 
     with guard.hold(target, "restore", guard_wait_s, timeout):
-        return over_original(target, storage, manifest, timeout, take_safety_backup if safety_backup else None)
+        return over_original(target, storage, manifest, timeout, take_safety_backup if safety_backup else None,
+                             lock_timeout_s)

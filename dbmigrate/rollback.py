@@ -60,7 +60,7 @@ def roll_back(
                                   problem + "no backup to restore")
         method = "restore"
         try:
-            restore.over_original(target, storage, backup, timeout, take_safety_backup=None)
+            restore.over_original(target, storage, backup, timeout, None, settings.limits.lock_timeout_s)
         except Exception as exc:
             after = _state(target, timeout)
             return RollbackResult(True, method, False, ",".join(after.revisions) or None,

@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
-from dbmigrate.errors import ConfigError, StorageFailed
+from dbmigrate.errors import ConfigError, StorageFailed, first_line
 
 CHUNK = 1 << 20
 S3_PREFIX = "s3-bucket/"
@@ -214,7 +214,7 @@ class S3Storage:
             self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=config)
         except (*_s3_errors(), OSError) as exc:
             self._abort_leftovers(key)
-            raise StorageFailed(f"storage: upload to {self.location(key)} failed: {_one_line(exc)}") from None
+            raise StorageFailed(f"storage: upload to {self.location(key)} failed: {first_line(exc)}") from None
 
     def _abort_leftovers(self, key: str, attempts: int = 3) -> None:
         """Abort any multipart upload of this key that s3transfer could not abort itself
@@ -271,13 +271,9 @@ class S3Storage:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def _reason(exc: BaseException) -> str:
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
 
 
 def local_directory(spec: str | None, home: Path) -> Path | None:
@@ -300,7 +296,7 @@ def open_storage(spec: str | None, home: Path) -> Storage:
         try:
             client = boto3.client("s3")
         except (*_s3_errors(), ValueError) as exc:  # a bad AWS_ENDPOINT_URL, an unknown AWS_PROFILE
-            raise ConfigError(f"cannot set up an S3 client for '{spec}': {_one_line(exc)}") from None
+            raise ConfigError(f"cannot set up an S3 client for '{spec}': {first_line(exc)}") from None
         return S3Storage(client, bucket, folder)
     if spec and spec.startswith(S3_PREFIX):
         name = spec[len(S3_PREFIX):]
@@ -311,6 +307,6 @@ def open_storage(spec: str | None, home: Path) -> Storage:
         except ValueError:
             raise ConfigError(f"no S3Bucket block named '{name}'") from None
         except Exception as exc:
-            raise ConfigError(f"cannot load S3Bucket block '{name}' from the Prefect API: {_one_line(exc)}") from None
+            raise ConfigError(f"cannot load S3Bucket block '{name}' from the Prefect API: {first_line(exc)}") from None
         return S3Storage.from_block(block)
     return LocalStorage(local_directory(spec, home))

@@ -1,0 +1,294 @@
+"""Restores that fail part-way: whatever dies (pg_restore, psql, dbmigrate itself, the
+stored object), a restore over the original commits all of the backup or nothing, and
+a restore into a new database leaves either a checked copy or no database at all."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from dbmigrate import backup, pipeline, restore, rollback
+from dbmigrate.errors import BackupFailed
+from dbmigrate.storage import LocalStorage, S3Storage
+from tests.conftest import REPO, assert_no_canary, fingerprint_of
+from tests.pgcluster import environ_without_db
+from tests.projects import linear, stock_project
+from tests.test_backups import fill
+
+ROWS = 300_000  # enough for the COPY of the replay to last a while
+
+
+def one_line_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), stderr
+    return lines[0]
+
+
+def start_cli(home, *args: str, env: dict) -> subprocess.Popen:
+    """`python -m dbmigrate ARGS` in the background, for tests that act while it runs."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dbmigrate", *args], cwd=REPO, text=True,
+        env={**environ_without_db(), "DBMIGRATE_HOME": str(home), **env},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    assert_no_canary(out + err, "the output of dbmigrate")
+    return proc.returncode, err
+
+
+def wait_for(pg_cluster, database: str, condition: str, proc: subprocess.Popen | None = None) -> None:
+    """Until a session of ``database`` matches ``condition`` (SQL over pg_stat_activity)."""
+    deadline = time.monotonic() + 60
+    with pg_cluster.admin() as conn:
+        while time.monotonic() < deadline:
+            if conn.execute(f"SELECT 1 FROM pg_stat_activity WHERE datname = %s AND {condition}",
+                            (database,)).fetchone():
+                return
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"dbmigrate ended first: {proc.stderr.read()}")
+            time.sleep(0.01)
+    raise AssertionError(f"no session of {database} came to {condition}")
+
+
+IN_COPY = "state = 'active' AND query LIKE 'COPY %%FROM stdin%%'"
+
+
+def tool(parent_pid: int, name: str) -> psutil.Process:
+    found = [p for p in psutil.Process(parent_pid).children(recursive=True) if p.name() == name]
+    assert len(found) == 1, f"{name} among the children of {parent_pid}: {found}"
+    return found[0]
+
+
+def backup_via_cli(cli, url) -> dict:
+    taken = cli("backup", "--json", env={"DATABASE_URL": url})
+    assert taken.returncode == 0, taken.stderr
+    return json.loads(taken.stdout)
+
+
+@pytest.fixture
+def local_storage(tmp_path):
+    return LocalStorage(tmp_path / "backups")
+
+
+@pytest.fixture
+def big_backup(cli, url, pg_cluster, target):
+    """A backup of a large table, then the database changed: (manifest, the state now)."""
+    fill(pg_cluster, target, ROWS)
+    manifest = backup_via_cli(cli, url)
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("DELETE FROM payload WHERE id % 3 = 0")
+        conn.execute("CREATE TABLE added_later (id int)")
+    return manifest, fingerprint_of(target)
+
+
+def test_a_replay_whose_tool_is_killed_mid_copy_commits_nothing(big_backup, pg_cluster, target, url, home):
+    """Item 1a and 18: pg_restore or psql SIGKILLed while the data is copied: a one-line
+    error naming the signal, and the database exactly as it was."""
+    manifest, before = big_backup
+    for victim in ("pg_restore", "psql"):
+        proc = start_cli(home, "restore", manifest["id"], "--yes", "--no-safety-backup", env={"DATABASE_URL": url})
+        wait_for(pg_cluster, target.database, IN_COPY, proc)
+        tool(proc.pid, victim).send_signal(signal.SIGKILL)
+        code, err = finish(proc)
+        assert code == 1
+        assert one_line_error(err) == ("dbmigrate: error: restore failed, database left as it was: "
+                                       f"{victim} was killed by signal 9 (SIGKILL)")
+        assert fingerprint_of(target) == before, f"{victim} killed mid-COPY: nothing may be committed"
+
+
+def test_dbmigrate_killed_mid_replay_commits_nothing(big_backup, pg_cluster, target, url, home):
+    """Item 10: the dbmigrate process SIGKILLed mid-replay: its psql and pg_restore end
+    without committing, and none of them is left running."""
+    manifest, before = big_backup
+    proc = start_cli(home, "restore", manifest["id"], "--yes", "--no-safety-backup", env={"DATABASE_URL": url})
+    wait_for(pg_cluster, target.database, IN_COPY, proc)
+    tools = [tool(proc.pid, "pg_restore"), tool(proc.pid, "psql")]
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(tools, timeout=60)
+    assert alive == [], "pg_restore and psql end with the process that fed them"
+    assert fingerprint_of(target) == before
+
+
+def _replaced_after_the_check(monkeypatch, storage, manifest, body: bytes) -> None:
+    """The stored object passes the pre-check, then changes before the replay reads it."""
+    check_stored = backup.check_stored
+
+    def check_then_replace(*args, **kwargs):
+        check_stored(*args, **kwargs)
+        storage.client.put_object(Bucket=storage.bucket, Key=storage._key(manifest.key), Body=body)
+
+    monkeypatch.setattr(backup, "check_stored", check_then_replace)
+
+
+@pytest.mark.parametrize("change", ["truncated", "another backup"])
+def test_s3_object_that_changes_after_the_check_commits_nothing(change, s3_storage, pg_cluster, target, monkeypatch):
+    """Item 1b: what the replay reads is not what was checked; known only at the end of
+    the stream (a truncated object, or another valid backup with the wrong sha256)."""
+    fill(pg_cluster, target, 20_000)
+    manifest = backup.take(target, s3_storage, None)
+    with s3_storage.open(manifest.key) as body:
+        original = body.read()
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("DELETE FROM payload WHERE id > 100")
+    if change == "truncated":
+        replacement = original[:-5]  # all the data, without the end of its last block
+    else:
+        other = backup.take(target, s3_storage, None)
+        with s3_storage.open(other.key) as body:
+            replacement = body.read()
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("CREATE TABLE added_later (id int)")
+    before = fingerprint_of(target)
+    _replaced_after_the_check(monkeypatch, s3_storage, manifest, replacement)
+
+    with pytest.raises(BackupFailed, match="restore failed, database left as it was: "):
+        restore.over_original(target, s3_storage, manifest, 10, None)
+    assert fingerprint_of(target) == before
+
+
+def test_automatic_rollback_whose_restore_is_killed_reports_failure(cli, url, pg_cluster, target, tmp_path):
+    """Item 1c: the automatic rollback falls back to the backup (the downgrade fails) and
+    pg_restore dies mid-COPY: the rollback says it failed, and nothing is half-restored."""
+    ini = str(stock_project(tmp_path, linear(
+        f"op.execute('CREATE TABLE t1 AS SELECT g AS id, md5(g::text) AS body FROM generate_series(1, {ROWS}) g')",
+        ("op.create_table('t2', sa.Column('id', sa.Integer, primary_key=True))", "op.execute('SELECT 1/0')"),
+    )))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    storage = LocalStorage(tmp_path / "backups")
+    before = fingerprint_of(target)
+    manifest = backup.take(target, storage, "r1")
+    assert cli("upgrade", "-r", "r2", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    at_r2 = fingerprint_of(target)
+    settings = pipeline.Settings(home=tmp_path, alembic_config=ini)
+
+    def kill_pg_restore_mid_copy():
+        wait_for(pg_cluster, target.database, IN_COPY)
+        tool(os.getpid(), "pg_restore").send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_pg_restore_mid_copy)
+    killer.start()
+    result = rollback.roll_back(target, settings.project(target), settings, before, manifest, storage)
+    killer.join()
+    assert (result.performed, result.method, result.succeeded, result.revision_after) == (True, "restore", False, "r2")
+    assert result.detail == (
+        "downgrade failed (revision r2 failed: division by zero); restoring backup "
+        f"{manifest.id} failed (restore failed, database left as it was: pg_restore was killed by signal 9 (SIGKILL))"
+    )
+    assert fingerprint_of(target) == at_r2, "a failed rollback leaves the database as the failed run did"
+
+
+def test_restore_gives_up_on_a_held_lock_and_names_the_holder(cli, url, pg_cluster, target, home):
+    """Item 13: a session holding a lock on a table: the restore waits no longer than the
+    lock timeout, names that session, and blocks other readers no longer either."""
+    fill(pg_cluster, target, 2000)
+    manifest = backup_via_cli(cli, url)
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("DELETE FROM payload WHERE id > 10")
+    before = fingerprint_of(target)
+    with pg_cluster.admin(target.database) as holder, pg_cluster.admin(target.database) as reader:
+        holder.autocommit = False
+        holder.execute("SELECT count(*) FROM payload")  # an open transaction that read the table
+        holder_pid = holder.info.backend_pid
+        started = time.monotonic()
+        proc = start_cli(home, "restore", manifest["id"], "--yes", "--no-safety-backup", "--lock-timeout", "1",
+                         env={"DATABASE_URL": url})
+        wait_for(pg_cluster, target.database, "wait_event_type = 'Lock'", proc)
+        reading = time.monotonic()
+        reader.execute("SELECT count(*) FROM payload")
+        blocked = time.monotonic() - reading
+        code, err = finish(proc)
+        elapsed = time.monotonic() - started
+        holder.rollback()
+    assert code == 1
+    line = one_line_error(err)
+    assert line.startswith("dbmigrate: error: restore failed, database left as it was: a lock was not granted "
+                           "within the lock timeout (1s); held by ")
+    assert f"pid {holder_pid} (" in line and "idle in transaction: SELECT count(*) FROM payload" in line
+    assert blocked < 1.5, f"a reader waited {blocked:.1f}s behind the restore"
+    assert elapsed < 15
+    assert fingerprint_of(target) == before
+
+
+HOSTILE = ['x" TEMPLATE "template0', "semi; colon", "it's \"quoted\" :name %s 100%"]
+
+
+def test_hostile_target_db_names_create_exactly_that_database(cli, url, pg_cluster, target):
+    """Item 8: a --target-db name is one identifier, whatever it holds."""
+    fill(pg_cluster, target, 50)
+    manifest = backup_via_cli(cli, url)
+    for name in HOSTILE:
+        existing = set(pg_cluster.databases())
+        result = cli("restore", manifest["id"], "--target-db", name, env={"DATABASE_URL": url})
+        try:
+            assert result.returncode == 0, result.stderr
+            assert set(pg_cluster.databases()) - existing == {name}
+            assert fingerprint_of(target.with_database(name)).row_counts == {"public.payload": 50}
+        finally:
+            for leftover in set(pg_cluster.databases()) - existing:
+                backup.drop_database(target, leftover, 10)
+
+
+def test_schema_names_with_quotes_and_large_objects_are_restored(local_storage, pg_cluster, target):
+    """Item 8 (the DROP SCHEMA list) and large objects, which live outside any schema."""
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute('CREATE SCHEMA "o\'dd ""schema""; x :y 5%"')
+        conn.execute('CREATE TABLE "o\'dd ""schema""; x :y 5%".t AS SELECT 1 AS id')
+        kept = conn.execute("SELECT lo_from_bytea(0, 'in the backup')").fetchone()[0]
+    manifest = backup.take(target, local_storage, None)
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute('INSERT INTO "o\'dd ""schema""; x :y 5%".t VALUES (2)')
+        conn.execute("SELECT lo_put(%s, 0, 'CHANGED')", (kept,))
+        conn.execute("SELECT lo_from_bytea(0, 'made later')")
+    restore.over_original(target, local_storage, manifest, 10, None)
+    assert fingerprint_of(target).row_counts == {"o'dd \"schema\"; x :y 5%.t": 1}
+    with pg_cluster.admin(target.database) as conn:
+        objects = conn.execute("SELECT oid, lo_get(oid) FROM pg_largeobject_metadata").fetchall()
+    assert objects == [(kept, b"in the backup")]
+
+
+def test_restore_into_a_new_database_checks_the_row_counts(cli, url, pg_cluster, target, home):
+    """Item 19: a copy whose row counts differ from the manifest is refused and dropped."""
+    fill(pg_cluster, target, 50)
+    manifest = backup_via_cli(cli, url)
+    path = home / "backups" / backup.manifest_key(manifest["key"])
+    path.write_text(json.dumps({**manifest, "row_counts": {"public.payload": 49}}))
+    existing = set(pg_cluster.databases())
+    result = cli("restore", manifest["id"], "--target-db", target.database + "_copy", env={"DATABASE_URL": url})
+    assert result.returncode == 1
+    assert one_line_error(result.stderr) == ("dbmigrate: error: row counts after the restore differ from the "
+                                             "manifest in public.payload")
+    assert set(pg_cluster.databases()) == existing
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_restore_into_a_new_database_without_its_dump(where, cli, url, pg_cluster, target, s3_endpoint, s3_storage):
+    """Item 14: the manifest is there, the dump is not: one line, and no database made."""
+    fill(pg_cluster, target, 10)
+    env = {"DATABASE_URL": url}
+    if where == "s3":
+        env |= {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "DBMIGRATE_BACKUP_STORAGE": f"s3://{s3_storage.bucket}/b"}
+    taken = cli("backup", "--json", env=env)
+    assert taken.returncode == 0, taken.stderr
+    manifest = json.loads(taken.stdout)
+    if where == "s3":
+        S3Storage(s3_storage.client, s3_storage.bucket, "b").delete(manifest["key"])
+    else:
+        os.unlink(manifest["location"])
+    existing = set(pg_cluster.databases())
+    result = cli("restore", manifest["id"], "--target-db", target.database + "_copy", env=env)
+    assert result.returncode == 1
+    assert one_line_error(result.stderr).startswith(f"dbmigrate: error: reading {manifest['location']} failed: ")
+    assert set(pg_cluster.databases()) == existing
