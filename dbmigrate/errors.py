@@ -45,6 +45,10 @@ class BackupFailed(DbMigrateError):
     exit_code = 1
 
 
+class StorageFailed(BackupFailed):
+    """The backup storage (a directory or a bucket) could not be read or written."""
+
+
 class MigrationFailed(DbMigrateError):
     """A phase of the pipeline failed after it started; the report says which."""
 

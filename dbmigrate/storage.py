@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
-from dbmigrate.errors import BackupFailed, ConfigError
+from dbmigrate.errors import ConfigError, StorageFailed
 
 CHUNK = 1 << 20
 S3_PREFIX = "s3-bucket/"
@@ -54,7 +54,7 @@ class LocalStorage:
             path.parent.mkdir(parents=True, exist_ok=True)
             out = open(path, "xb")  # never overwrite a backup
         except OSError as exc:
-            raise BackupFailed(f"storage: cannot create {path}: {exc.strerror or exc}") from None
+            raise StorageFailed(f"storage: cannot create {path}: {exc.strerror or exc}") from None
         try:
             with out:
                 try:
@@ -62,7 +62,7 @@ class LocalStorage:
                     out.flush()
                     os.fsync(out.fileno())
                 except OSError as exc:
-                    raise BackupFailed(f"storage: writing {path} failed: {exc.strerror or exc}") from None
+                    raise StorageFailed(f"storage: writing {path} failed: {exc.strerror or exc}") from None
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -141,7 +141,7 @@ class S3Storage:
             self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=config)
         except (BotoCoreError, ClientError, OSError) as exc:
             self._abort_leftovers(key)
-            raise BackupFailed(f"storage: upload to {self.location(key)} failed: {_one_line(exc)}") from None
+            raise StorageFailed(f"storage: upload to {self.location(key)} failed: {_one_line(exc)}") from None
 
     def _abort_leftovers(self, key: str, attempts: int = 3) -> None:
         """Abort any multipart upload of this key that s3transfer could not abort itself
