@@ -414,7 +414,8 @@ def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, 
     with pg_cluster.admin() as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{CANARY_PASSWORD}'")
     DatabaseCredentials(host="127.0.0.1", port=target.port, database=target.database, username=role,
-                        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5).save("locked-out", overwrite=True)
+                        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
+                        environment="staging").save("locked-out", overwrite=True)
     ini = at_r1_with_rows(tmp_path, cli, url, target, table_step("t1"),
                           ("op.execute('ALTER ROLE CURRENT_USER NOLOGIN')", "pass"),
                           ("op.execute('SELECT 1/0')", "pass"))
