@@ -12,6 +12,15 @@ from flows import audit
 from flows.migrate import database_for, ends_failed_on_error, phase_runner, settings_for
 
 
+def checks_of_a_reachable_database(target, project, backup_dir, timeout: float) -> list[health.Check]:
+    """The health checks; an unreachable database raises its error (ConnectionFailed), which the
+    task retries, rather than a failed check nobody retries."""
+    checks = health.run(target, project, backup_dir, timeout)
+    if checks[0].refusal:
+        raise checks[0].refusal
+    return checks
+
+
 @flow(name="db-health", flow_run_name="{environment}-health")
 @ends_failed_on_error
 def db_health(environment: str, credentials_block: str | None = None, alembic_config: str | None = None,
@@ -30,7 +39,8 @@ def db_health(environment: str, credentials_block: str | None = None, alembic_co
     settings = settings_for(rules, alembic_config, None)
     run = phase_runner(rules)
     project = settings.project(target)
-    checks = run("health_checks", health.run, target, project, settings.backup_dir, settings.connect_timeout)
+    checks = run("health_checks", checks_of_a_reachable_database, target, project, settings.backup_dir,
+                 settings.connect_timeout)
     if health.passed(checks):
         pending = next((c for c in checks if c.name == "pending_revisions"), None)
         if pending is not None and pending.data.get("pending"):

@@ -122,8 +122,9 @@ def database_for(environment: str, credentials_block: str | None) -> DatabaseTar
     of another environment is refused before anything is touched."""
     name = credentials_block or environment
     target = load_credentials(name)
-    if target.environment != environment:
-        raise ConfigError(f"deployment for {environment} refuses the {target.environment} database (block '{name}')")
+    for claimed in (audit.deployed_environment() or environment, environment):
+        if target.environment != claimed:
+            raise ConfigError(f"deployment for {claimed} refuses the {target.environment} database (block '{name}')")
     return target
 
 
