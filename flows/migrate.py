@@ -51,18 +51,26 @@ def _transient(task_, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), (ConnectionFailed, StorageFailed))
 
 
-def _not_a_failed_run(record: logging.LogRecord) -> bool:
-    """Where a worker runs a flow (``python -m prefect.engine``), Prefect's engine raises the
-    run's final Failed state again as FailedRun and logs it to the run as an "unexpected
-    exception" with its traceback. A FailedRun only repeats a state (and message) that is
-    already recorded; an exception a flow raised, a bug, is still logged with its traceback."""
-    return not (record.exc_info and isinstance(record.exc_info[1], FailedRun))
+def _expected_failures_in_one_line(record: logging.LogRecord) -> bool:
+    """A log filter: an expected failure (a DbMigrateError) is logged as its one line, without
+    a traceback (Prefect logs a failed task's exception with one). Where a worker runs a flow
+    (``python -m prefect.engine``) the engine raises the run's final Failed state again as
+    FailedRun and logs it as an "unexpected exception": that only repeats the state and message
+    already recorded, so it is dropped. An exception a flow or task raised that is not a
+    DbMigrateError, a bug, keeps its traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, FailedRun):
+        return False
+    if isinstance(exc, DbMigrateError):
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def ends_failed_on_error(body):
     """Expected failures end the flow run Failed with exactly their one-line message:
     what an operator reads in the run history, without a traceback to dig through."""
-    logging.getLogger("prefect.flow_runs").addFilter(_not_a_failed_run)  # once: filters are a set
+    for logger in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(logger).addFilter(_expected_failures_in_one_line)  # once: a logger's filters are a set
 
     @functools.wraps(body)
     def run(*args, **kwargs):

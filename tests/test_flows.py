@@ -551,14 +551,20 @@ def run_in_engine_process(prefect_api: str, entrypoint: str, **parameters):
         return client.read_flow_run(run.id)
 
 
-def test_an_expected_failure_logs_one_line_and_no_traceback(environment, prefect_api, target, tmp_path):
+@pytest.mark.parametrize("failure", ["refused before the run", "a phase fails"])
+def test_an_expected_failure_logs_one_line_and_no_traceback(failure, environment, prefect_api, target, tmp_path):
     ini = str(stock_project(tmp_path, linear(table_step("t1"))))
-    run = run_in_engine_process(prefect_api, "flows/migrate.py:db_migrate", environment=environment("production"),
-                                alembic_config=ini, backup=False)
-    reason = "this environment requires a backup before migrating: backup=false is refused"
-    assert run.state.is_failed() and run.state.message == reason
+    if failure == "refused before the run":
+        parameters = {"environment": environment("production"), "backup": False}
+        reason = "this environment requires a backup before migrating: backup=false is refused"
+    else:  # the health_checks task fails: nothing listens where the block points
+        port = free_port()
+        parameters = {"environment": environment("staging", port=port, transient_retries=0)}
+        reason = f"health_checks failed: cannot connect to 127.0.0.1:{port}/{target.database}: connection refused"
+    run = run_in_engine_process(prefect_api, "flows/migrate.py:db_migrate", alembic_config=ini, **parameters)
+    assert run.state.is_failed() and run.state.message.startswith(reason), run.state.message
     logs = run_logs(run.state)
-    assert reason in logs.splitlines()
+    assert run.state.message in logs.splitlines()
     assert "Traceback" not in logs and "unexpected exception" not in logs, logs
 
 
