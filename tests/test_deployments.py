@@ -51,6 +51,7 @@ def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(prefect_api,
     """`prefect deploy --all` from prefect.yaml, `prefect deployment run` as the GitHub workflow calls it,
     and a process worker of the `dbmigrate` pool running the flow from this checkout."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from tests.conftest import assert_no_canary, fingerprint_of, reports_in
     from tests.projects import linear, stock_project
@@ -99,3 +100,8 @@ def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(prefect_api,
     assert refused.state.is_failed()
     assert refused.state.message == "deployment for staging refuses the production database (block 'production')"
     assert (fingerprint_of(target), len(reports_in(home))) == before
+    with get_client(sync_client=True) as client:
+        logs = "\n".join(log.message for log in client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[refused.id]))))
+    assert refused.state.message in logs.splitlines()
+    assert "Traceback" not in logs and "unexpected exception" not in logs, logs
