@@ -2,7 +2,9 @@
 
 Register the block types with ``prefect block register -m blocks``; then create one
 ``DatabaseCredentials`` document per environment (development, staging, production)
-in the UI or in code. The block name is the environment name.
+in the UI or in code, named after the environment or recording it in ``environment``:
+the policy, tags, artifacts and concurrency limit of a run follow the database's
+environment, and a deployment for one environment refuses another's database.
 """
 
 from typing import Literal
@@ -12,6 +14,9 @@ from pydantic import Field, SecretStr
 from sqlalchemy.engine import URL
 
 from dbmigrate.target import DRIVER
+
+# Environment names become tags, artifact keys, concurrency-limit names and backup paths.
+ENVIRONMENT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
 class DatabaseCredentials(Block):
@@ -31,6 +36,11 @@ class DatabaseCredentials(Block):
     )
     connect_timeout: int = Field(
         default=10, ge=1, le=600, title="Connect timeout (s)", description="Seconds to wait for a connection."
+    )
+    environment: str | None = Field(
+        default=None, pattern=ENVIRONMENT_NAME, title="Environment",
+        description="The environment this database belongs to (development, staging, production...): its policy "
+                    "applies, and only that environment's deployments may change it. Empty: the block's name.",
     )
 
     def url(self) -> URL:

@@ -24,6 +24,8 @@ class Check:
     detail: str = ""
     duration_s: float = 0.0
     data: dict = field(default_factory=dict)
+    # A failure no run may go past: what a changing command raises instead of "health checks failed".
+    refusal: DbMigrateError | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict:
         return {
@@ -140,7 +142,7 @@ def run(
             has_table = revisions.has_version_table(conn)
             current = revisions.current_revisions(conn)
     except DbMigrateError as exc:
-        checks.append(Check("connection", FAIL, str(exc), time.monotonic() - start))
+        checks.append(Check("connection", FAIL, str(exc), time.monotonic() - start, refusal=exc))
         timed(check_disk, backup_dir, None)
         return checks
     timed(check_disk, backup_dir, size)

@@ -102,11 +102,13 @@ class Outcome:
 
 
 def preflight(target: DatabaseTarget, project: Project, settings: Settings, revision: str) -> list[Check]:
-    """Health checks; raises MigrationFailed naming every failed check."""
+    """Health checks; raises the refusal of a failed check that has one (ConnectionFailed
+    when the database cannot be reached), else MigrationFailed naming every failed check."""
     checks = health.run(target, project, settings.backup_dir, settings.connect_timeout, revision)
-    if checks[0].status == FAIL:  # unreachable: the same error (and exit code) as every other command
-        raise DbMigrateError(checks[0].detail)
     failed = [c for c in checks if c.status == FAIL]
+    # Unreachable: the same error (type, so a flow retries it, and exit code) as every other command.
+    if refusal := next((c.refusal for c in failed if c.refusal), None):
+        raise refusal
     if failed:
         raise MigrationFailed("health checks failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
     return checks

@@ -52,6 +52,16 @@ def tag_run(environment: str) -> None:
         client.update_flow_run(run.id, tags=sorted({*run.tags, environment}))
 
 
+def deployed_environment() -> str | None:
+    """The environment of the deployment this run comes from: a run may override the
+    parameter, not the deployment it belongs to."""
+    deployment_id = runtime.deployment.id
+    if not deployment_id:
+        return None
+    with get_client(sync_client=True) as client:
+        return client.read_deployment(UUID(deployment_id)).parameters.get("environment")
+
+
 SCHEMA_CHANGING_FLOWS = ("db-migrate", "db-rollback")
 
 

@@ -7,10 +7,18 @@ from prefect.artifacts import create_markdown_artifact
 
 from dbmigrate import backup, db, drift, health, revisions
 from dbmigrate.backup import DumpOptions
-from dbmigrate.environments import load_credentials
 from dbmigrate.errors import MigrationFailed
 from flows import audit
-from flows.migrate import ends_failed_on_error, phase_runner, settings_for
+from flows.migrate import database_for, ends_failed_on_error, phase_runner, settings_for
+
+
+def checks_of_a_reachable_database(target, project, backup_dir, timeout: float) -> list[health.Check]:
+    """The health checks; an unreachable database raises its error (ConnectionFailed), which the
+    task retries, rather than a failed check nobody retries."""
+    checks = health.run(target, project, backup_dir, timeout)
+    if checks[0].refusal:
+        raise checks[0].refusal
+    return checks
 
 
 @flow(name="db-health", flow_run_name="{environment}-health")
@@ -25,13 +33,14 @@ def db_health(environment: str, credentials_block: str | None = None, alembic_co
         alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
         check_drift: Replay the migrations into a scratch database and compare schemas.
     """
+    target = database_for(environment, credentials_block)
     audit.tag_run(environment)
     rules = audit.policy_for(environment)
-    target = load_credentials(credentials_block or environment)
     settings = settings_for(rules, alembic_config, None)
     run = phase_runner(rules)
     project = settings.project(target)
-    checks = run("health_checks", health.run, target, project, settings.backup_dir, settings.connect_timeout)
+    checks = run("health_checks", checks_of_a_reachable_database, target, project, settings.backup_dir,
+                 settings.connect_timeout)
     if health.passed(checks):
         pending = next((c for c in checks if c.name == "pending_revisions"), None)
         if pending is not None and pending.data.get("pending"):
@@ -62,9 +71,9 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
         keep_last: Then delete all but the newest N backups (the newest verified one always stays).
         keep_days: With keep_last, delete only backups older than this many days.
     """
+    target = database_for(environment, credentials_block)
     audit.tag_run(environment)
     rules = audit.policy_for(environment)
-    target = load_credentials(credentials_block or environment)
     settings = settings_for(rules, None, backup_storage)
     storage = settings.storage()
     with db.connect(target, settings.connect_timeout) as conn:

@@ -10,12 +10,13 @@ history is the audit trail.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import FlowPauseTimeout
+from prefect.exceptions import FailedRun, FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.states import Failed
@@ -23,9 +24,17 @@ from pydantic import Field
 
 from dbmigrate import migrate, pipeline, rollback
 from dbmigrate.environments import load_credentials
-from dbmigrate.errors import BackupFailed, ConfirmationRefused, ConnectionFailed, DbMigrateError, MigrationFailed
+from dbmigrate.errors import (
+    ConfigError,
+    ConfirmationRefused,
+    ConnectionFailed,
+    DbMigrateError,
+    MigrationFailed,
+    StorageFailed,
+)
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
+from dbmigrate.target import DatabaseTarget
 from flows import audit
 
 # Phases that only connect or upload: safe to retry. The migration itself never is.
@@ -39,13 +48,29 @@ class ApprovalForm(RunInput):
 
 
 def _transient(task_, task_run, state) -> bool:
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, ConnectionFailed) or (isinstance(exc, BackupFailed) and str(exc).startswith("storage:"))
+    return isinstance(state.result(raise_on_failure=False), (ConnectionFailed, StorageFailed))
+
+
+def _expected_failures_in_one_line(record: logging.LogRecord) -> bool:
+    """A log filter: an expected failure (a DbMigrateError) is logged as its one line, without
+    a traceback (Prefect logs a failed task's exception with one). Where a worker runs a flow
+    (``python -m prefect.engine``) the engine raises the run's final Failed state again as
+    FailedRun and logs it as an "unexpected exception": that only repeats the state and message
+    already recorded, so it is dropped. An exception a flow or task raised that is not a
+    DbMigrateError, a bug, keeps its traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, FailedRun):
+        return False
+    if isinstance(exc, DbMigrateError):
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def ends_failed_on_error(body):
     """Expected failures end the flow run Failed with exactly their one-line message:
     what an operator reads in the run history, without a traceback to dig through."""
+    for logger in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(logger).addFilter(_expected_failures_in_one_line)  # once: a logger's filters are a set
 
     @functools.wraps(body)
     def run(*args, **kwargs):
@@ -99,6 +124,18 @@ def approval_in_ui(rules: Policy, settings: pipeline.Settings, target, requested
     return lambda plan: ask_in_ui(rules, requested_by, lambda: describe_plan(plan))
 
 
+def database_for(environment: str, credentials_block: str | None) -> DatabaseTarget:
+    """The database a run of this environment's deployment changes. The policy, tags, artifacts
+    and concurrency limit follow the environment the credentials block records, so a block
+    of another environment is refused before anything is touched."""
+    name = credentials_block or environment
+    target = load_credentials(name)
+    for claimed in (audit.deployed_environment() or environment, environment):
+        if target.environment != claimed:
+            raise ConfigError(f"deployment for {claimed} refuses the {target.environment} database (block '{name}')")
+    return target
+
+
 def settings_for(rules: Policy, alembic_config: str | None, backup_storage: str | None) -> pipeline.Settings:
     return pipeline.Settings(
         home=Path(os.environ.get("DBMIGRATE_HOME", ".dbmigrate")),
@@ -128,7 +165,8 @@ def db_migrate(
     migrate, validate, report; roll back automatically where the policy allows.
 
     Args:
-        environment: development, staging or production. Picks the policy and, by default, the credentials block.
+        environment: development, staging or production: the deployment's. Picks the policy and, by default, the
+            credentials block; a block recording another environment is refused.
         target_revision: Alembic revision to migrate to; 'head' for the latest.
         backup: Back the database up first. Production refuses false.
         dry_run: Only show the SQL of the pending revisions; change nothing.
@@ -140,11 +178,11 @@ def db_migrate(
         requested_by: Who asked for this run (recorded in the report); default the worker's user.
     """
     logger = get_run_logger()
+    target = database_for(environment, credentials_block)
     rules = audit.policy_for(environment)
     if not dry_run:
         rules.check(backup)
     audit.tag_run(environment)
-    target = load_credentials(credentials_block or environment)
     settings = settings_for(rules, alembic_config, backup_storage)
     request = pipeline.Request(
         operation="upgrade", revision=target_revision, dry_run=dry_run, backup=backup,
@@ -156,7 +194,7 @@ def db_migrate(
         confirm=approval_in_ui(rules, settings, target, request.operator),
         on_progress=progress,
         run_phase=phase_runner(rules),
-        recover=task(rollback.roll_back, name="rollback", cache_policy=NO_CACHE) if rules.auto_rollback else None,
+        recover=rollback.roll_back if rules.auto_rollback else None,  # run_phase makes it the task "rollback"
     )
     logger.info("%s %s: %s to %s", environment, target.where, "dry run" if dry_run else "upgrade", target_revision)
     with audit.one_run_per_environment(environment, rules.guard_wait_s):

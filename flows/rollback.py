@@ -11,10 +11,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from dbmigrate import backup, db, fingerprint, pipeline, restore
-from dbmigrate.environments import load_credentials
 from dbmigrate.errors import ConfigError, ConfirmationRefused, MigrationFailed
 from flows import audit
-from flows.migrate import approval_in_ui, ask_in_ui, ends_failed_on_error, phase_runner, settings_for
+from flows.migrate import approval_in_ui, ask_in_ui, database_for, ends_failed_on_error, phase_runner, settings_for
 
 
 @flow(name="db-rollback", flow_run_name="{environment}-rollback")
@@ -43,9 +42,9 @@ def db_rollback(
     """
     if bool(to_revision) == bool(backup_id):
         raise ConfigError("give exactly one of to_revision and backup_id")
+    target = database_for(environment, credentials_block)
     audit.tag_run(environment)
     rules = audit.policy_for(environment)
-    target = load_credentials(credentials_block or environment)
     settings = settings_for(rules, alembic_config, backup_storage)
     with audit.one_run_per_environment(environment, rules.guard_wait_s):
         if to_revision:

@@ -136,16 +136,22 @@ def prefect_api():
 
 @pytest.fixture
 def environment(prefect_api, target, home, monkeypatch):
-    """Blocks for an environment named like the test's: credentials and a quick policy."""
+    """Blocks for an environment named like the test's: credentials and a quick policy.
+    ``database_of`` saves the test's database under that block name instead, recorded as
+    belonging to the environment ``database_of`` (no policy block then); ``port`` points
+    the block at another port."""
     from blocks import DatabaseCredentials, EnvironmentPolicy
 
     monkeypatch.setenv("DBMIGRATE_HOME", str(home))
 
-    def make(name: str, **policy) -> str:
+    def make(name: str, database_of: str | None = None, port: int | None = None, **policy) -> str:
         DatabaseCredentials(
-            host="127.0.0.1", port=target.port, database=target.database, username="postgres",
+            host="127.0.0.1", port=port or target.port, database=target.database, username="postgres",
             password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
+            **({"environment": database_of} if database_of else {}),
         ).save(name, overwrite=True)
+        if database_of:
+            return name
         # A test whose approver never comes fails in two minutes, not the default hour.
         quick = {"retry_delay_s": 0.2, "approval_poll_s": 1, "approval_timeout_s": 120}
         EnvironmentPolicy(**{**quick, **policy}).save(name, overwrite=True)

@@ -51,6 +51,7 @@ def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(prefect_api,
     """`prefect deploy --all` from prefect.yaml, `prefect deployment run` as the GitHub workflow calls it,
     and a process worker of the `dbmigrate` pool running the flow from this checkout."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from tests.conftest import assert_no_canary, fingerprint_of, reports_in
     from tests.projects import linear, stock_project
@@ -87,3 +88,20 @@ def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(prefect_api,
     assert fingerprint_of(target).revisions == ("r1",)
     report = json.loads(reports_in(home)[-1].read_text())
     assert report["operator"] == "octocat (GitHub Actions run 1)" and report["backup"]["verified"] is False
+
+    # The staging deployment, its parameters overridden to reach production: refused, nothing touched.
+    production = environment("production", approval_timeout_s=5)
+    before = fingerprint_of(target), len(reports_in(home))
+    run("deployment", "run", "db-migrate/staging", "--param", f"environment={production}",
+        "--param", f"credentials_block={production}", "--param", f"alembic_config={ini}")
+    run("worker", "start", "--pool", "dbmigrate", "--run-once")
+    with get_client(sync_client=True) as client:
+        [refused] = [r for r in client.read_flow_runs() if r.deployment_id == staging.id and r.id != flow_run.id]
+    assert refused.state.is_failed()
+    assert refused.state.message == "deployment for staging refuses the production database (block 'production')"
+    assert (fingerprint_of(target), len(reports_in(home))) == before
+    with get_client(sync_client=True) as client:
+        logs = "\n".join(log.message for log in client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[refused.id]))))
+    assert refused.state.message in logs.splitlines()
+    assert "Traceback" not in logs and "unexpected exception" not in logs, logs

@@ -80,3 +80,22 @@ def test_backups_to_an_s3_bucket_block(cli, staging, s3_endpoint, target, home):
 
     missing = cli("backups", "list", "--env", "staging", "--storage", "s3-bucket/nope", env=staging)
     assert missing.returncode == 2 and "no S3Bucket block named 'nope'" in missing.stderr
+
+
+def test_env_takes_the_environment_the_block_records(cli, environment, prefect_api, target):
+    """--env replica, a block recording production's database: the command works on production."""
+    from blocks import DatabaseCredentials
+
+    environment("replica", database_of="production")
+    status = cli("status", "--json", "--env", "replica", env={"PREFECT_API_URL": prefect_api})
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["environment"] == "production"
+
+    hostile = DatabaseCredentials.model_construct(  # what a hand-edited document may hold
+        host="127.0.0.1", port=target.port, database=target.database, username="postgres",
+        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5, environment="../../etc")
+    hostile.save("hostile", overwrite=True)
+    refused = cli("status", "--env", "hostile", env={"PREFECT_API_URL": prefect_api})
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("dbmigrate: error: DatabaseCredentials block 'hostile' is invalid: environment:")
+    assert len(refused.stderr.strip().splitlines()) == 1

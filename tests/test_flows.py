@@ -4,6 +4,8 @@ import json
 import threading
 import time
 
+import pytest
+
 from tests.conftest import assert_no_canary, fingerprint_of, reports_in
 from tests.pgcluster import CANARY_PASSWORD, free_port
 from tests.projects import linear, stock_project
@@ -67,6 +69,10 @@ def test_staging_failure_rolls_back_to_the_starting_revision(environment, target
         "detail": "database back at the starting revision with the same schema and row counts",
     }
     assert report["backup"]["verified"] is False and report["approval"]["via"] == "policy"
+
+    task_runs = task_runs_of(state)
+    assert len([t for t in task_runs if t.name.startswith("rollback")]) == 1, [t.name for t in task_runs]
+    assert not [t.name for t in task_runs if t.task_inputs.get("__parents__")], "no task runs inside another"
 
 
 def test_production_refuses_to_run_without_a_backup(environment, target, tmp_path):
@@ -410,7 +416,8 @@ def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, 
     with pg_cluster.admin() as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{CANARY_PASSWORD}'")
     DatabaseCredentials(host="127.0.0.1", port=target.port, database=target.database, username=role,
-                        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5).save("locked-out", overwrite=True)
+                        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
+                        environment="staging").save("locked-out", overwrite=True)
     ini = at_r1_with_rows(tmp_path, cli, url, target, table_step("t1"),
                           ("op.execute('ALTER ROLE CURRENT_USER NOLOGIN')", "pass"),
                           ("op.execute('SELECT 1/0')", "pass"))
@@ -449,3 +456,189 @@ def test_db_rollback_does_not_run_while_a_migration_waits_for_approval(environme
     assert state.message == ("concurrency failed: another run for production holds db-migrate-production: "
                              "'production-head' (Paused)")
     assert migrations[0].is_failed() and fingerprint_of(target) == before
+
+
+def flow_run_of(state):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id)
+
+
+def artifacts_of(state) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+
+
+def task_runs_of(state) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+
+
+def test_a_deployment_refuses_the_database_of_another_environment(environment, target, home, tmp_path):
+    """db-migrate/staging pointed at production's credentials block (or at a block recording
+    production) changes nothing and leaves nothing keyed staging, in every flow."""
+    production = environment("production")
+    environment("staging")
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    before = fingerprint_of(target)
+    runs = {
+        "db-migrate": {"alembic_config": ini},
+        "db-rollback": {"to_revision": "base", "dry_run": False, "alembic_config": ini},
+        "db-health": {"alembic_config": ini},
+        "db-backup": {},
+    }
+    for flow_name, parameters in runs.items():
+        state = run_named(flow_name, environment="staging", credentials_block=production, **parameters)
+        assert state.is_failed(), f"{flow_name}: {state.message}"
+        assert state.message == "deployment for staging refuses the production database (block 'production')"
+        assert "staging" not in flow_run_of(state).tags and not artifacts_of(state), flow_name
+        assert not task_runs_of(state), f"{flow_name} ran a phase"
+
+    environment("staging", database_of="production")  # the block named staging says: production's database
+    state = run_flow(environment="staging", alembic_config=ini)
+    assert state.is_failed()
+    assert state.message == "deployment for staging refuses the production database (block 'staging')"
+    assert fingerprint_of(target) == before
+    assert not (home / "backups").exists() and not reports_in(home), "no backup taken, no report of a run"
+
+
+def test_a_block_recording_production_gets_the_production_policy(environment, target, home, tmp_path):
+    name = environment("production")
+    environment("main-db", database_of=name)
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    before = fingerprint_of(target)
+
+    seen = {}
+    rejecter = threading.Thread(target=_resume_when_paused, args=({"approve": False, "approver": "bob"}, seen))
+    rejecter.start()
+    state = run_flow(environment=name, credentials_block="main-db", alembic_config=ini)
+    rejecter.join()
+    assert state.is_failed() and state.message == "approval failed: not approved by bob: nothing was changed"
+    assert str(seen["run"].id) == str(state.state_details.flow_run_id), "it paused for approval"
+    assert fingerprint_of(target) == before
+    assert last_report(home)["environment"] == "production"
+    assert "production" in flow_run_of(state).tags
+    assert {a.key for a in artifacts_of(state)} >= {"db-migrate-production"}
+
+
+def run_in_engine_process(prefect_api: str, entrypoint: str, **parameters):
+    """Run a flow the way a worker does: a flow run created through the API, executed by
+    `python -m prefect.engine` in a process of its own. Returns the finished flow run."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.flows import load_flow_from_entrypoint
+
+    from tests.conftest import REPO
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(load_flow_from_entrypoint(str(REPO / entrypoint)), parameters=parameters)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT__FLOW_RUN_ID": str(run.id),
+           "PREFECT__FLOW_ENTRYPOINT": entrypoint, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "prefect.engine"], cwd=REPO, env=env, capture_output=True, timeout=120)
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run.id)
+
+
+@pytest.mark.parametrize("failure", ["refused before the run", "a phase fails"])
+def test_an_expected_failure_logs_one_line_and_no_traceback(failure, environment, prefect_api, target, tmp_path):
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    if failure == "refused before the run":
+        parameters = {"environment": environment("production"), "backup": False}
+        reason = "this environment requires a backup before migrating: backup=false is refused"
+    else:  # the health_checks task fails: nothing listens where the block points
+        port = free_port()
+        parameters = {"environment": environment("staging", port=port, transient_retries=0)}
+        reason = f"health_checks failed: cannot connect to 127.0.0.1:{port}/{target.database}: connection refused"
+    run = run_in_engine_process(prefect_api, "flows/migrate.py:db_migrate", alembic_config=ini, **parameters)
+    assert run.state.is_failed() and run.state.message.startswith(reason), run.state.message
+    logs = run_logs(run.state)
+    assert run.state.message in logs.splitlines()
+    assert "Traceback" not in logs and "unexpected exception" not in logs, logs
+
+
+class ServerComingUp:
+    """A loopback port where nothing listens until :meth:`start`, then a TCP forwarder
+    to the test cluster: a database server that comes up late."""
+
+    def __init__(self, upstream_port: int):
+        import socket
+
+        self.upstream_port, self.port, self.listener = upstream_port, free_port(), socket.socket()
+
+    def start(self) -> None:
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("flow_name", ["db-migrate", "db-health"])
+def test_health_checks_retry_until_the_server_comes_up(flow_name, environment, target, tmp_path):
+    import logging
+
+    server = ServerComingUp(target.port)
+    refused = threading.Event()
+
+    def watch(record: logging.LogRecord) -> bool:
+        """Start the server once the first attempt failed, before the retry delay is over. A logger
+        filter that keeps every record: Prefect replaces the handlers when it sets up logging."""
+        if "connection refused" in record.getMessage() and not refused.is_set():
+            refused.set()
+            server.start()
+        return True
+
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    logging.getLogger("prefect.task_runs").addFilter(watch)
+    try:
+        state = run_named(flow_name, alembic_config=ini,
+                          environment=environment("staging", port=server.port, retry_delay_s=2, transient_retries=3))
+    finally:
+        logging.getLogger("prefect.task_runs").removeFilter(watch)
+        server.close()
+    assert refused.is_set(), "the first attempt found nothing listening"
+    assert state.is_completed(), state.message
+    assert fingerprint_of(target).revisions == (("r1",) if flow_name == "db-migrate" else ())
+    [health_run] = [t for t in task_runs_of(state) if t.name.startswith("health_checks")]
+    assert health_run.run_count == 2 and health_run.state.is_completed()
