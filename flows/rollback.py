@@ -87,7 +87,8 @@ def _restore(target, settings, rules, environment, backup_id, dry_run, requested
             raise ConfirmationRefused(f"restore not approved by {approval.approver}: nothing was changed")
         lines += ["", f"Approved by {approval.approver} ({approval.via})."]
         restored = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout,
-                                               settings.guard_wait_s, settings.dump)
+                                               settings.guard_wait_s, settings.dump,
+                                               lock_timeout_s=settings.limits.lock_timeout_s)
         result["safety_backup"] = restored.safety_backup.id
         lines += ["", f"Restored. Safety backup of the previous state: `{restored.safety_backup.id}`."]
     create_markdown_artifact("\n".join(lines), key=f"{audit.artifact_key(environment)}-rollback")
