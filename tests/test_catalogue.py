@@ -131,8 +131,8 @@ def test_keep_last_below_one_and_bad_keep_days_are_refused(cli, url, pg_cluster,
     before = store.keys("")
     for option, value, says in (("--keep-last", "0", "--keep-last 0 refused: it could delete every backup"),
                                 ("--keep-last", "-1", "--keep-last -1 refused"),
-                                ("--keep-days", "nan", "--keep-days must be a finite number of days above 0"),
-                                ("--keep-days", "inf", "--keep-days must be a finite number of days above 0"),
+                                ("--keep-days", "nan", "argument --keep-days: must be a number of days"),
+                                ("--keep-days", "inf", "argument --keep-days: must be a number of days"),
                                 ("--keep-days", "0", "--keep-days must be a finite number of days above 0")):
         retention = ["--keep-last", "1", option, value] if option == "--keep-days" else [option, value]
         result = cli("backups", "prune", *retention, "--storage", str(store.root), env=env)

@@ -274,7 +274,8 @@ def test_restore_into_a_new_database_checks_the_row_counts(cli, url, pg_cluster,
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_restore_into_a_new_database_without_its_dump(where, cli, url, pg_cluster, target, s3_endpoint, s3_storage):
-    """Item 14: the manifest is there, the dump is not: one line, and no database made."""
+    """Item 14: the manifest is there, the dump is not: one line, and no database made (the
+    catalogue sees the dump is missing before anything is created)."""
     fill(pg_cluster, target, 10)
     env = {"DATABASE_URL": url}
     if where == "s3":
@@ -289,6 +290,6 @@ def test_restore_into_a_new_database_without_its_dump(where, cli, url, pg_cluste
         os.unlink(manifest["location"])
     existing = set(pg_cluster.databases())
     result = cli("restore", manifest["id"], "--target-db", target.database + "_copy", env=env)
-    assert result.returncode == 1
-    assert one_line_error(result.stderr).startswith(f"dbmigrate: error: reading {manifest['location']} failed: ")
+    assert result.returncode == 2
+    assert one_line_error(result.stderr) == f"dbmigrate: error: backup '{manifest['id']}' is damaged (dump missing): choose another one"
     assert set(pg_cluster.databases()) == existing
