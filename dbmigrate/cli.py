@@ -12,7 +12,9 @@ import dataclasses
 import getpass
 import json
 import os
+import signal
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,7 +67,8 @@ def _common() -> argparse.ArgumentParser:
         type=_seconds,
         default=db.DEFAULT_CONNECT_TIMEOUT,
         metavar="S",
-        help=f"seconds to wait for a database connection (default {db.DEFAULT_CONNECT_TIMEOUT:g}, minimum 2)",
+        help=f"seconds to wait for a database connection, and for a lock the tool's own queries need "
+        f"(default {db.DEFAULT_CONNECT_TIMEOUT:g}, minimum 2; migration statements: --lock-timeout)",
     )
     where.add_argument(
         "--storage",
@@ -324,7 +327,9 @@ def _print_outcome(outcome: pipeline.Outcome) -> None:
     elif report.status == SUCCEEDED:
         summary = f"succeeded: {before} -> {report.revision_after or 'base'}"
     elif report.error["phase"] in ("migrate", "validate"):
-        summary = f"failed in {report.error['phase']}: database at {report.revision_after or 'base'}"
+        after = "an unknown revision" if any(w.startswith(pipeline.KEPT_UNKNOWN) for w in report.warnings) else (
+            report.revision_after or "base")
+        summary = f"failed in {report.error['phase']}: database at {after}"
     else:
         summary = f"failed in {report.error['phase']}: nothing was changed"
     print(f"{report.operation} {summary} ({report.as_dict()['duration_s']}s)")
@@ -454,13 +459,33 @@ def run(args) -> int:
         raise
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a process worker, systemd, Kubernetes stopping us), handled as Ctrl-C is:
+    psycopg cancels the running statement on a KeyboardInterrupt, and every cleanup
+    (partial backup removed, report written, guard released) runs for it too."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: None)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated("terminated by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # only there can a handler be installed
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(args)
     except DbMigrateError as exc:
         print(f"dbmigrate: error: {exc}", file=sys.stderr)
         return 2 if args.command == "check" else exc.exit_code
+    except Terminated:
+        print("dbmigrate: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("dbmigrate: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -16,7 +16,7 @@ from typing import Callable
 from sqlalchemy import text
 
 from dbmigrate import __version__, backup, db, fingerprint, guard, health, migrate, revisions
-from dbmigrate.errors import ConfirmationRefused, DbMigrateError, MigrationFailed, RevisionError, StepFailed
+from dbmigrate.errors import ConfirmationRefused, ConnectionLost, DbMigrateError, MigrationFailed, RevisionError, StepFailed
 from dbmigrate.backup import DumpOptions, ProgressFn
 from dbmigrate.health import FAIL, OK, Check
 from dbmigrate.migrate import AppliedStep, SessionLimits
@@ -97,6 +97,8 @@ def preflight(target: DatabaseTarget, project: Project, settings: Settings, revi
     if checks[0].status == FAIL:  # unreachable: the same error (and exit code) as every other command
         raise DbMigrateError(checks[0].detail)
     failed = [c for c in checks if c.status == FAIL]
+    if refusal := next((c.refusal for c in failed if c.refusal), None):
+        raise refusal
     if failed:
         raise MigrationFailed("health checks failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
     return checks
@@ -107,6 +109,7 @@ def plan(target: DatabaseTarget, project: Project, settings: Settings, request: 
     resolved = project.resolve(request.revision)
     with db.connect(target, settings.connect_timeout) as conn:
         current = revisions.current_revisions(conn)
+    project.require_one_row(current)
     if unknown := project.check_known(current):
         raise RevisionError(f"the database is at revision {', '.join(unknown)}, which the migration scripts do not know")
     if request.upgrade:
@@ -136,13 +139,18 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
     except Exception as exc:
         failing = plan.steps[len(ran)].revision if len(ran) < len(plan.steps) else "?"
         first_line = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        if getattr(exc, "connection_invalidated", False):
+            first_line = str(ConnectionLost(target.where))
         message = f"revision {failing} failed: {target.redact(first_line)}"
         try:
             kept = kept_steps(target, settings, ran)
-        except DbMigrateError:  # the database cannot be asked: report what ran rather than lose this error
-            kept = ran
+        except DbMigrateError:  # the database cannot be asked: say so, never guess
+            kept, message = [], f"{message}; {KEPT_UNKNOWN}"
         raise StepFailed(message, kept) from exc
     return ran
+
+
+KEPT_UNKNOWN = "could not read which revisions the database kept: run `dbmigrate status`"
 
 
 def kept_steps(target: DatabaseTarget, settings: Settings, ran: list[AppliedStep]) -> list[AppliedStep]:
@@ -284,7 +292,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         raise
     finally:
         if touched:
-            report.revision_after = _revision_after(target, settings)
+            report.revision_after = _revision_after(target, settings, report)
         if storage is not None and not isinstance(storage, LocalStorage):
             _copy_report_beside_backups(report, storage, target)
         outcome.report_path = report.write(settings.reports_dir, request.json_report)
@@ -316,8 +324,10 @@ def _fingerprint(target: DatabaseTarget, settings: Settings) -> Fingerprint:
         return fingerprint.take(conn)
 
 
-def _revision_after(target: DatabaseTarget, settings: Settings) -> str | None:
+def _revision_after(target: DatabaseTarget, settings: Settings, report: Report) -> str | None:
+    """The revision the run left; None and a warning when the database cannot say."""
     try:
         return current_revision(target, settings)
-    except DbMigrateError:
+    except DbMigrateError as exc:
+        report.warnings.append(f"{KEPT_UNKNOWN} ({target.redact(str(exc))})")
         return None
