@@ -16,7 +16,8 @@ from typing import Callable
 from sqlalchemy import text
 
 from dbmigrate import __version__, backup, db, fingerprint, guard, health, migrate, revisions
-from dbmigrate.errors import ConfirmationRefused, ConnectionLost, DbMigrateError, MigrationFailed, RevisionError, StepFailed
+from dbmigrate.errors import (ConfirmationRefused, ConnectionLost, DbMigrateError, MigrationFailed, RevisionError,
+                              StepFailed)
 from dbmigrate.backup import DumpOptions, ProgressFn
 from dbmigrate.health import FAIL, OK, Check
 from dbmigrate.migrate import AppliedStep, SessionLimits
@@ -130,6 +131,9 @@ def expected_revisions(project: Project, plan: Plan, upgrade: bool) -> set[str]:
     return set(below) if isinstance(below, tuple) else ({below} if below else set())
 
 
+KEPT_UNKNOWN = "could not read which revisions the database kept: run `dbmigrate status`"
+
+
 def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan, upgrade: bool) -> list[AppliedStep]:
     """Run the plan. On failure, raises MigrationFailed; the steps reported as
     applied are only those the database really kept (see :func:`kept_steps`)."""
@@ -148,9 +152,6 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
             kept, message = [], f"{message}; {KEPT_UNKNOWN}"
         raise StepFailed(message, kept) from exc
     return ran
-
-
-KEPT_UNKNOWN = "could not read which revisions the database kept: run `dbmigrate status`"
 
 
 def kept_steps(target: DatabaseTarget, settings: Settings, ran: list[AppliedStep]) -> list[AppliedStep]:
