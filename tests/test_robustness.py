@@ -200,6 +200,25 @@ def test_server_killed_mid_backup(own_cluster, own_target, home, tmp_path):
     assert fingerprint_of(own_target).revisions == ("r1",)
 
 
+def test_server_killed_mid_restore(own_cluster, own_target, home, tmp_path):
+    ini = sleeping_project(tmp_path)
+    env = {"DATABASE_URL": _url(own_target)}
+    assert finish(start(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    backup = finish(start(home, "backup", "--json", env=env))
+    backup_id = json.loads(backup.stdout)["id"]
+    reader = own_cluster.admin(own_target.database)  # dies with the server: no commit on the way out
+    reader.execute("BEGIN")
+    reader.execute("SELECT * FROM t1")  # the restore's DROP SCHEMA waits behind this, mid-restore
+    proc = start(home, "restore", backup_id, "--yes", "--no-safety-backup", env=env)
+    wait_for(lambda: backends(own_cluster, own_target.database, "DROP SCHEMA%"), "the restore to run")
+    result = _kill_and_restart(own_cluster, proc)
+    reader.close()
+
+    assert result.returncode != 0
+    one_line_error(result)
+    assert fingerprint_of(own_target).revisions == ("r1",)
+
+
 # -- item 10: SIGTERM and SIGKILL mid-run ---------------------------------------------------------
 
 
