@@ -221,6 +221,7 @@ def _state(target: DatabaseTarget, settings: pipeline.Settings) -> dict:
     project = settings.project(target)
     with db.connect(target, settings.connect_timeout) as conn:
         current = revisions.current_revisions(conn)
+    project.require_one_row(current)  # else Alembic's planning says "overlaps", not what the table holds
     if unknown := project.check_known(current):
         raise DbMigrateError(f"the database is at revision {', '.join(unknown)}, which the migration scripts do not know")
     heads = project.heads

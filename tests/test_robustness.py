@@ -82,6 +82,9 @@ def test_several_rows_in_the_version_table_are_refused(cli, url, target, pg_clus
     version = {c["name"]: c for c in json.loads(health.stdout)["checks"]}["alembic_version"]
     assert version["status"] == "fail" and version["detail"] == expected
 
+    for args in (["status"], ["check"]):  # they change nothing, but say the same
+        result = cli(*args, env=env)
+        assert result.returncode == 2 and one_line_error(result) == f"dbmigrate: error: {expected}", args
     for args in (["downgrade", "-r", "-1"], ["downgrade", "-r", "0004"], ["upgrade"],
                  ["upgrade", "--skip-health-checks"], ["downgrade", "-r", "base", "--skip-health-checks"]):
         result = cli(*args, "--yes", env=env)
