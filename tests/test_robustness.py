@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import pytest
 
-from dbmigrate import pipeline, revisions, rollback
+from dbmigrate import pipeline, rollback
 from tests import pgcluster
 from tests.conftest import REPO, SAMPLE_CONFIG, assert_no_canary, fingerprint_of, reports_in
 from tests.pgcluster import CANARY_PASSWORD, environ_without_db
@@ -96,10 +96,10 @@ def test_several_rows_in_the_version_table_are_refused(cli, url, target, pg_clus
 
 
 def test_separate_branches_in_the_version_table_are_refused_too(cli, url, target, pg_cluster, tmp_path):
-    revisions_ = linear("op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))")
-    revisions_ += [{"revision": "b1", "down": "r1", "message": "branch b", "upgrade": "pass"},
+    scripts = linear("op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))")
+    scripts += [{"revision": "b1", "down": "r1", "message": "branch b", "upgrade": "pass"},
                    {"revision": "c1", "down": "r1", "message": "branch c", "upgrade": "pass"}]
-    ini = str(stock_project(tmp_path, revisions_))
+    ini = str(stock_project(tmp_path, scripts))
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "b1", "--yes", "--alembic-config", ini, env=env).returncode == 0
     with pg_cluster.admin(target.database) as conn:
