@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -124,8 +126,8 @@ def _common() -> argparse.ArgumentParser:
         type=_connect_seconds,
         default=db.DEFAULT_CONNECT_TIMEOUT,
         metavar="S",
-        help=f"seconds to wait for a database connection (default {db.DEFAULT_CONNECT_TIMEOUT:g}; "
-             "libpq waits at least 2)",
+        help=f"seconds to wait for a database connection (libpq waits at least 2), and for a lock the "
+        f"tool's own queries need (default {db.DEFAULT_CONNECT_TIMEOUT:g}; migration statements: --lock-timeout)",
     )
     where.add_argument(
         "--storage",
@@ -289,6 +291,7 @@ def _state(target: DatabaseTarget, settings: pipeline.Settings) -> dict:
     project = settings.project(target)
     with db.connect(target, settings.connect_timeout) as conn:
         current = revisions.current_revisions(conn)
+    project.require_one_row(current)  # else Alembic's planning says "overlaps", not what the table holds
     if unknown := project.check_known(current):
         raise DbMigrateError(f"the database is at revision {', '.join(unknown)}, which the migration scripts do not know")
     heads = project.heads
@@ -443,7 +446,8 @@ def _summary(report) -> str:
     if report.status == SUCCEEDED:
         return f"succeeded: {before} -> {report.revision_after or 'base'}"
     if report.error["phase"] in ("migrate", "validate"):
-        return f"failed in {report.error['phase']}: database at {report.revision_after or 'base'}"
+        unknown = any(w.startswith(pipeline.KEPT_UNKNOWN) for w in report.warnings)
+        return f"failed in {report.error['phase']}: database at {'an unknown revision' if unknown else report.revision_after or 'base'}"
     return f"failed in {report.error['phase']}: nothing was changed"
 
 
@@ -610,13 +614,33 @@ def run(args) -> int:
         raise
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a process worker, systemd, Kubernetes stopping us), handled as Ctrl-C is:
+    psycopg cancels the running statement on a KeyboardInterrupt, and every cleanup
+    (partial backup removed, report written, guard released) runs for it too."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: None)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated("terminated by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # only there can a handler be installed
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(args)
     except DbMigrateError as exc:
         print(f"dbmigrate: error: {exc}", file=sys.stderr)
         return 2 if args.command == "check" else exc.exit_code
+    except Terminated:
+        print("dbmigrate: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("dbmigrate: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

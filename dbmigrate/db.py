@@ -10,10 +10,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from dbmigrate.errors import ConnectionFailed
-from dbmigrate.target import DatabaseTarget, libpq_timeout
+from dbmigrate.errors import ConnectionFailed, ConnectionLost, DbMigrateError, LockWaitTimeout
+from dbmigrate.target import DatabaseTarget, libpq_timeout, pgoptions
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of lock_timeout (and NOWAIT)
 
 # libpq's wording, lowercased, mapped to what an operator needs to know.
 _REASONS = (
@@ -45,7 +46,14 @@ def engine(target: DatabaseTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT, **k
 
 @contextmanager
 def connect(target: DatabaseTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT, **kwargs) -> Iterator[Connection]:
-    """A connection, or ConnectionFailed naming the reason (never the password)."""
+    """A connection, or ConnectionFailed naming the reason (never the password).
+
+    Its waits are bounded too: a lock it needs is waited for ``timeout`` seconds, then
+    LockWaitTimeout names the session holding it; losing the server mid-session is a
+    ConnectionLost, whatever statement noticed it."""
+    lock_wait = libpq_timeout(timeout)
+    options = pgoptions(f"-c lock_timeout={lock_wait * 1000}", base=target.query_options)
+    kwargs["connect_args"] = {"options": options, **kwargs.get("connect_args", {})}
     eng = engine(target, timeout, **kwargs)
     try:
         try:
@@ -55,9 +63,50 @@ def connect(target: DatabaseTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT, **
         except UnicodeError:  # psycopg resolves names itself; IDNA rejects malformed ones
             raise ConnectionFailed(target.where, "invalid host name") from None
         with conn:
-            yield conn
+            try:
+                yield conn
+            except DbMigrateError:
+                raise
+            except Exception as exc:
+                if is_lost(conn):  # whatever failed, the reason is the server going away
+                    raise ConnectionLost(target.where) from None
+                if getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE:
+                    raise LockWaitTimeout(_lock_wait_failure(conn, exc, lock_wait)) from None
+                raise
     finally:
         eng.dispose()
+
+
+def is_lost(conn: Connection) -> bool:
+    """Has the server gone away from under this connection?"""
+    if conn.closed or conn.invalidated:
+        return True
+    raw = conn.connection.dbapi_connection
+    return raw is None or raw.closed or raw.broken
+
+
+def _lock_wait_failure(conn: Connection, exc: BaseException, waited: int) -> str:
+    """Which lock a statement of ours gave up on, and who holds it. The cancelled statement
+    does not say which relation it waited for: the holders of the locks that block reads,
+    those the statement names first."""
+    try:
+        conn.rollback()
+        holders = conn.execute(text(
+            "SELECT c.relname, l.mode, a.pid, a.application_name FROM pg_locks l "
+            "JOIN pg_class c ON c.oid = l.relation JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.granted AND l.mode = 'AccessExclusiveLock' AND l.pid <> pg_backend_pid() "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "ORDER BY a.backend_start"
+        )).all()
+    except Exception:  # naming the holder is a courtesy: the timeout is the error
+        holders = []
+    statement = str(getattr(exc, "statement", "") or "")
+    holders.sort(key=lambda h: h.relname not in statement)
+    if not holders:
+        return f"timed out after {waited}s waiting for a lock (its holder has gone since)"
+    h = holders[0]
+    return (f"timed out after {waited}s waiting for a lock on {h.relname}: {h.mode} held by "
+            f"backend pid {h.pid} ('{h.application_name or 'unknown'}'); raise --timeout to wait longer")
 
 
 def server_version(conn: Connection) -> tuple[int, str]:

@@ -27,8 +27,24 @@ class ConnectionFailed(DbMigrateError):
         self.reason = reason
 
 
+class ConnectionLost(ConnectionFailed):
+    """The server went away (killed, restarted, network cut) while a session was open."""
+
+    def __init__(self, where: str, reason: str = "server closed the connection"):
+        DbMigrateError.__init__(self, f"lost the connection to {where}: {reason}")
+        self.reason = reason
+
+
+class LockWaitTimeout(DbMigrateError):
+    """A query of the tool's own waited too long for a lock another session holds."""
+
+
 class RevisionError(DbMigrateError):
     """Unknown, ambiguous or unreachable revision."""
+
+
+class VersionTableAmbiguous(RevisionError):
+    """alembic_version holds several rows: no changing command runs until a human fixes it."""
 
 
 class GuardBusy(DbMigrateError):

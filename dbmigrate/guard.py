@@ -62,4 +62,14 @@ def hold(target: DatabaseTarget, operation: str, wait_s: float, timeout: float) 
         try:
             yield
         finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:c, :o)"), params)
+            _release(conn, params)
+
+
+def _release(conn, params: dict) -> None:
+    try:
+        conn.execute(text("SELECT pg_advisory_unlock(:c, :o)"), params)
+    except Exception:
+        if not db.is_lost(conn):
+            raise
+        # The server released the lock with the session: nothing to do, and the error
+        # that ended the run (if any) is the one to report.

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbmigrate import db, revisions
-from dbmigrate.errors import DbMigrateError
+from dbmigrate.errors import DbMigrateError, VersionTableAmbiguous
 from dbmigrate.revisions import Project
 from dbmigrate.target import DatabaseTarget
 
@@ -87,6 +87,8 @@ def check_version_table(project: Project, has_table: bool, current: tuple[str, .
     heads = project.heads
     if not has_table:
         check.detail = "no alembic_version table: first-time migration"
+    elif problem := project.several_rows_problem(current):
+        check.status, check.detail, check.refusal = FAIL, problem, VersionTableAmbiguous(problem)
     elif unknown := project.check_known(current):
         check.status = FAIL
         check.detail = f"database is at revision {', '.join(unknown)}, which the migration scripts do not know"
@@ -142,7 +144,10 @@ def run(
             has_table = revisions.has_version_table(conn)
             current = revisions.current_revisions(conn)
     except DbMigrateError as exc:
-        checks.append(Check("connection", FAIL, str(exc), time.monotonic() - start, refusal=exc))
+        if checks:  # connected, then reading the version table failed (a lock held on it, the server gone)
+            checks.append(Check("alembic_version", FAIL, str(exc), time.monotonic() - start, refusal=exc))
+        else:
+            checks.append(Check("connection", FAIL, str(exc), time.monotonic() - start, refusal=exc))
         timed(check_disk, backup_dir, None)
         return checks
     timed(check_disk, backup_dir, size)

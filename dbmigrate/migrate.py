@@ -20,6 +20,7 @@ from alembic.runtime.environment import EnvironmentContext
 
 from dbmigrate.errors import RevisionError
 from dbmigrate.revisions import Project
+from dbmigrate.target import pgoptions
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,9 @@ class SessionLimits:
     statement_timeout_s: float = 0.0
 
     def pgoptions(self) -> str:
-        return (
-            f"-c lock_timeout={int(self.lock_timeout_s * 1000)} "
-            f"-c statement_timeout={int(self.statement_timeout_s * 1000)}"
-        )
+        """PGOPTIONS for the migration's sessions: the user's own, plus ours."""
+        return pgoptions(f"-c lock_timeout={int(self.lock_timeout_s * 1000)}",
+                         f"-c statement_timeout={int(self.statement_timeout_s * 1000)}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _timed_environment(project: Project, on_step: Callable[[AppliedStep], None],
 def session_limits(limits: SessionLimits, application_name: str = "dbmigrate") -> Iterator[None]:
     """Apply limits to every libpq connection opened inside, including env.py's own engine."""
     saved = {key: os.environ.get(key) for key in ("PGOPTIONS", "PGAPPNAME")}
-    os.environ["PGOPTIONS"] = f"{saved['PGOPTIONS'] or ''} {limits.pgoptions()}".strip()
+    os.environ["PGOPTIONS"] = limits.pgoptions()
     os.environ["PGAPPNAME"] = application_name
     try:
         yield

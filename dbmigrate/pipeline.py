@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from dbmigrate import __version__, backup, db, fingerprint, guard, health, migrate, revisions
 from dbmigrate.errors import (
     ConfirmationRefused,
+    ConnectionLost,
     DbMigrateError,
     MigrationFailed,
     ReportNotWritten,
@@ -119,6 +120,7 @@ def plan(target: DatabaseTarget, project: Project, settings: Settings, request: 
     resolved = project.resolve(request.revision)
     with db.connect(target, settings.connect_timeout) as conn:
         current = revisions.current_revisions(conn)
+    project.require_one_row(current)
     if unknown := project.check_known(current):
         raise RevisionError(f"the database is at revision {', '.join(unknown)}, which the migration scripts do not know")
     if request.upgrade:
@@ -139,6 +141,9 @@ def expected_revisions(project: Project, plan: Plan, upgrade: bool) -> set[str]:
     return set(below) if isinstance(below, tuple) else ({below} if below else set())
 
 
+KEPT_UNKNOWN = "could not read which revisions the database kept: run `dbmigrate status`"
+
+
 def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan, upgrade: bool) -> list[AppliedStep]:
     """Run the plan. On failure, raises MigrationFailed; the steps reported as
     applied are only those the database really kept (see :func:`kept_steps`)."""
@@ -146,11 +151,12 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
     try:
         migrate.run(project, plan.target, upgrade=upgrade, limits=settings.limits, on_step=ran.append)
     except Exception as exc:
+        line = str(ConnectionLost(target.where)) if getattr(exc, "connection_invalidated", False) else first_line(exc)
         try:
             kept = kept_steps(target, settings, ran)
-        except DbMigrateError:  # the database cannot be asked: report what ran rather than lose this error
-            kept = ran
-        raise StepFailed(f"{_what_failed(exc, plan, ran, kept)}: {target.redact(first_line(exc))}", kept) from exc
+        except DbMigrateError:  # the database cannot be asked: say so, never guess
+            raise StepFailed(f"{_what_failed(exc, plan, ran, [])}: {target.redact(line)}; {KEPT_UNKNOWN}", []) from exc
+        raise StepFailed(f"{_what_failed(exc, plan, ran, kept)}: {target.redact(line)}", kept) from exc
     return ran
 
 
@@ -303,7 +309,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         raise
     finally:
         if touched:
-            report.revision_after = _revision_after(target, settings)
+            report.revision_after = _revision_after(target, settings, report)
         if storage is not None and not isinstance(storage, LocalStorage):
             _copy_report_beside_backups(report, storage, target)
         try:
@@ -338,8 +344,10 @@ def _fingerprint(target: DatabaseTarget, settings: Settings) -> Fingerprint:
         return fingerprint.take(conn)
 
 
-def _revision_after(target: DatabaseTarget, settings: Settings) -> str | None:
+def _revision_after(target: DatabaseTarget, settings: Settings, report: Report) -> str | None:
+    """The revision the run left; None and a warning when the database cannot say."""
     try:
         return current_revision(target, settings)
-    except DbMigrateError:
+    except DbMigrateError as exc:
+        report.warnings.append(f"{KEPT_UNKNOWN} ({target.redact(str(exc))})")
         return None

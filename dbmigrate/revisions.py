@@ -17,7 +17,7 @@ from alembic.util import CommandError
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
-from dbmigrate.errors import ConfigError, RevisionError
+from dbmigrate.errors import ConfigError, RevisionError, VersionTableAmbiguous
 from dbmigrate.target import DatabaseTarget
 
 DEFAULT_CONFIG = "alembic.ini"
@@ -64,6 +64,32 @@ class Project:
             except CommandError:
                 unknown.append(rev)
         return unknown
+
+    def ancestors(self, revision: str) -> set[str]:
+        """Every revision below ``revision`` (not itself)."""
+        return {r.revision for r in self.script.iterate_revisions(revision, "base")} - {revision}
+
+    def several_rows_problem(self, current: tuple[str, ...]) -> str | None:
+        """What is wrong with a version table holding several rows, or None if it holds at most one.
+
+        The one rule for every command that changes the database: Alembic would plan
+        from each row, so overlapping rows (one an ancestor of another) make it revert
+        or re-apply revisions the database never had, and even separate branches are
+        left to a human. Nothing is guessed."""
+        if len(current) <= 1:
+            return None
+        if unknown := self.check_known(current):
+            relation = f"{', '.join(unknown)} unknown to the migration scripts"
+        else:
+            pairs = [f"{a} is an ancestor of {b}" for b in current for a in current if a in self.ancestors(b)]
+            relation = "; ".join(pairs) or "separate branches"
+        return (f"{VERSION_TABLE} holds {len(current)} rows: {', '.join(current)} ({relation}): "
+                "fix the table by hand; dbmigrate will not guess")
+
+    def require_one_row(self, current: tuple[str, ...]) -> None:
+        """Refuse (before anything runs) a database whose version table holds several rows."""
+        if problem := self.several_rows_problem(current):
+            raise VersionTableAmbiguous(problem)
 
     def resolve(self, revision: str) -> str:
         """Validate a target: one known revision, 'heads', 'base', or relative."""

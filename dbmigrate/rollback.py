@@ -47,9 +47,14 @@ def roll_back(
     if now == before:  # the failed revision's transaction already undid everything
         return RollbackResult(False, None, True, ",".join(now.revisions) or None,
                               "nothing to undo: the database is as the run found it")
-    start = before.revisions[0] if len(before.revisions) == 1 else "base"
+    if several := project.several_rows_problem(before.revisions):
+        return RollbackResult(False, None, False, ",".join(now.revisions) or None,
+                              f"not rolled back: the database started at several revisions ({several}); "
+                              "nothing was downgraded")
+    start = before.revisions[0] if before.revisions else "base"
     method, problem = "downgrade", ""
     try:
+        project.require_one_row(now.revisions)  # else the downgrade would plan from each row: restore instead
         plan = pipeline.Plan(now.revisions, start, project.plan_downgrade(now.revisions, start))
         pipeline.apply(target, project, settings, plan, upgrade=False)
     except Exception as exc:  # a downgrade can fail like any migration: fall back to the backup

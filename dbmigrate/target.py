@@ -20,6 +20,17 @@ from dbmigrate.errors import ConfigError
 
 DRIVER = "postgresql+psycopg"
 URL_SHAPE = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+# On every session the tool opens (its own, env.py's, pg_dump's): the server checks each second
+# that the client is still there and ends the statement of one that died (SIGKILL, a lost host)
+# instead of running it, locks held, to the end.
+CONNECTION_CHECK = "-c client_connection_check_interval=1000"
+
+
+def pgoptions(*settings: str, base: str | None = None) -> str:
+    """libpq ``options`` for a session: ``base`` (default: the user's PGOPTIONS), the
+    connection check, then ``settings`` (later ``-c`` win)."""
+    base = os.environ.get("PGOPTIONS", "") if base is None else base
+    return " ".join(part for part in (base.strip(), CONNECTION_CHECK, *settings) if part)
 
 
 def libpq_timeout(seconds: float) -> int:
@@ -74,10 +85,17 @@ class DatabaseTarget:
             env["PGUSER"] = self.url.username
         if self.url.password:
             env["PGPASSWORD"] = str(self.url.password)
+        env["PGOPTIONS"] = pgoptions(base=self.query_options)
         for key, var in (("sslmode", "PGSSLMODE"), ("connect_timeout", "PGCONNECT_TIMEOUT")):
             if key in self.url.query:
                 env[var] = str(self.url.query[key])
         return env
+
+    @property
+    def query_options(self) -> str | None:
+        """The URL's own ``?options=`` (libpq then ignores PGOPTIONS), if it has one."""
+        options = self.url.query.get("options")
+        return None if options is None else str(options)
 
     def with_database(self, name: str) -> DatabaseTarget:
         return DatabaseTarget(self.url.set(database=name), self.environment)
@@ -99,6 +117,10 @@ def parse_url(raw: str, environment: str = "url") -> DatabaseTarget:
         raise ConfigError(f"unsupported database URL scheme '{url.drivername}': expected {URL_SHAPE}")
     if url.port is not None and not 0 < url.port < 65536:
         raise ConfigError(f"malformed database URL: port {url.port} is out of range")
+    if "password" in url.query:  # libpq's ?password=: make it the URL's, which pg_dump's env and redact() use
+        password = url.query["password"]
+        url = url.difference_update_query(["password"]).set(
+            password=password[-1] if isinstance(password, tuple) else password)
     return DatabaseTarget(url.set(drivername=DRIVER), environment)
 
 

@@ -1,0 +1,331 @@
+"""Faults that must end cleanly: a version table with several rows, the server killed
+mid-run, SIGTERM and SIGKILL mid-run, a lock held on alembic_version, ?password= URLs.
+Each test injects the fault for real (pg_ctl stop -m immediate, signals, a locking session)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from urllib.parse import quote
+
+import pytest
+
+from dbmigrate import pipeline, rollback
+from tests import pgcluster
+from tests.conftest import REPO, SAMPLE_CONFIG, assert_no_canary, fingerprint_of, reports_in
+from tests.pgcluster import CANARY_PASSWORD, environ_without_db
+from tests.projects import linear, stock_project
+from tests.test_failures import one_line_error
+
+SLEEP = "op.execute('SELECT pg_sleep(30)')"
+
+
+def start(home, *args: str, env: dict) -> subprocess.Popen:
+    """`python -m dbmigrate ARGS` in the background, to be interrupted."""
+    environ = {**environ_without_db(), "DBMIGRATE_HOME": str(home), **env}
+    return subprocess.Popen([sys.executable, "-m", "dbmigrate", *args], cwd=REPO, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    assert "Traceback" not in err, err
+    assert_no_canary(out + err, "the output of dbmigrate")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def backends(cluster, database: str, query_like: str) -> list[tuple]:
+    """Active backends of ``database`` running a statement like ``query_like``."""
+    with cluster.admin() as conn:
+        return conn.execute(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE datname = %s AND query LIKE %s "
+            "AND state = 'active' AND pid <> pg_backend_pid()", (database, query_like)).fetchall()
+
+
+def wait_for(condition, what: str, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"gave up waiting for {what}")
+
+
+def sleeping_project(tmp_path, first_revision_locks: bool = False):
+    """r1 creates t1; r2 creates t2; r3 (optionally locking t1 first) sleeps 30 s."""
+    slow = ("op.execute('LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE'); " if first_revision_locks else "") + SLEEP
+    return str(stock_project(tmp_path, linear(
+        "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))",
+        "op.create_table('t2', sa.Column('id', sa.Integer, primary_key=True))",
+        slow,
+    )))
+
+
+# -- item 2: several rows in alembic_version ------------------------------------------------------
+
+
+def test_several_rows_in_the_version_table_are_refused(cli, url, target, pg_cluster, home):
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "0005", "--yes", env=env).returncode == 0
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("INSERT INTO alembic_version VALUES ('0003')")
+    before = fingerprint_of(target)
+    expected = ("alembic_version holds 2 rows: 0003, 0005 (0003 is an ancestor of 0005): "
+                "fix the table by hand; dbmigrate will not guess")
+
+    health = cli("health", "--json", env=env)
+    assert health.returncode == 1
+    version = {c["name"]: c for c in json.loads(health.stdout)["checks"]}["alembic_version"]
+    assert version["status"] == "fail" and version["detail"] == expected
+
+    for args in (["status"], ["check"]):  # they change nothing, but say the same
+        result = cli(*args, env=env)
+        assert result.returncode == 2 and one_line_error(result) == f"dbmigrate: error: {expected}", args
+    for args in (["downgrade", "-r", "-1"], ["downgrade", "-r", "0004"], ["upgrade"],
+                 ["upgrade", "--skip-health-checks"], ["downgrade", "-r", "base", "--skip-health-checks"]):
+        result = cli(*args, "--yes", env=env)
+        assert result.returncode == 2, (args, result.stderr)
+        assert one_line_error(result) == f"dbmigrate: error: {expected}", args
+        assert fingerprint_of(target) == before, args
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["error"]["message"] == expected and report["migrations_applied"] == []
+
+
+def test_separate_branches_in_the_version_table_are_refused_too(cli, url, target, pg_cluster, tmp_path):
+    scripts = linear("op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))")
+    scripts += [{"revision": "b1", "down": "r1", "message": "branch b", "upgrade": "pass"},
+                   {"revision": "c1", "down": "r1", "message": "branch c", "upgrade": "pass"}]
+    ini = str(stock_project(tmp_path, scripts))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "b1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("INSERT INTO alembic_version VALUES ('c1')")
+    before = fingerprint_of(target)
+    result = cli("downgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)
+    assert result.returncode == 2
+    assert "alembic_version holds 2 rows: b1, c1 (separate branches)" in one_line_error(result)
+    assert fingerprint_of(target) == before
+
+
+# -- item 3: the automatic rollback never goes to base ---------------------------------------------
+
+
+def test_rollback_refuses_a_start_at_several_revisions(cli, url, target, home):
+    assert cli("upgrade", "-r", "0003", "--yes", env={"DATABASE_URL": url}).returncode == 0
+    # As if the run had started with rows 0002 and 0003 and then migrated to 0005.
+    started = dataclasses.replace(fingerprint_of(target), revisions=("0002", "0003"))
+    assert cli("upgrade", "-r", "0005", "--yes", env={"DATABASE_URL": url}).returncode == 0
+    now = fingerprint_of(target)
+    settings = pipeline.Settings(home=home, alembic_config=str(SAMPLE_CONFIG))
+
+    result = rollback.roll_back(target, settings.project(target), settings, started, None, None)
+
+    assert fingerprint_of(target) == now, "nothing may be downgraded"
+    assert not result.performed and not result.succeeded and result.revision_after == "0005"
+    assert result.detail.startswith("not rolled back: the database started at several revisions (alembic_version "
+                                    "holds 2 rows: 0002, 0003 (0002 is an ancestor of 0003)")
+    assert result.detail.endswith("nothing was downgraded")
+
+
+# -- item 9: the server killed mid-run --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_cluster(tmp_path_factory):
+    """A cluster of this module's own: these tests kill it."""
+    cluster = pgcluster.create(tmp_path_factory.mktemp("killed-pg"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def own_target(own_cluster):
+    name = own_cluster.create_database()
+    yield own_cluster.target(name)
+    own_cluster.drop_database(name)
+
+
+def _url(target) -> str:
+    return target.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _kill_and_restart(cluster, proc) -> subprocess.CompletedProcess:
+    cluster._pg_ctl("-m", "immediate", "stop")
+    try:
+        return finish(proc)
+    finally:
+        cluster.start()
+
+
+def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
+    ini = sleeping_project(tmp_path)
+    env = {"DATABASE_URL": _url(own_target)}
+    assert finish(start(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    proc = start(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
+    wait_for(lambda: backends(own_cluster, own_target.database, "SELECT pg_sleep%"), "r3 to run")
+
+    result = _kill_and_restart(own_cluster, proc)
+
+    assert result.returncode == 1
+    error = one_line_error(result)
+    assert error == (f"dbmigrate: error: revision r3 failed: lost the connection to {own_target.where}: server closed "
+                     f"the connection; {pipeline.KEPT_UNKNOWN}")
+    assert "database at an unknown revision" in result.stdout
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["migrations_applied"] == [], "r2 ran but was never committed: it may not be reported as applied"
+    assert report["revision_after"] is None
+    assert any(w.startswith(pipeline.KEPT_UNKNOWN) for w in report["warnings"])
+    assert fingerprint_of(own_target).revisions == ("r1",)
+
+
+def test_server_killed_mid_backup(own_cluster, own_target, home, tmp_path):
+    ini = sleeping_project(tmp_path)
+    env = {"DATABASE_URL": _url(own_target)}
+    assert finish(start(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    blocker = own_cluster.admin(own_target.database)  # dies with the server: no commit on the way out
+    blocker.execute("BEGIN")
+    blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")  # pg_dump waits here, mid-backup
+    proc = start(home, "upgrade", "--backup", "--yes", "--alembic-config", ini, env=env)
+    wait_for(lambda: backends(own_cluster, own_target.database, "LOCK TABLE %"), "pg_dump to run")
+    result = _kill_and_restart(own_cluster, proc)
+    blocker.close()
+
+    assert result.returncode != 0
+    error = one_line_error(result)
+    assert str(own_target.where) in error or "pg_dump failed" in error, error
+    assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "no partial dump, no manifest"
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["error"]["phase"] == "backup" and report["migrations_applied"] == []
+    assert fingerprint_of(own_target).revisions == ("r1",)
+
+
+def test_server_killed_mid_restore(own_cluster, own_target, home, tmp_path):
+    ini = sleeping_project(tmp_path)
+    env = {"DATABASE_URL": _url(own_target)}
+    assert finish(start(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    backup = finish(start(home, "backup", "--json", env=env))
+    backup_id = json.loads(backup.stdout)["id"]
+    reader = own_cluster.admin(own_target.database)  # dies with the server: no commit on the way out
+    reader.execute("BEGIN")
+    reader.execute("SELECT * FROM t1")  # the restore's DROP SCHEMA waits behind this, mid-restore
+    proc = start(home, "restore", backup_id, "--yes", "--no-safety-backup", env=env)
+    wait_for(lambda: backends(own_cluster, own_target.database, "DROP SCHEMA%"), "the restore to run")
+    result = _kill_and_restart(own_cluster, proc)
+    reader.close()
+
+    assert result.returncode != 0
+    one_line_error(result)
+    assert fingerprint_of(own_target).revisions == ("r1",)
+
+
+# -- item 10: SIGTERM and SIGKILL mid-run ---------------------------------------------------------
+
+
+def test_sigterm_mid_revision_cancels_the_statement_and_writes_the_report(cli, url, target, pg_cluster, home,
+                                                                         tmp_path):
+    ini = sleeping_project(tmp_path, first_revision_locks=True)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    before = fingerprint_of(target)
+    proc = start(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
+    wait_for(lambda: backends(pg_cluster, target.database, "SELECT pg_sleep%"), "r3 to run")
+
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc, timeout=10)
+
+    assert result.returncode == 143
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO  [alembic")]
+    assert lines == ["dbmigrate: terminated"]
+    assert not backends(pg_cluster, target.database, "%pg_sleep%"), "the statement was cancelled"
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("SET lock_timeout = 1000")
+        conn.execute("BEGIN; LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE; ROLLBACK")  # the lock is free
+    report = json.loads(reports_in(home)[-1].read_text())
+    assert report["status"] == "failed" and report["error"]["phase"] == "migrate"
+    assert report["error"]["message"] == "terminated by SIGTERM"
+    assert report["migrations_applied"] == [] and report["revision_after"] == "r1"
+    assert fingerprint_of(target) == before
+
+
+def test_sigterm_mid_backup_leaves_no_partial_dump(cli, url, target, pg_cluster, home, tmp_path):
+    ini = sleeping_project(tmp_path)
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    with pg_cluster.admin(target.database) as blocker:
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")  # pg_dump waits here, its file open
+        proc = start(home, "backup", env={"DATABASE_URL": url})
+        wait_for(lambda: list((home / "backups").rglob("*.dump")), "the dump file to be created")
+        wait_for(lambda: backends(pg_cluster, target.database, "LOCK TABLE %"), "pg_dump to run")
+        proc.send_signal(signal.SIGTERM)
+        result = finish(proc, timeout=10)
+    assert result.returncode == 143 and result.stderr.strip() == "dbmigrate: terminated"
+    assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "no partial dump, no manifest"
+    wait_for(lambda: not backends(pg_cluster, target.database, "%"), "pg_dump and the row count to end", timeout=5)
+
+
+def test_sigkill_mid_revision_the_orphaned_statement_ends_soon(cli, url, target, pg_cluster, home, tmp_path):
+    ini = sleeping_project(tmp_path, first_revision_locks=True)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    proc = start(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
+    wait_for(lambda: backends(pg_cluster, target.database, "SELECT pg_sleep%"), "r3 to run")
+
+    proc.kill()
+    proc.wait()
+    killed = time.monotonic()
+    wait_for(lambda: not backends(pg_cluster, target.database, "%pg_sleep%"), "the orphaned statement to end",
+             timeout=5)
+    assert time.monotonic() - killed < 4
+    assert fingerprint_of(target).revisions == ("r1",)
+
+
+# -- item 12: a lock held on alembic_version -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["status"], ["upgrade", "--yes", "--lock-timeout", "1"]])
+def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url, target, pg_cluster, home):
+    assert cli("upgrade", "-r", "0001", "--yes", env={"DATABASE_URL": url}).returncode == 0
+    before = fingerprint_of(target)
+    with pg_cluster.admin(target.database) as blocker:
+        blocker.execute("SET application_name = 'the-blocker'")
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+        pid = blocker.info.backend_pid
+        started = time.monotonic()
+        result = finish(start(home, *args, "--timeout", "2", env={"DATABASE_URL": url}), timeout=60)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    assert one_line_error(result) == (
+        f"dbmigrate: error: timed out after 2s waiting for a lock on alembic_version: AccessExclusiveLock held by "
+        f"backend pid {pid} ('the-blocker'); raise --timeout to wait longer")
+    assert elapsed < 15
+    assert fingerprint_of(target) == before
+
+
+# -- item 19: ?password= in the URL -------------------------------------------------------------------
+
+
+def test_a_password_given_as_a_url_parameter_reaches_pg_dump_and_is_redacted(cli, target, home, tmp_path):
+    from dbmigrate import db, pgtools
+    from dbmigrate.target import parse_url
+
+    url = (f"postgresql://postgres@127.0.0.1:{target.port}/{target.database}"
+           f"?password={quote(CANARY_PASSWORD, safe='')}")
+    with db.connect(target) as conn:
+        real = pgtools.find("pg_dump", db.server_version(conn)[0])
+    shim_dir, argv_log = tmp_path / "bin", tmp_path / "argv.log"
+    shim_dir.mkdir()
+    (shim_dir / "pg_dump").write_text(f'#!/bin/sh\necho "$*" >> {argv_log}\nexec {real} "$@"\n')
+    (shim_dir / "pg_dump").chmod(0o755)
+
+    result = cli("backup", env={"DATABASE_URL": url, "PG_BIN_DIR": str(shim_dir)})
+
+    assert result.returncode == 0, result.stderr
+    assert "--format=custom" in argv_log.read_text()
+    assert_no_canary(argv_log.read_text(), "pg_dump's command line")
+    parsed = parse_url(url)
+    assert parsed.redact(f"said {CANARY_PASSWORD}") == "said ***" and "password" not in parsed.url.query
