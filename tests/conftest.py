@@ -60,6 +60,55 @@ def home(tmp_path) -> Path:
     return path
 
 
+def one_line_error(stderr: str) -> str:
+    """The one line a failed command prints (Alembic's own INFO lines aside)."""
+    lines = [line for line in stderr.splitlines() if not line.startswith("INFO  [alembic")]
+    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), stderr
+    return lines[0]
+
+
+def run_on_a_terminal(args: list[str], answers: dict[bytes, str], env: dict) -> tuple[int, str]:
+    """dbmigrate on a real pseudo-terminal, answering each prompt once as it appears."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-m", "dbmigrate", *args], env)
+    output, pending = b"", dict(answers)
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        for prompt in [p for p in pending if p in output]:
+            os.write(fd, pending.pop(prompt).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode()
+
+
+def recording_pg_dump(target: DatabaseTarget, directory: Path) -> tuple[Path, Path]:
+    """A pass-through pg_dump in ``directory``/bin (for PG_BIN_DIR) that logs its argv, and
+    whether it got a password through its environment, to the returned log file."""
+    from dbmigrate import pgtools
+
+    with db.connect(target) as conn:
+        real = pgtools.find("pg_dump", db.server_version(conn)[0])
+    shim_dir, log = directory / "bin", directory / "pg_dump.log"
+    shim_dir.mkdir()
+    (shim_dir / "pg_dump").write_text(
+        "#!/bin/sh\n"
+        f'printf "argv: %s\\n" "$*" >> {log}\n'
+        f'[ -n "$PGPASSWORD" ] && echo "password: from environment" >> {log}\n'
+        f'exec {real} "$@"\n'
+    )
+    (shim_dir / "pg_dump").chmod(0o755)
+    return shim_dir, log
+
+
 def fingerprint_of(target: DatabaseTarget) -> fingerprint.Fingerprint:
     with db.connect(target) as conn:
         return fingerprint.take(conn)

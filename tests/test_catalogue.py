@@ -16,13 +16,8 @@ from dbmigrate import backup
 from dbmigrate.errors import ConfigError
 from dbmigrate.storage import LocalStorage
 from dbmigrate.target import DatabaseTarget
+from tests.conftest import one_line_error
 from tests.pgcluster import free_port
-
-
-def one_line_error(result) -> str:
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), result.stderr
-    return lines[0]
 
 
 def small_table(pg_cluster, target, rows: int = 20) -> None:
@@ -136,7 +131,7 @@ def test_keep_last_below_one_and_bad_keep_days_are_refused(cli, url, pg_cluster,
                                 ("--keep-days", "0", "--keep-days must be a finite number of days above 0")):
         retention = ["--keep-last", "1", option, value] if option == "--keep-days" else [option, value]
         result = cli("backups", "prune", *retention, "--storage", str(store.root), env=env)
-        assert result.returncode == 2 and says in one_line_error(result), (option, value, result.stderr)
+        assert result.returncode == 2 and says in one_line_error(result.stderr), (option, value, result.stderr)
         assert store.keys("") == before, f"{option} {value} must change nothing"
 
 
@@ -196,7 +191,7 @@ def test_list_says_what_it_knows_of_each_backup(cli, url, pg_cluster, target, as
     assert as_json[unreadable.id]["damage"].startswith("manifest unreadable: ")
 
     refused = cli("restore", unreadable.id, "--target-db", target.database + "_bad", *storage, env=env)
-    assert refused.returncode == 2 and "the manifest of backup" in one_line_error(refused)
+    assert refused.returncode == 2 and "the manifest of backup" in one_line_error(refused.stderr)
     restored = cli("restore", checked.id, "--target-db", target.database + "_copy", *storage, env=env)
     try:
         assert restored.returncode == 0, restored.stderr
@@ -249,7 +244,7 @@ def test_s3_failures_are_one_line_errors(cli, url, s3_endpoint, failure, request
     for command in (["backups", "list"], ["backups", "prune", "--keep-last", "1"],
                     ["restore", "20000101T000000.000Z-base", "--yes"]):
         result = cli(*command, "--storage", spec, env=env)
-        error = one_line_error(result)
+        error = one_line_error(result.stderr)
         assert result.returncode == 1 and error.startswith("dbmigrate: error: storage: listing s3://"), error
         assert says in error, (command, error)
 
@@ -277,7 +272,7 @@ def test_a_manifest_that_does_not_fit_leaves_nothing_behind(cli, url, pg_cluster
         (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - room))
         result = cli("backup", "--storage", str(disk / "backups"), env=env)
         assert result.returncode == 1
-        error = one_line_error(result)
+        error = one_line_error(result.stderr)
         assert "storage: writing " in error and ".json failed: No space left on device" in error, error
         assert [p.name for p in disk.rglob("*") if p.is_file()] == ["filler"], "neither the dump nor a .json.tmp"
     finally:

@@ -11,18 +11,12 @@ import pytest
 from sqlalchemy import text
 
 from dbmigrate import db
-from tests.conftest import fingerprint_of, reports_in
+from tests.conftest import fingerprint_of, one_line_error, reports_in, run_on_a_terminal
 from tests.projects import linear, stock_project
 
 
 def stderr_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if not line.startswith("INFO  [alembic")]
-
-
-def one_line_error(result) -> str:
-    lines = stderr_lines(result)
-    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -55,7 +49,7 @@ def test_numbers_are_checked_before_anything_runs(cli, url, target, at_0002, hom
     for args in cases:
         result = cli(*args, env={"DATABASE_URL": url})
         assert result.returncode == 2, (args, result.stdout, result.stderr)
-        line = one_line_error(result)
+        line = one_line_error(result.stderr)
         assert args[-1] in line or repr(args[-1]) in line, (args, line)
     assert fingerprint_of(target) == at_0002
     assert reports_in(home) == reports, "refused before the run: no report"
@@ -66,7 +60,7 @@ def test_malformed_revisions_are_refused(cli, url, target, at_0002):
         for revision in ("", "@", "0001@", "@0001", " ", "0001 "):
             result = cli(command, "-r", revision, "--yes", env={"DATABASE_URL": url})
             assert result.returncode == 2, (command, revision, result.stderr)
-            assert f"malformed revision {revision!r}" in one_line_error(result)
+            assert f"malformed revision {revision!r}" in one_line_error(result.stderr)
     assert fingerprint_of(target) == at_0002
 
 
@@ -76,7 +70,7 @@ def test_a_json_report_that_can_never_be_written_is_refused_first(cli, url, targ
     for path, expected in ((tmp_path, "is a directory"), (a_file / "report.json", "is not a writable directory")):
         result = cli("upgrade", "--yes", "--json-report", str(path), env={"DATABASE_URL": url})
         assert result.returncode == 2
-        assert expected in one_line_error(result)
+        assert expected in one_line_error(result.stderr)
     assert fingerprint_of(target) == at_0002
 
 
@@ -155,7 +149,7 @@ def test_a_deferred_constraint_failing_at_commit_names_the_revision(cli, url, ta
     before = fingerprint_of(target)
     result = cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
     assert result.returncode == 1
-    assert one_line_error(result) == ('dbmigrate: error: commit of revision r2 failed: insert or update on table '
+    assert one_line_error(result.stderr) == ('dbmigrate: error: commit of revision r2 failed: insert or update on table '
                                       '"child" violates foreign key constraint "child_parent_id_fkey"')
     assert fingerprint_of(target) == before
     report = json.loads(reports_in(home)[-1].read_text())
@@ -167,7 +161,7 @@ def test_with_one_transaction_per_revision_the_commit_that_failed_is_named(cli, 
                             transaction_per_migration=True))
     result = cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
     assert result.returncode == 1
-    assert "commit of revision r2 failed: insert or update on table \"child\"" in one_line_error(result)
+    assert "commit of revision r2 failed: insert or update on table \"child\"" in one_line_error(result.stderr)
     assert fingerprint_of(target).revisions == ("r1",)
     with db.connect(target) as conn:
         assert conn.execute(text("SELECT count(*) FROM child")).scalar_one() == 0
@@ -186,7 +180,7 @@ def test_an_unreadable_table_is_named_by_the_backup(cli, pg_cluster, target, hom
         url = f"postgresql://{role}:{password}@127.0.0.1:{target.port}/{target.database}"
         result = cli("backup", env={"DATABASE_URL": url})
         assert result.returncode == 1
-        line = one_line_error(result)
+        line = one_line_error(result.stderr)
         assert "permission denied for table secret" in line and "could not import" not in line, line
         assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "nothing stored"
     finally:
@@ -211,7 +205,7 @@ def test_production_changes_only_through_the_deployment(cli, environment, prefec
                  ["upgrade", "--backup", "--approver", "alice"]):
         result = cli(*args, "--env", "production", env=env)
         assert result.returncode == 2, result.stderr
-        assert one_line_error(result) == (
+        assert one_line_error(result.stderr) == (
             "dbmigrate: error: production changes run through the db-migrate deployment: the policy of production "
             f"does not allow {args[0]} from the command line (cli_changes_allowed is off)")
     dry_run = cli("downgrade", "-r", "0004", "--dry-run", "--env", "production", env=env)
@@ -219,7 +213,7 @@ def test_production_changes_only_through_the_deployment(cli, environment, prefec
     backup = cli("backup", "--env", "production", "--json", env=env)
     assert backup.returncode == 0, backup.stderr
     restore = cli("restore", json.loads(backup.stdout)["id"], "--approver", "alice", "--env", "production", env=env)
-    assert restore.returncode == 2 and "does not allow restore over the original" in one_line_error(restore)
+    assert restore.returncode == 2 and "does not allow restore over the original" in one_line_error(restore.stderr)
     assert fingerprint_of(target) == at_0005
 
 
@@ -229,11 +223,11 @@ def test_production_policy_needs_a_backup_and_a_named_approver(cli, environment,
     environment("production", cli_changes_allowed=True)
     refused = cli("downgrade", "-r", "0004", "--yes", "--env", "production", env=env)
     assert refused.returncode == 2
-    assert one_line_error(refused) == "dbmigrate: error: the policy of production requires a backup first: add --backup"
+    assert one_line_error(refused.stderr) == "dbmigrate: error: the policy of production requires a backup first: add --backup"
 
     refused = cli("downgrade", "-r", "0004", "--yes", "--backup", "--env", "production", env=env)
     assert refused.returncode == 2
-    assert one_line_error(refused) == (
+    assert one_line_error(refused.stderr) == (
         "dbmigrate: error: the policy of production requires an approval by name: pass --approver NAME "
         "(--yes is not enough) or run on a terminal")
     assert fingerprint_of(target) == at_0005
@@ -248,9 +242,9 @@ def test_production_policy_needs_a_backup_and_a_named_approver(cli, environment,
 
     backup_id = report["backup"]["id"]
     refused = cli("restore", backup_id, "--yes", "--no-safety-backup", "--env", "production", env=env)
-    assert refused.returncode == 2 and "requires a backup first: drop --no-safety-backup" in one_line_error(refused)
+    assert refused.returncode == 2 and "requires a backup first: drop --no-safety-backup" in one_line_error(refused.stderr)
     refused = cli("restore", backup_id, "--yes", "--env", "production", env=env)
-    assert refused.returncode == 2 and "requires an approval by name" in one_line_error(refused)
+    assert refused.returncode == 2 and "requires an approval by name" in one_line_error(refused.stderr)
     assert fingerprint_of(target).revisions == ("0004",)
     restored = cli("restore", backup_id, "--approver", "alice", "--env", "production", env=env)
     assert restored.returncode == 0, restored.stderr
@@ -267,31 +261,6 @@ def test_staging_works_as_before(cli, environment, prefect_api, target, at_0005,
     report = json.loads(reports_in(home)[-1].read_text())
     assert report["approval"]["via"] == "--yes" and report["backup"] is None
 
-
-def run_on_a_terminal(args: list[str], answers: dict[bytes, str], env: dict) -> tuple[int, str]:
-    """dbmigrate on a real pseudo-terminal, answering each prompt once as it appears."""
-    import pty
-    import sys
-
-    from tests.conftest import REPO
-
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.chdir(REPO)
-        os.execve(sys.executable, [sys.executable, "-m", "dbmigrate", *args], env)
-    output, pending = b"", dict(answers)
-    while True:
-        try:
-            chunk = os.read(fd, 1024)
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-        for prompt in [p for p in pending if p in output]:
-            os.write(fd, pending.pop(prompt).encode() + b"\n")
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), output.decode()
 
 
 def test_on_a_terminal_the_approver_gives_a_name(environment, prefect_api, target, at_0005, home):

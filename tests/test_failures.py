@@ -9,15 +9,9 @@ import time
 import pytest
 
 from dbmigrate import guard
-from tests.conftest import fingerprint_of, reports_in
+from tests.conftest import fingerprint_of, one_line_error, reports_in
 from tests.pgcluster import CANARY_PASSWORD, free_port
 from tests.projects import linear, stock_project
-
-
-def one_line_error(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO  [alembic")]
-    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -61,7 +55,7 @@ def test_bad_input_changes_nothing(cli, url, target, at_0003, tmp_path, blackhol
     for args, database_url, expected, code in cases:
         result = cli(*args, env={"DATABASE_URL": database_url})
         assert result.returncode == code, (args, expected, result.stderr)
-        assert expected in one_line_error(result), (args, result.stderr)
+        assert expected in one_line_error(result.stderr), (args, result.stderr)
     assert fingerprint_of(target) == at_0003
 
 
@@ -88,7 +82,7 @@ def test_several_heads(cli, url, target, tmp_path):
 
     result = cli("upgrade", "--yes", "--alembic-config", ini, env=env)
     assert result.returncode == 2
-    assert "'head' is ambiguous: the scripts have 2 heads" in one_line_error(result)
+    assert "'head' is ambiguous: the scripts have 2 heads" in one_line_error(result.stderr)
     assert fingerprint_of(target) == before
 
     health = json.loads(cli("health", "--json", "--alembic-config", ini, env=env).stdout)
@@ -110,9 +104,9 @@ def test_unknown_revision_in_the_database(cli, url, target, pg_cluster):
     assert health.returncode == 1
     assert "database is at revision f00dface, which the migration scripts do not know" in health.stdout
     upgrade = cli("upgrade", "--yes", env=env)
-    assert upgrade.returncode == 1 and "f00dface" in one_line_error(upgrade)
+    assert upgrade.returncode == 1 and "f00dface" in one_line_error(upgrade.stderr)
     status = cli("status", env=env)
-    assert status.returncode == 2 and "f00dface" in one_line_error(status)
+    assert status.returncode == 2 and "f00dface" in one_line_error(status.stderr)
     assert fingerprint_of(target) == before
 
 
@@ -125,7 +119,7 @@ def test_failed_revision_rolls_back_and_is_reported(cli, url, target, home, tmp_
     before = fingerprint_of(target)
     result = cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
     assert result.returncode == 1
-    assert "revision r3 failed: division by zero" in one_line_error(result)
+    assert "revision r3 failed: division by zero" in one_line_error(result.stderr)
     assert fingerprint_of(target) == before, "the stock env.py runs all revisions in one transaction"
 
     report = json.loads(reports_in(home)[-1].read_text())
@@ -151,7 +145,7 @@ def test_lock_timeout_reaches_a_stock_env_py(cli, url, target, pg_cluster, tmp_p
         elapsed = time.monotonic() - started
         blocker.rollback()
     assert result.returncode == 1
-    assert "revision r2 failed: canceling statement due to lock timeout" in one_line_error(result)
+    assert "revision r2 failed: canceling statement due to lock timeout" in one_line_error(result.stderr)
     assert elapsed < 20
     assert fingerprint_of(target) == before
 
@@ -162,7 +156,7 @@ def test_statement_timeout_reaches_a_stock_env_py(cli, url, target, tmp_path):
     result = cli("upgrade", "--yes", "--statement-timeout", "1", "--alembic-config", ini,
                  env={"DATABASE_URL": url})
     assert result.returncode == 1
-    assert "canceling statement due to statement timeout" in one_line_error(result)
+    assert "canceling statement due to statement timeout" in one_line_error(result.stderr)
     assert fingerprint_of(target) == before
 
 
@@ -171,13 +165,13 @@ def test_backup_failure_stops_before_migrating(cli, url, target, home):
     before = fingerprint_of(target)
     result = cli("upgrade", "--yes", "--backup", "--skip-health-checks", env={"DATABASE_URL": url})
     assert result.returncode == 1
-    assert "storage: cannot create" in one_line_error(result)
+    assert "storage: cannot create" in one_line_error(result.stderr)
     report = json.loads(reports_in(home)[-1].read_text())
     assert report["error"]["phase"] == "backup" and report["backup"] is None
     assert fingerprint_of(target) == before
 
     with_checks = cli("upgrade", "--yes", "--backup", env={"DATABASE_URL": url})
-    assert with_checks.returncode == 1 and "disk_space: backup directory" in one_line_error(with_checks)
+    assert with_checks.returncode == 1 and "disk_space: backup directory" in one_line_error(with_checks.stderr)
     assert fingerprint_of(target) == before
 
 
@@ -186,7 +180,7 @@ def test_guard_held_by_another_migration(cli, url, target):
     with guard.hold(target, "upgrade", wait_s=0, timeout=5):
         result = cli("upgrade", "--yes", "--lock-wait", "1", env={"DATABASE_URL": url})
     assert result.returncode == 2
-    error = one_line_error(result)
+    error = one_line_error(result.stderr)
     assert "another migration holds the guard" in error and "'dbmigrate upgrade by " in error
     assert "waited 1s" in error
     assert fingerprint_of(target) == before

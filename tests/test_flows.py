@@ -193,14 +193,9 @@ def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter
 
-    from dbmigrate import db, pgtools
+    from tests.conftest import recording_pg_dump
 
-    with db.connect(target) as conn:
-        real = pgtools.find("pg_dump", db.server_version(conn)[0])
-    shim_dir, argv_log = tmp_path / "bin", tmp_path / "argv.log"
-    shim_dir.mkdir()
-    (shim_dir / "pg_dump").write_text(f'#!/bin/sh\necho "$*" >> {argv_log}\nexec {real} "$@"\n')
-    (shim_dir / "pg_dump").chmod(0o755)
+    shim_dir, argv_log = recording_pg_dump(target, tmp_path)
     ini = str(stock_project(tmp_path / "project", linear(table_step("t1"))))
     import os
 

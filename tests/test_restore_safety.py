@@ -16,18 +16,12 @@ import pytest
 from dbmigrate import backup, pipeline, restore, rollback
 from dbmigrate.errors import BackupFailed
 from dbmigrate.storage import LocalStorage, S3Storage
-from tests.conftest import REPO, assert_no_canary, fingerprint_of
+from tests.conftest import REPO, assert_no_canary, fingerprint_of, one_line_error
 from tests.pgcluster import environ_without_db
 from tests.projects import linear, stock_project
 from tests.test_backups import fill
 
 ROWS = 300_000  # enough for the COPY of the replay to last a while
-
-
-def one_line_error(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), stderr
-    return lines[0]
 
 
 def start_cli(home, *args: str, env: dict) -> subprocess.Popen:

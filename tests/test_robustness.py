@@ -16,10 +16,10 @@ import pytest
 
 from dbmigrate import pipeline, rollback
 from tests import pgcluster
-from tests.conftest import REPO, SAMPLE_CONFIG, assert_no_canary, fingerprint_of, reports_in
+from tests.conftest import (REPO, SAMPLE_CONFIG, assert_no_canary, fingerprint_of, one_line_error, recording_pg_dump,
+                            reports_in)
 from tests.pgcluster import CANARY_PASSWORD, environ_without_db
 from tests.projects import linear, stock_project
-from tests.test_failures import one_line_error
 
 SLEEP = "op.execute('SELECT pg_sleep(30)')"
 
@@ -84,12 +84,12 @@ def test_several_rows_in_the_version_table_are_refused(cli, url, target, pg_clus
 
     for args in (["status"], ["check"]):  # they change nothing, but say the same
         result = cli(*args, env=env)
-        assert result.returncode == 2 and one_line_error(result) == f"dbmigrate: error: {expected}", args
+        assert result.returncode == 2 and one_line_error(result.stderr) == f"dbmigrate: error: {expected}", args
     for args in (["downgrade", "-r", "-1"], ["downgrade", "-r", "0004"], ["upgrade"],
                  ["upgrade", "--skip-health-checks"], ["downgrade", "-r", "base", "--skip-health-checks"]):
         result = cli(*args, "--yes", env=env)
         assert result.returncode == 2, (args, result.stderr)
-        assert one_line_error(result) == f"dbmigrate: error: {expected}", args
+        assert one_line_error(result.stderr) == f"dbmigrate: error: {expected}", args
         assert fingerprint_of(target) == before, args
     report = json.loads(reports_in(home)[-1].read_text())
     assert report["error"]["message"] == expected and report["migrations_applied"] == []
@@ -107,7 +107,7 @@ def test_separate_branches_in_the_version_table_are_refused_too(cli, url, target
     before = fingerprint_of(target)
     result = cli("downgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)
     assert result.returncode == 2
-    assert "alembic_version holds 2 rows: b1, c1 (separate branches)" in one_line_error(result)
+    assert "alembic_version holds 2 rows: b1, c1 (separate branches)" in one_line_error(result.stderr)
     assert fingerprint_of(target) == before
 
 
@@ -171,7 +171,7 @@ def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
     result = _kill_and_restart(own_cluster, proc)
 
     assert result.returncode == 1
-    error = one_line_error(result)
+    error = one_line_error(result.stderr)
     assert error == (f"dbmigrate: error: revision r3 failed: lost the connection to {own_target.where}: server closed "
                      f"the connection; {pipeline.KEPT_UNKNOWN}")
     assert "database at an unknown revision" in result.stdout
@@ -195,7 +195,7 @@ def test_server_killed_mid_backup(own_cluster, own_target, home, tmp_path):
     blocker.close()
 
     assert result.returncode != 0
-    error = one_line_error(result)
+    error = one_line_error(result.stderr)
     assert str(own_target.where) in error or "pg_dump failed" in error, error
     assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "no partial dump, no manifest"
     report = json.loads(reports_in(home)[-1].read_text())
@@ -218,7 +218,7 @@ def test_server_killed_mid_restore(own_cluster, own_target, home, tmp_path):
     reader.close()
 
     assert result.returncode != 0
-    one_line_error(result)
+    one_line_error(result.stderr)
     assert fingerprint_of(own_target).revisions == ("r1",)
 
 
@@ -299,7 +299,7 @@ def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url
         result = finish(start(home, *args, "--timeout", "2", env={"DATABASE_URL": url}), timeout=60)
         elapsed = time.monotonic() - started
     assert result.returncode == 2, result.stderr
-    assert one_line_error(result) == (
+    assert one_line_error(result.stderr) == (
         f"dbmigrate: error: timed out after 2s waiting for a lock on alembic_version: AccessExclusiveLock held by "
         f"backend pid {pid} ('the-blocker'); raise --timeout to wait longer")
     assert elapsed < 15
@@ -310,17 +310,11 @@ def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url
 
 
 def test_a_password_given_as_a_url_parameter_reaches_pg_dump_and_is_redacted(cli, target, home, tmp_path):
-    from dbmigrate import db, pgtools
     from dbmigrate.target import parse_url
 
     url = (f"postgresql://postgres@127.0.0.1:{target.port}/{target.database}"
            f"?password={quote(CANARY_PASSWORD, safe='')}")
-    with db.connect(target) as conn:
-        real = pgtools.find("pg_dump", db.server_version(conn)[0])
-    shim_dir, argv_log = tmp_path / "bin", tmp_path / "argv.log"
-    shim_dir.mkdir()
-    (shim_dir / "pg_dump").write_text(f'#!/bin/sh\necho "$*" >> {argv_log}\nexec {real} "$@"\n')
-    (shim_dir / "pg_dump").chmod(0o755)
+    shim_dir, argv_log = recording_pg_dump(target, tmp_path)
 
     result = cli("backup", env={"DATABASE_URL": url, "PG_BIN_DIR": str(shim_dir)})
 

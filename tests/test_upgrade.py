@@ -130,34 +130,12 @@ def test_without_yes_and_without_a_terminal_it_refuses(cli, url, target):
 
 def test_confirmation_on_a_terminal(url, target, home):
     """A real pseudo-terminal: 'n' changes nothing, 'y' migrates."""
-    import os
-    import pty
-    import sys
-
-    from tests.conftest import REPO
+    from tests.conftest import run_on_a_terminal
     from tests.pgcluster import environ_without_db
 
     def run_answering(answer: str) -> tuple[int, str]:
         env = {**environ_without_db(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home)}
-        pid, fd = pty.fork()
-        if pid == 0:
-            os.chdir(REPO)
-            os.execve(sys.executable, [sys.executable, "-m", "dbmigrate", "upgrade", "-r", "0001"], env)
-        output = b""
-        answered = False
-        while True:
-            try:
-                chunk = os.read(fd, 1024)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
-            if not answered and b"[y/N]" in output:
-                os.write(fd, answer.encode() + b"\n")
-                answered = True
-        _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status), output.decode()
+        return run_on_a_terminal(["upgrade", "-r", "0001"], {b"[y/N]": answer}, env)
 
     before = fingerprint_of(target)
     code, output = run_answering("n")
@@ -171,19 +149,9 @@ def test_confirmation_on_a_terminal(url, target, home):
 
 def test_pg_dump_gets_the_password_through_its_environment_not_argv(cli, url, target, tmp_path):
     """A pass-through pg_dump on PG_BIN_DIR records what the real one received."""
-    with db.connect(target) as conn:
-        real = pgtools.find("pg_dump", db.server_version(conn)[0])
-    shim_dir = tmp_path / "bin"
-    shim_dir.mkdir()
-    log = tmp_path / "pg_dump.log"
-    shim = shim_dir / "pg_dump"
-    shim.write_text(
-        "#!/bin/sh\n"
-        f'printf "argv: %s\\n" "$*" >> {log}\n'
-        f'[ -n "$PGPASSWORD" ] && echo "password: from environment" >> {log}\n'
-        f'exec {real} "$@"\n'
-    )
-    shim.chmod(0o755)
+    from tests.conftest import recording_pg_dump
+
+    shim_dir, log = recording_pg_dump(target, tmp_path)
     result = cli("upgrade", "--backup", "--yes", env={"DATABASE_URL": url, "PG_BIN_DIR": str(shim_dir)})
     assert result.returncode == 0, result.stderr
     recorded = log.read_text()
