@@ -92,7 +92,7 @@ def over_original(
     safety = take_safety_backup() if take_safety_backup else None
     with db.connect(target, timeout) as conn:
         prelude = _prelude(_user_schemas(conn), lock_timeout_s)
-    with _Psql.start(psql, target, major, lock_timeout_s, timeout) as applier:
+    with _Psql.start(psql, target, lock_timeout_s, timeout) as applier:
         try:
             _replay(applier, prelude, pg_restore, storage, manifest, target)
         except BackupFailed as exc:
@@ -128,11 +128,9 @@ class _Psql:
 
     @classmethod
     @contextmanager
-    def start(cls, psql: Path, target: DatabaseTarget, server_major: int, lock_timeout_s: float,
-              timeout: float) -> Iterator[_Psql]:
+    def start(cls, psql: Path, target: DatabaseTarget, lock_timeout_s: float, timeout: float) -> Iterator[_Psql]:
+        # libpq_env's PGOPTIONS has the server check the client: a psql that died is noticed mid-statement.
         env = {**os.environ, **target.libpq_env(), "PGAPPNAME": "dbmigrate restore"}
-        if server_major >= 14:  # a psql that died is noticed within a second, even mid-statement
-            env["PGOPTIONS"] = f"{os.environ.get('PGOPTIONS', '')} -c client_connection_check_interval=1000".strip()
         with tempfile.TemporaryFile() as stderr:
             proc = subprocess.Popen(
                 [str(psql), "--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1", "--set=VERBOSITY=verbose",
