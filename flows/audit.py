@@ -35,7 +35,6 @@ from prefect.states import Running
 
 from dbmigrate import pipeline
 from dbmigrate.errors import MigrationFailed
-from dbmigrate.policy import load as policy_for  # noqa: F401  (the flows call it audit.policy_for)
 
 
 def artifact_key(environment: str) -> str:

@@ -22,7 +22,7 @@ from prefect.input import RunInput
 from prefect.states import Failed
 from pydantic import Field
 
-from dbmigrate import migrate, pipeline, rollback
+from dbmigrate import migrate, pipeline, policy, rollback
 from dbmigrate.environments import load_credentials
 from dbmigrate.errors import (
     ConfigError,
@@ -179,7 +179,7 @@ def db_migrate(
     """
     logger = get_run_logger()
     target = database_for(environment, credentials_block)
-    rules = audit.policy_for(environment)
+    rules = policy.load(target.environment)
     if not dry_run:
         rules.check(backup)
     audit.tag_run(environment)

@@ -10,7 +10,7 @@ import getpass
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from dbmigrate import backup, db, fingerprint, pipeline, restore
+from dbmigrate import backup, db, fingerprint, pipeline, policy, restore
 from dbmigrate.errors import ConfigError, ConfirmationRefused, MigrationFailed
 from flows import audit
 from flows.migrate import approval_in_ui, ask_in_ui, database_for, ends_failed_on_error, phase_runner, settings_for
@@ -44,7 +44,7 @@ def db_rollback(
         raise ConfigError("give exactly one of to_revision and backup_id")
     target = database_for(environment, credentials_block)
     audit.tag_run(environment)
-    rules = audit.policy_for(environment)
+    rules = policy.load(target.environment)
     settings = settings_for(rules, alembic_config, backup_storage)
     with audit.one_run_per_environment(environment, rules.guard_wait_s):
         if to_revision:
