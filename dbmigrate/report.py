@@ -1,4 +1,4 @@
-"""The JSON audit record of one upgrade or downgrade."""
+"""The JSON audit record of one upgrade, downgrade or restore over the original."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def utcnow() -> datetime:
 
 @dataclass
 class Report:
-    operation: str  # upgrade | downgrade
+    operation: str  # upgrade | downgrade | restore
     environment: str
     database: dict
     target_revision: str
@@ -36,6 +36,7 @@ class Report:
     validation: list[dict] = field(default_factory=list)
     approval: dict | None = None
     rollback: dict | None = None
+    restore: dict | None = None  # {backup_id, tables_changing, safety_backup}: a restore from a backup
     error: dict | None = None
     copies: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)

@@ -37,9 +37,9 @@ from dbmigrate import pipeline
 from dbmigrate.errors import MigrationFailed
 
 
-def artifact_key(environment: str) -> str:
+def artifact_key(environment: str, flow: str = "db-migrate") -> str:
     # Artifact keys allow lowercase letters, digits and dashes only.
-    return "db-migrate-" + "".join(c if c.isalnum() else "-" for c in environment.lower())
+    return f"{flow}-" + "".join(c if c.isalnum() else "-" for c in environment.lower())
 
 
 def tag_run(environment: str) -> None:
@@ -167,10 +167,10 @@ class BackupProgress:
             update_progress_artifact(self.artifact_id, 100.0, description=f"Backup of {self.environment}: done")
 
 
-def summary_markdown(outcome: pipeline.Outcome) -> str:
+def summary_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str:
     r = outcome.report
     lines = [
-        f"## db-migrate {r.environment}: **{r.status}**",
+        f"## {flow} {r.environment}: {r.operation} **{r.status}**",
         "",
         "| | |",
         "|---|---|",
@@ -185,6 +185,10 @@ def summary_markdown(outcome: pipeline.Outcome) -> str:
         lines.append(f"| approval | {'approved' if a['approved'] else 'rejected'} by {a['approver']} ({a['via']}) |")
     if r.backup:
         lines.append(f"| backup | `{r.backup['id']}` at {r.backup['location']}, {r.backup['size_bytes']} bytes |")
+    if r.restore:
+        rs = r.restore
+        lines.append(f"| restored from | backup `{rs['backup_id']}`; tables whose rows change: "
+                     f"{', '.join(rs['tables_changing']) or 'none'}; safety backup `{rs['safety_backup'] or '-'}` |")
     if r.error:
         lines.append(f"| failed in | **{r.error['phase']}**: {r.error['message']} |")
     if r.rollback:
@@ -199,16 +203,20 @@ def summary_markdown(outcome: pipeline.Outcome) -> str:
     return "\n".join(lines)
 
 
-def publish(outcome: pipeline.Outcome, environment: str, progress: BackupProgress | None = None) -> None:
+def publish(outcome: pipeline.Outcome, environment: str, progress: BackupProgress | None = None,
+            flow: str = "db-migrate") -> None:
+    """The run's summary (and its revisions) under the flow's own keys: a db-rollback dry run
+    never replaces the last db-migrate summary."""
     if progress is not None:
         progress.done()
-    key = artifact_key(environment)
+    key = artifact_key(environment, flow)
     report = outcome.report
-    create_markdown_artifact(summary_markdown(outcome), key=key, description=f"db-migrate {environment}")
+    create_markdown_artifact(summary_markdown(outcome, flow), key=key, description=f"{flow} {environment}")
     rows = report.migrations_applied or [{**m, "duration_s": None} for m in report.migrations_planned]
-    create_table_artifact(
-        [{"revision": m["revision"], "message": m["message"], "duration_s": m["duration_s"],
-          "applied": bool(report.migrations_applied)} for m in rows],
-        key=f"{key}-revisions",
-        description=f"Revisions {'applied' if report.migrations_applied else 'planned, not applied'}",
-    )
+    if rows:  # a restore, or a run refused before planning, has no revisions to show
+        create_table_artifact(
+            [{"revision": m["revision"], "message": m["message"], "duration_s": m["duration_s"],
+              "applied": bool(report.migrations_applied)} for m in rows],
+            key=f"{key}-revisions",
+            description=f"Revisions {'applied' if report.migrations_applied else 'planned, not applied'}",
+        )

@@ -10,13 +10,17 @@ import getpass
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from dbmigrate import backup, db, fingerprint, pipeline, policy, restore
-from dbmigrate.errors import ConfigError, ConfirmationRefused, MigrationFailed
+from dbmigrate import __version__, backup, db, fingerprint, pipeline, policy, restore
+from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, MigrationFailed, ReportNotWritten
+from dbmigrate.report import DRY_RUN, SUCCEEDED, Report
 from flows import audit
 from flows.migrate import approval_in_ui, ask_in_ui, database_for, ends_failed_on_error, phase_runner, settings_for
 
 
-@flow(name="db-rollback", flow_run_name="{environment}-rollback")
+FLOW = "db-rollback"
+
+
+@flow(name=FLOW, flow_run_name="{environment}-rollback")
 @ends_failed_on_error
 def db_rollback(
     environment: str,
@@ -58,38 +62,64 @@ def _downgrade(target, settings, rules, environment, revision, dry_run, requeste
     hooks = pipeline.Hooks(confirm=approval_in_ui(rules, settings, target, request.operator, upgrade=False),
                            run_phase=phase_runner(rules))
     outcome = pipeline.execute(target, settings, request, hooks)
-    audit.publish(outcome, environment)
+    audit.publish(outcome, environment, flow=FLOW)
     if outcome.error is not None:
         raise MigrationFailed(f"{outcome.report.error['phase']} failed: {outcome.report.error['message']}")
     if outcome.sql is not None:
         create_markdown_artifact(f"## db-rollback {environment}: dry run\n\n```sql\n{outcome.sql}\n```",
-                                 key=f"{audit.artifact_key(environment)}-rollback")
+                                 key=f"{audit.artifact_key(environment, FLOW)}-sql")
     return outcome.report.as_dict()
 
 
 def _restore(target, settings, rules, environment, backup_id, dry_run, requested_by) -> dict:
-    storage = settings.storage()
-    manifest = backup.find(storage, target, backup_id)
-    with db.connect(target, settings.connect_timeout) as conn:
-        now = fingerprint.take(conn)
-    changes = fingerprint.tables_differing(now.row_counts, manifest.row_counts)
-    lines = [f"## db-rollback {environment}: {'dry run' if dry_run else 'restore'} of backup `{manifest.id}`", "",
-             f"Revision `{','.join(now.revisions) or 'base'}` → `{manifest.revision or 'base'}`.", "",
-             "| table | rows now | rows in the backup |", "|---|---|---|"]
-    lines += [f"| {t} | {now.row_counts.get(t, '-')} | {manifest.row_counts.get(t, '-')} |" for t in changes]
-    result = {"backup_id": manifest.id, "dry_run": dry_run, "tables_changing": changes}
-    if not dry_run:
-        approval = ask_in_ui(rules, requested_by, lambda: "\n".join(
-            [*lines, "", "Set **approve** and your **name** to replace the database with this backup "
-             "(a backup of its current state is taken first)."]))
-        result["approval"] = dataclasses.asdict(approval)
-        if not approval.approved:
-            raise ConfirmationRefused(f"restore not approved by {approval.approver}: nothing was changed")
-        lines += ["", f"Approved by {approval.approver} ({approval.via})."]
-        restored = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout,
-                                               settings.guard_wait_s, settings.dump,
-                                               lock_timeout_s=settings.limits.lock_timeout_s)
-        result["safety_backup"] = restored.safety_backup.id
-        lines += ["", f"Restored. Safety backup of the previous state: `{restored.safety_backup.id}`."]
-    create_markdown_artifact("\n".join(lines), key=f"{audit.artifact_key(environment)}-rollback")
-    return result
+    """Restore a backup over the database. Like every schema-changing path it leaves a JSON
+    report and a summary artifact, refused, failed or done."""
+    report = Report(operation="restore", environment=target.environment, database=target.describe(),
+                    target_revision=backup_id, operator=requested_by, tool_version=__version__)
+    phase = "load"
+    try:
+        storage = settings.storage()
+        manifest = backup.find(storage, target, backup_id)
+        with db.connect(target, settings.connect_timeout) as conn:
+            now = fingerprint.take(conn)
+        changes = fingerprint.tables_differing(now.row_counts, manifest.row_counts)
+        report.target_revision = manifest.revision or "base"
+        report.revision_before = report.revision_after = ",".join(now.revisions) or None
+        report.restore = {"backup_id": manifest.id, "tables_changing": changes, "safety_backup": None}
+        lines = [f"## db-rollback {environment}: {'dry run' if dry_run else 'restore'} of backup `{manifest.id}`", "",
+                 f"Revision `{','.join(now.revisions) or 'base'}` → `{manifest.revision or 'base'}`.", "",
+                 "| table | rows now | rows in the backup |", "|---|---|---|"]
+        lines += [f"| {t} | {now.row_counts.get(t, '-')} | {manifest.row_counts.get(t, '-')} |" for t in changes]
+        if dry_run:
+            report.finish(DRY_RUN)
+        else:
+            phase = "approval"
+            approval = ask_in_ui(rules, requested_by, lambda: "\n".join(
+                [*lines, "", "Set **approve** and your **name** to replace the database with this backup "
+                 "(a backup of its current state is taken first)."]))
+            report.approval = dataclasses.asdict(approval)
+            if not approval.approved:
+                raise ConfirmationRefused(f"restore not approved by {approval.approver}: nothing was changed")
+            lines += ["", f"Approved by {approval.approver} ({approval.via})."]
+            phase = "restore"
+            restored = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout,
+                                                   settings.guard_wait_s, settings.dump,
+                                                   lock_timeout_s=settings.limits.lock_timeout_s)
+            report.restore["safety_backup"] = restored.safety_backup.id
+            report.revision_after = manifest.revision
+            report.finish(SUCCEEDED)
+            lines += ["", f"Restored. Safety backup of the previous state: `{restored.safety_backup.id}`."]
+        create_markdown_artifact("\n".join(lines), key=f"{audit.artifact_key(environment, FLOW)}-restore")
+    except DbMigrateError as exc:
+        report.fail(phase, exc)
+        raise
+    finally:
+        audit.publish(_written(report, settings), environment, flow=FLOW)
+    return {**report.restore, "dry_run": dry_run, "approval": report.approval, "report": report.as_dict()}
+
+
+def _written(report: Report, settings) -> pipeline.Outcome:
+    try:
+        return pipeline.Outcome(report, report.write(settings.reports_dir))
+    except ReportNotWritten as exc:  # the restore's own outcome stands; the summary says where the report is not
+        return pipeline.Outcome(report, exc.written, report_error=exc)

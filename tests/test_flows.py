@@ -288,7 +288,9 @@ def test_db_rollback_to_a_revision_dry_run_first_then_approved(environment, targ
     state = run_named("db-rollback", environment=name, to_revision="r1", alembic_config=ini)
     assert state.is_completed(), state.message
     assert state.result()["status"] == "dry_run" and fingerprint_of(target) == before
-    assert "DROP TABLE t2" in artifact("db-migrate-production-rollback")
+    assert "DROP TABLE t2" in artifact("db-rollback-production-sql")
+    keys = {a.key for a in artifacts_of(state)}
+    assert keys and all(k.startswith("db-rollback-production") for k in keys), "never the db-migrate summary"
 
     seen = {}
     approver = threading.Thread(target=_resume_when_paused, args=({"approve": True, "approver": "Frank"}, seen))
@@ -341,13 +343,22 @@ def test_db_backup_then_db_rollback_from_it_in_production(environment, target, h
         if outcome == "rejected":
             assert state.is_failed() and state.message == "restore not approved by dave: nothing was changed"
             assert fingerprint_of(target) == changed
+            refused = last_report(home)
+            assert (refused["operation"], refused["status"], refused["error"]["phase"]) == ("restore", "failed",
+                                                                                          "approval")
     assert state.is_completed(), state.message
     assert fingerprint_of(target) == backed_up
     result = state.result()
     assert result["approval"]["approver"] == "Erin"
     listed = [m.id for m in backup.list_backups(LocalStorage(home / "backups"), DatabaseTarget(target.url, name))]
     assert result["safety_backup"] in listed, "the state before the restore was backed up first"
-    assert "Approved by Erin (prefect-ui)" in artifact("db-migrate-production-rollback")
+    assert "Approved by Erin (prefect-ui)" in artifact("db-rollback-production-restore")
+    assert "**succeeded**" in artifact("db-rollback-production")
+    report = last_report(home)
+    assert (report["operation"], report["status"], report["approval"]["approver"]) == ("restore", "succeeded", "Erin")
+    assert report["restore"] == {"backup_id": backup_id, "tables_changing": ["public.t1"],
+                                 "safety_backup": result["safety_backup"]}
+    assert {a.key for a in artifacts_of(state)} == {"db-rollback-production", "db-rollback-production-restore"}
 
 
 def test_db_health_reports_pending_revisions_and_drift(environment, target, tmp_path, cli, url, pg_cluster):
