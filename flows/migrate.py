@@ -26,7 +26,7 @@ from dbmigrate.environments import load_credentials
 from dbmigrate.errors import BackupFailed, ConfirmationRefused, ConnectionFailed, DbMigrateError, MigrationFailed
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
-from flows import audit
+from flows import audit, recovery
 
 # Phases that only connect or upload: safe to retry. The migration itself never is.
 TRANSIENT_PHASES = ("health_checks", "backup")
@@ -110,7 +110,8 @@ def settings_for(rules: Policy, alembic_config: str | None, backup_storage: str 
     )
 
 
-@flow(name="db-migrate", flow_run_name="{environment}-{target_revision}")
+@flow(name="db-migrate", flow_run_name="{environment}-{target_revision}",
+      on_crashed=[recovery.on_interrupted], on_cancellation=[recovery.on_interrupted])
 @ends_failed_on_error
 def db_migrate(
     environment: str,
@@ -159,7 +160,9 @@ def db_migrate(
         recover=task(rollback.roll_back, name="rollback", cache_policy=NO_CACHE) if rules.auto_rollback else None,
     )
     logger.info("%s %s: %s to %s", environment, target.where, "dry run" if dry_run else "upgrade", target_revision)
-    with audit.one_run_per_environment(environment, rules.guard_wait_s):
+    with (audit.one_run_per_environment(environment, rules.guard_wait_s),
+          recovery.in_flight(environment, credentials_block) as journal):
+        hooks.run_phase = journal.tracking(hooks.run_phase)
         outcome = pipeline.execute(target, settings, request, hooks)
     audit.publish(outcome, environment, progress)
     report = outcome.report

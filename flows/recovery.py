@@ -1,0 +1,215 @@
+"""When Prefect itself fails under a schema-changing run: the flow-run process or its
+worker killed, the run cancelled from the UI, the server away for a while.
+
+A run keeps an in-flight journal (a Prefect Variable per environment) from the moment it
+holds the environment's concurrency slot: which run, which lease, the revision it started
+from and the one it is going to, and the phase it is in. Whoever outlives the run reads it:
+
+- the worker, which runs the flow's ``on_crashed`` / ``on_cancellation`` hooks after the
+  flow-run process is gone (killed, or ended by a cancel): :func:`on_interrupted` frees the
+  slot at once (not when its lease lapses) and ends the run with a message saying where
+  the database is;
+- the next run, when the worker died too and nobody reported: :func:`reclaim` finds the
+  slot held by a run that has ended, frees it, and says what that run left behind.
+
+A run interrupted mid-migration leaves the database at its starting revision when env.py
+runs all revisions in one transaction (PostgreSQL rolls back what the dead client never
+committed); with a transaction per revision it may be left between, at the last revision
+committed: the final message says so and names both ways out (db-rollback to the start, or
+db-migrate again to finish), and the next run starts from there after saying what it found.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+from uuid import UUID
+
+from prefect import get_run_logger, runtime
+from prefect.client.orchestration import get_client
+from prefect.concurrency.context import ConcurrencyContext
+from prefect.states import Cancelled, Crashed
+from prefect.variables import Variable
+from sqlalchemy import text
+
+from dbmigrate import db, guard, pipeline, revisions
+from dbmigrate.environments import load_credentials
+from dbmigrate.errors import DbMigrateError, GuardBusy
+
+
+# Phases run while holding the database's guard (see dbmigrate.guard).
+GUARDED_PHASES = ("backup", "migrate", "rollback")
+
+
+def journal_name(environment: str) -> str:
+    # Variable names allow letters, digits, dashes and underscores only.
+    return "dbmigrate-in-flight-" + "".join(c if c.isalnum() else "-" for c in environment.lower())
+
+
+def read(environment: str) -> dict | None:
+    value = Variable.get(journal_name(environment), default=None)
+    return value if isinstance(value, dict) else None
+
+
+@contextmanager
+def in_flight(environment: str, credentials_block: str | None) -> Iterator[Journal]:
+    """Keep the journal while the body runs (inside the environment's slot). A run that ends
+    on its own, even failed, clears it; one cut short by a signal or a bug leaves it for
+    :func:`on_interrupted` or the next run."""
+    left = read(environment)
+    if left and left.get("flow_run") != runtime.flow_run.id:
+        get_run_logger().warning("run '%s' was interrupted during %s: %s.", left.get("name"), left.get("phase"),
+                                 database_state(left))
+    journal = Journal(environment, credentials_block)
+    try:
+        yield journal
+    except DbMigrateError:
+        journal.close()
+        raise
+    journal.close()
+
+
+class Journal:
+    """The in-flight record of the run holding ``environment``'s slot (see the module doc)."""
+
+    def __init__(self, environment: str, credentials_block: str | None):
+        self.environment = environment
+        self.entry = {"flow_run": runtime.flow_run.id, "name": runtime.flow_run.name, "lease": _held_lease(),
+                      "credentials_block": credentials_block or environment, "phase": "holding",
+                      "revision_before": None, "target": None}
+        self._save()
+
+    def _save(self) -> None:
+        Variable.set(journal_name(self.environment), self.entry, overwrite=True)
+
+    def phase(self, name: str, **fields) -> None:
+        self.entry.update(phase=name, **fields)
+        self._save()
+
+    def close(self) -> None:
+        """The run ended on its own: nothing for anyone to recover."""
+        clear(self.environment, self.entry["flow_run"])
+
+    def tracking(self, run_phase):
+        """``run_phase`` that keeps the journal's phase and plan current."""
+
+        def run(name: str, fn, *args):
+            if name in GUARDED_PHASES:
+                self.phase(name)
+            result = run_phase(name, fn, *args)
+            if name == "plan":
+                project, request = args[1], args[3]
+                goal = pipeline.expected_revisions(project, result, request.upgrade)
+                self.phase("planned", revision_before=result.revision_before, target=",".join(sorted(goal)) or None)
+            return result
+
+        return run
+
+
+def _held_lease() -> str | None:
+    """The lease of the slot just taken: Prefect records it on the flow run's
+    ConcurrencyContext until it is released."""
+    context = ConcurrencyContext.get()
+    return str(context.cleanup_lease_ids[-1]) if context and context.cleanup_lease_ids else None
+
+
+def clear(environment: str, flow_run_id: str) -> None:
+    entry = read(environment)
+    if entry and entry.get("flow_run") == str(flow_run_id):
+        Variable.unset(journal_name(environment))
+
+
+def release(entry: dict) -> None:
+    if entry.get("lease"):
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(UUID(entry["lease"]))
+
+
+def database_state(entry: dict) -> str:
+    """Where the interrupted run left the database, in words an operator acts on."""
+    start, goal = entry.get("revision_before"), entry.get("target")
+    if entry.get("phase") in ("holding", "planned"):
+        return f"the database was not changed (interrupted before migrating, at {start or 'its starting revision'})"
+    try:
+        target = load_credentials(entry["credentials_block"])
+        with guard.hold(target, "recovery", 0, db.DEFAULT_CONNECT_TIMEOUT):
+            _end_orphans(target)
+            with db.connect(target) as conn:
+                now = revisions.current_label(conn)
+    except DbMigrateError as exc:
+        return f"the database could not be read to tell where it is ({exc}); check it before running again"
+    if now == start:
+        return f"database at {now or 'base'}, its starting revision: nothing was applied"
+    if now == goal:
+        return f"database at {now}, the target revision: the migration had completed"
+    return (f"database left at {now or 'base'}, between the starting revision {start or 'base'} and the target "
+            f"{goal}: run db-rollback to {start or 'base'}, or db-migrate again to finish")
+
+
+def _end_orphans(target, wait_s: float = 10.0) -> None:
+    """Terminate the dead run's statements, which PostgreSQL would otherwise go on running
+    (holding their locks) until they next write to the vanished client. Called holding the
+    guard: no live migration is running, so every dbmigrate session without it is an orphan."""
+    with db.connect(target) as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        query = text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                     "AND application_name = 'dbmigrate' AND pid <> pg_backend_pid()")
+        for pid in conn.execute(query).scalars():
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        deadline = time.monotonic() + wait_s
+        while conn.execute(query).first() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def on_interrupted(flow, flow_run, state) -> None:
+    """``on_crashed`` / ``on_cancellation`` hook, run by the worker once the flow-run process
+    is gone: free the environment's slot now and say in the run's final state where the
+    database is."""
+    environment = flow_run.parameters.get("environment", "")
+    entry = read(environment)
+    if not entry or entry.get("flow_run") != str(flow_run.id):
+        return  # the run never held the slot, or released it itself
+    where = database_state(entry)
+    cancelled = state.is_cancelling() or state.is_cancelled()
+    # Prefect's own crash message, first sentence: "Process exited with status code: -9".
+    how = "cancelled" if cancelled else f"crashed ({(state.message or 'process died').split('. ')[0]})"
+    final = (Cancelled if cancelled else Crashed)(message=f"Run {how} during {entry['phase']}: {where}.")
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, final, force=True)
+    release(entry)
+    clear(environment, str(flow_run.id))
+
+
+def reclaim(environment: str) -> bool:
+    """The slot is taken: if the run the journal names has ended without releasing it
+    (its worker died with it), release it, say what that run left, and return True."""
+    entry = read(environment)
+    if not entry or entry.get("flow_run") == runtime.flow_run.id:
+        return False
+    with get_client(sync_client=True) as client:
+        owner = client.read_flow_run(UUID(entry["flow_run"]))
+        ended = owner.state is not None and owner.state.is_final()
+        if not ended and not _died_migrating(entry):
+            return False
+        where = database_state(entry)
+        if not ended:  # nobody is left to say so: the run's worker died with it
+            client.set_flow_run_state(owner.id, Crashed(message=f"Run lost during {entry['phase']} (its process "
+                                                                f"and worker are gone): {where}."), force=True)
+    get_run_logger().warning("run '%s' ended without releasing the %s slot; released it. It was interrupted "
+                             "during %s: %s.", entry["name"], environment, entry["phase"], where)
+    release(entry)
+    clear(environment, entry["flow_run"])
+    return True
+
+
+def _died_migrating(entry: dict) -> bool:
+    """A run that is migrating holds the database's guard (an advisory lock PostgreSQL
+    drops with the connection): the guard free means its process is gone."""
+    if entry.get("phase") not in GUARDED_PHASES:
+        return False
+    try:
+        with guard.hold(load_credentials(entry["credentials_block"]), "check", 0, db.DEFAULT_CONNECT_TIMEOUT):
+            return True
+    except GuardBusy:
+        return False

@@ -1,0 +1,133 @@
+"""A real Prefect server (`prefect server start`) and process workers for the tests
+of the orchestration layer failing: processes we can SIGKILL, SIGTERM and restart.
+
+The server keeps its SQLite database and its concurrency leases under its own
+PREFECT_HOME, so a restart on the same port finds the runs and the slots they hold;
+leases go to the filesystem lease storage, as README "Deploying" asks of a real server
+(the default keeps them in memory and a restart forgets which run holds a slot).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.pgcluster import free_port
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def prefect_environ(home: Path, api_url: str, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        **extra,
+    }
+
+
+@dataclass
+class PrefectServer:
+    home: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        return prefect_environ(self.home, self.api_url, **extra)
+
+    def start(self, timeout: float = 120) -> None:
+        log = open(self.home / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.environ(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.home / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"prefect server did not answer in {timeout}s")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        _end(self.process, sig)
+        self.process = None
+
+
+@dataclass
+class Worker:
+    """`prefect worker start --pool dbmigrate` as README "Deploying" runs it."""
+
+    server: PrefectServer
+    environ: dict[str, str]
+    log: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", "dbmigrate", "--type", "process", "--limit", "4"],
+            env=self.environ, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def flow_run_pids(self) -> list[int]:
+        """Processes the worker started (the flow runs), newest last."""
+        import psutil
+
+        if self.process is None:
+            return []
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        return [c.pid for c in sorted(children, key=lambda c: c.create_time())]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """End the worker alone (its flow-run processes live in their own sessions? see kill_all)."""
+        if self.process is not None:
+            _end(self.process, sig, group=False)
+            self.process = None
+
+    def kill_all(self) -> None:
+        """SIGKILL the worker and every flow-run process it started, as a lost machine would."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+            self.process = None
+
+
+def _end(process: subprocess.Popen, sig: int, group: bool = True) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        (os.killpg if group else os.kill)(process.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+
+def prefect(server: PrefectServer, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run([PREFECT, "--no-prompt", *args], cwd=cwd, env=env or server.environ(),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, f"prefect {' '.join(args)}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
+    return result.stdout

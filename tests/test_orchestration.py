@@ -1,0 +1,202 @@
+"""Item 11: the orchestration layer failing, against a real `prefect server start` and
+a process worker running the deployments of prefect.yaml.
+
+Each test starts a run whose revision sleeps in PostgreSQL, then breaks Prefect under
+it (SIGKILL of the flow-run process or of the worker with it, a cancel from the UI,
+the server down for half a minute, the worker restarted during an approval wait) and
+checks what an operator relies on: the database at its starting revision (or at the
+target, never between), a final state whose message says where the database is, the
+environment's concurrency slot free again within seconds, and a next run that works.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, fingerprint_of
+from tests.pgcluster import CANARY_PASSWORD
+from tests.prefect_server import PrefectServer, Worker, prefect
+from tests.projects import linear, stock_project
+
+SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL
+FREE_WITHIN_S = 10  # how soon the environment's slot must be free again
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    server = PrefectServer(home)
+    server.start()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
+        prefect(server, "deploy", "--all", cwd=REPO)
+        yield server
+    server.stop()
+
+
+@pytest.fixture
+def worker(server, tmp_path):
+    state = tmp_path / "worker-home"
+    state.mkdir()
+    environ = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(state))
+    worker = Worker(server, environ, tmp_path / "worker.log")
+    worker.start()
+    yield worker
+    worker.kill_all()
+
+
+@pytest.fixture
+def blocks(server, target):
+    """Credentials and a quick policy for an environment, saved to the real server."""
+    from blocks import DatabaseCredentials, EnvironmentPolicy
+
+    def make(name: str, **policy) -> str:
+        DatabaseCredentials(
+            host="127.0.0.1", port=target.port, database=target.database, username="postgres",
+            password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
+        ).save(name, overwrite=True)
+        quick = {"retry_delay_s": 0.2, "approval_poll_s": 1, "approval_timeout_s": 120}
+        EnvironmentPolicy(**{**quick, **policy}).save(name, overwrite=True)
+        return name
+
+    return make
+
+
+def slow_project(base: Path, transaction_per_migration: bool = False) -> str:
+    """r1 <- r2 <- r3: r3 sleeps in PostgreSQL long enough to be interrupted while a
+    table go_slow exists (the next run, once the test drops it, goes straight through)."""
+    steps = linear(
+        ("op.create_table('t1', sa.Column('id', sa.Integer))", "op.drop_table('t1')"),
+        ("op.create_table('t2', sa.Column('id', sa.Integer))", "op.drop_table('t2')"),
+        (f"op.execute(\"SELECT pg_sleep(CASE WHEN to_regclass('go_slow') IS NULL THEN 0 ELSE {SLOW_S} END)\"); "
+         "op.create_table('t3', sa.Column('id', sa.Integer))",
+         "op.drop_table('t3')"),
+    )
+    return str(stock_project(base, steps, transaction_per_migration))
+
+
+def at_r1(tmp_path, cli, url, transaction_per_migration=False) -> str:
+    ini = slow_project(tmp_path / "project", transaction_per_migration)
+    result = cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    execute(url, "CREATE TABLE go_slow ()")
+    return ini
+
+
+def execute(url: str, sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def start_run(server, environment: str, ini: str, **params) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"db-migrate/{environment}")
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"environment": environment, "alembic_config": ini, **params})
+    return str(run.id)
+
+
+def flow_run(run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def sleeping_backend(pg_cluster, database: str) -> int | None:
+    """The backend running the slow revision's pg_sleep, once it is running."""
+    with pg_cluster.admin() as conn:
+        row = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND query LIKE %s "
+                           "AND pid <> pg_backend_pid()", (database, "%pg_sleep%")).fetchone()
+    return row and row[0]
+
+
+def final(run_id: str, timeout: float = 90):
+    return wait_for(lambda: (r := flow_run(run_id)).state.is_final() and r, timeout,
+                    f"flow run {run_id} to end")
+
+
+def run_log(run_id: str) -> str:
+    """The run's log as the UI shows it (for failure messages)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return "\n".join(f"{log.level} {log.message[:400]}" for log in logs)
+
+
+def active_slots(environment: str) -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(f"db-migrate-{environment}").active_slots
+
+
+def slot_free_after(environment: str, timeout: float = 360) -> float:
+    """Seconds until the environment's slot is free (measured, so the report can say)."""
+    start = time.monotonic()
+    wait_for(lambda: active_slots(environment) == 0, timeout, f"the {environment} slot to be free", 0.5)
+    return time.monotonic() - start
+
+
+def ended(run_id: str, since: float, what: str):
+    """The run's final state, once the slot is free again; asserts how soon, prints the figures."""
+    run = final(run_id)
+    final_after = time.monotonic() - since
+    held = slot_free_after(run.parameters["environment"])
+    run = flow_run(run_id)  # the worker's hook ends it with what happened to the database, then frees the slot
+    print(f"\n{what}: final state after {final_after:.1f}s, slot free {held:.1f}s later; "
+          f"{run.state.name}: {run.state.message}")
+    assert final_after + held < FREE_WITHIN_S, f"the slot stayed held {final_after + held:.0f}s"
+    return run
+
+
+def next_run_completes(server, environment: str, ini: str, url: str) -> None:
+    execute(url, "DROP TABLE IF EXISTS go_slow")
+    run_id = start_run(server, environment, ini)
+    run = final(run_id, 120)
+    assert run.state.is_completed(), f"the next run: {run.state.name}: {run.state.message}"
+
+
+def test_flow_run_process_sigkilled_mid_revision(server, worker, blocks, pg_cluster, db_name, target, tmp_path,
+                                                 cli, url):
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url)
+    before = fingerprint_of(target)
+    started = time.monotonic()
+    run_id = start_run(server, environment, ini)
+    wait_for(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow revision to start")
+    [pid] = worker.flow_run_pids()[-1:]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    run = ended(run_id, killed, "SIGKILL of the flow-run process")
+    assert fingerprint_of(target) == before
+    assert run.state.is_crashed()
+    assert "during migrate: database at r1, its starting revision: nothing was applied" in run.state.message, \
+        run_log(run_id)
+    next_run_completes(server, environment, ini, url)
+    assert fingerprint_of(target).revisions == ("r3",)
+    print(f"scenario took {time.monotonic() - started:.1f}s")
