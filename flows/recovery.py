@@ -22,7 +22,7 @@ db-migrate again to finish), and the next run starts from there after saying wha
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 from uuid import UUID
 
@@ -35,11 +35,13 @@ from sqlalchemy import text
 
 from dbmigrate import db, guard, pipeline, revisions
 from dbmigrate.environments import load_credentials
-from dbmigrate.errors import DbMigrateError, GuardBusy
+from dbmigrate.errors import ConnectionFailed, DbMigrateError
+from dbmigrate.target import DatabaseTarget
 
 
-# Phases run while holding the database's guard (see dbmigrate.guard).
-GUARDED_PHASES = ("backup", "migrate", "rollback")
+# The journal's phases, as the messages name them.
+PHASES = {"holding": "the checks before migrating", "planned": "approval, before migrating", "backup": "the backup",
+          "migrate": "the migration", "rollback": "the automatic rollback"}
 
 
 def journal_name(environment: str) -> str:
@@ -53,30 +55,51 @@ def read(environment: str) -> dict | None:
 
 
 @contextmanager
-def in_flight(environment: str, credentials_block: str | None) -> Iterator[Journal]:
+def in_flight(environment: str, target: DatabaseTarget, credentials_block: str) -> Iterator[Journal]:
     """Keep the journal while the body runs (inside the environment's slot). A run that ends
     on its own, even failed, clears it; one cut short by a signal or a bug leaves it for
     :func:`on_interrupted` or the next run."""
     left = read(environment)
     if left and left.get("flow_run") != runtime.flow_run.id:
-        get_run_logger().warning("run '%s' was interrupted during %s: %s.", left.get("name"), left.get("phase"),
+        get_run_logger().warning("run '%s' was interrupted during %s: %s.", left.get("name"), _phase(left),
                                  database_state(left))
-    journal = Journal(environment, credentials_block)
-    try:
-        yield journal
-    except DbMigrateError:
+    with _presence(target) as present:
+        journal = Journal(environment, credentials_block, present)
+        try:
+            yield journal
+        except DbMigrateError:
+            journal.close()
+            raise
         journal.close()
-        raise
-    journal.close()
+
+
+def presence_name(flow_run_id: str) -> str:
+    return f"dbmigrate run {flow_run_id}"
+
+
+@contextmanager
+def _presence(target: DatabaseTarget) -> Iterator[bool]:
+    """An idle connection named after the run, held while the run holds the slot: PostgreSQL
+    drops it the moment the process dies, however it dies, so anyone can tell a run that
+    is waiting (for approval, say) from one whose process is gone."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(db.connect(target, connect_args={"application_name": presence_name(runtime.flow_run.id)}))
+        except ConnectionFailed as exc:  # the health checks say so (and retry); this run just cannot be vouched for
+            get_run_logger().warning("no presence connection (%s): should this run die, its slot frees only when "
+                                     "its lease lapses", exc)
+            yield False
+            return
+        yield True
 
 
 class Journal:
     """The in-flight record of the run holding ``environment``'s slot (see the module doc)."""
 
-    def __init__(self, environment: str, credentials_block: str | None):
+    def __init__(self, environment: str, credentials_block: str, present: bool):
         self.environment = environment
         self.entry = {"flow_run": runtime.flow_run.id, "name": runtime.flow_run.name, "lease": _held_lease(),
-                      "credentials_block": credentials_block or environment, "phase": "holding",
+                      "credentials_block": credentials_block, "present": present, "phase": "holding",
                       "revision_before": None, "target": None}
         self._save()
 
@@ -95,7 +118,7 @@ class Journal:
         """``run_phase`` that keeps the journal's phase and plan current."""
 
         def run(name: str, fn, *args):
-            if name in GUARDED_PHASES:
+            if name in PHASES:
                 self.phase(name)
             result = run_phase(name, fn, *args)
             if name == "plan":
@@ -112,6 +135,10 @@ def _held_lease() -> str | None:
     ConcurrencyContext until it is released."""
     context = ConcurrencyContext.get()
     return str(context.cleanup_lease_ids[-1]) if context and context.cleanup_lease_ids else None
+
+
+def _phase(entry: dict) -> str:
+    return PHASES.get(entry.get("phase"), str(entry.get("phase")))
 
 
 def clear(environment: str, flow_run_id: str) -> None:
@@ -174,7 +201,7 @@ def on_interrupted(flow, flow_run, state) -> None:
     cancelled = state.is_cancelling() or state.is_cancelled()
     # Prefect's own crash message, first sentence: "Process exited with status code: -9".
     how = "cancelled" if cancelled else f"crashed ({(state.message or 'process died').split('. ')[0]})"
-    final = (Cancelled if cancelled else Crashed)(message=f"Run {how} during {entry['phase']}: {where}.")
+    final = (Cancelled if cancelled else Crashed)(message=f"Run {how} during {_phase(entry)}: {where}.")
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(flow_run.id, final, force=True)
     release(entry)
@@ -190,26 +217,26 @@ def reclaim(environment: str) -> bool:
     with get_client(sync_client=True) as client:
         owner = client.read_flow_run(UUID(entry["flow_run"]))
         ended = owner.state is not None and owner.state.is_final()
-        if not ended and not _died_migrating(entry):
+        if not ended and not _gone(entry):
             return False
         where = database_state(entry)
         if not ended:  # nobody is left to say so: the run's worker died with it
-            client.set_flow_run_state(owner.id, Crashed(message=f"Run lost during {entry['phase']} (its process "
+            client.set_flow_run_state(owner.id, Crashed(message=f"Run lost during {_phase(entry)} (its process "
                                                                 f"and worker are gone): {where}."), force=True)
     get_run_logger().warning("run '%s' ended without releasing the %s slot; released it. It was interrupted "
-                             "during %s: %s.", entry["name"], environment, entry["phase"], where)
+                             "during %s: %s.", entry["name"], environment, _phase(entry), where)
     release(entry)
     clear(environment, entry["flow_run"])
     return True
 
 
-def _died_migrating(entry: dict) -> bool:
-    """A run that is migrating holds the database's guard (an advisory lock PostgreSQL
-    drops with the connection): the guard free means its process is gone."""
-    if entry.get("phase") not in GUARDED_PHASES:
+def _gone(entry: dict) -> bool:
+    """The run's presence connection is gone: its process died (see :func:`_presence`)."""
+    if not entry.get("present"):
         return False
     try:
-        with guard.hold(load_credentials(entry["credentials_block"]), "check", 0, db.DEFAULT_CONNECT_TIMEOUT):
-            return True
-    except GuardBusy:
+        with db.connect(load_credentials(entry["credentials_block"])) as conn:
+            return conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
+                                {"name": presence_name(entry["flow_run"])}).scalar_one() == 0
+    except DbMigrateError:
         return False

@@ -99,17 +99,35 @@ class Worker:
         return [c.pid for c in sorted(children, key=lambda c: c.create_time())]
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """End the worker alone (its flow-run processes live in their own sessions? see kill_all)."""
+        """Signal the worker alone, as systemd or an operator stopping it would."""
         if self.process is not None:
             _end(self.process, sig, group=False)
             self.process = None
 
     def kill_all(self) -> None:
         """SIGKILL the worker and every flow-run process it started, as a lost machine would."""
-        if self.process is not None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(30)
-            self.process = None
+        if self.process is None:
+            return
+        import psutil
+
+        everyone = [self.process.pid, *self.flow_run_pids()]
+        for pid in everyone:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(30)
+        psutil.wait_procs([p for p in map(_process, everyone) if p], timeout=30)
+        self.process = None
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def _end(process: subprocess.Popen, sig: int, group: bool = True) -> None:
@@ -120,9 +138,9 @@ def _end(process: subprocess.Popen, sig: int, group: bool = True) -> None:
     except ProcessLookupError:
         return
     try:
-        process.wait(30)
+        process.wait(60)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        (os.killpg if group else os.kill)(process.pid, signal.SIGKILL)
         process.wait(30)
 
 

@@ -23,7 +23,7 @@ from tests.pgcluster import CANARY_PASSWORD
 from tests.prefect_server import PrefectServer, Worker, prefect
 from tests.projects import linear, stock_project
 
-SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL
+SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)
 FREE_WITHIN_S = 10  # how soon the environment's slot must be free again
 
 
@@ -70,24 +70,30 @@ def blocks(server, target):
 
 
 def slow_project(base: Path, transaction_per_migration: bool = False) -> str:
-    """r1 <- r2 <- r3: r3 sleeps in PostgreSQL long enough to be interrupted while a
-    table go_slow exists (the next run, once the test drops it, goes straight through)."""
+    """r1 <- r2 <- r3: r3 sleeps in PostgreSQL for the seconds the database's setting
+    dbmigrate_test.sleep says (see go_slow), so the next run goes straight through."""
     steps = linear(
         ("op.create_table('t1', sa.Column('id', sa.Integer))", "op.drop_table('t1')"),
         ("op.create_table('t2', sa.Column('id', sa.Integer))", "op.drop_table('t2')"),
-        (f"op.execute(\"SELECT pg_sleep(CASE WHEN to_regclass('go_slow') IS NULL THEN 0 ELSE {SLOW_S} END)\"); "
-         "op.create_table('t3', sa.Column('id', sa.Integer))",
+        ("op.execute(\"SELECT pg_sleep(coalesce(nullif(current_setting('dbmigrate_test.sleep', true), '')"
+         "::float, 0))\"); op.create_table('t3', sa.Column('id', sa.Integer))",
          "op.drop_table('t3')"),
     )
     return str(stock_project(base, steps, transaction_per_migration))
 
 
-def at_r1(tmp_path, cli, url, transaction_per_migration=False) -> str:
+def at_r1(tmp_path, cli, url, transaction_per_migration=False, slow_s: float = SLOW_S) -> str:
     ini = slow_project(tmp_path / "project", transaction_per_migration)
     result = cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
     assert result.returncode == 0, result.stderr
-    execute(url, "CREATE TABLE go_slow ()")
+    go_slow(url, slow_s)
     return ini
+
+
+def go_slow(url: str, seconds: float) -> None:
+    """How long the slow revision sleeps in connections opened from now on."""
+    database = url.rsplit("/", 1)[1]
+    execute(url, f"ALTER DATABASE \"{database}\" SET dbmigrate_test.sleep = '{seconds:g}'")
 
 
 def execute(url: str, sql: str) -> None:
@@ -174,7 +180,7 @@ def ended(run_id: str, since: float, what: str):
 
 
 def next_run_completes(server, environment: str, ini: str, url: str) -> None:
-    execute(url, "DROP TABLE IF EXISTS go_slow")
+    go_slow(url, 0)
     run_id = start_run(server, environment, ini)
     run = final(run_id, 120)
     assert run.state.is_completed(), f"the next run: {run.state.name}: {run.state.message}"
@@ -195,8 +201,106 @@ def test_flow_run_process_sigkilled_mid_revision(server, worker, blocks, pg_clus
     run = ended(run_id, killed, "SIGKILL of the flow-run process")
     assert fingerprint_of(target) == before
     assert run.state.is_crashed()
-    assert "during migrate: database at r1, its starting revision: nothing was applied" in run.state.message, \
+    assert "during the migration: database at r1, its starting revision: nothing was applied" in run.state.message, \
         run_log(run_id)
     next_run_completes(server, environment, ini, url)
     assert fingerprint_of(target).revisions == ("r3",)
     print(f"scenario took {time.monotonic() - started:.1f}s")
+
+
+def migrating(server, pg_cluster, db_name, environment: str, ini: str) -> str:
+    """Start a run and wait until it is inside the slow revision."""
+    run_id = start_run(server, environment, ini)
+    wait_for(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow revision to start")
+    return run_id
+
+
+def test_worker_sigkilled_with_its_flow_run_mid_revision(server, worker, blocks, pg_cluster, db_name, target,
+                                                         tmp_path, cli, url):
+    """Nobody is left to report: the run stays Running in Prefect. The next run finds its
+    owner dead (its presence connection closed), ends it with where the database is, and
+    takes the slot."""
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url)
+    before = fingerprint_of(target)
+    lost = migrating(server, pg_cluster, db_name, environment, ini)
+    worker.kill_all()
+    assert flow_run(lost).state.is_running() and active_slots(environment) == 1
+
+    worker.start()
+    started = time.monotonic()
+    next_run_completes(server, environment, ini, url)
+    print(f"\nworker + flow run SIGKILLed: the next run reclaimed the slot and completed in "
+          f"{time.monotonic() - started:.1f}s")
+    run = flow_run(lost)
+    assert run.state.is_crashed(), run.state
+    assert run.state.message.startswith("Run lost during the migration (its process and worker are gone): "
+                                     "database at r1, its starting revision: nothing was applied"), run.state.message
+    assert fingerprint_of(target).revisions == ("r3",) and before.revisions == ("r1",)
+    assert active_slots(environment) == 0
+
+
+def test_cancelled_from_the_ui_mid_migration(server, worker, blocks, pg_cluster, db_name, target, tmp_path, cli,
+                                             url):
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url)
+    before = fingerprint_of(target)
+    run_id = migrating(server, pg_cluster, db_name, environment, ini)
+    prefect(server, "flow-run", "cancel", run_id, cwd=REPO)
+    cancelled = time.monotonic()
+
+    run = ended(run_id, cancelled, "prefect flow-run cancel")
+    assert fingerprint_of(target) == before
+    assert run.state.is_cancelled(), run.state
+    assert "database at r1, its starting revision: nothing was applied" in run.state.message, run_log(run_id)
+    next_run_completes(server, environment, ini, url)
+
+
+def test_server_down_for_half_a_minute_mid_run(server, worker, blocks, pg_cluster, db_name, target, tmp_path, cli,
+                                               url):
+    """The migration goes on while the API is away; the run then completes and frees the slot."""
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url, slow_s=40)
+    run_id = migrating(server, pg_cluster, db_name, environment, ini)
+    server.stop()
+    time.sleep(30)
+    server.start()
+    back = time.monotonic()
+
+    run = ended(run_id, back, "the server down for 30s")
+    assert run.state.is_completed(), f"{run.state}\n{run_log(run_id)}"
+    assert fingerprint_of(target).revisions == ("r3",)
+    next_run_completes(server, environment, ini, url)
+
+
+def test_worker_restarted_while_production_waits_for_approval(server, worker, blocks, target, tmp_path, cli, url):
+    """Stopping the worker kills the run's process without telling Prefect: the run shows
+    Paused and holds the slot. The next run finds its process gone (its presence connection
+    closed), ends it saying the database was not changed, and goes on."""
+    from prefect.flow_runs import resume_flow_run
+
+    environment = blocks("production", approval_poll_s=1)
+    ini = at_r1(tmp_path, cli, url, slow_s=0)
+    before = fingerprint_of(target)
+    run_id = start_run(server, environment, ini)
+    wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")
+    flow_pids = worker.flow_run_pids()
+    worker.stop(signal.SIGTERM)
+    worker.start()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in flow_pids), "the run's process outlived its worker"
+    assert flow_run(run_id).state.is_paused() and active_slots(environment) == 1
+
+    started = time.monotonic()
+    next_id = start_run(server, environment, ini)
+    wait_for(lambda: flow_run(next_id).state.is_paused(), 120, "the next run to pause for approval")
+    reclaimed = time.monotonic() - started
+    run = flow_run(run_id)
+    print(f"\nworker restarted during approval: the next run paused for approval {reclaimed:.1f}s after it was "
+          f"created; the lost run: {run.state.name}: {run.state.message}")
+    assert run.state.is_crashed(), run.state
+    assert "during approval, before migrating" in run.state.message, run.state.message
+    assert "the database was not changed" in run.state.message
+    assert fingerprint_of(target) == before
+    resume_flow_run(next_id, run_input={"approve": True, "approver": "Alice Ops"})
+    assert final(next_id).state.is_completed(), run_log(next_id)
+    assert fingerprint_of(target).revisions == ("r3",)
