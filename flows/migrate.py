@@ -161,7 +161,8 @@ def db_migrate(
     )
     logger.info("%s %s: %s to %s", environment, target.where, "dry run" if dry_run else "upgrade", target_revision)
     with (audit.one_run_per_environment(environment, rules.guard_wait_s),
-          recovery.in_flight(environment, target, credentials_block or environment) as journal):
+          recovery.in_flight(environment, target, credentials_block or environment,
+                             settings if rules.auto_rollback else None) as journal):
         hooks.run_phase = journal.tracking(hooks.run_phase)
         outcome = pipeline.execute(target, settings, request, hooks)
     audit.publish(outcome, environment, progress)

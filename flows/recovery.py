@@ -21,8 +21,10 @@ db-migrate again to finish), and the next run starts from there after saying wha
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Iterator
 from uuid import UUID
 
@@ -33,9 +35,10 @@ from prefect.states import Cancelled, Crashed
 from prefect.variables import Variable
 from sqlalchemy import text
 
-from dbmigrate import db, guard, pipeline, revisions
+from dbmigrate import db, guard, migrate, pipeline, revisions
 from dbmigrate.environments import load_credentials
 from dbmigrate.errors import ConnectionFailed, DbMigrateError
+from dbmigrate.migrate import SessionLimits
 from dbmigrate.target import DatabaseTarget
 
 
@@ -55,16 +58,18 @@ def read(environment: str) -> dict | None:
 
 
 @contextmanager
-def in_flight(environment: str, target: DatabaseTarget, credentials_block: str) -> Iterator[Journal]:
+def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
+              undo: pipeline.Settings | None = None) -> Iterator[Journal]:
     """Keep the journal while the body runs (inside the environment's slot). A run that ends
     on its own, even failed, clears it; one cut short by a signal or a bug leaves it for
-    :func:`on_interrupted` or the next run."""
+    :func:`on_interrupted` or the next run. ``undo``: the run's settings where the policy
+    rolls back automatically, so a run killed between revisions is downgraded to its start."""
     left = read(environment)
     if left and left.get("flow_run") != runtime.flow_run.id:
         get_run_logger().warning("run '%s' was interrupted during %s: %s.", left.get("name"), _phase(left),
                                  database_state(left))
     with _presence(target) as present:
-        journal = Journal(environment, credentials_block, present)
+        journal = Journal(environment, credentials_block, present, undo)
         try:
             yield journal
         except DbMigrateError:
@@ -96,11 +101,11 @@ def _presence(target: DatabaseTarget) -> Iterator[bool]:
 class Journal:
     """The in-flight record of the run holding ``environment``'s slot (see the module doc)."""
 
-    def __init__(self, environment: str, credentials_block: str, present: bool):
+    def __init__(self, environment: str, credentials_block: str, present: bool, undo: pipeline.Settings | None):
         self.environment = environment
         self.entry = {"flow_run": runtime.flow_run.id, "name": runtime.flow_run.name, "lease": _held_lease(),
                       "credentials_block": credentials_block, "present": present, "phase": "holding",
-                      "revision_before": None, "target": None}
+                      "revision_before": None, "target": None, "undo": undo and _undo(undo)}
         self._save()
 
     def _save(self) -> None:
@@ -128,6 +133,13 @@ class Journal:
             return result
 
         return run
+
+
+def _undo(settings: pipeline.Settings) -> dict:
+    # Absolute: whoever reads the journal (the worker's hook, the next run) has its own working directory.
+    config = settings.alembic_config or os.environ.get("ALEMBIC_CONFIG") or revisions.DEFAULT_CONFIG
+    return {"alembic_config": str(Path(config).resolve()), "lock_timeout_s": settings.limits.lock_timeout_s,
+            "statement_timeout_s": settings.limits.statement_timeout_s}
 
 
 def _held_lease() -> str | None:
@@ -164,6 +176,8 @@ def database_state(entry: dict) -> str:
             _end_orphans(target)
             with db.connect(target) as conn:
                 now = revisions.current_label(conn)
+            if now not in (start, goal) and entry.get("undo"):
+                return _downgrade_to_start(target, entry, now)
     except DbMigrateError as exc:
         return f"the database could not be read to tell where it is ({exc}); check it before running again"
     if now == start:
@@ -172,6 +186,26 @@ def database_state(entry: dict) -> str:
         return f"database at {now}, the target revision: the migration had completed"
     return (f"database left at {now or 'base'}, between the starting revision {start or 'base'} and the target "
             f"{goal}: run db-rollback to {start or 'base'}, or db-migrate again to finish")
+
+
+def _downgrade_to_start(target: DatabaseTarget, entry: dict, now: str | None) -> str:
+    """The policy rolls back automatically: take a database left between revisions back to
+    where the run started (called holding the guard)."""
+    start, undo = entry.get("revision_before"), entry["undo"]
+    left = f"database left at {now or 'base'}, between the starting revision {start or 'base'} and the target " \
+           f"{entry.get('target')}"
+    try:
+        project = revisions.load(undo["alembic_config"], target, project_logging=False)
+        limits = SessionLimits(undo["lock_timeout_s"], undo["statement_timeout_s"])
+        migrate.run(project, start or "base", upgrade=False, limits=limits, on_step=lambda step: None)
+        with db.connect(target) as conn:
+            after = revisions.current_label(conn)
+    except Exception as exc:  # a downgrade runs the project's code: any failure is reported, not raised
+        reason = target.redact(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0])
+        return f"{left}; the automatic rollback failed ({reason}): run db-rollback to {start or 'base'}"
+    if after != start:
+        return f"{left}; the automatic rollback ended at {after or 'base'}: run db-rollback to {start or 'base'}"
+    return f"{left}; rolled back automatically to {start or 'base'}, its starting revision"
 
 
 def _end_orphans(target, wait_s: float = 10.0) -> None:

@@ -171,7 +171,7 @@ def ended(run_id: str, since: float, what: str):
     """The run's final state, once the slot is free again; asserts how soon, prints the figures."""
     run = final(run_id)
     final_after = time.monotonic() - since
-    held = slot_free_after(run.parameters["environment"])
+    held = slot_free_after(run.parameters["environment"], FREE_WITHIN_S + 20)
     run = flow_run(run_id)  # the worker's hook ends it with what happened to the database, then frees the slot
     print(f"\n{what}: final state after {final_after:.1f}s, slot free {held:.1f}s later; "
           f"{run.state.name}: {run.state.message}")
@@ -304,3 +304,27 @@ def test_worker_restarted_while_production_waits_for_approval(server, worker, bl
     resume_flow_run(next_id, run_input={"approve": True, "approver": "Alice Ops"})
     assert final(next_id).state.is_completed(), run_log(next_id)
     assert fingerprint_of(target).revisions == ("r3",)
+
+
+@pytest.mark.parametrize("auto_rollback", [True, False], ids=["rolls-back", "says-between"])
+def test_sigkill_between_revisions_with_a_transaction_per_revision(auto_rollback, server, worker, blocks, pg_cluster,
+                                                                   db_name, target, tmp_path, cli, url):
+    """env.py commits each revision: killed in r3, the database keeps r2. Where the policy rolls
+    back automatically the worker's hook takes it back to r1; otherwise the final state says it
+    is between and what to run."""
+    environment = blocks("staging", auto_rollback=auto_rollback)
+    ini = at_r1(tmp_path, cli, url, transaction_per_migration=True)
+    before = fingerprint_of(target)
+    run_id = migrating(server, pg_cluster, db_name, environment, ini)
+    os.kill(worker.flow_run_pids()[-1], signal.SIGKILL)
+
+    run = ended(run_id, time.monotonic(), f"SIGKILL between revisions (auto_rollback={auto_rollback})")
+    left = "during the migration: database left at r2, between the starting revision r1 and the target r3"
+    assert left in run.state.message, run.state.message
+    if auto_rollback:
+        assert run.state.message.endswith("; rolled back automatically to r1, its starting revision.")
+        assert fingerprint_of(target) == before
+    else:
+        assert run.state.message.endswith(": run db-rollback to r1, or db-migrate again to finish.")
+        assert fingerprint_of(target).revisions == ("r2",)
+    next_run_completes(server, environment, ini, url)
