@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator
 from uuid import UUID
 
+from httpx import HTTPStatusError
 from prefect import get_run_logger, runtime
 from prefect.client.orchestration import get_client
 from prefect.concurrency.context import ConcurrencyContext
@@ -41,6 +42,8 @@ from dbmigrate.errors import ConnectionFailed, DbMigrateError
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.target import DatabaseTarget
 
+
+LEASE_S = 300  # the lease Prefect's concurrency() takes, and audit.one_run_per_environment with it
 
 # The journal's phases, as the messages name them.
 PHASES = {"holding": "the checks before migrating", "planned": "approval, before migrating", "backup": "the backup",
@@ -102,7 +105,7 @@ class Journal:
     """The in-flight record of the run holding ``environment``'s slot (see the module doc)."""
 
     def __init__(self, environment: str, credentials_block: str, present: bool, undo: pipeline.Settings | None):
-        self.environment = environment
+        self.environment, self.since = environment, time.monotonic()
         self.entry = {"flow_run": runtime.flow_run.id, "name": runtime.flow_run.name, "lease": _held_lease(),
                       "credentials_block": credentials_block, "present": present, "phase": "holding",
                       "revision_before": None, "target": None, "undo": undo and _undo(undo)}
@@ -117,7 +120,30 @@ class Journal:
 
     def close(self) -> None:
         """The run ended on its own: nothing for anyone to recover."""
+        self._free_if_forgotten()
         clear(self.environment, self.entry["flow_run"])
+
+    def _free_if_forgotten(self) -> None:
+        """A Prefect server restarted with its default in-memory lease storage forgets every
+        lease: releasing ours then frees nothing, and with no lease left to lapse the slot
+        stays taken for good. A lease younger than its duration cannot have lapsed, so one
+        the server no longer knows was forgotten: free the slot by name instead."""
+        from flows.audit import artifact_key
+
+        held_s = time.monotonic() - self.since
+        if not self.entry["lease"] or held_s >= LEASE_S:
+            return
+        with get_client(sync_client=True) as client:
+            try:
+                client.renew_concurrency_lease(UUID(self.entry["lease"]), LEASE_S)
+                return
+            except HTTPStatusError as exc:
+                if exc.response.status_code != 410:
+                    raise
+            client.release_concurrency_slots([artifact_key(self.environment)], 1, held_s)
+        get_run_logger().warning("the Prefect server forgot this run's concurrency lease (restarted with in-memory "
+                                 "lease storage: see README 'Deploying'); freed the %s slot by name",
+                                 self.environment)
 
     def tracking(self, run_phase):
         """``run_phase`` that keeps the journal's phase and plan current."""

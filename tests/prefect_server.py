@@ -24,13 +24,17 @@ from tests.pgcluster import free_port
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
-def prefect_environ(home: Path, api_url: str, **extra: str) -> dict[str, str]:
+FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+MEMORY_LEASES = "prefect.server.concurrency.lease_storage.memory"  # Prefect's default
+
+
+def prefect_environ(home: Path, api_url: str, lease_storage: str = FILESYSTEM_LEASES, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": lease_storage,
         "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
         "PREFECT_LOGGING_LEVEL": "INFO",
         **extra,
@@ -41,6 +45,7 @@ def prefect_environ(home: Path, api_url: str, **extra: str) -> dict[str, str]:
 class PrefectServer:
     home: Path
     port: int = field(default_factory=free_port)
+    lease_storage: str = FILESYSTEM_LEASES
     process: subprocess.Popen | None = None
 
     @property
@@ -48,7 +53,7 @@ class PrefectServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def environ(self, **extra: str) -> dict[str, str]:
-        return prefect_environ(self.home, self.api_url, **extra)
+        return prefect_environ(self.home, self.api_url, self.lease_storage, **extra)
 
     def start(self, timeout: float = 120) -> None:
         log = open(self.home / "server.log", "ab")

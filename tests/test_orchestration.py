@@ -14,46 +14,63 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, fingerprint_of
 from tests.pgcluster import CANARY_PASSWORD
-from tests.prefect_server import PrefectServer, Worker, prefect
+from tests.prefect_server import MEMORY_LEASES, PrefectServer, Worker, prefect
 from tests.projects import linear, stock_project
 
 SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)
 FREE_WITHIN_S = 10  # how soon the environment's slot must be free again
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    server = PrefectServer(home)
-    server.start()
+@contextmanager
+def deployed(server: PrefectServer):
+    """The server started, with the dbmigrate pool and prefect.yaml's deployments; the
+    test's Prefect client pointed at it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
-        prefect(server, "deploy", "--all", cwd=REPO)
+    server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
+            prefect(server, "deploy", "--all", cwd=REPO)
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with deployed(PrefectServer(tmp_path_factory.mktemp("prefect-home"))) as server:
         yield server
-    server.stop()
+
+
+@contextmanager
+def working(server: PrefectServer, tmp_path: Path):
+    state = tmp_path / "worker-home"
+    state.mkdir(exist_ok=True)
+    environ = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(state))
+    worker = Worker(server, environ, tmp_path / "worker.log")
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.kill_all()
 
 
 @pytest.fixture
 def worker(server, tmp_path):
-    state = tmp_path / "worker-home"
-    state.mkdir()
-    environ = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(state))
-    worker = Worker(server, environ, tmp_path / "worker.log")
-    worker.start()
-    yield worker
-    worker.kill_all()
+    with working(server, tmp_path) as worker:
+        yield worker
 
 
 @pytest.fixture
-def blocks(server, target):
+def blocks(target):
     """Credentials and a quick policy for an environment, saved to the real server."""
     from blocks import DatabaseCredentials, EnvironmentPolicy
 
@@ -271,6 +288,24 @@ def test_server_down_for_half_a_minute_mid_run(server, worker, blocks, pg_cluste
     assert run.state.is_completed(), f"{run.state}\n{run_log(run_id)}"
     assert fingerprint_of(target).revisions == ("r3",)
     next_run_completes(server, environment, ini, url)
+
+
+def test_server_with_in_memory_leases_restarted_mid_run(blocks, pg_cluster, db_name, target, tmp_path,
+                                                        tmp_path_factory, cli, url):
+    """Prefect's default keeps leases in memory: a restart forgets the run's lease, so its
+    release at the end frees nothing. The run must still leave the slot free."""
+    memory = PrefectServer(tmp_path_factory.mktemp("prefect-memory-leases"), lease_storage=MEMORY_LEASES)
+    with deployed(memory), working(memory, tmp_path):
+        environment = blocks("staging")
+        ini = at_r1(tmp_path, cli, url, slow_s=15)
+        run_id = migrating(memory, pg_cluster, db_name, environment, ini)
+        memory.stop()
+        time.sleep(3)
+        memory.start()
+
+        run = ended(run_id, time.monotonic(), "an in-memory-lease server restarted mid-run")
+        assert run.state.is_completed(), f"{run.state}\n{run_log(run_id)}"
+        next_run_completes(memory, environment, ini, url)
 
 
 def test_worker_restarted_while_production_waits_for_approval(server, worker, blocks, target, tmp_path, cli, url):
