@@ -105,14 +105,18 @@ class Journal:
     """The in-flight record of the run holding ``environment``'s slot (see the module doc)."""
 
     def __init__(self, environment: str, credentials_block: str, present: bool, undo: pipeline.Settings | None):
-        self.environment, self.since = environment, time.monotonic()
-        self.entry = {"flow_run": runtime.flow_run.id, "name": runtime.flow_run.name, "lease": _held_lease(),
+        self.environment = environment
+        self.entry = {"flow_run": runtime.flow_run.id, "name": runtime.flow_run.name, "environment": environment,
+                      "lease": _held_lease(), "since": time.time(),
                       "credentials_block": credentials_block, "present": present, "phase": "holding",
                       "revision_before": None, "target": None, "undo": undo and _undo(undo)}
         self._save()
 
     def _save(self) -> None:
-        Variable.set(journal_name(self.environment), self.entry, overwrite=True)
+        try:
+            Variable.set(journal_name(self.environment), self.entry, overwrite=True)
+        except Exception as exc:  # the API away for a moment must not stop a migration; the journal is a record
+            get_run_logger().warning("could not record this run's phase (%s) in Prefect: %s", self.entry["phase"], exc)
 
     def phase(self, name: str, **fields) -> None:
         self.entry.update(phase=name, **fields)
@@ -120,30 +124,11 @@ class Journal:
 
     def close(self) -> None:
         """The run ended on its own: nothing for anyone to recover."""
-        self._free_if_forgotten()
+        if free_if_forgotten(self.entry):
+            get_run_logger().warning("the Prefect server forgot this run's concurrency lease (restarted with "
+                                     "in-memory lease storage: see README 'Deploying'); freed the %s slot by name",
+                                     self.environment)
         clear(self.environment, self.entry["flow_run"])
-
-    def _free_if_forgotten(self) -> None:
-        """A Prefect server restarted with its default in-memory lease storage forgets every
-        lease: releasing ours then frees nothing, and with no lease left to lapse the slot
-        stays taken for good. A lease younger than its duration cannot have lapsed, so one
-        the server no longer knows was forgotten: free the slot by name instead."""
-        from flows.audit import artifact_key
-
-        held_s = time.monotonic() - self.since
-        if not self.entry["lease"] or held_s >= LEASE_S:
-            return
-        with get_client(sync_client=True) as client:
-            try:
-                client.renew_concurrency_lease(UUID(self.entry["lease"]), LEASE_S)
-                return
-            except HTTPStatusError as exc:
-                if exc.response.status_code != 410:
-                    raise
-            client.release_concurrency_slots([artifact_key(self.environment)], 1, held_s)
-        get_run_logger().warning("the Prefect server forgot this run's concurrency lease (restarted with in-memory "
-                                 "lease storage: see README 'Deploying'); freed the %s slot by name",
-                                 self.environment)
 
     def tracking(self, run_phase):
         """``run_phase`` that keeps the journal's phase and plan current."""
@@ -186,9 +171,31 @@ def clear(environment: str, flow_run_id: str) -> None:
 
 
 def release(entry: dict) -> None:
-    if entry.get("lease"):
+    """Free the slot the journal's run holds."""
+    if entry.get("lease") and not free_if_forgotten(entry):
         with get_client(sync_client=True) as client:
             client.release_concurrency_slots_with_lease(UUID(entry["lease"]))
+
+
+def free_if_forgotten(entry: dict) -> bool:
+    """A Prefect server restarted with its default in-memory lease storage forgets every
+    lease: releasing one then frees nothing, and with no lease left to lapse the slot stays
+    taken for good. A lease younger than its duration cannot have lapsed, so one the server
+    no longer knows was forgotten: free the slot by name instead. True if it did."""
+    from flows.audit import artifact_key
+
+    held_s = time.time() - entry.get("since", 0)
+    if not entry.get("lease") or held_s >= LEASE_S:
+        return False
+    with get_client(sync_client=True) as client:
+        try:
+            client.renew_concurrency_lease(UUID(entry["lease"]), LEASE_S)
+            return False
+        except HTTPStatusError as exc:
+            if exc.response.status_code != 410:
+                raise
+        client.release_concurrency_slots([artifact_key(entry["environment"])], 1, held_s)
+    return True
 
 
 def database_state(entry: dict) -> str:
