@@ -115,7 +115,7 @@ class Worker:
             return
         import psutil
 
-        everyone = [self.process.pid, *self.flow_run_pids()]
+        everyone = [self.process.pid, *(c.pid for c in psutil.Process(self.process.pid).children(recursive=True))]
         for pid in everyone:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -124,6 +124,15 @@ class Worker:
         self.process.wait(30)
         psutil.wait_procs([p for p in map(_process, everyone) if p], timeout=30)
         self.process = None
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _process(pid: int):

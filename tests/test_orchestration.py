@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import REPO, fingerprint_of
 from tests.pgcluster import CANARY_PASSWORD
-from tests.prefect_server import MEMORY_LEASES, PrefectServer, Worker, prefect
+from tests.prefect_server import MEMORY_LEASES, PrefectServer, Worker, prefect, wait_until
 from tests.projects import linear, stock_project
 
 SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)
@@ -137,14 +137,7 @@ def flow_run(run_id: str):
         return client.read_flow_run(run_id)
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+wait_for = wait_until
 
 
 def sleeping_backend(pg_cluster, database: str) -> int | None:
@@ -257,6 +250,23 @@ def test_worker_sigkilled_with_its_flow_run_mid_revision(server, worker, blocks,
     assert active_slots(environment) == 0
 
 
+def test_worker_alone_sigkilled_mid_revision(server, worker, blocks, pg_cluster, db_name, target, tmp_path, cli, url):
+    """The flow-run process outlives its worker and finishes the migration, but Prefect's engine
+    then exits (its runner is gone) and the run ends Crashed: its message must say the
+    database reached the target, and the slot must be free."""
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url, slow_s=10)
+    run_id = migrating(server, pg_cluster, db_name, environment, ini)
+    worker.stop(signal.SIGKILL)
+    wait_for(lambda: not sleeping_backend(pg_cluster, db_name), 60, "the slow revision to end")
+
+    run = ended(run_id, time.monotonic(), "SIGKILL of the worker alone")
+    assert fingerprint_of(target).revisions == ("r3",)
+    assert run.state.is_completed() or "database at r3, the target revision" in run.state.message, run.state
+    worker.start()
+    next_run_completes(server, environment, ini, url)
+
+
 def test_cancelled_from_the_ui_mid_migration(server, worker, blocks, pg_cluster, db_name, target, tmp_path, cli,
                                              url):
     environment = blocks("staging")
@@ -347,7 +357,8 @@ def test_sigkill_between_revisions_with_a_transaction_per_revision(auto_rollback
     """env.py commits each revision: killed in r3, the database keeps r2. Where the policy rolls
     back automatically the worker's hook takes it back to r1; otherwise the final state says it
     is between and what to run."""
-    environment = blocks("staging", auto_rollback=auto_rollback)
+    # development rolls back on its own; staging told not to (independent slots, too)
+    environment = blocks("development") if auto_rollback else blocks("staging", auto_rollback=False)
     ini = at_r1(tmp_path, cli, url, transaction_per_migration=True)
     before = fingerprint_of(target)
     run_id = migrating(server, pg_cluster, db_name, environment, ini)
