@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
 from uuid import UUID
 
 from httpx import HTTPStatusError
@@ -41,7 +41,6 @@ from dbmigrate.environments import load_credentials
 from dbmigrate.errors import ConnectionFailed, DbMigrateError
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.target import DatabaseTarget
-
 
 LEASE_S = 300  # the lease Prefect's concurrency() takes, and audit.one_run_per_environment with it
 

@@ -35,8 +35,6 @@ def prefect_environ(home: Path, api_url: str, lease_storage: str = FILESYSTEM_LE
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": lease_storage,
-        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
-        "PREFECT_LOGGING_LEVEL": "INFO",
         **extra,
     }
 
@@ -56,11 +54,11 @@ class PrefectServer:
         return prefect_environ(self.home, self.api_url, self.lease_storage, **extra)
 
     def start(self, timeout: float = 120) -> None:
-        log = open(self.home / "server.log", "ab")
-        self.process = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.environ(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.home / "server.log", "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.environ(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, (self.home / "server.log").read_text()[-3000:]
@@ -89,10 +87,11 @@ class Worker:
     process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", "dbmigrate", "--type", "process", "--limit", "4"],
-            env=self.environ, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", "dbmigrate", "--type", "process", "--limit", "4"],
+                env=self.environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
 
     def flow_run_pids(self) -> list[int]:
         """Processes the worker started (the flow runs), newest last."""
@@ -160,6 +159,6 @@ def _end(process: subprocess.Popen, sig: int, group: bool = True) -> None:
 
 def prefect(server: PrefectServer, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     result = subprocess.run([PREFECT, "--no-prompt", *args], cwd=cwd, env=env or server.environ(),
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, f"prefect {' '.join(args)}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
     return result.stdout

@@ -21,7 +21,13 @@ import pytest
 
 from tests.conftest import REPO, fingerprint_of
 from tests.pgcluster import CANARY_PASSWORD
-from tests.prefect_server import MEMORY_LEASES, PrefectServer, Worker, prefect, wait_until
+from tests.prefect_server import (
+    MEMORY_LEASES,
+    PrefectServer,
+    Worker,
+    prefect,
+    wait_until,
+)
 from tests.projects import linear, stock_project
 
 SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)
@@ -92,8 +98,8 @@ def slow_project(base: Path, transaction_per_migration: bool = False) -> str:
     steps = linear(
         ("op.create_table('t1', sa.Column('id', sa.Integer))", "op.drop_table('t1')"),
         ("op.create_table('t2', sa.Column('id', sa.Integer))", "op.drop_table('t2')"),
-        ("op.execute(\"SELECT pg_sleep(coalesce(nullif(current_setting('dbmigrate_test.sleep', true), '')"
-         "::float, 0))\"); op.create_table('t3', sa.Column('id', sa.Integer))",
+        (("op.execute(\"SELECT pg_sleep(coalesce(nullif(current_setting('dbmigrate_test.sleep', true), '')"
+          "::float, 0))\"); op.create_table('t3', sa.Column('id', sa.Integer))"),
          "op.drop_table('t3')"),
     )
     return str(stock_project(base, steps, transaction_per_migration))
