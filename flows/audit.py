@@ -35,6 +35,7 @@ from prefect.states import Running
 
 from dbmigrate import pipeline
 from dbmigrate.errors import MigrationFailed
+from flows import recovery
 
 
 def artifact_key(environment: str, flow: str = "db-migrate") -> str:
@@ -110,6 +111,8 @@ def one_run_per_environment(environment: str, wait_s: float) -> Iterator[None]:
                 denied = isinstance(exc.__cause__, HTTPStatusError) and exc.__cause__.response.status_code == 423
                 if not denied:
                     raise MigrationFailed(f"concurrency failed: {exc}") from None
+                if recovery.reclaim(environment):
+                    continue
                 if time.monotonic() >= deadline:
                     raise MigrationFailed(
                         f"concurrency failed: another run for {environment} holds {limit}: {holders(environment)}"

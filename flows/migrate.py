@@ -35,7 +35,7 @@ from dbmigrate.errors import (
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
 from dbmigrate.target import DatabaseTarget
-from flows import audit
+from flows import audit, recovery
 
 # Phases that only connect or upload: safe to retry. The migration itself never is.
 TRANSIENT_PHASES = ("health_checks", "backup")
@@ -147,7 +147,8 @@ def settings_for(rules: Policy, alembic_config: str | None, backup_storage: str 
     )
 
 
-@flow(name="db-migrate", flow_run_name="{environment}-{target_revision}")
+@flow(name="db-migrate", flow_run_name="{environment}-{target_revision}",
+      on_crashed=[recovery.on_interrupted], on_cancellation=[recovery.on_interrupted])
 @ends_failed_on_error
 def db_migrate(
     environment: str,
@@ -197,7 +198,10 @@ def db_migrate(
         recover=rollback.roll_back if rules.auto_rollback else None,  # run_phase makes it the task "rollback"
     )
     logger.info("%s %s: %s to %s", environment, target.where, "dry run" if dry_run else "upgrade", target_revision)
-    with audit.one_run_per_environment(environment, rules.guard_wait_s):
+    with (audit.one_run_per_environment(environment, rules.guard_wait_s),
+          recovery.in_flight(environment, target, credentials_block or environment,
+                             settings if rules.auto_rollback else None) as journal):
+        hooks.run_phase = journal.tracking(hooks.run_phase)
         outcome = pipeline.execute(target, settings, request, hooks)
     audit.publish(outcome, environment, progress)
     report = outcome.report

@@ -1,0 +1,164 @@
+"""A real Prefect server (`prefect server start`) and process workers for the tests
+of the orchestration layer failing: processes we can SIGKILL, SIGTERM and restart.
+
+The server keeps its SQLite database and its concurrency leases under its own
+PREFECT_HOME, so a restart on the same port finds the runs and the slots they hold;
+leases go to the filesystem lease storage, as README "Deploying" asks of a real server
+(the default keeps them in memory and a restart forgets which run holds a slot).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.pgcluster import free_port
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+MEMORY_LEASES = "prefect.server.concurrency.lease_storage.memory"  # Prefect's default
+
+
+def prefect_environ(home: Path, api_url: str, lease_storage: str = FILESYSTEM_LEASES, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": lease_storage,
+        **extra,
+    }
+
+
+@dataclass
+class PrefectServer:
+    home: Path
+    port: int = field(default_factory=free_port)
+    lease_storage: str = FILESYSTEM_LEASES
+    process: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        return prefect_environ(self.home, self.api_url, self.lease_storage, **extra)
+
+    def start(self, timeout: float = 120) -> None:
+        with open(self.home / "server.log", "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.environ(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.home / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"prefect server did not answer in {timeout}s")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        _end(self.process, sig)
+        self.process = None
+
+
+@dataclass
+class Worker:
+    """`prefect worker start --pool dbmigrate` as README "Deploying" runs it."""
+
+    server: PrefectServer
+    environ: dict[str, str]
+    log: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [PREFECT, "worker", "start", "--pool", "dbmigrate", "--type", "process", "--limit", "4"],
+                env=self.environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def flow_run_pids(self) -> list[int]:
+        """Processes the worker started (the flow runs), newest last."""
+        import psutil
+
+        if self.process is None:
+            return []
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        return [c.pid for c in sorted(children, key=lambda c: c.create_time())]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the worker alone, as systemd or an operator stopping it would."""
+        if self.process is not None:
+            _end(self.process, sig, group=False)
+            self.process = None
+
+    def kill_all(self) -> None:
+        """SIGKILL the worker and every flow-run process it started, as a lost machine would."""
+        if self.process is None:
+            return
+        import psutil
+
+        everyone = [self.process.pid, *(c.pid for c in psutil.Process(self.process.pid).children(recursive=True))]
+        for pid in everyone:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(30)
+        psutil.wait_procs([p for p in map(_process, everyone) if p], timeout=30)
+        self.process = None
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _end(process: subprocess.Popen, sig: int, group: bool = True) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        (os.killpg if group else os.kill)(process.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        (os.killpg if group else os.kill)(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+
+def prefect(server: PrefectServer, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run([PREFECT, "--no-prompt", *args], cwd=cwd, env=env or server.environ(),
+                            capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, f"prefect {' '.join(args)}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
+    return result.stdout

@@ -1,0 +1,382 @@
+"""Item 11: the orchestration layer failing, against a real `prefect server start` and
+a process worker running the deployments of prefect.yaml.
+
+Each test starts a run whose revision sleeps in PostgreSQL, then breaks Prefect under
+it (SIGKILL of the flow-run process or of the worker with it, a cancel from the UI,
+the server down for half a minute, the worker restarted during an approval wait) and
+checks what an operator relies on: the database at its starting revision (or at the
+target, never between), a final state whose message says where the database is, the
+environment's concurrency slot free again within seconds, and a next run that works.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, fingerprint_of
+from tests.pgcluster import CANARY_PASSWORD
+from tests.prefect_server import (
+    MEMORY_LEASES,
+    PrefectServer,
+    Worker,
+    prefect,
+    wait_until,
+)
+from tests.projects import linear, stock_project
+
+SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)
+FREE_WITHIN_S = 10  # how soon the environment's slot must be free again
+
+
+@contextmanager
+def deployed(server: PrefectServer):
+    """The server started, with the dbmigrate pool and prefect.yaml's deployments; the
+    test's Prefect client pointed at it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
+            prefect(server, "deploy", "--all", cwd=REPO)
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with deployed(PrefectServer(tmp_path_factory.mktemp("prefect-home"))) as server:
+        yield server
+
+
+@contextmanager
+def working(server: PrefectServer, tmp_path: Path):
+    state = tmp_path / "worker-home"
+    state.mkdir(exist_ok=True)
+    environ = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(state))
+    worker = Worker(server, environ, tmp_path / "worker.log")
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.kill_all()
+
+
+@pytest.fixture
+def worker(server, tmp_path):
+    with working(server, tmp_path) as worker:
+        yield worker
+
+
+@pytest.fixture
+def blocks(target):
+    """Credentials and a quick policy for an environment, saved to the real server."""
+    from blocks import DatabaseCredentials, EnvironmentPolicy
+
+    def make(name: str, **policy) -> str:
+        DatabaseCredentials(
+            host="127.0.0.1", port=target.port, database=target.database, username="postgres",
+            password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
+        ).save(name, overwrite=True)
+        quick = {"retry_delay_s": 0.2, "approval_poll_s": 1, "approval_timeout_s": 120}
+        EnvironmentPolicy(**{**quick, **policy}).save(name, overwrite=True)
+        return name
+
+    return make
+
+
+def slow_project(base: Path, transaction_per_migration: bool = False) -> str:
+    """r1 <- r2 <- r3: r3 sleeps in PostgreSQL for the seconds the database's setting
+    dbmigrate_test.sleep says (see go_slow), so the next run goes straight through."""
+    steps = linear(
+        ("op.create_table('t1', sa.Column('id', sa.Integer))", "op.drop_table('t1')"),
+        ("op.create_table('t2', sa.Column('id', sa.Integer))", "op.drop_table('t2')"),
+        (("op.execute(\"SELECT pg_sleep(coalesce(nullif(current_setting('dbmigrate_test.sleep', true), '')"
+          "::float, 0))\"); op.create_table('t3', sa.Column('id', sa.Integer))"),
+         "op.drop_table('t3')"),
+    )
+    return str(stock_project(base, steps, transaction_per_migration))
+
+
+def at_r1(tmp_path, cli, url, transaction_per_migration=False, slow_s: float = SLOW_S) -> str:
+    ini = slow_project(tmp_path / "project", transaction_per_migration)
+    result = cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    go_slow(url, slow_s)
+    return ini
+
+
+def go_slow(url: str, seconds: float) -> None:
+    """How long the slow revision sleeps in connections opened from now on."""
+    database = url.rsplit("/", 1)[1]
+    execute(url, f"ALTER DATABASE \"{database}\" SET dbmigrate_test.sleep = '{seconds:g}'")
+
+
+def execute(url: str, sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def start_run(server, environment: str, ini: str, **params) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"db-migrate/{environment}")
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"environment": environment, "alembic_config": ini, **params})
+    return str(run.id)
+
+
+def flow_run(run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id)
+
+
+wait_for = wait_until
+
+
+def sleeping_backend(pg_cluster, database: str) -> int | None:
+    """The backend running the slow revision's pg_sleep, once it is running."""
+    with pg_cluster.admin() as conn:
+        row = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND query LIKE %s "
+                           "AND pid <> pg_backend_pid()", (database, "%pg_sleep%")).fetchone()
+    return row and row[0]
+
+
+def final(run_id: str, timeout: float = 90):
+    return wait_for(lambda: (r := flow_run(run_id)).state.is_final() and r, timeout,
+                    f"flow run {run_id} to end")
+
+
+def run_log(run_id: str) -> str:
+    """The run's log as the UI shows it (for failure messages)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return "\n".join(f"{log.level} {log.message[:400]}" for log in logs)
+
+
+def active_slots(environment: str) -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(f"db-migrate-{environment}").active_slots
+
+
+def slot_free_after(environment: str, timeout: float = 360) -> float:
+    """Seconds until the environment's slot is free (measured, so the report can say)."""
+    start = time.monotonic()
+    wait_for(lambda: active_slots(environment) == 0, timeout, f"the {environment} slot to be free", 0.5)
+    return time.monotonic() - start
+
+
+def ended(run_id: str, since: float, what: str):
+    """The run's final state, once the slot is free again; asserts how soon, prints the figures."""
+    run = final(run_id)
+    final_after = time.monotonic() - since
+    held = slot_free_after(run.parameters["environment"], FREE_WITHIN_S + 20)
+    run = flow_run(run_id)  # the worker's hook ends it with what happened to the database, then frees the slot
+    print(f"\n{what}: final state after {final_after:.1f}s, slot free {held:.1f}s later; "
+          f"{run.state.name}: {run.state.message}")
+    assert final_after + held < FREE_WITHIN_S, f"the slot stayed held {final_after + held:.0f}s"
+    return run
+
+
+def next_run_completes(server, environment: str, ini: str, url: str) -> None:
+    go_slow(url, 0)
+    run_id = start_run(server, environment, ini)
+    run = final(run_id, 120)
+    assert run.state.is_completed(), f"the next run: {run.state.name}: {run.state.message}"
+
+
+def test_flow_run_process_sigkilled_mid_revision(server, worker, blocks, pg_cluster, db_name, target, tmp_path,
+                                                 cli, url):
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url)
+    before = fingerprint_of(target)
+    started = time.monotonic()
+    run_id = start_run(server, environment, ini)
+    wait_for(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow revision to start")
+    [pid] = worker.flow_run_pids()[-1:]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    run = ended(run_id, killed, "SIGKILL of the flow-run process")
+    assert fingerprint_of(target) == before
+    assert run.state.is_crashed()
+    assert "during the migration: database at r1, its starting revision: nothing was applied" in run.state.message, \
+        run_log(run_id)
+    next_run_completes(server, environment, ini, url)
+    assert fingerprint_of(target).revisions == ("r3",)
+    print(f"scenario took {time.monotonic() - started:.1f}s")
+
+
+def migrating(server, pg_cluster, db_name, environment: str, ini: str) -> str:
+    """Start a run and wait until it is inside the slow revision."""
+    run_id = start_run(server, environment, ini)
+    wait_for(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow revision to start")
+    return run_id
+
+
+def test_worker_sigkilled_with_its_flow_run_mid_revision(server, worker, blocks, pg_cluster, db_name, target,
+                                                         tmp_path, cli, url):
+    """Nobody is left to report: the run stays Running in Prefect. The next run finds its
+    owner dead (its presence connection closed), ends it with where the database is, and
+    takes the slot."""
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url)
+    before = fingerprint_of(target)
+    lost = migrating(server, pg_cluster, db_name, environment, ini)
+    worker.kill_all()
+    assert flow_run(lost).state.is_running() and active_slots(environment) == 1
+
+    worker.start()
+    started = time.monotonic()
+    next_run_completes(server, environment, ini, url)
+    print(f"\nworker + flow run SIGKILLed: the next run reclaimed the slot and completed in "
+          f"{time.monotonic() - started:.1f}s")
+    run = flow_run(lost)
+    assert run.state.is_crashed(), run.state
+    assert run.state.message.startswith("Run lost during the migration (its process and worker are gone): "
+                                     "database at r1, its starting revision: nothing was applied"), run.state.message
+    assert fingerprint_of(target).revisions == ("r3",) and before.revisions == ("r1",)
+    assert active_slots(environment) == 0
+
+
+def test_worker_alone_sigkilled_mid_revision(server, worker, blocks, pg_cluster, db_name, target, tmp_path, cli, url):
+    """The flow-run process outlives its worker and finishes the migration, but Prefect's engine
+    then exits (its runner is gone) and the run ends Crashed: its message must say the
+    database reached the target, and the slot must be free."""
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url, slow_s=10)
+    run_id = migrating(server, pg_cluster, db_name, environment, ini)
+    worker.stop(signal.SIGKILL)
+    wait_for(lambda: not sleeping_backend(pg_cluster, db_name), 60, "the slow revision to end")
+
+    run = ended(run_id, time.monotonic(), "SIGKILL of the worker alone")
+    assert fingerprint_of(target).revisions == ("r3",)
+    assert run.state.is_completed() or "database at r3, the target revision" in run.state.message, run.state
+    worker.start()
+    next_run_completes(server, environment, ini, url)
+
+
+def test_cancelled_from_the_ui_mid_migration(server, worker, blocks, pg_cluster, db_name, target, tmp_path, cli,
+                                             url):
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url)
+    before = fingerprint_of(target)
+    run_id = migrating(server, pg_cluster, db_name, environment, ini)
+    prefect(server, "flow-run", "cancel", run_id, cwd=REPO)
+    cancelled = time.monotonic()
+
+    run = ended(run_id, cancelled, "prefect flow-run cancel")
+    assert fingerprint_of(target) == before
+    assert run.state.is_cancelled(), run.state
+    assert "database at r1, its starting revision: nothing was applied" in run.state.message, run_log(run_id)
+    next_run_completes(server, environment, ini, url)
+
+
+def test_server_down_for_half_a_minute_mid_run(server, worker, blocks, pg_cluster, db_name, target, tmp_path, cli,
+                                               url):
+    """The migration goes on while the API is away; the run then completes and frees the slot."""
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url, slow_s=40)
+    run_id = migrating(server, pg_cluster, db_name, environment, ini)
+    server.stop()
+    time.sleep(30)
+    server.start()
+    back = time.monotonic()
+
+    run = ended(run_id, back, "the server down for 30s")
+    assert run.state.is_completed(), f"{run.state}\n{run_log(run_id)}"
+    assert fingerprint_of(target).revisions == ("r3",)
+    next_run_completes(server, environment, ini, url)
+
+
+def test_server_with_in_memory_leases_restarted_mid_run(blocks, pg_cluster, db_name, target, tmp_path,
+                                                        tmp_path_factory, cli, url):
+    """Prefect's default keeps leases in memory: a restart forgets the run's lease, so its
+    release at the end frees nothing. The run must still leave the slot free."""
+    memory = PrefectServer(tmp_path_factory.mktemp("prefect-memory-leases"), lease_storage=MEMORY_LEASES)
+    with deployed(memory), working(memory, tmp_path):
+        environment = blocks("staging")
+        ini = at_r1(tmp_path, cli, url, slow_s=15)
+        run_id = migrating(memory, pg_cluster, db_name, environment, ini)
+        memory.stop()
+        time.sleep(3)
+        memory.start()
+
+        run = ended(run_id, time.monotonic(), "an in-memory-lease server restarted mid-run")
+        assert run.state.is_completed(), f"{run.state}\n{run_log(run_id)}"
+        next_run_completes(memory, environment, ini, url)
+
+
+def test_worker_restarted_while_production_waits_for_approval(server, worker, blocks, target, tmp_path, cli, url):
+    """Stopping the worker kills the run's process without telling Prefect: the run shows
+    Paused and holds the slot. The next run finds its process gone (its presence connection
+    closed), ends it saying the database was not changed, and goes on."""
+    from prefect.flow_runs import resume_flow_run
+
+    environment = blocks("production", approval_poll_s=1)
+    ini = at_r1(tmp_path, cli, url, slow_s=0)
+    before = fingerprint_of(target)
+    run_id = start_run(server, environment, ini)
+    wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")
+    flow_pids = worker.flow_run_pids()
+    worker.stop(signal.SIGTERM)
+    worker.start()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in flow_pids), "the run's process outlived its worker"
+    assert flow_run(run_id).state.is_paused() and active_slots(environment) == 1
+
+    started = time.monotonic()
+    next_id = start_run(server, environment, ini)
+    wait_for(lambda: flow_run(next_id).state.is_paused(), 120, "the next run to pause for approval")
+    reclaimed = time.monotonic() - started
+    run = flow_run(run_id)
+    print(f"\nworker restarted during approval: the next run paused for approval {reclaimed:.1f}s after it was "
+          f"created; the lost run: {run.state.name}: {run.state.message}")
+    assert run.state.is_crashed(), run.state
+    assert "during approval, before migrating" in run.state.message, run.state.message
+    assert "the database was not changed" in run.state.message
+    assert fingerprint_of(target) == before
+    resume_flow_run(next_id, run_input={"approve": True, "approver": "Alice Ops"})
+    assert final(next_id).state.is_completed(), run_log(next_id)
+    assert fingerprint_of(target).revisions == ("r3",)
+
+
+@pytest.mark.parametrize("auto_rollback", [True, False], ids=["rolls-back", "says-between"])
+def test_sigkill_between_revisions_with_a_transaction_per_revision(auto_rollback, server, worker, blocks, pg_cluster,
+                                                                   db_name, target, tmp_path, cli, url):
+    """env.py commits each revision: killed in r3, the database keeps r2. Where the policy rolls
+    back automatically the worker's hook takes it back to r1; otherwise the final state says it
+    is between and what to run."""
+    # development rolls back on its own; staging told not to (independent slots, too)
+    environment = blocks("development") if auto_rollback else blocks("staging", auto_rollback=False)
+    ini = at_r1(tmp_path, cli, url, transaction_per_migration=True)
+    before = fingerprint_of(target)
+    run_id = migrating(server, pg_cluster, db_name, environment, ini)
+    os.kill(worker.flow_run_pids()[-1], signal.SIGKILL)
+
+    run = ended(run_id, time.monotonic(), f"SIGKILL between revisions (auto_rollback={auto_rollback})")
+    left = "during the migration: database left at r2, between the starting revision r1 and the target r3"
+    assert left in run.state.message, run.state.message
+    if auto_rollback:
+        assert run.state.message.endswith("; rolled back automatically to r1, its starting revision.")
+        assert fingerprint_of(target) == before
+    else:
+        assert run.state.message.endswith(": run db-rollback to r1, or db-migrate again to finish.")
+        assert fingerprint_of(target).revisions == ("r2",)
+    next_run_completes(server, environment, ini, url)
