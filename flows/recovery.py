@@ -22,6 +22,7 @@ db-migrate again to finish), and the next run starts from there after saying wha
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -272,6 +273,26 @@ def on_interrupted(flow, flow_run, state) -> None:
         client.set_flow_run_state(flow_run.id, final, force=True)
     release(entry)
     clear(environment, str(flow_run.id))
+    if cancelled:
+        _say_again_once_overwritten(flow_run.id, final)
+
+
+def _say_again_once_overwritten(flow_run_id, final, within_s: float = 60.0) -> None:
+    """A worker cancelling a run marks it Cancelled with its own message ("Flow run was
+    cancelled successfully.") after the hooks ran: once it has, set ours again, which says
+    where the database is. Watched from a daemon thread, so the worker is not held up."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(flow_run_id).state
+                if state is not None and state.is_final() and state.message != final.message:
+                    client.set_flow_run_state(flow_run_id, final.model_copy(), force=True)
+                    return
+
+    threading.Thread(target=watch, name="cancel-message", daemon=True).start()
 
 
 def reclaim(environment: str) -> bool:
