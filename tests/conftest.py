@@ -183,27 +183,29 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
-@pytest.fixture
-def environment(prefect_api, target, home, monkeypatch):
-    """Blocks for an environment named like the test's: credentials and a quick policy.
-    ``database_of`` saves the test's database under that block name instead, recorded as
-    belonging to the environment ``database_of`` (no policy block then); ``port`` points
-    the block at another port."""
+def save_environment(target: DatabaseTarget, name: str, database_of: str | None = None, port: int | None = None,
+                     **policy) -> str:
+    """Save blocks for the environment ``name`` to the current Prefect API: credentials of the
+    test's database and a quick policy. ``database_of`` saves the database under that block
+    name instead, recorded as belonging to the environment ``database_of`` (no policy block
+    then); ``port`` points the block at another port."""
     from blocks import DatabaseCredentials, EnvironmentPolicy
 
-    monkeypatch.setenv("DBMIGRATE_HOME", str(home))
-
-    def make(name: str, database_of: str | None = None, port: int | None = None, **policy) -> str:
-        DatabaseCredentials(
-            host="127.0.0.1", port=port or target.port, database=target.database, username="postgres",
-            password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
-            **({"environment": database_of} if database_of else {}),
-        ).save(name, overwrite=True)
-        if database_of:
-            return name
-        # A test whose approver never comes fails in two minutes, not the default hour.
-        quick = {"retry_delay_s": 0.2, "approval_poll_s": 1, "approval_timeout_s": 120}
-        EnvironmentPolicy(**{**quick, **policy}).save(name, overwrite=True)
+    DatabaseCredentials(
+        host="127.0.0.1", port=port or target.port, database=target.database, username="postgres",
+        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
+        **({"environment": database_of} if database_of else {}),
+    ).save(name, overwrite=True)
+    if database_of:
         return name
+    # A test whose approver never comes fails in two minutes, not the default hour.
+    quick = {"retry_delay_s": 0.2, "approval_poll_s": 1, "approval_timeout_s": 120}
+    EnvironmentPolicy(**{**quick, **policy}).save(name, overwrite=True)
+    return name
 
-    return make
+
+@pytest.fixture
+def environment(prefect_api, target, home, monkeypatch):
+    """save_environment against the test harness's API, with DBMIGRATE_HOME the test's."""
+    monkeypatch.setenv("DBMIGRATE_HOME", str(home))
+    return lambda name, **options: save_environment(target, name, **options)

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, fingerprint_of
-from tests.pgcluster import CANARY_PASSWORD
+from tests.conftest import REPO, fingerprint_of, save_environment
 from tests.prefect_server import (
     MEMORY_LEASES,
     PrefectServer,
@@ -78,18 +77,7 @@ def worker(server, tmp_path):
 @pytest.fixture
 def blocks(target):
     """Credentials and a quick policy for an environment, saved to the real server."""
-    from blocks import DatabaseCredentials, EnvironmentPolicy
-
-    def make(name: str, **policy) -> str:
-        DatabaseCredentials(
-            host="127.0.0.1", port=target.port, database=target.database, username="postgres",
-            password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
-        ).save(name, overwrite=True)
-        quick = {"retry_delay_s": 0.2, "approval_poll_s": 1, "approval_timeout_s": 120}
-        EnvironmentPolicy(**{**quick, **policy}).save(name, overwrite=True)
-        return name
-
-    return make
+    return lambda name, **policy: save_environment(target, name, **policy)
 
 
 def slow_project(base: Path, transaction_per_migration: bool = False) -> str:
