@@ -17,10 +17,15 @@ runs all revisions in one transaction (PostgreSQL rolls back what the dead clien
 committed); with a transaction per revision it may be left between, at the last revision
 committed: the final message says so and names both ways out (db-rollback to the start, or
 db-migrate again to finish), and the next run starts from there after saying what it found.
+
+A db-rollback from a backup records the revision and row counts before it and the backup's:
+its restore commits all or nothing, and comparing what is there with both tells which.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import time
@@ -37,7 +42,8 @@ from prefect.states import Cancelled, Crashed
 from prefect.variables import Variable
 from sqlalchemy import text
 
-from dbmigrate import db, guard, migrate, pipeline, revisions
+from dbmigrate import db, fingerprint, guard, migrate, pipeline, revisions
+from dbmigrate.backup import Manifest
 from dbmigrate.environments import load_credentials
 from dbmigrate.errors import ConnectionFailed, DbMigrateError
 from dbmigrate.migrate import SessionLimits
@@ -47,7 +53,7 @@ LEASE_S = 300  # the lease Prefect's concurrency() takes, and audit.one_run_per_
 
 # The journal's phases, as the messages name them.
 PHASES = {"holding": "the checks before migrating", "planned": "approval, before migrating", "backup": "the backup",
-          "migrate": "the migration", "rollback": "the automatic rollback"}
+          "migrate": "the migration", "rollback": "the automatic rollback", "restore": "the restore"}
 
 
 def journal_name(environment: str) -> str:
@@ -140,10 +146,21 @@ class Journal:
             if name == "plan":
                 project, request = args[1], args[3]
                 goal = pipeline.expected_revisions(project, result, request.upgrade)
-                self.phase("planned", revision_before=result.revision_before, target=",".join(sorted(goal)) or None)
+                self.phase("planned", revision_before=result.revision_before, target=",".join(sorted(goal)) or None,
+                           upgrade=request.upgrade)
             return result
 
         return run
+
+    def restoring(self, before: fingerprint.Fingerprint, manifest: Manifest) -> None:
+        """The restore over the original is about to start: record what tells afterwards whether it committed."""
+        self.phase("restore", revision_before=",".join(before.revisions) or None, target=manifest.revision,
+                   backup=manifest.id, rows_before=_digest(before.row_counts), rows_backup=_digest(manifest.row_counts))
+
+
+def _digest(row_counts: dict[str, int]) -> str:
+    # The journal keeps digests, not the counts: a Variable holds 5000 characters at most.
+    return hashlib.sha256(json.dumps(row_counts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _undo(settings: pipeline.Settings) -> dict:
@@ -208,6 +225,8 @@ def database_state(entry: dict) -> str:
         with guard.hold(target, "recovery", 0, db.DEFAULT_CONNECT_TIMEOUT):
             _end_orphans(target)
             with db.connect(target) as conn:
+                if entry.get("phase") == "restore":
+                    return _restore_state(entry, revisions.current_label(conn), fingerprint.row_counts(conn))
                 now = revisions.current_label(conn)
             if now not in (start, goal) and entry.get("undo"):
                 return _downgrade_to_start(target, entry, now)
@@ -217,8 +236,26 @@ def database_state(entry: dict) -> str:
         return f"database at {now or 'base'}, its starting revision: nothing was applied"
     if now == goal:
         return f"database at {now}, the target revision: the migration had completed"
+    back, forward = ("db-rollback", "db-migrate") if entry.get("upgrade", True) else ("db-migrate", "db-rollback")
     return (f"database left at {now or 'base'}, between the starting revision {start or 'base'} and the target "
-            f"{goal}: run db-rollback to {start or 'base'}, or db-migrate again to finish")
+            f"{goal}: run {back} to {start or 'base'}, or {forward} again to finish")
+
+
+def _restore_state(entry: dict, now: str | None, row_counts: dict[str, int]) -> str:
+    """Whether the interrupted restore committed, told by the database's revision and row counts
+    against those before it and the backup's (a backup often has the revision of the database now)."""
+    seen = (now, _digest(row_counts))
+    before, restored = (entry["revision_before"], entry["rows_before"]), (entry["target"], entry["rows_backup"])
+    backup, at = entry["backup"], now or "base"
+    if seen == before != restored:
+        return f"the restore did not commit: database as it was (revision {at} and row counts as before the restore)"
+    if seen == restored != before:
+        return f"the restore had committed: database now matches backup {backup} (revision {at} and its row counts)"
+    if seen == before:
+        return (f"database at {at} with the row counts both before the restore and of backup {backup}: these cannot "
+                f"tell whether the restore (all or nothing) committed; run it again if in doubt")
+    return (f"database at {at}, matching by revision and row counts neither its state before the restore nor backup "
+            f"{backup}: check it before running again")
 
 
 def _downgrade_to_start(target: DatabaseTarget, entry: dict, now: str | None) -> str:
@@ -242,13 +279,13 @@ def _downgrade_to_start(target: DatabaseTarget, entry: dict, now: str | None) ->
 
 
 def _end_orphans(target, wait_s: float = 10.0) -> None:
-    """Terminate the dead run's statements, which PostgreSQL would otherwise go on running
-    (holding their locks) until they next write to the vanished client. Called holding the
-    guard: no live migration is running, so every dbmigrate session without it is an orphan."""
+    """Terminate the dead run's statements (its restore's psql too), which PostgreSQL would otherwise
+    go on running (holding their locks) until they next write to the vanished client. Called holding
+    the guard: no live migration or restore is running, so every dbmigrate session without it is an orphan."""
     with db.connect(target) as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT")
         query = text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                     "AND application_name = 'dbmigrate' AND pid <> pg_backend_pid()")
+                     "AND application_name IN ('dbmigrate', 'dbmigrate restore') AND pid <> pg_backend_pid()")
         for pid in conn.execute(query).scalars():
             conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         deadline = time.monotonic() + wait_s

@@ -13,14 +13,15 @@ from prefect.artifacts import create_markdown_artifact
 from dbmigrate import __version__, backup, db, fingerprint, pipeline, policy, restore
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, MigrationFailed, ReportNotWritten
 from dbmigrate.report import DRY_RUN, SUCCEEDED, Report
-from flows import audit
+from flows import audit, recovery
 from flows.migrate import approval_in_ui, ask_in_ui, database_for, ends_failed_on_error, phase_runner, settings_for
 
 
 FLOW = "db-rollback"
 
 
-@flow(name=FLOW, flow_run_name="{environment}-rollback")
+@flow(name=FLOW, flow_run_name="{environment}-rollback",
+      on_crashed=[recovery.on_interrupted], on_cancellation=[recovery.on_interrupted])
 @ends_failed_on_error
 def db_rollback(
     environment: str,
@@ -50,17 +51,19 @@ def db_rollback(
     audit.tag_run(environment)
     rules = policy.load(target.environment)
     settings = settings_for(rules, alembic_config, backup_storage)
-    with audit.one_run_per_environment(environment, rules.guard_wait_s):
+    with (audit.one_run_per_environment(environment, rules.guard_wait_s),
+          recovery.in_flight(environment, target, credentials_block or environment) as journal):
         if to_revision:
-            return _downgrade(target, settings, rules, environment, to_revision, dry_run, requested_by)
-        return _restore(target, settings, rules, environment, backup_id, dry_run, requested_by or getpass.getuser())
+            return _downgrade(target, settings, rules, environment, to_revision, dry_run, requested_by, journal)
+        return _restore(target, settings, rules, environment, backup_id, dry_run, requested_by or getpass.getuser(),
+                        journal)
 
 
-def _downgrade(target, settings, rules, environment, revision, dry_run, requested_by) -> dict:
+def _downgrade(target, settings, rules, environment, revision, dry_run, requested_by, journal) -> dict:
     request = pipeline.Request("downgrade", revision, dry_run=dry_run, backup=True,
                                **({"operator": requested_by} if requested_by else {}))
     hooks = pipeline.Hooks(confirm=approval_in_ui(rules, settings, target, request.operator, upgrade=False),
-                           run_phase=phase_runner(rules))
+                           run_phase=journal.tracking(phase_runner(rules)))
     outcome = pipeline.execute(target, settings, request, hooks)
     audit.publish(outcome, environment, flow=FLOW)
     if outcome.error is not None:
@@ -71,7 +74,7 @@ def _downgrade(target, settings, rules, environment, revision, dry_run, requeste
     return outcome.report.as_dict()
 
 
-def _restore(target, settings, rules, environment, backup_id, dry_run, requested_by) -> dict:
+def _restore(target, settings, rules, environment, backup_id, dry_run, requested_by, journal) -> dict:
     """Restore a backup over the database. Like every schema-changing path it leaves a JSON
     report and a summary artifact, refused, failed or done."""
     report = Report(operation="restore", environment=target.environment, database=target.describe(),
@@ -102,6 +105,7 @@ def _restore(target, settings, rules, environment, backup_id, dry_run, requested
                 raise ConfirmationRefused(f"restore not approved by {approval.approver}: nothing was changed")
             lines += ["", f"Approved by {approval.approver} ({approval.via})."]
             phase = "restore"
+            journal.restoring(now, manifest)
             restored = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout,
                                                    settings.guard_wait_s, settings.dump,
                                                    lock_timeout_s=settings.limits.lock_timeout_s)

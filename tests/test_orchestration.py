@@ -11,6 +11,7 @@ environment's concurrency slot free again within seconds, and a next run that wo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -28,6 +29,8 @@ from tests.prefect_server import (
     wait_until,
 )
 from tests.projects import linear, stock_project
+from tests.test_backups import fill
+from tests.test_restore_safety import IN_COPY, ROWS
 
 SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)
 FREE_WITHIN_S = 10  # how soon the environment's slot must be free again
@@ -80,15 +83,16 @@ def blocks(target):
     return lambda name, **policy: save_environment(target, name, **policy)
 
 
+SLEEP = "op.execute(\"SELECT pg_sleep(coalesce(nullif(current_setting('dbmigrate_test.sleep', true), '')::float, 0))\")"
+
+
 def slow_project(base: Path, transaction_per_migration: bool = False) -> str:
-    """r1 <- r2 <- r3: r3 sleeps in PostgreSQL for the seconds the database's setting
-    dbmigrate_test.sleep says (see go_slow), so the next run goes straight through."""
+    """r1 <- r2 <- r3: r3, up or down, sleeps in PostgreSQL for the seconds the database's
+    setting dbmigrate_test.sleep says (see go_slow), so the next run goes straight through."""
     steps = linear(
         ("op.create_table('t1', sa.Column('id', sa.Integer))", "op.drop_table('t1')"),
         ("op.create_table('t2', sa.Column('id', sa.Integer))", "op.drop_table('t2')"),
-        (("op.execute(\"SELECT pg_sleep(coalesce(nullif(current_setting('dbmigrate_test.sleep', true), '')"
-          "::float, 0))\"); op.create_table('t3', sa.Column('id', sa.Integer))"),
-         "op.drop_table('t3')"),
+        (f"{SLEEP}; op.create_table('t3', sa.Column('id', sa.Integer))", f"{SLEEP}; op.drop_table('t3')"),
     )
     return str(stock_project(base, steps, transaction_per_migration))
 
@@ -114,11 +118,11 @@ def execute(url: str, sql: str) -> None:
         conn.execute(sql)
 
 
-def start_run(server, environment: str, ini: str, **params) -> str:
+def start_run(server, environment: str, ini: str, flow: str = "db-migrate", **params) -> str:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(f"db-migrate/{environment}")
+        deployment = client.read_deployment_by_name(f"{flow}/{environment}")
         run = client.create_flow_run_from_deployment(
             deployment.id, parameters={"environment": environment, "alembic_config": ini, **params})
     return str(run.id)
@@ -134,12 +138,17 @@ def flow_run(run_id: str):
 wait_for = wait_until
 
 
+def backend(pg_cluster, database: str, condition: str) -> int | None:
+    """A backend of ``database`` matching ``condition`` (SQL over pg_stat_activity), once there is one."""
+    with pg_cluster.admin() as conn:
+        row = conn.execute(f"SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
+                           f"AND {condition}", (database,)).fetchone()
+    return row and row[0]
+
+
 def sleeping_backend(pg_cluster, database: str) -> int | None:
     """The backend running the slow revision's pg_sleep, once it is running."""
-    with pg_cluster.admin() as conn:
-        row = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND query LIKE %s "
-                           "AND pid <> pg_backend_pid()", (database, "%pg_sleep%")).fetchone()
-    return row and row[0]
+    return backend(pg_cluster, database, "query LIKE '%%pg_sleep%%'")
 
 
 def final(run_id: str, timeout: float = 90):
@@ -369,4 +378,59 @@ def test_sigkill_between_revisions_with_a_transaction_per_revision(auto_rollback
     else:
         assert run.state.message.endswith(": run db-rollback to r1, or db-migrate again to finish.")
         assert fingerprint_of(target).revisions == ("r2",)
+    next_run_completes(server, environment, ini, url)
+
+
+def feeding(worker: Worker, tool: str) -> int:
+    """The flow-run process whose child ``tool`` (psql, pg_restore) is."""
+    import psutil
+
+    [child] = [p for p in psutil.Process(worker.process.pid).children(recursive=True) if p.name() == tool]
+    return child.ppid()
+
+
+def test_db_rollback_sigkilled_mid_restore(server, worker, blocks, pg_cluster, db_name, target, tmp_path, cli, url):
+    """A restore by backup id whose flow-run process is SIGKILLed while psql replays the data:
+    the restore commits nothing, and the final state says so, told by the row counts (the
+    backup has the revision the database has now)."""
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url, slow_s=0)
+    fill(pg_cluster, target, ROWS)
+    storage = str(tmp_path / "backups")
+    taken = cli("backup", "--json", "--env", environment, "--storage", storage,
+                env={"PREFECT_API_URL": server.api_url})
+    assert taken.returncode == 0, taken.stderr
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("DELETE FROM payload WHERE id % 3 = 0")
+        conn.execute("CREATE TABLE added_later (id int)")
+    before = fingerprint_of(target)
+    run_id = start_run(server, environment, ini, flow="db-rollback", backup_id=json.loads(taken.stdout)["id"],
+                       dry_run=False, backup_storage=storage)
+    wait_for(lambda: backend(pg_cluster, db_name, IN_COPY), 120, "the restore's COPY", 0.05)
+    os.kill(feeding(worker, "psql"), signal.SIGKILL)
+
+    run = ended(run_id, time.monotonic(), "SIGKILL of a db-rollback mid-restore")
+    assert fingerprint_of(target) == before
+    assert run.state.is_crashed(), run.state
+    assert ("during the restore: the restore did not commit: database as it was (revision r1 and row counts as "
+            "before the restore)") in run.state.message, run_log(run_id)
+    next_run_completes(server, environment, ini, url)
+
+
+def test_db_rollback_cancelled_from_the_ui_mid_downgrade(server, worker, blocks, pg_cluster, db_name, target,
+                                                        tmp_path, cli, url):
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url, slow_s=0)
+    assert cli("upgrade", "-r", "r3", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    go_slow(url, SLOW_S)
+    before = fingerprint_of(target)
+    run_id = start_run(server, environment, ini, flow="db-rollback", to_revision="r1", dry_run=False)
+    wait_for(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow downgrade to start")
+    prefect(server, "flow-run", "cancel", run_id, cwd=REPO)
+
+    run = ended(run_id, time.monotonic(), "db-rollback cancelled mid-downgrade")
+    assert fingerprint_of(target) == before
+    assert run.state.is_cancelled(), run.state
+    says = "during the migration: database at r3, its starting revision: nothing was applied"
+    wait_until(lambda: says in (flow_run(run_id).state.message or ""), 10, f"the final message to say '{says}'")
     next_run_completes(server, environment, ini, url)
