@@ -180,15 +180,17 @@ def slot_free_after(environment: str, timeout: float = 360) -> float:
     return time.monotonic() - start
 
 
-def ended(run_id: str, since: float, what: str):
-    """The run's final state, once the slot is free again; asserts how soon, prints the figures."""
+def ended(run_id: str, since: float, what: str, still_running_s: float = 0):
+    """The run's final state, once the slot is free again; asserts how soon, prints the figures.
+    ``still_running_s``: how long the run may legitimately go on after ``since`` (it still holds
+    the slot then, as it should)."""
     run = final(run_id)
     final_after = time.monotonic() - since
     held = slot_free_after(run.parameters["environment"], FREE_WITHIN_S + 20)
     run = flow_run(run_id)  # the worker's hook ends it with what happened to the database, then frees the slot
     print(f"\n{what}: final state after {final_after:.1f}s, slot free {held:.1f}s later; "
           f"{run.state.name}: {run.state.message}")
-    assert final_after + held < FREE_WITHIN_S, f"the slot stayed held {final_after + held:.0f}s"
+    assert final_after + held < FREE_WITHIN_S + still_running_s, f"the slot stayed held {final_after + held:.0f}s"
     return run
 
 
@@ -299,7 +301,9 @@ def test_server_down_for_half_a_minute_mid_run(server, worker, blocks, pg_cluste
     server.start()
     back = time.monotonic()
 
-    run = ended(run_id, back, "the server down for 30s")
+    # The revision still sleeps ~10 s, and the run's Prefect client reconnects with backoff
+    # (seen: up to ~70 s before the run reports Completed); the slot must be free once it has.
+    run = ended(run_id, back, "the server down for 30s", still_running_s=120)
     assert run.state.is_completed(), f"{run.state}\n{run_log(run_id)}"
     assert fingerprint_of(target).revisions == ("r3",)
     next_run_completes(server, environment, ini, url)
