@@ -447,7 +447,8 @@ def _summary(report) -> str:
         return f"succeeded: {before} -> {report.revision_after or 'base'}"
     if report.error["phase"] in ("migrate", "validate"):
         unknown = any(w.startswith(pipeline.KEPT_UNKNOWN) for w in report.warnings)
-        return f"failed in {report.error['phase']}: database at {'an unknown revision' if unknown else report.revision_after or 'base'}"
+        at = "an unknown revision" if unknown else report.revision_after or "base"
+        return f"failed in {report.error['phase']}: database at {at}"
     return f"failed in {report.error['phase']}: nothing was changed"
 
 
