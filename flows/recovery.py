@@ -45,7 +45,7 @@ from sqlalchemy import text
 from dbmigrate import db, fingerprint, guard, migrate, pipeline, revisions
 from dbmigrate.backup import Manifest
 from dbmigrate.environments import load_credentials
-from dbmigrate.errors import ConnectionFailed, DbMigrateError
+from dbmigrate.errors import ConnectionFailed, DbMigrateError, first_line
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.target import DatabaseTarget
 
@@ -271,7 +271,7 @@ def _downgrade_to_start(target: DatabaseTarget, entry: dict, now: str | None) ->
         with db.connect(target) as conn:
             after = revisions.current_label(conn)
     except Exception as exc:  # a downgrade runs the project's code: any failure is reported, not raised
-        reason = target.redact(str(getattr(exc, "orig", None) or exc).strip().splitlines()[0])
+        reason = target.redact(first_line(exc))
         return f"{left}; the automatic rollback failed ({reason}): run db-rollback to {start or 'base'}"
     if after != start:
         return f"{left}; the automatic rollback ended at {after or 'base'}: run db-rollback to {start or 'base'}"

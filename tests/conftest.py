@@ -31,9 +31,8 @@ def assert_no_canary(text: str, where: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_cluster(tmp_path_factory):
-    cluster = pgcluster.create(tmp_path_factory.mktemp("pg"))
-    yield cluster
-    cluster.stop()
+    with pgcluster.running(tmp_path_factory.mktemp("pg")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -12,8 +12,10 @@ import socket
 import subprocess
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import psycopg
 from sqlalchemy.engine import URL
@@ -95,6 +97,16 @@ def create(base: Path) -> PgCluster:
     cluster = PgCluster(data_dir, server.bin_path, free_port(), server.system_user)
     cluster.start()
     return cluster
+
+
+@contextmanager
+def running(base: Path) -> Iterator[PgCluster]:
+    """A cluster created under ``base``, stopped when done."""
+    cluster = create(base)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def environ_without_db() -> dict[str, str]:

@@ -290,16 +290,21 @@ def test_cancelled_from_the_ui_mid_migration(server, worker, blocks, pg_cluster,
     next_run_completes(server, environment, ini, url)
 
 
+def restarted(server: PrefectServer, down_s: float) -> float:
+    """Stop the Prefect server, keep it down ``down_s`` seconds, start it; returns when it was back."""
+    server.stop()
+    time.sleep(down_s)
+    server.start()
+    return time.monotonic()
+
+
 def test_server_down_for_half_a_minute_mid_run(server, worker, blocks, pg_cluster, db_name, target, tmp_path, cli,
                                                url):
     """The migration goes on while the API is away; the run then completes and frees the slot."""
     environment = blocks("staging")
     ini = at_r1(tmp_path, cli, url, slow_s=40)
     run_id = migrating(server, pg_cluster, db_name, environment, ini)
-    server.stop()
-    time.sleep(30)
-    server.start()
-    back = time.monotonic()
+    back = restarted(server, down_s=30)
 
     # The revision still sleeps ~10 s, and the run's Prefect client reconnects with backoff
     # (seen: up to ~70 s before the run reports Completed); the slot must be free once it has.
@@ -318,11 +323,9 @@ def test_server_with_in_memory_leases_restarted_mid_run(blocks, pg_cluster, db_n
         environment = blocks("staging")
         ini = at_r1(tmp_path, cli, url, slow_s=15)
         run_id = migrating(memory, pg_cluster, db_name, environment, ini)
-        memory.stop()
-        time.sleep(3)
-        memory.start()
+        back = restarted(memory, down_s=3)
 
-        run = ended(run_id, time.monotonic(), "an in-memory-lease server restarted mid-run")
+        run = ended(run_id, back, "an in-memory-lease server restarted mid-run")
         assert run.state.is_completed(), f"{run.state}\n{run_log(run_id)}"
         next_run_completes(memory, environment, ini, url)
 

@@ -137,9 +137,8 @@ def test_rollback_refuses_a_start_at_several_revisions(cli, url, target, home):
 @pytest.fixture(scope="module")
 def own_cluster(tmp_path_factory):
     """A cluster of this module's own: these tests kill it."""
-    cluster = pgcluster.create(tmp_path_factory.mktemp("killed-pg"))
-    yield cluster
-    cluster.stop()
+    with pgcluster.running(tmp_path_factory.mktemp("killed-pg")) as cluster:
+        yield cluster
 
 
 @pytest.fixture
