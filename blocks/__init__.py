@@ -1,4 +1,5 @@
-"""Prefect blocks for dbmigrate, one block per concept.
+"""Prefect blocks for dbmigrate, one block per concept, and loading them as the plain
+objects dbmigrate works with (:func:`load_target`, :func:`load_policy`).
 
 Register the block types with ``prefect block register -m blocks``; then create one
 ``DatabaseCredentials`` document per environment (development, staging, production)
@@ -10,10 +11,13 @@ environment, and a deployment for one environment refuses another's database.
 from typing import Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from sqlalchemy.engine import URL
 
-from dbmigrate.target import DRIVER
+from dbmigrate import policy
+from dbmigrate.errors import ConfigError
+from dbmigrate.policy import Policy
+from dbmigrate.target import DRIVER, DatabaseTarget
 
 # Environment names become tags, artifact keys, concurrency-limit names and backup paths.
 ENVIRONMENT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -89,4 +93,33 @@ class EnvironmentPolicy(Block):
                     "off, they run only through the db-migrate deployment.")
 
 
-__all__ = ["DatabaseCredentials", "EnvironmentPolicy"]
+def load_target(name: str) -> DatabaseTarget:
+    """The database of the DatabaseCredentials block named ``name``, in the environment the
+    block records (by default its name): that environment's policy applies to it."""
+    try:
+        block = DatabaseCredentials.load(name)
+    except ValueError:
+        raise ConfigError(
+            f"no DatabaseCredentials block named '{name}' (create one, see README 'Environments')"
+        ) from None
+    except Exception as exc:
+        if isinstance(exc.__cause__, ValidationError):  # Prefect wraps a document that does not validate
+            error = exc.__cause__.errors()[0]
+            field = ".".join(str(part) for part in error["loc"])
+            raise ConfigError(f"DatabaseCredentials block '{name}' is invalid: {field}: {error['msg']}") from None
+        # the API is down or unreachable: say so, in one line
+        raise ConfigError(f"cannot load block '{name}' from the Prefect API: {type(exc).__name__}: {exc}") from None
+    return DatabaseTarget(block.url(), block.environment or name)
+
+
+def load_policy(environment: str) -> Policy:
+    """The environment's default policy with the EnvironmentPolicy block of that name applied."""
+    try:
+        block = EnvironmentPolicy.load(environment)
+    except ValueError:  # no block of that name: the defaults
+        return policy.for_environment(environment)
+    overrides = {k: getattr(block, k) for k in Policy.__dataclass_fields__ if getattr(block, k) is not None}
+    return policy.for_environment(environment, **overrides)
+
+
+__all__ = ["DatabaseCredentials", "EnvironmentPolicy", "load_policy", "load_target"]

@@ -26,7 +26,7 @@ from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, R
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED
-from dbmigrate.target import DatabaseTarget, resolve
+from dbmigrate.target import DatabaseTarget, parse_url
 
 EPILOG = """\
 Which database: --url or DATABASE_URL; else --env NAME (a Prefect DatabaseCredentials
@@ -248,6 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve(url: str | None, env: str | None, home: Path) -> DatabaseTarget:
+    """Which database a command works on, the same order for every command: ``--url`` or
+    DATABASE_URL; ``--env NAME`` (the DatabaseCredentials block NAME); else the embedded
+    local database under ``home``. Explicit sources must not conflict: a stray DATABASE_URL
+    silently overriding ``--env production`` would be dangerous."""
+    if url and env:
+        raise ConfigError("give either --url or --env, not both")
+    env_url = os.environ.get("DATABASE_URL")
+    if env and env_url and not url:
+        raise ConfigError(f"--env {env} was given but DATABASE_URL is also set: unset one of them")
+    if url or env_url:
+        return parse_url(url or env_url, os.environ.get("DBMIGRATE_ENVIRONMENT", "url"))
+    if env:
+        from blocks import load_target  # imports Prefect: only on this path
+
+        return load_target(env)
+    return local.target(home)
+
+
 def _print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -346,10 +365,10 @@ def _policy(args, target: DatabaseTarget) -> Policy | None:
     """With --env the environment's policy applies on the command line too."""
     if not args.env:
         return None
-    from dbmigrate import policy  # policy.load imports Prefect: only on the --env path
+    from blocks import load_policy  # imports Prefect: only on the --env path
 
     try:
-        return policy.load(target.environment)
+        return load_policy(target.environment)
     except Exception as exc:  # the API went away since the credentials loaded: say so, in one line
         raise ConfigError(f"cannot load the policy of '{target.environment}' from the Prefect API: "
                           f"{type(exc).__name__}: {exc}") from None

@@ -5,7 +5,8 @@ Prefect UI, nothing rolls back on its own (an operator decides), and its schema
 changes only through the db-migrate deployment, never from the command line, so
 the Prefect run history stays the one audit trail. Development and staging roll
 back automatically on failure. Any other environment name gets the production
-rules: an unknown environment is treated as one that matters.
+rules: an unknown environment is treated as one that matters. An EnvironmentPolicy
+block overrides these defaults (``blocks.load_policy``).
 """
 
 from __future__ import annotations
@@ -46,16 +47,3 @@ def for_environment(name: str, **overrides) -> Policy:
     if unknown:
         raise ConfigError(f"unknown policy setting(s): {', '.join(sorted(unknown))}")
     return replace(base, **overrides)
-
-
-def load(environment: str) -> Policy:
-    """The environment's default policy with the EnvironmentPolicy block of that name applied.
-    Imports Prefect: only the flows and the CLI's ``--env`` path call it."""
-    from blocks import EnvironmentPolicy
-
-    try:
-        block = EnvironmentPolicy.load(environment)
-    except ValueError:  # no block of that name: the defaults
-        return for_environment(environment)
-    overrides = {k: getattr(block, k) for k in Policy.__dataclass_fields__ if getattr(block, k) is not None}
-    return for_environment(environment, **overrides)

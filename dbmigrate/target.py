@@ -1,9 +1,7 @@
-"""Which database a command works on, and how to reach it without leaking the password.
+"""A database and how to reach it without leaking the password.
 
-Resolution order, the same for every command:
-  1. ``--url`` or ``DATABASE_URL``;
-  2. ``--env NAME``: the Prefect ``DatabaseCredentials`` block named NAME;
-  3. the embedded local database under ``.dbmigrate/``.
+A leaf module: it imports nothing else of dbmigrate but its errors. Which database a
+command works on is decided where it is used (``dbmigrate.cli.resolve``, the flows).
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -122,22 +119,3 @@ def parse_url(raw: str, environment: str = "url") -> DatabaseTarget:
         url = url.difference_update_query(["password"]).set(
             password=password[-1] if isinstance(password, tuple) else password)
     return DatabaseTarget(url.set(drivername=DRIVER), environment)
-
-
-def resolve(url: str | None, env: str | None, home: Path) -> DatabaseTarget:
-    """Apply the resolution order. Explicit sources must not conflict: a stray
-    DATABASE_URL silently overriding ``--env production`` would be dangerous."""
-    if url and env:
-        raise ConfigError("give either --url or --env, not both")
-    env_url = os.environ.get("DATABASE_URL")
-    if env and env_url and not url:
-        raise ConfigError(f"--env {env} was given but DATABASE_URL is also set: unset one of them")
-    if url or env_url:
-        return parse_url(url or env_url, os.environ.get("DBMIGRATE_ENVIRONMENT", "url"))
-    if env:
-        from dbmigrate.environments import load_credentials  # imports Prefect: only on this path
-
-        return load_credentials(env)
-    from dbmigrate import local
-
-    return local.target(home)

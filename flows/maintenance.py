@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from dbmigrate import backup, db, drift, health, policy, revisions
+from blocks import load_policy
+from dbmigrate import backup, db, drift, health, revisions
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import MigrationFailed
 from flows import audit
@@ -35,7 +36,7 @@ def db_health(environment: str, credentials_block: str | None = None, alembic_co
     """
     target = database_for(environment, credentials_block)
     audit.tag_run(environment)
-    rules = policy.load(target.environment)
+    rules = load_policy(target.environment)
     settings = settings_for(rules, alembic_config, None)
     run = phase_runner(rules)
     project = settings.project(target)
@@ -73,7 +74,7 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
     """
     target = database_for(environment, credentials_block)
     audit.tag_run(environment)
-    rules = policy.load(target.environment)
+    rules = load_policy(target.environment)
     settings = settings_for(rules, None, backup_storage)
     storage = settings.storage()
     with db.connect(target, settings.connect_timeout) as conn:

@@ -22,8 +22,8 @@ from prefect.input import RunInput
 from prefect.states import Failed
 from pydantic import Field
 
-from dbmigrate import migrate, pipeline, policy, rollback
-from dbmigrate.environments import load_credentials
+from blocks import load_policy, load_target
+from dbmigrate import migrate, pipeline, rollback
 from dbmigrate.errors import (
     ConfigError,
     ConfirmationRefused,
@@ -129,7 +129,7 @@ def database_for(environment: str, credentials_block: str | None) -> DatabaseTar
     and concurrency limit follow the environment the credentials block records, so a block
     of another environment is refused before anything is touched."""
     name = credentials_block or environment
-    target = load_credentials(name)
+    target = load_target(name)
     for claimed in (audit.deployed_environment() or environment, environment):
         if target.environment != claimed:
             raise ConfigError(f"deployment for {claimed} refuses the {target.environment} database (block '{name}')")
@@ -180,7 +180,7 @@ def db_migrate(
     """
     logger = get_run_logger()
     target = database_for(environment, credentials_block)
-    rules = policy.load(target.environment)
+    rules = load_policy(target.environment)
     if not dry_run:
         rules.check(backup)
     audit.tag_run(environment)

@@ -42,9 +42,9 @@ from prefect.states import Cancelled, Crashed
 from prefect.variables import Variable
 from sqlalchemy import text
 
+from blocks import load_target
 from dbmigrate import db, fingerprint, guard, migrate, pipeline, revisions
 from dbmigrate.backup import Manifest
-from dbmigrate.environments import load_credentials
 from dbmigrate.errors import ConnectionFailed, DbMigrateError, first_line
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.target import DatabaseTarget
@@ -221,7 +221,7 @@ def database_state(entry: dict) -> str:
     if entry.get("phase") in ("holding", "planned"):
         return f"the database was not changed (interrupted before migrating, at {start or 'its starting revision'})"
     try:
-        target = load_credentials(entry["credentials_block"])
+        target = load_target(entry["credentials_block"])
         with guard.hold(target, "recovery", 0, db.DEFAULT_CONNECT_TIMEOUT):
             _end_orphans(target)
             with db.connect(target) as conn:
@@ -359,7 +359,7 @@ def _gone(entry: dict) -> bool:
     if not entry.get("present"):
         return False
     try:
-        with db.connect(load_credentials(entry["credentials_block"])) as conn:
+        with db.connect(load_target(entry["credentials_block"])) as conn:
             return conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
                                 {"name": presence_name(entry["flow_run"])}).scalar_one() == 0
     except DbMigrateError:

@@ -10,7 +10,8 @@ import getpass
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from dbmigrate import __version__, backup, db, fingerprint, pipeline, policy, restore
+from blocks import load_policy
+from dbmigrate import __version__, backup, db, fingerprint, pipeline, restore
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, MigrationFailed, ReportNotWritten
 from dbmigrate.report import DRY_RUN, SUCCEEDED, Report
 from flows import audit, recovery
@@ -49,7 +50,7 @@ def db_rollback(
         raise ConfigError("give exactly one of to_revision and backup_id")
     target = database_for(environment, credentials_block)
     audit.tag_run(environment)
-    rules = policy.load(target.environment)
+    rules = load_policy(target.environment)
     settings = settings_for(rules, alembic_config, backup_storage)
     with (audit.one_run_per_environment(environment, rules.guard_wait_s),
           recovery.in_flight(environment, target, credentials_block or environment) as journal):
