@@ -21,11 +21,12 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dbmigrate import __version__, backup, db, health, local, pipeline, restore, revisions
+from dbmigrate import __version__, backup, db, health, local, phases, pipeline, restore, revisions
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED
+from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget, parse_url
 
 EPILOG = """\
@@ -118,7 +119,6 @@ def _common() -> argparse.ArgumentParser:
     where.add_argument(
         "--home",
         type=Path,
-        default=Path(os.environ.get("DBMIGRATE_HOME", ".dbmigrate")),
         help="state directory: embedded database, backups, reports (default: DBMIGRATE_HOME or .dbmigrate)",
     )
     where.add_argument(
@@ -132,7 +132,6 @@ def _common() -> argparse.ArgumentParser:
     where.add_argument(
         "--storage",
         metavar="SPEC",
-        default=os.environ.get("DBMIGRATE_BACKUP_STORAGE"),
         help="where backups go: a directory; s3://BUCKET[/FOLDER] with boto3's credentials (AWS_* variables, "
         "AWS_ENDPOINT_URL); or s3-bucket/BLOCK for a prefect-aws S3Bucket block "
         "(default: DBMIGRATE_BACKUP_STORAGE or <home>/backups)",
@@ -244,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("status", "is it running, where, and its URL (no password: trust over a socket)"),
                        ("stop", "stop it")):
         action = local_sub.add_parser(name, help=text, description=text)
-        action.add_argument("--home", type=Path, default=Path(os.environ.get("DBMIGRATE_HOME", ".dbmigrate")))
+        action.add_argument("--home", type=Path, help="state directory (default: DBMIGRATE_HOME or .dbmigrate)")
     return parser
 
 
@@ -271,7 +270,8 @@ def _print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _settings(args) -> pipeline.Settings:
+def _settings(args) -> Settings:
+    """The settings of this command: its options, and the environment's defaults where they are not given."""
     limits = SessionLimits(
         getattr(args, "lock_timeout", SessionLimits.lock_timeout_s),
         getattr(args, "statement_timeout", SessionLimits.statement_timeout_s),
@@ -281,7 +281,7 @@ def _settings(args) -> pipeline.Settings:
         verify_restore=getattr(args, "verify_restore", False),
         jobs=getattr(args, "jobs", 1) if args.command != "restore" else 1,
     )
-    return pipeline.Settings(
+    return Settings.from_env(
         home=args.home,
         alembic_config=args.alembic_config,
         connect_timeout=args.timeout,
@@ -292,7 +292,7 @@ def _settings(args) -> pipeline.Settings:
     )
 
 
-def cmd_health(args, target: DatabaseTarget, settings: pipeline.Settings) -> int:
+def cmd_health(args, target: DatabaseTarget, settings: Settings) -> int:
     project = settings.project(target)
     checks = health.run(target, project, settings.backup_dir, settings.connect_timeout)
     overall = "fail" if not health.passed(checks) else ("warn" if any(c.status == "warn" for c in checks) else "ok")
@@ -306,13 +306,12 @@ def cmd_health(args, target: DatabaseTarget, settings: pipeline.Settings) -> int
     return 0 if overall != "fail" else 1
 
 
-def _state(target: DatabaseTarget, settings: pipeline.Settings) -> dict:
+def _state(target: DatabaseTarget, settings: Settings) -> dict:
     project = settings.project(target)
     with db.connect(target, settings.connect_timeout) as conn:
         current = revisions.current_revisions(conn)
     project.require_one_row(current)  # else Alembic's planning says "overlaps", not what the table holds
-    if unknown := project.check_known(current):
-        raise DbMigrateError(f"the database is at revision {', '.join(unknown)}, which the migration scripts do not know")
+    project.require_known(current)
     heads = project.heads
     pending = project.plan_upgrade(current, "heads")
     return {
@@ -424,7 +423,7 @@ def cmd_migrate(args, target, settings) -> int:
         json_report=args.json_report,
     )
 
-    def confirm(plan: pipeline.Plan) -> pipeline.Approval:
+    def confirm(plan: phases.Plan) -> pipeline.Approval:
         steps = "".join(f"\n  {step.revision}  {step.message}" for step in plan.steps)
         return _approve(args, rules, target.environment, args.command,
                         f"{args.command} {target.where} ({target.environment}) from {plan.revision_before or 'base'}:"
@@ -465,7 +464,7 @@ def _summary(report) -> str:
     if report.status == SUCCEEDED:
         return f"succeeded: {before} -> {report.revision_after or 'base'}"
     if report.error["phase"] in ("migrate", "validate"):
-        unknown = any(w.startswith(pipeline.KEPT_UNKNOWN) for w in report.warnings)
+        unknown = any(w.startswith(phases.KEPT_UNKNOWN) for w in report.warnings)
         at = "an unknown revision" if unknown else report.revision_after or "base"
         return f"failed in {report.error['phase']}: database at {at}"
     return f"failed in {report.error['phase']}: nothing was changed"
@@ -591,7 +590,7 @@ def cmd_restore(args, target, settings) -> int:
 def cmd_generate(args, settings) -> int:
     from alembic import command
 
-    target = resolve(args.url, args.env, args.home) if args.autogenerate else None
+    target = resolve(args.url, args.env, settings.home) if args.autogenerate else None
     project = settings.project(target)
     # Alembic prints "Generating <path> ... done" itself.
     command.revision(project.config, message=args.message, autogenerate=args.autogenerate, rev_id=args.rev_id)
@@ -599,15 +598,16 @@ def cmd_generate(args, settings) -> int:
 
 
 def cmd_local(args) -> int:
+    home = Settings.from_env(home=args.home).home
     if args.local_command == "start":
-        server = local.start(args.home)
+        server = local.start(home)
         print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url()}")
     elif args.local_command == "stop":
-        print("stopped" if local.stop(args.home) else "not running")
+        print("stopped" if local.stop(home) else "not running")
     else:
-        server = local.running(args.home)
+        server = local.running(home)
         if server is None:
-            print(f"not running (data directory {local.data_dir(args.home)})")
+            print(f"not running (data directory {local.data_dir(home)})")
             return 1
         print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url()}")
     return 0
@@ -623,7 +623,7 @@ def run(args) -> int:
         return cmd_generate(args, settings)
     if args.env:  # Prefect's event worker says "Still processing items" on stderr as it flushes at exit
         logging.getLogger("EventsWorker").setLevel(logging.ERROR)
-    target = resolve(args.url, args.env, args.home)
+    target = resolve(args.url, args.env, settings.home)
     handler = {"health": cmd_health, "status": cmd_status, "check": cmd_check, "upgrade": cmd_migrate,
                "downgrade": cmd_migrate, "backup": cmd_backup, "backups": cmd_backups,
                "restore": cmd_restore}[args.command]

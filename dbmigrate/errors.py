@@ -47,6 +47,10 @@ class VersionTableAmbiguous(RevisionError):
     """alembic_version holds several rows: no changing command runs until a human fixes it."""
 
 
+class UnknownRevision(RevisionError):
+    """The database is at a revision the migration scripts do not know: nothing can be planned from it."""
+
+
 class GuardBusy(DbMigrateError):
     """Another migration holds the per-database guard."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbmigrate import db, revisions
-from dbmigrate.errors import DbMigrateError, VersionTableAmbiguous
+from dbmigrate.errors import DbMigrateError, UnknownRevision, VersionTableAmbiguous
 from dbmigrate.revisions import Project
 from dbmigrate.target import DatabaseTarget
 
@@ -89,9 +89,8 @@ def check_version_table(project: Project, has_table: bool, current: tuple[str, .
         check.detail = "no alembic_version table: first-time migration"
     elif problem := project.several_rows_problem(current):
         check.status, check.detail, check.refusal = FAIL, problem, VersionTableAmbiguous(problem)
-    elif unknown := project.check_known(current):
-        check.status = FAIL
-        check.detail = f"database is at revision {', '.join(unknown)}, which the migration scripts do not know"
+    elif unknown := _unknown_revision(project, current):
+        check.status, check.detail, check.refusal = FAIL, str(unknown), unknown
     elif not current:
         check.detail = "alembic_version table is empty: database is at base"
     else:
@@ -100,6 +99,14 @@ def check_version_table(project: Project, has_table: bool, current: tuple[str, .
         check.status = WARN
         check.detail += f"; the scripts have {len(heads)} heads ({', '.join(heads)}): 'head' is ambiguous"
     return check
+
+
+def _unknown_revision(project: Project, current: tuple[str, ...]) -> UnknownRevision | None:
+    try:
+        project.require_known(current)
+    except UnknownRevision as exc:
+        return exc
+    return None
 
 
 def check_pending(project: Project, current: tuple[str, ...], target: str) -> Check:

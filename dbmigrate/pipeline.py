@@ -1,69 +1,45 @@
-"""One run of the pipeline: health checks -> plan -> backup -> migrate -> validate -> report.
+"""One run of the pipeline: load -> health checks -> plan -> approval -> guard -> backup ->
+migrate -> validate -> report, and the automatic rollback when migrate or validate fails.
 
-Each phase is a plain function over a few objects, so the command line calls
-:func:`execute` and the Prefect flow wraps the same phases as tasks.
+:func:`execute` is that sequence, read top to bottom. :class:`Run` owns what its steps
+share: the report, the phase the run is in, whether the database may have been changed,
+and the guard. Every step goes through ``hooks.run_phase`` under its phase name: the
+command line calls the step's function as it is, the Prefect flow runs it as a task
+named after the phase (see :class:`Hooks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import getpass
-import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol, Self, TypeVar
 
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-
-from dbmigrate import __version__, backup, db, fingerprint, guard, health, migrate, revisions
+from dbmigrate import __version__, backup, db, fingerprint, guard, health, migrate, phases
+from dbmigrate.auto_rollback import AutoRollbackResult
+from dbmigrate.backup import Manifest
 from dbmigrate.errors import (
     ConfirmationRefused,
-    ConnectionLost,
     DbMigrateError,
     MigrationFailed,
     ReportNotWritten,
-    RevisionError,
     StepFailed,
-    first_line,
 )
-from dbmigrate.backup import DumpOptions, ProgressFn
-from dbmigrate.health import FAIL, OK, Check
-from dbmigrate.migrate import AppliedStep, SessionLimits
-from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Report
-from dbmigrate.revisions import PlannedStep, Project
 from dbmigrate.fingerprint import Fingerprint
-from dbmigrate.storage import LocalStorage, Storage, local_directory, open_storage
+from dbmigrate.health import FAIL
+from dbmigrate.phases import KEPT_UNKNOWN, Plan
+from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Report
+from dbmigrate.revisions import Project
+from dbmigrate.settings import Settings
+from dbmigrate.storage import LocalStorage, Storage
 from dbmigrate.target import DatabaseTarget
 
+T = TypeVar("T")
 
-@dataclass(frozen=True)
-class Settings:
-    """Where state lives and how long to wait; the same for every command."""
-
-    home: Path
-    alembic_config: str | None = None
-    connect_timeout: float = db.DEFAULT_CONNECT_TIMEOUT
-    guard_wait_s: float = 0.0
-    limits: SessionLimits = field(default_factory=SessionLimits)
-    storage_spec: str | None = None  # None: <home>/backups; a directory; or s3-bucket/BLOCK
-    dump: DumpOptions = field(default_factory=DumpOptions)
-    project_logging: bool = True  # let the project's env.py configure logging (see revisions.load)
-
-    @property
-    def backup_dir(self) -> Path | None:
-        """The local directory backups go to; None when they go to S3."""
-        return local_directory(self.storage_spec, self.home)
-
-    def storage(self) -> Storage:
-        return open_storage(self.storage_spec, self.home)
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.home / "reports"
-
-    def project(self, target: DatabaseTarget | None = None) -> Project:
-        return revisions.load(self.alembic_config, target, self.connect_timeout, self.project_logging)
+# The steps after which the database may no longer be as the run found it.
+CHANGING_PHASES = ("migrate",)
 
 
 @dataclass(frozen=True)
@@ -82,17 +58,6 @@ class Request:
         return self.operation == "upgrade"
 
 
-@dataclass(frozen=True)
-class Plan:
-    current: tuple[str, ...]
-    target: str
-    steps: list[PlannedStep]
-
-    @property
-    def revision_before(self) -> str | None:
-        return ",".join(self.current) or None
-
-
 @dataclass
 class Outcome:
     report: Report
@@ -100,108 +65,6 @@ class Outcome:
     error: DbMigrateError | None = None
     sql: str | None = None
     report_error: ReportNotWritten | None = None
-
-
-def preflight(target: DatabaseTarget, project: Project, settings: Settings, revision: str) -> list[Check]:
-    """Health checks; raises the refusal of a failed check that has one (ConnectionFailed
-    when the database cannot be reached), else MigrationFailed naming every failed check."""
-    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout, revision)
-    failed = [c for c in checks if c.status == FAIL]
-    # Unreachable: the same error (type, so a flow retries it, and exit code) as every other command.
-    if refusal := next((c.refusal for c in failed if c.refusal), None):
-        raise refusal
-    if failed:
-        raise MigrationFailed("health checks failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
-    return checks
-
-
-def plan(target: DatabaseTarget, project: Project, settings: Settings, request: Request) -> Plan:
-    """Read the database's revision and work out the steps; touches nothing."""
-    resolved = project.resolve(request.revision)
-    with db.connect(target, settings.connect_timeout) as conn:
-        current = revisions.current_revisions(conn)
-    project.require_one_row(current)
-    if unknown := project.check_known(current):
-        raise RevisionError(f"the database is at revision {', '.join(unknown)}, which the migration scripts do not know")
-    if request.upgrade:
-        steps = project.plan_upgrade(current, resolved)
-    else:
-        steps = project.plan_downgrade(current, resolved)
-    return Plan(current, resolved, steps)
-
-
-def expected_revisions(project: Project, plan: Plan, upgrade: bool) -> set[str]:
-    """The revision(s) the database must be at once the plan has run."""
-    if not plan.steps:
-        return set(plan.current)
-    last = project.script.get_revision(plan.steps[-1].revision)
-    if upgrade:
-        return set(project.heads) if plan.target == "heads" else {last.revision}
-    below = last.down_revision
-    return set(below) if isinstance(below, tuple) else ({below} if below else set())
-
-
-KEPT_UNKNOWN = "could not read which revisions the database kept: run `dbmigrate status`"
-
-
-def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan, upgrade: bool) -> list[AppliedStep]:
-    """Run the plan. On failure, raises MigrationFailed; the steps reported as
-    applied are only those the database really kept (see :func:`kept_steps`)."""
-    ran: list[AppliedStep] = []
-    try:
-        migrate.run(project, plan.target, upgrade=upgrade, limits=settings.limits, on_step=ran.append)
-    except Exception as exc:
-        line = str(ConnectionLost(target.where)) if getattr(exc, "connection_invalidated", False) else first_line(exc)
-        try:
-            kept = kept_steps(target, settings, ran)
-        except DbMigrateError:  # the database cannot be asked: say so, never guess
-            raise StepFailed(f"{_what_failed(exc, plan, ran, [])}: {target.redact(line)}; {KEPT_UNKNOWN}", []) from exc
-        raise StepFailed(f"{_what_failed(exc, plan, ran, kept)}: {target.redact(line)}", kept) from exc
-    return ran
-
-
-def _what_failed(exc: Exception, plan: Plan, ran: list[AppliedStep], kept: list[AppliedStep]) -> str:
-    """The revision to blame. A statement fails in the revision after those that ran. An
-    error without a statement comes from COMMIT (a deferred constraint): it fails the steps
-    that ran but the database did not keep, all of them (one transaction) or the last one."""
-    if isinstance(exc, DBAPIError) and exc.statement is None and ran:
-        committed = [step.revision for step in ran[len(kept):] or ran[-1:]]
-        return f"commit of revision{'s' if len(committed) > 1 else ''} {', '.join(committed)} failed"
-    return f"revision {plan.steps[len(ran)].revision if len(ran) < len(plan.steps) else '?'} failed"
-
-
-def kept_steps(target: DatabaseTarget, settings: Settings, ran: list[AppliedStep]) -> list[AppliedStep]:
-    """Steps whose effect survived a failure: env.py may run all in one transaction
-    (everything rolled back) or one per revision (a prefix kept)."""
-    with db.connect(target, settings.connect_timeout) as conn:
-        now = set(revisions.current_revisions(conn))
-    for index in range(len(ran), 0, -1):
-        if ran[index - 1].revision in now:
-            return ran[:index]
-    return []
-
-
-def validate(target: DatabaseTarget, project: Project, settings: Settings, expected: set[str]) -> list[Check]:
-    checks = []
-    start = time.monotonic()
-    with db.connect(target, settings.connect_timeout) as conn:
-        answered = conn.execute(text("SELECT 1")).scalar_one() == 1
-        checks.append(Check("database_answers", OK if answered else FAIL, "SELECT 1 answered",
-                            time.monotonic() - start))
-        start = time.monotonic()
-        current = set(revisions.current_revisions(conn))
-    shown = ", ".join(sorted(current)) or "base"
-    if current == expected:
-        checks.append(Check("revision", OK, f"database at {shown}", time.monotonic() - start))
-    else:
-        want = ", ".join(sorted(expected)) or "base"
-        checks.append(Check("revision", FAIL, f"database at {shown}, expected {want}", time.monotonic() - start))
-    return checks
-
-
-def current_revision(target: DatabaseTarget, settings: Settings) -> str | None:
-    with db.connect(target, settings.connect_timeout) as conn:
-        return revisions.current_label(conn)
 
 
 @dataclass(frozen=True)
@@ -212,142 +75,213 @@ class Approval:
     comment: str = ""
 
 
+class Confirm(Protocol):
+    """Ask whoever approves the change; an Approval that says no stops the run, nothing changed."""
+
+    def __call__(self, plan: Plan, /) -> Approval: ...
+
+
+class Progress(Protocol):
+    """Told how the backup is going: bytes written so far, bytes per second."""
+
+    def __call__(self, size: int, rate: float, /) -> None: ...
+
+
+class RunPhase(Protocol):
+    """Run one step: ``run_phase(name, fn, *args)`` returns ``fn(*args)``, however it runs it."""
+
+    def __call__(self, name: str, fn: Callable[..., T], /, *args: Any) -> T: ...
+
+
+class AutoRollback(Protocol):
+    """Put the database back where the run found it (:func:`dbmigrate.auto_rollback.restore_starting_state`):
+    ``before`` is its state then, ``backup`` the backup this run took, if any, in ``storage``."""
+
+    def __call__(self, target: DatabaseTarget, project: Project, settings: Settings, before: Fingerprint,
+                 backup: Manifest | None, storage: Storage | None, /) -> AutoRollbackResult: ...
+
+
 def _no_questions(plan: Plan) -> Approval:
     return Approval(True, getpass.getuser(), "--yes")
 
 
-def _call(phase: str, fn: Callable, *args):
+def _call(name: str, fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
 @dataclass
 class Hooks:
-    """How a caller takes part in a run. The command line asks on the terminal; the
-    Prefect flow pauses for approval, runs each phase as a task, and rolls back."""
+    """How a caller takes part in a run. The command line asks on the terminal; the Prefect
+    flow pauses for approval, runs each step as a task, and rolls back automatically."""
 
-    confirm: Callable[[Plan], Approval] = _no_questions
-    on_progress: ProgressFn | None = None
-    run_phase: Callable = _call  # run_phase(name, fn, *args) -> fn(*args)
-    # recover(target, project, settings, fingerprint_before, backup_manifest, storage) -> RollbackResult
-    recover: Callable | None = None
+    confirm: Confirm = _no_questions
+    on_progress: Progress | None = None
+    run_phase: RunPhase = _call
+    auto_rollback: AutoRollback | None = None  # run_phase runs it as the step "rollback"
+
+
+class Run:
+    """What the steps of one run share, and how the run ends.
+
+    :meth:`step` names the phase and runs the step through ``hooks.run_phase``. The guard is a
+    step too: :meth:`hold_guard` takes it and the run keeps it (not the step) until the run
+    ends, so the backup, the migration and any automatic rollback all happen under it.
+
+    As a context manager the run ends itself: after a failure in a step that may have changed
+    the database, the automatic rollback runs (still holding the guard); then the guard is
+    released, the failure recorded in the report under the phase it happened in, and the report
+    written. An expected failure (a DbMigrateError) ends there, in the outcome; anything else
+    (a bug, Ctrl-C) is recorded too and goes on up.
+    """
+
+    def __init__(self, target: DatabaseTarget, settings: Settings, request: Request, hooks: Hooks):
+        self.target, self.settings, self.request, self.hooks = target, settings, request, hooks
+        self.report = Report(
+            operation=request.operation,
+            environment=target.environment,
+            database=target.describe(),
+            target_revision=request.revision,
+            operator=request.operator,
+            tool_version=__version__,
+        )
+        self.outcome = Outcome(self.report, None)
+        self.phase = "load"
+        self.may_have_changed = False
+        self.project: Project | None = None
+        self.storage: Storage | None = None
+        self.manifest: Manifest | None = None
+        self.before: Fingerprint | None = None  # the state the automatic rollback returns to
+        self._held = ExitStack()
+
+    def step(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        self.phase = name
+        self.may_have_changed = self.may_have_changed or name in CHANGING_PHASES
+        return self.hooks.run_phase(name, fn, *args)
+
+    def approve(self, plan: Plan) -> None:
+        """Step "approval": refuse the run unless whoever approves says yes."""
+        approval = self.hooks.confirm(plan)
+        self.report.approval = dataclasses.asdict(approval)
+        if not approval.approved:
+            raise ConfirmationRefused(f"not approved by {approval.approver}: nothing was changed")
+
+    def hold_guard(self, plan: Plan) -> None:
+        """Step "guard": take the guard for the rest of the run, then make sure the plan still
+        holds (the database may have moved while the approver read it)."""
+        self._held.enter_context(guard.hold(self.target, self.request.operation, self.settings.guard_wait_s,
+                                            self.settings.connect_timeout))
+        if phases.plan(self.target, self.project, self.settings, self.request).current != plan.current:
+            raise MigrationFailed("the database changed while waiting for approval: run again")
+
+    def back_up(self, plan: Plan) -> Manifest:
+        """Step "backup". The report is copied beside the backups (S3) however the run ends."""
+        self.storage = self.settings.storage()
+        self.manifest = backup.take(self.target, self.storage, plan.revision_before, self.settings.dump,
+                                    self.hooks.on_progress, self.settings.connect_timeout)
+        return self.manifest
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, exc: BaseException | None, traceback) -> bool:
+        failed_in = self.phase  # the step that failed, not the automatic rollback after it
+        if isinstance(exc, StepFailed):
+            self.report.migrations_applied = [s.as_dict() for s in exc.applied]
+        try:
+            with self._held:
+                if isinstance(exc, DbMigrateError) and self.may_have_changed and self.hooks.auto_rollback:
+                    self._auto_rollback()
+        except BaseException as late:  # a bug in the rollback, Ctrl-C, the guard's release: that ended the run
+            self._end(failed_in, late)
+            raise
+        self._end(failed_in, exc)
+        return isinstance(exc, DbMigrateError)
+
+    def _auto_rollback(self) -> None:
+        """Step "rollback"; if it cannot even run (the database went away), the report says so
+        without hiding the failure that called for it."""
+        try:
+            result = self.step("rollback", self.hooks.auto_rollback, self.target, self.project, self.settings,
+                               self.before, self.manifest, self.storage)
+            self.report.rollback = result.as_dict()
+        except DbMigrateError as exc:
+            self.report.rollback = {"performed": None, "method": None, "succeeded": False, "revision_after": None,
+                                    "detail": f"rollback could not run: {self.target.redact(str(exc))}"}
+
+    def _end(self, phase: str, exc: BaseException | None) -> None:
+        report = self.report
+        if exc is not None:
+            report.fail(phase, exc)
+            report.error["message"] = self.target.redact(str(exc))
+            if isinstance(exc, DbMigrateError):
+                self.outcome.error = exc
+        if self.may_have_changed:
+            report.revision_after = self._revision_after()
+        if self.storage is not None and not isinstance(self.storage, LocalStorage):
+            self._copy_report_beside_backups()
+        try:
+            self.outcome.report_path = report.write(self.settings.reports_dir, self.request.json_report)
+        except ReportNotWritten as unwritten:  # the run's own outcome (perhaps a committed migration) still stands
+            self.outcome.report_path, self.outcome.report_error = unwritten.written, unwritten
+
+    def _revision_after(self) -> str | None:
+        """The revision the run left; None and a warning when the database cannot say."""
+        try:
+            return phases.current_revision(self.target, self.settings)
+        except DbMigrateError as exc:
+            self.report.warnings.append(f"{KEPT_UNKNOWN} ({self.target.redact(str(exc))})")
+            return None
+
+    def _copy_report_beside_backups(self) -> None:
+        """Keep the audit record with the backups in S3 too; the local copy is written regardless."""
+        key = f"reports/{backup.prefix(self.target)}{self.report.file_name()}"
+        try:
+            self.storage.write_text(key, self.report.to_json())
+            self.report.copies.append(self.storage.location(key))
+        except Exception as exc:  # the storage may be what failed the run
+            self.report.warnings.append(f"could not copy this report to {self.storage.location(key)}: "
+                                        f"{type(exc).__name__}")
 
 
 def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks: Hooks | None = None) -> Outcome:
     """The whole run. Never raises for expected failures: the outcome carries the
     error, and the report is always written."""
     hooks = hooks or Hooks()
-    report = Report(
-        operation=request.operation,
-        environment=target.environment,
-        database=target.describe(),
-        target_revision=request.revision,
-        operator=request.operator,
-        tool_version=__version__,
-    )
-    outcome = Outcome(report, None)
-    phase, touched = "load", False
-    run = hooks.run_phase
-    manifest = before = storage = None
-    try:
-        project = settings.project(target)
+    run = Run(target, settings, request, hooks)
+    report = run.report
+    with run:
+        project = run.project = run.step("load", settings.project, target)
         if not request.skip_health_checks:
-            phase = "health_checks"
-            checks = run(phase, preflight, target, project, settings, request.revision)
+            checks = run.step("health_checks", phases.preflight, target, project, settings, request.revision)
             report.health_checks = [c.as_dict() for c in checks]
-        phase = "plan"
-        the_plan = run(phase, plan, target, project, settings, request)
-        report.revision_before = report.revision_after = the_plan.revision_before
-        report.migrations_planned = [s.as_dict() for s in the_plan.steps]
-        if not the_plan.steps:
+        plan = run.step("plan", phases.plan, target, project, settings, request)
+        report.revision_before = report.revision_after = plan.revision_before
+        report.migrations_planned = [s.as_dict() for s in plan.steps]
+        if not plan.steps:
             report.finish(NOOP)
-        elif request.dry_run:
-            outcome.sql = migrate.render_sql(project, the_plan.current, the_plan.target, upgrade=request.upgrade)
+            return run.outcome
+        if request.dry_run:
+            run.outcome.sql = migrate.render_sql(project, plan.current, plan.target, upgrade=request.upgrade)
             report.finish(DRY_RUN)
-        else:
-            phase = "approval"
-            approval = hooks.confirm(the_plan)
-            report.approval = dataclasses.asdict(approval)
-            if not approval.approved:
-                raise ConfirmationRefused(f"not approved by {approval.approver}: nothing was changed")
-            phase = "guard"
-            with guard.hold(target, request.operation, settings.guard_wait_s, settings.connect_timeout):
-                if plan(target, project, settings, request).current != the_plan.current:
-                    raise MigrationFailed("the database changed while waiting for approval: run again")
-                if request.backup:
-                    phase, storage = "backup", settings.storage()
-                    manifest = run(phase, backup.take, target, storage, the_plan.revision_before, settings.dump,
-                                   hooks.on_progress, settings.connect_timeout)
-                    report.backup = manifest.summary()
-                if hooks.recover:
-                    before = _fingerprint(target, settings)
-                phase, touched = "migrate", True
-                try:
-                    applied = run(phase, apply, target, project, settings, the_plan, request.upgrade)
-                    report.migrations_applied = [s.as_dict() for s in applied]
-                    if not request.skip_validation:
-                        phase = "validate"
-                        expected = expected_revisions(project, the_plan, request.upgrade)
-                        checks = run(phase, validate, target, project, settings, expected)
-                        report.validation = [c.as_dict() for c in checks]
-                        if not health.passed(checks):
-                            failed = "; ".join(c.detail for c in checks if c.status == FAIL)
-                            raise MigrationFailed(f"validation failed: {failed}")
-                except DbMigrateError as exc:
-                    if isinstance(exc, StepFailed):
-                        report.migrations_applied = [s.as_dict() for s in exc.applied]
-                    if hooks.recover:  # still holding the guard: nobody else migrates in between
-                        report.rollback = _recover(hooks, target, project, settings, before, manifest, storage)
-                    raise
-            report.finish(SUCCEEDED)
-    except DbMigrateError as exc:
-        report.fail(phase, exc)
-        report.error["message"] = target.redact(str(exc))
-        outcome.error = exc
-    except BaseException as exc:  # a bug: record it, then let the traceback through
-        report.fail(phase, exc)
-        report.error["message"] = target.redact(str(exc))
-        raise
-    finally:
-        if touched:
-            report.revision_after = _revision_after(target, settings, report)
-        if storage is not None and not isinstance(storage, LocalStorage):
-            _copy_report_beside_backups(report, storage, target)
-        try:
-            outcome.report_path = report.write(settings.reports_dir, request.json_report)
-        except ReportNotWritten as exc:  # the run's own outcome (perhaps a committed migration) still stands
-            outcome.report_path, outcome.report_error = exc.written, exc
-    return outcome
-
-
-def _recover(hooks: Hooks, target: DatabaseTarget, *args) -> dict:
-    """Run the rollback hook; if it cannot even run (the database went away), say so
-    in the report without hiding the failure that called for it."""
-    try:
-        return hooks.run_phase("rollback", hooks.recover, target, *args).as_dict()
-    except DbMigrateError as exc:
-        return {"performed": None, "method": None, "succeeded": False, "revision_after": None,
-                "detail": f"rollback could not run: {target.redact(str(exc))}"}
-
-
-def _copy_report_beside_backups(report: Report, storage: Storage, target: DatabaseTarget) -> None:
-    """Keep the audit record with the backups in S3 too; the local copy is written regardless."""
-    key = f"reports/{backup.prefix(target)}{report.file_name()}"
-    try:
-        storage.write_text(key, report.to_json())
-        report.copies.append(storage.location(key))
-    except Exception as exc:  # the storage may be what failed the run
-        report.warnings.append(f"could not copy this report to {storage.location(key)}: {type(exc).__name__}")
+            return run.outcome
+        run.step("approval", run.approve, plan)
+        run.step("guard", run.hold_guard, plan)
+        if request.backup:
+            report.backup = run.step("backup", run.back_up, plan).summary()
+        if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
+            run.before = _fingerprint(target, settings)
+        applied = run.step("migrate", phases.apply, target, project, settings, plan, request.upgrade)
+        report.migrations_applied = [s.as_dict() for s in applied]
+        if not request.skip_validation:
+            expected = phases.expected_revisions(project, plan, request.upgrade)
+            checks = run.step("validate", phases.validate, target, project, settings, expected)
+            report.validation = [c.as_dict() for c in checks]
+            if not health.passed(checks):
+                raise MigrationFailed(f"validation failed: {'; '.join(c.detail for c in checks if c.status == FAIL)}")
+        report.finish(SUCCEEDED)
+    return run.outcome
 
 
 def _fingerprint(target: DatabaseTarget, settings: Settings) -> Fingerprint:
     with db.connect(target, settings.connect_timeout) as conn:
         return fingerprint.take(conn)
-
-
-def _revision_after(target: DatabaseTarget, settings: Settings, report: Report) -> str | None:
-    """The revision the run left; None and a warning when the database cannot say."""
-    try:
-        return current_revision(target, settings)
-    except DbMigrateError as exc:
-        report.warnings.append(f"{KEPT_UNKNOWN} ({target.redact(str(exc))})")
-        return None

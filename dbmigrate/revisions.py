@@ -17,7 +17,7 @@ from alembic.util import CommandError
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
-from dbmigrate.errors import ConfigError, RevisionError, VersionTableAmbiguous
+from dbmigrate.errors import ConfigError, RevisionError, UnknownRevision, VersionTableAmbiguous
 from dbmigrate.target import DatabaseTarget
 
 DEFAULT_CONFIG = "alembic.ini"
@@ -90,6 +90,12 @@ class Project:
         """Refuse (before anything runs) a database whose version table holds several rows."""
         if problem := self.several_rows_problem(current):
             raise VersionTableAmbiguous(problem)
+
+    def require_known(self, current: tuple[str, ...]) -> None:
+        """Refuse (before anything runs) a database at a revision these scripts do not know."""
+        if unknown := self.check_known(current):
+            raise UnknownRevision(f"the database is at revision {', '.join(unknown)}, "
+                                  "which the migration scripts do not know")
 
     def resolve(self, revision: str) -> str:
         """Validate a target: one known revision, 'heads', 'base', or relative."""

@@ -33,7 +33,7 @@ from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Running
 
-from dbmigrate import pipeline
+from dbmigrate import phases, pipeline
 from dbmigrate.errors import MigrationFailed
 from flows import recovery
 
@@ -136,7 +136,7 @@ def holders(environment: str) -> str:
     return ", ".join(others) or "a run that has not been identified"
 
 
-def approval_request(target, plan: pipeline.Plan, sql: str, upgrade: bool = True) -> str:
+def approval_request(target, plan: phases.Plan, sql: str, upgrade: bool = True) -> str:
     steps = "\n".join(f"| `{s.revision}` | {s.message} |" for s in plan.steps)
     return (
         f"## Approve {'migration' if upgrade else 'downgrade'} of {target.environment}\n\n"

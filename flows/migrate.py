@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -23,7 +21,7 @@ from prefect.states import Failed
 from pydantic import Field
 
 from blocks import load_policy, load_target
-from dbmigrate import migrate, pipeline, rollback
+from dbmigrate import auto_rollback, migrate, phases, pipeline
 from dbmigrate.errors import (
     ConfigError,
     ConfirmationRefused,
@@ -34,11 +32,15 @@ from dbmigrate.errors import (
 )
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
+from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 from flows import audit, recovery
 
 # Phases that only connect or upload: safe to retry. The migration itself never is.
 TRANSIENT_PHASES = ("health_checks", "backup")
+# Steps that run in the flow itself, not as tasks: the approval pauses the flow run, the
+# guard is held for the rest of the run, and loading the project only reads files.
+IN_FLOW_PHASES = ("load", "approval", "guard")
 
 
 class ApprovalForm(RunInput):
@@ -84,9 +86,11 @@ def ends_failed_on_error(body):
 
 
 def phase_runner(rules: Policy):
-    """Run each pipeline phase as a Prefect task named after it."""
+    """Run each pipeline phase as a Prefect task named after it (but those IN_FLOW_PHASES)."""
 
     def run_phase(name: str, fn, *args):
+        if name in IN_FLOW_PHASES:
+            return fn(*args)
         options = {"name": name, "cache_policy": NO_CACHE, "persist_result": False}
         if name in TRANSIENT_PHASES:
             options.update(retries=rules.transient_retries, retry_delay_seconds=rules.retry_delay_s,
@@ -114,10 +118,10 @@ def ask_in_ui(rules: Policy, requested_by: str, describe) -> pipeline.Approval:
     return pipeline.Approval(answer.approve, approver or "unknown", "prefect-ui", answer.comment)
 
 
-def approval_in_ui(rules: Policy, settings: pipeline.Settings, target, requested_by: str, upgrade: bool = True):
+def approval_in_ui(rules: Policy, settings: Settings, target, requested_by: str, upgrade: bool = True):
     """The pipeline's confirm hook: the approver sees the pending revisions and their SQL."""
 
-    def describe_plan(plan: pipeline.Plan) -> str:
+    def describe_plan(plan: phases.Plan) -> str:
         sql = migrate.render_sql(settings.project(target), plan.current, plan.target, upgrade=upgrade)
         return audit.approval_request(target, plan, sql, upgrade)
 
@@ -136,13 +140,12 @@ def database_for(environment: str, credentials_block: str | None) -> DatabaseTar
     return target
 
 
-def settings_for(rules: Policy, alembic_config: str | None, backup_storage: str | None) -> pipeline.Settings:
-    return pipeline.Settings(
-        home=Path(os.environ.get("DBMIGRATE_HOME", ".dbmigrate")),
+def settings_for(rules: Policy, alembic_config: str | None, backup_storage: str | None) -> Settings:
+    return Settings.from_env(
         alembic_config=alembic_config,
         guard_wait_s=rules.guard_wait_s,
         limits=SessionLimits(rules.lock_timeout_s, rules.statement_timeout_s),
-        storage_spec=backup_storage or os.environ.get("DBMIGRATE_BACKUP_STORAGE"),
+        storage_spec=backup_storage,
         project_logging=False,  # the flow-run log is the audit trail: env.py must not shut it down
     )
 
@@ -195,7 +198,7 @@ def db_migrate(
         confirm=approval_in_ui(rules, settings, target, request.operator),
         on_progress=progress,
         run_phase=phase_runner(rules),
-        recover=rollback.roll_back if rules.auto_rollback else None,  # run_phase makes it the task "rollback"
+        auto_rollback=auto_rollback.restore_starting_state if rules.auto_rollback else None,  # the task "rollback"
     )
     logger.info("%s %s: %s to %s", environment, target.where, "dry run" if dry_run else "upgrade", target_revision)
     with (audit.one_run_per_environment(environment, rules.guard_wait_s),

@@ -43,10 +43,12 @@ from prefect.variables import Variable
 from sqlalchemy import text
 
 from blocks import load_target
-from dbmigrate import db, fingerprint, guard, migrate, pipeline, revisions
+from dbmigrate import db, fingerprint, guard, migrate, phases, revisions
 from dbmigrate.backup import Manifest
 from dbmigrate.errors import ConnectionFailed, DbMigrateError, first_line
 from dbmigrate.migrate import SessionLimits
+from dbmigrate.pipeline import RunPhase
+from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 
 LEASE_S = 300  # the lease Prefect's concurrency() takes, and audit.one_run_per_environment with it
@@ -68,7 +70,7 @@ def read(environment: str) -> dict | None:
 
 @contextmanager
 def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
-              undo: pipeline.Settings | None = None) -> Iterator[Journal]:
+              undo: Settings | None = None) -> Iterator[Journal]:
     """Keep the journal while the body runs (inside the environment's slot). A run that ends
     on its own, even failed, clears it; one cut short by a signal or a bug leaves it for
     :func:`on_interrupted` or the next run. ``undo``: the run's settings where the policy
@@ -110,7 +112,7 @@ def _presence(target: DatabaseTarget) -> Iterator[bool]:
 class Journal:
     """The in-flight record of the run holding ``environment``'s slot (see the module doc)."""
 
-    def __init__(self, environment: str, credentials_block: str, present: bool, undo: pipeline.Settings | None):
+    def __init__(self, environment: str, credentials_block: str, present: bool, undo: Settings | None):
         self.environment = environment
         self.entry = {"flow_run": runtime.flow_run.id, "name": runtime.flow_run.name, "environment": environment,
                       "lease": _held_lease(), "since": time.time(),
@@ -136,7 +138,7 @@ class Journal:
                                      self.environment)
         clear(self.environment, self.entry["flow_run"])
 
-    def tracking(self, run_phase):
+    def tracking(self, run_phase: RunPhase) -> RunPhase:
         """``run_phase`` that keeps the journal's phase and plan current."""
 
         def run(name: str, fn, *args):
@@ -144,8 +146,8 @@ class Journal:
                 self.phase(name)
             result = run_phase(name, fn, *args)
             if name == "plan":
-                project, request = args[1], args[3]
-                goal = pipeline.expected_revisions(project, result, request.upgrade)
+                _, project, _, request = args  # phases.plan(target, project, settings, request)
+                goal = phases.expected_revisions(project, result, request.upgrade)
                 self.phase("planned", revision_before=result.revision_before, target=",".join(sorted(goal)) or None,
                            upgrade=request.upgrade)
             return result
@@ -163,7 +165,7 @@ def _digest(row_counts: dict[str, int]) -> str:
     return hashlib.sha256(json.dumps(row_counts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _undo(settings: pipeline.Settings) -> dict:
+def _undo(settings: Settings) -> dict:
     # Absolute: whoever reads the journal (the worker's hook, the next run) has its own working directory.
     config = settings.alembic_config or os.environ.get("ALEMBIC_CONFIG") or revisions.DEFAULT_CONFIG
     return {"alembic_config": str(Path(config).resolve()), "lock_timeout_s": settings.limits.lock_timeout_s,

@@ -13,8 +13,9 @@ import time
 import psutil
 import pytest
 
-from dbmigrate import backup, pipeline, restore, rollback
+from dbmigrate import auto_rollback, backup, restore
 from dbmigrate.errors import BackupFailed
+from dbmigrate.settings import Settings
 from dbmigrate.storage import LocalStorage, S3Storage
 from tests.conftest import REPO, assert_no_canary, fingerprint_of, one_line_error
 from tests.pgcluster import environ_without_db
@@ -165,7 +166,7 @@ def test_automatic_rollback_whose_restore_is_killed_reports_failure(cli, url, pg
     manifest = backup.take(target, storage, "r1")
     assert cli("upgrade", "-r", "r2", "--yes", "--alembic-config", ini, env=env).returncode == 0
     at_r2 = fingerprint_of(target)
-    settings = pipeline.Settings(home=tmp_path, alembic_config=ini)
+    settings = Settings(home=tmp_path, alembic_config=ini)
 
     def kill_pg_restore_mid_copy():
         wait_for(pg_cluster, target.database, IN_COPY)
@@ -173,7 +174,7 @@ def test_automatic_rollback_whose_restore_is_killed_reports_failure(cli, url, pg
 
     killer = threading.Thread(target=kill_pg_restore_mid_copy)
     killer.start()
-    result = rollback.roll_back(target, settings.project(target), settings, before, manifest, storage)
+    result = auto_rollback.restore_starting_state(target, settings.project(target), settings, before, manifest, storage)
     killer.join()
     assert (result.performed, result.method, result.succeeded, result.revision_after) == (True, "restore", False, "r2")
     assert result.detail == (

@@ -14,7 +14,8 @@ from urllib.parse import quote
 
 import pytest
 
-from dbmigrate import pipeline, rollback
+from dbmigrate import auto_rollback, phases
+from dbmigrate.settings import Settings
 from tests import pgcluster
 from tests.conftest import (REPO, SAMPLE_CONFIG, assert_no_canary, fingerprint_of, one_line_error, recording_pg_dump,
                             reports_in)
@@ -120,9 +121,9 @@ def test_rollback_refuses_a_start_at_several_revisions(cli, url, target, home):
     started = dataclasses.replace(fingerprint_of(target), revisions=("0002", "0003"))
     assert cli("upgrade", "-r", "0005", "--yes", env={"DATABASE_URL": url}).returncode == 0
     now = fingerprint_of(target)
-    settings = pipeline.Settings(home=home, alembic_config=str(SAMPLE_CONFIG))
+    settings = Settings(home=home, alembic_config=str(SAMPLE_CONFIG))
 
-    result = rollback.roll_back(target, settings.project(target), settings, started, None, None)
+    result = auto_rollback.restore_starting_state(target, settings.project(target), settings, started, None, None)
 
     assert fingerprint_of(target) == now, "nothing may be downgraded"
     assert not result.performed and not result.succeeded and result.revision_after == "0005"
@@ -172,12 +173,12 @@ def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
     assert result.returncode == 1
     error = one_line_error(result.stderr)
     assert error == (f"dbmigrate: error: revision r3 failed: lost the connection to {own_target.where}: server closed "
-                     f"the connection; {pipeline.KEPT_UNKNOWN}")
+                     f"the connection; {phases.KEPT_UNKNOWN}")
     assert "database at an unknown revision" in result.stdout
     report = json.loads(reports_in(home)[-1].read_text())
     assert report["migrations_applied"] == [], "r2 ran but was never committed: it may not be reported as applied"
     assert report["revision_after"] is None
-    assert any(w.startswith(pipeline.KEPT_UNKNOWN) for w in report["warnings"])
+    assert any(w.startswith(phases.KEPT_UNKNOWN) for w in report["warnings"])
     assert fingerprint_of(own_target).revisions == ("r1",)
 
 

@@ -1,4 +1,9 @@
-"""Put a database back where a failed run found it, and prove it.
+"""The automatic rollback: put a database back where a failed run found it, and prove it.
+
+Run by the pipeline (its ``auto_rollback`` hook, the step "rollback") when migrate or
+validate fails, still holding the guard. Not to be confused with db-rollback, the
+operator's flow (flows/rollback.py), nor with a downgrade, the Alembic operation this
+module tries first.
 
 First choice: downgrade to the starting revision. If that is impossible or fails,
 restore the pre-migration backup over the database. Either way, the result is
@@ -9,16 +14,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from dbmigrate import db, fingerprint, pipeline, restore
+from dbmigrate import db, fingerprint, phases, restore
 from dbmigrate.backup import Manifest
 from dbmigrate.fingerprint import Fingerprint
 from dbmigrate.revisions import Project
+from dbmigrate.settings import Settings
 from dbmigrate.storage import Storage
 from dbmigrate.target import DatabaseTarget
 
 
 @dataclass
-class RollbackResult:
+class AutoRollbackResult:
     performed: bool
     method: str | None  # "downgrade" | "restore" | None when nothing had changed
     succeeded: bool
@@ -34,41 +40,43 @@ def _state(target: DatabaseTarget, timeout: float) -> Fingerprint:
         return fingerprint.take(conn)
 
 
-def roll_back(
+def restore_starting_state(
     target: DatabaseTarget,
     project: Project,
-    settings: pipeline.Settings,
+    settings: Settings,
     before: Fingerprint,
     backup: Manifest | None,
     storage: Storage | None,
-) -> RollbackResult:
+) -> AutoRollbackResult:
+    """Downgrade to the revision in ``before``, else restore ``backup`` from ``storage``; the
+    result says which, and whether the database now matches ``before``."""
     timeout = settings.connect_timeout
     now = _state(target, timeout)
     if now == before:  # the failed revision's transaction already undid everything
-        return RollbackResult(False, None, True, ",".join(now.revisions) or None,
+        return AutoRollbackResult(False, None, True, ",".join(now.revisions) or None,
                               "nothing to undo: the database is as the run found it")
     if several := project.several_rows_problem(before.revisions):
-        return RollbackResult(False, None, False, ",".join(now.revisions) or None,
+        return AutoRollbackResult(False, None, False, ",".join(now.revisions) or None,
                               f"not rolled back: the database started at several revisions ({several}); "
                               "nothing was downgraded")
     start = before.revisions[0] if before.revisions else "base"
     method, problem = "downgrade", ""
     try:
         project.require_one_row(now.revisions)  # else the downgrade would plan from each row: restore instead
-        plan = pipeline.Plan(now.revisions, start, project.plan_downgrade(now.revisions, start))
-        pipeline.apply(target, project, settings, plan, upgrade=False)
+        plan = phases.Plan(now.revisions, start, project.plan_downgrade(now.revisions, start))
+        phases.apply(target, project, settings, plan, upgrade=False)
     except Exception as exc:  # a downgrade can fail like any migration: fall back to the backup
         problem = f"downgrade failed ({exc}); "
         if backup is None or storage is None:
             after = _state(target, timeout)
-            return RollbackResult(True, method, False, ",".join(after.revisions) or None,
+            return AutoRollbackResult(True, method, False, ",".join(after.revisions) or None,
                                   problem + "no backup to restore")
         method = "restore"
         try:
             restore.over_original(target, storage, backup, timeout, None, settings.limits.lock_timeout_s)
         except Exception as exc:
             after = _state(target, timeout)
-            return RollbackResult(True, method, False, ",".join(after.revisions) or None,
+            return AutoRollbackResult(True, method, False, ",".join(after.revisions) or None,
                                   problem + f"restoring backup {backup.id} failed ({exc})")
     after = _state(target, timeout)
     succeeded = after == before
@@ -76,7 +84,7 @@ def roll_back(
         "database back at the starting revision with the same schema and row counts" if succeeded
         else f"database differs from before the run: {_difference(before, after)}"
     )
-    return RollbackResult(True, method, succeeded, ",".join(after.revisions) or None, detail)
+    return AutoRollbackResult(True, method, succeeded, ",".join(after.revisions) or None, detail)
 
 
 def _difference(before: Fingerprint, after: Fingerprint) -> str:

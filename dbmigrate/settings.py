@@ -1,0 +1,60 @@
+"""Where state lives and how long to wait: the same for every command and flow.
+
+The environment's defaults (``DBMIGRATE_HOME``, ``DBMIGRATE_BACKUP_STORAGE``) are read in
+one place, :meth:`Settings.from_env`; the command line and the flows build on it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dbmigrate import db, revisions
+from dbmigrate.backup import DumpOptions
+from dbmigrate.migrate import SessionLimits
+from dbmigrate.revisions import Project
+from dbmigrate.storage import Storage, local_directory, open_storage
+from dbmigrate.target import DatabaseTarget
+
+HOME_VARIABLE, DEFAULT_HOME = "DBMIGRATE_HOME", ".dbmigrate"
+STORAGE_VARIABLE = "DBMIGRATE_BACKUP_STORAGE"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where state lives and how long to wait; the same for every command."""
+
+    home: Path
+    alembic_config: str | None = None
+    connect_timeout: float = db.DEFAULT_CONNECT_TIMEOUT
+    guard_wait_s: float = 0.0
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    storage_spec: str | None = None  # None: <home>/backups; a directory; or s3-bucket/BLOCK
+    dump: DumpOptions = field(default_factory=DumpOptions)
+    project_logging: bool = True  # let the project's env.py configure logging (see revisions.load)
+
+    @classmethod
+    def from_env(cls, **overrides) -> Settings:
+        """Settings with the environment's defaults: home from DBMIGRATE_HOME (else .dbmigrate),
+        storage from DBMIGRATE_BACKUP_STORAGE (else <home>/backups). An override that is None
+        or empty (an option or parameter not given) leaves the default in place."""
+        given = {name: value for name, value in overrides.items() if value is not None and value != ""}
+        defaults = {"home": Path(os.environ.get(HOME_VARIABLE, DEFAULT_HOME)),
+                    "storage_spec": os.environ.get(STORAGE_VARIABLE)}
+        return cls(**{**defaults, **given})
+
+    @property
+    def backup_dir(self) -> Path | None:
+        """The local directory backups go to; None when they go to S3."""
+        return local_directory(self.storage_spec, self.home)
+
+    def storage(self) -> Storage:
+        return open_storage(self.storage_spec, self.home)
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    def project(self, target: DatabaseTarget | None = None) -> Project:
+        return revisions.load(self.alembic_config, target, self.connect_timeout, self.project_logging)
