@@ -63,8 +63,8 @@ def restore_starting_state(
     method, problem = "downgrade", ""
     try:
         project.require_one_row(now.revisions)  # else the downgrade would plan from each row: restore instead
-        plan = phases.Plan(now.revisions, start, project.plan_downgrade(now.revisions, start))
-        phases.apply(target, project, settings, plan, upgrade=False)
+        plan = phases.Plan(now.revisions, start, project.plan_downgrade(now.revisions, start), upgrade=False)
+        phases.apply(target, project, settings, plan)
     except Exception as exc:  # a downgrade can fail like any migration: fall back to the backup
         problem = f"downgrade failed ({exc}); "
         if backup is None or storage is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -22,15 +21,14 @@ from dbmigrate.revisions import PlannedStep, Project
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 
-if TYPE_CHECKING:
-    from dbmigrate.pipeline import Request
-
-
 @dataclass(frozen=True)
 class Plan:
+    """From which revision(s), to which, through which steps, and in which direction."""
+
     current: tuple[str, ...]
     target: str
     steps: list[PlannedStep]
+    upgrade: bool
 
     @property
     def revision_before(self) -> str | None:
@@ -50,26 +48,23 @@ def preflight(target: DatabaseTarget, project: Project, settings: Settings, revi
     return checks
 
 
-def plan(target: DatabaseTarget, project: Project, settings: Settings, request: Request) -> Plan:
+def plan(target: DatabaseTarget, project: Project, settings: Settings, revision: str, upgrade: bool) -> Plan:
     """Read the database's revision and work out the steps; touches nothing."""
-    resolved = project.resolve(request.revision)
+    resolved = project.resolve(revision)
     with db.connect(target, settings.connect_timeout) as conn:
         current = revisions.current_revisions(conn)
     project.require_one_row(current)
     project.require_known(current)
-    if request.upgrade:
-        steps = project.plan_upgrade(current, resolved)
-    else:
-        steps = project.plan_downgrade(current, resolved)
-    return Plan(current, resolved, steps)
+    steps = project.plan_upgrade(current, resolved) if upgrade else project.plan_downgrade(current, resolved)
+    return Plan(current, resolved, steps, upgrade)
 
 
-def expected_revisions(project: Project, plan: Plan, upgrade: bool) -> set[str]:
+def expected_revisions(project: Project, plan: Plan) -> set[str]:
     """The revision(s) the database must be at once the plan has run."""
     if not plan.steps:
         return set(plan.current)
     last = project.script.get_revision(plan.steps[-1].revision)
-    if upgrade:
+    if plan.upgrade:
         return set(project.heads) if plan.target == "heads" else {last.revision}
     below = last.down_revision
     return set(below) if isinstance(below, tuple) else ({below} if below else set())
@@ -78,12 +73,12 @@ def expected_revisions(project: Project, plan: Plan, upgrade: bool) -> set[str]:
 KEPT_UNKNOWN = "could not read which revisions the database kept: run `dbmigrate status`"
 
 
-def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan, upgrade: bool) -> list[AppliedStep]:
+def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan) -> list[AppliedStep]:
     """Run the plan. On failure, raises MigrationFailed; the steps reported as
     applied are only those the database really kept (see :func:`kept_steps`)."""
     ran: list[AppliedStep] = []
     try:
-        migrate.run(project, plan.target, upgrade=upgrade, limits=settings.limits, on_step=ran.append)
+        migrate.run(project, plan.target, upgrade=plan.upgrade, limits=settings.limits, on_step=ran.append)
     except Exception as exc:
         line = str(ConnectionLost(target.where)) if getattr(exc, "connection_invalidated", False) else first_line(exc)
         try:

@@ -170,7 +170,8 @@ class Run:
         holds (the database may have moved while the approver read it)."""
         self._held.enter_context(guard.hold(self.target, self.request.operation, self.settings.guard_wait_s,
                                             self.settings.connect_timeout))
-        if phases.plan(self.target, self.project, self.settings, self.request).current != plan.current:
+        if phases.plan(self.target, self.project, self.settings, self.request.revision,
+                       self.request.upgrade).current != plan.current:
             raise MigrationFailed("the database changed while waiting for approval: run again")
 
     def back_up(self, plan: Plan) -> Manifest:
@@ -254,14 +255,14 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         if not request.skip_health_checks:
             checks = run.step("health_checks", phases.preflight, target, project, settings, request.revision)
             report.health_checks = [c.as_dict() for c in checks]
-        plan = run.step("plan", phases.plan, target, project, settings, request)
+        plan = run.step("plan", phases.plan, target, project, settings, request.revision, request.upgrade)
         report.revision_before = report.revision_after = plan.revision_before
         report.migrations_planned = [s.as_dict() for s in plan.steps]
         if not plan.steps:
             report.finish(NOOP)
             return run.outcome
         if request.dry_run:
-            run.outcome.sql = migrate.render_sql(project, plan.current, plan.target, upgrade=request.upgrade)
+            run.outcome.sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
             report.finish(DRY_RUN)
             return run.outcome
         run.step("approval", run.approve, plan)
@@ -270,10 +271,10 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             report.backup = run.step("backup", run.back_up, plan).summary()
         if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
             run.before = _fingerprint(target, settings)
-        applied = run.step("migrate", phases.apply, target, project, settings, plan, request.upgrade)
+        applied = run.step("migrate", phases.apply, target, project, settings, plan)
         report.migrations_applied = [s.as_dict() for s in applied]
         if not request.skip_validation:
-            expected = phases.expected_revisions(project, plan, request.upgrade)
+            expected = phases.expected_revisions(project, plan)
             checks = run.step("validate", phases.validate, target, project, settings, expected)
             report.validation = [c.as_dict() for c in checks]
             if not health.passed(checks):

@@ -136,10 +136,10 @@ def holders(environment: str) -> str:
     return ", ".join(others) or "a run that has not been identified"
 
 
-def approval_request(target, plan: phases.Plan, sql: str, upgrade: bool = True) -> str:
+def approval_request(target, plan: phases.Plan, sql: str) -> str:
     steps = "\n".join(f"| `{s.revision}` | {s.message} |" for s in plan.steps)
     return (
-        f"## Approve {'migration' if upgrade else 'downgrade'} of {target.environment}\n\n"
+        f"## Approve {'migration' if plan.upgrade else 'downgrade'} of {target.environment}\n\n"
         f"Database `{target.where}`, from `{plan.revision_before or 'base'}` to `{plan.target}`:\n\n"
         f"| revision | what it does |\n|---|---|\n{steps}\n\n"
         f"<details><summary>SQL</summary>\n\n```sql\n{sql}\n```\n</details>\n\n"

@@ -118,12 +118,12 @@ def ask_in_ui(rules: Policy, requested_by: str, describe) -> pipeline.Approval:
     return pipeline.Approval(answer.approve, approver or "unknown", "prefect-ui", answer.comment)
 
 
-def approval_in_ui(rules: Policy, settings: Settings, target, requested_by: str, upgrade: bool = True):
+def approval_in_ui(rules: Policy, settings: Settings, target, requested_by: str):
     """The pipeline's confirm hook: the approver sees the pending revisions and their SQL."""
 
     def describe_plan(plan: phases.Plan) -> str:
-        sql = migrate.render_sql(settings.project(target), plan.current, plan.target, upgrade=upgrade)
-        return audit.approval_request(target, plan, sql, upgrade)
+        sql = migrate.render_sql(settings.project(target), plan.current, plan.target, upgrade=plan.upgrade)
+        return audit.approval_request(target, plan, sql)
 
     return lambda plan: ask_in_ui(rules, requested_by, lambda: describe_plan(plan))
 

@@ -146,10 +146,10 @@ class Journal:
                 self.phase(name)
             result = run_phase(name, fn, *args)
             if name == "plan":
-                _, project, _, request = args  # phases.plan(target, project, settings, request)
-                goal = phases.expected_revisions(project, result, request.upgrade)
+                project = args[1]  # phases.plan(target, project, settings, revision, upgrade)
+                goal = phases.expected_revisions(project, result)
                 self.phase("planned", revision_before=result.revision_before, target=",".join(sorted(goal)) or None,
-                           upgrade=request.upgrade)
+                           upgrade=result.upgrade)
             return result
 
         return run

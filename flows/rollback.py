@@ -63,7 +63,7 @@ def db_rollback(
 def _downgrade(target, settings, rules, environment, revision, dry_run, requested_by, journal) -> dict:
     request = pipeline.Request("downgrade", revision, dry_run=dry_run, backup=True,
                                **({"operator": requested_by} if requested_by else {}))
-    hooks = pipeline.Hooks(confirm=approval_in_ui(rules, settings, target, request.operator, upgrade=False),
+    hooks = pipeline.Hooks(confirm=approval_in_ui(rules, settings, target, request.operator),
                            run_phase=journal.tracking(phase_runner(rules)))
     outcome = pipeline.execute(target, settings, request, hooks)
     audit.publish(outcome, environment, flow=FLOW)
