@@ -16,7 +16,7 @@ from typing import Callable
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from dbmigrate import __version__, backup, db, fingerprint, guard, health, migrate, revisions
+from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, migrate, revisions
 from dbmigrate.errors import (
     ConfirmationRefused,
     ConnectionLost,
@@ -275,7 +275,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
                     raise MigrationFailed("the database changed while waiting for approval: run again")
                 if request.backup:
                     phase, storage = "backup", settings.storage()
-                    manifest = run(phase, backup.take, target, storage, the_plan.revision_before, settings.dump,
+                    manifest = run(phase, backup.take, target, storage, settings.dump,
                                    hooks.on_progress, settings.connect_timeout)
                     report.backup = manifest.summary()
                 if hooks.recover:
@@ -331,7 +331,7 @@ def _recover(hooks: Hooks, target: DatabaseTarget, *args) -> dict:
 
 def _copy_report_beside_backups(report: Report, storage: Storage, target: DatabaseTarget) -> None:
     """Keep the audit record with the backups in S3 too; the local copy is written regardless."""
-    key = f"reports/{backup.prefix(target)}{report.file_name()}"
+    key = f"reports/{catalogue.prefix(target)}{report.file_name()}"
     try:
         storage.write_text(key, report.to_json())
         report.copies.append(storage.location(key))

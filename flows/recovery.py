@@ -43,7 +43,7 @@ from prefect.variables import Variable
 from sqlalchemy import text
 
 from dbmigrate import db, fingerprint, guard, migrate, pipeline, revisions
-from dbmigrate.backup import Manifest
+from dbmigrate.catalogue import Manifest
 from dbmigrate.environments import load_credentials
 from dbmigrate.errors import ConnectionFailed, DbMigrateError, first_line
 from dbmigrate.migrate import SessionLimits
