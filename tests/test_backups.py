@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from dbmigrate import backup, catalogue, db, restore
 from dbmigrate.backup import DumpOptions
-from dbmigrate.errors import BackupFailed
+from dbmigrate.errors import BackupUnreadable, DumpFailed, RestoreFailed, StorageFailed
 from dbmigrate.storage import LocalStorage
 from tests.conftest import fingerprint_of
 
@@ -137,7 +137,7 @@ def test_pg_dump_failure_leaves_nothing(storage, pg_cluster, target):
     with pg_cluster.admin(target.database) as blocker:
         blocker.autocommit = False
         blocker.execute("LOCK TABLE payload IN ACCESS EXCLUSIVE MODE")
-        with pytest.raises(BackupFailed, match="pg_dump failed: .*statement timeout .*LOCK TABLE public.payload"):
+        with pytest.raises(DumpFailed, match="pg_dump failed: .*statement timeout .*LOCK TABLE public.payload"):
             backup.take(target, storage, DumpOptions(table_lock_wait_s=1))
         blocker.rollback()
     assert storage.keys("") == [] and catalogue.list_backups(storage, target) == []
@@ -150,7 +150,7 @@ def test_pg_dump_dying_mid_stream_leaves_nothing(storage, pg_cluster, target):
         with pg_cluster.admin() as conn:
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_dump'")
 
-    with pytest.raises(BackupFailed, match="pg_dump failed"):
+    with pytest.raises(DumpFailed, match="pg_dump failed"):
         backup.take(target, storage, DumpOptions(progress_interval_s=0), on_progress=kill_pg_dump)
     assert storage.keys("") == [] and catalogue.list_backups(storage, target) == []
 
@@ -165,7 +165,7 @@ def test_disk_full_removes_the_partial_file(pg_cluster, target, tmp_path):
     try:
         fill(pg_cluster, target, 100_000)
         storage = LocalStorage(mountpoint / "backups")
-        with pytest.raises(BackupFailed, match="storage: writing .* failed: No space left on device"):
+        with pytest.raises(StorageFailed, match="storage: writing .* failed: No space left on device"):
             backup.take(target, storage)
         assert storage.keys("") == []
         assert not any(pg_dump_processes()), "pg_dump must not be left running"
@@ -183,7 +183,7 @@ def test_missing_bucket_fails_before_anything_is_stored(s3_storage, target):
     from dbmigrate.storage import S3Storage
 
     missing = S3Storage(s3_storage.client, "no-such-bucket")
-    with pytest.raises(BackupFailed, match="storage: upload to s3://no-such-bucket/.* failed: .*NoSuchBucket"):
+    with pytest.raises(StorageFailed, match="storage: upload to s3://no-such-bucket/.* failed: .*NoSuchBucket"):
         backup.take(target, missing)
 
 
@@ -219,7 +219,7 @@ def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
             threading.Thread(target=come_back).start()
 
     try:
-        with pytest.raises(BackupFailed, match="storage: upload to s3://outage/.* failed"):
+        with pytest.raises(StorageFailed, match="storage: upload to s3://outage/.* failed"):
             backup.take(target, storage, DumpOptions(progress_interval_s=0), on_progress=cut_after_first_part)
         assert storage.client.list_multipart_uploads(Bucket="outage").get("Uploads", []) == []
         assert storage.keys("") == [] and catalogue.list_backups(storage, target) == []
@@ -261,7 +261,7 @@ def test_failed_restore_leaves_the_database_as_it_was(local_storage, pg_cluster,
         conn.execute("DROP ROLE short_lived")
         conn.execute("INSERT INTO owned VALUES (1), (2)")
     before = fingerprint_of(target)
-    with pytest.raises(BackupFailed, match='restore failed, database left as it was: .*role "short_lived"'):
+    with pytest.raises(RestoreFailed, match='restore failed, database left as it was: .*role "short_lived"'):
         restore.over_original(target, local_storage, manifest, 10, None)
     assert fingerprint_of(target) == before
 
@@ -276,7 +276,7 @@ def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storag
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(BackupFailed, match="does not match its sha256"):
+    with pytest.raises(BackupUnreadable, match="verify: .* does not match its sha256"):
         restore.over_original(target, local_storage, manifest, 10, None)
     assert fingerprint_of(target) == before
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from dbmigrate import backup, catalogue, db, pgrestore, pipeline, restore, rollback
-from dbmigrate.errors import BackupFailed
+from dbmigrate.errors import RestoreFailed
 from dbmigrate.storage import LocalStorage, S3Storage
 from tests.conftest import REPO, assert_no_canary, fingerprint_of, one_line_error
 from tests.pgcluster import environ_without_db
@@ -146,7 +146,7 @@ def test_s3_object_that_changes_after_the_check_commits_nothing(change, s3_stora
     before = fingerprint_of(target)
     _replaced_after_the_check(monkeypatch, s3_storage, manifest, replacement)
 
-    with pytest.raises(BackupFailed, match="restore failed, database left as it was: "):
+    with pytest.raises(RestoreFailed, match="restore failed, database left as it was: "):
         restore.over_original(target, s3_storage, manifest, 10, None)
     assert fingerprint_of(target) == before
 
