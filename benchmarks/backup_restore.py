@@ -215,7 +215,7 @@ def dbmigrate_s3_block(endpoint: str, env: dict) -> tuple[float, int]:
         "from dbmigrate.storage import S3Storage\n"
         f"storage = S3Storage.from_block(s3_bucket_block({endpoint!r}, 'bench', 'block'))\n"
         "t = target.parse_url(os.environ['DATABASE_URL'], 'bench')\n"
-        "backup.take(t, storage, None)\n" + PEAK_RSS
+        "backup.take(t, storage)\n" + PEAK_RSS
     )
     seconds, result = timed([sys.executable, "-c", script], env, cwd=REPO)
     return seconds, peak_rss(result.stderr)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from dbmigrate import db, fingerprint, phases, restore
-from dbmigrate.backup import Manifest
+from dbmigrate.catalogue import Manifest
 from dbmigrate.fingerprint import Fingerprint
 from dbmigrate.revisions import Project
 from dbmigrate.settings import Settings

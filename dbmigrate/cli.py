@@ -21,7 +21,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dbmigrate import __version__, backup, db, health, local, phases, pipeline, restore, revisions
+from dbmigrate import __version__, backup, catalogue, db, health, local, phases, pipeline, restore, revisions
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
@@ -496,13 +496,13 @@ def _age(created) -> str:
     return f"{seconds:.0f}s"
 
 
-def _manifest_line(listed: backup.Listed) -> str:
+def _manifest_line(listed: catalogue.Listed) -> str:
     m = listed.manifest
     return (f"{m.id:32} {health.human_bytes(m.size_bytes):>10}  {m.revision or 'base':12} {_age(m.created):>5}  "
             f"{listed.status.upper() if listed.damage else listed.status:8}  {'; '.join(_what_we_know(listed))}")
 
 
-def _what_we_know(listed: backup.Listed) -> list[str]:
+def _what_we_know(listed: catalogue.Listed) -> list[str]:
     """What was checked and when, then what a look at the storage shows now."""
     m = listed.manifest
     checked = [name for key, name in (("sha256", "sha256"), ("pg_restore_list", "pg_restore --list"))
@@ -514,16 +514,13 @@ def _what_we_know(listed: backup.Listed) -> list[str]:
     return facts
 
 
-def _warn_skipped(listing: backup.Catalogue) -> None:
+def _warn_skipped(listing: catalogue.Catalogue) -> None:
     for skipped in listing.skipped:
         print(f"dbmigrate: warning: skipped damaged manifest {skipped.key}: {skipped.reason}", file=sys.stderr)
 
 
 def cmd_backup(args, target, settings) -> int:
-    with db.connect(target, settings.connect_timeout) as conn:
-        revision = revisions.current_label(conn)
-    manifest = backup.take(target, settings.storage(), revision, settings.dump, _print_progress,
-                           settings.connect_timeout)
+    manifest = backup.take(target, settings.storage(), settings.dump, _print_progress, settings.connect_timeout)
     if args.json:
         _print_json(dataclasses.asdict(manifest))
     else:
@@ -538,9 +535,9 @@ def cmd_backups(args, target, settings) -> int:
     """Damaged backups are shown as such (and skipped manifests warned about on stderr), with exit 0:
     the listing itself succeeded."""
     if args.backups_command == "prune":
-        backup.check_retention(args.keep_last, args.keep_days)
+        catalogue.check_retention(args.keep_last, args.keep_days)
     storage = settings.storage()
-    listing = backup.catalogue(storage, target)
+    listing = catalogue.catalogue(storage, target)
     _warn_skipped(listing)
     if args.backups_command == "list":
         if args.json:
@@ -550,7 +547,7 @@ def cmd_backups(args, target, settings) -> int:
         for b in [] if args.json else listing.backups:
             print(_manifest_line(b))
         return 0
-    doomed = backup.prune(storage, target, args.keep_last, args.keep_days, dry_run=args.dry_run, listing=listing)
+    doomed = catalogue.prune(storage, target, args.keep_last, args.keep_days, dry_run=args.dry_run, listing=listing)
     if args.json:
         _print_json([m.id for m in doomed])
     for m in [] if args.json else doomed:
@@ -565,7 +562,7 @@ def cmd_restore(args, target, settings) -> int:
     _check_policy(rules, target.environment, "restore over the original", not args.no_safety_backup,
                   "drop --no-safety-backup")
     storage = settings.storage()
-    manifest = backup.find(storage, target, args.backup_id)
+    manifest = catalogue.find(storage, target, args.backup_id)
     if args.target_db:
         result = restore.into_new_database(target, storage, manifest, args.target_db, settings.connect_timeout,
                                            args.jobs)

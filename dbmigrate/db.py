@@ -1,7 +1,9 @@
-"""Connections to the target database, with a bounded wait and a clear reason on failure."""
+"""Connections to the target database, with a bounded wait and a clear reason on failure,
+and the databases dbmigrate creates beside it (scratch copies, restores into a new database)."""
 
 from __future__ import annotations
 
+import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -10,7 +12,13 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from dbmigrate.errors import ConnectionFailed, ConnectionLost, DbMigrateError, LockWaitTimeout
+from dbmigrate.errors import (
+    BackupFailed,
+    ConnectionFailed,
+    ConnectionLost,
+    DbMigrateError,
+    LockWaitTimeout,
+)
 from dbmigrate.target import DatabaseTarget, libpq_timeout, pgoptions
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -128,3 +136,25 @@ def identifier(name: str) -> str:
 def execute_literal(conn: Connection, statement: str):
     """Run ``statement`` as written: no ':name' or '%s' in a quoted name is taken for a parameter."""
     return conn.exec_driver_sql(statement.replace("%", "%%"))  # psycopg reads '%%' as '%'
+
+
+def create_database(target: DatabaseTarget, name: str, timeout: float) -> None:
+    _outside_transaction(target, f"CREATE DATABASE {identifier(name)}", timeout)
+
+
+def scratch_database(target: DatabaseTarget, label: str, timeout: float) -> DatabaseTarget:
+    name = f"dbmigrate_{label}_{uuid.uuid4().hex[:8]}"
+    create_database(target, name, timeout)
+    return target.with_database(name)
+
+
+def drop_database(target: DatabaseTarget, name: str, timeout: float) -> None:
+    _outside_transaction(target, f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)", timeout)
+
+
+def _outside_transaction(target: DatabaseTarget, statement: str, timeout: float) -> None:
+    with connect(target, timeout, isolation_level="AUTOCOMMIT") as conn:
+        try:
+            execute_literal(conn, statement)
+        except DBAPIError as exc:  # no permission, a name in use
+            raise BackupFailed(f"{statement}: {str(exc.orig).strip().splitlines()[0]}") from None

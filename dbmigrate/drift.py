@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from dbmigrate import backup, db, fingerprint, migrate, revisions
+from dbmigrate import db, fingerprint, migrate, revisions
 from dbmigrate.health import FAIL, OK, WARN, Check
 from dbmigrate.target import DatabaseTarget
 
@@ -23,7 +23,7 @@ def check(target: DatabaseTarget, settings) -> Check:
     if len(current) > 1:
         return Check("drift", WARN, f"not checked: the database has several revisions ({', '.join(current)})",
                      time.monotonic() - started)
-    scratch = backup.scratch_database(target, "drift", timeout)
+    scratch = db.scratch_database(target, "drift", timeout)
     try:
         if current:
             project = settings.project(scratch)
@@ -31,7 +31,7 @@ def check(target: DatabaseTarget, settings) -> Check:
         with db.connect(scratch, timeout) as conn:
             expected = fingerprint.take(conn).schema_sha256
     finally:
-        backup.drop_database(target, scratch.database, timeout)
+        db.drop_database(target, scratch.database, timeout)
     at = current[0] if current else "base"
     if actual == expected:
         return Check("drift", OK, f"schema matches the migrations at {at}", time.monotonic() - started)

@@ -60,13 +60,29 @@ class ConfirmationRefused(DbMigrateError):
 
 
 class BackupFailed(DbMigrateError):
-    """pg_dump or the storage failed; no backup was recorded."""
+    """A backup could not be taken (none was recorded), read back or restored."""
 
     exit_code = 1
 
 
 class StorageFailed(BackupFailed):
     """The backup storage (a directory or a bucket) could not be read or written."""
+
+
+class DumpFailed(BackupFailed):
+    """pg_dump failed; ``reason`` is its own account of why."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"pg_dump failed: {reason}")
+        self.reason = reason
+
+
+class BackupUnreadable(BackupFailed):
+    """A stored backup cannot be read back, or what is read back does not match its manifest."""
+
+
+class RestoreFailed(BackupFailed):
+    """pg_restore or psql failed, or a restore did not reproduce the backup's row counts."""
 
 
 class MigrationFailed(DbMigrateError):

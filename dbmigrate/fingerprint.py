@@ -30,9 +30,6 @@ class Fingerprint:
     row_counts: dict[str, int]
     revisions: tuple[str, ...]
 
-    def as_dict(self) -> dict:
-        return {"schema_sha256": self.schema_sha256, "row_counts": self.row_counts, "revisions": list(self.revisions)}
-
 
 def row_counts(conn: Connection) -> dict[str, int]:
     """Exact row counts of every user table, keyed ``schema.table``, in the connection's snapshot."""

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Self, TypeVar
 
-from dbmigrate import __version__, backup, db, fingerprint, guard, health, migrate, phases
+from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases
 from dbmigrate.auto_rollback import AutoRollbackResult
-from dbmigrate.backup import Manifest
+from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import (
     ConfirmationRefused,
     DbMigrateError,
@@ -174,10 +174,10 @@ class Run:
                        self.request.upgrade).current != plan.current:
             raise MigrationFailed("the database changed while waiting for approval: run again")
 
-    def back_up(self, plan: Plan) -> Manifest:
+    def back_up(self) -> Manifest:
         """Step "backup". The report is copied beside the backups (S3) however the run ends."""
         self.storage = self.settings.storage()
-        self.manifest = backup.take(self.target, self.storage, plan.revision_before, self.settings.dump,
+        self.manifest = backup.take(self.target, self.storage, self.settings.dump,
                                     self.hooks.on_progress, self.settings.connect_timeout)
         return self.manifest
 
@@ -235,7 +235,7 @@ class Run:
 
     def _copy_report_beside_backups(self) -> None:
         """Keep the audit record with the backups in S3 too; the local copy is written regardless."""
-        key = f"reports/{backup.prefix(self.target)}{self.report.file_name()}"
+        key = f"reports/{catalogue.prefix(self.target)}{self.report.file_name()}"
         try:
             self.storage.write_text(key, self.report.to_json())
             self.report.copies.append(self.storage.location(key))
@@ -268,7 +268,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         run.step("approval", run.approve, plan)
         run.step("guard", run.hold_guard, plan)
         if request.backup:
-            report.backup = run.step("backup", run.back_up, plan).summary()
+            report.backup = run.step("backup", run.back_up).summary()
         if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
             run.before = _fingerprint(target, settings)
         applied = run.step("migrate", phases.apply, target, project, settings, plan)

@@ -25,9 +25,10 @@ from typing import BinaryIO, Callable, Iterator
 
 from sqlalchemy import text
 
-from dbmigrate import backup, db, guard, pgtools, revisions
-from dbmigrate.backup import DumpOptions, Manifest, ProgressFn
-from dbmigrate.errors import BackupFailed, ConfigError
+from dbmigrate import backup, db, guard, pgrestore, pgtools
+from dbmigrate.backup import DumpOptions, ProgressFn
+from dbmigrate.catalogue import Manifest
+from dbmigrate.errors import BackupFailed, BackupUnreadable, ConfigError, RestoreFailed
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.storage import CHUNK, Storage
 from dbmigrate.target import DatabaseTarget
@@ -40,7 +41,6 @@ LOCK_NOT_AVAILABLE = "55P03"  # the SQLSTATE of a lock_timeout
 
 @dataclass
 class RestoreResult:
-    backup_id: str
     database: str
     safety_backup: Manifest | None
 
@@ -66,14 +66,14 @@ def into_new_database(
         major, _ = db.server_version(conn)
         if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
             raise ConfigError(f"database '{name}' already exists: choose another --target-db")
-    backup.create_database(target, name, timeout)
+    db.create_database(target, name, timeout)
     try:
-        backup.restore_checked(target.with_database(name), storage, manifest, pgtools.find("pg_restore", major),
-                               timeout, jobs)
+        pgrestore.restore_checked(target.with_database(name), storage, manifest, pgtools.find("pg_restore", major),
+                                  timeout, jobs)
     except BaseException:
-        backup.drop_database(target, name, timeout)
+        db.drop_database(target, name, timeout)
         raise
-    return RestoreResult(manifest.id, name, None)
+    return RestoreResult(name, None)
 
 
 def over_original(
@@ -88,7 +88,7 @@ def over_original(
         major, _ = db.server_version(conn)
     pg_restore, psql = pgtools.find("pg_restore", major), pgtools.find("psql", major)
     # Fail before the safety backup and before any lock is taken if the backup is unreadable.
-    backup.check_stored(storage, manifest, pg_restore)
+    pgrestore.check_stored(storage, manifest, pg_restore)
     safety = take_safety_backup() if take_safety_backup else None
     with db.connect(target, timeout) as conn:
         prelude = _prelude(_user_schemas(conn), lock_timeout_s)
@@ -96,8 +96,8 @@ def over_original(
         try:
             _replay(applier, prelude, pg_restore, storage, manifest, target)
         except BackupFailed as exc:
-            raise BackupFailed(f"restore failed, database left as it was: {exc}") from None
-    return RestoreResult(manifest.id, target.database, safety)
+            raise RestoreFailed(f"restore failed, database left as it was: {exc}") from None
+    return RestoreResult(target.database, safety)
 
 
 def _prelude(schemas: list[str], lock_timeout_s: float) -> bytes:
@@ -147,7 +147,7 @@ class _Psql:
         if self.proc.returncode > 0 and LOCK_NOT_AVAILABLE in stderr:
             return (f"a lock was not granted within the lock timeout ({self.lock_timeout_s:g}s); "
                     f"held by {_lock_holders(self.target, self.timeout)}")
-        return backup.stderr_tail(self.proc, self.target, stderr)
+        return pgrestore.stderr_tail(self.proc, self.target, stderr)
 
 
 def _replay(applier: _Psql, prelude: bytes, pg_restore: Path, storage: Storage, manifest: Manifest,
@@ -155,18 +155,18 @@ def _replay(applier: _Psql, prelude: bytes, pg_restore: Path, storage: Storage, 
     """Feed psql the prelude and the backup's script; send the COMMIT only if nothing failed."""
     psql = applier.proc
     try:
-        with backup.pg_restore_process(pg_restore, ["--single-transaction", "--file=-"], storage, manifest,
-                                       stdout=subprocess.PIPE) as restoring:
-            forwarded = backup.in_background(lambda: _forward(prelude, restoring.proc, psql))
+        with pgrestore.pg_restore_process(pg_restore, ["--single-transaction", "--file=-"], storage, manifest,
+                                          stdout=subprocess.PIPE) as restoring:
+            forwarded = pgrestore.in_background(lambda: _forward(prelude, restoring.proc, psql))
         tail = forwarded()
         if tail is None or psql.poll() is not None:
-            raise BackupFailed(applier.failure())
+            raise RestoreFailed(applier.failure())
         if restoring.proc.returncode != 0:
-            raise BackupFailed(backup.stderr_tail(restoring.proc, target))
+            raise RestoreFailed(pgrestore.stderr_tail(restoring.proc, target))
         if restoring.sha256 != manifest.sha256:
-            raise BackupFailed(f"{manifest.location} does not match its sha256")
+            raise BackupUnreadable(f"{manifest.location} does not match its sha256")
         if not _ends_with_commit(tail):
-            raise BackupFailed("pg_restore's script does not end with its COMMIT")
+            raise RestoreFailed("pg_restore's script does not end with its COMMIT")
         try:
             psql.stdin.write(tail)
             psql.stdin.close()
@@ -177,7 +177,7 @@ def _replay(applier: _Psql, prelude: bytes, pg_restore: Path, storage: Storage, 
         psql.wait()
         raise
     if psql.wait() != 0:
-        raise BackupFailed(applier.failure())
+        raise RestoreFailed(applier.failure())
 
 
 def _forward(prelude: bytes, restoring: subprocess.Popen, psql: subprocess.Popen) -> bytes | None:
@@ -234,9 +234,7 @@ def replace_with_backup(
     after a backup of the current state (``safety_backup`` None: without one)."""
 
     def take_safety_backup() -> Manifest:
-        with db.connect(target, timeout) as conn:
-            revision = revisions.current_label(conn)
-        return backup.take(target, storage, revision, safety_backup, on_progress, timeout)
+        return backup.take(target, storage, safety_backup, on_progress, timeout)
 
     with guard.hold(target, "restore", guard_wait_s, timeout):
         return over_original(target, storage, manifest, timeout, take_safety_backup if safety_backup else None,

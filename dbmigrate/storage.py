@@ -113,12 +113,11 @@ class LocalStorage:
             path.unlink(missing_ok=True)
             raise
 
-    def directory(self, key: str, create: bool = True) -> Path:
+    def directory(self, key: str) -> Path:
         """A directory for pg_dump's directory format (only local storage has one)."""
         path = self._path(key)
-        if create:
-            with _failing_as_storage(f"creating {path.parent}", OSError):
-                path.parent.mkdir(parents=True, exist_ok=True)
+        with _failing_as_storage(f"creating {path.parent}", OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     @contextmanager

@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from blocks import load_policy
-from dbmigrate import backup, db, drift, health, revisions
+from dbmigrate import backup, catalogue, drift, health
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import MigrationFailed
 from flows import audit
@@ -77,13 +77,11 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
     rules = load_policy(target.environment)
     settings = settings_for(rules, None, backup_storage)
     storage = settings.storage()
-    with db.connect(target, settings.connect_timeout) as conn:
-        revision = revisions.current_label(conn)
     progress = audit.BackupProgress(environment)
-    manifest = phase_runner(rules)("backup", backup.take, target, storage, revision,
+    manifest = phase_runner(rules)("backup", backup.take, target, storage,
                                    DumpOptions(verify_restore=verify_restore), progress, settings.connect_timeout)
     progress.done()
-    pruned = backup.prune(storage, target, keep_last, keep_days) if keep_last is not None else []
+    pruned = catalogue.prune(storage, target, keep_last, keep_days) if keep_last is not None else []
     create_markdown_artifact(
         f"## db-backup {environment}\n\nBackup `{manifest.id}` at {manifest.location}: {manifest.size_bytes} bytes, "
         f"sha256 `{manifest.sha256}`, {'verified by a restore' if manifest.verified else 'checksum checked'}.\n\n"

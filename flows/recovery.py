@@ -44,7 +44,7 @@ from sqlalchemy import text
 
 from blocks import load_target
 from dbmigrate import db, fingerprint, guard, migrate, phases, revisions
-from dbmigrate.backup import Manifest
+from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import ConnectionFailed, DbMigrateError, first_line
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.pipeline import RunPhase

@@ -11,7 +11,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from blocks import load_policy
-from dbmigrate import __version__, backup, db, fingerprint, pipeline, restore
+from dbmigrate import __version__, catalogue, db, fingerprint, pipeline, restore
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, MigrationFailed, ReportNotWritten
 from dbmigrate.report import DRY_RUN, SUCCEEDED, Report
 from flows import audit, recovery
@@ -83,7 +83,7 @@ def _restore(target, settings, rules, environment, backup_id, dry_run, requested
     phase = "load"
     try:
         storage = settings.storage()
-        manifest = backup.find(storage, target, backup_id)
+        manifest = catalogue.find(storage, target, backup_id)
         with db.connect(target, settings.connect_timeout) as conn:
             now = fingerprint.take(conn)
         changes = fingerprint.tables_differing(now.row_counts, manifest.row_counts)

@@ -9,9 +9,9 @@ import time
 import pytest
 from sqlalchemy import text
 
-from dbmigrate import backup, db, restore
+from dbmigrate import backup, catalogue, db, restore
 from dbmigrate.backup import DumpOptions
-from dbmigrate.errors import BackupFailed
+from dbmigrate.errors import BackupUnreadable, DumpFailed, RestoreFailed, StorageFailed
 from dbmigrate.storage import LocalStorage
 from tests.conftest import fingerprint_of
 
@@ -25,6 +25,19 @@ def fill(pg_cluster, target, rows: int) -> None:
             "jsonb_build_object('n', random(), 'tag', md5(g::text)) FROM generate_series(1, %s) g",
             (rows,),
         )
+
+
+def stamp(pg_cluster, target, revision: str) -> None:
+    """The database at ``revision``, as Alembic records it."""
+    with pg_cluster.admin(target.database) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS alembic_version (version_num varchar(32) PRIMARY KEY)")
+        conn.execute("DELETE FROM alembic_version")
+        conn.execute("INSERT INTO alembic_version VALUES (%s)", (revision,))
+
+
+def revision_of(pg_cluster, database: str) -> list[str]:
+    with pg_cluster.admin(database) as conn:
+        return [row[0] for row in conn.execute("SELECT version_num FROM alembic_version")]
 
 
 @pytest.fixture
@@ -41,8 +54,10 @@ def storage(request, tmp_path):
 
 def test_backup_manifest_verify_and_list(storage, pg_cluster, target):
     fill(pg_cluster, target, 1000)
-    manifest = backup.take(target, storage, "0003", DumpOptions(verify_restore=True))
-    assert manifest.row_counts == {"public.payload": 1000}
+    stamp(pg_cluster, target, "0003")
+    manifest = backup.take(target, storage, DumpOptions(verify_restore=True))
+    assert manifest.row_counts == {"public.alembic_version": 1, "public.payload": 1000}
+    assert manifest.revision == "0003"
     assert manifest.verified and manifest.checks == {"sha256": True, "pg_restore_list": True, "restore": True}
     assert manifest.key == f"test/{target.database}/{manifest.id}.dump" and manifest.id.endswith("-0003")
     assert manifest.compression in ("zstd:3", "gzip:6") and manifest.size_bytes > 0
@@ -52,9 +67,9 @@ def test_backup_manifest_verify_and_list(storage, pg_cluster, target):
         import hashlib
 
         assert hashlib.sha256(body.read()).hexdigest() == manifest.sha256
-    second = backup.take(target, storage, "0003")
+    second = backup.take(target, storage)
     assert not second.verified and second.checks == {"sha256": True, "pg_restore_list": True}
-    assert [m.id for m in backup.list_backups(storage, target)] == [second.id, manifest.id]
+    assert [m.id for m in catalogue.list_backups(storage, target)] == [second.id, manifest.id]
     scratch = [n for n in pg_cluster.databases() if n.startswith("dbmigrate_verify_")]
     assert scratch == [], "the scratch database of --verify-restore must be dropped"
 
@@ -70,10 +85,51 @@ def test_row_counts_come_from_the_dumped_snapshot(local_storage, pg_cluster, tar
                 conn.execute("INSERT INTO payload SELECT g, 'late', '{}' FROM generate_series(1000001, 1000500) g")
             inserted.set()
 
-    manifest = backup.take(target, local_storage, None, DumpOptions(verify_restore=True, progress_interval_s=0),
+    manifest = backup.take(target, local_storage, DumpOptions(verify_restore=True, progress_interval_s=0),
                            on_progress=insert_once)
     assert inserted.is_set()
     assert manifest.row_counts == {"public.payload": 200_000} and manifest.verified
+
+
+def test_the_manifest_names_the_revision_that_was_dumped(cli, url, pg_cluster, target, tmp_path):
+    """The revision is read in the dump's snapshot: a migration committing before the snapshot
+    is in both the dump and the manifest, one committing after it (pg_dump running) in neither.
+    A pg_dump shim on PG_BIN_DIR commits those changes: 0002 when pg_dump is looked up (after
+    an earlier connection could have read the revision, before the snapshot), 0003 just before
+    the dump itself starts (after the snapshot was exported)."""
+    from dbmigrate import pgtools
+
+    fill(pg_cluster, target, 1000)
+    stamp(pg_cluster, target, "0001")
+    with db.connect(target) as conn:
+        major = db.server_version(conn)[0]
+    conninfo = tmp_path / "conninfo"  # the password stays out of the shim's argv
+    conninfo.write_text(url)
+    conninfo.chmod(0o600)
+    shim_dir = tmp_path / "bin"
+    shim_dir.mkdir()
+    (shim_dir / "pg_dump").write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *--snapshot=*) revision=0003 ;; *) revision=0002 ;; esac\n'
+        f'{pgtools.find("psql", major)} --no-psqlrc --quiet --set=ON_ERROR_STOP=1 "$(cat {conninfo})" '
+        '--command="UPDATE alembic_version SET version_num = \'$revision\'" >/dev/null || exit 99\n'
+        f'exec {pgtools.find("pg_dump", major)} "$@"\n'
+    )
+    (shim_dir / "pg_dump").chmod(0o755)
+    env = {"DATABASE_URL": url, "PG_BIN_DIR": str(shim_dir)}
+
+    taken = cli("backup", "--json", env=env)
+    assert taken.returncode == 0, taken.stderr
+    manifest = json.loads(taken.stdout)
+    assert revision_of(pg_cluster, target.database) == ["0003"], "the shim committed both changes"
+    copy = target.database + "_copy"
+    restored = cli("restore", manifest["id"], "--target-db", copy, env=env)
+    try:
+        assert restored.returncode == 0, restored.stderr
+        assert revision_of(pg_cluster, copy) == ["0002"]
+    finally:
+        pg_cluster.drop_database(copy)
+    assert manifest["revision"] == "0002" and manifest["id"].endswith("-0002")
 
 
 def test_pg_dump_failure_leaves_nothing(storage, pg_cluster, target):
@@ -81,10 +137,10 @@ def test_pg_dump_failure_leaves_nothing(storage, pg_cluster, target):
     with pg_cluster.admin(target.database) as blocker:
         blocker.autocommit = False
         blocker.execute("LOCK TABLE payload IN ACCESS EXCLUSIVE MODE")
-        with pytest.raises(BackupFailed, match="pg_dump failed: .*statement timeout .*LOCK TABLE public.payload"):
-            backup.take(target, storage, None, DumpOptions(lock_wait_timeout_s=1))
+        with pytest.raises(DumpFailed, match="pg_dump failed: .*statement timeout .*LOCK TABLE public.payload"):
+            backup.take(target, storage, DumpOptions(table_lock_wait_s=1))
         blocker.rollback()
-    assert storage.keys("") == [] and backup.list_backups(storage, target) == []
+    assert storage.keys("") == [] and catalogue.list_backups(storage, target) == []
 
 
 def test_pg_dump_dying_mid_stream_leaves_nothing(storage, pg_cluster, target):
@@ -94,9 +150,9 @@ def test_pg_dump_dying_mid_stream_leaves_nothing(storage, pg_cluster, target):
         with pg_cluster.admin() as conn:
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_dump'")
 
-    with pytest.raises(BackupFailed, match="pg_dump failed"):
-        backup.take(target, storage, None, DumpOptions(progress_interval_s=0), on_progress=kill_pg_dump)
-    assert storage.keys("") == [] and backup.list_backups(storage, target) == []
+    with pytest.raises(DumpFailed, match="pg_dump failed"):
+        backup.take(target, storage, DumpOptions(progress_interval_s=0), on_progress=kill_pg_dump)
+    assert storage.keys("") == [] and catalogue.list_backups(storage, target) == []
 
 
 def test_disk_full_removes_the_partial_file(pg_cluster, target, tmp_path):
@@ -109,8 +165,8 @@ def test_disk_full_removes_the_partial_file(pg_cluster, target, tmp_path):
     try:
         fill(pg_cluster, target, 100_000)
         storage = LocalStorage(mountpoint / "backups")
-        with pytest.raises(BackupFailed, match="storage: writing .* failed: No space left on device"):
-            backup.take(target, storage, None)
+        with pytest.raises(StorageFailed, match="storage: writing .* failed: No space left on device"):
+            backup.take(target, storage)
         assert storage.keys("") == []
         assert not any(pg_dump_processes()), "pg_dump must not be left running"
     finally:
@@ -127,8 +183,8 @@ def test_missing_bucket_fails_before_anything_is_stored(s3_storage, target):
     from dbmigrate.storage import S3Storage
 
     missing = S3Storage(s3_storage.client, "no-such-bucket")
-    with pytest.raises(BackupFailed, match="storage: upload to s3://no-such-bucket/.* failed: .*NoSuchBucket"):
-        backup.take(target, missing, None)
+    with pytest.raises(StorageFailed, match="storage: upload to s3://no-such-bucket/.* failed: .*NoSuchBucket"):
+        backup.take(target, missing)
 
 
 def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
@@ -163,10 +219,10 @@ def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
             threading.Thread(target=come_back).start()
 
     try:
-        with pytest.raises(BackupFailed, match="storage: upload to s3://outage/.* failed"):
-            backup.take(target, storage, None, DumpOptions(progress_interval_s=0), on_progress=cut_after_first_part)
+        with pytest.raises(StorageFailed, match="storage: upload to s3://outage/.* failed"):
+            backup.take(target, storage, DumpOptions(progress_interval_s=0), on_progress=cut_after_first_part)
         assert storage.client.list_multipart_uploads(Bucket="outage").get("Uploads", []) == []
-        assert storage.keys("") == [] and backup.list_backups(storage, target) == []
+        assert storage.keys("") == [] and catalogue.list_backups(storage, target) == []
     finally:
         if replacement.get("server"):
             replacement["server"].stop()
@@ -175,7 +231,7 @@ def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
 def test_restore_into_a_new_database_and_over_the_original(storage, pg_cluster, target):
     fill(pg_cluster, target, 500)
     before = fingerprint_of(target)
-    manifest = backup.take(target, storage, None)
+    manifest = backup.take(target, storage)
     with pg_cluster.admin(target.database) as conn:  # what a migration might do afterwards
         conn.execute("DELETE FROM payload WHERE id <= 100")
         conn.execute("CREATE TABLE added_later (id int REFERENCES payload(id))")
@@ -185,13 +241,13 @@ def test_restore_into_a_new_database_and_over_the_original(storage, pg_cluster, 
     try:
         assert fingerprint_of(target.with_database(copy.database)).row_counts == {"public.payload": 500}
     finally:
-        backup.drop_database(target, copy.database, 10)
+        db.drop_database(target, copy.database, 10)
 
     result = restore.over_original(target, storage, manifest, 10,
-                                   lambda: backup.take(target, storage, "before-restore"))
+                                   lambda: backup.take(target, storage))
     assert fingerprint_of(target) == before
     assert result.safety_backup.row_counts == changed.row_counts
-    assert {m.id for m in backup.list_backups(storage, target)} == {manifest.id, result.safety_backup.id}
+    assert {m.id for m in catalogue.list_backups(storage, target)} == {manifest.id, result.safety_backup.id}
 
 
 def test_failed_restore_leaves_the_database_as_it_was(local_storage, pg_cluster, target):
@@ -199,20 +255,20 @@ def test_failed_restore_leaves_the_database_as_it_was(local_storage, pg_cluster,
         conn.execute("CREATE ROLE short_lived")
         conn.execute("CREATE TABLE owned (id int)")
         conn.execute("ALTER TABLE owned OWNER TO short_lived")
-    manifest = backup.take(target, local_storage, None)
+    manifest = backup.take(target, local_storage)
     with pg_cluster.admin(target.database) as conn:
         conn.execute("ALTER TABLE owned OWNER TO postgres")
         conn.execute("DROP ROLE short_lived")
         conn.execute("INSERT INTO owned VALUES (1), (2)")
     before = fingerprint_of(target)
-    with pytest.raises(BackupFailed, match='restore failed, database left as it was: .*role "short_lived"'):
+    with pytest.raises(RestoreFailed, match='restore failed, database left as it was: .*role "short_lived"'):
         restore.over_original(target, local_storage, manifest, 10, None)
     assert fingerprint_of(target) == before
 
 
 def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storage, pg_cluster, target):
     fill(pg_cluster, target, 100)
-    manifest = backup.take(target, local_storage, None)
+    manifest = backup.take(target, local_storage)
     with pg_cluster.admin(target.database) as conn:
         conn.execute("DELETE FROM payload")
     before = fingerprint_of(target)
@@ -220,22 +276,22 @@ def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storag
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(BackupFailed, match="does not match its sha256"):
+    with pytest.raises(BackupUnreadable, match="verify: .* does not match its sha256"):
         restore.over_original(target, local_storage, manifest, 10, None)
     assert fingerprint_of(target) == before
 
 
 def test_prune_keeps_the_newest_verified(local_storage, pg_cluster, target):
     fill(pg_cluster, target, 10)
-    verified = backup.take(target, local_storage, "a", DumpOptions(verify_restore=True))
-    newer = [backup.take(target, local_storage, "b") for _ in range(3)]
-    deleted = backup.prune(local_storage, target, keep_last=1, keep_days=None)
+    verified = backup.take(target, local_storage, DumpOptions(verify_restore=True))
+    newer = [backup.take(target, local_storage) for _ in range(3)]
+    deleted = catalogue.prune(local_storage, target, keep_last=1, keep_days=None)
     assert {m.id for m in deleted} == {newer[0].id, newer[1].id}
-    assert [m.id for m in backup.list_backups(local_storage, target)] == [newer[2].id, verified.id]
+    assert [m.id for m in catalogue.list_backups(local_storage, target)] == [newer[2].id, verified.id]
     assert sorted(local_storage.keys("")) == sorted(
         k for m in (newer[2], verified) for k in (m.key, m.manifest_key)
     )
-    assert backup.prune(local_storage, target, keep_last=1, keep_days=1) == [], "all are younger than a day"
+    assert catalogue.prune(local_storage, target, keep_last=1, keep_days=1) == [], "all are younger than a day"
 
 
 def test_backup_commands(cli, url, target, pg_cluster, home):
@@ -273,7 +329,7 @@ def test_parallel_directory_format(local_storage, s3_storage, pg_cluster, target
     fill(pg_cluster, target, 20_000)
     with pg_cluster.admin(target.database) as conn:
         conn.execute("CREATE TABLE second AS SELECT * FROM payload WHERE id <= 500")
-    manifest = backup.take(target, local_storage, "0006", DumpOptions(jobs=2, verify_restore=True))
+    manifest = backup.take(target, local_storage, DumpOptions(jobs=2, verify_restore=True))
     assert manifest.format == "directory" and manifest.key.endswith(".dir") and manifest.verified
     assert manifest.row_counts == {"public.payload": 20_000, "public.second": 500}
     assert (local_storage.root / manifest.key / "toc.dat").is_file()
@@ -282,17 +338,17 @@ def test_parallel_directory_format(local_storage, s3_storage, pg_cluster, target
     try:
         assert fingerprint_of(target.with_database(copy.database)).row_counts == manifest.row_counts
     finally:
-        backup.drop_database(target, copy.database, 10)
+        db.drop_database(target, copy.database, 10)
 
     with pg_cluster.admin(target.database) as conn:
         conn.execute("DROP TABLE second")
     restore.over_original(target, local_storage, manifest, 10, None)
     assert fingerprint_of(target).row_counts == manifest.row_counts
 
-    listed = backup.catalogue(local_storage, target).backups
+    listed = catalogue.catalogue(local_storage, target).backups
     assert [(b.manifest.id, b.stored_size, b.damage) for b in listed] == [(manifest.id, manifest.size_bytes, None)]
     with pytest.raises(Exception, match="--jobs needs a local directory"):
-        backup.take(target, s3_storage, None, DumpOptions(jobs=2))
+        backup.take(target, s3_storage, DumpOptions(jobs=2))
 
 
 def test_plain_s3_url_uses_boto3_credentials_without_prefect(cli, url, s3_endpoint, s3_storage, target):

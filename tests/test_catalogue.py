@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dbmigrate import backup
+from dbmigrate import backup, catalogue
 from dbmigrate.errors import ConfigError
 from dbmigrate.storage import LocalStorage
 from dbmigrate.target import DatabaseTarget
@@ -26,7 +26,7 @@ def small_table(pg_cluster, target, rows: int = 20) -> None:
         conn.execute("INSERT INTO item SELECT g, 'item ' || g FROM generate_series(1, %s) g", (rows,))
 
 
-def plant_manifest(storage: LocalStorage, like: backup.Manifest, backup_name: str, **fields) -> str:
+def plant_manifest(storage: LocalStorage, like: catalogue.Manifest, backup_name: str, **fields) -> str:
     """A manifest beside the real ones, copied from ``like`` with ``fields`` changed."""
     key = f"{like.key.rsplit('/', 1)[0]}/{backup_name}.json"
     data = {**json.loads(like.to_json()), "id": backup_name, "created_at": "2000-01-01T00:00:00+00:00", **fields}
@@ -52,7 +52,7 @@ def test_prune_never_deletes_what_a_manifest_names_outside_the_storage(cli, url,
     env = {"DATABASE_URL": url}
     taken = cli("backup", "--json", "--storage", str(store.root), env=env)
     assert taken.returncode == 0, taken.stderr
-    good = backup.Manifest.from_json(taken.stdout)
+    good = catalogue.Manifest.from_json(taken.stdout)
     absolute_victim, relative_victim = tmp_path / "absolute-victim", tmp_path / "relative-victim"
     for victim in (absolute_victim, relative_victim):
         victim.write_text("not a backup: must survive any prune")
@@ -69,13 +69,13 @@ def test_prune_never_deletes_what_a_manifest_names_outside_the_storage(cli, url,
     assert len(warnings) == 2 and all(w.startswith("dbmigrate: warning: skipped damaged manifest") for w in warnings)
     assert all(any(key in w for w in warnings) for key in planted), pruned.stderr
     assert "nothing to prune" in pruned.stdout
-    assert [m.id for m in backup.list_backups(store, as_url)] == [good.id]
+    assert [m.id for m in catalogue.list_backups(store, as_url)] == [good.id]
 
 
 def test_a_dump_symlinked_out_of_the_storage_is_never_read(pg_cluster, target, store, tmp_path):
     """Item 6: a planted symlink as a dump, with a manifest that names it properly."""
     small_table(pg_cluster, target)
-    good = backup.take(target, store, None)
+    good = backup.take(target, store)
     outside = tmp_path / "outside.dump"
     outside.write_bytes((store.root / good.key).read_bytes())
     name = "20000101T000000.000Z-link"
@@ -83,9 +83,9 @@ def test_a_dump_symlinked_out_of_the_storage_is_never_read(pg_cluster, target, s
     link.symlink_to(outside)
     plant_manifest(store, good, name, key=f"{good.key.rsplit('/', 1)[0]}/{name}.dump")
 
-    assert [m.id for m in backup.list_backups(store, target)] == [good.id]
+    assert [m.id for m in catalogue.list_backups(store, target)] == [good.id]
     with pytest.raises(ConfigError, match="the manifest of backup .* is damaged \\(refusing storage key"):
-        backup.find(store, target, name)
+        catalogue.find(store, target, name)
 
 
 def test_an_environment_named_dotdot_writes_only_inside_the_storage(cli, url, pg_cluster, target, store):
@@ -97,22 +97,22 @@ def test_an_environment_named_dotdot_writes_only_inside_the_storage(cli, url, pg
     written = [p for p in outside.rglob("*") if p.is_file()]
     assert written and all(p.is_relative_to(store.root) for p in written), written
     assert json.loads(taken.stdout)["key"].startswith(f"__/{target.database}/")
-    assert backup.prefix(DatabaseTarget(target.url, "..").with_database("..")) == "__/__/", "a database named .."
+    assert catalogue.prefix(DatabaseTarget(target.url, "..").with_database("..")) == "__/__/", "a database named .."
 
 
 def test_s3_keys_follow_the_same_rules(s3_storage, pg_cluster, target):
     """Item 6 on S3: a manifest naming an object outside its own prefix is skipped, never followed."""
     small_table(pg_cluster, target)
-    good = backup.take(target, s3_storage, None)
+    good = backup.take(target, s3_storage)
     s3_storage.write_text("victims/precious.dump", "another environment's backup")
     for name, key in (("20000101T000000.000Z-other", "victims/precious.dump"),
                       ("20000101T000000.001Z-up", "../victims/precious.dump")):
         data = {**json.loads(good.to_json()), "id": name, "key": key, "created_at": "2000-01-01T00:00:00+00:00"}
-        s3_storage.write_text(f"{backup.prefix(target)}{name}.json", json.dumps(data))
+        s3_storage.write_text(f"{catalogue.prefix(target)}{name}.json", json.dumps(data))
 
-    assert backup.prune(s3_storage, target, keep_last=1, keep_days=None) == []
+    assert catalogue.prune(s3_storage, target, keep_last=1, keep_days=None) == []
     assert s3_storage.read_text("victims/precious.dump") == "another environment's backup"
-    assert len(backup.catalogue(s3_storage, target).skipped) == 2
+    assert len(catalogue.catalogue(s3_storage, target).skipped) == 2
     with pytest.raises(ConfigError, match="refusing storage key"):
         s3_storage.delete("test/../victims/precious.dump")
 
@@ -138,21 +138,21 @@ def test_keep_last_below_one_and_bad_keep_days_are_refused(cli, url, pg_cluster,
 def test_the_newest_good_backup_survives_prune_when_newer_ones_are_damaged(pg_cluster, target, store):
     """Items 7 and 19: nothing is verified; the newer backups lost or truncated their dump."""
     small_table(pg_cluster, target)
-    good, lost, truncated = (backup.take(target, store, "0001") for _ in range(3))
+    good, lost, truncated = (backup.take(target, store) for _ in range(3))
     (store.root / lost.key).unlink()
     with open(store.root / truncated.key, "r+b") as dump:
         dump.truncate(truncated.size_bytes // 2)
 
-    assert [m.id for m in backup.prune(store, target, keep_last=1, keep_days=None, dry_run=True)] == [lost.id]
-    listing = backup.catalogue(store, target)
+    assert [m.id for m in catalogue.prune(store, target, keep_last=1, keep_days=None, dry_run=True)] == [lost.id]
+    listing = catalogue.catalogue(store, target)
     assert [(b.manifest.id, b.status) for b in listing.backups] == [
         (truncated.id, "damaged"), (lost.id, "damaged"), (good.id, "checked")]
     assert listing.newest_restorable().manifest.id == good.id
     with pytest.raises(ConfigError, match="is damaged \\(size differs: truncated or corrupted"):
-        backup.find(store, target, truncated.id)
+        catalogue.find(store, target, truncated.id)
 
-    assert [m.id for m in backup.prune(store, target, keep_last=1, keep_days=None)] == [lost.id]
-    assert [b.manifest.id for b in backup.catalogue(store, target).backups] == [truncated.id, good.id]
+    assert [m.id for m in catalogue.prune(store, target, keep_last=1, keep_days=None)] == [lost.id]
+    assert [b.manifest.id for b in catalogue.catalogue(store, target).backups] == [truncated.id, good.id]
     assert (store.root / good.key).exists()
 
 
@@ -162,8 +162,8 @@ def test_list_says_what_it_knows_of_each_backup(cli, url, pg_cluster, target, as
     small_table(pg_cluster, target)
     env = {"DATABASE_URL": url}
     storage = ["--storage", str(store.root)]
-    verified = backup.take(as_url, store, "0001", backup.DumpOptions(verify_restore=True))
-    checked, lost, truncated, unreadable = (backup.take(as_url, store, "0001") for _ in range(4))
+    verified = backup.take(as_url, store, backup.DumpOptions(verify_restore=True))
+    checked, lost, truncated, unreadable = (backup.take(as_url, store) for _ in range(4))
     (store.root / lost.key).unlink()
     with open(store.root / truncated.key, "r+b") as dump:
         dump.truncate(truncated.size_bytes - 1)

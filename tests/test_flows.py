@@ -312,7 +312,7 @@ def test_db_rollback_to_a_revision_dry_run_first_then_approved(environment, targ
 
 
 def test_db_backup_then_db_rollback_from_it_in_production(environment, target, home, tmp_path, cli, url):
-    from dbmigrate import backup
+    from dbmigrate import catalogue
     from dbmigrate.storage import LocalStorage
     from dbmigrate.target import DatabaseTarget
 
@@ -350,7 +350,7 @@ def test_db_backup_then_db_rollback_from_it_in_production(environment, target, h
     assert fingerprint_of(target) == backed_up
     result = state.result()
     assert result["approval"]["approver"] == "Erin"
-    listed = [m.id for m in backup.list_backups(LocalStorage(home / "backups"), DatabaseTarget(target.url, name))]
+    listed = [m.id for m in catalogue.list_backups(LocalStorage(home / "backups"), DatabaseTarget(target.url, name))]
     assert result["safety_backup"] in listed, "the state before the restore was backed up first"
     assert "Approved by Erin (prefect-ui)" in artifact("db-rollback-production-restore")
     assert "**succeeded**" in artifact("db-rollback-production")
@@ -384,7 +384,7 @@ def test_db_health_reports_pending_revisions_and_drift(environment, target, tmp_
 def test_db_backup_to_an_s3_bucket_block_prunes_but_keeps_the_newest_verified(environment, target, s3_endpoint):
     import uuid
 
-    from dbmigrate import backup
+    from dbmigrate import catalogue
     from dbmigrate.storage import S3Storage
     from dbmigrate.target import DatabaseTarget
     from tests.conftest import s3_bucket_block
@@ -403,10 +403,10 @@ def test_db_backup_to_an_s3_bucket_block_prunes_but_keeps_the_newest_verified(en
 
     verified = nightly(verify_restore=True)
     unverified = nightly(verify_restore=False, keep_last=1)
-    assert [m.id for m in backup.list_backups(storage, production)] == [unverified, verified], \
+    assert [m.id for m in catalogue.list_backups(storage, production)] == [unverified, verified], \
         "the newest verified backup is never pruned"
     newest = nightly(verify_restore=True, keep_last=1)
-    assert [m.id for m in backup.list_backups(storage, production)] == [newest]
+    assert [m.id for m in catalogue.list_backups(storage, production)] == [newest]
     assert sorted(storage.keys("")) == sorted(f"production/{target.database}/{newest}.{ext}" for ext in ("dump", "json"))
 
 

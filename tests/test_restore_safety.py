@@ -13,8 +13,8 @@ import time
 import psutil
 import pytest
 
-from dbmigrate import auto_rollback, backup, restore
-from dbmigrate.errors import BackupFailed
+from dbmigrate import auto_rollback, backup, catalogue, db, pgrestore, restore
+from dbmigrate.errors import RestoreFailed
 from dbmigrate.settings import Settings
 from dbmigrate.storage import LocalStorage, S3Storage
 from tests.conftest import REPO, assert_no_canary, fingerprint_of, one_line_error
@@ -117,13 +117,13 @@ def test_dbmigrate_killed_mid_replay_commits_nothing(big_backup, pg_cluster, tar
 
 def _replaced_after_the_check(monkeypatch, storage, manifest, body: bytes) -> None:
     """The stored object passes the pre-check, then changes before the replay reads it."""
-    check_stored = backup.check_stored
+    check_stored = pgrestore.check_stored
 
     def check_then_replace(*args, **kwargs):
         check_stored(*args, **kwargs)
         storage.client.put_object(Bucket=storage.bucket, Key=storage._key(manifest.key), Body=body)
 
-    monkeypatch.setattr(backup, "check_stored", check_then_replace)
+    monkeypatch.setattr(pgrestore, "check_stored", check_then_replace)
 
 
 @pytest.mark.parametrize("change", ["truncated", "another backup"])
@@ -131,7 +131,7 @@ def test_s3_object_that_changes_after_the_check_commits_nothing(change, s3_stora
     """Item 1b: what the replay reads is not what was checked; known only at the end of
     the stream (a truncated object, or another valid backup with the wrong sha256)."""
     fill(pg_cluster, target, 20_000)
-    manifest = backup.take(target, s3_storage, None)
+    manifest = backup.take(target, s3_storage)
     with s3_storage.open(manifest.key) as body:
         original = body.read()
     with pg_cluster.admin(target.database) as conn:
@@ -139,7 +139,7 @@ def test_s3_object_that_changes_after_the_check_commits_nothing(change, s3_stora
     if change == "truncated":
         replacement = original[:-5]  # all the data, without the end of its last block
     else:
-        other = backup.take(target, s3_storage, None)
+        other = backup.take(target, s3_storage)
         with s3_storage.open(other.key) as body:
             replacement = body.read()
     with pg_cluster.admin(target.database) as conn:
@@ -147,7 +147,7 @@ def test_s3_object_that_changes_after_the_check_commits_nothing(change, s3_stora
     before = fingerprint_of(target)
     _replaced_after_the_check(monkeypatch, s3_storage, manifest, replacement)
 
-    with pytest.raises(BackupFailed, match="restore failed, database left as it was: "):
+    with pytest.raises(RestoreFailed, match="restore failed, database left as it was: "):
         restore.over_original(target, s3_storage, manifest, 10, None)
     assert fingerprint_of(target) == before
 
@@ -163,7 +163,7 @@ def test_automatic_rollback_whose_restore_is_killed_reports_failure(cli, url, pg
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
     storage = LocalStorage(tmp_path / "backups")
     before = fingerprint_of(target)
-    manifest = backup.take(target, storage, "r1")
+    manifest = backup.take(target, storage)
     assert cli("upgrade", "-r", "r2", "--yes", "--alembic-config", ini, env=env).returncode == 0
     at_r2 = fingerprint_of(target)
     settings = Settings(home=tmp_path, alembic_config=ini)
@@ -232,7 +232,7 @@ def test_hostile_target_db_names_create_exactly_that_database(cli, url, pg_clust
             assert fingerprint_of(target.with_database(name)).row_counts == {"public.payload": 50}
         finally:
             for leftover in set(pg_cluster.databases()) - existing:
-                backup.drop_database(target, leftover, 10)
+                db.drop_database(target, leftover, 10)
 
 
 def test_schema_names_with_quotes_and_large_objects_are_restored(local_storage, pg_cluster, target):
@@ -241,7 +241,7 @@ def test_schema_names_with_quotes_and_large_objects_are_restored(local_storage, 
         conn.execute('CREATE SCHEMA "o\'dd ""schema""; x :y 5%"')
         conn.execute('CREATE TABLE "o\'dd ""schema""; x :y 5%".t AS SELECT 1 AS id')
         kept = conn.execute("SELECT lo_from_bytea(0, 'in the backup')").fetchone()[0]
-    manifest = backup.take(target, local_storage, None)
+    manifest = backup.take(target, local_storage)
     with pg_cluster.admin(target.database) as conn:
         conn.execute('INSERT INTO "o\'dd ""schema""; x :y 5%".t VALUES (2)')
         conn.execute("SELECT lo_put(%s, 0, 'CHANGED')", (kept,))
@@ -257,7 +257,7 @@ def test_restore_into_a_new_database_checks_the_row_counts(cli, url, pg_cluster,
     """Item 19: a copy whose row counts differ from the manifest is refused and dropped."""
     fill(pg_cluster, target, 50)
     manifest = backup_via_cli(cli, url)
-    path = home / "backups" / backup.manifest_key(manifest["key"])
+    path = home / "backups" / catalogue.manifest_key(manifest["key"])
     path.write_text(json.dumps({**manifest, "row_counts": {"public.payload": 49}}))
     existing = set(pg_cluster.databases())
     result = cli("restore", manifest["id"], "--target-db", target.database + "_copy", env={"DATABASE_URL": url})
