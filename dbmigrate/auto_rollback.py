@@ -2,7 +2,7 @@
 
 Run by the pipeline (its ``auto_rollback`` hook, the step "rollback") when migrate or
 validate fails, still holding the guard. Not to be confused with db-rollback, the
-operator's flow (flows/rollback.py), nor with a downgrade, the Alembic operation this
+operator's flow (flows/db_rollback.py), nor with a downgrade, the Alembic operation this
 module tries first.
 
 First choice: downgrade to the starting revision. If that is impossible or fails,

@@ -5,12 +5,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from blocks import load_policy
 from dbmigrate import backup, catalogue, drift, health
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import MigrationFailed
-from flows import audit
-from flows.migrate import database_for, ends_failed_on_error, phase_runner, settings_for
+from flows.artifacts import BackupProgress, artifact_key
+from flows.common import ends_failed_on_error, open_environment, phase_runner
 
 
 def checks_of_a_reachable_database(target, project, backup_dir, timeout: float) -> list[health.Check]:
@@ -34,23 +33,20 @@ def db_health(environment: str, credentials_block: str | None = None, alembic_co
         alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
         check_drift: Replay the migrations into a scratch database and compare schemas.
     """
-    target = database_for(environment, credentials_block)
-    audit.tag_run(environment)
-    rules = load_policy(target.environment)
-    settings = settings_for(rules, alembic_config, None)
-    run = phase_runner(rules)
-    project = settings.project(target)
-    checks = run("health_checks", checks_of_a_reachable_database, target, project, settings.backup_dir,
-                 settings.connect_timeout)
+    env = open_environment(environment, credentials_block, alembic_config)
+    run = phase_runner(env.policy)
+    project = env.settings.project(env.target)
+    checks = run("health_checks", checks_of_a_reachable_database, env.target, project, env.settings.backup_dir,
+                 env.settings.connect_timeout)
     if health.passed(checks):
         pending = next((c for c in checks if c.name == "pending_revisions"), None)
         if pending is not None and pending.data.get("pending"):
             pending.status = health.WARN  # not at head: worth a look, not an outage
         if check_drift:
-            checks.append(run("drift", drift.check, target, settings))
+            checks.append(run("drift", drift.check, env.target, env.settings))
     table = "\n".join(f"| {c.name} | {c.status} | {c.detail} |" for c in checks)
     create_markdown_artifact(f"## db-health {environment}\n\n| check | status | detail |\n|---|---|---|\n{table}",
-                             key=f"{audit.artifact_key(environment)}-health")
+                             key=f"{artifact_key(environment)}-health")
     failed = [c for c in checks if c.status == health.FAIL]
     if failed:
         raise MigrationFailed("health failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
@@ -72,20 +68,18 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
         keep_last: Then delete all but the newest N backups (the newest verified one always stays).
         keep_days: With keep_last, delete only backups older than this many days.
     """
-    target = database_for(environment, credentials_block)
-    audit.tag_run(environment)
-    rules = load_policy(target.environment)
-    settings = settings_for(rules, None, backup_storage)
-    storage = settings.storage()
-    progress = audit.BackupProgress(environment)
-    manifest = phase_runner(rules)("backup", backup.take, target, storage,
-                                   DumpOptions(verify_restore=verify_restore), progress, settings.connect_timeout)
+    env = open_environment(environment, credentials_block, backup_storage=backup_storage)
+    storage = env.settings.storage()
+    progress = BackupProgress(environment)
+    manifest = phase_runner(env.policy)("backup", backup.take, env.target, storage,
+                                        DumpOptions(verify_restore=verify_restore), progress,
+                                        env.settings.connect_timeout)
     progress.done()
-    pruned = catalogue.prune(storage, target, keep_last, keep_days) if keep_last is not None else []
+    pruned = catalogue.prune(storage, env.target, keep_last, keep_days) if keep_last is not None else []
     create_markdown_artifact(
         f"## db-backup {environment}\n\nBackup `{manifest.id}` at {manifest.location}: {manifest.size_bytes} bytes, "
         f"sha256 `{manifest.sha256}`, {'verified by a restore' if manifest.verified else 'checksum checked'}.\n\n"
         f"Pruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
-        key=f"{audit.artifact_key(environment)}-backup-summary",
+        key=f"{artifact_key(environment)}-backup-summary",
     )
     return manifest.summary()

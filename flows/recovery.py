@@ -50,8 +50,9 @@ from dbmigrate.migrate import SessionLimits
 from dbmigrate.pipeline import RunPhase
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
+from flows.artifacts import artifact_key  # the concurrency limit's name
 
-LEASE_S = 300  # the lease Prefect's concurrency() takes, and audit.one_run_per_environment with it
+LEASE_S = 300  # the lease Prefect's concurrency() takes, and concurrency.one_run_per_environment with it
 
 # The journal's phases, as the messages name them.
 PHASES = {"holding": "the checks before migrating", "planned": "approval, before migrating", "backup": "the backup",
@@ -201,8 +202,6 @@ def free_if_forgotten(entry: dict) -> bool:
     lease: releasing one then frees nothing, and with no lease left to lapse the slot stays
     taken for good. A lease younger than its duration cannot have lapsed, so one the server
     no longer knows was forgotten: free the slot by name instead. True if it did."""
-    from flows.audit import artifact_key
-
     held_s = time.time() - entry.get("since", 0)
     if not entry.get("lease") or held_s >= LEASE_S:
         return False

@@ -23,9 +23,9 @@ def run_flow(**parameters):
 
 
 def run_named(flow_name: str, **parameters):
+    from flows.db_rollback import db_rollback
     from flows.maintenance import db_backup, db_health
     from flows.migrate import db_migrate
-    from flows.rollback import db_rollback
 
     flow = {"db-migrate": db_migrate, "db-rollback": db_rollback, "db-health": db_health, "db-backup": db_backup}
     return flow[flow_name](return_state=True, **parameters)

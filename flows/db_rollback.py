@@ -1,6 +1,7 @@
-"""The db-rollback flow: back to a revision (a downgrade through the pipeline) or to a
-backup (restored over the database), with a dry run that shows what would change
-and a backup of the current state first."""
+"""The db-rollback flow, which an operator runs: back to a revision (a downgrade through
+the pipeline) or to a backup (restored over the database), with a dry run that shows what
+would change and a backup of the current state first. Not the automatic rollback inside a
+failed db-migrate run (:mod:`dbmigrate.auto_rollback`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import getpass
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from blocks import load_policy
 from dbmigrate import __version__, catalogue, db, fingerprint, pipeline, restore
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, MigrationFailed, ReportNotWritten
 from dbmigrate.report import DRY_RUN, SUCCEEDED, Report
-from flows import audit, recovery
-from flows.migrate import approval_in_ui, ask_in_ui, database_for, ends_failed_on_error, phase_runner, settings_for
+from flows import recovery
+from flows.artifacts import artifact_key, how_to_approve, publish
+from flows.common import Environment, approval_in_ui, ask_in_ui, ends_failed_on_error, open_environment, phase_runner
+from flows.concurrency import one_run_per_environment
 
 
 FLOW = "db-rollback"
@@ -48,36 +50,36 @@ def db_rollback(
     """
     if bool(to_revision) == bool(backup_id):
         raise ConfigError("give exactly one of to_revision and backup_id")
-    target = database_for(environment, credentials_block)
-    audit.tag_run(environment)
-    rules = load_policy(target.environment)
-    settings = settings_for(rules, alembic_config, backup_storage)
-    with (audit.one_run_per_environment(environment, rules.guard_wait_s),
-          recovery.in_flight(environment, target, credentials_block or environment) as journal):
+    env = open_environment(environment, credentials_block, alembic_config, backup_storage)
+    # No settings for the journal: a db-rollback killed mid-downgrade is left to the operator, not rolled back.
+    with (one_run_per_environment(environment, env.policy.guard_wait_s),
+          recovery.in_flight(environment, env.target, env.credentials_block) as journal):
         if to_revision:
-            return _downgrade(target, settings, rules, environment, to_revision, dry_run, requested_by, journal)
-        return _restore(target, settings, rules, environment, backup_id, dry_run, requested_by or getpass.getuser(),
-                        journal)
+            return _downgrade(env, to_revision, dry_run, requested_by, journal)
+        return _restore(env, backup_id, dry_run, requested_by or getpass.getuser(), journal)
 
 
-def _downgrade(target, settings, rules, environment, revision, dry_run, requested_by, journal) -> dict:
+def _downgrade(env: Environment, revision: str, dry_run: bool, requested_by: str, journal: recovery.Journal) -> dict:
+    """The Alembic downgrade to ``revision``, through the pipeline like an upgrade (health checks,
+    backup, approval, validate); a dry run only shows its SQL."""
     request = pipeline.Request("downgrade", revision, dry_run=dry_run, backup=True,
                                **({"operator": requested_by} if requested_by else {}))
-    hooks = pipeline.Hooks(confirm=approval_in_ui(rules, settings, target, request.operator),
-                           run_phase=journal.tracking(phase_runner(rules)))
-    outcome = pipeline.execute(target, settings, request, hooks)
-    audit.publish(outcome, environment, flow=FLOW)
+    hooks = pipeline.Hooks(confirm=approval_in_ui(env, request.operator),
+                           run_phase=journal.tracking(phase_runner(env.policy)))
+    outcome = pipeline.execute(env.target, env.settings, request, hooks)
+    publish(outcome, env.name, flow=FLOW)
     if outcome.error is not None:
         raise MigrationFailed(f"{outcome.report.error['phase']} failed: {outcome.report.error['message']}")
     if outcome.sql is not None:
-        create_markdown_artifact(f"## db-rollback {environment}: dry run\n\n```sql\n{outcome.sql}\n```",
-                                 key=f"{audit.artifact_key(environment, FLOW)}-sql")
+        create_markdown_artifact(f"## db-rollback {env.name}: dry run\n\n```sql\n{outcome.sql}\n```",
+                                 key=f"{artifact_key(env.name, FLOW)}-sql")
     return outcome.report.as_dict()
 
 
-def _restore(target, settings, rules, environment, backup_id, dry_run, requested_by, journal) -> dict:
+def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str, journal: recovery.Journal) -> dict:
     """Restore a backup over the database. Like every schema-changing path it leaves a JSON
     report and a summary artifact, refused, failed or done."""
+    target, settings, environment = env.target, env.settings, env.name
     report = Report(operation="restore", environment=target.environment, database=target.describe(),
                     target_revision=backup_id, operator=requested_by, tool_version=__version__)
     phase = "load"
@@ -98,9 +100,9 @@ def _restore(target, settings, rules, environment, backup_id, dry_run, requested
             report.finish(DRY_RUN)
         else:
             phase = "approval"
-            approval = ask_in_ui(rules, requested_by, lambda: "\n".join(
-                [*lines, "", "Set **approve** and your **name** to replace the database with this backup "
-                 "(a backup of its current state is taken first)."]))
+            approval = ask_in_ui(env.policy, requested_by, lambda: "\n".join(
+                [*lines, "", how_to_approve("replace the database with this backup "
+                                            "(a backup of its current state is taken first).")]))
             report.approval = dataclasses.asdict(approval)
             if not approval.approved:
                 raise ConfirmationRefused(f"restore not approved by {approval.approver}: nothing was changed")
@@ -114,12 +116,12 @@ def _restore(target, settings, rules, environment, backup_id, dry_run, requested
             report.revision_after = manifest.revision
             report.finish(SUCCEEDED)
             lines += ["", f"Restored. Safety backup of the previous state: `{restored.safety_backup.id}`."]
-        create_markdown_artifact("\n".join(lines), key=f"{audit.artifact_key(environment, FLOW)}-restore")
+        create_markdown_artifact("\n".join(lines), key=f"{artifact_key(environment, FLOW)}-restore")
     except DbMigrateError as exc:
         report.fail(phase, exc)
         raise
     finally:
-        audit.publish(_written(report, settings), environment, flow=FLOW)
+        publish(_written(report, settings), environment, flow=FLOW)
     return {**report.restore, "dry_run": dry_run, "approval": report.approval, "report": report.as_dict()}
 
 

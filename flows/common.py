@@ -1,0 +1,205 @@
+"""What every flow shares: opening the environment a run may change (:func:`open_environment`,
+its first call), the pipeline's phases as Prefect tasks (:func:`phase_runner`), approval in the
+Prefect UI (:func:`ask_in_ui`), and expected failures ending the run Failed with their one-line
+message (:func:`ends_failed_on_error`)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from uuid import UUID
+
+from prefect import get_run_logger, runtime, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.exceptions import FailedRun, FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.states import Failed, Running
+from pydantic import Field
+
+from blocks import load_policy, load_target
+from dbmigrate import migrate, phases, pipeline
+from dbmigrate.errors import ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, StorageFailed
+from dbmigrate.migrate import SessionLimits
+from dbmigrate.policy import Policy
+from dbmigrate.settings import Settings
+from dbmigrate.target import DatabaseTarget
+from flows.artifacts import approval_request
+
+# Phases that only connect or upload: safe to retry. The migration itself never is.
+TRANSIENT_PHASES = ("health_checks", "backup")
+# Steps that run in the flow itself, not as tasks: the approval pauses the flow run, the
+# guard is held for the rest of the run, and loading the project only reads files.
+IN_FLOW_PHASES = ("load", "approval", "guard")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The environment a run changes, as :func:`open_environment` checked it: its name, the
+    credentials block and the database it names, the policy, and the settings under that policy."""
+
+    name: str
+    credentials_block: str
+    target: DatabaseTarget
+    policy: Policy
+    settings: Settings
+
+
+def open_environment(environment: str, credentials_block: str | None = None, alembic_config: str | None = None,
+                     backup_storage: str | None = None) -> Environment:
+    """Every flow's first call: the database this deployment may change (another environment's
+    is refused before anything is touched), the run tagged with its environment, the policy,
+    and the settings under it."""
+    block = credentials_block or environment
+    target = _database_for(environment, block)
+    tag_run(environment)
+    policy = load_policy(target.environment)
+    return Environment(environment, block, target, policy, _settings_for(policy, alembic_config, backup_storage))
+
+
+def _database_for(environment: str, block: str) -> DatabaseTarget:
+    """The database a run of this environment's deployment changes. The policy, tags, artifacts
+    and concurrency limit follow the environment the credentials block records, so a block
+    of another environment is refused before anything is touched."""
+    target = load_target(block)
+    for claimed in (deployed_environment() or environment, environment):
+        if target.environment != claimed:
+            raise ConfigError(f"deployment for {claimed} refuses the {target.environment} database (block '{block}')")
+    return target
+
+
+def deployed_environment() -> str | None:
+    """The environment of the deployment this run comes from: a run may override the
+    parameter, not the deployment it belongs to."""
+    deployment_id = runtime.deployment.id
+    if not deployment_id:
+        return None
+    with get_client(sync_client=True) as client:
+        return client.read_deployment(UUID(deployment_id)).parameters.get("environment")
+
+
+def tag_run(environment: str) -> None:
+    flow_run_id = runtime.flow_run.id
+    if not flow_run_id:
+        return
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(flow_run_id))
+        client.update_flow_run(run.id, tags=sorted({*run.tags, environment}))
+
+
+def _settings_for(rules: Policy, alembic_config: str | None, backup_storage: str | None) -> Settings:
+    return Settings.from_env(
+        alembic_config=alembic_config,
+        guard_wait_s=rules.guard_wait_s,
+        limits=SessionLimits(rules.lock_timeout_s, rules.statement_timeout_s),
+        storage_spec=backup_storage,
+        project_logging=False,  # the flow-run log is the audit trail: env.py must not shut it down
+    )
+
+
+def _expected_failures_in_one_line(record: logging.LogRecord) -> bool:
+    """A log filter: an expected failure (a DbMigrateError) is logged as its one line, without
+    a traceback (Prefect logs a failed task's exception with one). Where a worker runs a flow
+    (``python -m prefect.engine``) the engine raises the run's final Failed state again as
+    FailedRun and logs it as an "unexpected exception": that only repeats the state and message
+    already recorded, so it is dropped. An exception a flow or task raised that is not a
+    DbMigrateError, a bug, keeps its traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, FailedRun):
+        return False
+    if isinstance(exc, DbMigrateError):
+        record.exc_info = record.exc_text = None
+    return True
+
+
+def ends_failed_on_error(body):
+    """Expected failures end the flow run Failed with exactly their one-line message:
+    what an operator reads in the run history, without a traceback to dig through."""
+    for logger in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(logger).addFilter(_expected_failures_in_one_line)  # once: a logger's filters are a set
+
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        except DbMigrateError as exc:
+            get_run_logger().error(str(exc))
+            return Failed(message=str(exc))
+
+    return run
+
+
+def _transient(task_, task_run, state) -> bool:
+    return isinstance(state.result(raise_on_failure=False), (ConnectionFailed, StorageFailed))
+
+
+def phase_runner(rules: Policy):
+    """Run each pipeline phase as a Prefect task named after it (but those IN_FLOW_PHASES)."""
+
+    def run_phase(name: str, fn, *args):
+        if name in IN_FLOW_PHASES:
+            return fn(*args)
+        options = {"name": name, "cache_policy": NO_CACHE, "persist_result": False}
+        if name in TRANSIENT_PHASES:
+            options.update(retries=rules.transient_retries, retry_delay_seconds=rules.retry_delay_s,
+                           retry_condition_fn=_transient)
+        return task(fn, **options)(*args)
+
+    return run_phase
+
+
+class ApprovalForm(RunInput):
+    """What the approver fills in when the run pauses; :meth:`approval` reads it as the
+    pipeline's :class:`~dbmigrate.pipeline.Approval` (the report's ``approval``)."""
+
+    approve: bool = Field(default=False, description="Go ahead with the change described above, now?")
+    approver: str = Field(default="", description="Your name. It is recorded in the audit report.")
+    comment: str = Field(default="", description="Optional: ticket, reason, change window.")
+
+    def approval(self) -> pipeline.Approval:
+        """``approve`` becomes ``approved``; approving takes a name, so one without is a refusal."""
+        approver = self.approver.strip()
+        if self.approve and not approver:
+            return pipeline.Approval(False, "unknown", "prefect-ui", "approved without a name: refused")
+        return pipeline.Approval(self.approve, approver or "unknown", "prefect-ui", self.comment)
+
+
+def ask_in_ui(rules: Policy, requested_by: str, describe) -> pipeline.Approval:
+    """Where the policy asks for it, pause the run until someone approves or rejects
+    in the Prefect UI; ``describe()`` is the markdown the approver reads."""
+    if not rules.approval_required:
+        return pipeline.Approval(True, requested_by, "policy")
+    form = ApprovalForm.with_initial_data(description=describe())
+    try:
+        answer = pause_flow_run(wait_for_input=form, timeout=int(rules.approval_timeout_s),
+                                poll_interval=rules.approval_poll_s)
+    except FlowPauseTimeout:
+        take_back_expired_pause()
+        raise ConfirmationRefused(f"nobody approved within {rules.approval_timeout_s:g}s: nothing was changed") from None
+    return answer.approval()
+
+
+def approval_in_ui(env: Environment, requested_by: str) -> pipeline.Confirm:
+    """The pipeline's confirm hook: the approver sees the pending revisions and their SQL."""
+
+    def describe_plan(plan: phases.Plan) -> str:
+        sql = migrate.render_sql(env.settings.project(env.target), plan.current, plan.target, upgrade=plan.upgrade)
+        return approval_request(env.target, plan, sql)
+
+    return lambda plan: ask_in_ui(env.policy, requested_by, lambda: describe_plan(plan))
+
+
+def take_back_expired_pause() -> None:
+    """Prefect's server fails a run whose pause expired with a message of its own ("The flow
+    was failed and never resumed"); set it running again so it ends with ours, which says why.
+    A run cancelled meanwhile stays cancelled."""
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(runtime.flow_run.id))
+            if run.state and (run.state.is_paused() or (run.state.is_failed() and "never resumed" in
+                                                        (run.state.message or ""))):
+                client.set_flow_run_state(run.id, Running(), force=True)
+    except Exception as exc:  # the run then ends with Prefect's message; ours is still in the log and report
+        get_run_logger().warning("could not record why the approval ended: %s", exc)
