@@ -13,7 +13,7 @@ from dbmigrate import backup, db, restore
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import BackupFailed
 from dbmigrate.storage import LocalStorage
-from tests.conftest import fingerprint_of
+from tests.helpers import fingerprint_of
 
 
 def fill(pg_cluster, target, rows: int) -> None:
@@ -137,7 +137,7 @@ def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
     from moto.server import ThreadedMotoServer
 
     from dbmigrate.storage import S3Storage
-    from tests.conftest import s3_bucket_block
+    from tests.helpers import s3_bucket_block
     from tests.pgcluster import free_port
 
     port = free_port()

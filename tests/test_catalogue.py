@@ -16,7 +16,7 @@ from dbmigrate import backup
 from dbmigrate.errors import ConfigError
 from dbmigrate.storage import LocalStorage
 from dbmigrate.target import DatabaseTarget
-from tests.conftest import one_line_error
+from tests.helpers import one_line_error
 from tests.pgcluster import free_port
 
 

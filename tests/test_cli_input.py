@@ -11,12 +11,9 @@ import pytest
 from sqlalchemy import text
 
 from dbmigrate import db
-from tests.conftest import fingerprint_of, one_line_error, reports_in, run_on_a_terminal
+from tests.helpers import (fingerprint_of, last_report, one_line_error, reports_in, run_on_a_terminal,
+                           stderr_lines)
 from tests.projects import linear, stock_project
-
-
-def stderr_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if not line.startswith("INFO  [alembic")]
 
 
 @pytest.fixture
@@ -106,18 +103,18 @@ def test_a_report_on_a_full_disk_after_the_commit_says_the_migration_was_applied
     elsewhere = full_disk(tmp_path / "small") / "copy.json"
     result = cli("upgrade", "-r", "0003", "--yes", "--json-report", str(elsewhere), env={"DATABASE_URL": url})
     assert result.returncode == 3, result.stderr
-    line = stderr_lines(result)[0]
+    line = stderr_lines(result.stderr)[0]
     assert line.startswith("dbmigrate: error: upgrade succeeded: 0002 -> 0003, but the report could not be "
                            f"written to {elsewhere}: No space left on device"), line
     assert fingerprint_of(target).revisions == ("0003",)
-    assert json.loads(reports_in(home)[-1].read_text())["revision_after"] == "0003"
+    assert last_report(home)["revision_after"] == "0003"
     assert os.listdir(elsewhere.parent) == ["filler"], "no partial report left behind"
 
     # --home's reports directory on a full disk: the report goes to stderr instead.
     full_disk(home / "reports")
     result = cli("upgrade", "-r", "0004", "--yes", env={"DATABASE_URL": url})
     assert result.returncode == 3, result.stderr
-    line, *rest = stderr_lines(result)
+    line, *rest = stderr_lines(result.stderr)
     assert line.startswith("dbmigrate: error: upgrade succeeded: 0003 -> 0004, but the report could not be "
                            f"written to {home / 'reports'}/"), line
     assert line.endswith(": No space left on device")
@@ -133,7 +130,7 @@ def test_a_report_on_a_full_disk_after_the_commit_says_the_migration_was_applied
     printed = json.loads(result.stdout)
     assert printed["status"] == "succeeded" and printed["report_path"] is None
     assert printed["report_error"].endswith("No space left on device")
-    assert len(stderr_lines(result)) == 1
+    assert len(stderr_lines(result.stderr)) == 1
 
 
 # --- item 18: errors blamed on what failed -----------------------------------------------
@@ -152,7 +149,7 @@ def test_a_deferred_constraint_failing_at_commit_names_the_revision(cli, url, ta
     assert one_line_error(result.stderr) == ('dbmigrate: error: commit of revision r2 failed: insert or update on table '
                                       '"child" violates foreign key constraint "child_parent_id_fkey"')
     assert fingerprint_of(target) == before
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["migrations_applied"] == [] and report["revision_after"] == "r1"
 
 
@@ -165,7 +162,7 @@ def test_with_one_transaction_per_revision_the_commit_that_failed_is_named(cli, 
     assert fingerprint_of(target).revisions == ("r1",)
     with db.connect(target) as conn:
         assert conn.execute(text("SELECT count(*) FROM child")).scalar_one() == 0
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert [m["revision"] for m in report["migrations_applied"]] == ["r1"] and report["revision_after"] == "r1"
 
 
@@ -235,7 +232,7 @@ def test_production_policy_needs_a_backup_and_a_named_approver(cli, environment,
     done = cli("downgrade", "-r", "0004", "--backup", "--approver", "alice", "--env", "production", env=env)
     assert done.returncode == 0, done.stderr
     assert fingerprint_of(target).revisions == ("0004",)
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["environment"] == "production" and report["status"] == "succeeded"
     assert report["approval"] == {"approved": True, "approver": "alice", "via": "--approver", "comment": ""}
     assert report["backup"] is not None
@@ -258,7 +255,7 @@ def test_staging_works_as_before(cli, environment, prefect_api, target, at_0005,
     done = cli("downgrade", "-r", "0004", "--yes", "--env", "staging", env=env)
     assert done.returncode == 0, done.stderr
     assert fingerprint_of(target).revisions == ("0004",)
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["approval"]["via"] == "--yes" and report["backup"] is None
 
 
@@ -275,5 +272,5 @@ def test_on_a_terminal_the_approver_gives_a_name(environment, prefect_api, targe
 
     code, output = run_on_a_terminal(args, {b"[y/N]": "y", b"approver's name:": "carol"}, env)
     assert code == 0 and "succeeded: 0005 -> 0004" in output, output
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["approval"] == {"approved": True, "approver": "carol", "via": "terminal", "comment": ""}

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dbmigrate import guard
-from tests.conftest import fingerprint_of, one_line_error, reports_in
+from tests.helpers import fingerprint_of, last_report, one_line_error, reports_in
 from tests.pgcluster import CANARY_PASSWORD, free_port
 from tests.projects import linear, stock_project
 
@@ -122,7 +122,7 @@ def test_failed_revision_rolls_back_and_is_reported(cli, url, target, home, tmp_
     assert "revision r3 failed: division by zero" in one_line_error(result.stderr)
     assert fingerprint_of(target) == before, "the stock env.py runs all revisions in one transaction"
 
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["status"] == "failed"
     assert report["error"]["phase"] == "migrate" and "division by zero" in report["error"]["message"]
     assert report["migrations_applied"] == [], "nothing the database did not keep may be reported as applied"
@@ -166,7 +166,7 @@ def test_backup_failure_stops_before_migrating(cli, url, target, home):
     result = cli("upgrade", "--yes", "--backup", "--skip-health-checks", env={"DATABASE_URL": url})
     assert result.returncode == 1
     assert "storage: cannot create" in one_line_error(result.stderr)
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["error"]["phase"] == "backup" and report["backup"] is None
     assert fingerprint_of(target) == before
 
@@ -207,7 +207,7 @@ def test_two_concurrent_upgrades_exactly_one_migrates(url, target, home, tmp_pat
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     from tests.pgcluster import environ_without_db
 
     ini = str(stock_project(tmp_path, linear(

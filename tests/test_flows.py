@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import assert_no_canary, fingerprint_of, reports_in
+from tests.helpers import assert_no_canary, fingerprint_of, last_report, reports_in
 from tests.pgcluster import CANARY_PASSWORD, free_port
 from tests.projects import linear, stock_project
 
@@ -29,10 +29,6 @@ def run_named(flow_name: str, **parameters):
 
     flow = {"db-migrate": db_migrate, "db-rollback": db_rollback, "db-health": db_health, "db-backup": db_backup}
     return flow[flow_name](return_state=True, **parameters)
-
-
-def last_report(home) -> dict:
-    return json.loads(reports_in(home)[-1].read_text())
 
 
 def execute(target, sql: str) -> None:
@@ -153,7 +149,7 @@ def test_unreachable_s3_retries_the_backup_then_fails_before_migrating(environme
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from tests.conftest import s3_bucket_block
+    from tests.helpers import s3_bucket_block
 
     dead = s3_bucket_block(f"http://127.0.0.1:{free_port()}", "gone", client_config={"retries": {"max_attempts": 1}})
     dead.save("dead-bucket", overwrite=True)
@@ -193,7 +189,7 @@ def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter
 
-    from tests.conftest import recording_pg_dump
+    from tests.helpers import recording_pg_dump
 
     shim_dir, argv_log = recording_pg_dump(target, tmp_path)
     ini = str(stock_project(tmp_path / "project", linear(table_step("t1"))))
@@ -387,7 +383,7 @@ def test_db_backup_to_an_s3_bucket_block_prunes_but_keeps_the_newest_verified(en
     from dbmigrate import backup
     from dbmigrate.storage import S3Storage
     from dbmigrate.target import DatabaseTarget
-    from tests.conftest import s3_bucket_block
+    from tests.helpers import s3_bucket_block
 
     block = s3_bucket_block(s3_endpoint, "nightly-" + uuid.uuid4().hex[:8], "db")
     storage = S3Storage.from_block(block)
@@ -548,7 +544,7 @@ def run_in_engine_process(prefect_api: str, entrypoint: str, **parameters):
     from prefect.client.orchestration import get_client
     from prefect.flows import load_flow_from_entrypoint
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(load_flow_from_entrypoint(str(REPO / entrypoint)), parameters=parameters)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, fingerprint_of, save_environment
+from tests.helpers import REPO, fingerprint_of, save_environment
 from tests.prefect_server import (
     MEMORY_LEASES,
     PrefectServer,

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -16,28 +15,11 @@ import pytest
 from dbmigrate import backup, pipeline, restore, rollback
 from dbmigrate.errors import BackupFailed
 from dbmigrate.storage import LocalStorage, S3Storage
-from tests.conftest import REPO, assert_no_canary, fingerprint_of, one_line_error
-from tests.pgcluster import environ_without_db
+from tests.helpers import fingerprint_of, finish, one_line_error, start_cli
 from tests.projects import linear, stock_project
 from tests.test_backups import fill
 
 ROWS = 300_000  # enough for the COPY of the replay to last a while
-
-
-def start_cli(home, *args: str, env: dict) -> subprocess.Popen:
-    """`python -m dbmigrate ARGS` in the background, for tests that act while it runs."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "dbmigrate", *args], cwd=REPO, text=True,
-        env={**environ_without_db(), "DBMIGRATE_HOME": str(home), **env},
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str]:
-    out, err = proc.communicate(timeout=120)
-    assert "Traceback" not in err, err
-    assert_no_canary(out + err, "the output of dbmigrate")
-    return proc.returncode, err
 
 
 def wait_for(pg_cluster, database: str, condition: str, proc: subprocess.Popen | None = None) -> None:
@@ -93,9 +75,9 @@ def test_a_replay_whose_tool_is_killed_mid_copy_commits_nothing(big_backup, pg_c
         proc = start_cli(home, "restore", manifest["id"], "--yes", "--no-safety-backup", env={"DATABASE_URL": url})
         wait_for(pg_cluster, target.database, IN_COPY, proc)
         tool(proc.pid, victim).send_signal(signal.SIGKILL)
-        code, err = finish(proc)
-        assert code == 1
-        assert one_line_error(err) == ("dbmigrate: error: restore failed, database left as it was: "
+        result = finish(proc)
+        assert result.returncode == 1
+        assert one_line_error(result.stderr) == ("dbmigrate: error: restore failed, database left as it was: "
                                        f"{victim} was killed by signal 9 (SIGKILL)")
         assert fingerprint_of(target) == before, f"{victim} killed mid-COPY: nothing may be committed"
 
@@ -202,11 +184,11 @@ def test_restore_gives_up_on_a_held_lock_and_names_the_holder(cli, url, pg_clust
         reading = time.monotonic()
         reader.execute("SELECT count(*) FROM payload")
         blocked = time.monotonic() - reading
-        code, err = finish(proc)
+        result = finish(proc)
         elapsed = time.monotonic() - started
         holder.rollback()
-    assert code == 1
-    line = one_line_error(err)
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
     assert line.startswith("dbmigrate: error: restore failed, database left as it was: a lock was not granted "
                            "within the lock timeout (1s); held by ")
     assert f"pid {holder_pid} (" in line and "idle in transaction: SELECT count(*) FROM payload" in line

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import signal
 import subprocess
-import sys
 import time
 from urllib.parse import quote
 
@@ -16,26 +15,12 @@ import pytest
 
 from dbmigrate import pipeline, rollback
 from tests import pgcluster
-from tests.conftest import (REPO, SAMPLE_CONFIG, assert_no_canary, fingerprint_of, one_line_error, recording_pg_dump,
-                            reports_in)
-from tests.pgcluster import CANARY_PASSWORD, environ_without_db
+from tests.helpers import (SAMPLE_CONFIG, assert_no_canary, fingerprint_of, finish, last_report, libpq_url,
+                           one_line_error, recording_pg_dump, start_cli)
+from tests.pgcluster import CANARY_PASSWORD
 from tests.projects import linear, stock_project
 
 SLEEP = "op.execute('SELECT pg_sleep(30)')"
-
-
-def start(home, *args: str, env: dict) -> subprocess.Popen:
-    """`python -m dbmigrate ARGS` in the background, to be interrupted."""
-    environ = {**environ_without_db(), "DBMIGRATE_HOME": str(home), **env}
-    return subprocess.Popen([sys.executable, "-m", "dbmigrate", *args], cwd=REPO, env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 30) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
-    assert "Traceback" not in err, err
-    assert_no_canary(out + err, "the output of dbmigrate")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def backends(cluster, database: str, query_like: str) -> list[tuple]:
@@ -91,7 +76,7 @@ def test_several_rows_in_the_version_table_are_refused(cli, url, target, pg_clus
         assert result.returncode == 2, (args, result.stderr)
         assert one_line_error(result.stderr) == f"dbmigrate: error: {expected}", args
         assert fingerprint_of(target) == before, args
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["error"]["message"] == expected and report["migrations_applied"] == []
 
 
@@ -148,10 +133,6 @@ def own_target(own_cluster):
     own_cluster.drop_database(name)
 
 
-def _url(target) -> str:
-    return target.url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def _kill_and_restart(cluster, proc) -> subprocess.CompletedProcess:
     cluster._pg_ctl("-m", "immediate", "stop")
     try:
@@ -162,9 +143,9 @@ def _kill_and_restart(cluster, proc) -> subprocess.CompletedProcess:
 
 def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
     ini = sleeping_project(tmp_path)
-    env = {"DATABASE_URL": _url(own_target)}
-    assert finish(start(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
-    proc = start(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
+    env = {"DATABASE_URL": libpq_url(own_target)}
+    assert finish(start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
     wait_for(lambda: backends(own_cluster, own_target.database, "SELECT pg_sleep%"), "r3 to run")
 
     result = _kill_and_restart(own_cluster, proc)
@@ -174,7 +155,7 @@ def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
     assert error == (f"dbmigrate: error: revision r3 failed: lost the connection to {own_target.where}: server closed "
                      f"the connection; {pipeline.KEPT_UNKNOWN}")
     assert "database at an unknown revision" in result.stdout
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["migrations_applied"] == [], "r2 ran but was never committed: it may not be reported as applied"
     assert report["revision_after"] is None
     assert any(w.startswith(pipeline.KEPT_UNKNOWN) for w in report["warnings"])
@@ -183,12 +164,12 @@ def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
 
 def test_server_killed_mid_backup(own_cluster, own_target, home, tmp_path):
     ini = sleeping_project(tmp_path)
-    env = {"DATABASE_URL": _url(own_target)}
-    assert finish(start(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    env = {"DATABASE_URL": libpq_url(own_target)}
+    assert finish(start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
     blocker = own_cluster.admin(own_target.database)  # dies with the server: no commit on the way out
     blocker.execute("BEGIN")
     blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")  # pg_dump waits here, mid-backup
-    proc = start(home, "upgrade", "--backup", "--yes", "--alembic-config", ini, env=env)
+    proc = start_cli(home, "upgrade", "--backup", "--yes", "--alembic-config", ini, env=env)
     wait_for(lambda: backends(own_cluster, own_target.database, "LOCK TABLE %"), "pg_dump to run")
     result = _kill_and_restart(own_cluster, proc)
     blocker.close()
@@ -197,21 +178,21 @@ def test_server_killed_mid_backup(own_cluster, own_target, home, tmp_path):
     error = one_line_error(result.stderr)
     assert str(own_target.where) in error or "pg_dump failed" in error, error
     assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "no partial dump, no manifest"
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["error"]["phase"] == "backup" and report["migrations_applied"] == []
     assert fingerprint_of(own_target).revisions == ("r1",)
 
 
 def test_server_killed_mid_restore(own_cluster, own_target, home, tmp_path):
     ini = sleeping_project(tmp_path)
-    env = {"DATABASE_URL": _url(own_target)}
-    assert finish(start(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
-    backup = finish(start(home, "backup", "--json", env=env))
+    env = {"DATABASE_URL": libpq_url(own_target)}
+    assert finish(start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    backup = finish(start_cli(home, "backup", "--json", env=env))
     backup_id = json.loads(backup.stdout)["id"]
     reader = own_cluster.admin(own_target.database)  # dies with the server: no commit on the way out
     reader.execute("BEGIN")
     reader.execute("SELECT * FROM t1")  # the restore's DROP SCHEMA waits behind this, mid-restore
-    proc = start(home, "restore", backup_id, "--yes", "--no-safety-backup", env=env)
+    proc = start_cli(home, "restore", backup_id, "--yes", "--no-safety-backup", env=env)
     wait_for(lambda: backends(own_cluster, own_target.database, "DROP SCHEMA%"), "the restore to run")
     result = _kill_and_restart(own_cluster, proc)
     reader.close()
@@ -230,7 +211,7 @@ def test_sigterm_mid_revision_cancels_the_statement_and_writes_the_report(cli, u
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
     before = fingerprint_of(target)
-    proc = start(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
+    proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
     wait_for(lambda: backends(pg_cluster, target.database, "SELECT pg_sleep%"), "r3 to run")
 
     proc.send_signal(signal.SIGTERM)
@@ -243,7 +224,7 @@ def test_sigterm_mid_revision_cancels_the_statement_and_writes_the_report(cli, u
     with pg_cluster.admin(target.database) as conn:
         conn.execute("SET lock_timeout = 1000")
         conn.execute("BEGIN; LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE; ROLLBACK")  # the lock is free
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["status"] == "failed" and report["error"]["phase"] == "migrate"
     assert report["error"]["message"] == "terminated by SIGTERM"
     assert report["migrations_applied"] == [] and report["revision_after"] == "r1"
@@ -256,7 +237,7 @@ def test_sigterm_mid_backup_leaves_no_partial_dump(cli, url, target, pg_cluster,
     with pg_cluster.admin(target.database) as blocker:
         blocker.execute("BEGIN")
         blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")  # pg_dump waits here, its file open
-        proc = start(home, "backup", env={"DATABASE_URL": url})
+        proc = start_cli(home, "backup", env={"DATABASE_URL": url})
         wait_for(lambda: list((home / "backups").rglob("*.dump")), "the dump file to be created")
         wait_for(lambda: backends(pg_cluster, target.database, "LOCK TABLE %"), "pg_dump to run")
         proc.send_signal(signal.SIGTERM)
@@ -270,7 +251,7 @@ def test_sigkill_mid_revision_the_orphaned_statement_ends_soon(cli, url, target,
     ini = sleeping_project(tmp_path, first_revision_locks=True)
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
-    proc = start(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
+    proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
     wait_for(lambda: backends(pg_cluster, target.database, "SELECT pg_sleep%"), "r3 to run")
 
     proc.kill()
@@ -295,7 +276,7 @@ def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url
         blocker.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
         pid = blocker.info.backend_pid
         started = time.monotonic()
-        result = finish(start(home, *args, "--timeout", "2", env={"DATABASE_URL": url}), timeout=60)
+        result = finish(start_cli(home, *args, "--timeout", "2", env={"DATABASE_URL": url}), timeout=60)
         elapsed = time.monotonic() - started
     assert result.returncode == 2, result.stderr
     assert one_line_error(result.stderr) == (

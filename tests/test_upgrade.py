@@ -6,7 +6,7 @@ import subprocess
 from sqlalchemy import text
 
 from dbmigrate import db, pgtools
-from tests.conftest import SAMPLE_HEAD, fingerprint_of, reports_in
+from tests.helpers import SAMPLE_HEAD, fingerprint_of, last_report, reports_in
 
 ALL = ["0001", "0002", "0003", "0004", "0005", "0006"]
 
@@ -74,7 +74,7 @@ def test_upgrade_with_backup_migrates_reports_and_backs_up(cli, url, target, hom
 
     again = cli("upgrade", "--backup", "--yes", env={"DATABASE_URL": url})
     assert again.returncode == 0 and "nothing to do: database already at 0006" in again.stdout
-    assert json.loads(reports_in(home)[-1].read_text())["status"] == "noop"
+    assert last_report(home)["status"] == "noop"
     assert len(list(dump.glob("*.dump"))) == 1, "a no-op run must not take a backup"
 
 
@@ -111,7 +111,7 @@ def test_dry_run_prints_sql_and_changes_nothing(cli, url, target, home):
     assert "CREATE TABLE accounts" not in result.stdout, "the SQL must start at the current revision"
     assert "UPDATE alembic_version SET version_num='0006'" in result.stdout
     assert fingerprint_of(target) == before
-    assert json.loads(reports_in(home)[-1].read_text())["status"] == "dry_run"
+    assert last_report(home)["status"] == "dry_run"
 
     down = cli("downgrade", "-r", "base", "--dry-run", env=env)
     assert down.returncode == 0 and "DROP TABLE accounts" in down.stdout
@@ -130,7 +130,7 @@ def test_without_yes_and_without_a_terminal_it_refuses(cli, url, target):
 
 def test_confirmation_on_a_terminal(url, target, home):
     """A real pseudo-terminal: 'n' changes nothing, 'y' migrates."""
-    from tests.conftest import run_on_a_terminal
+    from tests.helpers import run_on_a_terminal
     from tests.pgcluster import environ_without_db
 
     def run_answering(answer: str) -> tuple[int, str]:
@@ -149,7 +149,7 @@ def test_confirmation_on_a_terminal(url, target, home):
 
 def test_pg_dump_gets_the_password_through_its_environment_not_argv(cli, url, target, tmp_path):
     """A pass-through pg_dump on PG_BIN_DIR records what the real one received."""
-    from tests.conftest import recording_pg_dump
+    from tests.helpers import recording_pg_dump
 
     shim_dir, log = recording_pg_dump(target, tmp_path)
     result = cli("upgrade", "--backup", "--yes", env={"DATABASE_URL": url, "PG_BIN_DIR": str(shim_dir)})
@@ -158,7 +158,7 @@ def test_pg_dump_gets_the_password_through_its_environment_not_argv(cli, url, ta
     [dump_call] = [line for line in recorded.splitlines() if "--format=custom" in line]
     assert "--no-password" in dump_call
     assert "password: from environment" in recorded
-    from tests.conftest import assert_no_canary
+    from tests.helpers import assert_no_canary
 
     assert_no_canary(recorded, "pg_dump's command line")
 
@@ -180,7 +180,7 @@ def test_plain_commands_do_not_import_prefect(url, home):
     """status/check/health/heads must stay fast: Prefect costs seconds to import."""
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     from tests.pgcluster import environ_without_db
 
     probe = (

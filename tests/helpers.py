@@ -1,0 +1,152 @@
+"""Plain helpers the tests share (the fixtures are in conftest.py): running dbmigrate as a
+user would, reading what it left behind, and checking that no output carries the password."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+from dbmigrate import db, fingerprint
+from dbmigrate.target import DatabaseTarget
+from tests.pgcluster import CANARY_PASSWORD, environ_without_db
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_CONFIG = REPO / "alembic.ini"
+SAMPLE_HEAD = "0006"
+
+
+def assert_no_canary(text: str, where: str) -> None:
+    for form in (CANARY_PASSWORD, quote(CANARY_PASSWORD, safe="")):
+        assert form not in text, f"the password leaked into {where}"
+
+
+def libpq_url(target: DatabaseTarget) -> str:
+    """``target`` as the postgresql:// URL a user puts in DATABASE_URL (password included)."""
+    return target.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+# --- running dbmigrate -----------------------------------------------------------------
+
+def stderr_lines(stderr: str) -> list[str]:
+    """What a command printed to stderr, Alembic's own INFO lines aside."""
+    return [line for line in stderr.splitlines() if not line.startswith("INFO  [alembic")]
+
+
+def one_line_error(stderr: str) -> str:
+    """The one line a failed command prints (Alembic's own INFO lines aside)."""
+    lines = stderr_lines(stderr)
+    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), stderr
+    return lines[0]
+
+
+def start_cli(home: Path, *args: str, env: dict) -> subprocess.Popen:
+    """`python -m dbmigrate ARGS` in the background, for tests that act while it runs."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dbmigrate", *args], cwd=REPO, text=True,
+        env={**environ_without_db(), "DBMIGRATE_HOME": str(home), **env},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Wait for a `start_cli` process: no traceback, no password in what it printed."""
+    out, err = proc.communicate(timeout=timeout)
+    assert "Traceback" not in err, err
+    assert_no_canary(out + err, "the output of dbmigrate")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_on_a_terminal(args: list[str], answers: dict[bytes, str], env: dict) -> tuple[int, str]:
+    """dbmigrate on a real pseudo-terminal, answering each prompt once as it appears."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-m", "dbmigrate", *args], env)
+    output, pending = b"", dict(answers)
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        for prompt in [p for p in pending if p in output]:
+            os.write(fd, pending.pop(prompt).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode()
+
+
+def recording_pg_dump(target: DatabaseTarget, directory: Path) -> tuple[Path, Path]:
+    """A pass-through pg_dump in ``directory``/bin (for PG_BIN_DIR) that logs its argv, and
+    whether it got a password through its environment, to the returned log file."""
+    from dbmigrate import pgtools
+
+    with db.connect(target) as conn:
+        real = pgtools.find("pg_dump", db.server_version(conn)[0])
+    shim_dir, log = directory / "bin", directory / "pg_dump.log"
+    shim_dir.mkdir()
+    (shim_dir / "pg_dump").write_text(
+        "#!/bin/sh\n"
+        f'printf "argv: %s\\n" "$*" >> {log}\n'
+        f'[ -n "$PGPASSWORD" ] && echo "password: from environment" >> {log}\n'
+        f'exec {real} "$@"\n'
+    )
+    (shim_dir / "pg_dump").chmod(0o755)
+    return shim_dir, log
+
+
+# --- what a run left behind ------------------------------------------------------------
+
+def fingerprint_of(target: DatabaseTarget) -> fingerprint.Fingerprint:
+    with db.connect(target) as conn:
+        return fingerprint.take(conn)
+
+
+def reports_in(home: Path) -> list[Path]:
+    return sorted((home / "reports").glob("*.json"))
+
+
+def last_report(home: Path) -> dict:
+    return json.loads(reports_in(home)[-1].read_text())
+
+
+# --- Prefect blocks --------------------------------------------------------------------
+
+def s3_bucket_block(endpoint: str, bucket: str, folder: str = "", client_config: dict | None = None):
+    """A prefect-aws S3Bucket block for the moto endpoint (not saved to any API)."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    credentials = AwsCredentials(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=endpoint, config=client_config),
+    )
+    return S3Bucket(bucket_name=bucket, credentials=credentials, bucket_folder=folder)
+
+
+def save_environment(target: DatabaseTarget, name: str, database_of: str | None = None, port: int | None = None,
+                     **policy) -> str:
+    """Save blocks for the environment ``name`` to the current Prefect API: credentials of the
+    test's database and a quick policy. ``database_of`` saves the database under that block
+    name instead, recorded as belonging to the environment ``database_of`` (no policy block
+    then); ``port`` points the block at another port."""
+    from blocks import DatabaseCredentials, EnvironmentPolicy
+
+    DatabaseCredentials(
+        host="127.0.0.1", port=port or target.port, database=target.database, username="postgres",
+        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
+        **({"environment": database_of} if database_of else {}),
+    ).save(name, overwrite=True)
+    if database_of:
+        return name
+    # A test whose approver never comes fails in two minutes, not the default hour.
+    quick = {"retry_delay_s": 0.2, "approval_poll_s": 1, "approval_timeout_s": 120}
+    EnvironmentPolicy(**{**quick, **policy}).save(name, overwrite=True)
+    return name
