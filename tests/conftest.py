@@ -4,16 +4,15 @@ password. Plain helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
+import functools
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dbmigrate.target import DatabaseTarget
 from tests import pgcluster
-from tests.helpers import REPO, assert_no_canary, libpq_url, reports_in, s3_bucket_block, save_environment
+from tests.helpers import libpq_url, run_cli, s3_bucket_block, save_environment
 
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
@@ -50,21 +49,8 @@ def home(tmp_path) -> Path:
 
 @pytest.fixture
 def cli(home):
-    """Run `python -m dbmigrate ARGS` from the repository root, as a user would."""
-
-    def run(*args: str, env: dict | None = None, input: str | None = None, cwd: Path = REPO):
-        environ = {**pgcluster.environ_without_db(), "DBMIGRATE_HOME": str(home), **(env or {})}
-        result = subprocess.run(
-            [sys.executable, "-m", "dbmigrate", *args],
-            cwd=cwd, env=environ, input=input or "", capture_output=True, text=True, timeout=240,
-        )
-        assert_no_canary(result.stdout + result.stderr, f"the output of dbmigrate {' '.join(args[:1])}")
-        assert "Traceback" not in result.stderr, result.stderr
-        for report in reports_in(home):
-            assert_no_canary(report.read_text(), str(report))
-        return result
-
-    return run
+    """Run `python -m dbmigrate ARGS` from the repository root, as a user would (run_cli)."""
+    return functools.partial(run_cli, home)
 
 
 @pytest.fixture(scope="session")

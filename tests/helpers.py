@@ -7,8 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
+
+import psycopg
 
 from dbmigrate import db, fingerprint
 from dbmigrate.target import DatabaseTarget
@@ -29,6 +34,30 @@ def libpq_url(target: DatabaseTarget) -> str:
     return target.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+# --- SQL -------------------------------------------------------------------------------
+
+@contextmanager
+def session(where: DatabaseTarget | str) -> Iterator[psycopg.Connection]:
+    """An autocommit session on a target's database (or a postgresql:// URL), as its owner: for
+    a test that keeps it open while dbmigrate runs (a lock held, a transaction left open)."""
+    with psycopg.connect(where if isinstance(where, str) else libpq_url(where), autocommit=True) as conn:
+        yield conn
+
+
+def sql(where: DatabaseTarget | str, statement: str, *params: Any) -> list[tuple]:
+    """Run ``statement`` (several, separated by ';', when there are no params) in a session of
+    its own, committed; the rows it returned, if any. ``%s`` placeholders take ``params``."""
+    with session(where) as conn:
+        cursor = conn.execute(statement, params or None)
+        return cursor.fetchall() if cursor.description else []
+
+
+def scalar(where: DatabaseTarget | str, statement: str, *params: Any) -> Any:
+    """The one value ``statement`` returns."""
+    [(value,)] = sql(where, statement, *params)
+    return value
+
+
 # --- running dbmigrate -----------------------------------------------------------------
 
 def stderr_lines(stderr: str) -> list[str]:
@@ -41,6 +70,22 @@ def one_line_error(stderr: str) -> str:
     lines = stderr_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), stderr
     return lines[0]
+
+
+def run_cli(home: Path, *args: str, env: dict | None = None, input: str | None = None,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m dbmigrate ARGS` with ``home`` as DBMIGRATE_HOME, as a user would run it: no
+    traceback, and no password in what it printed or in any report it wrote."""
+    environ = {**environ_without_db(), "DBMIGRATE_HOME": str(home), **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", "dbmigrate", *args],
+        cwd=cwd, env=environ, input=input or "", capture_output=True, text=True, timeout=240,
+    )
+    assert_no_canary(result.stdout + result.stderr, f"the output of dbmigrate {' '.join(args[:1])}")
+    assert "Traceback" not in result.stderr, result.stderr
+    for report in reports_in(home):
+        assert_no_canary(report.read_text(), str(report))
+    return result
 
 
 def start_cli(home: Path, *args: str, env: dict) -> subprocess.Popen:

@@ -7,24 +7,19 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import text
 
-from dbmigrate import backup, db, restore
+from dbmigrate import backup, restore
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import BackupFailed
 from dbmigrate.storage import LocalStorage
-from tests.helpers import fingerprint_of
+from tests.helpers import fingerprint_of, session, sql
 
 
-def fill(pg_cluster, target, rows: int) -> None:
+def fill(target, rows: int) -> None:
     """A table of random text, which compresses to about half, not to nothing."""
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE payload (id bigint PRIMARY KEY, body text, doc jsonb)")
-        conn.execute(
-            "INSERT INTO payload SELECT g, md5(random()::text) || md5(random()::text) || md5(random()::text), "
-            "jsonb_build_object('n', random(), 'tag', md5(g::text)) FROM generate_series(1, %s) g",
-            (rows,),
-        )
+    sql(target, "CREATE TABLE payload (id bigint PRIMARY KEY, body text, doc jsonb)")
+    sql(target, "INSERT INTO payload SELECT g, md5(random()::text) || md5(random()::text) || md5(random()::text), "
+                "jsonb_build_object('n', random(), 'tag', md5(g::text)) FROM generate_series(1, %s) g", rows)
 
 
 @pytest.fixture
@@ -40,7 +35,7 @@ def storage(request, tmp_path):
 
 
 def test_backup_manifest_verify_and_list(storage, pg_cluster, target):
-    fill(pg_cluster, target, 1000)
+    fill(target, 1000)
     manifest = backup.take(target, storage, "0003", DumpOptions(verify_restore=True))
     assert manifest.row_counts == {"public.payload": 1000}
     assert manifest.verified and manifest.checks == {"sha256": True, "pg_restore_list": True, "restore": True}
@@ -61,13 +56,12 @@ def test_backup_manifest_verify_and_list(storage, pg_cluster, target):
 
 def test_row_counts_come_from_the_dumped_snapshot(local_storage, pg_cluster, target):
     """Rows inserted while the dump runs are neither dumped nor counted."""
-    fill(pg_cluster, target, 200_000)
+    fill(target, 200_000)
     inserted = threading.Event()
 
     def insert_once(size, rate):
         if not inserted.is_set():
-            with pg_cluster.admin(target.database) as conn:
-                conn.execute("INSERT INTO payload SELECT g, 'late', '{}' FROM generate_series(1000001, 1000500) g")
+            sql(target, "INSERT INTO payload SELECT g, 'late', '{}' FROM generate_series(1000001, 1000500) g")
             inserted.set()
 
     manifest = backup.take(target, local_storage, None, DumpOptions(verify_restore=True, progress_interval_s=0),
@@ -77,8 +71,8 @@ def test_row_counts_come_from_the_dumped_snapshot(local_storage, pg_cluster, tar
 
 
 def test_pg_dump_failure_leaves_nothing(storage, pg_cluster, target):
-    fill(pg_cluster, target, 10)
-    with pg_cluster.admin(target.database) as blocker:
+    fill(target, 10)
+    with session(target) as blocker:
         blocker.autocommit = False
         blocker.execute("LOCK TABLE payload IN ACCESS EXCLUSIVE MODE")
         with pytest.raises(BackupFailed, match="pg_dump failed: .*statement timeout .*LOCK TABLE public.payload"):
@@ -88,11 +82,10 @@ def test_pg_dump_failure_leaves_nothing(storage, pg_cluster, target):
 
 
 def test_pg_dump_dying_mid_stream_leaves_nothing(storage, pg_cluster, target):
-    fill(pg_cluster, target, 400_000)  # more than one S3 part, so the upload is under way when pg_dump dies
+    fill(target, 400_000)  # more than one S3 part, so the upload is under way when pg_dump dies
 
     def kill_pg_dump(size, rate):
-        with pg_cluster.admin() as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_dump'")
+        sql(target, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_dump'")
 
     with pytest.raises(BackupFailed, match="pg_dump failed"):
         backup.take(target, storage, None, DumpOptions(progress_interval_s=0), on_progress=kill_pg_dump)
@@ -107,7 +100,7 @@ def test_disk_full_removes_the_partial_file(pg_cluster, target, tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        fill(pg_cluster, target, 100_000)
+        fill(target, 100_000)
         storage = LocalStorage(mountpoint / "backups")
         with pytest.raises(BackupFailed, match="storage: writing .* failed: No space left on device"):
             backup.take(target, storage, None)
@@ -147,7 +140,7 @@ def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
     block = s3_bucket_block(f"http://127.0.0.1:{port}", "outage", client_config={"retries": {"max_attempts": 1}})
     storage = S3Storage.from_block(block)
     storage.client.create_bucket(Bucket="outage")
-    fill(pg_cluster, target, 400_000)  # well over one 16 MiB part
+    fill(target, 400_000)  # well over one 16 MiB part
     replacement = {}
 
     def cut_after_first_part(size, rate):
@@ -173,12 +166,11 @@ def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
 
 
 def test_restore_into_a_new_database_and_over_the_original(storage, pg_cluster, target):
-    fill(pg_cluster, target, 500)
+    fill(target, 500)
     before = fingerprint_of(target)
     manifest = backup.take(target, storage, None)
-    with pg_cluster.admin(target.database) as conn:  # what a migration might do afterwards
-        conn.execute("DELETE FROM payload WHERE id <= 100")
-        conn.execute("CREATE TABLE added_later (id int REFERENCES payload(id))")
+    # What a migration might do afterwards:
+    sql(target, "DELETE FROM payload WHERE id <= 100; CREATE TABLE added_later (id int REFERENCES payload(id))")
     changed = fingerprint_of(target)
 
     copy = restore.into_new_database(target, storage, manifest, target.database + "_copy", 10)
@@ -195,15 +187,9 @@ def test_restore_into_a_new_database_and_over_the_original(storage, pg_cluster, 
 
 
 def test_failed_restore_leaves_the_database_as_it_was(local_storage, pg_cluster, target):
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE ROLE short_lived")
-        conn.execute("CREATE TABLE owned (id int)")
-        conn.execute("ALTER TABLE owned OWNER TO short_lived")
+    sql(target, "CREATE ROLE short_lived; CREATE TABLE owned (id int); ALTER TABLE owned OWNER TO short_lived")
     manifest = backup.take(target, local_storage, None)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("ALTER TABLE owned OWNER TO postgres")
-        conn.execute("DROP ROLE short_lived")
-        conn.execute("INSERT INTO owned VALUES (1), (2)")
+    sql(target, "ALTER TABLE owned OWNER TO postgres; DROP ROLE short_lived; INSERT INTO owned VALUES (1), (2)")
     before = fingerprint_of(target)
     with pytest.raises(BackupFailed, match='restore failed, database left as it was: .*role "short_lived"'):
         restore.over_original(target, local_storage, manifest, 10, None)
@@ -211,10 +197,9 @@ def test_failed_restore_leaves_the_database_as_it_was(local_storage, pg_cluster,
 
 
 def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storage, pg_cluster, target):
-    fill(pg_cluster, target, 100)
+    fill(target, 100)
     manifest = backup.take(target, local_storage, None)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DELETE FROM payload")
+    sql(target, "DELETE FROM payload")
     before = fingerprint_of(target)
     path = local_storage.root / manifest.key
     data = bytearray(path.read_bytes())
@@ -226,7 +211,7 @@ def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storag
 
 
 def test_prune_keeps_the_newest_verified(local_storage, pg_cluster, target):
-    fill(pg_cluster, target, 10)
+    fill(target, 10)
     verified = backup.take(target, local_storage, "a", DumpOptions(verify_restore=True))
     newer = [backup.take(target, local_storage, "b") for _ in range(3)]
     deleted = backup.prune(local_storage, target, keep_last=1, keep_days=None)
@@ -240,7 +225,7 @@ def test_prune_keeps_the_newest_verified(local_storage, pg_cluster, target):
 
 def test_backup_commands(cli, url, target, pg_cluster, home):
     env = {"DATABASE_URL": url}
-    fill(pg_cluster, target, 50)
+    fill(target, 50)
     taken = cli("backup", "--verify-restore", "--json", env=env)
     assert taken.returncode == 0, taken.stderr
     manifest = json.loads(taken.stdout)
@@ -249,8 +234,7 @@ def test_backup_commands(cli, url, target, pg_cluster, home):
     listed = cli("backups", "list", env=env)
     assert listed.returncode == 0 and manifest["id"] in listed.stdout and "verified" in listed.stdout
 
-    with db.connect(target) as conn, conn.begin():
-        conn.execute(text("DELETE FROM payload"))
+    sql(target, "DELETE FROM payload")
     refused = cli("restore", manifest["id"], env=env)
     assert refused.returncode == 2 and "no terminal to ask on (pass --yes)" in refused.stderr
     assert fingerprint_of(target).row_counts == {"public.payload": 0}
@@ -270,9 +254,8 @@ def test_backup_commands(cli, url, target, pg_cluster, home):
 
 
 def test_parallel_directory_format(local_storage, s3_storage, pg_cluster, target):
-    fill(pg_cluster, target, 20_000)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE second AS SELECT * FROM payload WHERE id <= 500")
+    fill(target, 20_000)
+    sql(target, "CREATE TABLE second AS SELECT * FROM payload WHERE id <= 500")
     manifest = backup.take(target, local_storage, "0006", DumpOptions(jobs=2, verify_restore=True))
     assert manifest.format == "directory" and manifest.key.endswith(".dir") and manifest.verified
     assert manifest.row_counts == {"public.payload": 20_000, "public.second": 500}
@@ -284,8 +267,7 @@ def test_parallel_directory_format(local_storage, s3_storage, pg_cluster, target
     finally:
         backup.drop_database(target, copy.database, 10)
 
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DROP TABLE second")
+    sql(target, "DROP TABLE second")
     restore.over_original(target, local_storage, manifest, 10, None)
     assert fingerprint_of(target).row_counts == manifest.row_counts
 

@@ -16,14 +16,13 @@ from dbmigrate import backup
 from dbmigrate.errors import ConfigError
 from dbmigrate.storage import LocalStorage
 from dbmigrate.target import DatabaseTarget
-from tests.helpers import one_line_error
+from tests.helpers import one_line_error, sql
 from tests.pgcluster import free_port
 
 
-def small_table(pg_cluster, target, rows: int = 20) -> None:
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE item (id int PRIMARY KEY, name text)")
-        conn.execute("INSERT INTO item SELECT g, 'item ' || g FROM generate_series(1, %s) g", (rows,))
+def small_table(target, rows: int = 20) -> None:
+    sql(target, "CREATE TABLE item (id int PRIMARY KEY, name text)")
+    sql(target, "INSERT INTO item SELECT g, 'item ' || g FROM generate_series(1, %s) g", rows)
 
 
 def plant_manifest(storage: LocalStorage, like: backup.Manifest, backup_name: str, **fields) -> str:
@@ -48,7 +47,7 @@ def as_url(target) -> DatabaseTarget:
 def test_prune_never_deletes_what_a_manifest_names_outside_the_storage(cli, url, pg_cluster, target, as_url, store,
                                                                         tmp_path):
     """Item 6: manifests naming an absolute path and a ../ path; both victims live outside the storage."""
-    small_table(pg_cluster, target)
+    small_table(target)
     env = {"DATABASE_URL": url}
     taken = cli("backup", "--json", "--storage", str(store.root), env=env)
     assert taken.returncode == 0, taken.stderr
@@ -74,7 +73,7 @@ def test_prune_never_deletes_what_a_manifest_names_outside_the_storage(cli, url,
 
 def test_a_dump_symlinked_out_of_the_storage_is_never_read(pg_cluster, target, store, tmp_path):
     """Item 6: a planted symlink as a dump, with a manifest that names it properly."""
-    small_table(pg_cluster, target)
+    small_table(target)
     good = backup.take(target, store, None)
     outside = tmp_path / "outside.dump"
     outside.write_bytes((store.root / good.key).read_bytes())
@@ -90,7 +89,7 @@ def test_a_dump_symlinked_out_of_the_storage_is_never_read(pg_cluster, target, s
 
 def test_an_environment_named_dotdot_writes_only_inside_the_storage(cli, url, pg_cluster, target, store):
     """Item 6: DBMIGRATE_ENVIRONMENT=.. used to put the backup beside the storage directory."""
-    small_table(pg_cluster, target)
+    small_table(target)
     outside = store.root.parent
     taken = cli("backup", "--json", "--storage", str(store.root), env={"DATABASE_URL": url, "DBMIGRATE_ENVIRONMENT": ".."})
     assert taken.returncode == 0, taken.stderr
@@ -102,7 +101,7 @@ def test_an_environment_named_dotdot_writes_only_inside_the_storage(cli, url, pg
 
 def test_s3_keys_follow_the_same_rules(s3_storage, pg_cluster, target):
     """Item 6 on S3: a manifest naming an object outside its own prefix is skipped, never followed."""
-    small_table(pg_cluster, target)
+    small_table(target)
     good = backup.take(target, s3_storage, None)
     s3_storage.write_text("victims/precious.dump", "another environment's backup")
     for name, key in (("20000101T000000.000Z-other", "victims/precious.dump"),
@@ -120,7 +119,7 @@ def test_s3_keys_follow_the_same_rules(s3_storage, pg_cluster, target):
 def test_keep_last_below_one_and_bad_keep_days_are_refused(cli, url, pg_cluster, target, store):
     """Item 7: a plain backup is only "checked"; --keep-last 0 used to delete it, and --keep-days nan
     was a traceback."""
-    small_table(pg_cluster, target)
+    small_table(target)
     env = {"DATABASE_URL": url}
     assert cli("backup", "--storage", str(store.root), env=env).returncode == 0
     before = store.keys("")
@@ -137,7 +136,7 @@ def test_keep_last_below_one_and_bad_keep_days_are_refused(cli, url, pg_cluster,
 
 def test_the_newest_good_backup_survives_prune_when_newer_ones_are_damaged(pg_cluster, target, store):
     """Items 7 and 19: nothing is verified; the newer backups lost or truncated their dump."""
-    small_table(pg_cluster, target)
+    small_table(target)
     good, lost, truncated = (backup.take(target, store, "0001") for _ in range(3))
     (store.root / lost.key).unlink()
     with open(store.root / truncated.key, "r+b") as dump:
@@ -159,7 +158,7 @@ def test_the_newest_good_backup_survives_prune_when_newer_ones_are_damaged(pg_cl
 def test_list_says_what_it_knows_of_each_backup(cli, url, pg_cluster, target, as_url, store):
     """Item 19 and 14: a truncated dump, a deleted dump and a truncated manifest are shown as damaged
     (exit 0: the listing worked); the good backups stay listed and restorable."""
-    small_table(pg_cluster, target)
+    small_table(target)
     env = {"DATABASE_URL": url}
     storage = ["--storage", str(store.root)]
     verified = backup.take(as_url, store, "0001", backup.DumpOptions(verify_restore=True))
@@ -251,9 +250,8 @@ def test_s3_failures_are_one_line_errors(cli, url, s3_endpoint, failure, request
 
 def test_a_manifest_that_does_not_fit_leaves_nothing_behind(cli, url, pg_cluster, target, tmp_path):
     """Item 14: the dump fits on the disk, its manifest does not (many tables: a long manifest)."""
-    with pg_cluster.admin(target.database) as conn:
-        for i in range(200):
-            conn.execute(f"CREATE TABLE table_with_a_rather_long_name_to_make_the_manifest_long_{i:03} (id int)")
+    sql(target, "; ".join(f"CREATE TABLE table_with_a_rather_long_name_to_make_the_manifest_long_{i:03} (id int)"
+                          for i in range(200)))
     env = {"DATABASE_URL": url}
     measured = cli("backup", "--json", "--storage", str(tmp_path / "measure"), env=env)
     assert measured.returncode == 0, measured.stderr

@@ -8,11 +8,9 @@ import subprocess
 import uuid
 
 import pytest
-from sqlalchemy import text
 
-from dbmigrate import db
 from tests.helpers import (fingerprint_of, last_report, one_line_error, reports_in, run_on_a_terminal,
-                           stderr_lines)
+                           scalar, sql, stderr_lines)
 from tests.projects import linear, stock_project
 
 
@@ -160,8 +158,7 @@ def test_with_one_transaction_per_revision_the_commit_that_failed_is_named(cli, 
     assert result.returncode == 1
     assert "commit of revision r2 failed: insert or update on table \"child\"" in one_line_error(result.stderr)
     assert fingerprint_of(target).revisions == ("r1",)
-    with db.connect(target) as conn:
-        assert conn.execute(text("SELECT count(*) FROM child")).scalar_one() == 0
+    assert scalar(target, "SELECT count(*) FROM child") == 0
     report = last_report(home)
     assert [m["revision"] for m in report["migrations_applied"]] == ["r1"] and report["revision_after"] == "r1"
 
@@ -169,10 +166,8 @@ def test_with_one_transaction_per_revision_the_commit_that_failed_is_named(cli, 
 def test_an_unreadable_table_is_named_by_the_backup(cli, pg_cluster, target, home):
     """The backup role cannot read one table: the first cause, not pg_dump's snapshot error."""
     role, password = "reader_" + uuid.uuid4().hex[:8], uuid.uuid4().hex
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-        conn.execute("CREATE TABLE readable (id int); CREATE TABLE secret (id int)")
-        conn.execute(f"GRANT SELECT ON readable TO {role}")
+    sql(target, f"CREATE ROLE {role} LOGIN PASSWORD '{password}'; CREATE TABLE readable (id int); "
+                f"CREATE TABLE secret (id int); GRANT SELECT ON readable TO {role}")
     try:
         url = f"postgresql://{role}:{password}@127.0.0.1:{target.port}/{target.database}"
         result = cli("backup", env={"DATABASE_URL": url})
@@ -181,9 +176,7 @@ def test_an_unreadable_table_is_named_by_the_backup(cli, pg_cluster, target, hom
         assert "permission denied for table secret" in line and "could not import" not in line, line
         assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "nothing stored"
     finally:
-        with pg_cluster.admin(target.database) as conn:
-            conn.execute(f"DROP OWNED BY {role}")
-            conn.execute(f"DROP ROLE {role}")
+        sql(target, f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 # --- item 5: the environment's policy on the command line --------------------------------

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dbmigrate import guard
-from tests.helpers import fingerprint_of, last_report, one_line_error, reports_in
+from tests.helpers import fingerprint_of, last_report, one_line_error, reports_in, session, sql
 from tests.pgcluster import CANARY_PASSWORD, free_port
 from tests.projects import linear, stock_project
 
@@ -95,9 +95,8 @@ def test_several_heads(cli, url, target, tmp_path):
 
 
 def test_unknown_revision_in_the_database(cli, url, target, pg_cluster):
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
-        conn.execute("INSERT INTO alembic_version VALUES ('f00dface')")
+    sql(target, "CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY); "
+                "INSERT INTO alembic_version VALUES ('f00dface')")
     before = fingerprint_of(target)
     env = {"DATABASE_URL": url}
     health = cli("health", env=env)
@@ -137,7 +136,7 @@ def test_lock_timeout_reaches_a_stock_env_py(cli, url, target, pg_cluster, tmp_p
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
     before = fingerprint_of(target)
-    with pg_cluster.admin(target.database) as blocker:
+    with session(target) as blocker:
         blocker.autocommit = False
         blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")
         started = time.monotonic()

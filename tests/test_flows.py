@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.helpers import assert_no_canary, fingerprint_of, last_report, reports_in
+from tests.helpers import assert_no_canary, fingerprint_of, last_report, reports_in, sql
 from tests.pgcluster import CANARY_PASSWORD, free_port
 from tests.projects import linear, stock_project
 
@@ -31,18 +31,11 @@ def run_named(flow_name: str, **parameters):
     return flow[flow_name](return_state=True, **parameters)
 
 
-def execute(target, sql: str) -> None:
-    from dbmigrate import db
-
-    with db.connect(target) as conn, conn.begin():
-        conn.exec_driver_sql(sql)
-
-
 def at_r1_with_rows(tmp_path, cli, url, target, *steps) -> str:
     """A stock project (one transaction per revision) whose database is at r1 with rows in t1."""
     ini = str(stock_project(tmp_path, linear(*steps), transaction_per_migration=True))
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
-    execute(target, "INSERT INTO t1 VALUES (1), (2), (3)")
+    sql(target, "INSERT INTO t1 VALUES (1), (2), (3)")
     return ini
 
 
@@ -315,14 +308,14 @@ def test_db_backup_then_db_rollback_from_it_in_production(environment, target, h
     name = environment("production")
     ini = str(stock_project(tmp_path, linear(table_step("t1"))))
     assert cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
-    execute(target, "INSERT INTO t1 VALUES (1), (2), (3)")
+    sql(target, "INSERT INTO t1 VALUES (1), (2), (3)")
     state = run_named("db-backup", environment=name, verify_restore=True)
     assert state.is_completed(), state.message
     backed_up = fingerprint_of(target)
     backup_id = state.result()["id"]
     assert state.result()["verified"] and backup_id in artifact("db-migrate-production-backup-summary")
 
-    execute(target, "INSERT INTO t1 VALUES (4), (5)")
+    sql(target, "INSERT INTO t1 VALUES (4), (5)")
     changed = fingerprint_of(target)
 
     state = run_named("db-rollback", environment=name, backup_id=backup_id)
@@ -367,8 +360,7 @@ def test_db_health_reports_pending_revisions_and_drift(environment, target, tmp_
     checks = {c["name"]: c for c in state.result()}
     assert checks["pending_revisions"]["status"] == "warn" and checks["drift"]["status"] == "ok"
 
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("ALTER TABLE t1 ADD COLUMN hotfix text")  # a change made by hand, outside Alembic
+    sql(target, "ALTER TABLE t1 ADD COLUMN hotfix text")  # a change made by hand, outside Alembic
     state = run_named("db-health", environment=name, alembic_config=ini)
     assert state.is_failed()
     assert state.message == ("health failed: drift: schema differs from what the migrations build at r1: "
@@ -415,8 +407,7 @@ def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, 
     from blocks import DatabaseCredentials
 
     role = "migrator_" + uuid.uuid4().hex[:8]
-    with pg_cluster.admin() as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{CANARY_PASSWORD}'")
+    sql(target, f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{CANARY_PASSWORD}'")
     DatabaseCredentials(host="127.0.0.1", port=target.port, database=target.database, username=role,
                         password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
                         environment="staging").save("locked-out", overwrite=True)
@@ -426,8 +417,7 @@ def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, 
     try:
         state = run_flow(environment=environment("staging"), credentials_block="locked-out", alembic_config=ini)
     finally:
-        with pg_cluster.admin() as conn:
-            conn.execute(f"DROP ROLE {role}")
+        sql(target, f"DROP ROLE {role}")
     assert state.is_failed()
     unknown = "could not read which revisions the database kept: run `dbmigrate status`"  # never a guess
     assert state.message.startswith(f"migrate failed: revision r3 failed: division by zero; {unknown}; "

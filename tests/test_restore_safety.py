@@ -15,7 +15,7 @@ import pytest
 from dbmigrate import backup, pipeline, restore, rollback
 from dbmigrate.errors import BackupFailed
 from dbmigrate.storage import LocalStorage, S3Storage
-from tests.helpers import fingerprint_of, finish, one_line_error, start_cli
+from tests.helpers import fingerprint_of, finish, one_line_error, scalar, session, sql, start_cli
 from tests.projects import linear, stock_project
 from tests.test_backups import fill
 
@@ -25,7 +25,7 @@ ROWS = 300_000  # enough for the COPY of the replay to last a while
 def wait_for(pg_cluster, database: str, condition: str, proc: subprocess.Popen | None = None) -> None:
     """Until a session of ``database`` matches ``condition`` (SQL over pg_stat_activity)."""
     deadline = time.monotonic() + 60
-    with pg_cluster.admin() as conn:
+    with session(pg_cluster.target("postgres")) as conn:
         while time.monotonic() < deadline:
             if conn.execute(f"SELECT 1 FROM pg_stat_activity WHERE datname = %s AND {condition}",
                             (database,)).fetchone():
@@ -59,11 +59,9 @@ def local_storage(tmp_path):
 @pytest.fixture
 def big_backup(cli, url, pg_cluster, target):
     """A backup of a large table, then the database changed: (manifest, the state now)."""
-    fill(pg_cluster, target, ROWS)
+    fill(target, ROWS)
     manifest = backup_via_cli(cli, url)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DELETE FROM payload WHERE id % 3 = 0")
-        conn.execute("CREATE TABLE added_later (id int)")
+    sql(target, "DELETE FROM payload WHERE id % 3 = 0; CREATE TABLE added_later (id int)")
     return manifest, fingerprint_of(target)
 
 
@@ -111,20 +109,18 @@ def _replaced_after_the_check(monkeypatch, storage, manifest, body: bytes) -> No
 def test_s3_object_that_changes_after_the_check_commits_nothing(change, s3_storage, pg_cluster, target, monkeypatch):
     """Item 1b: what the replay reads is not what was checked; known only at the end of
     the stream (a truncated object, or another valid backup with the wrong sha256)."""
-    fill(pg_cluster, target, 20_000)
+    fill(target, 20_000)
     manifest = backup.take(target, s3_storage, None)
     with s3_storage.open(manifest.key) as body:
         original = body.read()
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DELETE FROM payload WHERE id > 100")
+    sql(target, "DELETE FROM payload WHERE id > 100")
     if change == "truncated":
         replacement = original[:-5]  # all the data, without the end of its last block
     else:
         other = backup.take(target, s3_storage, None)
         with s3_storage.open(other.key) as body:
             replacement = body.read()
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE added_later (id int)")
+    sql(target, "CREATE TABLE added_later (id int)")
     before = fingerprint_of(target)
     _replaced_after_the_check(monkeypatch, s3_storage, manifest, replacement)
 
@@ -168,12 +164,11 @@ def test_automatic_rollback_whose_restore_is_killed_reports_failure(cli, url, pg
 def test_restore_gives_up_on_a_held_lock_and_names_the_holder(cli, url, pg_cluster, target, home):
     """Item 13: a session holding a lock on a table: the restore waits no longer than the
     lock timeout, names that session, and blocks other readers no longer either."""
-    fill(pg_cluster, target, 2000)
+    fill(target, 2000)
     manifest = backup_via_cli(cli, url)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DELETE FROM payload WHERE id > 10")
+    sql(target, "DELETE FROM payload WHERE id > 10")
     before = fingerprint_of(target)
-    with pg_cluster.admin(target.database) as holder, pg_cluster.admin(target.database) as reader:
+    with session(target) as holder, session(target) as reader:
         holder.autocommit = False
         holder.execute("SELECT count(*) FROM payload")  # an open transaction that read the table
         holder_pid = holder.info.backend_pid
@@ -202,7 +197,7 @@ HOSTILE = ['x" TEMPLATE "template0', "semi; colon", "it's \"quoted\" :name %s 10
 
 def test_hostile_target_db_names_create_exactly_that_database(cli, url, pg_cluster, target):
     """Item 8: a --target-db name is one identifier, whatever it holds."""
-    fill(pg_cluster, target, 50)
+    fill(target, 50)
     manifest = backup_via_cli(cli, url)
     for name in HOSTILE:
         existing = set(pg_cluster.databases())
@@ -218,25 +213,19 @@ def test_hostile_target_db_names_create_exactly_that_database(cli, url, pg_clust
 
 def test_schema_names_with_quotes_and_large_objects_are_restored(local_storage, pg_cluster, target):
     """Item 8 (the DROP SCHEMA list) and large objects, which live outside any schema."""
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute('CREATE SCHEMA "o\'dd ""schema""; x :y 5%"')
-        conn.execute('CREATE TABLE "o\'dd ""schema""; x :y 5%".t AS SELECT 1 AS id')
-        kept = conn.execute("SELECT lo_from_bytea(0, 'in the backup')").fetchone()[0]
+    sql(target, 'CREATE SCHEMA "o\'dd ""schema""; x :y 5%"; CREATE TABLE "o\'dd ""schema""; x :y 5%".t AS SELECT 1 AS id')
+    kept = scalar(target, "SELECT lo_from_bytea(0, 'in the backup')")
     manifest = backup.take(target, local_storage, None)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute('INSERT INTO "o\'dd ""schema""; x :y 5%".t VALUES (2)')
-        conn.execute("SELECT lo_put(%s, 0, 'CHANGED')", (kept,))
-        conn.execute("SELECT lo_from_bytea(0, 'made later')")
+    sql(target, 'INSERT INTO "o\'dd ""schema""; x :y 5%".t VALUES (2); SELECT lo_from_bytea(0, \'made later\')')
+    sql(target, "SELECT lo_put(%s, 0, 'CHANGED')", kept)
     restore.over_original(target, local_storage, manifest, 10, None)
     assert fingerprint_of(target).row_counts == {"o'dd \"schema\"; x :y 5%.t": 1}
-    with pg_cluster.admin(target.database) as conn:
-        objects = conn.execute("SELECT oid, lo_get(oid) FROM pg_largeobject_metadata").fetchall()
-    assert objects == [(kept, b"in the backup")]
+    assert sql(target, "SELECT oid, lo_get(oid) FROM pg_largeobject_metadata") == [(kept, b"in the backup")]
 
 
 def test_restore_into_a_new_database_checks_the_row_counts(cli, url, pg_cluster, target, home):
     """Item 19: a copy whose row counts differ from the manifest is refused and dropped."""
-    fill(pg_cluster, target, 50)
+    fill(target, 50)
     manifest = backup_via_cli(cli, url)
     path = home / "backups" / backup.manifest_key(manifest["key"])
     path.write_text(json.dumps({**manifest, "row_counts": {"public.payload": 49}}))
@@ -252,7 +241,7 @@ def test_restore_into_a_new_database_checks_the_row_counts(cli, url, pg_cluster,
 def test_restore_into_a_new_database_without_its_dump(where, cli, url, pg_cluster, target, s3_endpoint, s3_storage):
     """Item 14: the manifest is there, the dump is not: one line, and no database made (the
     catalogue sees the dump is missing before anything is created)."""
-    fill(pg_cluster, target, 10)
+    fill(target, 10)
     env = {"DATABASE_URL": url}
     if where == "s3":
         env |= {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -16,7 +16,7 @@ import pytest
 from dbmigrate import pipeline, rollback
 from tests import pgcluster
 from tests.helpers import (SAMPLE_CONFIG, assert_no_canary, fingerprint_of, finish, last_report, libpq_url,
-                           one_line_error, recording_pg_dump, start_cli)
+                           one_line_error, recording_pg_dump, session, sql, start_cli)
 from tests.pgcluster import CANARY_PASSWORD
 from tests.projects import linear, stock_project
 
@@ -25,10 +25,8 @@ SLEEP = "op.execute('SELECT pg_sleep(30)')"
 
 def backends(cluster, database: str, query_like: str) -> list[tuple]:
     """Active backends of ``database`` running a statement like ``query_like``."""
-    with cluster.admin() as conn:
-        return conn.execute(
-            "SELECT pid, application_name FROM pg_stat_activity WHERE datname = %s AND query LIKE %s "
-            "AND state = 'active' AND pid <> pg_backend_pid()", (database, query_like)).fetchall()
+    return sql(cluster.target("postgres"), "SELECT pid, application_name FROM pg_stat_activity WHERE datname = %s "
+               "AND query LIKE %s AND state = 'active' AND pid <> pg_backend_pid()", database, query_like)
 
 
 def wait_for(condition, what: str, timeout: float = 30):
@@ -56,8 +54,7 @@ def sleeping_project(tmp_path, first_revision_locks: bool = False):
 def test_several_rows_in_the_version_table_are_refused(cli, url, target, pg_cluster, home):
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "0005", "--yes", env=env).returncode == 0
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("INSERT INTO alembic_version VALUES ('0003')")
+    sql(target, "INSERT INTO alembic_version VALUES ('0003')")
     before = fingerprint_of(target)
     expected = ("alembic_version holds 2 rows: 0003, 0005 (0003 is an ancestor of 0005): "
                 "fix the table by hand; dbmigrate will not guess")
@@ -87,8 +84,7 @@ def test_separate_branches_in_the_version_table_are_refused_too(cli, url, target
     ini = str(stock_project(tmp_path, scripts))
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "b1", "--yes", "--alembic-config", ini, env=env).returncode == 0
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("INSERT INTO alembic_version VALUES ('c1')")
+    sql(target, "INSERT INTO alembic_version VALUES ('c1')")
     before = fingerprint_of(target)
     result = cli("downgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)
     assert result.returncode == 2
@@ -221,9 +217,7 @@ def test_sigterm_mid_revision_cancels_the_statement_and_writes_the_report(cli, u
     lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO  [alembic")]
     assert lines == ["dbmigrate: terminated"]
     assert not backends(pg_cluster, target.database, "%pg_sleep%"), "the statement was cancelled"
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("SET lock_timeout = 1000")
-        conn.execute("BEGIN; LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE; ROLLBACK")  # the lock is free
+    sql(target, "SET lock_timeout = 1000; BEGIN; LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE; ROLLBACK")  # the lock is free
     report = last_report(home)
     assert report["status"] == "failed" and report["error"]["phase"] == "migrate"
     assert report["error"]["message"] == "terminated by SIGTERM"
@@ -234,7 +228,7 @@ def test_sigterm_mid_revision_cancels_the_statement_and_writes_the_report(cli, u
 def test_sigterm_mid_backup_leaves_no_partial_dump(cli, url, target, pg_cluster, home, tmp_path):
     ini = sleeping_project(tmp_path)
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
-    with pg_cluster.admin(target.database) as blocker:
+    with session(target) as blocker:
         blocker.execute("BEGIN")
         blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")  # pg_dump waits here, its file open
         proc = start_cli(home, "backup", env={"DATABASE_URL": url})
@@ -270,7 +264,7 @@ def test_sigkill_mid_revision_the_orphaned_statement_ends_soon(cli, url, target,
 def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url, target, pg_cluster, home):
     assert cli("upgrade", "-r", "0001", "--yes", env={"DATABASE_URL": url}).returncode == 0
     before = fingerprint_of(target)
-    with pg_cluster.admin(target.database) as blocker:
+    with session(target) as blocker:
         blocker.execute("SET application_name = 'the-blocker'")
         blocker.execute("BEGIN")
         blocker.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")

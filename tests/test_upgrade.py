@@ -3,10 +3,8 @@
 import json
 import subprocess
 
-from sqlalchemy import text
-
-from dbmigrate import db, pgtools
-from tests.helpers import SAMPLE_HEAD, fingerprint_of, last_report, reports_in
+from dbmigrate import pgtools
+from tests.helpers import SAMPLE_HEAD, fingerprint_of, last_report, reports_in, scalar, sql
 
 ALL = ["0001", "0002", "0003", "0004", "0005", "0006"]
 
@@ -42,9 +40,8 @@ def test_upgrade_with_backup_migrates_reports_and_backs_up(cli, url, target, hom
     assert result.returncode == 0, result.stderr
     assert "succeeded: base -> 0006" in result.stdout
 
-    with db.connect(target) as conn:
-        tables = set(conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname='public'")).scalars())
-        version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    tables = {name for (name,) in sql(target, "SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+    version = scalar(target, "SELECT version_num FROM alembic_version")
     assert {"accounts", "cloud_resources", "cost_records", "recommendations"} <= tables
     assert version == SAMPLE_HEAD
 
@@ -81,24 +78,19 @@ def test_upgrade_with_backup_migrates_reports_and_backs_up(cli, url, target, hom
 def test_data_migration_converts_costs_both_ways(cli, url, target):
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "0004", "--yes", env=env).returncode == 0
-    with db.connect(target) as conn, conn.begin():
-        conn.execute(text("INSERT INTO accounts (id, name, provider, external_id) VALUES (1, 'prod', 'aws', '123')"))
-        conn.execute(text("INSERT INTO cloud_resources (id, account_id, resource_type, region, name) "
-                          "VALUES (1, 1, 'ec2', 'eu-west-1', 'web-1')"))
-        conn.execute(text("INSERT INTO cost_records (resource_id, usage_date, cost_usd) "
-                          "VALUES (1, '2026-11-01', 12.34), (1, '2026-11-02', 0.05)"))
+    sql(target, "INSERT INTO accounts (id, name, provider, external_id) VALUES (1, 'prod', 'aws', '123'); "
+                "INSERT INTO cloud_resources (id, account_id, resource_type, region, name) "
+                "VALUES (1, 1, 'ec2', 'eu-west-1', 'web-1'); "
+                "INSERT INTO cost_records (resource_id, usage_date, cost_usd) "
+                "VALUES (1, '2026-11-01', 12.34), (1, '2026-11-02', 0.05)")
 
     assert cli("upgrade", "--yes", env=env).returncode == 0
-    with db.connect(target) as conn:
-        cents = conn.execute(text("SELECT amount_cents FROM cost_records ORDER BY usage_date")).scalars().all()
-    assert cents == [1234, 5]
+    assert sql(target, "SELECT amount_cents FROM cost_records ORDER BY usage_date") == [(1234,), (5,)]
 
     down = cli("downgrade", "-r", "0004", "--yes", env=env)
     assert down.returncode == 0, down.stderr
     assert "succeeded: 0006 -> 0004" in down.stdout
-    with db.connect(target) as conn:
-        dollars = conn.execute(text("SELECT cost_usd::text FROM cost_records ORDER BY usage_date")).scalars().all()
-    assert dollars == ["12.34", "0.05"]
+    assert sql(target, "SELECT cost_usd::text FROM cost_records ORDER BY usage_date") == [("12.34",), ("0.05",)]
 
 
 def test_dry_run_prints_sql_and_changes_nothing(cli, url, target, home):
