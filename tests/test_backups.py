@@ -54,7 +54,7 @@ def test_backup_manifest_verify_and_list(storage, pg_cluster, target):
     assert scratch == [], "the scratch database of --verify-restore must be dropped"
 
 
-def test_row_counts_come_from_the_dumped_snapshot(local_storage, pg_cluster, target):
+def test_row_counts_come_from_the_dumped_snapshot(local_storage, target):
     """Rows inserted while the dump runs are neither dumped nor counted."""
     fill(target, 200_000)
     inserted = threading.Event()
@@ -70,7 +70,7 @@ def test_row_counts_come_from_the_dumped_snapshot(local_storage, pg_cluster, tar
     assert manifest.row_counts == {"public.payload": 200_000} and manifest.verified
 
 
-def test_pg_dump_failure_leaves_nothing(storage, pg_cluster, target):
+def test_pg_dump_failure_leaves_nothing(storage, target):
     fill(target, 10)
     with session(target) as blocker:
         blocker.autocommit = False
@@ -81,7 +81,7 @@ def test_pg_dump_failure_leaves_nothing(storage, pg_cluster, target):
     assert storage.keys("") == [] and backup.list_backups(storage, target) == []
 
 
-def test_pg_dump_dying_mid_stream_leaves_nothing(storage, pg_cluster, target):
+def test_pg_dump_dying_mid_stream_leaves_nothing(storage, target):
     fill(target, 400_000)  # more than one S3 part, so the upload is under way when pg_dump dies
 
     def kill_pg_dump(size, rate):
@@ -92,7 +92,7 @@ def test_pg_dump_dying_mid_stream_leaves_nothing(storage, pg_cluster, target):
     assert storage.keys("") == [] and backup.list_backups(storage, target) == []
 
 
-def test_disk_full_removes_the_partial_file(pg_cluster, target, tmp_path):
+def test_disk_full_removes_the_partial_file(target, tmp_path):
     mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
@@ -124,7 +124,7 @@ def test_missing_bucket_fails_before_anything_is_stored(s3_storage, target):
         backup.take(target, missing, None)
 
 
-def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
+def test_s3_endpoint_going_away_mid_upload(target):
     """The endpoint dies after the first part and comes back: the multipart upload is
     aborted, nothing is listed, and the error names the storage step."""
     from moto.server import ThreadedMotoServer
@@ -165,20 +165,28 @@ def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
             replacement["server"].stop()
 
 
-def test_restore_into_a_new_database_and_over_the_original(storage, pg_cluster, target):
+@pytest.fixture
+def changed_after_backup(storage, target):
+    """A backup, then changes a migration might make: (manifest, the state backed up, the state now)."""
     fill(target, 500)
     before = fingerprint_of(target)
     manifest = backup.take(target, storage, None)
-    # What a migration might do afterwards:
     sql(target, "DELETE FROM payload WHERE id <= 100; CREATE TABLE added_later (id int REFERENCES payload(id))")
-    changed = fingerprint_of(target)
+    return manifest, before, fingerprint_of(target)
 
+
+def test_restore_into_a_new_database(storage, target, changed_after_backup):
+    manifest, _, changed = changed_after_backup
     copy = restore.into_new_database(target, storage, manifest, target.database + "_copy", 10)
     try:
         assert fingerprint_of(target.with_database(copy.database)).row_counts == {"public.payload": 500}
     finally:
         backup.drop_database(target, copy.database, 10)
+    assert fingerprint_of(target) == changed, "the original is left alone"
 
+
+def test_restore_over_the_original_takes_a_safety_backup_first(storage, target, changed_after_backup):
+    manifest, before, changed = changed_after_backup
     result = restore.over_original(target, storage, manifest, 10,
                                    lambda: backup.take(target, storage, "before-restore"))
     assert fingerprint_of(target) == before
@@ -186,7 +194,7 @@ def test_restore_into_a_new_database_and_over_the_original(storage, pg_cluster, 
     assert {m.id for m in backup.list_backups(storage, target)} == {manifest.id, result.safety_backup.id}
 
 
-def test_failed_restore_leaves_the_database_as_it_was(local_storage, pg_cluster, target):
+def test_failed_restore_leaves_the_database_as_it_was(local_storage, target):
     sql(target, "CREATE ROLE short_lived; CREATE TABLE owned (id int); ALTER TABLE owned OWNER TO short_lived")
     manifest = backup.take(target, local_storage, None)
     sql(target, "ALTER TABLE owned OWNER TO postgres; DROP ROLE short_lived; INSERT INTO owned VALUES (1), (2)")
@@ -196,7 +204,7 @@ def test_failed_restore_leaves_the_database_as_it_was(local_storage, pg_cluster,
     assert fingerprint_of(target) == before
 
 
-def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storage, pg_cluster, target):
+def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storage, target):
     fill(target, 100)
     manifest = backup.take(target, local_storage, None)
     sql(target, "DELETE FROM payload")
@@ -210,7 +218,7 @@ def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storag
     assert fingerprint_of(target) == before
 
 
-def test_prune_keeps_the_newest_verified(local_storage, pg_cluster, target):
+def test_prune_keeps_the_newest_verified(local_storage, target):
     fill(target, 10)
     verified = backup.take(target, local_storage, "a", DumpOptions(verify_restore=True))
     newer = [backup.take(target, local_storage, "b") for _ in range(3)]
@@ -223,37 +231,53 @@ def test_prune_keeps_the_newest_verified(local_storage, pg_cluster, target):
     assert backup.prune(local_storage, target, keep_last=1, keep_days=1) == [], "all are younger than a day"
 
 
-def test_backup_commands(cli, url, target, pg_cluster, home):
-    env = {"DATABASE_URL": url}
+@pytest.fixture
+def taken_by_cli(cli, url, target) -> dict:
+    """`dbmigrate backup --verify-restore` of 50 rows: its manifest."""
     fill(target, 50)
-    taken = cli("backup", "--verify-restore", "--json", env=env)
+    taken = cli("backup", "--verify-restore", "--json", env={"DATABASE_URL": url})
     assert taken.returncode == 0, taken.stderr
-    manifest = json.loads(taken.stdout)
-    assert manifest["verified"] and manifest["row_counts"] == {"public.payload": 50}
+    return json.loads(taken.stdout)
 
-    listed = cli("backups", "list", env=env)
-    assert listed.returncode == 0 and manifest["id"] in listed.stdout and "verified" in listed.stdout
 
+def test_backup_command_verifies_and_lists(cli, url, taken_by_cli):
+    assert taken_by_cli["verified"] and taken_by_cli["row_counts"] == {"public.payload": 50}
+    listed = cli("backups", "list", env={"DATABASE_URL": url})
+    assert listed.returncode == 0 and taken_by_cli["id"] in listed.stdout and "verified" in listed.stdout
+
+
+def test_restore_command_asks_for_yes_without_a_terminal(cli, url, target, taken_by_cli):
     sql(target, "DELETE FROM payload")
-    refused = cli("restore", manifest["id"], env=env)
+    refused = cli("restore", taken_by_cli["id"], env={"DATABASE_URL": url})
     assert refused.returncode == 2 and "no terminal to ask on (pass --yes)" in refused.stderr
     assert fingerprint_of(target).row_counts == {"public.payload": 0}
 
-    restored = cli("restore", manifest["id"], "--yes", env=env)
+
+def test_restore_command_takes_a_safety_backup_first(cli, url, target, taken_by_cli):
+    sql(target, "DELETE FROM payload")
+    restored = cli("restore", taken_by_cli["id"], "--yes", env={"DATABASE_URL": url})
     assert restored.returncode == 0, restored.stderr
     assert fingerprint_of(target).row_counts == {"public.payload": 50}
     assert "safety backup of the previous state" in restored.stdout
+    listed = json.loads(cli("backups", "list", "--json", env={"DATABASE_URL": url}).stdout)
+    assert [m["row_counts"] for m in listed] == [{"public.payload": 0}, {"public.payload": 50}]
 
-    unknown = cli("restore", "20000101T000000.000Z-nope", "--yes", env=env)
+
+def test_restore_command_refuses_an_unknown_backup(cli, url, taken_by_cli):
+    unknown = cli("restore", "20000101T000000.000Z-nope", "--yes", env={"DATABASE_URL": url})
     assert unknown.returncode == 2 and "no valid backup '20000101T000000.000Z-nope'" in unknown.stderr
 
+
+def test_prune_command_keeps_the_newest_and_the_verified(cli, url, taken_by_cli):
+    env = {"DATABASE_URL": url}
+    assert cli("backup", env=env).returncode == 0
     pruned = cli("backups", "prune", "--keep-last", "1", env=env)
     assert pruned.returncode == 0 and "nothing to prune" in pruned.stdout, "the newest and the verified one stay"
     remaining = json.loads(cli("backups", "list", "--json", env=env).stdout)
-    assert [m["id"] for m in remaining][1:] == [manifest["id"]]
+    assert [m["id"] for m in remaining][1:] == [taken_by_cli["id"]]
 
 
-def test_parallel_directory_format(local_storage, s3_storage, pg_cluster, target):
+def test_parallel_directory_format(local_storage, s3_storage, target):
     fill(target, 20_000)
     sql(target, "CREATE TABLE second AS SELECT * FROM payload WHERE id <= 500")
     manifest = backup.take(target, local_storage, "0006", DumpOptions(jobs=2, verify_restore=True))

@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import (fingerprint_of, last_report, one_line_error, reports_in, run_on_a_terminal,
-                           scalar, sql, stderr_lines)
+from tests.helpers import (fingerprint_of, last_report, libpq_url, one_line_error, reports_in, run_cli,
+                           run_on_a_terminal, scalar, sql, stderr_lines)
 from tests.projects import linear, stock_project
 
 
@@ -20,53 +21,76 @@ def at_0002(cli, url, target):
     return fingerprint_of(target)
 
 
-def test_numbers_are_checked_before_anything_runs(cli, url, target, at_0002, home):
-    reports = reports_in(home)
-    cases = [
-        ["upgrade", "--yes", "--timeout", "nan"],
-        ["upgrade", "--yes", "--timeout", "inf"],
-        ["upgrade", "--yes", "--timeout", "0"],
-        ["status", "--timeout", "nan"],
-        ["upgrade", "--yes", "--lock-timeout", "nan"],
-        ["upgrade", "--yes", "--lock-timeout", "inf"],
-        ["upgrade", "--yes", "--lock-timeout", "1e12"],
-        ["upgrade", "--yes", "--statement-timeout", "nan"],
-        ["upgrade", "--yes", "--statement-timeout", "-1"],
-        ["upgrade", "--yes", "--lock-wait", "inf"],
-        ["upgrade", "--yes", "--backup", "--jobs", "0"],
-        ["upgrade", "--yes", "--backup", "--jobs", "\u00b2"],
-        ["upgrade", "--yes", "--backup", "--jobs", "100000"],
-        ["backup", "--jobs", "nan"],
-        ["restore", "some-id", "--yes", "--jobs", "-1"],
-        ["backups", "prune", "--keep-last", "1", "--keep-days", "nan"],
-        ["backups", "prune", "--keep-last", "1", "--keep-days", "inf"],
-    ]
-    for args in cases:
-        result = cli(*args, env={"DATABASE_URL": url})
-        assert result.returncode == 2, (args, result.stdout, result.stderr)
-        line = one_line_error(result.stderr)
-        assert args[-1] in line or repr(args[-1]) in line, (args, line)
-    assert fingerprint_of(target) == at_0002
-    assert reports_in(home) == reports, "refused before the run: no report"
+class Untouched:
+    """A database at 0002 shared by the cases that must be refused before anything runs. Each
+    case checks that it changed neither the database nor the reports, so none can affect the
+    next one."""
+
+    def __init__(self, pg_cluster, home: Path):
+        self.target = pg_cluster.target(pg_cluster.create_database())
+        self.home = home
+        assert self.run("upgrade", "-r", "0002", "--yes").returncode == 0
+        self.fingerprint, self.reports = fingerprint_of(self.target), reports_in(home)
+
+    def run(self, *args: str):
+        return run_cli(self.home, *args, env={"DATABASE_URL": libpq_url(self.target)})
+
+    def refuse(self, *args: str) -> str:
+        """Run ``args``, which must be refused with exit code 2; the error line."""
+        result = self.run(*args)
+        assert result.returncode == 2, (result.stdout, result.stderr)
+        assert fingerprint_of(self.target) == self.fingerprint
+        assert reports_in(self.home) == self.reports, "refused before the run: no report"
+        return one_line_error(result.stderr)
 
 
-def test_malformed_revisions_are_refused(cli, url, target, at_0002):
-    for command in ("upgrade", "downgrade"):
-        for revision in ("", "@", "0001@", "@0001", " ", "0001 "):
-            result = cli(command, "-r", revision, "--yes", env={"DATABASE_URL": url})
-            assert result.returncode == 2, (command, revision, result.stderr)
-            assert f"malformed revision {revision!r}" in one_line_error(result.stderr)
-    assert fingerprint_of(target) == at_0002
+@pytest.fixture(scope="module")
+def untouched(pg_cluster, tmp_path_factory):
+    shared = Untouched(pg_cluster, tmp_path_factory.mktemp("untouched-home"))
+    yield shared
+    pg_cluster.drop_database(shared.target.database)
 
 
-def test_a_json_report_that_can_never_be_written_is_refused_first(cli, url, target, at_0002, tmp_path):
-    a_file = tmp_path / "a-file"
-    a_file.write_text("")
-    for path, expected in ((tmp_path, "is a directory"), (a_file / "report.json", "is not a writable directory")):
-        result = cli("upgrade", "--yes", "--json-report", str(path), env={"DATABASE_URL": url})
-        assert result.returncode == 2
-        assert expected in one_line_error(result.stderr)
-    assert fingerprint_of(target) == at_0002
+BAD_NUMBERS = [
+    ["upgrade", "--yes", "--timeout", "nan"],
+    ["upgrade", "--yes", "--timeout", "inf"],
+    ["upgrade", "--yes", "--timeout", "0"],
+    ["status", "--timeout", "nan"],
+    ["upgrade", "--yes", "--lock-timeout", "nan"],
+    ["upgrade", "--yes", "--lock-timeout", "inf"],
+    ["upgrade", "--yes", "--lock-timeout", "1e12"],
+    ["upgrade", "--yes", "--statement-timeout", "nan"],
+    ["upgrade", "--yes", "--statement-timeout", "-1"],
+    ["upgrade", "--yes", "--lock-wait", "inf"],
+    ["upgrade", "--yes", "--backup", "--jobs", "0"],
+    ["upgrade", "--yes", "--backup", "--jobs", "\u00b2"],
+    ["upgrade", "--yes", "--backup", "--jobs", "100000"],
+    ["backup", "--jobs", "nan"],
+    ["restore", "some-id", "--yes", "--jobs", "-1"],
+    ["backups", "prune", "--keep-last", "1", "--keep-days", "nan"],
+    ["backups", "prune", "--keep-last", "1", "--keep-days", "inf"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_NUMBERS, ids=" ".join)
+def test_numbers_are_checked_before_anything_runs(args, untouched):
+    line = untouched.refuse(*args)
+    assert args[-1] in line or repr(args[-1]) in line, line
+
+
+@pytest.mark.parametrize("command", ["upgrade", "downgrade"])
+@pytest.mark.parametrize("revision", ["", "@", "0001@", "@0001", " ", "0001 "], ids=repr)
+def test_malformed_revisions_are_refused(command, revision, untouched):
+    assert f"malformed revision {revision!r}" in untouched.refuse(command, "-r", revision, "--yes")
+
+
+@pytest.mark.parametrize("path, expected", [
+    (lambda tmp_path: tmp_path, "is a directory"),
+    (lambda tmp_path: tmp_path / "a-file" / "report.json", "is not a writable directory"),
+], ids=["a directory", "under a file"])
+def test_a_json_report_that_can_never_be_written_is_refused_first(path, expected, untouched, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    assert expected in untouched.refuse("upgrade", "--yes", "--json-report", str(path(tmp_path)))
 
 
 @pytest.fixture
@@ -163,7 +187,7 @@ def test_with_one_transaction_per_revision_the_commit_that_failed_is_named(cli, 
     assert [m["revision"] for m in report["migrations_applied"]] == ["r1"] and report["revision_after"] == "r1"
 
 
-def test_an_unreadable_table_is_named_by_the_backup(cli, pg_cluster, target, home):
+def test_an_unreadable_table_is_named_by_the_backup(cli, target, home):
     """The backup role cannot read one table: the first cause, not pg_dump's snapshot error."""
     role, password = "reader_" + uuid.uuid4().hex[:8], uuid.uuid4().hex
     sql(target, f"CREATE ROLE {role} LOGIN PASSWORD '{password}'; CREATE TABLE readable (id int); "
@@ -187,17 +211,22 @@ def at_0005(cli, url, target):
     return fingerprint_of(target)
 
 
-def test_production_changes_only_through_the_deployment(cli, environment, prefect_api, target, at_0005, home):
+@pytest.mark.parametrize("args", [["downgrade", "-r", "0004", "--yes"],
+                                  ["downgrade", "-r", "0004", "--backup", "--approver", "alice"],
+                                  ["upgrade", "--backup", "--approver", "alice"]], ids=" ".join)
+def test_production_changes_only_through_the_deployment(args, cli, environment, prefect_api, target, at_0005):
+    environment("production")
+    result = cli(*args, "--env", "production", env={"PREFECT_API_URL": prefect_api})
+    assert result.returncode == 2, result.stderr
+    assert one_line_error(result.stderr) == (
+        "dbmigrate: error: production changes run through the db-migrate deployment: the policy of production "
+        f"does not allow {args[0]} from the command line (cli_changes_allowed is off)")
+    assert fingerprint_of(target) == at_0005
+
+
+def test_production_allows_dry_runs_and_backups_not_restores(cli, environment, prefect_api, target, at_0005):
     env = {"PREFECT_API_URL": prefect_api}
     environment("production")
-    for args in (["downgrade", "-r", "0004", "--yes"],
-                 ["downgrade", "-r", "0004", "--backup", "--approver", "alice"],
-                 ["upgrade", "--backup", "--approver", "alice"]):
-        result = cli(*args, "--env", "production", env=env)
-        assert result.returncode == 2, result.stderr
-        assert one_line_error(result.stderr) == (
-            "dbmigrate: error: production changes run through the db-migrate deployment: the policy of production "
-            f"does not allow {args[0]} from the command line (cli_changes_allowed is off)")
     dry_run = cli("downgrade", "-r", "0004", "--dry-run", "--env", "production", env=env)
     assert dry_run.returncode == 0, "a dry run changes nothing: allowed"
     backup = cli("backup", "--env", "production", "--json", env=env)

@@ -94,7 +94,7 @@ def test_several_heads(cli, url, target, tmp_path):
     assert fingerprint_of(target).revisions == ("b1",)
 
 
-def test_unknown_revision_in_the_database(cli, url, target, pg_cluster):
+def test_unknown_revision_in_the_database(cli, url, target):
     sql(target, "CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY); "
                 "INSERT INTO alembic_version VALUES ('f00dface')")
     before = fingerprint_of(target)
@@ -128,7 +128,7 @@ def test_failed_revision_rolls_back_and_is_reported(cli, url, target, home, tmp_
     assert report["revision_before"] is None and report["revision_after"] is None
 
 
-def test_lock_timeout_reaches_a_stock_env_py(cli, url, target, pg_cluster, tmp_path):
+def test_lock_timeout_reaches_a_stock_env_py(cli, url, target, tmp_path):
     ini = str(stock_project(tmp_path, linear(
         "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))",
         "op.add_column('t1', sa.Column('note', sa.Text))",

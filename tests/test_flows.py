@@ -177,7 +177,7 @@ def test_two_concurrent_runs_exactly_one_migrates(environment, target, home, tmp
     assert fingerprint_of(target).revisions == ("r1",)
 
 
-def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path, pg_cluster):
+def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path):
     """Logs, artifacts, reports, backups' manifests, and pg_dump's command line."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter
@@ -398,8 +398,7 @@ def test_db_backup_to_an_s3_bucket_block_prunes_but_keeps_the_newest_verified(en
     assert sorted(storage.keys("")) == sorted(f"production/{target.database}/{newest}.{ext}" for ext in ("dump", "json"))
 
 
-def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, home, tmp_path, cli, url,
-                                                           pg_cluster):
+def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, home, tmp_path, cli, url):
     """The migration locks its own role out, then fails: the report keeps the migration's error
     and says the rollback could not run, rather than pretend or lose either."""
     import uuid

@@ -57,7 +57,7 @@ def local_storage(tmp_path):
 
 
 @pytest.fixture
-def big_backup(cli, url, pg_cluster, target):
+def big_backup(cli, url, target):
     """A backup of a large table, then the database changed: (manifest, the state now)."""
     fill(target, ROWS)
     manifest = backup_via_cli(cli, url)
@@ -65,19 +65,19 @@ def big_backup(cli, url, pg_cluster, target):
     return manifest, fingerprint_of(target)
 
 
-def test_a_replay_whose_tool_is_killed_mid_copy_commits_nothing(big_backup, pg_cluster, target, url, home):
+@pytest.mark.parametrize("victim", ["pg_restore", "psql"])
+def test_a_replay_whose_tool_is_killed_mid_copy_commits_nothing(victim, big_backup, pg_cluster, target, url, home):
     """Item 1a and 18: pg_restore or psql SIGKILLed while the data is copied: a one-line
     error naming the signal, and the database exactly as it was."""
     manifest, before = big_backup
-    for victim in ("pg_restore", "psql"):
-        proc = start_cli(home, "restore", manifest["id"], "--yes", "--no-safety-backup", env={"DATABASE_URL": url})
-        wait_for(pg_cluster, target.database, IN_COPY, proc)
-        tool(proc.pid, victim).send_signal(signal.SIGKILL)
-        result = finish(proc)
-        assert result.returncode == 1
-        assert one_line_error(result.stderr) == ("dbmigrate: error: restore failed, database left as it was: "
-                                       f"{victim} was killed by signal 9 (SIGKILL)")
-        assert fingerprint_of(target) == before, f"{victim} killed mid-COPY: nothing may be committed"
+    proc = start_cli(home, "restore", manifest["id"], "--yes", "--no-safety-backup", env={"DATABASE_URL": url})
+    wait_for(pg_cluster, target.database, IN_COPY, proc)
+    tool(proc.pid, victim).send_signal(signal.SIGKILL)
+    result = finish(proc)
+    assert result.returncode == 1
+    assert one_line_error(result.stderr) == ("dbmigrate: error: restore failed, database left as it was: "
+                                             f"{victim} was killed by signal 9 (SIGKILL)")
+    assert fingerprint_of(target) == before, "killed mid-COPY: nothing may be committed"
 
 
 def test_dbmigrate_killed_mid_replay_commits_nothing(big_backup, pg_cluster, target, url, home):
@@ -106,7 +106,7 @@ def _replaced_after_the_check(monkeypatch, storage, manifest, body: bytes) -> No
 
 
 @pytest.mark.parametrize("change", ["truncated", "another backup"])
-def test_s3_object_that_changes_after_the_check_commits_nothing(change, s3_storage, pg_cluster, target, monkeypatch):
+def test_s3_object_that_changes_after_the_check_commits_nothing(change, s3_storage, target, monkeypatch):
     """Item 1b: what the replay reads is not what was checked; known only at the end of
     the stream (a truncated object, or another valid backup with the wrong sha256)."""
     fill(target, 20_000)
@@ -211,7 +211,7 @@ def test_hostile_target_db_names_create_exactly_that_database(cli, url, pg_clust
                 backup.drop_database(target, leftover, 10)
 
 
-def test_schema_names_with_quotes_and_large_objects_are_restored(local_storage, pg_cluster, target):
+def test_schema_names_with_quotes_and_large_objects_are_restored(local_storage, target):
     """Item 8 (the DROP SCHEMA list) and large objects, which live outside any schema."""
     sql(target, 'CREATE SCHEMA "o\'dd ""schema""; x :y 5%"; CREATE TABLE "o\'dd ""schema""; x :y 5%".t AS SELECT 1 AS id')
     kept = scalar(target, "SELECT lo_from_bytea(0, 'in the backup')")
