@@ -92,3 +92,9 @@ def environment(prefect_api, target, home, monkeypatch):
     """save_environment against the test harness's API, with DBMIGRATE_HOME the test's."""
     monkeypatch.setenv("DBMIGRATE_HOME", str(home))
     return lambda name, **options: save_environment(target, name, **options)
+
+
+def pytest_collection_modifyitems(items):
+    """The unit layer (tests/unit: no servers, about a second) runs first: a broken rule shows
+    at once, not after the servers have started."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/unit/"))
