@@ -162,6 +162,41 @@ def last_report(home: Path) -> dict:
     return json.loads(reports_in(home)[-1].read_text())
 
 
+class Untouched:
+    """A database migrated to a revision, shared by a module's cases that must each leave it as it
+    was: every ``refuse`` checks the exit code and the fingerprint, so no case can affect the next."""
+
+    def __init__(self, target: DatabaseTarget, home: Path, revision: str):
+        self.target, self.home = target, home
+        result = self.run("upgrade", "-r", revision, "--yes")
+        assert result.returncode == 0, result.stderr
+        self.fingerprint, self.reports = fingerprint_of(target), reports_in(home)
+
+    @classmethod
+    @contextmanager
+    def at(cls, revision: str, pg_cluster, home: Path) -> Iterator[Untouched]:
+        """A new database of ``pg_cluster`` at ``revision``, dropped afterwards."""
+        target = pg_cluster.target(pg_cluster.create_database())
+        try:
+            yield cls(target, home, revision)
+        finally:
+            pg_cluster.drop_database(target.database)
+
+    @property
+    def url(self) -> str:
+        return libpq_url(self.target)
+
+    def run(self, *args: str, url: str | None = None) -> subprocess.CompletedProcess:
+        return run_cli(self.home, *args, env={"DATABASE_URL": url or self.url})
+
+    def refuse(self, *args: str, url: str | None = None, code: int = 2) -> str:
+        """Run ``args`` (against ``url`` if given): it must fail with ``code`` and change nothing. Its error line."""
+        result = self.run(*args, url=url)
+        assert result.returncode == code, (result.stdout, result.stderr)
+        assert fingerprint_of(self.target) == self.fingerprint
+        return one_line_error(result.stderr)
+
+
 # --- Prefect blocks --------------------------------------------------------------------
 
 def s3_bucket_block(endpoint: str, bucket: str, folder: str = "", client_config: dict | None = None):

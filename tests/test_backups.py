@@ -10,7 +10,7 @@ import pytest
 
 from dbmigrate import backup, restore
 from dbmigrate.backup import DumpOptions
-from dbmigrate.errors import BackupFailed
+from dbmigrate.errors import BackupFailed, ConfigError
 from dbmigrate.storage import LocalStorage
 from tests.helpers import fingerprint_of, session, sql
 
@@ -297,7 +297,7 @@ def test_parallel_directory_format(local_storage, s3_storage, target):
 
     listed = backup.catalogue(local_storage, target).backups
     assert [(b.manifest.id, b.stored_size, b.damage) for b in listed] == [(manifest.id, manifest.size_bytes, None)]
-    with pytest.raises(Exception, match="--jobs needs a local directory"):
+    with pytest.raises(ConfigError, match="--jobs needs a local directory"):
         backup.take(target, s3_storage, None, DumpOptions(jobs=2))
 
 

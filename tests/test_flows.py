@@ -204,9 +204,9 @@ def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path
     assert_no_canary("\n".join(log.message for log in logs), "the flow-run logs")
     assert_no_canary("\n".join(str(a.data) + str(a.description) for a in artifacts), "the artifacts")
     assert_no_canary("\n".join(json.dumps(r.parameters) for r in runs), "the flow-run parameters")
-    for path in (home / "reports").glob("*.json"):
-        assert_no_canary(path.read_text(), str(path))
-    for path in (home / "backups").rglob("*.json"):
+    reports, manifests = reports_in(home), sorted((home / "backups").rglob("*.json"))
+    assert reports and manifests, "the run wrote a report and a backup manifest"
+    for path in reports + manifests:
         assert_no_canary(path.read_text(), str(path))
 
 
@@ -323,18 +323,22 @@ def test_db_backup_then_db_rollback_from_it_in_production(environment, target, h
     assert state.result()["tables_changing"] == ["public.t1"] and fingerprint_of(target) == changed
 
     seen = {}
-    for answer, outcome in (({"approve": False, "approver": "dave"}, "rejected"),
-                            ({"approve": True, "approver": "Erin"}, "approved")):
+
+    def rollback_answered(answer: dict):
         resumer = threading.Thread(target=_resume_when_paused, args=(answer, seen))
         resumer.start()
-        state = run_named("db-rollback", environment=name, backup_id=backup_id, dry_run=False)
-        resumer.join()
-        if outcome == "rejected":
-            assert state.is_failed() and state.message == "restore not approved by dave: nothing was changed"
-            assert fingerprint_of(target) == changed
-            refused = last_report(home)
-            assert (refused["operation"], refused["status"], refused["error"]["phase"]) == ("restore", "failed",
-                                                                                          "approval")
+        try:
+            return run_named("db-rollback", environment=name, backup_id=backup_id, dry_run=False)
+        finally:
+            resumer.join()
+
+    state = rollback_answered({"approve": False, "approver": "dave"})
+    assert state.is_failed() and state.message == "restore not approved by dave: nothing was changed"
+    assert fingerprint_of(target) == changed
+    refused = last_report(home)
+    assert (refused["operation"], refused["status"], refused["error"]["phase"]) == ("restore", "failed", "approval")
+
+    state = rollback_answered({"approve": True, "approver": "Erin"})
     assert state.is_completed(), state.message
     assert fingerprint_of(target) == backed_up
     result = state.result()
@@ -476,26 +480,33 @@ def task_runs_of(state) -> list:
             id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
 
 
-def test_a_deployment_refuses_the_database_of_another_environment(environment, target, home, tmp_path):
-    """db-migrate/staging pointed at production's credentials block (or at a block recording
-    production) changes nothing and leaves nothing keyed staging, in every flow."""
+@pytest.mark.parametrize("flow_name, parameters", [
+    ("db-migrate", {"alembic_config": "{ini}"}),
+    ("db-rollback", {"to_revision": "base", "dry_run": False, "alembic_config": "{ini}"}),
+    ("db-health", {"alembic_config": "{ini}"}),
+    ("db-backup", {}),
+], ids=["db-migrate", "db-rollback", "db-health", "db-backup"])
+def test_a_deployment_refuses_the_database_of_another_environment(flow_name, parameters, environment, target, home,
+                                                                  tmp_path):
+    """db-<flow>/staging pointed at production's credentials block changes nothing and leaves nothing
+    keyed staging."""
     production = environment("production")
     environment("staging")
     ini = str(stock_project(tmp_path, linear(table_step("t1"))))
     before = fingerprint_of(target)
-    runs = {
-        "db-migrate": {"alembic_config": ini},
-        "db-rollback": {"to_revision": "base", "dry_run": False, "alembic_config": ini},
-        "db-health": {"alembic_config": ini},
-        "db-backup": {},
-    }
-    for flow_name, parameters in runs.items():
-        state = run_named(flow_name, environment="staging", credentials_block=production, **parameters)
-        assert state.is_failed(), f"{flow_name}: {state.message}"
-        assert state.message == "deployment for staging refuses the production database (block 'production')"
-        assert "staging" not in flow_run_of(state).tags and not artifacts_of(state), flow_name
-        assert not task_runs_of(state), f"{flow_name} ran a phase"
+    parameters = {k: v.format(ini=ini) if isinstance(v, str) else v for k, v in parameters.items()}
+    state = run_named(flow_name, environment="staging", credentials_block=production, **parameters)
+    assert state.is_failed(), state.message
+    assert state.message == "deployment for staging refuses the production database (block 'production')"
+    assert "staging" not in flow_run_of(state).tags and not artifacts_of(state)
+    assert not task_runs_of(state), "it ran a phase"
+    assert fingerprint_of(target) == before
+    assert not (home / "backups").exists() and not reports_in(home), "no backup taken, no report of a run"
 
+
+def test_a_block_recording_production_is_refused_by_the_staging_deployment(environment, target, home, tmp_path):
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    before = fingerprint_of(target)
     environment("staging", database_of="production")  # the block named staging says: production's database
     state = run_flow(environment="staging", alembic_config=ini)
     assert state.is_failed()

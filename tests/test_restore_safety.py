@@ -195,20 +195,20 @@ def test_restore_gives_up_on_a_held_lock_and_names_the_holder(cli, url, pg_clust
 HOSTILE = ['x" TEMPLATE "template0', "semi; colon", "it's \"quoted\" :name %s 100%"]
 
 
-def test_hostile_target_db_names_create_exactly_that_database(cli, url, pg_cluster, target):
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_target_db_names_create_exactly_that_database(name, cli, url, pg_cluster, target):
     """Item 8: a --target-db name is one identifier, whatever it holds."""
     fill(target, 50)
     manifest = backup_via_cli(cli, url)
-    for name in HOSTILE:
-        existing = set(pg_cluster.databases())
-        result = cli("restore", manifest["id"], "--target-db", name, env={"DATABASE_URL": url})
-        try:
-            assert result.returncode == 0, result.stderr
-            assert set(pg_cluster.databases()) - existing == {name}
-            assert fingerprint_of(target.with_database(name)).row_counts == {"public.payload": 50}
-        finally:
-            for leftover in set(pg_cluster.databases()) - existing:
-                backup.drop_database(target, leftover, 10)
+    existing = set(pg_cluster.databases())
+    result = cli("restore", manifest["id"], "--target-db", name, env={"DATABASE_URL": url})
+    try:
+        assert result.returncode == 0, result.stderr
+        assert set(pg_cluster.databases()) - existing == {name}
+        assert fingerprint_of(target.with_database(name)).row_counts == {"public.payload": 50}
+    finally:
+        for leftover in set(pg_cluster.databases()) - existing:
+            backup.drop_database(target, leftover, 10)
 
 
 def test_schema_names_with_quotes_and_large_objects_are_restored(local_storage, target):
