@@ -58,6 +58,13 @@ def scalar(where: DatabaseTarget | str, statement: str, *params: Any) -> Any:
     return value
 
 
+def fill(target: DatabaseTarget, rows: int) -> None:
+    """A table ``payload`` of random text, which compresses to about half, not to nothing."""
+    sql(target, "CREATE TABLE payload (id bigint PRIMARY KEY, body text, doc jsonb)")
+    sql(target, "INSERT INTO payload SELECT g, md5(random()::text) || md5(random()::text) || md5(random()::text), "
+                "jsonb_build_object('n', random(), 'tag', md5(g::text)) FROM generate_series(1, %s) g", rows)
+
+
 # --- running dbmigrate -----------------------------------------------------------------
 
 def stderr_lines(stderr: str) -> list[str]:

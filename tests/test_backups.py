@@ -12,14 +12,7 @@ from dbmigrate import backup, restore
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import BackupFailed, ConfigError
 from dbmigrate.storage import LocalStorage
-from tests.helpers import fingerprint_of, session, sql
-
-
-def fill(target, rows: int) -> None:
-    """A table of random text, which compresses to about half, not to nothing."""
-    sql(target, "CREATE TABLE payload (id bigint PRIMARY KEY, body text, doc jsonb)")
-    sql(target, "INSERT INTO payload SELECT g, md5(random()::text) || md5(random()::text) || md5(random()::text), "
-                "jsonb_build_object('n', random(), 'tag', md5(g::text)) FROM generate_series(1, %s) g", rows)
+from tests.helpers import fill, fingerprint_of, session, sql
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, fingerprint_of, save_environment, sql
+from tests.helpers import REPO, fill, fingerprint_of, save_environment, sql
 from tests.prefect_server import (
     MEMORY_LEASES,
     PrefectServer,
@@ -29,7 +29,6 @@ from tests.prefect_server import (
     wait_until,
 )
 from tests.projects import linear, stock_project
-from tests.test_backups import fill
 from tests.test_restore_safety import IN_COPY, ROWS
 
 SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)

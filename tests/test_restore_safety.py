@@ -15,9 +15,8 @@ import pytest
 from dbmigrate import backup, pipeline, restore, rollback
 from dbmigrate.errors import BackupFailed
 from dbmigrate.storage import LocalStorage, S3Storage
-from tests.helpers import fingerprint_of, finish, one_line_error, scalar, session, sql, start_cli
+from tests.helpers import fill, fingerprint_of, finish, one_line_error, scalar, session, sql, start_cli
 from tests.projects import linear, stock_project
-from tests.test_backups import fill
 
 ROWS = 300_000  # enough for the COPY of the replay to last a while
 
