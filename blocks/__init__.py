@@ -21,6 +21,9 @@ from dbmigrate.target import DRIVER, DatabaseTarget
 
 # Environment names become tags, artifact keys, concurrency-limit names and backup paths.
 ENVIRONMENT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# Where the UI sends a reader of these blocks: the README's "Environments (Prefect blocks)" section.
+# The project has no public home yet: set the real repository here when it has one.
+DOCUMENTATION_URL = "https://github.com/dbmigrate/dbmigrate#environments-prefect-blocks"
 
 
 class DatabaseCredentials(Block):
@@ -29,6 +32,7 @@ class DatabaseCredentials(Block):
     _block_type_name = "dbmigrate Database Credentials"
     _block_type_slug = "dbmigrate-database-credentials"
     _description = "Host, database and credentials of the PostgreSQL database of one environment."
+    _documentation_url = DOCUMENTATION_URL
 
     host: str = Field(title="Host", description="Hostname or IP address of the PostgreSQL server.")
     port: int = Field(default=5432, ge=1, le=65535, title="Port", description="TCP port of the server.")
@@ -67,6 +71,7 @@ class EnvironmentPolicy(Block):
     _block_type_name = "dbmigrate Environment Policy"
     _block_type_slug = "dbmigrate-environment-policy"
     _description = "What db-migrate requires and allows in one environment."
+    _documentation_url = DOCUMENTATION_URL
 
     backup_required: bool | None = Field(default=None, title="Backup required",
                                          description="Refuse runs with backup=false.")
@@ -86,7 +91,8 @@ class EnvironmentPolicy(Block):
                                        description="How long a second run waits before failing.")
     transient_retries: int | None = Field(default=None, title="Retries of connecting and uploading",
                                           description="The migration itself is never retried.")
-    retry_delay_s: float | None = Field(default=None, title="Delay between retries (s)")
+    retry_delay_s: float | None = Field(default=None, title="Delay between retries (s)",
+                                        description="Seconds between retries of connecting and uploading.")
     cli_changes_allowed: bool | None = Field(
         default=None, title="Schema changes from the command line",
         description="Allow upgrade, downgrade and restore over the original from `dbmigrate --env`; "

@@ -7,37 +7,23 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import text
 
 from dbmigrate import backup, catalogue, db, restore
 from dbmigrate.backup import DumpOptions
-from dbmigrate.errors import BackupUnreadable, DumpFailed, RestoreFailed, StorageFailed
+from dbmigrate.errors import BackupUnreadable, ConfigError, DumpFailed, RestoreFailed, StorageFailed
 from dbmigrate.storage import LocalStorage
-from tests.conftest import fingerprint_of
+from tests.helpers import fill, fingerprint_of, session, sql
 
 
-def fill(pg_cluster, target, rows: int) -> None:
-    """A table of random text, which compresses to about half, not to nothing."""
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE payload (id bigint PRIMARY KEY, body text, doc jsonb)")
-        conn.execute(
-            "INSERT INTO payload SELECT g, md5(random()::text) || md5(random()::text) || md5(random()::text), "
-            "jsonb_build_object('n', random(), 'tag', md5(g::text)) FROM generate_series(1, %s) g",
-            (rows,),
-        )
-
-
-def stamp(pg_cluster, target, revision: str) -> None:
+def stamp(target, revision: str) -> None:
     """The database at ``revision``, as Alembic records it."""
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS alembic_version (version_num varchar(32) PRIMARY KEY)")
-        conn.execute("DELETE FROM alembic_version")
-        conn.execute("INSERT INTO alembic_version VALUES (%s)", (revision,))
+    sql(target, "CREATE TABLE IF NOT EXISTS alembic_version (version_num varchar(32) PRIMARY KEY); "
+                "DELETE FROM alembic_version")
+    sql(target, "INSERT INTO alembic_version VALUES (%s)", revision)
 
 
-def revision_of(pg_cluster, database: str) -> list[str]:
-    with pg_cluster.admin(database) as conn:
-        return [row[0] for row in conn.execute("SELECT version_num FROM alembic_version")]
+def revision_of(target) -> list[str]:
+    return [row[0] for row in sql(target, "SELECT version_num FROM alembic_version")]
 
 
 @pytest.fixture
@@ -53,8 +39,8 @@ def storage(request, tmp_path):
 
 
 def test_backup_manifest_verify_and_list(storage, pg_cluster, target):
-    fill(pg_cluster, target, 1000)
-    stamp(pg_cluster, target, "0003")
+    fill(target, 1000)
+    stamp(target, "0003")
     manifest = backup.take(target, storage, DumpOptions(verify_restore=True))
     assert manifest.row_counts == {"public.alembic_version": 1, "public.payload": 1000}
     assert manifest.revision == "0003"
@@ -74,15 +60,14 @@ def test_backup_manifest_verify_and_list(storage, pg_cluster, target):
     assert scratch == [], "the scratch database of --verify-restore must be dropped"
 
 
-def test_row_counts_come_from_the_dumped_snapshot(local_storage, pg_cluster, target):
+def test_row_counts_come_from_the_dumped_snapshot(local_storage, target):
     """Rows inserted while the dump runs are neither dumped nor counted."""
-    fill(pg_cluster, target, 200_000)
+    fill(target, 200_000)
     inserted = threading.Event()
 
     def insert_once(size, rate):
         if not inserted.is_set():
-            with pg_cluster.admin(target.database) as conn:
-                conn.execute("INSERT INTO payload SELECT g, 'late', '{}' FROM generate_series(1000001, 1000500) g")
+            sql(target, "INSERT INTO payload SELECT g, 'late', '{}' FROM generate_series(1000001, 1000500) g")
             inserted.set()
 
     manifest = backup.take(target, local_storage, DumpOptions(verify_restore=True, progress_interval_s=0),
@@ -99,8 +84,8 @@ def test_the_manifest_names_the_revision_that_was_dumped(cli, url, pg_cluster, t
     the dump itself starts (after the snapshot was exported)."""
     from dbmigrate import pgtools
 
-    fill(pg_cluster, target, 1000)
-    stamp(pg_cluster, target, "0001")
+    fill(target, 1000)
+    stamp(target, "0001")
     with db.connect(target) as conn:
         major = db.server_version(conn)[0]
     conninfo = tmp_path / "conninfo"  # the password stays out of the shim's argv
@@ -121,20 +106,20 @@ def test_the_manifest_names_the_revision_that_was_dumped(cli, url, pg_cluster, t
     taken = cli("backup", "--json", env=env)
     assert taken.returncode == 0, taken.stderr
     manifest = json.loads(taken.stdout)
-    assert revision_of(pg_cluster, target.database) == ["0003"], "the shim committed both changes"
+    assert revision_of(target) == ["0003"], "the shim committed both changes"
     copy = target.database + "_copy"
     restored = cli("restore", manifest["id"], "--target-db", copy, env=env)
     try:
         assert restored.returncode == 0, restored.stderr
-        assert revision_of(pg_cluster, copy) == ["0002"]
+        assert revision_of(target.with_database(copy)) == ["0002"]
     finally:
         pg_cluster.drop_database(copy)
     assert manifest["revision"] == "0002" and manifest["id"].endswith("-0002")
 
 
-def test_pg_dump_failure_leaves_nothing(storage, pg_cluster, target):
-    fill(pg_cluster, target, 10)
-    with pg_cluster.admin(target.database) as blocker:
+def test_pg_dump_failure_leaves_nothing(storage, target):
+    fill(target, 10)
+    with session(target) as blocker:
         blocker.autocommit = False
         blocker.execute("LOCK TABLE payload IN ACCESS EXCLUSIVE MODE")
         with pytest.raises(DumpFailed, match="pg_dump failed: .*statement timeout .*LOCK TABLE public.payload"):
@@ -143,19 +128,18 @@ def test_pg_dump_failure_leaves_nothing(storage, pg_cluster, target):
     assert storage.keys("") == [] and catalogue.list_backups(storage, target) == []
 
 
-def test_pg_dump_dying_mid_stream_leaves_nothing(storage, pg_cluster, target):
-    fill(pg_cluster, target, 400_000)  # more than one S3 part, so the upload is under way when pg_dump dies
+def test_pg_dump_dying_mid_stream_leaves_nothing(storage, target):
+    fill(target, 400_000)  # more than one S3 part, so the upload is under way when pg_dump dies
 
     def kill_pg_dump(size, rate):
-        with pg_cluster.admin() as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_dump'")
+        sql(target, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_dump'")
 
     with pytest.raises(DumpFailed, match="pg_dump failed"):
         backup.take(target, storage, DumpOptions(progress_interval_s=0), on_progress=kill_pg_dump)
     assert storage.keys("") == [] and catalogue.list_backups(storage, target) == []
 
 
-def test_disk_full_removes_the_partial_file(pg_cluster, target, tmp_path):
+def test_disk_full_removes_the_partial_file(target, tmp_path):
     mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
@@ -163,7 +147,7 @@ def test_disk_full_removes_the_partial_file(pg_cluster, target, tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        fill(pg_cluster, target, 100_000)
+        fill(target, 100_000)
         storage = LocalStorage(mountpoint / "backups")
         with pytest.raises(StorageFailed, match="storage: writing .* failed: No space left on device"):
             backup.take(target, storage)
@@ -187,13 +171,13 @@ def test_missing_bucket_fails_before_anything_is_stored(s3_storage, target):
         backup.take(target, missing)
 
 
-def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
+def test_s3_endpoint_going_away_mid_upload(target):
     """The endpoint dies after the first part and comes back: the multipart upload is
     aborted, nothing is listed, and the error names the storage step."""
     from moto.server import ThreadedMotoServer
 
     from dbmigrate.storage import S3Storage
-    from tests.conftest import s3_bucket_block
+    from tests.helpers import s3_bucket_block
     from tests.pgcluster import free_port
 
     port = free_port()
@@ -203,7 +187,7 @@ def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
     block = s3_bucket_block(f"http://127.0.0.1:{port}", "outage", client_config={"retries": {"max_attempts": 1}})
     storage = S3Storage.from_block(block)
     storage.client.create_bucket(Bucket="outage")
-    fill(pg_cluster, target, 400_000)  # well over one 16 MiB part
+    fill(target, 400_000)  # well over one 16 MiB part
     replacement = {}
 
     def cut_after_first_part(size, rate):
@@ -228,21 +212,28 @@ def test_s3_endpoint_going_away_mid_upload(pg_cluster, target):
             replacement["server"].stop()
 
 
-def test_restore_into_a_new_database_and_over_the_original(storage, pg_cluster, target):
-    fill(pg_cluster, target, 500)
+@pytest.fixture
+def changed_after_backup(storage, target):
+    """A backup, then changes a migration might make: (manifest, the state backed up, the state now)."""
+    fill(target, 500)
     before = fingerprint_of(target)
     manifest = backup.take(target, storage)
-    with pg_cluster.admin(target.database) as conn:  # what a migration might do afterwards
-        conn.execute("DELETE FROM payload WHERE id <= 100")
-        conn.execute("CREATE TABLE added_later (id int REFERENCES payload(id))")
-    changed = fingerprint_of(target)
+    sql(target, "DELETE FROM payload WHERE id <= 100; CREATE TABLE added_later (id int REFERENCES payload(id))")
+    return manifest, before, fingerprint_of(target)
 
+
+def test_restore_into_a_new_database(storage, target, changed_after_backup):
+    manifest, _, changed = changed_after_backup
     copy = restore.into_new_database(target, storage, manifest, target.database + "_copy", 10)
     try:
         assert fingerprint_of(target.with_database(copy.database)).row_counts == {"public.payload": 500}
     finally:
         db.drop_database(target, copy.database, 10)
+    assert fingerprint_of(target) == changed, "the original is left alone"
 
+
+def test_restore_over_the_original_takes_a_safety_backup_first(storage, target, changed_after_backup):
+    manifest, before, changed = changed_after_backup
     result = restore.over_original(target, storage, manifest, 10,
                                    lambda: backup.take(target, storage))
     assert fingerprint_of(target) == before
@@ -250,27 +241,20 @@ def test_restore_into_a_new_database_and_over_the_original(storage, pg_cluster, 
     assert {m.id for m in catalogue.list_backups(storage, target)} == {manifest.id, result.safety_backup.id}
 
 
-def test_failed_restore_leaves_the_database_as_it_was(local_storage, pg_cluster, target):
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE ROLE short_lived")
-        conn.execute("CREATE TABLE owned (id int)")
-        conn.execute("ALTER TABLE owned OWNER TO short_lived")
+def test_failed_restore_leaves_the_database_as_it_was(local_storage, target):
+    sql(target, "CREATE ROLE short_lived; CREATE TABLE owned (id int); ALTER TABLE owned OWNER TO short_lived")
     manifest = backup.take(target, local_storage)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("ALTER TABLE owned OWNER TO postgres")
-        conn.execute("DROP ROLE short_lived")
-        conn.execute("INSERT INTO owned VALUES (1), (2)")
+    sql(target, "ALTER TABLE owned OWNER TO postgres; DROP ROLE short_lived; INSERT INTO owned VALUES (1), (2)")
     before = fingerprint_of(target)
     with pytest.raises(RestoreFailed, match='restore failed, database left as it was: .*role "short_lived"'):
         restore.over_original(target, local_storage, manifest, 10, None)
     assert fingerprint_of(target) == before
 
 
-def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storage, pg_cluster, target):
-    fill(pg_cluster, target, 100)
+def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storage, target):
+    fill(target, 100)
     manifest = backup.take(target, local_storage)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DELETE FROM payload")
+    sql(target, "DELETE FROM payload")
     before = fingerprint_of(target)
     path = local_storage.root / manifest.key
     data = bytearray(path.read_bytes())
@@ -281,8 +265,8 @@ def test_a_corrupted_backup_is_refused_before_touching_the_database(local_storag
     assert fingerprint_of(target) == before
 
 
-def test_prune_keeps_the_newest_verified(local_storage, pg_cluster, target):
-    fill(pg_cluster, target, 10)
+def test_prune_keeps_the_newest_verified(local_storage, target):
+    fill(target, 10)
     verified = backup.take(target, local_storage, DumpOptions(verify_restore=True))
     newer = [backup.take(target, local_storage) for _ in range(3)]
     deleted = catalogue.prune(local_storage, target, keep_last=1, keep_days=None)
@@ -294,41 +278,55 @@ def test_prune_keeps_the_newest_verified(local_storage, pg_cluster, target):
     assert catalogue.prune(local_storage, target, keep_last=1, keep_days=1) == [], "all are younger than a day"
 
 
-def test_backup_commands(cli, url, target, pg_cluster, home):
-    env = {"DATABASE_URL": url}
-    fill(pg_cluster, target, 50)
-    taken = cli("backup", "--verify-restore", "--json", env=env)
+@pytest.fixture
+def taken_by_cli(cli, url, target) -> dict:
+    """`dbmigrate backup --verify-restore` of 50 rows: its manifest."""
+    fill(target, 50)
+    taken = cli("backup", "--verify-restore", "--json", env={"DATABASE_URL": url})
     assert taken.returncode == 0, taken.stderr
-    manifest = json.loads(taken.stdout)
-    assert manifest["verified"] and manifest["row_counts"] == {"public.payload": 50}
+    return json.loads(taken.stdout)
 
-    listed = cli("backups", "list", env=env)
-    assert listed.returncode == 0 and manifest["id"] in listed.stdout and "verified" in listed.stdout
 
-    with db.connect(target) as conn, conn.begin():
-        conn.execute(text("DELETE FROM payload"))
-    refused = cli("restore", manifest["id"], env=env)
+def test_backup_command_verifies_and_lists(cli, url, taken_by_cli):
+    assert taken_by_cli["verified"] and taken_by_cli["row_counts"] == {"public.payload": 50}
+    listed = cli("backups", "list", env={"DATABASE_URL": url})
+    assert listed.returncode == 0 and taken_by_cli["id"] in listed.stdout and "verified" in listed.stdout
+
+
+def test_restore_command_asks_for_yes_without_a_terminal(cli, url, target, taken_by_cli):
+    sql(target, "DELETE FROM payload")
+    refused = cli("restore", taken_by_cli["id"], env={"DATABASE_URL": url})
     assert refused.returncode == 2 and "no terminal to ask on (pass --yes)" in refused.stderr
     assert fingerprint_of(target).row_counts == {"public.payload": 0}
 
-    restored = cli("restore", manifest["id"], "--yes", env=env)
+
+def test_restore_command_takes_a_safety_backup_first(cli, url, target, taken_by_cli):
+    sql(target, "DELETE FROM payload")
+    restored = cli("restore", taken_by_cli["id"], "--yes", env={"DATABASE_URL": url})
     assert restored.returncode == 0, restored.stderr
     assert fingerprint_of(target).row_counts == {"public.payload": 50}
     assert "safety backup of the previous state" in restored.stdout
+    listed = json.loads(cli("backups", "list", "--json", env={"DATABASE_URL": url}).stdout)
+    assert [m["row_counts"] for m in listed] == [{"public.payload": 0}, {"public.payload": 50}]
 
-    unknown = cli("restore", "20000101T000000.000Z-nope", "--yes", env=env)
+
+def test_restore_command_refuses_an_unknown_backup(cli, url, taken_by_cli):
+    unknown = cli("restore", "20000101T000000.000Z-nope", "--yes", env={"DATABASE_URL": url})
     assert unknown.returncode == 2 and "no valid backup '20000101T000000.000Z-nope'" in unknown.stderr
 
+
+def test_prune_command_keeps_the_newest_and_the_verified(cli, url, taken_by_cli):
+    env = {"DATABASE_URL": url}
+    assert cli("backup", env=env).returncode == 0
     pruned = cli("backups", "prune", "--keep-last", "1", env=env)
     assert pruned.returncode == 0 and "nothing to prune" in pruned.stdout, "the newest and the verified one stay"
     remaining = json.loads(cli("backups", "list", "--json", env=env).stdout)
-    assert [m["id"] for m in remaining][1:] == [manifest["id"]]
+    assert [m["id"] for m in remaining][1:] == [taken_by_cli["id"]]
 
 
-def test_parallel_directory_format(local_storage, s3_storage, pg_cluster, target):
-    fill(pg_cluster, target, 20_000)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE second AS SELECT * FROM payload WHERE id <= 500")
+def test_parallel_directory_format(local_storage, s3_storage, target):
+    fill(target, 20_000)
+    sql(target, "CREATE TABLE second AS SELECT * FROM payload WHERE id <= 500")
     manifest = backup.take(target, local_storage, DumpOptions(jobs=2, verify_restore=True))
     assert manifest.format == "directory" and manifest.key.endswith(".dir") and manifest.verified
     assert manifest.row_counts == {"public.payload": 20_000, "public.second": 500}
@@ -340,14 +338,13 @@ def test_parallel_directory_format(local_storage, s3_storage, pg_cluster, target
     finally:
         db.drop_database(target, copy.database, 10)
 
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DROP TABLE second")
+    sql(target, "DROP TABLE second")
     restore.over_original(target, local_storage, manifest, 10, None)
     assert fingerprint_of(target).row_counts == manifest.row_counts
 
     listed = catalogue.catalogue(local_storage, target).backups
     assert [(b.manifest.id, b.stored_size, b.damage) for b in listed] == [(manifest.id, manifest.size_bytes, None)]
-    with pytest.raises(Exception, match="--jobs needs a local directory"):
+    with pytest.raises(ConfigError, match="--jobs needs a local directory"):
         backup.take(target, s3_storage, DumpOptions(jobs=2))
 
 

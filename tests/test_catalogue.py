@@ -16,14 +16,13 @@ from dbmigrate import backup, catalogue
 from dbmigrate.errors import ConfigError
 from dbmigrate.storage import LocalStorage
 from dbmigrate.target import DatabaseTarget
-from tests.conftest import one_line_error
+from tests.helpers import one_line_error, sql
 from tests.pgcluster import free_port
 
 
-def small_table(pg_cluster, target, rows: int = 20) -> None:
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE item (id int PRIMARY KEY, name text)")
-        conn.execute("INSERT INTO item SELECT g, 'item ' || g FROM generate_series(1, %s) g", (rows,))
+def small_table(target, rows: int = 20) -> None:
+    sql(target, "CREATE TABLE item (id int PRIMARY KEY, name text)")
+    sql(target, "INSERT INTO item SELECT g, 'item ' || g FROM generate_series(1, %s) g", rows)
 
 
 def plant_manifest(storage: LocalStorage, like: catalogue.Manifest, backup_name: str, **fields) -> str:
@@ -45,10 +44,9 @@ def as_url(target) -> DatabaseTarget:
     return DatabaseTarget(target.url, "url")
 
 
-def test_prune_never_deletes_what_a_manifest_names_outside_the_storage(cli, url, pg_cluster, target, as_url, store,
-                                                                        tmp_path):
+def test_prune_never_deletes_what_a_manifest_names_outside_the_storage(cli, url, target, as_url, store, tmp_path):
     """Item 6: manifests naming an absolute path and a ../ path; both victims live outside the storage."""
-    small_table(pg_cluster, target)
+    small_table(target)
     env = {"DATABASE_URL": url}
     taken = cli("backup", "--json", "--storage", str(store.root), env=env)
     assert taken.returncode == 0, taken.stderr
@@ -72,9 +70,9 @@ def test_prune_never_deletes_what_a_manifest_names_outside_the_storage(cli, url,
     assert [m.id for m in catalogue.list_backups(store, as_url)] == [good.id]
 
 
-def test_a_dump_symlinked_out_of_the_storage_is_never_read(pg_cluster, target, store, tmp_path):
+def test_a_dump_symlinked_out_of_the_storage_is_never_read(target, store, tmp_path):
     """Item 6: a planted symlink as a dump, with a manifest that names it properly."""
-    small_table(pg_cluster, target)
+    small_table(target)
     good = backup.take(target, store)
     outside = tmp_path / "outside.dump"
     outside.write_bytes((store.root / good.key).read_bytes())
@@ -88,9 +86,9 @@ def test_a_dump_symlinked_out_of_the_storage_is_never_read(pg_cluster, target, s
         catalogue.find(store, target, name)
 
 
-def test_an_environment_named_dotdot_writes_only_inside_the_storage(cli, url, pg_cluster, target, store):
+def test_an_environment_named_dotdot_writes_only_inside_the_storage(cli, url, target, store):
     """Item 6: DBMIGRATE_ENVIRONMENT=.. used to put the backup beside the storage directory."""
-    small_table(pg_cluster, target)
+    small_table(target)
     outside = store.root.parent
     taken = cli("backup", "--json", "--storage", str(store.root), env={"DATABASE_URL": url, "DBMIGRATE_ENVIRONMENT": ".."})
     assert taken.returncode == 0, taken.stderr
@@ -100,9 +98,9 @@ def test_an_environment_named_dotdot_writes_only_inside_the_storage(cli, url, pg
     assert catalogue.prefix(DatabaseTarget(target.url, "..").with_database("..")) == "__/__/", "a database named .."
 
 
-def test_s3_keys_follow_the_same_rules(s3_storage, pg_cluster, target):
+def test_s3_keys_follow_the_same_rules(s3_storage, target):
     """Item 6 on S3: a manifest naming an object outside its own prefix is skipped, never followed."""
-    small_table(pg_cluster, target)
+    small_table(target)
     good = backup.take(target, s3_storage)
     s3_storage.write_text("victims/precious.dump", "another environment's backup")
     for name, key in (("20000101T000000.000Z-other", "victims/precious.dump"),
@@ -117,27 +115,28 @@ def test_s3_keys_follow_the_same_rules(s3_storage, pg_cluster, target):
         s3_storage.delete("test/../victims/precious.dump")
 
 
-def test_keep_last_below_one_and_bad_keep_days_are_refused(cli, url, pg_cluster, target, store):
+@pytest.mark.parametrize("retention, says", [
+    (["--keep-last", "0"], "--keep-last 0 refused: it could delete every backup"),
+    (["--keep-last", "-1"], "--keep-last -1 refused"),
+    (["--keep-last", "1", "--keep-days", "nan"], "argument --keep-days: must be a number of days"),
+    (["--keep-last", "1", "--keep-days", "inf"], "argument --keep-days: must be a number of days"),
+    (["--keep-last", "1", "--keep-days", "0"], "--keep-days must be a finite number of days above 0"),
+], ids=["keep-last 0", "keep-last -1", "keep-days nan", "keep-days inf", "keep-days 0"])
+def test_keep_last_below_one_and_bad_keep_days_are_refused(retention, says, cli, url, target, store):
     """Item 7: a plain backup is only "checked"; --keep-last 0 used to delete it, and --keep-days nan
     was a traceback."""
-    small_table(pg_cluster, target)
+    small_table(target)
     env = {"DATABASE_URL": url}
     assert cli("backup", "--storage", str(store.root), env=env).returncode == 0
     before = store.keys("")
-    for option, value, says in (("--keep-last", "0", "--keep-last 0 refused: it could delete every backup"),
-                                ("--keep-last", "-1", "--keep-last -1 refused"),
-                                ("--keep-days", "nan", "argument --keep-days: must be a number of days"),
-                                ("--keep-days", "inf", "argument --keep-days: must be a number of days"),
-                                ("--keep-days", "0", "--keep-days must be a finite number of days above 0")):
-        retention = ["--keep-last", "1", option, value] if option == "--keep-days" else [option, value]
-        result = cli("backups", "prune", *retention, "--storage", str(store.root), env=env)
-        assert result.returncode == 2 and says in one_line_error(result.stderr), (option, value, result.stderr)
-        assert store.keys("") == before, f"{option} {value} must change nothing"
+    result = cli("backups", "prune", *retention, "--storage", str(store.root), env=env)
+    assert result.returncode == 2 and says in one_line_error(result.stderr), result.stderr
+    assert store.keys("") == before, "a refused prune changes nothing"
 
 
-def test_the_newest_good_backup_survives_prune_when_newer_ones_are_damaged(pg_cluster, target, store):
+def test_the_newest_good_backup_survives_prune_when_newer_ones_are_damaged(target, store):
     """Items 7 and 19: nothing is verified; the newer backups lost or truncated their dump."""
-    small_table(pg_cluster, target)
+    small_table(target)
     good, lost, truncated = (backup.take(target, store) for _ in range(3))
     (store.root / lost.key).unlink()
     with open(store.root / truncated.key, "r+b") as dump:
@@ -159,7 +158,7 @@ def test_the_newest_good_backup_survives_prune_when_newer_ones_are_damaged(pg_cl
 def test_list_says_what_it_knows_of_each_backup(cli, url, pg_cluster, target, as_url, store):
     """Item 19 and 14: a truncated dump, a deleted dump and a truncated manifest are shown as damaged
     (exit 0: the listing worked); the good backups stay listed and restorable."""
-    small_table(pg_cluster, target)
+    small_table(target)
     env = {"DATABASE_URL": url}
     storage = ["--storage", str(store.root)]
     verified = backup.take(as_url, store, backup.DumpOptions(verify_restore=True))
@@ -234,26 +233,26 @@ S3_FAILURES = {
 
 
 @pytest.mark.parametrize("failure", list(S3_FAILURES))
-def test_s3_failures_are_one_line_errors(cli, url, s3_endpoint, failure, request):
+@pytest.mark.parametrize("command", [["backups", "list"], ["backups", "prune", "--keep-last", "1"],
+                                     ["restore", "20000101T000000.000Z-base", "--yes"]],
+                         ids=["list", "prune", "restore"])
+def test_s3_failures_are_one_line_errors(command, cli, url, s3_endpoint, failure, request):
     """Item 14: list, prune and restore against a missing bucket, with wrong credentials, without
     credentials, and with the endpoint down (a closed loopback port)."""
     endpoint = request.getfixturevalue("s3_checking_credentials") if failure == "wrong credentials" else s3_endpoint
     spec, aws, says = S3_FAILURES[failure](endpoint)
     env = {"DATABASE_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", **aws}
-    for command in (["backups", "list"], ["backups", "prune", "--keep-last", "1"],
-                    ["restore", "20000101T000000.000Z-base", "--yes"]):
-        result = cli(*command, "--storage", spec, env=env)
-        error = one_line_error(result.stderr)
-        assert result.returncode == 1 and error.startswith("dbmigrate: error: storage: listing s3://"), error
-        assert says in error, (command, error)
+    result = cli(*command, "--storage", spec, env=env)
+    error = one_line_error(result.stderr)
+    assert result.returncode == 1 and error.startswith("dbmigrate: error: storage: listing s3://"), error
+    assert says in error, error
 
 
-def test_a_manifest_that_does_not_fit_leaves_nothing_behind(cli, url, pg_cluster, target, tmp_path):
+def test_a_manifest_that_does_not_fit_leaves_nothing_behind(cli, url, target, tmp_path):
     """Item 14: the dump fits on the disk, its manifest does not (many tables: a long manifest)."""
-    with pg_cluster.admin(target.database) as conn:
-        for i in range(200):
-            conn.execute(f"CREATE TABLE table_with_a_rather_long_name_to_make_the_manifest_long_{i:03} (id int)")
+    sql(target, "; ".join(f"CREATE TABLE table_with_a_rather_long_name_to_make_the_manifest_long_{i:03} (id int)"
+                          for i in range(200)))
     env = {"DATABASE_URL": url}
     measured = cli("backup", "--json", "--storage", str(tmp_path / "measure"), env=env)
     assert measured.returncode == 0, measured.stderr

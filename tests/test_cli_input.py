@@ -8,15 +8,10 @@ import subprocess
 import uuid
 
 import pytest
-from sqlalchemy import text
 
-from dbmigrate import db
-from tests.conftest import fingerprint_of, one_line_error, reports_in, run_on_a_terminal
+from tests.helpers import (Untouched, fingerprint_of, last_report, one_line_error, reports_in, run_on_a_terminal,
+                           scalar, sql, stderr_lines)
 from tests.projects import linear, stock_project
-
-
-def stderr_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if not line.startswith("INFO  [alembic")]
 
 
 @pytest.fixture
@@ -25,53 +20,59 @@ def at_0002(cli, url, target):
     return fingerprint_of(target)
 
 
-def test_numbers_are_checked_before_anything_runs(cli, url, target, at_0002, home):
-    reports = reports_in(home)
-    cases = [
-        ["upgrade", "--yes", "--timeout", "nan"],
-        ["upgrade", "--yes", "--timeout", "inf"],
-        ["upgrade", "--yes", "--timeout", "0"],
-        ["status", "--timeout", "nan"],
-        ["upgrade", "--yes", "--lock-timeout", "nan"],
-        ["upgrade", "--yes", "--lock-timeout", "inf"],
-        ["upgrade", "--yes", "--lock-timeout", "1e12"],
-        ["upgrade", "--yes", "--statement-timeout", "nan"],
-        ["upgrade", "--yes", "--statement-timeout", "-1"],
-        ["upgrade", "--yes", "--lock-wait", "inf"],
-        ["upgrade", "--yes", "--backup", "--jobs", "0"],
-        ["upgrade", "--yes", "--backup", "--jobs", "\u00b2"],
-        ["upgrade", "--yes", "--backup", "--jobs", "100000"],
-        ["backup", "--jobs", "nan"],
-        ["restore", "some-id", "--yes", "--jobs", "-1"],
-        ["backups", "prune", "--keep-last", "1", "--keep-days", "nan"],
-        ["backups", "prune", "--keep-last", "1", "--keep-days", "inf"],
-    ]
-    for args in cases:
-        result = cli(*args, env={"DATABASE_URL": url})
-        assert result.returncode == 2, (args, result.stdout, result.stderr)
-        line = one_line_error(result.stderr)
-        assert args[-1] in line or repr(args[-1]) in line, (args, line)
-    assert fingerprint_of(target) == at_0002
-    assert reports_in(home) == reports, "refused before the run: no report"
+@pytest.fixture(scope="module")
+def untouched(pg_cluster, tmp_path_factory):
+    with Untouched.at("0002", pg_cluster, tmp_path_factory.mktemp("untouched-home")) as shared:
+        yield shared
 
 
-def test_malformed_revisions_are_refused(cli, url, target, at_0002):
-    for command in ("upgrade", "downgrade"):
-        for revision in ("", "@", "0001@", "@0001", " ", "0001 "):
-            result = cli(command, "-r", revision, "--yes", env={"DATABASE_URL": url})
-            assert result.returncode == 2, (command, revision, result.stderr)
-            assert f"malformed revision {revision!r}" in one_line_error(result.stderr)
-    assert fingerprint_of(target) == at_0002
+def refused_first(untouched: Untouched, *args: str) -> str:
+    """Refused before the run: exit code 2, nothing changed, and no report."""
+    line = untouched.refuse(*args)
+    assert reports_in(untouched.home) == untouched.reports, "refused before the run: no report"
+    return line
 
 
-def test_a_json_report_that_can_never_be_written_is_refused_first(cli, url, target, at_0002, tmp_path):
-    a_file = tmp_path / "a-file"
-    a_file.write_text("")
-    for path, expected in ((tmp_path, "is a directory"), (a_file / "report.json", "is not a writable directory")):
-        result = cli("upgrade", "--yes", "--json-report", str(path), env={"DATABASE_URL": url})
-        assert result.returncode == 2
-        assert expected in one_line_error(result.stderr)
-    assert fingerprint_of(target) == at_0002
+BAD_NUMBERS = [
+    ["upgrade", "--yes", "--timeout", "nan"],
+    ["upgrade", "--yes", "--timeout", "inf"],
+    ["upgrade", "--yes", "--timeout", "0"],
+    ["status", "--timeout", "nan"],
+    ["upgrade", "--yes", "--lock-timeout", "nan"],
+    ["upgrade", "--yes", "--lock-timeout", "inf"],
+    ["upgrade", "--yes", "--lock-timeout", "1e12"],
+    ["upgrade", "--yes", "--statement-timeout", "nan"],
+    ["upgrade", "--yes", "--statement-timeout", "-1"],
+    ["upgrade", "--yes", "--lock-wait", "inf"],
+    ["upgrade", "--yes", "--backup", "--jobs", "0"],
+    ["upgrade", "--yes", "--backup", "--jobs", "\u00b2"],
+    ["upgrade", "--yes", "--backup", "--jobs", "100000"],
+    ["backup", "--jobs", "nan"],
+    ["restore", "some-id", "--yes", "--jobs", "-1"],
+    ["backups", "prune", "--keep-last", "1", "--keep-days", "nan"],
+    ["backups", "prune", "--keep-last", "1", "--keep-days", "inf"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_NUMBERS, ids=" ".join)
+def test_numbers_are_checked_before_anything_runs(args, untouched):
+    line = refused_first(untouched, *args)
+    assert repr(args[-1]) in line, line
+
+
+@pytest.mark.parametrize("command", ["upgrade", "downgrade"])
+@pytest.mark.parametrize("revision", ["", "@", "0001@", "@0001", " ", "0001 "], ids=repr)
+def test_malformed_revisions_are_refused(command, revision, untouched):
+    assert f"malformed revision {revision!r}" in refused_first(untouched, command, "-r", revision, "--yes")
+
+
+@pytest.mark.parametrize("path, expected", [
+    (lambda tmp_path: tmp_path, "is a directory"),
+    (lambda tmp_path: tmp_path / "a-file" / "report.json", "is not a writable directory"),
+], ids=["a directory", "under a file"])
+def test_a_json_report_that_can_never_be_written_is_refused_first(path, expected, untouched, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    assert expected in refused_first(untouched, "upgrade", "--yes", "--json-report", str(path(tmp_path)))
 
 
 @pytest.fixture
@@ -106,18 +107,18 @@ def test_a_report_on_a_full_disk_after_the_commit_says_the_migration_was_applied
     elsewhere = full_disk(tmp_path / "small") / "copy.json"
     result = cli("upgrade", "-r", "0003", "--yes", "--json-report", str(elsewhere), env={"DATABASE_URL": url})
     assert result.returncode == 3, result.stderr
-    line = stderr_lines(result)[0]
+    line = stderr_lines(result.stderr)[0]
     assert line.startswith("dbmigrate: error: upgrade succeeded: 0002 -> 0003, but the report could not be "
                            f"written to {elsewhere}: No space left on device"), line
     assert fingerprint_of(target).revisions == ("0003",)
-    assert json.loads(reports_in(home)[-1].read_text())["revision_after"] == "0003"
+    assert last_report(home)["revision_after"] == "0003"
     assert os.listdir(elsewhere.parent) == ["filler"], "no partial report left behind"
 
     # --home's reports directory on a full disk: the report goes to stderr instead.
     full_disk(home / "reports")
     result = cli("upgrade", "-r", "0004", "--yes", env={"DATABASE_URL": url})
     assert result.returncode == 3, result.stderr
-    line, *rest = stderr_lines(result)
+    line, *rest = stderr_lines(result.stderr)
     assert line.startswith("dbmigrate: error: upgrade succeeded: 0003 -> 0004, but the report could not be "
                            f"written to {home / 'reports'}/"), line
     assert line.endswith(": No space left on device")
@@ -133,7 +134,7 @@ def test_a_report_on_a_full_disk_after_the_commit_says_the_migration_was_applied
     printed = json.loads(result.stdout)
     assert printed["status"] == "succeeded" and printed["report_path"] is None
     assert printed["report_error"].endswith("No space left on device")
-    assert len(stderr_lines(result)) == 1
+    assert len(stderr_lines(result.stderr)) == 1
 
 
 # --- item 18: errors blamed on what failed -----------------------------------------------
@@ -152,7 +153,7 @@ def test_a_deferred_constraint_failing_at_commit_names_the_revision(cli, url, ta
     assert one_line_error(result.stderr) == ('dbmigrate: error: commit of revision r2 failed: insert or update on table '
                                       '"child" violates foreign key constraint "child_parent_id_fkey"')
     assert fingerprint_of(target) == before
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["migrations_applied"] == [] and report["revision_after"] == "r1"
 
 
@@ -163,19 +164,16 @@ def test_with_one_transaction_per_revision_the_commit_that_failed_is_named(cli, 
     assert result.returncode == 1
     assert "commit of revision r2 failed: insert or update on table \"child\"" in one_line_error(result.stderr)
     assert fingerprint_of(target).revisions == ("r1",)
-    with db.connect(target) as conn:
-        assert conn.execute(text("SELECT count(*) FROM child")).scalar_one() == 0
-    report = json.loads(reports_in(home)[-1].read_text())
+    assert scalar(target, "SELECT count(*) FROM child") == 0
+    report = last_report(home)
     assert [m["revision"] for m in report["migrations_applied"]] == ["r1"] and report["revision_after"] == "r1"
 
 
-def test_an_unreadable_table_is_named_by_the_backup(cli, pg_cluster, target, home):
+def test_an_unreadable_table_is_named_by_the_backup(cli, target, home):
     """The backup role cannot read one table: the first cause, not pg_dump's snapshot error."""
     role, password = "reader_" + uuid.uuid4().hex[:8], uuid.uuid4().hex
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-        conn.execute("CREATE TABLE readable (id int); CREATE TABLE secret (id int)")
-        conn.execute(f"GRANT SELECT ON readable TO {role}")
+    sql(target, f"CREATE ROLE {role} LOGIN PASSWORD '{password}'; CREATE TABLE readable (id int); "
+                f"CREATE TABLE secret (id int); GRANT SELECT ON readable TO {role}")
     try:
         url = f"postgresql://{role}:{password}@127.0.0.1:{target.port}/{target.database}"
         result = cli("backup", env={"DATABASE_URL": url})
@@ -184,9 +182,7 @@ def test_an_unreadable_table_is_named_by_the_backup(cli, pg_cluster, target, hom
         assert "permission denied for table secret" in line and "could not import" not in line, line
         assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "nothing stored"
     finally:
-        with pg_cluster.admin(target.database) as conn:
-            conn.execute(f"DROP OWNED BY {role}")
-            conn.execute(f"DROP ROLE {role}")
+        sql(target, f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
 # --- item 5: the environment's policy on the command line --------------------------------
@@ -197,17 +193,22 @@ def at_0005(cli, url, target):
     return fingerprint_of(target)
 
 
-def test_production_changes_only_through_the_deployment(cli, environment, prefect_api, target, at_0005, home):
+@pytest.mark.parametrize("args", [["downgrade", "-r", "0004", "--yes"],
+                                  ["downgrade", "-r", "0004", "--backup", "--approver", "alice"],
+                                  ["upgrade", "--backup", "--approver", "alice"]], ids=" ".join)
+def test_production_changes_only_through_the_deployment(args, cli, environment, prefect_api, target, at_0005):
+    environment("production")
+    result = cli(*args, "--env", "production", env={"PREFECT_API_URL": prefect_api})
+    assert result.returncode == 2, result.stderr
+    assert one_line_error(result.stderr) == (
+        "dbmigrate: error: production changes run through the db-migrate deployment: the policy of production "
+        f"does not allow {args[0]} from the command line (cli_changes_allowed is off)")
+    assert fingerprint_of(target) == at_0005
+
+
+def test_production_allows_dry_runs_and_backups_not_restores(cli, environment, prefect_api, target, at_0005):
     env = {"PREFECT_API_URL": prefect_api}
     environment("production")
-    for args in (["downgrade", "-r", "0004", "--yes"],
-                 ["downgrade", "-r", "0004", "--backup", "--approver", "alice"],
-                 ["upgrade", "--backup", "--approver", "alice"]):
-        result = cli(*args, "--env", "production", env=env)
-        assert result.returncode == 2, result.stderr
-        assert one_line_error(result.stderr) == (
-            "dbmigrate: error: production changes run through the db-migrate deployment: the policy of production "
-            f"does not allow {args[0]} from the command line (cli_changes_allowed is off)")
     dry_run = cli("downgrade", "-r", "0004", "--dry-run", "--env", "production", env=env)
     assert dry_run.returncode == 0, "a dry run changes nothing: allowed"
     backup = cli("backup", "--env", "production", "--json", env=env)
@@ -235,7 +236,7 @@ def test_production_policy_needs_a_backup_and_a_named_approver(cli, environment,
     done = cli("downgrade", "-r", "0004", "--backup", "--approver", "alice", "--env", "production", env=env)
     assert done.returncode == 0, done.stderr
     assert fingerprint_of(target).revisions == ("0004",)
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["environment"] == "production" and report["status"] == "succeeded"
     assert report["approval"] == {"approved": True, "approver": "alice", "via": "--approver", "comment": ""}
     assert report["backup"] is not None
@@ -258,7 +259,7 @@ def test_staging_works_as_before(cli, environment, prefect_api, target, at_0005,
     done = cli("downgrade", "-r", "0004", "--yes", "--env", "staging", env=env)
     assert done.returncode == 0, done.stderr
     assert fingerprint_of(target).revisions == ("0004",)
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["approval"]["via"] == "--yes" and report["backup"] is None
 
 
@@ -275,5 +276,5 @@ def test_on_a_terminal_the_approver_gives_a_name(environment, prefect_api, targe
 
     code, output = run_on_a_terminal(args, {b"[y/N]": "y", b"approver's name:": "carol"}, env)
     assert code == 0 and "succeeded: 0005 -> 0004" in output, output
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["approval"] == {"approved": True, "approver": "carol", "via": "terminal", "comment": ""}

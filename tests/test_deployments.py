@@ -1,7 +1,6 @@
 """prefect.yaml and the GitHub workflow name flows and parameters that exist."""
 
 import inspect
-import json
 import os
 import re
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
-from tests.conftest import REPO
+from tests.helpers import REPO, last_report
 
 
 def test_every_deployment_names_a_real_flow_and_its_parameters():
@@ -53,7 +52,7 @@ def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(prefect_api,
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from tests.conftest import assert_no_canary, fingerprint_of, reports_in
+    from tests.helpers import assert_no_canary, fingerprint_of, reports_in
     from tests.projects import linear, stock_project
 
     name = environment("staging")
@@ -86,7 +85,7 @@ def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(prefect_api,
     assert flow_run.state.is_completed(), flow_run.state.message
     assert flow_run.name == "staging-head" and "staging" in flow_run.tags
     assert fingerprint_of(target).revisions == ("r1",)
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["operator"] == "octocat (GitHub Actions run 1)" and report["backup"]["verified"] is False
 
     # The staging deployment, its parameters overridden to reach production: refused, nothing touched.

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO, last_report
 from tests.pgcluster import CANARY_PASSWORD, environ_without_db, free_port
 
 
@@ -38,7 +38,7 @@ def test_upgrade_with_env_reads_the_block(cli, staging, home, target):
 
     result = cli("upgrade", "--env", "staging", "--backup", "--yes", env=staging)
     assert result.returncode == 0, result.stderr
-    report = json.loads(sorted((home / "reports").glob("*.json"))[-1].read_text())
+    report = last_report(home)
     assert report["environment"] == "staging" and report["status"] == "succeeded"
     assert f"/backups/staging/{target.database}/" in report["backup"]["location"]
 
@@ -59,7 +59,7 @@ def test_env_errors_are_one_line(cli, staging, url):
 
 
 def test_backups_to_an_s3_bucket_block(cli, staging, s3_endpoint, target, home):
-    from tests.conftest import s3_bucket_block
+    from tests.helpers import s3_bucket_block
 
     block = s3_bucket_block(s3_endpoint, "staging-backups", "dbmigrate")
     block.credentials.get_s3_client().create_bucket(Bucket="staging-backups")

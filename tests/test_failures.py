@@ -9,15 +9,15 @@ import time
 import pytest
 
 from dbmigrate import guard
-from tests.conftest import fingerprint_of, one_line_error, reports_in
+from tests.helpers import Untouched, fingerprint_of, last_report, one_line_error, reports_in, session, sql
 from tests.pgcluster import CANARY_PASSWORD, free_port
 from tests.projects import linear, stock_project
 
 
-@pytest.fixture
-def at_0003(cli, url, target):
-    assert cli("upgrade", "-r", "0003", "--yes", env={"DATABASE_URL": url}).returncode == 0
-    return fingerprint_of(target)
+@pytest.fixture(scope="module")
+def untouched(pg_cluster, tmp_path_factory):
+    with Untouched.at("0003", pg_cluster, tmp_path_factory.mktemp("untouched-home")) as shared:
+        yield shared
 
 
 @pytest.fixture
@@ -29,34 +29,45 @@ def blackhole():
         yield server.getsockname()[1]
 
 
-def test_bad_input_changes_nothing(cli, url, target, at_0003, tmp_path, blackhole):
-    def other(host_port: str, password: str = CANARY_PASSWORD) -> str:
-        return f"postgresql://postgres:{password}@{host_port}/{target.database}".replace("%", "%25")
+def elsewhere(untouched: Untouched, host_port: str, password: str = CANARY_PASSWORD) -> str:
+    """The shared database's URL with another host:port or password."""
+    return f"postgresql://postgres:{password}@{host_port}/{untouched.target.database}".replace("%", "%25")
 
-    # Longer than DNS allows: the resolver fails it locally, so no DNS packet leaves the machine.
-    unresolvable = ".".join(["a" * 60] * 5) + ".invalid"
-    broken_ini = tmp_path / "broken.ini"
-    broken_ini.write_text("[alembic]\nscript_location = %(here)s/does-not-exist\n")
-    cases = [
-        (["upgrade", "-r", "deadbeef", "--yes"], url, "unknown revision 'deadbeef'", 2),
-        (["downgrade", "-r", "0005", "--yes"], url, "cannot downgrade to 0005: it is not below the current revision 0003", 2),
-        (["upgrade", "--yes"], "not a url at all", "malformed database URL", 2),
-        (["upgrade", "--yes"], "mysql://u:p@127.0.0.1/x", "unsupported database URL scheme 'mysql'", 2),
-        (["upgrade", "--yes"], other(f"127.0.0.1:{free_port()}"), "connection refused", 2),
-        (["status"], other(f"127.0.0.1:{free_port()}"), "connection refused", 2),
-        (["status"], other(f"127.0.0.1:{target.port}", "wrong-password"), "authentication failed", 2),
-        (["status"], other(f"{unresolvable}:5432"), "DNS lookup failed", 2),
-        (["status"], other(f"{'b' * 64}.invalid:5432"), "invalid host name", 2),
-        (["status", "--timeout", "2"], other(f"127.0.0.1:{blackhole}"), "timed out after 2s", 2),
-        (["upgrade", "--yes", "--alembic-config", str(tmp_path / "missing.ini")], url,
-         "alembic config not found", 2),
-        (["upgrade", "--yes", "--alembic-config", str(broken_ini)], url, "does-not-exist", 2),
-    ]
-    for args, database_url, expected, code in cases:
-        result = cli(*args, env={"DATABASE_URL": database_url})
-        assert result.returncode == code, (args, expected, result.stderr)
-        assert expected in one_line_error(result.stderr), (args, result.stderr)
-    assert fingerprint_of(target) == at_0003
+
+# Longer than DNS allows: the resolver fails it locally, so no DNS packet leaves the machine.
+UNRESOLVABLE = ".".join(["a" * 60] * 5) + ".invalid"
+
+# id: (args, the DATABASE_URL given the shared database, the blackhole port and tmp_path; what the error says)
+BAD_INPUT = {
+    "unknown revision": (["upgrade", "-r", "deadbeef", "--yes"], None, "unknown revision 'deadbeef'"),
+    "downgrade upwards": (["downgrade", "-r", "0005", "--yes"], None,
+                          "cannot downgrade to 0005: it is not below the current revision 0003"),
+    "not a url": (["upgrade", "--yes"], lambda db, hole: "not a url at all", "malformed database URL"),
+    "mysql url": (["upgrade", "--yes"], lambda db, hole: "mysql://u:p@127.0.0.1/x",
+                  "unsupported database URL scheme 'mysql'"),
+    "upgrade, port closed": (["upgrade", "--yes"], lambda db, hole: elsewhere(db, f"127.0.0.1:{free_port()}"),
+                             "connection refused"),
+    "status, port closed": (["status"], lambda db, hole: elsewhere(db, f"127.0.0.1:{free_port()}"),
+                            "connection refused"),
+    "wrong password": (["status"], lambda db, hole: elsewhere(db, f"127.0.0.1:{db.target.port}", "wrong-password"),
+                       "authentication failed"),
+    "unresolvable host": (["status"], lambda db, hole: elsewhere(db, f"{UNRESOLVABLE}:5432"), "DNS lookup failed"),
+    "invalid host name": (["status"], lambda db, hole: elsewhere(db, f"{'b' * 64}.invalid:5432"),
+                          "invalid host name"),
+    "server never answers": (["status", "--timeout", "2"], lambda db, hole: elsewhere(db, f"127.0.0.1:{hole}"),
+                             "timed out after 2s"),
+    "alembic.ini missing": (["upgrade", "--yes", "--alembic-config", "{tmp_path}/missing.ini"], None,
+                            "alembic config not found"),
+    "alembic.ini broken": (["upgrade", "--yes", "--alembic-config", "{tmp_path}/broken.ini"], None, "does-not-exist"),
+}
+
+
+@pytest.mark.parametrize("args, database_url, expected", list(BAD_INPUT.values()), ids=list(BAD_INPUT))
+def test_bad_input_changes_nothing(args, database_url, expected, untouched, tmp_path, blackhole):
+    (tmp_path / "broken.ini").write_text("[alembic]\nscript_location = %(here)s/does-not-exist\n")
+    args = [arg.format(tmp_path=tmp_path) for arg in args]
+    url = database_url(untouched, blackhole) if database_url else None
+    assert expected in untouched.refuse(*args, url=url)
 
 
 def test_health_names_the_failure_reason(cli, target, blackhole):
@@ -94,10 +105,9 @@ def test_several_heads(cli, url, target, tmp_path):
     assert fingerprint_of(target).revisions == ("b1",)
 
 
-def test_unknown_revision_in_the_database(cli, url, target, pg_cluster):
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
-        conn.execute("INSERT INTO alembic_version VALUES ('f00dface')")
+def test_unknown_revision_in_the_database(cli, url, target):
+    sql(target, "CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY); "
+                "INSERT INTO alembic_version VALUES ('f00dface')")
     before = fingerprint_of(target)
     env = {"DATABASE_URL": url}
     health = cli("health", env=env)
@@ -126,14 +136,14 @@ def test_failed_revision_rolls_back_and_is_reported(cli, url, target, home, tmp_
     assert "revision r3 failed: division by zero" in one_line_error(result.stderr)
     assert fingerprint_of(target) == before, "the stock env.py runs all revisions in one transaction"
 
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["status"] == "failed"
     assert report["error"]["phase"] == "migrate" and "division by zero" in report["error"]["message"]
     assert report["migrations_applied"] == [], "nothing the database did not keep may be reported as applied"
     assert report["revision_before"] is None and report["revision_after"] is None
 
 
-def test_lock_timeout_reaches_a_stock_env_py(cli, url, target, pg_cluster, tmp_path):
+def test_lock_timeout_reaches_a_stock_env_py(cli, url, target, tmp_path):
     ini = str(stock_project(tmp_path, linear(
         "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))",
         "op.add_column('t1', sa.Column('note', sa.Text))",
@@ -141,7 +151,7 @@ def test_lock_timeout_reaches_a_stock_env_py(cli, url, target, pg_cluster, tmp_p
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
     before = fingerprint_of(target)
-    with pg_cluster.admin(target.database) as blocker:
+    with session(target) as blocker:
         blocker.autocommit = False
         blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")
         started = time.monotonic()
@@ -170,7 +180,7 @@ def test_backup_failure_stops_before_migrating(cli, url, target, home):
     result = cli("upgrade", "--yes", "--backup", "--skip-health-checks", env={"DATABASE_URL": url})
     assert result.returncode == 1
     assert "storage: cannot create" in one_line_error(result.stderr)
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["error"]["phase"] == "backup" and report["backup"] is None
     assert fingerprint_of(target) == before
 
@@ -211,7 +221,7 @@ def test_two_concurrent_upgrades_exactly_one_migrates(url, target, home, tmp_pat
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     from tests.pgcluster import environ_without_db
 
     ini = str(stock_project(tmp_path, linear(

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import assert_no_canary, fingerprint_of, reports_in
+from tests.helpers import assert_no_canary, fingerprint_of, last_report, reports_in, sql
 from tests.pgcluster import CANARY_PASSWORD, free_port
 from tests.projects import linear, stock_project
 
@@ -31,22 +31,11 @@ def run_named(flow_name: str, **parameters):
     return flow[flow_name](return_state=True, **parameters)
 
 
-def last_report(home) -> dict:
-    return json.loads(reports_in(home)[-1].read_text())
-
-
-def execute(target, sql: str) -> None:
-    from dbmigrate import db
-
-    with db.connect(target) as conn, conn.begin():
-        conn.exec_driver_sql(sql)
-
-
 def at_r1_with_rows(tmp_path, cli, url, target, *steps) -> str:
     """A stock project (one transaction per revision) whose database is at r1 with rows in t1."""
     ini = str(stock_project(tmp_path, linear(*steps), transaction_per_migration=True))
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
-    execute(target, "INSERT INTO t1 VALUES (1), (2), (3)")
+    sql(target, "INSERT INTO t1 VALUES (1), (2), (3)")
     return ini
 
 
@@ -153,7 +142,7 @@ def test_unreachable_s3_retries_the_backup_then_fails_before_migrating(environme
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from tests.conftest import s3_bucket_block
+    from tests.helpers import s3_bucket_block
 
     dead = s3_bucket_block(f"http://127.0.0.1:{free_port()}", "gone", client_config={"retries": {"max_attempts": 1}})
     dead.save("dead-bucket", overwrite=True)
@@ -188,12 +177,12 @@ def test_two_concurrent_runs_exactly_one_migrates(environment, target, home, tmp
     assert fingerprint_of(target).revisions == ("r1",)
 
 
-def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path, pg_cluster):
+def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path):
     """Logs, artifacts, reports, backups' manifests, and pg_dump's command line."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter
 
-    from tests.conftest import recording_pg_dump
+    from tests.helpers import recording_pg_dump
 
     shim_dir, argv_log = recording_pg_dump(target, tmp_path)
     ini = str(stock_project(tmp_path / "project", linear(table_step("t1"))))
@@ -215,9 +204,9 @@ def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path
     assert_no_canary("\n".join(log.message for log in logs), "the flow-run logs")
     assert_no_canary("\n".join(str(a.data) + str(a.description) for a in artifacts), "the artifacts")
     assert_no_canary("\n".join(json.dumps(r.parameters) for r in runs), "the flow-run parameters")
-    for path in (home / "reports").glob("*.json"):
-        assert_no_canary(path.read_text(), str(path))
-    for path in (home / "backups").rglob("*.json"):
+    reports, manifests = reports_in(home), sorted((home / "backups").rglob("*.json"))
+    assert reports and manifests, "the run wrote a report and a backup manifest"
+    for path in reports + manifests:
         assert_no_canary(path.read_text(), str(path))
 
 
@@ -319,14 +308,14 @@ def test_db_backup_then_db_rollback_from_it_in_production(environment, target, h
     name = environment("production")
     ini = str(stock_project(tmp_path, linear(table_step("t1"))))
     assert cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
-    execute(target, "INSERT INTO t1 VALUES (1), (2), (3)")
+    sql(target, "INSERT INTO t1 VALUES (1), (2), (3)")
     state = run_named("db-backup", environment=name, verify_restore=True)
     assert state.is_completed(), state.message
     backed_up = fingerprint_of(target)
     backup_id = state.result()["id"]
     assert state.result()["verified"] and backup_id in artifact("db-migrate-production-backup-summary")
 
-    execute(target, "INSERT INTO t1 VALUES (4), (5)")
+    sql(target, "INSERT INTO t1 VALUES (4), (5)")
     changed = fingerprint_of(target)
 
     state = run_named("db-rollback", environment=name, backup_id=backup_id)
@@ -334,18 +323,22 @@ def test_db_backup_then_db_rollback_from_it_in_production(environment, target, h
     assert state.result()["tables_changing"] == ["public.t1"] and fingerprint_of(target) == changed
 
     seen = {}
-    for answer, outcome in (({"approve": False, "approver": "dave"}, "rejected"),
-                            ({"approve": True, "approver": "Erin"}, "approved")):
+
+    def rollback_answered(answer: dict):
         resumer = threading.Thread(target=_resume_when_paused, args=(answer, seen))
         resumer.start()
-        state = run_named("db-rollback", environment=name, backup_id=backup_id, dry_run=False)
-        resumer.join()
-        if outcome == "rejected":
-            assert state.is_failed() and state.message == "restore not approved by dave: nothing was changed"
-            assert fingerprint_of(target) == changed
-            refused = last_report(home)
-            assert (refused["operation"], refused["status"], refused["error"]["phase"]) == ("restore", "failed",
-                                                                                          "approval")
+        try:
+            return run_named("db-rollback", environment=name, backup_id=backup_id, dry_run=False)
+        finally:
+            resumer.join()
+
+    state = rollback_answered({"approve": False, "approver": "dave"})
+    assert state.is_failed() and state.message == "restore not approved by dave: nothing was changed"
+    assert fingerprint_of(target) == changed
+    refused = last_report(home)
+    assert (refused["operation"], refused["status"], refused["error"]["phase"]) == ("restore", "failed", "approval")
+
+    state = rollback_answered({"approve": True, "approver": "Erin"})
     assert state.is_completed(), state.message
     assert fingerprint_of(target) == backed_up
     result = state.result()
@@ -371,8 +364,7 @@ def test_db_health_reports_pending_revisions_and_drift(environment, target, tmp_
     checks = {c["name"]: c for c in state.result()}
     assert checks["pending_revisions"]["status"] == "warn" and checks["drift"]["status"] == "ok"
 
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("ALTER TABLE t1 ADD COLUMN hotfix text")  # a change made by hand, outside Alembic
+    sql(target, "ALTER TABLE t1 ADD COLUMN hotfix text")  # a change made by hand, outside Alembic
     state = run_named("db-health", environment=name, alembic_config=ini)
     assert state.is_failed()
     assert state.message == ("health failed: drift: schema differs from what the migrations build at r1: "
@@ -387,7 +379,7 @@ def test_db_backup_to_an_s3_bucket_block_prunes_but_keeps_the_newest_verified(en
     from dbmigrate import catalogue
     from dbmigrate.storage import S3Storage
     from dbmigrate.target import DatabaseTarget
-    from tests.conftest import s3_bucket_block
+    from tests.helpers import s3_bucket_block
 
     block = s3_bucket_block(s3_endpoint, "nightly-" + uuid.uuid4().hex[:8], "db")
     storage = S3Storage.from_block(block)
@@ -410,8 +402,7 @@ def test_db_backup_to_an_s3_bucket_block_prunes_but_keeps_the_newest_verified(en
     assert sorted(storage.keys("")) == sorted(f"production/{target.database}/{newest}.{ext}" for ext in ("dump", "json"))
 
 
-def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, home, tmp_path, cli, url,
-                                                           pg_cluster):
+def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, home, tmp_path, cli, url):
     """The migration locks its own role out, then fails: the report keeps the migration's error
     and says the rollback could not run, rather than pretend or lose either."""
     import uuid
@@ -419,8 +410,7 @@ def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, 
     from blocks import DatabaseCredentials
 
     role = "migrator_" + uuid.uuid4().hex[:8]
-    with pg_cluster.admin() as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{CANARY_PASSWORD}'")
+    sql(target, f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{CANARY_PASSWORD}'")
     DatabaseCredentials(host="127.0.0.1", port=target.port, database=target.database, username=role,
                         password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
                         environment="staging").save("locked-out", overwrite=True)
@@ -430,8 +420,7 @@ def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, 
     try:
         state = run_flow(environment=environment("staging"), credentials_block="locked-out", alembic_config=ini)
     finally:
-        with pg_cluster.admin() as conn:
-            conn.execute(f"DROP ROLE {role}")
+        sql(target, f"DROP ROLE {role}")
     assert state.is_failed()
     unknown = "could not read which revisions the database kept: run `dbmigrate status`"  # never a guess
     assert state.message.startswith(f"migrate failed: revision r3 failed: division by zero; {unknown}; "
@@ -491,26 +480,33 @@ def task_runs_of(state) -> list:
             id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
 
 
-def test_a_deployment_refuses_the_database_of_another_environment(environment, target, home, tmp_path):
-    """db-migrate/staging pointed at production's credentials block (or at a block recording
-    production) changes nothing and leaves nothing keyed staging, in every flow."""
+@pytest.mark.parametrize("flow_name, parameters", [
+    ("db-migrate", {"alembic_config": "{ini}"}),
+    ("db-rollback", {"to_revision": "base", "dry_run": False, "alembic_config": "{ini}"}),
+    ("db-health", {"alembic_config": "{ini}"}),
+    ("db-backup", {}),
+], ids=["db-migrate", "db-rollback", "db-health", "db-backup"])
+def test_a_deployment_refuses_the_database_of_another_environment(flow_name, parameters, environment, target, home,
+                                                                  tmp_path):
+    """db-<flow>/staging pointed at production's credentials block changes nothing and leaves nothing
+    keyed staging."""
     production = environment("production")
     environment("staging")
     ini = str(stock_project(tmp_path, linear(table_step("t1"))))
     before = fingerprint_of(target)
-    runs = {
-        "db-migrate": {"alembic_config": ini},
-        "db-rollback": {"to_revision": "base", "dry_run": False, "alembic_config": ini},
-        "db-health": {"alembic_config": ini},
-        "db-backup": {},
-    }
-    for flow_name, parameters in runs.items():
-        state = run_named(flow_name, environment="staging", credentials_block=production, **parameters)
-        assert state.is_failed(), f"{flow_name}: {state.message}"
-        assert state.message == "deployment for staging refuses the production database (block 'production')"
-        assert "staging" not in flow_run_of(state).tags and not artifacts_of(state), flow_name
-        assert not task_runs_of(state), f"{flow_name} ran a phase"
+    parameters = {k: v.format(ini=ini) if isinstance(v, str) else v for k, v in parameters.items()}
+    state = run_named(flow_name, environment="staging", credentials_block=production, **parameters)
+    assert state.is_failed(), state.message
+    assert state.message == "deployment for staging refuses the production database (block 'production')"
+    assert "staging" not in flow_run_of(state).tags and not artifacts_of(state)
+    assert not task_runs_of(state), "it ran a phase"
+    assert fingerprint_of(target) == before
+    assert not (home / "backups").exists() and not reports_in(home), "no backup taken, no report of a run"
 
+
+def test_a_block_recording_production_is_refused_by_the_staging_deployment(environment, target, home, tmp_path):
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    before = fingerprint_of(target)
     environment("staging", database_of="production")  # the block named staging says: production's database
     state = run_flow(environment="staging", alembic_config=ini)
     assert state.is_failed()
@@ -548,7 +544,7 @@ def run_in_engine_process(prefect_api: str, entrypoint: str, **parameters):
     from prefect.client.orchestration import get_client
     from prefect.flows import load_flow_from_entrypoint
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(load_flow_from_entrypoint(str(REPO / entrypoint)), parameters=parameters)

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import SAMPLE_HEAD
+from tests.helpers import SAMPLE_HEAD
 
 
 def test_local_database_is_started_reused_and_stopped(cli, home):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, fingerprint_of, save_environment
+from tests.helpers import REPO, fill, fingerprint_of, save_environment, sql
 from tests.prefect_server import (
     MEMORY_LEASES,
     PrefectServer,
@@ -29,7 +29,6 @@ from tests.prefect_server import (
     wait_until,
 )
 from tests.projects import linear, stock_project
-from tests.test_backups import fill
 from tests.test_restore_safety import IN_COPY, ROWS
 
 SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)
@@ -108,14 +107,7 @@ def at_r1(tmp_path, cli, url, transaction_per_migration=False, slow_s: float = S
 def go_slow(url: str, seconds: float) -> None:
     """How long the slow revision sleeps in connections opened from now on."""
     database = url.rsplit("/", 1)[1]
-    execute(url, f"ALTER DATABASE \"{database}\" SET dbmigrate_test.sleep = '{seconds:g}'")
-
-
-def execute(url: str, sql: str) -> None:
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql)
+    sql(url, f"ALTER DATABASE \"{database}\" SET dbmigrate_test.sleep = '{seconds:g}'")
 
 
 def start_run(server, environment: str, ini: str, flow: str = "db-migrate", **params) -> str:
@@ -140,10 +132,9 @@ wait_for = wait_until
 
 def backend(pg_cluster, database: str, condition: str) -> int | None:
     """A backend of ``database`` matching ``condition`` (SQL over pg_stat_activity), once there is one."""
-    with pg_cluster.admin() as conn:
-        row = conn.execute(f"SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
-                           f"AND {condition}", (database,)).fetchone()
-    return row and row[0]
+    rows = sql(pg_cluster.target("postgres"), "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+               f"AND pid <> pg_backend_pid() AND {condition}", database)
+    return rows[0][0] if rows else None
 
 
 def sleeping_backend(pg_cluster, database: str) -> int | None:
@@ -402,14 +393,12 @@ def test_db_rollback_sigkilled_mid_restore(server, worker, blocks, pg_cluster, d
     backup has the revision the database has now)."""
     environment = blocks("staging")
     ini = at_r1(tmp_path, cli, url, slow_s=0)
-    fill(pg_cluster, target, ROWS)
+    fill(target, ROWS)
     storage = str(tmp_path / "backups")
     taken = cli("backup", "--json", "--env", environment, "--storage", storage,
                 env={"PREFECT_API_URL": server.api_url})
     assert taken.returncode == 0, taken.stderr
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DELETE FROM payload WHERE id % 3 = 0")
-        conn.execute("CREATE TABLE added_later (id int)")
+    sql(target, "DELETE FROM payload WHERE id % 3 = 0; CREATE TABLE added_later (id int)")
     before = fingerprint_of(target)
     run_id = start_run(server, environment, ini, flow="db-rollback", backup_id=json.loads(taken.stdout)["id"],
                        dry_run=False, backup_storage=storage)

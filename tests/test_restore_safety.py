@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,34 +16,16 @@ from dbmigrate import auto_rollback, backup, catalogue, db, pgrestore, restore
 from dbmigrate.errors import RestoreFailed
 from dbmigrate.settings import Settings
 from dbmigrate.storage import LocalStorage, S3Storage
-from tests.conftest import REPO, assert_no_canary, fingerprint_of, one_line_error
-from tests.pgcluster import environ_without_db
+from tests.helpers import fill, fingerprint_of, finish, one_line_error, scalar, session, sql, start_cli
 from tests.projects import linear, stock_project
-from tests.test_backups import fill
 
 ROWS = 300_000  # enough for the COPY of the replay to last a while
-
-
-def start_cli(home, *args: str, env: dict) -> subprocess.Popen:
-    """`python -m dbmigrate ARGS` in the background, for tests that act while it runs."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "dbmigrate", *args], cwd=REPO, text=True,
-        env={**environ_without_db(), "DBMIGRATE_HOME": str(home), **env},
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str]:
-    out, err = proc.communicate(timeout=120)
-    assert "Traceback" not in err, err
-    assert_no_canary(out + err, "the output of dbmigrate")
-    return proc.returncode, err
 
 
 def wait_for(pg_cluster, database: str, condition: str, proc: subprocess.Popen | None = None) -> None:
     """Until a session of ``database`` matches ``condition`` (SQL over pg_stat_activity)."""
     deadline = time.monotonic() + 60
-    with pg_cluster.admin() as conn:
+    with session(pg_cluster.target("postgres")) as conn:
         while time.monotonic() < deadline:
             if conn.execute(f"SELECT 1 FROM pg_stat_activity WHERE datname = %s AND {condition}",
                             (database,)).fetchone():
@@ -76,29 +57,27 @@ def local_storage(tmp_path):
 
 
 @pytest.fixture
-def big_backup(cli, url, pg_cluster, target):
+def big_backup(cli, url, target):
     """A backup of a large table, then the database changed: (manifest, the state now)."""
-    fill(pg_cluster, target, ROWS)
+    fill(target, ROWS)
     manifest = backup_via_cli(cli, url)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DELETE FROM payload WHERE id % 3 = 0")
-        conn.execute("CREATE TABLE added_later (id int)")
+    sql(target, "DELETE FROM payload WHERE id % 3 = 0; CREATE TABLE added_later (id int)")
     return manifest, fingerprint_of(target)
 
 
-def test_a_replay_whose_tool_is_killed_mid_copy_commits_nothing(big_backup, pg_cluster, target, url, home):
+@pytest.mark.parametrize("victim", ["pg_restore", "psql"])
+def test_a_replay_whose_tool_is_killed_mid_copy_commits_nothing(victim, big_backup, pg_cluster, target, url, home):
     """Item 1a and 18: pg_restore or psql SIGKILLed while the data is copied: a one-line
     error naming the signal, and the database exactly as it was."""
     manifest, before = big_backup
-    for victim in ("pg_restore", "psql"):
-        proc = start_cli(home, "restore", manifest["id"], "--yes", "--no-safety-backup", env={"DATABASE_URL": url})
-        wait_for(pg_cluster, target.database, IN_COPY, proc)
-        tool(proc.pid, victim).send_signal(signal.SIGKILL)
-        code, err = finish(proc)
-        assert code == 1
-        assert one_line_error(err) == ("dbmigrate: error: restore failed, database left as it was: "
-                                       f"{victim} was killed by signal 9 (SIGKILL)")
-        assert fingerprint_of(target) == before, f"{victim} killed mid-COPY: nothing may be committed"
+    proc = start_cli(home, "restore", manifest["id"], "--yes", "--no-safety-backup", env={"DATABASE_URL": url})
+    wait_for(pg_cluster, target.database, IN_COPY, proc)
+    tool(proc.pid, victim).send_signal(signal.SIGKILL)
+    result = finish(proc)
+    assert result.returncode == 1
+    assert one_line_error(result.stderr) == ("dbmigrate: error: restore failed, database left as it was: "
+                                             f"{victim} was killed by signal 9 (SIGKILL)")
+    assert fingerprint_of(target) == before, "killed mid-COPY: nothing may be committed"
 
 
 def test_dbmigrate_killed_mid_replay_commits_nothing(big_backup, pg_cluster, target, url, home):
@@ -127,23 +106,21 @@ def _replaced_after_the_check(monkeypatch, storage, manifest, body: bytes) -> No
 
 
 @pytest.mark.parametrize("change", ["truncated", "another backup"])
-def test_s3_object_that_changes_after_the_check_commits_nothing(change, s3_storage, pg_cluster, target, monkeypatch):
+def test_s3_object_that_changes_after_the_check_commits_nothing(change, s3_storage, target, monkeypatch):
     """Item 1b: what the replay reads is not what was checked; known only at the end of
     the stream (a truncated object, or another valid backup with the wrong sha256)."""
-    fill(pg_cluster, target, 20_000)
+    fill(target, 20_000)
     manifest = backup.take(target, s3_storage)
     with s3_storage.open(manifest.key) as body:
         original = body.read()
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DELETE FROM payload WHERE id > 100")
+    sql(target, "DELETE FROM payload WHERE id > 100")
     if change == "truncated":
         replacement = original[:-5]  # all the data, without the end of its last block
     else:
         other = backup.take(target, s3_storage)
         with s3_storage.open(other.key) as body:
             replacement = body.read()
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("CREATE TABLE added_later (id int)")
+    sql(target, "CREATE TABLE added_later (id int)")
     before = fingerprint_of(target)
     _replaced_after_the_check(monkeypatch, s3_storage, manifest, replacement)
 
@@ -187,12 +164,11 @@ def test_automatic_rollback_whose_restore_is_killed_reports_failure(cli, url, pg
 def test_restore_gives_up_on_a_held_lock_and_names_the_holder(cli, url, pg_cluster, target, home):
     """Item 13: a session holding a lock on a table: the restore waits no longer than the
     lock timeout, names that session, and blocks other readers no longer either."""
-    fill(pg_cluster, target, 2000)
+    fill(target, 2000)
     manifest = backup_via_cli(cli, url)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("DELETE FROM payload WHERE id > 10")
+    sql(target, "DELETE FROM payload WHERE id > 10")
     before = fingerprint_of(target)
-    with pg_cluster.admin(target.database) as holder, pg_cluster.admin(target.database) as reader:
+    with session(target) as holder, session(target) as reader:
         holder.autocommit = False
         holder.execute("SELECT count(*) FROM payload")  # an open transaction that read the table
         holder_pid = holder.info.backend_pid
@@ -203,11 +179,11 @@ def test_restore_gives_up_on_a_held_lock_and_names_the_holder(cli, url, pg_clust
         reading = time.monotonic()
         reader.execute("SELECT count(*) FROM payload")
         blocked = time.monotonic() - reading
-        code, err = finish(proc)
+        result = finish(proc)
         elapsed = time.monotonic() - started
         holder.rollback()
-    assert code == 1
-    line = one_line_error(err)
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
     assert line.startswith("dbmigrate: error: restore failed, database left as it was: a lock was not granted "
                            "within the lock timeout (1s); held by ")
     assert f"pid {holder_pid} (" in line and "idle in transaction: SELECT count(*) FROM payload" in line
@@ -219,43 +195,37 @@ def test_restore_gives_up_on_a_held_lock_and_names_the_holder(cli, url, pg_clust
 HOSTILE = ['x" TEMPLATE "template0', "semi; colon", "it's \"quoted\" :name %s 100%"]
 
 
-def test_hostile_target_db_names_create_exactly_that_database(cli, url, pg_cluster, target):
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_target_db_names_create_exactly_that_database(name, cli, url, pg_cluster, target):
     """Item 8: a --target-db name is one identifier, whatever it holds."""
-    fill(pg_cluster, target, 50)
+    fill(target, 50)
     manifest = backup_via_cli(cli, url)
-    for name in HOSTILE:
-        existing = set(pg_cluster.databases())
-        result = cli("restore", manifest["id"], "--target-db", name, env={"DATABASE_URL": url})
-        try:
-            assert result.returncode == 0, result.stderr
-            assert set(pg_cluster.databases()) - existing == {name}
-            assert fingerprint_of(target.with_database(name)).row_counts == {"public.payload": 50}
-        finally:
-            for leftover in set(pg_cluster.databases()) - existing:
-                db.drop_database(target, leftover, 10)
+    existing = set(pg_cluster.databases())
+    result = cli("restore", manifest["id"], "--target-db", name, env={"DATABASE_URL": url})
+    try:
+        assert result.returncode == 0, result.stderr
+        assert set(pg_cluster.databases()) - existing == {name}
+        assert fingerprint_of(target.with_database(name)).row_counts == {"public.payload": 50}
+    finally:
+        for leftover in set(pg_cluster.databases()) - existing:
+            db.drop_database(target, leftover, 10)
 
 
-def test_schema_names_with_quotes_and_large_objects_are_restored(local_storage, pg_cluster, target):
+def test_schema_names_with_quotes_and_large_objects_are_restored(local_storage, target):
     """Item 8 (the DROP SCHEMA list) and large objects, which live outside any schema."""
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute('CREATE SCHEMA "o\'dd ""schema""; x :y 5%"')
-        conn.execute('CREATE TABLE "o\'dd ""schema""; x :y 5%".t AS SELECT 1 AS id')
-        kept = conn.execute("SELECT lo_from_bytea(0, 'in the backup')").fetchone()[0]
+    sql(target, 'CREATE SCHEMA "o\'dd ""schema""; x :y 5%"; CREATE TABLE "o\'dd ""schema""; x :y 5%".t AS SELECT 1 AS id')
+    kept = scalar(target, "SELECT lo_from_bytea(0, 'in the backup')")
     manifest = backup.take(target, local_storage)
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute('INSERT INTO "o\'dd ""schema""; x :y 5%".t VALUES (2)')
-        conn.execute("SELECT lo_put(%s, 0, 'CHANGED')", (kept,))
-        conn.execute("SELECT lo_from_bytea(0, 'made later')")
+    sql(target, 'INSERT INTO "o\'dd ""schema""; x :y 5%".t VALUES (2); SELECT lo_from_bytea(0, \'made later\')')
+    sql(target, "SELECT lo_put(%s, 0, 'CHANGED')", kept)
     restore.over_original(target, local_storage, manifest, 10, None)
     assert fingerprint_of(target).row_counts == {"o'dd \"schema\"; x :y 5%.t": 1}
-    with pg_cluster.admin(target.database) as conn:
-        objects = conn.execute("SELECT oid, lo_get(oid) FROM pg_largeobject_metadata").fetchall()
-    assert objects == [(kept, b"in the backup")]
+    assert sql(target, "SELECT oid, lo_get(oid) FROM pg_largeobject_metadata") == [(kept, b"in the backup")]
 
 
 def test_restore_into_a_new_database_checks_the_row_counts(cli, url, pg_cluster, target, home):
     """Item 19: a copy whose row counts differ from the manifest is refused and dropped."""
-    fill(pg_cluster, target, 50)
+    fill(target, 50)
     manifest = backup_via_cli(cli, url)
     path = home / "backups" / catalogue.manifest_key(manifest["key"])
     path.write_text(json.dumps({**manifest, "row_counts": {"public.payload": 49}}))
@@ -271,7 +241,7 @@ def test_restore_into_a_new_database_checks_the_row_counts(cli, url, pg_cluster,
 def test_restore_into_a_new_database_without_its_dump(where, cli, url, pg_cluster, target, s3_endpoint, s3_storage):
     """Item 14: the manifest is there, the dump is not: one line, and no database made (the
     catalogue sees the dump is missing before anything is created)."""
-    fill(pg_cluster, target, 10)
+    fill(target, 10)
     env = {"DATABASE_URL": url}
     if where == "s3":
         env |= {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import signal
 import subprocess
-import sys
 import time
 from urllib.parse import quote
 
@@ -17,34 +16,18 @@ import pytest
 from dbmigrate import auto_rollback, phases
 from dbmigrate.settings import Settings
 from tests import pgcluster
-from tests.conftest import (REPO, SAMPLE_CONFIG, assert_no_canary, fingerprint_of, one_line_error, recording_pg_dump,
-                            reports_in)
-from tests.pgcluster import CANARY_PASSWORD, environ_without_db
+from tests.helpers import (SAMPLE_CONFIG, assert_no_canary, fingerprint_of, finish, last_report, libpq_url,
+                           one_line_error, recording_pg_dump, session, sql, start_cli)
+from tests.pgcluster import CANARY_PASSWORD
 from tests.projects import linear, stock_project
 
 SLEEP = "op.execute('SELECT pg_sleep(30)')"
 
 
-def start(home, *args: str, env: dict) -> subprocess.Popen:
-    """`python -m dbmigrate ARGS` in the background, to be interrupted."""
-    environ = {**environ_without_db(), "DBMIGRATE_HOME": str(home), **env}
-    return subprocess.Popen([sys.executable, "-m", "dbmigrate", *args], cwd=REPO, env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 30) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
-    assert "Traceback" not in err, err
-    assert_no_canary(out + err, "the output of dbmigrate")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def backends(cluster, database: str, query_like: str) -> list[tuple]:
     """Active backends of ``database`` running a statement like ``query_like``."""
-    with cluster.admin() as conn:
-        return conn.execute(
-            "SELECT pid, application_name FROM pg_stat_activity WHERE datname = %s AND query LIKE %s "
-            "AND state = 'active' AND pid <> pg_backend_pid()", (database, query_like)).fetchall()
+    return sql(cluster.target("postgres"), "SELECT pid, application_name FROM pg_stat_activity WHERE datname = %s "
+               "AND query LIKE %s AND state = 'active' AND pid <> pg_backend_pid()", database, query_like)
 
 
 def wait_for(condition, what: str, timeout: float = 30):
@@ -69,42 +52,51 @@ def sleeping_project(tmp_path, first_revision_locks: bool = False):
 # -- item 2: several rows in alembic_version ------------------------------------------------------
 
 
-def test_several_rows_in_the_version_table_are_refused(cli, url, target, pg_cluster, home):
-    env = {"DATABASE_URL": url}
-    assert cli("upgrade", "-r", "0005", "--yes", env=env).returncode == 0
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("INSERT INTO alembic_version VALUES ('0003')")
-    before = fingerprint_of(target)
-    expected = ("alembic_version holds 2 rows: 0003, 0005 (0003 is an ancestor of 0005): "
+SEVERAL_ROWS = ("alembic_version holds 2 rows: 0003, 0005 (0003 is an ancestor of 0005): "
                 "fix the table by hand; dbmigrate will not guess")
 
-    health = cli("health", "--json", env=env)
+
+@pytest.fixture
+def two_rows(cli, url, target):
+    """The sample project at 0005 with a second row, 0003, in alembic_version: the state then."""
+    assert cli("upgrade", "-r", "0005", "--yes", env={"DATABASE_URL": url}).returncode == 0
+    sql(target, "INSERT INTO alembic_version VALUES ('0003')")
+    return fingerprint_of(target)
+
+
+def test_several_rows_in_the_version_table_fail_the_health_check(cli, url, two_rows):
+    health = cli("health", "--json", env={"DATABASE_URL": url})
     assert health.returncode == 1
     version = {c["name"]: c for c in json.loads(health.stdout)["checks"]}["alembic_version"]
-    assert version["status"] == "fail" and version["detail"] == expected
-
-    for args in (["status"], ["check"]):  # they change nothing, but say the same
-        result = cli(*args, env=env)
-        assert result.returncode == 2 and one_line_error(result.stderr) == f"dbmigrate: error: {expected}", args
-    for args in (["downgrade", "-r", "-1"], ["downgrade", "-r", "0004"], ["upgrade"],
-                 ["upgrade", "--skip-health-checks"], ["downgrade", "-r", "base", "--skip-health-checks"]):
-        result = cli(*args, "--yes", env=env)
-        assert result.returncode == 2, (args, result.stderr)
-        assert one_line_error(result.stderr) == f"dbmigrate: error: {expected}", args
-        assert fingerprint_of(target) == before, args
-    report = json.loads(reports_in(home)[-1].read_text())
-    assert report["error"]["message"] == expected and report["migrations_applied"] == []
+    assert version["status"] == "fail" and version["detail"] == SEVERAL_ROWS
 
 
-def test_separate_branches_in_the_version_table_are_refused_too(cli, url, target, pg_cluster, tmp_path):
+@pytest.mark.parametrize("args", [["status"], ["check"]], ids=" ".join)
+def test_several_rows_in_the_version_table_are_named_by_the_read_only_commands(args, cli, url, two_rows):
+    result = cli(*args, env={"DATABASE_URL": url})  # they change nothing, but say the same
+    assert result.returncode == 2 and one_line_error(result.stderr) == f"dbmigrate: error: {SEVERAL_ROWS}"
+
+
+@pytest.mark.parametrize("args", [["downgrade", "-r", "-1"], ["downgrade", "-r", "0004"], ["upgrade"],
+                                  ["upgrade", "--skip-health-checks"],
+                                  ["downgrade", "-r", "base", "--skip-health-checks"]], ids=" ".join)
+def test_several_rows_in_the_version_table_are_refused(args, cli, url, target, home, two_rows):
+    result = cli(*args, "--yes", env={"DATABASE_URL": url})
+    assert result.returncode == 2, result.stderr
+    assert one_line_error(result.stderr) == f"dbmigrate: error: {SEVERAL_ROWS}"
+    assert fingerprint_of(target) == two_rows
+    report = last_report(home)
+    assert report["error"]["message"] == SEVERAL_ROWS and report["migrations_applied"] == []
+
+
+def test_separate_branches_in_the_version_table_are_refused_too(cli, url, target, tmp_path):
     scripts = linear("op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))")
     scripts += [{"revision": "b1", "down": "r1", "message": "branch b", "upgrade": "pass"},
                    {"revision": "c1", "down": "r1", "message": "branch c", "upgrade": "pass"}]
     ini = str(stock_project(tmp_path, scripts))
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "b1", "--yes", "--alembic-config", ini, env=env).returncode == 0
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("INSERT INTO alembic_version VALUES ('c1')")
+    sql(target, "INSERT INTO alembic_version VALUES ('c1')")
     before = fingerprint_of(target)
     result = cli("downgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)
     assert result.returncode == 2
@@ -149,10 +141,6 @@ def own_target(own_cluster):
     own_cluster.drop_database(name)
 
 
-def _url(target) -> str:
-    return target.url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def _kill_and_restart(cluster, proc) -> subprocess.CompletedProcess:
     cluster._pg_ctl("-m", "immediate", "stop")
     try:
@@ -163,9 +151,9 @@ def _kill_and_restart(cluster, proc) -> subprocess.CompletedProcess:
 
 def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
     ini = sleeping_project(tmp_path)
-    env = {"DATABASE_URL": _url(own_target)}
-    assert finish(start(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
-    proc = start(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
+    env = {"DATABASE_URL": libpq_url(own_target)}
+    assert finish(start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
     wait_for(lambda: backends(own_cluster, own_target.database, "SELECT pg_sleep%"), "r3 to run")
 
     result = _kill_and_restart(own_cluster, proc)
@@ -175,7 +163,7 @@ def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
     assert error == (f"dbmigrate: error: revision r3 failed: lost the connection to {own_target.where}: server closed "
                      f"the connection; {phases.KEPT_UNKNOWN}")
     assert "database at an unknown revision" in result.stdout
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["migrations_applied"] == [], "r2 ran but was never committed: it may not be reported as applied"
     assert report["revision_after"] is None
     assert any(w.startswith(phases.KEPT_UNKNOWN) for w in report["warnings"])
@@ -184,12 +172,12 @@ def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
 
 def test_server_killed_mid_backup(own_cluster, own_target, home, tmp_path):
     ini = sleeping_project(tmp_path)
-    env = {"DATABASE_URL": _url(own_target)}
-    assert finish(start(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    env = {"DATABASE_URL": libpq_url(own_target)}
+    assert finish(start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
     blocker = own_cluster.admin(own_target.database)  # dies with the server: no commit on the way out
     blocker.execute("BEGIN")
     blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")  # pg_dump waits here, mid-backup
-    proc = start(home, "upgrade", "--backup", "--yes", "--alembic-config", ini, env=env)
+    proc = start_cli(home, "upgrade", "--backup", "--yes", "--alembic-config", ini, env=env)
     wait_for(lambda: backends(own_cluster, own_target.database, "LOCK TABLE %"), "pg_dump to run")
     result = _kill_and_restart(own_cluster, proc)
     blocker.close()
@@ -198,21 +186,21 @@ def test_server_killed_mid_backup(own_cluster, own_target, home, tmp_path):
     error = one_line_error(result.stderr)
     assert str(own_target.where) in error or "pg_dump failed" in error, error
     assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "no partial dump, no manifest"
-    report = json.loads(reports_in(home)[-1].read_text())
+    report = last_report(home)
     assert report["error"]["phase"] == "backup" and report["migrations_applied"] == []
     assert fingerprint_of(own_target).revisions == ("r1",)
 
 
 def test_server_killed_mid_restore(own_cluster, own_target, home, tmp_path):
     ini = sleeping_project(tmp_path)
-    env = {"DATABASE_URL": _url(own_target)}
-    assert finish(start(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
-    backup = finish(start(home, "backup", "--json", env=env))
+    env = {"DATABASE_URL": libpq_url(own_target)}
+    assert finish(start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    backup = finish(start_cli(home, "backup", "--json", env=env))
     backup_id = json.loads(backup.stdout)["id"]
     reader = own_cluster.admin(own_target.database)  # dies with the server: no commit on the way out
     reader.execute("BEGIN")
     reader.execute("SELECT * FROM t1")  # the restore's DROP SCHEMA waits behind this, mid-restore
-    proc = start(home, "restore", backup_id, "--yes", "--no-safety-backup", env=env)
+    proc = start_cli(home, "restore", backup_id, "--yes", "--no-safety-backup", env=env)
     wait_for(lambda: backends(own_cluster, own_target.database, "DROP SCHEMA%"), "the restore to run")
     result = _kill_and_restart(own_cluster, proc)
     reader.close()
@@ -231,7 +219,7 @@ def test_sigterm_mid_revision_cancels_the_statement_and_writes_the_report(cli, u
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
     before = fingerprint_of(target)
-    proc = start(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
+    proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
     wait_for(lambda: backends(pg_cluster, target.database, "SELECT pg_sleep%"), "r3 to run")
 
     proc.send_signal(signal.SIGTERM)
@@ -241,10 +229,8 @@ def test_sigterm_mid_revision_cancels_the_statement_and_writes_the_report(cli, u
     lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO  [alembic")]
     assert lines == ["dbmigrate: terminated"]
     assert not backends(pg_cluster, target.database, "%pg_sleep%"), "the statement was cancelled"
-    with pg_cluster.admin(target.database) as conn:
-        conn.execute("SET lock_timeout = 1000")
-        conn.execute("BEGIN; LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE; ROLLBACK")  # the lock is free
-    report = json.loads(reports_in(home)[-1].read_text())
+    sql(target, "SET lock_timeout = 1000; BEGIN; LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE; ROLLBACK")  # the lock is free
+    report = last_report(home)
     assert report["status"] == "failed" and report["error"]["phase"] == "migrate"
     assert report["error"]["message"] == "terminated by SIGTERM"
     assert report["migrations_applied"] == [] and report["revision_after"] == "r1"
@@ -254,10 +240,10 @@ def test_sigterm_mid_revision_cancels_the_statement_and_writes_the_report(cli, u
 def test_sigterm_mid_backup_leaves_no_partial_dump(cli, url, target, pg_cluster, home, tmp_path):
     ini = sleeping_project(tmp_path)
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
-    with pg_cluster.admin(target.database) as blocker:
+    with session(target) as blocker:
         blocker.execute("BEGIN")
         blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")  # pg_dump waits here, its file open
-        proc = start(home, "backup", env={"DATABASE_URL": url})
+        proc = start_cli(home, "backup", env={"DATABASE_URL": url})
         wait_for(lambda: list((home / "backups").rglob("*.dump")), "the dump file to be created")
         wait_for(lambda: backends(pg_cluster, target.database, "LOCK TABLE %"), "pg_dump to run")
         proc.send_signal(signal.SIGTERM)
@@ -271,7 +257,7 @@ def test_sigkill_mid_revision_the_orphaned_statement_ends_soon(cli, url, target,
     ini = sleeping_project(tmp_path, first_revision_locks=True)
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
-    proc = start(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
+    proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
     wait_for(lambda: backends(pg_cluster, target.database, "SELECT pg_sleep%"), "r3 to run")
 
     proc.kill()
@@ -287,16 +273,16 @@ def test_sigkill_mid_revision_the_orphaned_statement_ends_soon(cli, url, target,
 
 
 @pytest.mark.parametrize("args", [["status"], ["upgrade", "--yes", "--lock-timeout", "1"]])
-def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url, target, pg_cluster, home):
+def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url, target, home):
     assert cli("upgrade", "-r", "0001", "--yes", env={"DATABASE_URL": url}).returncode == 0
     before = fingerprint_of(target)
-    with pg_cluster.admin(target.database) as blocker:
+    with session(target) as blocker:
         blocker.execute("SET application_name = 'the-blocker'")
         blocker.execute("BEGIN")
         blocker.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
         pid = blocker.info.backend_pid
         started = time.monotonic()
-        result = finish(start(home, *args, "--timeout", "2", env={"DATABASE_URL": url}), timeout=60)
+        result = finish(start_cli(home, *args, "--timeout", "2", env={"DATABASE_URL": url}), timeout=60)
         elapsed = time.monotonic() - started
     assert result.returncode == 2, result.stderr
     assert one_line_error(result.stderr) == (

@@ -3,10 +3,8 @@
 import json
 import subprocess
 
-from sqlalchemy import text
-
-from dbmigrate import db, pgtools
-from tests.conftest import SAMPLE_HEAD, fingerprint_of, reports_in
+from dbmigrate import pgtools
+from tests.helpers import SAMPLE_HEAD, fingerprint_of, last_report, reports_in, scalar, sql
 
 ALL = ["0001", "0002", "0003", "0004", "0005", "0006"]
 
@@ -42,9 +40,8 @@ def test_upgrade_with_backup_migrates_reports_and_backs_up(cli, url, target, hom
     assert result.returncode == 0, result.stderr
     assert "succeeded: base -> 0006" in result.stdout
 
-    with db.connect(target) as conn:
-        tables = set(conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname='public'")).scalars())
-        version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    tables = {name for (name,) in sql(target, "SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+    version = scalar(target, "SELECT version_num FROM alembic_version")
     assert {"accounts", "cloud_resources", "cost_records", "recommendations"} <= tables
     assert version == SAMPLE_HEAD
 
@@ -74,31 +71,26 @@ def test_upgrade_with_backup_migrates_reports_and_backs_up(cli, url, target, hom
 
     again = cli("upgrade", "--backup", "--yes", env={"DATABASE_URL": url})
     assert again.returncode == 0 and "nothing to do: database already at 0006" in again.stdout
-    assert json.loads(reports_in(home)[-1].read_text())["status"] == "noop"
+    assert last_report(home)["status"] == "noop"
     assert len(list(dump.glob("*.dump"))) == 1, "a no-op run must not take a backup"
 
 
 def test_data_migration_converts_costs_both_ways(cli, url, target):
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "0004", "--yes", env=env).returncode == 0
-    with db.connect(target) as conn, conn.begin():
-        conn.execute(text("INSERT INTO accounts (id, name, provider, external_id) VALUES (1, 'prod', 'aws', '123')"))
-        conn.execute(text("INSERT INTO cloud_resources (id, account_id, resource_type, region, name) "
-                          "VALUES (1, 1, 'ec2', 'eu-west-1', 'web-1')"))
-        conn.execute(text("INSERT INTO cost_records (resource_id, usage_date, cost_usd) "
-                          "VALUES (1, '2026-11-01', 12.34), (1, '2026-11-02', 0.05)"))
+    sql(target, "INSERT INTO accounts (id, name, provider, external_id) VALUES (1, 'prod', 'aws', '123'); "
+                "INSERT INTO cloud_resources (id, account_id, resource_type, region, name) "
+                "VALUES (1, 1, 'ec2', 'eu-west-1', 'web-1'); "
+                "INSERT INTO cost_records (resource_id, usage_date, cost_usd) "
+                "VALUES (1, '2026-11-01', 12.34), (1, '2026-11-02', 0.05)")
 
     assert cli("upgrade", "--yes", env=env).returncode == 0
-    with db.connect(target) as conn:
-        cents = conn.execute(text("SELECT amount_cents FROM cost_records ORDER BY usage_date")).scalars().all()
-    assert cents == [1234, 5]
+    assert sql(target, "SELECT amount_cents FROM cost_records ORDER BY usage_date") == [(1234,), (5,)]
 
     down = cli("downgrade", "-r", "0004", "--yes", env=env)
     assert down.returncode == 0, down.stderr
     assert "succeeded: 0006 -> 0004" in down.stdout
-    with db.connect(target) as conn:
-        dollars = conn.execute(text("SELECT cost_usd::text FROM cost_records ORDER BY usage_date")).scalars().all()
-    assert dollars == ["12.34", "0.05"]
+    assert sql(target, "SELECT cost_usd::text FROM cost_records ORDER BY usage_date") == [("12.34",), ("0.05",)]
 
 
 def test_dry_run_prints_sql_and_changes_nothing(cli, url, target, home):
@@ -111,7 +103,7 @@ def test_dry_run_prints_sql_and_changes_nothing(cli, url, target, home):
     assert "CREATE TABLE accounts" not in result.stdout, "the SQL must start at the current revision"
     assert "UPDATE alembic_version SET version_num='0006'" in result.stdout
     assert fingerprint_of(target) == before
-    assert json.loads(reports_in(home)[-1].read_text())["status"] == "dry_run"
+    assert last_report(home)["status"] == "dry_run"
 
     down = cli("downgrade", "-r", "base", "--dry-run", env=env)
     assert down.returncode == 0 and "DROP TABLE accounts" in down.stdout
@@ -130,7 +122,7 @@ def test_without_yes_and_without_a_terminal_it_refuses(cli, url, target):
 
 def test_confirmation_on_a_terminal(url, target, home):
     """A real pseudo-terminal: 'n' changes nothing, 'y' migrates."""
-    from tests.conftest import run_on_a_terminal
+    from tests.helpers import run_on_a_terminal
     from tests.pgcluster import environ_without_db
 
     def run_answering(answer: str) -> tuple[int, str]:
@@ -149,7 +141,7 @@ def test_confirmation_on_a_terminal(url, target, home):
 
 def test_pg_dump_gets_the_password_through_its_environment_not_argv(cli, url, target, tmp_path):
     """A pass-through pg_dump on PG_BIN_DIR records what the real one received."""
-    from tests.conftest import recording_pg_dump
+    from tests.helpers import recording_pg_dump
 
     shim_dir, log = recording_pg_dump(target, tmp_path)
     result = cli("upgrade", "--backup", "--yes", env={"DATABASE_URL": url, "PG_BIN_DIR": str(shim_dir)})
@@ -158,7 +150,7 @@ def test_pg_dump_gets_the_password_through_its_environment_not_argv(cli, url, ta
     [dump_call] = [line for line in recorded.splitlines() if "--format=custom" in line]
     assert "--no-password" in dump_call
     assert "password: from environment" in recorded
-    from tests.conftest import assert_no_canary
+    from tests.helpers import assert_no_canary
 
     assert_no_canary(recorded, "pg_dump's command line")
 
@@ -180,7 +172,7 @@ def test_plain_commands_do_not_import_prefect(url, home):
     """status/check/health/heads must stay fast: Prefect costs seconds to import."""
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     from tests.pgcluster import environ_without_db
 
     probe = (

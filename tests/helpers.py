@@ -1,0 +1,239 @@
+"""Plain helpers the tests share (the fixtures are in conftest.py): running dbmigrate as a
+user would, reading what it left behind, and checking that no output carries the password."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+
+from dbmigrate import db, fingerprint
+from dbmigrate.target import DatabaseTarget
+from tests.pgcluster import CANARY_PASSWORD, environ_without_db
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_CONFIG = REPO / "alembic.ini"
+SAMPLE_HEAD = "0006"
+
+
+def assert_no_canary(text: str, where: str) -> None:
+    for form in (CANARY_PASSWORD, quote(CANARY_PASSWORD, safe="")):
+        assert form not in text, f"the password leaked into {where}"
+
+
+def libpq_url(target: DatabaseTarget) -> str:
+    """``target`` as the postgresql:// URL a user puts in DATABASE_URL (password included)."""
+    return target.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+# --- SQL -------------------------------------------------------------------------------
+
+@contextmanager
+def session(where: DatabaseTarget | str) -> Iterator[psycopg.Connection]:
+    """An autocommit session on a target's database (or a postgresql:// URL), as its owner: for
+    a test that keeps it open while dbmigrate runs (a lock held, a transaction left open)."""
+    with psycopg.connect(where if isinstance(where, str) else libpq_url(where), autocommit=True) as conn:
+        yield conn
+
+
+def sql(where: DatabaseTarget | str, statement: str, *params: Any) -> list[tuple]:
+    """Run ``statement`` (several, separated by ';', when there are no params) in a session of
+    its own, committed; the rows it returned, if any. ``%s`` placeholders take ``params``."""
+    with session(where) as conn:
+        cursor = conn.execute(statement, params or None)
+        return cursor.fetchall() if cursor.description else []
+
+
+def scalar(where: DatabaseTarget | str, statement: str, *params: Any) -> Any:
+    """The one value ``statement`` returns."""
+    [(value,)] = sql(where, statement, *params)
+    return value
+
+
+def fill(target: DatabaseTarget, rows: int) -> None:
+    """A table ``payload`` of random text, which compresses to about half, not to nothing."""
+    sql(target, "CREATE TABLE payload (id bigint PRIMARY KEY, body text, doc jsonb)")
+    sql(target, "INSERT INTO payload SELECT g, md5(random()::text) || md5(random()::text) || md5(random()::text), "
+                "jsonb_build_object('n', random(), 'tag', md5(g::text)) FROM generate_series(1, %s) g", rows)
+
+
+# --- running dbmigrate -----------------------------------------------------------------
+
+def stderr_lines(stderr: str) -> list[str]:
+    """What a command printed to stderr, Alembic's own INFO lines aside."""
+    return [line for line in stderr.splitlines() if not line.startswith("INFO  [alembic")]
+
+
+def one_line_error(stderr: str) -> str:
+    """The one line a failed command prints (Alembic's own INFO lines aside)."""
+    lines = stderr_lines(stderr)
+    assert len(lines) == 1 and lines[0].startswith("dbmigrate: error: "), stderr
+    return lines[0]
+
+
+def run_cli(home: Path, *args: str, env: dict | None = None, input: str | None = None,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m dbmigrate ARGS` with ``home`` as DBMIGRATE_HOME, as a user would run it: no
+    traceback, and no password in what it printed or in any report it wrote."""
+    environ = {**environ_without_db(), "DBMIGRATE_HOME": str(home), **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", "dbmigrate", *args],
+        cwd=cwd, env=environ, input=input or "", capture_output=True, text=True, timeout=240,
+    )
+    assert_no_canary(result.stdout + result.stderr, f"the output of dbmigrate {' '.join(args[:1])}")
+    assert "Traceback" not in result.stderr, result.stderr
+    for report in reports_in(home):
+        assert_no_canary(report.read_text(), str(report))
+    return result
+
+
+def start_cli(home: Path, *args: str, env: dict) -> subprocess.Popen:
+    """`python -m dbmigrate ARGS` in the background, for tests that act while it runs."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dbmigrate", *args], cwd=REPO, text=True,
+        env={**environ_without_db(), "DBMIGRATE_HOME": str(home), **env},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Wait for a `start_cli` process: no traceback, no password in what it printed."""
+    out, err = proc.communicate(timeout=timeout)
+    assert "Traceback" not in err, err
+    assert_no_canary(out + err, "the output of dbmigrate")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_on_a_terminal(args: list[str], answers: dict[bytes, str], env: dict) -> tuple[int, str]:
+    """dbmigrate on a real pseudo-terminal, answering each prompt once as it appears."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-m", "dbmigrate", *args], env)
+    output, pending = b"", dict(answers)
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        for prompt in [p for p in pending if p in output]:
+            os.write(fd, pending.pop(prompt).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode()
+
+
+def recording_pg_dump(target: DatabaseTarget, directory: Path) -> tuple[Path, Path]:
+    """A pass-through pg_dump in ``directory``/bin (for PG_BIN_DIR) that logs its argv, and
+    whether it got a password through its environment, to the returned log file."""
+    from dbmigrate import pgtools
+
+    with db.connect(target) as conn:
+        real = pgtools.find("pg_dump", db.server_version(conn)[0])
+    shim_dir, log = directory / "bin", directory / "pg_dump.log"
+    shim_dir.mkdir()
+    (shim_dir / "pg_dump").write_text(
+        "#!/bin/sh\n"
+        f'printf "argv: %s\\n" "$*" >> {log}\n'
+        f'[ -n "$PGPASSWORD" ] && echo "password: from environment" >> {log}\n'
+        f'exec {real} "$@"\n'
+    )
+    (shim_dir / "pg_dump").chmod(0o755)
+    return shim_dir, log
+
+
+# --- what a run left behind ------------------------------------------------------------
+
+def fingerprint_of(target: DatabaseTarget) -> fingerprint.Fingerprint:
+    with db.connect(target) as conn:
+        return fingerprint.take(conn)
+
+
+def reports_in(home: Path) -> list[Path]:
+    return sorted((home / "reports").glob("*.json"))
+
+
+def last_report(home: Path) -> dict:
+    return json.loads(reports_in(home)[-1].read_text())
+
+
+class Untouched:
+    """A database migrated to a revision, shared by a module's cases that must each leave it as it
+    was: every ``refuse`` checks the exit code and the fingerprint, so no case can affect the next."""
+
+    def __init__(self, target: DatabaseTarget, home: Path, revision: str):
+        self.target, self.home = target, home
+        result = self.run("upgrade", "-r", revision, "--yes")
+        assert result.returncode == 0, result.stderr
+        self.fingerprint, self.reports = fingerprint_of(target), reports_in(home)
+
+    @classmethod
+    @contextmanager
+    def at(cls, revision: str, pg_cluster, home: Path) -> Iterator[Untouched]:
+        """A new database of ``pg_cluster`` at ``revision``, dropped afterwards."""
+        target = pg_cluster.target(pg_cluster.create_database())
+        try:
+            yield cls(target, home, revision)
+        finally:
+            pg_cluster.drop_database(target.database)
+
+    @property
+    def url(self) -> str:
+        return libpq_url(self.target)
+
+    def run(self, *args: str, url: str | None = None) -> subprocess.CompletedProcess:
+        return run_cli(self.home, *args, env={"DATABASE_URL": url or self.url})
+
+    def refuse(self, *args: str, url: str | None = None, code: int = 2) -> str:
+        """Run ``args`` (against ``url`` if given): it must fail with ``code`` and change nothing. Its error line."""
+        result = self.run(*args, url=url)
+        assert result.returncode == code, (result.stdout, result.stderr)
+        assert fingerprint_of(self.target) == self.fingerprint
+        return one_line_error(result.stderr)
+
+
+# --- Prefect blocks --------------------------------------------------------------------
+
+def s3_bucket_block(endpoint: str, bucket: str, folder: str = "", client_config: dict | None = None):
+    """A prefect-aws S3Bucket block for the moto endpoint (not saved to any API)."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    credentials = AwsCredentials(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=endpoint, config=client_config),
+    )
+    return S3Bucket(bucket_name=bucket, credentials=credentials, bucket_folder=folder)
+
+
+def save_environment(target: DatabaseTarget, name: str, database_of: str | None = None, port: int | None = None,
+                     **policy) -> str:
+    """Save blocks for the environment ``name`` to the current Prefect API: credentials of the
+    test's database and a quick policy. ``database_of`` saves the database under that block
+    name instead, recorded as belonging to the environment ``database_of`` (no policy block
+    then); ``port`` points the block at another port."""
+    from blocks import DatabaseCredentials, EnvironmentPolicy
+
+    DatabaseCredentials(
+        host="127.0.0.1", port=port or target.port, database=target.database, username="postgres",
+        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5,
+        **({"environment": database_of} if database_of else {}),
+    ).save(name, overwrite=True)
+    if database_of:
+        return name
+    # A test whose approver never comes fails in two minutes, not the default hour.
+    quick = {"retry_delay_s": 0.2, "approval_poll_s": 1, "approval_timeout_s": 120}
+    EnvironmentPolicy(**{**quick, **policy}).save(name, overwrite=True)
+    return name

@@ -1,0 +1,93 @@
+"""The command line's parsing of numbers, revisions, names and paths: refused by argparse (exit 2,
+one line) before anything connects."""
+
+import pytest
+
+from dbmigrate.cli import MAX_JOBS, MAX_SECONDS, build_parser
+
+
+def parse(*args: str):
+    return build_parser().parse_args(list(args))
+
+
+def refused(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        parse(*args)
+    assert exit_.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("dbmigrate: error: "), line
+    return line
+
+
+@pytest.mark.parametrize("option", ["--timeout", "--lock-timeout", "--statement-timeout", "--lock-wait"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "1e12", "ten", ""])
+def test_seconds_must_be_finite_and_in_range(capsys, option, value):
+    line = refused(capsys, "upgrade", f"{option}={value}")  # '=': argparse takes a lone -inf for an option
+    assert f"argument {option}: " in line and repr(value) in line
+
+
+def test_seconds_at_the_limits_are_taken():
+    args = parse("upgrade", "--lock-timeout", "0", "--statement-timeout", str(MAX_SECONDS), "--lock-wait", "2.5")
+    assert (args.lock_timeout, args.statement_timeout, args.lock_wait) == (0.0, MAX_SECONDS, 2.5)
+
+
+def test_the_connect_timeout_must_be_at_least_one_second(capsys):
+    assert "from 1 to" in refused(capsys, "status", "--timeout", "0")
+    assert parse("status", "--timeout", "1").timeout == 1.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "\u00b2", "", "two", str(MAX_JOBS + 1)])
+@pytest.mark.parametrize("command", [["upgrade"], ["backup"], ["restore", "some-id"]], ids=lambda c: c[0])
+def test_jobs_must_be_a_whole_number_from_1_to_the_maximum(capsys, command, value):
+    line = refused(capsys, *command, "--jobs", value)
+    assert "argument --jobs/-j: " in line and repr(value) in line
+
+
+def test_jobs_in_range_are_taken():
+    assert parse("backup", "--jobs", str(MAX_JOBS)).jobs == MAX_JOBS
+    assert parse("backup").jobs == 1
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "36501"])
+def test_keep_days_must_be_a_finite_number_of_days(capsys, value):
+    assert "argument --keep-days: must be a number of days" in refused(
+        capsys, "backups", "prune", "--keep-last", "1", "--keep-days", value)
+
+
+@pytest.mark.parametrize("command", ["upgrade", "downgrade"])
+@pytest.mark.parametrize("revision", ["", "@", "0001@", " ", "0001 "], ids=repr)
+def test_malformed_revisions_are_refused(capsys, command, revision):
+    assert f"malformed revision {revision!r}" in refused(capsys, command, "-r", revision)
+
+
+def test_upgrade_goes_to_head_unless_told_and_downgrade_must_be_told(capsys):
+    assert parse("upgrade").revision == "head"
+    assert parse("downgrade", "-r", "-1").revision == "-1"
+    assert "the following arguments are required: --revision/-r" in refused(capsys, "downgrade")
+
+
+@pytest.mark.parametrize("name", ["", "   ", "a\nb", "tab\there", "x" * 101], ids=["empty", "blank", "newline",
+                                                                                   "tab", "too long"])
+def test_an_approver_must_be_a_printable_name(capsys, name):
+    assert f"argument --approver: not a name: {name!r}" in refused(capsys, "upgrade", "--approver", name)
+
+
+def test_an_approver_name_is_trimmed():
+    assert parse("restore", "some-id", "--approver", "  alice  ").approver == "alice"
+
+
+def test_a_json_report_path_that_is_a_directory_is_refused(capsys, tmp_path):
+    assert f"{str(tmp_path)!r} is a directory: name a file" in refused(
+        capsys, "upgrade", "--json-report", str(tmp_path))
+
+
+def test_a_json_report_under_a_file_is_refused(capsys, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "report.json"
+    assert f"{tmp_path / 'a-file'} is not a writable directory" in refused(
+        capsys, "upgrade", "--json-report", str(path))
+
+
+def test_a_json_report_in_a_directory_still_to_be_made_is_taken(tmp_path):
+    path = tmp_path / "new" / "dir" / "report.json"
+    assert parse("upgrade", "--json-report", str(path)).json_report == path
