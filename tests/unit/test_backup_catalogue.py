@@ -96,9 +96,9 @@ def listing(*backups: catalogue.Manifest, sizes: dict[str, int | None] | None = 
     return catalogue.Catalogue([catalogue.Listed(m, sizes.get(m.id, m.size_bytes)) for m in backups], [])
 
 
-def pruned(catalogue: catalogue.Catalogue, keep_last: int, keep_days: float | None = None) -> list[str]:
+def pruned(backups: catalogue.Catalogue, keep_last: int, keep_days: float | None = None) -> list[str]:
     doomed = catalogue.prune(LocalStorage("/nonexistent"), target(), keep_last, keep_days, dry_run=True,
-                          listing=catalogue)
+                             listing=backups)
     return [m.id for m in doomed]
 
 
