@@ -32,7 +32,7 @@ class Plan:
 
     @property
     def revision_before(self) -> str | None:
-        return ",".join(self.current) or None
+        return revisions.label(self.current)
 
 
 def preflight(target: DatabaseTarget, project: Project, settings: Settings, revision: str) -> list[Check]:
@@ -119,12 +119,12 @@ def validate(target: DatabaseTarget, project: Project, settings: Settings, expec
                             time.monotonic() - start))
         start = time.monotonic()
         current = set(revisions.current_revisions(conn))
-    shown = ", ".join(sorted(current)) or "base"
+    at = revisions.shown(sorted(current))
     if current == expected:
-        checks.append(Check("revision", OK, f"database at {shown}", time.monotonic() - start))
+        checks.append(Check("revision", OK, f"database at {at}", time.monotonic() - start))
     else:
-        want = ", ".join(sorted(expected)) or "base"
-        checks.append(Check("revision", FAIL, f"database at {shown}, expected {want}", time.monotonic() - start))
+        want = revisions.shown(sorted(expected))
+        checks.append(Check("revision", FAIL, f"database at {at}, expected {want}", time.monotonic() - start))
     return checks
 
 

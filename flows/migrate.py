@@ -21,7 +21,7 @@ from prefect.states import Failed
 from pydantic import Field
 
 from blocks import load_policy, load_target
-from dbmigrate import auto_rollback, migrate, phases, pipeline
+from dbmigrate import auto_rollback, migrate, phases, pipeline, revisions
 from dbmigrate.errors import (
     ConfigError,
     ConfirmationRefused,
@@ -32,6 +32,7 @@ from dbmigrate.errors import (
 )
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
+from dbmigrate.report import Approval
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 from flows import audit, recovery
@@ -100,11 +101,11 @@ def phase_runner(rules: Policy):
     return run_phase
 
 
-def ask_in_ui(rules: Policy, requested_by: str, describe) -> pipeline.Approval:
+def ask_in_ui(rules: Policy, requested_by: str, describe) -> Approval:
     """Where the policy asks for it, pause the run until someone approves or rejects
     in the Prefect UI; ``describe()`` is the markdown the approver reads."""
     if not rules.approval_required:
-        return pipeline.Approval(True, requested_by, "policy")
+        return Approval(True, requested_by, "policy")
     form = ApprovalForm.with_initial_data(description=describe())
     try:
         answer = pause_flow_run(wait_for_input=form, timeout=int(rules.approval_timeout_s),
@@ -114,8 +115,8 @@ def ask_in_ui(rules: Policy, requested_by: str, describe) -> pipeline.Approval:
         raise ConfirmationRefused(f"nobody approved within {rules.approval_timeout_s:g}s: nothing was changed") from None
     approver = answer.approver.strip()
     if answer.approve and not approver:
-        return pipeline.Approval(False, "unknown", "prefect-ui", "approved without a name: refused")
-    return pipeline.Approval(answer.approve, approver or "unknown", "prefect-ui", answer.comment)
+        return Approval(False, "unknown", "prefect-ui", "approved without a name: refused")
+    return Approval(answer.approve, approver or "unknown", "prefect-ui", answer.comment)
 
 
 def approval_in_ui(rules: Policy, settings: Settings, target, requested_by: str):
@@ -209,8 +210,8 @@ def db_migrate(
     audit.publish(outcome, environment, progress)
     report = outcome.report
     if outcome.error is not None:
-        rolled = f"; rollback: {report.rollback['detail']}" if report.rollback else ""
-        raise MigrationFailed(f"{report.error['phase']} failed: {report.error['message']}{rolled}")
-    logger.info("%s: %s -> %s (%s)", report.status, report.revision_before or "base",
-                report.revision_after or "base", outcome.report_path)
+        rolled = f"; rollback: {report.rollback.detail}" if report.rollback else ""
+        raise MigrationFailed(f"{report.error.phase} failed: {report.error.message}{rolled}")
+    logger.info("%s: %s -> %s (%s)", report.status, revisions.shown(report.revision_before),
+                revisions.shown(report.revision_after), outcome.report_path)
     return report.as_dict()

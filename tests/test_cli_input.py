@@ -38,6 +38,7 @@ def test_numbers_are_checked_before_anything_runs(cli, url, target, at_0002, hom
         ["upgrade", "--yes", "--statement-timeout", "nan"],
         ["upgrade", "--yes", "--statement-timeout", "-1"],
         ["upgrade", "--yes", "--lock-wait", "inf"],
+        ["upgrade", "--yes", "--guard-wait", "nan"],
         ["upgrade", "--yes", "--backup", "--jobs", "0"],
         ["upgrade", "--yes", "--backup", "--jobs", "\u00b2"],
         ["upgrade", "--yes", "--backup", "--jobs", "100000"],
