@@ -9,6 +9,7 @@ from blocks import load_policy
 from dbmigrate import backup, db, drift, health, revisions
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import MigrationFailed
+from dbmigrate.report import BackupSummary
 from flows import audit
 from flows.migrate import database_for, ends_failed_on_error, phase_runner, settings_for
 
@@ -90,4 +91,4 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
         f"Pruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
         key=f"{audit.artifact_key(environment)}-backup-summary",
     )
-    return manifest.summary()
+    return BackupSummary.of(manifest).as_dict()
