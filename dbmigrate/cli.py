@@ -354,7 +354,7 @@ def cmd_status(args, settings: Settings, database: Database) -> int:
         _print_json(state)
         return 0
     print(f"database: {target.where} ({target.environment})")
-    print(f"current:  {revisions.shown(state['current'])}{'' if state['current'] else ' (no revision applied)'}")
+    print(f"current:  {revisions.shown(state['current']) if state['current'] else 'base (no revision applied)'}")
     print(f"head:     {', '.join(state['heads'])}")
     print(f"pending:  {len(state['pending'])}")
     for p in state["pending"]:
@@ -451,8 +451,9 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
     def confirm(plan: phases.Plan) -> Approval:
         steps = "".join(f"\n  {step.revision}  {step.message}" for step in plan.steps)
         return _approve(args, rules, target.environment, args.command,
-                        f"{args.command} {target.where} ({target.environment}) from {revisions.shown(plan.revision_before)}:"
-                        f"{steps}", f"apply {len(plan.steps)} revision(s)?")
+                        f"{args.command} {target.where} ({target.environment}) "
+                        f"from {revisions.shown(plan.revision_before)}:{steps}",
+                        f"apply {len(plan.steps)} revision(s)?")
 
     outcome = pipeline.execute(target, settings, request, pipeline.Hooks(confirm=confirm, on_progress=_print_progress))
     report = outcome.report
@@ -646,7 +647,7 @@ HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "che
 
 def run(args) -> int:
     settings = _settings(args)
-    if getattr(args, "env", None):  # Prefect's event worker says "Still processing items" on stderr as it flushes at exit
+    if getattr(args, "env", None):  # Prefect's event worker says "Still processing items" on stderr at exit
         logging.getLogger("EventsWorker").setLevel(logging.ERROR)
     database = Database(args, settings)
     try:

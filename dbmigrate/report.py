@@ -43,7 +43,8 @@ class Approval:
     def require(self, what: str = "") -> None:
         """Stop here, nothing changed, unless the answer was yes; ``what`` names the change refused."""
         if not self.approved:
-            raise ConfirmationRefused(f"{what + ' ' if what else ''}not approved by {self.approver}: nothing was changed")
+            refused = f"not approved by {self.approver}: nothing was changed"
+            raise ConfirmationRefused(f"{what} {refused}" if what else refused)
 
     def as_dict(self) -> dict:
         return asdict(self)

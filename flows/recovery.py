@@ -239,8 +239,8 @@ def database_state(entry: dict) -> str:
     if now == goal:
         return f"database at {now}, the target revision: the migration had completed"
     back, forward = ("db-rollback", "db-migrate") if entry.get("upgrade", True) else ("db-migrate", "db-rollback")
-    return (f"database left at {revisions.shown(now)}, between the starting revision {revisions.shown(start)} and the target "
-            f"{goal}: run {back} to {revisions.shown(start)}, or {forward} again to finish")
+    return (f"database left at {revisions.shown(now)}, between the starting revision {revisions.shown(start)} "
+            f"and the target {goal}: run {back} to {revisions.shown(start)}, or {forward} again to finish")
 
 
 def _restore_state(entry: dict, now: str | None, row_counts: dict[str, int]) -> str:
@@ -264,8 +264,8 @@ def _downgrade_to_start(target: DatabaseTarget, entry: dict, now: str | None) ->
     """The policy rolls back automatically: take a database left between revisions back to
     where the run started (called holding the guard)."""
     start, undo = entry.get("revision_before"), entry["undo"]
-    left = f"database left at {revisions.shown(now)}, between the starting revision {revisions.shown(start)} and the target " \
-           f"{entry.get('target')}"
+    left = f"database left at {revisions.shown(now)}, between the starting revision {revisions.shown(start)} " \
+           f"and the target {entry.get('target')}"
     try:
         project = revisions.load(undo["alembic_config"], target, project_logging=False)
         limits = SessionLimits(undo["lock_timeout_s"], undo["statement_timeout_s"])
@@ -276,7 +276,8 @@ def _downgrade_to_start(target: DatabaseTarget, entry: dict, now: str | None) ->
         reason = target.redact(first_line(exc))
         return f"{left}; the automatic rollback failed ({reason}): run db-rollback to {revisions.shown(start)}"
     if after != start:
-        return f"{left}; the automatic rollback ended at {revisions.shown(after)}: run db-rollback to {revisions.shown(start)}"
+        return (f"{left}; the automatic rollback ended at {revisions.shown(after)}: "
+                f"run db-rollback to {revisions.shown(start)}")
     return f"{left}; rolled back automatically to {revisions.shown(start)}, its starting revision"
 
 

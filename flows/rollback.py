@@ -90,7 +90,8 @@ def _restore(target, settings, rules, environment, backup_id, dry_run, requested
         report.revision_before = report.revision_after = revisions.label(now.revisions)
         report.restore = RestoreSummary(manifest.id, changes)
         lines = [f"## db-rollback {environment}: {'dry run' if dry_run else 'restore'} of backup `{manifest.id}`", "",
-                 f"Revision `{revisions.shown(report.revision_before)}` → `{revisions.shown(manifest.revision)}`.", "",
+                 f"Revision `{revisions.shown(report.revision_before)}` → `{revisions.shown(manifest.revision)}`.",
+                 "",
                  "| table | rows now | rows in the backup |", "|---|---|---|"]
         lines += [f"| {t} | {now.row_counts.get(t, '-')} | {manifest.row_counts.get(t, '-')} |" for t in changes]
         if dry_run:
