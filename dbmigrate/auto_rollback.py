@@ -12,27 +12,15 @@ checked against the fingerprint taken before the migration.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 
 from dbmigrate import db, fingerprint, phases, restore
 from dbmigrate.catalogue import Manifest
 from dbmigrate.fingerprint import Fingerprint
-from dbmigrate.revisions import Project
+from dbmigrate.report import AutoRollbackResult
+from dbmigrate.revisions import Project, label, shown
 from dbmigrate.settings import Settings
 from dbmigrate.storage import Storage
 from dbmigrate.target import DatabaseTarget
-
-
-@dataclass
-class AutoRollbackResult:
-    performed: bool
-    method: str | None  # "downgrade" | "restore" | None when nothing had changed
-    succeeded: bool
-    revision_after: str | None
-    detail: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _state(target: DatabaseTarget, timeout: float) -> Fingerprint:
@@ -53,10 +41,10 @@ def restore_starting_state(
     timeout = settings.connect_timeout
     now = _state(target, timeout)
     if now == before:  # the failed revision's transaction already undid everything
-        return AutoRollbackResult(False, None, True, ",".join(now.revisions) or None,
+        return AutoRollbackResult(False, None, True, label(now.revisions),
                               "nothing to undo: the database is as the run found it")
     if several := project.several_rows_problem(before.revisions):
-        return AutoRollbackResult(False, None, False, ",".join(now.revisions) or None,
+        return AutoRollbackResult(False, None, False, label(now.revisions),
                               f"not rolled back: the database started at several revisions ({several}); "
                               "nothing was downgraded")
     start = before.revisions[0] if before.revisions else "base"
@@ -69,14 +57,14 @@ def restore_starting_state(
         problem = f"downgrade failed ({exc}); "
         if backup is None or storage is None:
             after = _state(target, timeout)
-            return AutoRollbackResult(True, method, False, ",".join(after.revisions) or None,
+            return AutoRollbackResult(True, method, False, label(after.revisions),
                                   problem + "no backup to restore")
         method = "restore"
         try:
             restore.over_original(target, storage, backup, timeout, None, settings.limits.lock_timeout_s)
         except Exception as exc:
             after = _state(target, timeout)
-            return AutoRollbackResult(True, method, False, ",".join(after.revisions) or None,
+            return AutoRollbackResult(True, method, False, label(after.revisions),
                                   problem + f"restoring backup {backup.id} failed ({exc})")
     after = _state(target, timeout)
     succeeded = after == before
@@ -84,13 +72,13 @@ def restore_starting_state(
         "database back at the starting revision with the same schema and row counts" if succeeded
         else f"database differs from before the run: {_difference(before, after)}"
     )
-    return AutoRollbackResult(True, method, succeeded, ",".join(after.revisions) or None, detail)
+    return AutoRollbackResult(True, method, succeeded, label(after.revisions), detail)
 
 
 def _difference(before: Fingerprint, after: Fingerprint) -> str:
     parts = []
     if before.revisions != after.revisions:
-        parts.append(f"revision {','.join(after.revisions) or 'base'} instead of {','.join(before.revisions) or 'base'}")
+        parts.append(f"revision {shown(label(after.revisions))} instead of {shown(label(before.revisions))}")
     if before.schema_sha256 != after.schema_sha256:
         parts.append("schema differs")
     changed = fingerprint.tables_differing(before.row_counts, after.row_counts)

@@ -66,17 +66,6 @@ class Manifest:
             raise ValueError(f"unknown format {manifest.format!r}")
         return manifest
 
-    def summary(self) -> dict:
-        """What the migration report records of the backup."""
-        return {
-            "id": self.id,
-            "location": self.location,
-            "size_bytes": self.size_bytes,
-            "sha256": self.sha256,
-            "duration_s": self.duration_s,
-            "verified": self.verified,
-        }
-
 
 _FIELD_TYPES = {"id": str, "key": str, "size_bytes": int, "created_at": str, "checks": dict, "verified": bool,
                 "row_counts": dict, "format": str}

@@ -25,7 +25,7 @@ from dbmigrate import __version__, backup, catalogue, db, health, local, phases,
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
-from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED
+from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Approval, Report
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget, parse_url
 
@@ -127,7 +127,8 @@ def _common() -> argparse.ArgumentParser:
         default=db.DEFAULT_CONNECT_TIMEOUT,
         metavar="S",
         help=f"seconds to wait for a database connection (libpq waits at least 2), and for a lock the "
-        f"tool's own queries need (default {db.DEFAULT_CONNECT_TIMEOUT:g}; migration statements: --lock-timeout)",
+        f"tool's own queries need (PostgreSQL lock_timeout; default {db.DEFAULT_CONNECT_TIMEOUT:g}; "
+        "migration statements: --lock-timeout)",
     )
     where.add_argument(
         "--storage",
@@ -167,12 +168,14 @@ def _migration_options(parser: argparse.ArgumentParser, revision_required: bool)
     parser.add_argument("--json-report", type=_report_path, metavar="PATH", help="also write the JSON report here")
     limits = parser.add_argument_group("limits")
     limits.add_argument(
-        "--lock-wait", type=_seconds, default=0.0, metavar="S",
-        help="seconds to wait if another migration of this database is running (default 0: fail at once)",
+        "--guard-wait", "--lock-wait", dest="guard_wait", type=_seconds, default=0.0, metavar="S",
+        help="seconds to wait for the guard (one run per database, an advisory lock) while another migration "
+        "of this database runs (default 0: fail at once; --lock-wait is its old name)",
     )
     limits.add_argument(
         "--lock-timeout", type=_seconds, default=SessionLimits.lock_timeout_s, metavar="S",
-        help=f"PostgreSQL lock_timeout for migration statements (default {SessionLimits.lock_timeout_s:g}, 0 = none)",
+        help="PostgreSQL lock_timeout for migration statements: how long each waits for a lock another session "
+        f"holds (default {SessionLimits.lock_timeout_s:g}, 0 = none)",
     )
     limits.add_argument(
         "--statement-timeout", type=_seconds, default=SessionLimits.statement_timeout_s, metavar="S",
@@ -221,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="into a new database: restore a directory-format backup with N parallel jobs")
     _confirmation_options(restore)
     restore.add_argument("--lock-timeout", type=_seconds, default=SessionLimits.lock_timeout_s, metavar="S",
-                         help="over the original: give up when a lock is not granted within S seconds, rather "
-                         f"than queue the application's queries behind it (default {SessionLimits.lock_timeout_s:g})")
+                         help="over the original: PostgreSQL lock_timeout for the restore's statements: give up "
+                         "when a lock is not granted within S seconds, rather than queue the application's "
+                         f"queries behind it (default {SessionLimits.lock_timeout_s:g})")
     backups = sub.add_parser("backups", help="list or prune the backups of a database")
     backups_sub = backups.add_subparsers(dest="backups_command", required=True, metavar="ACTION")
     backups_sub.add_parser("list", parents=[common], help="valid backups, newest first",
@@ -266,12 +270,30 @@ def resolve(url: str | None, env: str | None, home: Path) -> DatabaseTarget:
     return local.target(home)
 
 
+class Database:
+    """The database a command works on, resolved (the embedded one started) when the command first
+    asks for it: ``heads``, ``generate`` without --autogenerate and ``local`` never do."""
+
+    def __init__(self, args, settings: Settings):
+        self._args, self._home = args, settings.home
+        self.target: DatabaseTarget | None = None
+
+    def __call__(self) -> DatabaseTarget:
+        if self.target is None:
+            self.target = resolve(self._args.url, self._args.env, self._home)
+        return self.target
+
+    def redact(self, text: str) -> str:
+        return self.target.redact(text) if self.target is not None else text
+
+
 def _print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
 def _settings(args) -> Settings:
-    """The settings of this command: its options, and the environment's defaults where they are not given."""
+    """The settings of this command: its options, and the environment's defaults where they are not given
+    (or where the command has no such option)."""
     limits = SessionLimits(
         getattr(args, "lock_timeout", SessionLimits.lock_timeout_s),
         getattr(args, "statement_timeout", SessionLimits.statement_timeout_s),
@@ -283,16 +305,17 @@ def _settings(args) -> Settings:
     )
     return Settings.from_env(
         home=args.home,
-        alembic_config=args.alembic_config,
-        connect_timeout=args.timeout,
-        guard_wait_s=getattr(args, "lock_wait", 0.0),
+        alembic_config=getattr(args, "alembic_config", None),
+        connect_timeout=getattr(args, "timeout", None),
+        guard_wait_s=getattr(args, "guard_wait", None),
         limits=limits,
-        storage_spec=args.storage,
+        storage_spec=getattr(args, "storage", None),
         dump=dump,
     )
 
 
-def cmd_health(args, target: DatabaseTarget, settings: Settings) -> int:
+def cmd_health(args, settings: Settings, database: Database) -> int:
+    target = database()
     project = settings.project(target)
     checks = health.run(target, project, settings.backup_dir, settings.connect_timeout)
     overall = "fail" if not health.passed(checks) else ("warn" if any(c.status == "warn" for c in checks) else "ok")
@@ -324,13 +347,14 @@ def _state(target: DatabaseTarget, settings: Settings) -> dict:
     }
 
 
-def cmd_status(args, target, settings) -> int:
+def cmd_status(args, settings: Settings, database: Database) -> int:
+    target = database()
     state = _state(target, settings)
     if args.json:
         _print_json(state)
         return 0
     print(f"database: {target.where} ({target.environment})")
-    print(f"current:  {', '.join(state['current']) or 'base (no revision applied)'}")
+    print(f"current:  {revisions.shown(state['current']) if state['current'] else 'base (no revision applied)'}")
     print(f"head:     {', '.join(state['heads'])}")
     print(f"pending:  {len(state['pending'])}")
     for p in state["pending"]:
@@ -338,18 +362,18 @@ def cmd_status(args, target, settings) -> int:
     return 0
 
 
-def cmd_check(args, target, settings) -> int:
-    state = _state(target, settings)
+def cmd_check(args, settings: Settings, database: Database) -> int:
+    state = _state(database(), settings)
     if args.json:
         _print_json(state)
     elif state["at_head"]:
-        print(f"up to date: database at {', '.join(state['current']) or 'base'}")
+        print(f"up to date: database at {revisions.shown(state['current'])}")
     else:
         print(f"{len(state['pending'])} revision(s) pending: {', '.join(p['revision'] for p in state['pending'])}")
     return 0 if state["at_head"] else 1
 
 
-def cmd_heads(args, settings) -> int:
+def cmd_heads(args, settings: Settings, database: Database) -> int:
     project = settings.project()
     heads = [{"revision": h, "message": project.script.get_revision(h).doc} for h in project.heads]
     if args.json:
@@ -385,14 +409,14 @@ def _check_policy(rules: Policy | None, environment: str, operation: str, backed
 
 
 def _approve(args, rules: Policy | None, environment: str, operation: str, plan_text: str, question: str
-             ) -> pipeline.Approval:
+             ) -> Approval:
     """Who approved this change: --approver NAME; --yes where the policy asks no approval;
     otherwise the operator on the terminal, by name where the policy requires an approval."""
     by_name = rules is not None and rules.approval_required
     if args.approver:
-        return pipeline.Approval(True, args.approver, "--approver")
+        return Approval(True, args.approver, "--approver")
     if args.yes and not by_name:
-        return pipeline.Approval(True, getpass.getuser(), "--yes")
+        return Approval(True, getpass.getuser(), "--yes")
     if not sys.stdin.isatty():
         if by_name:
             raise ConfirmationRefused(f"the policy of {environment} requires an approval by name: "
@@ -400,16 +424,17 @@ def _approve(args, rules: Policy | None, environment: str, operation: str, plan_
         raise ConfirmationRefused(f"refusing to {operation} without confirmation: no terminal to ask on (pass --yes)")
     print(plan_text)
     if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
-        return pipeline.Approval(False, getpass.getuser(), "terminal")
+        return Approval(False, getpass.getuser(), "terminal")
     if not by_name:
-        return pipeline.Approval(True, getpass.getuser(), "terminal")
+        return Approval(True, getpass.getuser(), "terminal")
     name = input("approver's name: ").strip()
     if not name:
         raise ConfirmationRefused(f"the policy of {environment} requires the approver's name: nothing was changed")
-    return pipeline.Approval(True, name, "terminal")
+    return Approval(True, name, "terminal")
 
 
-def cmd_migrate(args, target, settings) -> int:
+def cmd_migrate(args, settings: Settings, database: Database) -> int:
+    target = database()
     rules = _policy(args, target)
     if not args.dry_run:
         _check_policy(rules, target.environment, args.command, args.backup, "add --backup")
@@ -423,11 +448,12 @@ def cmd_migrate(args, target, settings) -> int:
         json_report=args.json_report,
     )
 
-    def confirm(plan: phases.Plan) -> pipeline.Approval:
+    def confirm(plan: phases.Plan) -> Approval:
         steps = "".join(f"\n  {step.revision}  {step.message}" for step in plan.steps)
         return _approve(args, rules, target.environment, args.command,
-                        f"{args.command} {target.where} ({target.environment}) from {plan.revision_before or 'base'}:"
-                        f"{steps}", f"apply {len(plan.steps)} revision(s)?")
+                        f"{args.command} {target.where} ({target.environment}) "
+                        f"from {revisions.shown(plan.revision_before)}:{steps}",
+                        f"apply {len(plan.steps)} revision(s)?")
 
     outcome = pipeline.execute(target, settings, request, pipeline.Hooks(confirm=confirm, on_progress=_print_progress))
     report = outcome.report
@@ -455,19 +481,19 @@ def _finish(outcome: pipeline.Outcome, target: DatabaseTarget, as_json: bool) ->
     return (error or report_error).exit_code
 
 
-def _summary(report) -> str:
-    before = report.revision_before or "base"
+def _summary(report: Report) -> str:
+    before = revisions.shown(report.revision_before)
     if report.status == NOOP:
         return f"had nothing to do: database already at {before}"
     if report.status == DRY_RUN:
         return f"dry run: {len(report.migrations_planned)} revision(s) from {before}; nothing was changed"
     if report.status == SUCCEEDED:
-        return f"succeeded: {before} -> {report.revision_after or 'base'}"
-    if report.error["phase"] in ("migrate", "validate"):
-        unknown = any(w.startswith(phases.KEPT_UNKNOWN) for w in report.warnings)
-        at = "an unknown revision" if unknown else report.revision_after or "base"
-        return f"failed in {report.error['phase']}: database at {at}"
-    return f"failed in {report.error['phase']}: nothing was changed"
+        return f"succeeded: {before} -> {revisions.shown(report.revision_after)}"
+    if report.error.phase in ("migrate", "validate"):
+        unknown = report.revision_after_unknown is not None
+        at = "an unknown revision" if unknown else revisions.shown(report.revision_after)
+        return f"failed in {report.error.phase}: database at {at}"
+    return f"failed in {report.error.phase}: nothing was changed"
 
 
 def _print_outcome(outcome: pipeline.Outcome) -> None:
@@ -476,11 +502,11 @@ def _print_outcome(outcome: pipeline.Outcome) -> None:
         print(outcome.sql, end="")
     if report.backup:
         b = report.backup
-        print(f"backup:   {b['location']} ({b['size_bytes']} bytes, sha256 {b['sha256'][:12]}, {b['duration_s']}s)")
+        print(f"backup:   {b.location} ({b.size_bytes} bytes, sha256 {b.sha256[:12]}, {b.duration_s}s)")
     verb = "applied: " if report.operation == "upgrade" else "reverted:"
     for step in report.migrations_applied:
-        print(f"{verb} {step['revision']}  {step['message']}  ({step['duration_s']}s)")
-    print(f"{report.operation} {_summary(report)} ({report.as_dict()['duration_s']}s)")
+        print(f"{verb} {step.revision}  {step.message}  ({round(step.duration_s, 3)}s)")
+    print(f"{report.operation} {_summary(report)} ({report.duration_s}s)")
     print(f"report:   {outcome.report_path or 'not written (see stderr)'}")
 
 
@@ -498,7 +524,7 @@ def _age(created) -> str:
 
 def _manifest_line(listed: catalogue.Listed) -> str:
     m = listed.manifest
-    return (f"{m.id:32} {health.human_bytes(m.size_bytes):>10}  {m.revision or 'base':12} {_age(m.created):>5}  "
+    return (f"{m.id:32} {health.human_bytes(m.size_bytes):>10}  {revisions.shown(m.revision):12} {_age(m.created):>5}  "
             f"{listed.status.upper() if listed.damage else listed.status:8}  {'; '.join(_what_we_know(listed))}")
 
 
@@ -519,7 +545,8 @@ def _warn_skipped(listing: catalogue.Catalogue) -> None:
         print(f"dbmigrate: warning: skipped damaged manifest {skipped.key}: {skipped.reason}", file=sys.stderr)
 
 
-def cmd_backup(args, target, settings) -> int:
+def cmd_backup(args, settings: Settings, database: Database) -> int:
+    target = database()
     manifest = backup.take(target, settings.storage(), settings.dump, _print_progress, settings.connect_timeout)
     if args.json:
         _print_json(dataclasses.asdict(manifest))
@@ -531,9 +558,10 @@ def cmd_backup(args, target, settings) -> int:
     return 0
 
 
-def cmd_backups(args, target, settings) -> int:
+def cmd_backups(args, settings: Settings, database: Database) -> int:
     """Damaged backups are shown as such (and skipped manifests warned about on stderr), with exit 0:
     the listing itself succeeded."""
+    target = database()
     if args.backups_command == "prune":
         catalogue.check_retention(args.keep_last, args.keep_days)
     storage = settings.storage()
@@ -557,7 +585,8 @@ def cmd_backups(args, target, settings) -> int:
     return 0
 
 
-def cmd_restore(args, target, settings) -> int:
+def cmd_restore(args, settings: Settings, database: Database) -> int:
+    target = database()
     rules = None if args.target_db else _policy(args, target)  # a new database: nothing existing changes
     _check_policy(rules, target.environment, "restore over the original", not args.no_safety_backup,
                   "drop --no-safety-backup")
@@ -570,10 +599,9 @@ def cmd_restore(args, target, settings) -> int:
         return 0
     approval = _approve(args, rules, target.environment, "restore over the database",
                         f"restore {target.where} ({target.environment}) from backup {manifest.id} "
-                        f"(revision {manifest.revision or 'base'}):",
+                        f"(revision {revisions.shown(manifest.revision)}):",
                         "replace the contents of the database with this backup?")
-    if not approval.approved:
-        raise ConfirmationRefused(f"not approved by {approval.approver}: nothing was changed")
+    approval.require()
     print(f"restore approved by {approval.approver} ({approval.via})")
     result = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout, settings.guard_wait_s,
                                          None if args.no_safety_backup else settings.dump, _print_progress,
@@ -584,18 +612,17 @@ def cmd_restore(args, target, settings) -> int:
     return 0
 
 
-def cmd_generate(args, settings) -> int:
+def cmd_generate(args, settings: Settings, database: Database) -> int:
     from alembic import command
 
-    target = resolve(args.url, args.env, settings.home) if args.autogenerate else None
-    project = settings.project(target)
+    project = settings.project(database() if args.autogenerate else None)
     # Alembic prints "Generating <path> ... done" itself.
     command.revision(project.config, message=args.message, autogenerate=args.autogenerate, rev_id=args.rev_id)
     return 0
 
 
-def cmd_local(args) -> int:
-    home = Settings.from_env(home=args.home).home
+def cmd_local(args, settings: Settings, database: Database) -> int:
+    home = settings.home
     if args.local_command == "start":
         server = local.start(home)
         print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url()}")
@@ -610,24 +637,20 @@ def cmd_local(args) -> int:
     return 0
 
 
+HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "check": cmd_check,
+            "upgrade": cmd_migrate, "downgrade": cmd_migrate, "generate": cmd_generate, "backup": cmd_backup,
+            "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local}
+
+
 def run(args) -> int:
-    if args.command == "local":
-        return cmd_local(args)
     settings = _settings(args)
-    if args.command == "heads":
-        return cmd_heads(args, settings)
-    if args.command == "generate":
-        return cmd_generate(args, settings)
-    if args.env:  # Prefect's event worker says "Still processing items" on stderr as it flushes at exit
+    if getattr(args, "env", None):  # Prefect's event worker says "Still processing items" on stderr at exit
         logging.getLogger("EventsWorker").setLevel(logging.ERROR)
-    target = resolve(args.url, args.env, settings.home)
-    handler = {"health": cmd_health, "status": cmd_status, "check": cmd_check, "upgrade": cmd_migrate,
-               "downgrade": cmd_migrate, "backup": cmd_backup, "backups": cmd_backups,
-               "restore": cmd_restore}[args.command]
+    database = Database(args, settings)
     try:
-        return handler(args, target, settings)
+        return HANDLERS[args.command](args, settings, database)
     except DbMigrateError as exc:
-        exc.message = target.redact(exc.message)
+        exc.message = database.redact(exc.message)
         raise
 
 

@@ -56,7 +56,7 @@ def hold(target: DatabaseTarget, operation: str, wait_s: float, timeout: float) 
             if time.monotonic() >= deadline:
                 raise GuardBusy(
                     f"another migration holds the guard on {target.where}: {_describe_holder(conn)}; "
-                    f"waited {wait_s:g}s (raise --lock-wait to wait longer)"
+                    f"waited {wait_s:g}s (raise --guard-wait to wait longer)"
                 )
             time.sleep(POLL_INTERVAL_S)
         try:

@@ -17,6 +17,7 @@ from dbmigrate import db, health, migrate, revisions
 from dbmigrate.errors import ConnectionLost, DbMigrateError, MigrationFailed, StepFailed, first_line
 from dbmigrate.health import FAIL, OK, Check
 from dbmigrate.migrate import AppliedStep
+from dbmigrate.report import KEPT_UNKNOWN
 from dbmigrate.revisions import PlannedStep, Project
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
@@ -32,7 +33,7 @@ class Plan:
 
     @property
     def revision_before(self) -> str | None:
-        return ",".join(self.current) or None
+        return revisions.label(self.current)
 
 
 def preflight(target: DatabaseTarget, project: Project, settings: Settings, revision: str) -> list[Check]:
@@ -68,9 +69,6 @@ def expected_revisions(project: Project, plan: Plan) -> set[str]:
         return set(project.heads) if plan.target == "heads" else {last.revision}
     below = last.down_revision
     return set(below) if isinstance(below, tuple) else ({below} if below else set())
-
-
-KEPT_UNKNOWN = "could not read which revisions the database kept: run `dbmigrate status`"
 
 
 def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan) -> list[AppliedStep]:
@@ -119,12 +117,12 @@ def validate(target: DatabaseTarget, project: Project, settings: Settings, expec
                             time.monotonic() - start))
         start = time.monotonic()
         current = set(revisions.current_revisions(conn))
-    shown = ", ".join(sorted(current)) or "base"
+    at = revisions.shown(sorted(current))
     if current == expected:
-        checks.append(Check("revision", OK, f"database at {shown}", time.monotonic() - start))
+        checks.append(Check("revision", OK, f"database at {at}", time.monotonic() - start))
     else:
-        want = ", ".join(sorted(expected)) or "base"
-        checks.append(Check("revision", FAIL, f"database at {shown}, expected {want}", time.monotonic() - start))
+        want = revisions.shown(sorted(expected))
+        checks.append(Check("revision", FAIL, f"database at {at}, expected {want}", time.monotonic() - start))
     return checks
 
 

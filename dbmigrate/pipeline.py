@@ -10,7 +10,6 @@ named after the phase (see :class:`Hooks`).
 
 from __future__ import annotations
 
-import dataclasses
 import getpass
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -18,10 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Self, TypeVar
 
 from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases
-from dbmigrate.auto_rollback import AutoRollbackResult
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import (
-    ConfirmationRefused,
     DbMigrateError,
     MigrationFailed,
     ReportNotWritten,
@@ -29,8 +26,8 @@ from dbmigrate.errors import (
 )
 from dbmigrate.fingerprint import Fingerprint
 from dbmigrate.health import FAIL
-from dbmigrate.phases import KEPT_UNKNOWN, Plan
-from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Report
+from dbmigrate.phases import Plan
+from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Approval, AutoRollbackResult, BackupSummary, Report
 from dbmigrate.revisions import Project
 from dbmigrate.settings import Settings
 from dbmigrate.storage import LocalStorage, Storage
@@ -65,14 +62,6 @@ class Outcome:
     error: DbMigrateError | None = None
     sql: str | None = None
     report_error: ReportNotWritten | None = None
-
-
-@dataclass(frozen=True)
-class Approval:
-    approved: bool
-    approver: str
-    via: str  # "--yes", "terminal", "prefect-ui"
-    comment: str = ""
 
 
 class Confirm(Protocol):
@@ -160,10 +149,8 @@ class Run:
 
     def approve(self, plan: Plan) -> None:
         """Step "approval": refuse the run unless whoever approves says yes."""
-        approval = self.hooks.confirm(plan)
-        self.report.approval = dataclasses.asdict(approval)
-        if not approval.approved:
-            raise ConfirmationRefused(f"not approved by {approval.approver}: nothing was changed")
+        self.report.approval = self.hooks.confirm(plan)
+        self.report.approval.require()
 
     def hold_guard(self, plan: Plan) -> None:
         """Step "guard": take the guard for the rest of the run, then make sure the plan still
@@ -187,7 +174,7 @@ class Run:
     def __exit__(self, kind, exc: BaseException | None, traceback) -> bool:
         failed_in = self.phase  # the step that failed, not the automatic rollback after it
         if isinstance(exc, StepFailed):
-            self.report.migrations_applied = [s.as_dict() for s in exc.applied]
+            self.report.migrations_applied = exc.applied
         try:
             with self._held:
                 if isinstance(exc, DbMigrateError) and self.may_have_changed and self.hooks.auto_rollback:
@@ -204,16 +191,14 @@ class Run:
         try:
             result = self.step("rollback", self.hooks.auto_rollback, self.target, self.project, self.settings,
                                self.before, self.manifest, self.storage)
-            self.report.rollback = result.as_dict()
+            self.report.rollback = result
         except DbMigrateError as exc:
-            self.report.rollback = {"performed": None, "method": None, "succeeded": False, "revision_after": None,
-                                    "detail": f"rollback could not run: {self.target.redact(str(exc))}"}
+            self.report.rollback = AutoRollbackResult.could_not_run(self.target.redact(str(exc)))
 
     def _end(self, phase: str, exc: BaseException | None) -> None:
         report = self.report
         if exc is not None:
-            report.fail(phase, exc)
-            report.error["message"] = self.target.redact(str(exc))
+            report.fail(phase, exc, self.target.redact(str(exc)))
             if isinstance(exc, DbMigrateError):
                 self.outcome.error = exc
         if self.may_have_changed:
@@ -226,11 +211,11 @@ class Run:
             self.outcome.report_path, self.outcome.report_error = unwritten.written, unwritten
 
     def _revision_after(self) -> str | None:
-        """The revision the run left; None and a warning when the database cannot say."""
+        """The revision the run left; None, and the report says why, when the database cannot say."""
         try:
             return phases.current_revision(self.target, self.settings)
         except DbMigrateError as exc:
-            self.report.warnings.append(f"{KEPT_UNKNOWN} ({self.target.redact(str(exc))})")
+            self.report.revision_after_unknown = self.target.redact(str(exc))
             return None
 
     def _copy_report_beside_backups(self) -> None:
@@ -253,11 +238,11 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
     with run:
         project = run.project = run.step("load", settings.project, target)
         if not request.skip_health_checks:
-            checks = run.step("health_checks", phases.preflight, target, project, settings, request.revision)
-            report.health_checks = [c.as_dict() for c in checks]
+            report.health_checks = run.step("health_checks", phases.preflight, target, project, settings,
+                                            request.revision)
         plan = run.step("plan", phases.plan, target, project, settings, request.revision, request.upgrade)
         report.revision_before = report.revision_after = plan.revision_before
-        report.migrations_planned = [s.as_dict() for s in plan.steps]
+        report.migrations_planned = plan.steps
         if not plan.steps:
             report.finish(NOOP)
             return run.outcome
@@ -268,15 +253,13 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         run.step("approval", run.approve, plan)
         run.step("guard", run.hold_guard, plan)
         if request.backup:
-            report.backup = run.step("backup", run.back_up).summary()
+            report.backup = BackupSummary.of(run.step("backup", run.back_up))
         if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
             run.before = _fingerprint(target, settings)
-        applied = run.step("migrate", phases.apply, target, project, settings, plan)
-        report.migrations_applied = [s.as_dict() for s in applied]
+        report.migrations_applied = run.step("migrate", phases.apply, target, project, settings, plan)
         if not request.skip_validation:
             expected = phases.expected_revisions(project, plan)
-            checks = run.step("validate", phases.validate, target, project, settings, expected)
-            report.validation = [c.as_dict() for c in checks]
+            checks = report.validation = run.step("validate", phases.validate, target, project, settings, expected)
             if not health.passed(checks):
                 raise MigrationFailed(f"validation failed: {'; '.join(c.detail for c in checks if c.status == FAIL)}")
         report.finish(SUCCEEDED)

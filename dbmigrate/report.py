@@ -1,21 +1,113 @@
-"""The JSON audit record of one upgrade, downgrade or restore over the original."""
+"""The JSON audit record of one upgrade, downgrade or restore over the original.
+
+A :class:`Report` holds what the run produced as the objects it produced (checks, steps,
+the approval, the automatic rollback's result...); :meth:`Report.as_dict` turns them into
+the JSON operators and tests read, only when the report is written or printed.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dbmigrate.errors import ReportNotWritten
+from dbmigrate.errors import ConfirmationRefused, ReportNotWritten
+
+if TYPE_CHECKING:
+    from dbmigrate.health import Check
+    from dbmigrate.migrate import AppliedStep
+    from dbmigrate.revisions import PlannedStep
 
 SUCCEEDED, FAILED, DRY_RUN, NOOP = "succeeded", "failed", "dry_run", "noop"
+KEPT_UNKNOWN = "could not read which revisions the database kept: run `dbmigrate status`"
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Approval:
+    """The answer to "may this change go ahead?", yes or no."""
+
+    approved: bool
+    approver: str  # who answered, whether yes or no
+    via: str  # how: "--yes", "--approver", "terminal", "prefect-ui", or "policy" (none required)
+    comment: str = ""
+
+    def require(self, what: str = "") -> None:
+        """Stop here, nothing changed, unless the answer was yes; ``what`` names the change refused."""
+        if not self.approved:
+            refused = f"not approved by {self.approver}: nothing was changed"
+            raise ConfirmationRefused(f"{what} {refused}" if what else refused)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    """What the report records of the backup a run took (the manifest has the rest)."""
+
+    id: str
+    location: str
+    size_bytes: int
+    sha256: str
+    duration_s: float
+    verified: bool
+
+    @classmethod
+    def of(cls, manifest) -> BackupSummary:
+        """From the backup's manifest."""
+        return cls(manifest.id, manifest.location, manifest.size_bytes, manifest.sha256, manifest.duration_s,
+                   manifest.verified)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RestoreSummary:
+    """A restore from a backup over the database (the db-rollback flow)."""
+
+    backup_id: str
+    tables_changing: list[str]
+    safety_backup: str | None = None  # the id of the backup of the state it replaced
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why the run failed: the error's type and one-line message, and the phase it failed in."""
+
+    type: str
+    message: str
+    phase: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AutoRollbackResult:
+    performed: bool | None  # None: it could not even run, so whether anything was undone is unknown
+    method: str | None  # "downgrade" | "restore" | None when nothing had changed
+    succeeded: bool
+    revision_after: str | None
+    detail: str
+
+    @classmethod
+    def could_not_run(cls, reason: str) -> AutoRollbackResult:
+        return cls(None, None, False, None, f"rollback could not run: {reason}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -29,35 +121,40 @@ class Report:
     status: str = FAILED
     revision_before: str | None = None
     revision_after: str | None = None
-    migrations_planned: list[dict] = field(default_factory=list)
-    migrations_applied: list[dict] = field(default_factory=list)
-    health_checks: list[dict] = field(default_factory=list)
-    backup: dict | None = None
-    validation: list[dict] = field(default_factory=list)
-    approval: dict | None = None
-    rollback: dict | None = None
-    restore: dict | None = None  # {backup_id, tables_changing, safety_backup}: a restore from a backup
-    error: dict | None = None
+    migrations_planned: list[PlannedStep] = field(default_factory=list)
+    migrations_applied: list[AppliedStep] = field(default_factory=list)
+    health_checks: list[Check] = field(default_factory=list)
+    backup: BackupSummary | None = None
+    validation: list[Check] = field(default_factory=list)
+    approval: Approval | None = None
+    rollback: AutoRollbackResult | None = None
+    restore: RestoreSummary | None = None
+    error: Failure | None = None
     copies: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     operator: str | None = None
     tool_version: str | None = None
+    # Why the revision the run left could not be read (revision_after is then None); a warning in the JSON.
+    revision_after_unknown: str | None = None
 
     def finish(self, status: str) -> None:
         self.status = status
         self.finished_at = utcnow()
 
-    def fail(self, phase: str, exc: BaseException) -> None:
-        self.error = {"type": type(exc).__name__, "message": str(exc), "phase": phase}
+    def fail(self, phase: str, exc: BaseException, message: str | None = None) -> None:
+        """Record the failure; ``message`` replaces ``str(exc)`` (a redacted one)."""
+        self.error = Failure(type(exc).__name__, str(exc) if message is None else message, phase)
         self.finish(FAILED)
 
+    @property
+    def duration_s(self) -> float | None:
+        return round((self.finished_at - self.started_at).total_seconds(), 3) if self.finished_at else None
+
     def as_dict(self) -> dict:
-        data = asdict(self)
-        data["started_at"] = self.started_at.isoformat()
-        data["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
-        data["duration_s"] = (
-            round((self.finished_at - self.started_at).total_seconds(), 3) if self.finished_at else None
-        )
+        data = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "revision_after_unknown"}
+        if self.revision_after_unknown is not None:  # it was found before any other warning
+            data["warnings"] = [f"{KEPT_UNKNOWN} ({self.revision_after_unknown})", *data["warnings"]]
+        data["duration_s"] = self.duration_s
         return data
 
     def to_json(self) -> str:
@@ -95,3 +192,12 @@ def _write_whole(path: Path, body: str) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def _plain(value):
+    """A report field as JSON: the objects it holds as their dicts, times as ISO 8601."""
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value.as_dict() if hasattr(value, "as_dict") else value

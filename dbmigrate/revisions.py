@@ -34,13 +34,25 @@ def check_syntax(revision: str) -> str:
     return revision
 
 
+def label(revisions: tuple[str, ...] | list[str]) -> str | None:
+    """The revision(s) as reports and backups record them: joined with ',', None at base."""
+    return ",".join(revisions) or None
+
+
+def shown(revisions: str | tuple[str, ...] | list[str] | None) -> str:
+    """Revision(s) as messages show them: a recorded label as it is, several revisions joined
+    with ', ', and 'base' when there is none."""
+    if revisions is None or isinstance(revisions, str):
+        return revisions or "base"
+    return ", ".join(revisions) or "base"
+
+
 @dataclass(frozen=True)
 class PlannedStep:
     """One revision a run will apply (upgrade) or revert (downgrade)."""
 
     revision: str
     message: str
-    is_upgrade: bool
 
     def as_dict(self) -> dict:
         return {"revision": self.revision, "message": self.message}
@@ -123,7 +135,7 @@ class Project:
             steps = self.script._upgrade_revs(target, current)
         except CommandError as exc:
             raise RevisionError(_one_line(exc, f"cannot upgrade to '{target}'")) from None
-        return [PlannedStep(s.revision.revision, s.doc or "", True) for s in steps]
+        return [PlannedStep(s.revision.revision, s.doc or "") for s in steps]
 
     def plan_downgrade(self, current: tuple[str, ...], target: str) -> list[PlannedStep]:
         if target.startswith("+"):
@@ -133,10 +145,10 @@ class Project:
         except CommandError as exc:
             if "not a valid downgrade target" in str(exc):
                 raise RevisionError(
-                    f"cannot downgrade to {target}: it is not below the current revision {', '.join(current) or 'base'}"
+                    f"cannot downgrade to {target}: it is not below the current revision {shown(current)}"
                 ) from None
             raise RevisionError(_one_line(exc, f"cannot downgrade to '{target}'")) from None
-        return [PlannedStep(s.revision.revision, s.doc or "", False) for s in steps]
+        return [PlannedStep(s.revision.revision, s.doc or "") for s in steps]
 
 
 def _one_line(exc: Exception, fallback: str) -> str:
@@ -184,5 +196,5 @@ def current_revisions(conn: Connection) -> tuple[str, ...]:
 
 
 def current_label(conn: Connection) -> str | None:
-    """The revision(s) as backups and reports name them: joined with ',', None at base."""
-    return ",".join(current_revisions(conn)) or None
+    """The revision(s) as backups and reports name them (see :func:`label`)."""
+    return label(current_revisions(conn))

@@ -13,7 +13,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from dbmigrate import phases, pipeline
+from dbmigrate import phases, pipeline, revisions
 
 
 def artifact_key(environment: str, flow: str = "db-migrate") -> str:
@@ -30,7 +30,7 @@ def approval_request(target, plan: phases.Plan, sql: str) -> str:
     steps = "\n".join(f"| `{s.revision}` | {s.message} |" for s in plan.steps)
     return (
         f"## Approve {'migration' if plan.upgrade else 'downgrade'} of {target.environment}\n\n"
-        f"Database `{target.where}`, from `{plan.revision_before or 'base'}` to `{plan.target}`:\n\n"
+        f"Database `{target.where}`, from `{revisions.shown(plan.revision_before)}` to `{plan.target}`:\n\n"
         f"| revision | what it does |\n|---|---|\n{steps}\n\n"
         f"<details><summary>SQL</summary>\n\n```sql\n{sql}\n```\n</details>\n\n"
         + how_to_approve("apply these revisions; leave approve unset to reject. Nothing changes until then.")
@@ -68,26 +68,27 @@ def summary_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str
         "|---|---|",
         f"| database | `{r.database['host']}:{r.database['port']}/{r.database['name']}` |",
         f"| requested by | {r.operator} |",
-        f"| revision | `{r.revision_before or 'base'}` → `{r.revision_after or 'base'}` (target `{r.target_revision}`) |",
+        (f"| revision | `{revisions.shown(r.revision_before)}` → `{revisions.shown(r.revision_after)}` "
+         f"(target `{r.target_revision}`) |"),
         f"| started / finished | {r.started_at.isoformat()} / {r.finished_at.isoformat() if r.finished_at else '-'} |",
-        f"| duration | {r.as_dict()['duration_s']} s |",
+        f"| duration | {r.duration_s} s |",
     ]
     if r.approval:
         a = r.approval
-        lines.append(f"| approval | {'approved' if a['approved'] else 'rejected'} by {a['approver']} ({a['via']}) |")
+        lines.append(f"| approval | {'approved' if a.approved else 'rejected'} by {a.approver} ({a.via}) |")
     if r.backup:
-        lines.append(f"| backup | `{r.backup['id']}` at {r.backup['location']}, {r.backup['size_bytes']} bytes |")
+        lines.append(f"| backup | `{r.backup.id}` at {r.backup.location}, {r.backup.size_bytes} bytes |")
     if r.restore:
         rs = r.restore
-        lines.append(f"| restored from | backup `{rs['backup_id']}`; tables whose rows change: "
-                     f"{', '.join(rs['tables_changing']) or 'none'}; safety backup `{rs['safety_backup'] or '-'}` |")
+        lines.append(f"| restored from | backup `{rs.backup_id}`; tables whose rows change: "
+                     f"{', '.join(rs.tables_changing) or 'none'}; safety backup `{rs.safety_backup or '-'}` |")
     if r.error:
-        lines.append(f"| failed in | **{r.error['phase']}**: {r.error['message']} |")
+        lines.append(f"| failed in | **{r.error.phase}**: {r.error.message} |")
     if r.rollback:
         rb = r.rollback
-        lines.append(f"| rollback | {rb['method'] or 'none needed'}: {'succeeded' if rb['succeeded'] else 'FAILED'}, "
-                     f"at `{rb['revision_after'] or 'base'}`; {rb['detail']} |")
-    checks = r.health_checks + r.validation
+        lines.append(f"| rollback | {rb.method or 'none needed'}: {'succeeded' if rb.succeeded else 'FAILED'}, "
+                     f"at `{revisions.shown(rb.revision_after)}`; {rb.detail} |")
+    checks = [c.as_dict() for c in r.health_checks + r.validation]
     if checks:
         lines += ["", "| check | status | detail | s |", "|---|---|---|---|"]
         lines += [f"| {c['name']} | {c['status']} | {c['detail']} | {c['duration_s']} |" for c in checks]
@@ -104,7 +105,8 @@ def publish(outcome: pipeline.Outcome, environment: str, progress: BackupProgres
     key = artifact_key(environment, flow)
     report = outcome.report
     create_markdown_artifact(summary_markdown(outcome, flow), key=key, description=f"{flow} {environment}")
-    rows = report.migrations_applied or [{**m, "duration_s": None} for m in report.migrations_planned]
+    rows = ([m.as_dict() for m in report.migrations_applied]
+            or [{**m.as_dict(), "duration_s": None} for m in report.migrations_planned])
     if rows:  # a restore, or a run refused before planning, has no revisions to show
         create_table_artifact(
             [{"revision": m["revision"], "message": m["message"], "duration_s": m["duration_s"],

@@ -24,6 +24,7 @@ from dbmigrate import migrate, phases, pipeline
 from dbmigrate.errors import ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, StorageFailed
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
+from dbmigrate.report import Approval
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 from flows.artifacts import approval_request
@@ -152,25 +153,25 @@ def phase_runner(rules: Policy):
 
 class ApprovalForm(RunInput):
     """What the approver fills in when the run pauses; :meth:`approval` reads it as the
-    pipeline's :class:`~dbmigrate.pipeline.Approval` (the report's ``approval``)."""
+    pipeline's :class:`~dbmigrate.Approval` (the report's ``approval``)."""
 
     approve: bool = Field(default=False, description="Go ahead with the change described above, now?")
     approver: str = Field(default="", description="Your name. It is recorded in the audit report.")
     comment: str = Field(default="", description="Optional: ticket, reason, change window.")
 
-    def approval(self) -> pipeline.Approval:
+    def approval(self) -> Approval:
         """``approve`` becomes ``approved``; approving takes a name, so one without is a refusal."""
         approver = self.approver.strip()
         if self.approve and not approver:
-            return pipeline.Approval(False, "unknown", "prefect-ui", "approved without a name: refused")
-        return pipeline.Approval(self.approve, approver or "unknown", "prefect-ui", self.comment)
+            return Approval(False, "unknown", "prefect-ui", "approved without a name: refused")
+        return Approval(self.approve, approver or "unknown", "prefect-ui", self.comment)
 
 
-def ask_in_ui(rules: Policy, requested_by: str, describe) -> pipeline.Approval:
+def ask_in_ui(rules: Policy, requested_by: str, describe) -> Approval:
     """Where the policy asks for it, pause the run until someone approves or rejects
     in the Prefect UI; ``describe()`` is the markdown the approver reads."""
     if not rules.approval_required:
-        return pipeline.Approval(True, requested_by, "policy")
+        return Approval(True, requested_by, "policy")
     form = ApprovalForm.with_initial_data(description=describe())
     try:
         answer = pause_flow_run(wait_for_input=form, timeout=int(rules.approval_timeout_s),

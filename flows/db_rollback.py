@@ -5,15 +5,14 @@ failed db-migrate run (:mod:`dbmigrate.auto_rollback`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import getpass
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from dbmigrate import __version__, catalogue, db, fingerprint, pipeline, restore
-from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, MigrationFailed, ReportNotWritten
-from dbmigrate.report import DRY_RUN, SUCCEEDED, Report
+from dbmigrate import __version__, catalogue, db, fingerprint, pipeline, restore, revisions
+from dbmigrate.errors import ConfigError, DbMigrateError, MigrationFailed, ReportNotWritten
+from dbmigrate.report import DRY_RUN, SUCCEEDED, Report, RestoreSummary
 from flows import recovery
 from flows.artifacts import artifact_key, how_to_approve, publish
 from flows.common import Environment, approval_in_ui, ask_in_ui, ends_failed_on_error, open_environment, phase_runner
@@ -69,7 +68,7 @@ def _downgrade(env: Environment, revision: str, dry_run: bool, requested_by: str
     outcome = pipeline.execute(env.target, env.settings, request, hooks)
     publish(outcome, env.name, flow=FLOW)
     if outcome.error is not None:
-        raise MigrationFailed(f"{outcome.report.error['phase']} failed: {outcome.report.error['message']}")
+        raise MigrationFailed(f"{outcome.report.error.phase} failed: {outcome.report.error.message}")
     if outcome.sql is not None:
         create_markdown_artifact(f"## db-rollback {env.name}: dry run\n\n```sql\n{outcome.sql}\n```",
                                  key=f"{artifact_key(env.name, FLOW)}-sql")
@@ -90,10 +89,11 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str,
             now = fingerprint.take(conn)
         changes = fingerprint.tables_differing(now.row_counts, manifest.row_counts)
         report.target_revision = manifest.revision or "base"
-        report.revision_before = report.revision_after = ",".join(now.revisions) or None
-        report.restore = {"backup_id": manifest.id, "tables_changing": changes, "safety_backup": None}
+        report.revision_before = report.revision_after = revisions.label(now.revisions)
+        report.restore = RestoreSummary(manifest.id, changes)
         lines = [f"## db-rollback {environment}: {'dry run' if dry_run else 'restore'} of backup `{manifest.id}`", "",
-                 f"Revision `{','.join(now.revisions) or 'base'}` → `{manifest.revision or 'base'}`.", "",
+                 f"Revision `{revisions.shown(report.revision_before)}` → `{revisions.shown(manifest.revision)}`.",
+                 "",
                  "| table | rows now | rows in the backup |", "|---|---|---|"]
         lines += [f"| {t} | {now.row_counts.get(t, '-')} | {manifest.row_counts.get(t, '-')} |" for t in changes]
         if dry_run:
@@ -103,16 +103,15 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str,
             approval = ask_in_ui(env.policy, requested_by, lambda: "\n".join(
                 [*lines, "", how_to_approve("replace the database with this backup "
                                             "(a backup of its current state is taken first).")]))
-            report.approval = dataclasses.asdict(approval)
-            if not approval.approved:
-                raise ConfirmationRefused(f"restore not approved by {approval.approver}: nothing was changed")
+            report.approval = approval
+            approval.require("restore")
             lines += ["", f"Approved by {approval.approver} ({approval.via})."]
             phase = "restore"
             journal.restoring(now, manifest)
             restored = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout,
                                                    settings.guard_wait_s, settings.dump,
                                                    lock_timeout_s=settings.limits.lock_timeout_s)
-            report.restore["safety_backup"] = restored.safety_backup.id
+            report.restore.safety_backup = restored.safety_backup.id
             report.revision_after = manifest.revision
             report.finish(SUCCEEDED)
             lines += ["", f"Restored. Safety backup of the previous state: `{restored.safety_backup.id}`."]
@@ -122,7 +121,8 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str,
         raise
     finally:
         publish(_written(report, settings), environment, flow=FLOW)
-    return {**report.restore, "dry_run": dry_run, "approval": report.approval, "report": report.as_dict()}
+    data = report.as_dict()
+    return {**data["restore"], "dry_run": dry_run, "approval": data["approval"], "report": data}
 
 
 def _written(report: Report, settings) -> pipeline.Outcome:

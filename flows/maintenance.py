@@ -8,6 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from dbmigrate import backup, catalogue, drift, health
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import MigrationFailed
+from dbmigrate.report import BackupSummary
 from flows.artifacts import BackupProgress, artifact_key
 from flows.common import ends_failed_on_error, open_environment, phase_runner
 
@@ -82,4 +83,4 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
         f"Pruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
         key=f"{artifact_key(environment)}-backup-summary",
     )
-    return manifest.summary()
+    return BackupSummary.of(manifest).as_dict()

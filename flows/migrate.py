@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from dbmigrate import auto_rollback, pipeline
+from dbmigrate import auto_rollback, pipeline, revisions
 from dbmigrate.errors import MigrationFailed
 from flows import recovery
 from flows.artifacts import BackupProgress, publish
@@ -77,8 +77,8 @@ def db_migrate(
     publish(outcome, environment, progress)
     report = outcome.report
     if outcome.error is not None:
-        rolled = f"; rollback: {report.rollback['detail']}" if report.rollback else ""
-        raise MigrationFailed(f"{report.error['phase']} failed: {report.error['message']}{rolled}")
-    logger.info("%s: %s -> %s (%s)", report.status, report.revision_before or "base",
-                report.revision_after or "base", outcome.report_path)
+        rolled = f"; rollback: {report.rollback.detail}" if report.rollback else ""
+        raise MigrationFailed(f"{report.error.phase} failed: {report.error.message}{rolled}")
+    logger.info("%s: %s -> %s (%s)", report.status, revisions.shown(report.revision_before),
+                revisions.shown(report.revision_after), outcome.report_path)
     return report.as_dict()

@@ -234,12 +234,12 @@ def database_state(entry: dict) -> str:
     except DbMigrateError as exc:
         return f"the database could not be read to tell where it is ({exc}); check it before running again"
     if now == start:
-        return f"database at {now or 'base'}, its starting revision: nothing was applied"
+        return f"database at {revisions.shown(now)}, its starting revision: nothing was applied"
     if now == goal:
         return f"database at {now}, the target revision: the migration had completed"
     back, forward = ("db-rollback", "db-migrate") if entry.get("upgrade", True) else ("db-migrate", "db-rollback")
-    return (f"database left at {now or 'base'}, between the starting revision {start or 'base'} and the target "
-            f"{goal}: run {back} to {start or 'base'}, or {forward} again to finish")
+    return (f"database left at {revisions.shown(now)}, between the starting revision {revisions.shown(start)} "
+            f"and the target {goal}: run {back} to {revisions.shown(start)}, or {forward} again to finish")
 
 
 def _restore_state(entry: dict, now: str | None, row_counts: dict[str, int]) -> str:
@@ -247,7 +247,7 @@ def _restore_state(entry: dict, now: str | None, row_counts: dict[str, int]) -> 
     against those before it and the backup's (a backup often has the revision of the database now)."""
     seen = (now, _digest(row_counts))
     before, restored = (entry["revision_before"], entry["rows_before"]), (entry["target"], entry["rows_backup"])
-    backup, at = entry["backup"], now or "base"
+    backup, at = entry["backup"], revisions.shown(now)
     if seen == before != restored:
         return f"the restore did not commit: database as it was (revision {at} and row counts as before the restore)"
     if seen == restored != before:
@@ -263,8 +263,8 @@ def _downgrade_to_start(target: DatabaseTarget, entry: dict, now: str | None) ->
     """The policy rolls back automatically: take a database left between revisions back to
     where the run started (called holding the guard)."""
     start, undo = entry.get("revision_before"), entry["undo"]
-    left = f"database left at {now or 'base'}, between the starting revision {start or 'base'} and the target " \
-           f"{entry.get('target')}"
+    left = f"database left at {revisions.shown(now)}, between the starting revision {revisions.shown(start)} " \
+           f"and the target {entry.get('target')}"
     try:
         project = revisions.load(undo["alembic_config"], target, project_logging=False)
         limits = SessionLimits(undo["lock_timeout_s"], undo["statement_timeout_s"])
@@ -273,10 +273,11 @@ def _downgrade_to_start(target: DatabaseTarget, entry: dict, now: str | None) ->
             after = revisions.current_label(conn)
     except Exception as exc:  # a downgrade runs the project's code: any failure is reported, not raised
         reason = target.redact(first_line(exc))
-        return f"{left}; the automatic rollback failed ({reason}): run db-rollback to {start or 'base'}"
+        return f"{left}; the automatic rollback failed ({reason}): run db-rollback to {revisions.shown(start)}"
     if after != start:
-        return f"{left}; the automatic rollback ended at {after or 'base'}: run db-rollback to {start or 'base'}"
-    return f"{left}; rolled back automatically to {start or 'base'}, its starting revision"
+        return (f"{left}; the automatic rollback ended at {revisions.shown(after)}: "
+                f"run db-rollback to {revisions.shown(start)}")
+    return f"{left}; rolled back automatically to {revisions.shown(start)}, its starting revision"
 
 
 def _end_orphans(target, wait_s: float = 10.0) -> None:

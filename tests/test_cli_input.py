@@ -44,6 +44,7 @@ BAD_NUMBERS = [
     ["upgrade", "--yes", "--statement-timeout", "nan"],
     ["upgrade", "--yes", "--statement-timeout", "-1"],
     ["upgrade", "--yes", "--lock-wait", "inf"],
+    ["upgrade", "--yes", "--guard-wait", "nan"],
     ["upgrade", "--yes", "--backup", "--jobs", "0"],
     ["upgrade", "--yes", "--backup", "--jobs", "\u00b2"],
     ["upgrade", "--yes", "--backup", "--jobs", "100000"],

@@ -192,11 +192,11 @@ def test_backup_failure_stops_before_migrating(cli, url, target, home):
 def test_guard_held_by_another_migration(cli, url, target):
     before = fingerprint_of(target)
     with guard.hold(target, "upgrade", wait_s=0, timeout=5):
-        result = cli("upgrade", "--yes", "--lock-wait", "1", env={"DATABASE_URL": url})
+        result = cli("upgrade", "--yes", "--guard-wait", "1", env={"DATABASE_URL": url})
     assert result.returncode == 2
     error = one_line_error(result.stderr)
     assert "another migration holds the guard" in error and "'dbmigrate upgrade by " in error
-    assert "waited 1s" in error
+    assert "waited 1s (raise --guard-wait to wait longer)" in error
     assert fingerprint_of(target) == before
 
 
@@ -211,6 +211,7 @@ def test_guard_is_waited_for(cli, url, target):
     holder = threading.Thread(target=hold_briefly)
     holder.start()
     held.wait(10)
+    # --lock-wait, the old name of --guard-wait, still works: without it the run would fail at once
     result = cli("upgrade", "-r", "0001", "--yes", "--lock-wait", "30", env={"DATABASE_URL": url})
     holder.join()
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,8 @@ from urllib.parse import quote
 
 import pytest
 
-from dbmigrate import auto_rollback, phases
+from dbmigrate import auto_rollback
+from dbmigrate.report import KEPT_UNKNOWN
 from dbmigrate.settings import Settings
 from tests import pgcluster
 from tests.helpers import (SAMPLE_CONFIG, assert_no_canary, fingerprint_of, finish, last_report, libpq_url,
@@ -161,12 +162,12 @@ def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
     assert result.returncode == 1
     error = one_line_error(result.stderr)
     assert error == (f"dbmigrate: error: revision r3 failed: lost the connection to {own_target.where}: server closed "
-                     f"the connection; {phases.KEPT_UNKNOWN}")
+                     f"the connection; {KEPT_UNKNOWN}")
     assert "database at an unknown revision" in result.stdout
     report = last_report(home)
     assert report["migrations_applied"] == [], "r2 ran but was never committed: it may not be reported as applied"
     assert report["revision_after"] is None
-    assert any(w.startswith(phases.KEPT_UNKNOWN) for w in report["warnings"])
+    assert any(w.startswith(KEPT_UNKNOWN) for w in report["warnings"])
     assert fingerprint_of(own_target).revisions == ("r1",)
 
 
