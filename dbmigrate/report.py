@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,9 +45,6 @@ class Approval:
             refused = f"not approved by {self.approver}: nothing was changed"
             raise ConfirmationRefused(f"{what} {refused}" if what else refused)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class BackupSummary:
@@ -66,9 +63,6 @@ class BackupSummary:
         return cls(manifest.id, manifest.location, manifest.size_bytes, manifest.sha256, manifest.duration_s,
                    manifest.verified)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class RestoreSummary:
@@ -78,9 +72,6 @@ class RestoreSummary:
     tables_changing: list[str]
     safety_backup: str | None = None  # the id of the backup of the state it replaced
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class Failure:
@@ -89,9 +80,6 @@ class Failure:
     type: str
     message: str
     phase: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -105,9 +93,6 @@ class AutoRollbackResult:
     @classmethod
     def could_not_run(cls, reason: str) -> AutoRollbackResult:
         return cls(None, None, False, None, f"rollback could not run: {reason}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -195,9 +180,12 @@ def _write_whole(path: Path, body: str) -> None:
 
 
 def _plain(value):
-    """A report field as JSON: the objects it holds as their dicts, times as ISO 8601."""
+    """A report field as JSON: the objects it holds as their dicts (their own ``as_dict`` where
+    they round or rename), times as ISO 8601."""
     if isinstance(value, list):
         return [_plain(item) for item in value]
     if isinstance(value, datetime):
         return value.isoformat()
-    return value.as_dict() if hasattr(value, "as_dict") else value
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return asdict(value) if is_dataclass(value) else value

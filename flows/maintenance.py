@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
@@ -83,4 +85,4 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
         f"Pruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
         key=f"{artifact_key(environment)}-backup-summary",
     )
-    return BackupSummary.of(manifest).as_dict()
+    return asdict(BackupSummary.of(manifest))
