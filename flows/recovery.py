@@ -27,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -316,22 +317,29 @@ def on_interrupted(flow, flow_run, state) -> None:
         _say_again_once_overwritten(flow_run.id, final)
 
 
-def _say_again_once_overwritten(flow_run_id, final, within_s: float = 60.0) -> None:
+def _say_again_once_overwritten(flow_run_id, final) -> None:
     """A worker cancelling a run marks it Cancelled with its own message ("Flow run was
-    cancelled successfully.") after the hooks ran: once it has, set ours again, which says
-    where the database is. Watched from a daemon thread, so the worker is not held up."""
+    cancelled successfully.") after the hooks ran. Prefect 3.8 runs the hooks in a
+    short-lived process of their own, which a watching thread would die with, so a
+    detached process (``python -m flows.recovery``) watches and, once the worker's message
+    is in, sets ours again, which says where the database is."""
+    subprocess.Popen([sys.executable, "-m", "flows.recovery", str(flow_run_id), final.message],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
 
-    def watch() -> None:
-        deadline = time.monotonic() + within_s
+
+def say_again_once_overwritten(flow_run_id: UUID, message: str, within_s: float = 60.0) -> bool:
+    """Poll the run until another final message replaces ``message``, then set ``message``
+    again (Cancelled). True if it did."""
+    deadline = time.monotonic() + within_s
+    with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
             time.sleep(0.5)
-            with get_client(sync_client=True) as client:
-                state = client.read_flow_run(flow_run_id).state
-                if state is not None and state.is_final() and state.message != final.message:
-                    client.set_flow_run_state(flow_run_id, final.model_copy(), force=True)
-                    return
-
-    threading.Thread(target=watch, name="cancel-message", daemon=True).start()
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.is_final() and state.message != message:
+                client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+                return True
+    return False
 
 
 def reclaim(environment: str) -> bool:
@@ -366,3 +374,7 @@ def _gone(entry: dict) -> bool:
                                 {"name": presence_name(entry["flow_run"])}).scalar_one() == 0
     except DbMigrateError:
         return False
+
+
+if __name__ == "__main__":  # the watcher _say_again_once_overwritten starts: RUN_ID MESSAGE
+    say_again_once_overwritten(UUID(sys.argv[1]), sys.argv[2])
