@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, ValidationError
 from sqlalchemy.engine import URL
 
 from dbmigrate import policy
-from dbmigrate.errors import ConfigError
+from dbmigrate.errors import ConfigError, first_line
 from dbmigrate.policy import Policy
 from dbmigrate.target import DRIVER, DatabaseTarget
 
@@ -34,11 +34,14 @@ class DatabaseCredentials(Block):
     _description = "Host, database and credentials of the PostgreSQL database of one environment."
     _documentation_url = DOCUMENTATION_URL
 
-    host: str = Field(title="Host", description="Hostname or IP address of the PostgreSQL server.")
+    host: str = Field(title="Host", description="Hostname or IP address of the PostgreSQL server, or the "
+                                                "directory of its unix socket (an absolute path).")
     port: int = Field(default=5432, ge=1, le=65535, title="Port", description="TCP port of the server.")
     database: str = Field(title="Database", description="Name of the database to migrate.")
     username: str = Field(title="Username", description="Role that owns the schema being migrated.")
-    password: SecretStr = Field(title="Password", description="Password of that role. Stored encrypted, never logged.")
+    password: SecretStr | None = Field(
+        default=None, title="Password",
+        description="Password of that role; empty for a server that trusts it. Stored encrypted, never logged.")
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
         default="prefer", title="SSL mode", description="libpq sslmode for connections to this database."
     )
@@ -52,15 +55,18 @@ class DatabaseCredentials(Block):
     )
 
     def url(self) -> URL:
-        """SQLAlchemy URL with the password; callers must not print it."""
+        """SQLAlchemy URL with the password; callers must not print it. A socket directory goes
+        where libpq takes it, ``?host=``: in the URL's host place it would be parsed as a path."""
+        socket = self.host.startswith("/")
         return URL.create(
             DRIVER,
             username=self.username,
-            password=self.password.get_secret_value(),
-            host=self.host,
+            password=(self.password.get_secret_value() if self.password else None) or None,
+            host=None if socket else self.host,
             port=self.port,
             database=self.database,
-            query={"sslmode": self.sslmode, "connect_timeout": str(self.connect_timeout)},
+            query={**({"host": self.host} if socket else {}), "sslmode": self.sslmode,
+                   "connect_timeout": str(self.connect_timeout)},
         )
 
 
@@ -99,6 +105,26 @@ class EnvironmentPolicy(Block):
                     "off, they run only through the db-migrate deployment.")
 
 
+def require_api() -> str:
+    """The Prefect API this process talks to, checked to answer. Without PREFECT_API_URL Prefect
+    would start a throw-away server of its own (some 15 s) and then find no blocks in it."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError("no Prefect API: set PREFECT_API_URL (your server's, or the one `dbmigrate local up` "
+                          "prints)")
+    try:
+        with get_client(sync_client=True) as client:
+            error = client.api_healthcheck()
+    except Exception as exc:  # a malformed URL, say
+        error = exc
+    if error is not None:
+        raise ConfigError(f"the Prefect API at {url} is unreachable: {first_line(error)}")
+    return url
+
+
 def load_target(name: str) -> DatabaseTarget:
     """The database of the DatabaseCredentials block named ``name``, in the environment the
     block records (by default its name): that environment's policy applies to it."""
@@ -128,4 +154,4 @@ def load_policy(environment: str) -> Policy:
     return policy.for_environment(environment, **overrides)
 
 
-__all__ = ["DatabaseCredentials", "EnvironmentPolicy", "load_policy", "load_target"]
+__all__ = ["DatabaseCredentials", "EnvironmentPolicy", "load_policy", "load_target", "require_api"]

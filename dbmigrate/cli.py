@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import getpass
 import json
 import logging
@@ -34,6 +35,12 @@ Which database: --url or DATABASE_URL; else --env NAME (a Prefect DatabaseCreden
 block); else the embedded local PostgreSQL under .dbmigrate/ (started on first use).
 Exit codes: 0 ok, 1 the operation failed, 2 bad input or unreachable database,
 3 succeeded but the report could not be written."""
+
+SYNC_VARIABLES = """\
+variables: DB_HOST, DB_NAME, DB_USER, DB_PASSWORD (required), DB_PORT (default 5432),
+DB_SSLMODE (default prefer); BACKUP_BUCKET, BACKUP_BUCKET_FOLDER, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL (S3-compatible stores).
+Needs PREFECT_API_URL."""
 
 MAX_SECONDS = 2_147_483  # PostgreSQL keeps its timeouts as int milliseconds: about 24.8 days
 MAX_DAYS = 36_500
@@ -72,6 +79,13 @@ def _positive_int(value: str) -> int:
     if not (value.isascii() and value.isdigit() and int(value) >= 1):
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {value!r}")
     return int(value)
+
+
+def _port(value: str) -> int:
+    port = _positive_int(value)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value!r}")
+    return port
 
 
 def _jobs(value: str) -> int:
@@ -241,13 +255,40 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--autogenerate", action="store_true", help="compare models with the database")
     generate.add_argument("--rev-id", help="revision id to use instead of a random one")
 
-    local_cmd = sub.add_parser("local", help="manage the embedded local PostgreSQL")
+    local_cmd = sub.add_parser("local", help="the embedded local PostgreSQL, and the local Prefect stack")
     local_sub = local_cmd.add_subparsers(dest="local_command", required=True, metavar="ACTION")
-    for name, text in (("start", "start it (commands start it on first use anyway)"),
-                       ("status", "is it running, where, and its URL (no password: trust over a socket)"),
-                       ("stop", "stop it")):
+    for name, text in (
+        ("start", "start the embedded PostgreSQL (commands start it on first use anyway)"),
+        ("status", ("the embedded PostgreSQL (where, its URL: no password over the socket; the TCP password's "
+                    "file) and the local stack's Prefect server and worker; exit 1 when PostgreSQL is not running")),
+        ("stop", "stop the embedded PostgreSQL"),
+        ("up", ("the local stack, on 127.0.0.1: the embedded PostgreSQL with the databases development, staging "
+                "and production, a Prefect server, their DatabaseCredentials blocks, the work pool dbmigrate, "
+                "prefect deploy --all from this checkout, and a process worker (run it from the checkout)")),
+        ("down", "stop the local stack: the worker, then the Prefect server, then PostgreSQL"),
+        ("env", "print `export PREFECT_API_URL=...` for the running stack: eval \"$(dbmigrate local env)\""),
+    ):
         action = local_sub.add_parser(name, help=text, description=text)
         action.add_argument("--home", type=Path, help="state directory (default: DBMIGRATE_HOME or .dbmigrate)")
+        if name in ("start", "up"):
+            action.add_argument("--pg-port", type=_port, metavar="PORT",
+                                help="PostgreSQL's TCP port on 127.0.0.1 (default: the one recorded in the home, "
+                                     "else a free one)")
+        if name == "up":
+            action.add_argument("--prefect-port", type=_port, metavar="PORT",
+                                help="the Prefect server's port on 127.0.0.1 (default 4200)")
+
+    blocks_cmd = sub.add_parser("blocks", help="the Prefect blocks of an environment")
+    blocks_sub = blocks_cmd.add_subparsers(dest="blocks_command", required=True, metavar="ACTION")
+    sync = blocks_sub.add_parser(
+        "sync", help="register the block types; create or update an environment's blocks from variables",
+        description="Register the block types, then create or update the environment's DatabaseCredentials "
+                    "block (named after it) and, where BACKUP_BUCKET is set, its S3Bucket NAME-backups with "
+                    "AwsCredentials NAME-aws. Only what changed is written; no value is ever printed.",
+        epilog=SYNC_VARIABLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sync.add_argument("--env", required=True, metavar="NAME", help="the environment (development, staging, ...)")
+    sync.add_argument("--from-env", action="store_true", required=True,
+                      help="read the values from the environment variables below")
     return parser
 
 
@@ -264,8 +305,9 @@ def resolve(url: str | None, env: str | None, home: Path) -> DatabaseTarget:
     if url or env_url:
         return parse_url(url or env_url, os.environ.get("DBMIGRATE_ENVIRONMENT", "url"))
     if env:
-        from blocks import load_target  # imports Prefect: only on this path
+        from blocks import load_target, require_api  # imports Prefect: only on this path
 
+        require_api()
         return load_target(env)
     return local.target(home)
 
@@ -304,7 +346,7 @@ def _settings(args) -> Settings:
         jobs=getattr(args, "jobs", 1) if args.command != "restore" else 1,
     )
     return Settings.from_env(
-        home=args.home,
+        home=getattr(args, "home", None),
         alembic_config=getattr(args, "alembic_config", None),
         connect_timeout=getattr(args, "timeout", None),
         guard_wait_s=getattr(args, "guard_wait", None),
@@ -622,24 +664,57 @@ def cmd_generate(args, settings: Settings, database: Database) -> int:
 
 
 def cmd_local(args, settings: Settings, database: Database) -> int:
-    home = settings.home
-    if args.local_command == "start":
-        server = local.start(home)
-        print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url()}")
-    elif args.local_command == "stop":
+    from dbmigrate import stack  # the local stack's processes: only for `local`
+
+    home, say = settings.home, functools.partial(print, flush=True)
+    action = args.local_command
+    if action == "up":
+        stack.up(home, Path.cwd(), args.pg_port, args.prefect_port, say)
+    elif action == "down":
+        stack.down(home, say)
+    elif action == "env":
+        api = stack.api_url(home)
+        if api is None:
+            raise ConfigError(f"the local Prefect server is not running (home {home.resolve()}): dbmigrate local up")
+        print(f"export PREFECT_API_URL={api}")
+    elif action == "start":
+        _print_local(local.start(home, args.pg_port), home)
+    elif action == "stop":
         print("stopped" if local.stop(home) else "not running")
     else:
         server = local.running(home)
         if server is None:
             print(f"not running (data directory {local.data_dir(home)})")
-            return 1
-        print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url()}")
+        else:
+            _print_local(server, home)
+        for line in stack.status(home):
+            print(line)
+        return 0 if server else 1
+    return 0
+
+
+def _print_local(server: local.LocalServer, home: Path) -> None:
+    print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url()}")
+    if server.listen:
+        print(f"tcp: {server.address}, user {local.USER}, password in {local.password_file(home)}")
+
+
+def cmd_blocks(args, settings: Settings, database: Database) -> int:
+    from blocks.sync import storage_spec, sync_environment  # imports Prefect: only for `blocks`
+
+    synced = sync_environment(args.env, os.environ)
+    for result in synced:
+        print(result)
+    if len(synced) > 1:
+        spec = storage_spec(args.env)
+        print(f"backups of {args.env}: {spec} (a run's backup_storage parameter, or "
+              f"DBMIGRATE_BACKUP_STORAGE={spec} on its worker)")
     return 0
 
 
 HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "check": cmd_check,
             "upgrade": cmd_migrate, "downgrade": cmd_migrate, "generate": cmd_generate, "backup": cmd_backup,
-            "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local}
+            "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local, "blocks": cmd_blocks}
 
 
 def run(args) -> int:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,10 +53,59 @@ def test_env_errors_are_one_line(cli, staging, url):
     both = cli("status", "--env", "staging", env={**staging, "DATABASE_URL": url})
     assert both.returncode == 2 and "DATABASE_URL is also set" in both.stderr
 
-    down = cli("status", "--env", "staging", env={"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"})
+    closed = f"http://127.0.0.1:{free_port()}/api"
+    down = cli("status", "--env", "staging", env={"PREFECT_API_URL": closed})
     assert down.returncode == 2
-    assert down.stderr.startswith("dbmigrate: error: cannot load block 'staging' from the Prefect API")
+    assert down.stderr.startswith(f"dbmigrate: error: the Prefect API at {closed} is unreachable: ")
     assert len(down.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["status", "--env", "staging"],
+                                     ["blocks", "sync", "--env", "staging", "--from-env"]])
+def test_no_prefect_api_is_one_fast_line_and_no_server(command, tmp_path, target):
+    """With PREFECT_API_URL unset (in the environment and in any profile) Prefect would start a
+    throw-away server of its own, then find no block in it: refused at once instead."""
+    import psutil
+
+    env = {k: v for k, v in environ_without_db().items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), DBMIGRATE_HOME=str(tmp_path / "state"),
+               DB_HOST="127.0.0.1", DB_NAME="app", DB_USER="postgres", DB_PASSWORD=CANARY_PASSWORD)
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "dbmigrate", *command], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    children = set()
+    while proc.poll() is None:
+        try:
+            children |= {" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)}
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    out, err = proc.communicate()
+    assert proc.returncode == 2 and not out
+    assert err == ("dbmigrate: error: no Prefect API: set PREFECT_API_URL (your server's, or the one "
+                   "`dbmigrate local up` prints)\n")
+    assert not children, f"started {children}"
+    assert elapsed < 10, f"took {elapsed:.1f}s"
+
+
+def test_a_block_can_name_the_embedded_servers_socket(cli, prefect_api, home):
+    """host: the socket directory, no password (the socket trusts this machine's users)."""
+    from blocks import DatabaseCredentials
+    from dbmigrate import local
+
+    try:
+        assert cli("local", "start").returncode == 0
+        server = local.running(home)
+        DatabaseCredentials(host=server.socket_dir, port=server.port, database="app", username="postgres",
+                            sslmode="disable").save("on-the-socket", overwrite=True)
+        status = cli("status", "--json", "--env", "on-the-socket", env={"PREFECT_API_URL": prefect_api})
+        assert status.returncode == 0, status.stderr
+        state = json.loads(status.stdout)
+        assert state["database"] == {"host": server.socket_dir, "port": server.port, "name": "app",
+                                     "user": "postgres"}
+    finally:
+        cli("local", "stop")
 
 
 def test_backups_to_an_s3_bucket_block(cli, staging, s3_endpoint, target, home):

@@ -1,0 +1,193 @@
+"""An environment's blocks from variables: what ``dbmigrate blocks sync --env NAME --from-env``
+runs (GitHub Actions and operators), and ``dbmigrate local up`` for the local stack's three.
+
+The variables (all checked before anything is written; a missing one names itself):
+
+- ``DB_HOST``, ``DB_NAME``, ``DB_USER``, ``DB_PASSWORD`` (required), ``DB_PORT``, ``DB_SSLMODE``:
+  the ``DatabaseCredentials`` block named after the environment;
+- ``BACKUP_BUCKET`` (and ``BACKUP_BUCKET_FOLDER``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+  ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL`` for an S3-compatible store): an
+  ``S3Bucket`` block ``<env>-backups`` with its ``AwsCredentials`` ``<env>-aws``; a run uses it
+  with ``backup_storage=s3-bucket/<env>-backups`` (or DBMIGRATE_BACKUP_STORAGE on the worker).
+
+A block that exists gets only the fields the variables set, and only where they differ: fields
+set in the UI are kept, and a re-run that changes nothing writes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from prefect.blocks.core import Block
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from blocks import ENVIRONMENT_NAME, DatabaseCredentials, EnvironmentPolicy, require_api
+from dbmigrate.errors import ConfigError
+
+# variable -> field of the block it sets (a dotted field is one inside a nested model)
+DATABASE = {"DB_HOST": "host", "DB_PORT": "port", "DB_NAME": "database", "DB_USER": "username",
+            "DB_PASSWORD": "password", "DB_SSLMODE": "sslmode"}
+REQUIRED = ("DB_HOST", "DB_NAME", "DB_USER", "DB_PASSWORD")
+BUCKET = {"BACKUP_BUCKET": "bucket_name", "BACKUP_BUCKET_FOLDER": "bucket_folder"}
+AWS = {"AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+       "AWS_SESSION_TOKEN": "aws_session_token", "AWS_REGION": "region_name",
+       "AWS_ENDPOINT_URL": "aws_client_parameters.endpoint_url"}
+KEY_PAIR = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@dataclass(frozen=True)
+class Synced:
+    """What syncing did to one block: created, updated (which fields) or unchanged. Never a value."""
+
+    block: str  # type-slug/name, as `prefect block inspect` takes it
+    action: str
+    fields: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.block}: {self.action}" + (f": {', '.join(self.fields)}" if self.fields else "")
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """A block to sync: its class, name, and the fields the variables set."""
+
+    cls: type[Block]
+    name: str
+    fields: dict
+
+    @property
+    def label(self) -> str:
+        return f"{self.cls.get_block_type_slug()}/{self.name}"
+
+
+def storage_spec(environment: str) -> str:
+    """The backup storage a run of ``environment`` names to use the bucket synced for it."""
+    return f"s3-bucket/{environment}-backups"
+
+
+def sync_environment(environment: str, variables: Mapping[str, str]) -> list[Synced]:
+    """Register the block types and create or update ``environment``'s blocks from ``variables``."""
+    wanted = _wanted(environment, {k: v for k, v in variables.items() if v})
+    require_api()
+    register_types(s3=len(wanted) > 1)
+    return [_sync(block) for block in wanted]
+
+
+def register_types(s3: bool = False) -> None:
+    DatabaseCredentials.register_type_and_schema()
+    EnvironmentPolicy.register_type_and_schema()
+    if s3:
+        from prefect_aws import AwsCredentials, S3Bucket
+
+        AwsCredentials.register_type_and_schema()
+        S3Bucket.register_type_and_schema()
+
+
+def _wanted(environment: str, given: dict[str, str]) -> list[_Wanted]:
+    """The blocks the variables describe, each validated: a bad or missing variable is refused
+    (by name, never by value) before anything is written."""
+    if not re.fullmatch(ENVIRONMENT_NAME, environment):
+        raise ConfigError(f"not an environment name: {environment!r} (lowercase letters, digits, - and _)")
+    missing = [name for name in REQUIRED if name not in given]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}: set them to sync the blocks of {environment}")
+    wanted = [_Wanted(DatabaseCredentials, environment, _fields(DATABASE, given))]
+    if "BACKUP_BUCKET" in given:
+        from prefect_aws import AwsCredentials, S3Bucket
+
+        if len([name for name in KEY_PAIR if name in given]) == 1:
+            raise ConfigError(f"{' and '.join(KEY_PAIR)} go together: set both, or neither "
+                              "(the worker's own AWS credentials)")
+        wanted += [_Wanted(AwsCredentials, f"{environment}-aws", _fields(AWS, given)),
+                   _Wanted(S3Bucket, f"{environment}-backups", _fields(BUCKET, given))]
+    for block in wanted:
+        _validated(block.cls, block.fields)
+    return wanted
+
+
+def _fields(variables: dict[str, str], given: dict[str, str]) -> dict:
+    return {field: given[name] for name, field in variables.items() if name in given}
+
+
+def _validated(cls: type[Block], fields: dict) -> Block:
+    """The block built from ``fields``; a value it refuses is named by its variable."""
+    if cls.get_block_type_slug() == "s3-bucket" and "credentials" not in fields:  # <env>-aws: checked on its own
+        from prefect_aws import AwsCredentials
+
+        fields = {**fields, "credentials": AwsCredentials()}
+    try:
+        return cls(**_nested(fields))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        names = {f: v for mapping in (DATABASE, BUCKET, AWS) for v, f in mapping.items()}
+        raise ConfigError(f"{names.get(field, field)}: {error['msg']}") from None
+
+
+def _sync(wanted: _Wanted) -> Synced:
+    fields = dict(wanted.fields)
+    if wanted.cls.get_block_type_slug() == "s3-bucket":  # a reference to the credentials block synced before it
+        from prefect_aws import AwsCredentials
+
+        fields["credentials"] = AwsCredentials.load(wanted.name.removesuffix("-backups") + "-aws")
+    existing = _load(wanted)
+    if existing is None:
+        wanted.cls(**_nested(fields)).save(wanted.name)
+        return Synced(wanted.label, "created")
+    new = _validated(wanted.cls, fields)
+    changed = tuple(f for f in fields if _plain(_get(existing, f)) != _plain(_get(new, f)))
+    if not changed:
+        return Synced(wanted.label, "unchanged")
+    _updated(existing, {f: fields[f] for f in changed}).save(wanted.name, overwrite=True)
+    return Synced(wanted.label, "updated", changed)
+
+
+def _load(wanted: _Wanted) -> Block | None:
+    try:
+        return wanted.cls.load(wanted.name)
+    except ValueError:  # no block of that name
+        return None
+    except Exception as exc:  # a document that no longer validates: say which, in one line
+        raise ConfigError(f"cannot read block {wanted.label}: {type(exc).__name__}: {exc}") from None
+
+
+def _updated(existing: Block, changes: dict) -> Block:
+    """``existing`` with ``changes`` applied, validated; every other field as it was (nested
+    blocks stay references to their documents)."""
+    values = {name: getattr(existing, name) for name in type(existing).model_fields}
+    for path, value in changes.items():
+        head, _, inner = path.partition(".")
+        values[head] = values[head].model_copy(update={inner: value}) if inner else value
+    return type(existing)(**values)
+
+
+def _nested(fields: dict) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}: the constructor's shape."""
+    out: dict = {}
+    for path, value in fields.items():
+        head, _, inner = path.partition(".")
+        if inner:
+            out.setdefault(head, {})[inner] = value
+        else:
+            out[head] = value
+    return out
+
+
+def _get(block: BaseModel, path: str):
+    value = block
+    for part in path.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _plain(value):
+    """A field's value to compare: secrets by their value, a saved block by its document."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, Block) and value._block_document_id:
+        return value._block_document_id
+    if isinstance(value, BaseModel):
+        return {name: _plain(v) for name, v in value}
+    return value

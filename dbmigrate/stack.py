@@ -1,0 +1,371 @@
+"""The local stack: the Prefect side of dbmigrate on this machine, every part on 127.0.0.1 and
+its state under the home (``dbmigrate local up|down|status``):
+
+- the embedded PostgreSQL (:mod:`dbmigrate.local`) on loopback TCP, with one database per
+  environment (``development``, ``staging``, ``production``);
+- a Prefect server (``prefect server start``) whose PREFECT_HOME is ``<home>/prefect``;
+- the block types and a ``DatabaseCredentials`` block per environment, written by the code
+  ``dbmigrate blocks sync`` runs (:func:`blocks.sync.sync_environment`); the work pool
+  ``dbmigrate``; ``prefect deploy --all`` from the checkout;
+- a process worker of that pool, running the flows from the checkout.
+
+The server and the worker are started detached (a session of their own: Ctrl-C on the terminal
+that ran ``up`` is not theirs), their pid recorded with its start time (a recycled pid is never
+taken for them) and their output in a log beside it. ``down`` stops the worker first (no run
+is left talking to a server that went away), then the server, then PostgreSQL. Prefect is
+imported only inside ``up``: ``status`` and ``down`` never pay for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from dbmigrate import local
+from dbmigrate.errors import ConfigError
+
+ENVIRONMENTS = ("development", "staging", "production")
+POOL = "dbmigrate"
+PREFECT_PORT = 4200  # Prefect's own default: the address its documentation and habits assume
+# Leases in a file under PREFECT_HOME: a server restart keeps which run holds an environment's slot.
+FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+START_TIMEOUT_S = 120
+
+Say = Callable[[str], None]
+
+
+def prefect_home(home: Path) -> Path:
+    return home.resolve() / "prefect"
+
+
+@dataclass(frozen=True)
+class Detached:
+    """A long-running process of the stack: started in a session of its own, recorded in
+    ``<name>.pid`` (JSON: pid, start time, and what else ``start`` was told), logged to ``<name>.log``."""
+
+    name: str
+    directory: Path
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / f"{self.name}.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / f"{self.name}.log"
+
+    def record(self) -> dict | None:
+        """What ``start`` recorded, if the process it names is still that process and alive."""
+        try:
+            record = json.loads(self.pidfile.read_text())
+        except (OSError, ValueError):
+            return None
+        process = _process(record.get("pid"))
+        if process is None or abs(process.create_time() - record.get("started", 0)) > 1:
+            return None
+        return record
+
+    def start(self, argv: list[str], env: dict[str, str], cwd: Path, **facts) -> dict:
+        import psutil
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:  # the child keeps its own descriptor
+            child = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        record = {"pid": child.pid, "started": psutil.Process(child.pid).create_time(), **facts}
+        self.pidfile.write_text(json.dumps(record) + "\n")
+        return record
+
+    def alive(self, record: dict) -> bool:
+        return _process(record["pid"]) is not None
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM to the process and everything it started, SIGKILL to what is left after
+        ``timeout``; the pid it had, or None if it was not running."""
+        import psutil
+
+        record = self.record()
+        self.pidfile.unlink(missing_ok=True)
+        leader = _process(record["pid"]) if record else None
+        if leader is None:
+            return None
+        family = [leader, *leader.children(recursive=True)]
+        for process in family:
+            _signal(process, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(_running(p) for p in family) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for process in family:
+            _signal(process, signal.SIGKILL)
+        psutil.wait_procs(family, timeout=5)
+        return record["pid"]
+
+    def tail(self, lines: int = 1) -> str:
+        try:
+            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-lines:])
+        except OSError:
+            return "no log"
+
+
+def server(home: Path) -> Detached:
+    return Detached("server", prefect_home(home))
+
+
+def worker(home: Path) -> Detached:
+    return Detached("worker", prefect_home(home))
+
+
+def _process(pid):
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process if _running(process) else None
+    except (psutil.Error, TypeError, ValueError):
+        return None
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _signal(process, sig: int) -> None:
+    import psutil
+
+    try:
+        process.send_signal(sig)
+    except psutil.Error:
+        pass
+
+
+# --- up -----------------------------------------------------------------------------------
+
+def up(home: Path, checkout: Path, pg_port: int | None = None, prefect_port: int | None = None,
+       say: Say = print) -> str:
+    """Start (or find running) every part; the PREFECT_API_URL of the stack."""
+    home, checkout = home.resolve(), checkout.resolve()
+    if not (checkout / "prefect.yaml").is_file():
+        raise ConfigError(f"no prefect.yaml in {checkout}: run `dbmigrate local up` from a checkout of the repository")
+    port = _prefect_port(home, prefect_port)  # before anything starts: a busy port changes nothing
+    pg = _postgres(home, pg_port, say)
+    created = [name for name in ENVIRONMENTS if local.ensure_database(pg, name)]
+    say(f"databases: {', '.join(ENVIRONMENTS)}" + (f" (created {', '.join(created)})" if created else ""))
+    ui = _prefect_server(home, port, say)
+    api = f"{ui}/api"
+    with _talking_to(api):
+        _blocks(home, pg, say)
+        _work_pool(say)
+        _deploy(home, checkout, api, say)
+        _worker(home, checkout, api, say)
+    say(f"UI:  {ui}  (runs, their logs and artifacts)")
+    say(f"export PREFECT_API_URL={api}")
+    return api
+
+
+def _prefect_port(home: Path, wanted: int | None) -> int:
+    record = server(home).record()
+    if record is not None:
+        if wanted is not None and wanted != record["port"]:
+            raise ConfigError(f"the local Prefect server already runs on port {record['port']}: "
+                              f"stop the stack (dbmigrate local down) to move it to {wanted}")
+        return record["port"]
+    port = wanted or PREFECT_PORT
+    if not local.port_is_free(port):
+        raise ConfigError(f"port {port} on {local.HOST} is busy: choose another with --prefect-port")
+    return port
+
+
+def _postgres(home: Path, port: int | None, say: Say) -> local.LocalServer:
+    was = local.running(home)
+    if was is not None and not was.listen:  # started socket-only by an older dbmigrate
+        say("postgresql: restarting to listen on TCP as well")
+        local.stop(home)
+        was = None
+    pg = local.start(home, port)  # running on another port than the one given: refused
+    say(f"postgresql: {'already running' if was else 'started'} on {pg.address} (pid {pg.pid}), "
+        f"user {local.USER}, password in {local.password_file(home)}")
+    return pg
+
+
+def prefect_environ(home: Path, api: str, **extra: str) -> dict[str, str]:
+    """The environment of the stack's Prefect processes."""
+    return {
+        **os.environ,
+        "PREFECT_HOME": str(prefect_home(home)),
+        "PREFECT_API_URL": api,
+        "PREFECT_UI_API_URL": api,  # what the browser's UI calls
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
+        **extra,
+    }
+
+
+def _prefect_server(home: Path, port: int, say: Say) -> str:
+    part, ui = server(home), f"http://{local.HOST}:{port}"
+    if part.record() is not None:
+        _wait_for(lambda: _answers(ui), part, "the Prefect server")
+        say(f"prefect server: already running at {ui} (pid {part.record()['pid']})")
+        return ui
+    record = part.start([sys.executable, "-m", "prefect", "server", "start", "--host", local.HOST, "--port", str(port)],
+                        prefect_environ(home, f"{ui}/api"), prefect_home(home), port=port, url=ui)
+    _wait_for(lambda: _answers(ui), part, "the Prefect server", record)
+    say(f"prefect server: started at {ui} (pid {record['pid']}, log {part.log})")
+    return ui
+
+
+def _answers(ui: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{ui}/api/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _wait_for(condition: Callable[[], bool], part: Detached, what: str, record: dict | None = None) -> None:
+    record = record or part.record()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not condition():
+        if record is None or not part.alive(record):
+            raise ConfigError(f"{what} exited: {part.tail()} (see {part.log})")
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{what} is not ready after {START_TIMEOUT_S}s: {part.tail()} (see {part.log})")
+        time.sleep(0.3)
+
+
+@contextmanager
+def _talking_to(api: str) -> Iterator[None]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        yield
+
+
+def _blocks(home: Path, pg: local.LocalServer, say: Say) -> None:
+    """A DatabaseCredentials block per environment, as `dbmigrate blocks sync --from-env` writes them."""
+    from blocks.sync import sync_environment
+
+    secret = local.password(home)
+    for name in ENVIRONMENTS:
+        variables = {"DB_HOST": local.HOST, "DB_PORT": str(pg.port), "DB_NAME": name, "DB_USER": local.USER,
+                     "DB_PASSWORD": secret, "DB_SSLMODE": "disable"}
+        for synced in sync_environment(name, variables):
+            say(f"block {synced}")
+
+
+def _work_pool(say: Say) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(POOL)
+            say(f"work pool {POOL}: exists")
+            return
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=POOL, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+    say(f"work pool {POOL}: created (process)")
+
+
+def _deploy(home: Path, checkout: Path, api: str, say: Say) -> None:
+    """``prefect deploy --all``, unless the deployments it would make are there and neither
+    prefect.yaml nor the flows changed since it last ran (a deploy takes some seconds)."""
+    import yaml
+    from prefect.client.orchestration import get_client
+
+    stamp, digest = prefect_home(home) / "deployed", _digest(checkout)
+    wanted = {d["name"] for d in yaml.safe_load((checkout / "prefect.yaml").read_text())["deployments"]}
+    with get_client(sync_client=True) as client:
+        present = {d.name for d in client.read_deployments()}
+    if stamp.exists() and stamp.read_text() == digest and wanted <= present:
+        say("deployments: up to date (prefect.yaml and flows/ unchanged since the last prefect deploy --all)")
+        return
+    log = prefect_home(home) / "deploy.log"
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=checkout,
+                              env=prefect_environ(home, api), stdout=out, stderr=subprocess.STDOUT, timeout=600,
+                              check=False)
+    if done.returncode != 0:
+        raise ConfigError(f"prefect deploy --all failed (exit {done.returncode}): see {log}")
+    stamp.write_text(digest)
+    say(f"deployments: prefect deploy --all from {checkout / 'prefect.yaml'} (log {log})")
+
+
+def _digest(checkout: Path) -> str:
+    """What the deployments are made of: prefect.yaml and the flows' signatures and docstrings."""
+    sha = hashlib.sha256()
+    for path in [checkout / "prefect.yaml", *sorted((checkout / "flows").glob("*.py"))]:
+        sha.update(path.name.encode() + b"\0" + path.read_bytes())
+    return sha.hexdigest()
+
+
+def _worker(home: Path, checkout: Path, api: str, say: Say) -> None:
+    part = worker(home)
+    record = part.record()
+    if record is not None:
+        say(f"worker: already running (pid {record['pid']}), pool {POOL}")
+        return
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    env = prefect_environ(home, api, DBMIGRATE_CHECKOUT=str(checkout), DBMIGRATE_HOME=str(home))
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")  # a local run starts within 2 s (Prefect's default: 10)
+    record = part.start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process"],
+                        env, checkout)
+    _wait_for(lambda: _worker_online(since), part, "the worker", record)
+    say(f"worker: started (pid {record['pid']}), pool {POOL}, runs flows from {checkout} (log {part.log})")
+
+
+def _worker_online(since: datetime) -> bool:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        workers = client.read_workers_for_work_pool(POOL)
+    return any(w.last_heartbeat_time and w.last_heartbeat_time >= since for w in workers)
+
+
+# --- down, status -------------------------------------------------------------------------
+
+def down(home: Path, say: Say = print) -> None:
+    """Stop the worker, then the server, then PostgreSQL."""
+    for label, part in (("worker", worker(home)), ("prefect server", server(home))):
+        pid = part.stop()
+        say(f"{label}: stopped (pid {pid})" if pid else f"{label}: not running")
+    say("postgresql: stopped" if local.stop(home) else "postgresql: not running")
+
+
+def api_url(home: Path) -> str | None:
+    """The stack's PREFECT_API_URL while its server runs."""
+    record = server(home).record()
+    return f"{record['url']}/api" if record else None
+
+
+def status(home: Path) -> list[str]:
+    """One line per Prefect part, and how to reach the server (the PostgreSQL line is the CLI's own)."""
+    lines = []
+    for label, part in (("prefect server", server(home)), ("worker", worker(home))):
+        record = part.record()
+        where = record and (record["url"] if part.name == "server" else f"pool {POOL}")
+        lines.append(f"{label}: running, pid {record['pid']}, {where} (log {part.log})" if record
+                     else f"{label}: not running")
+    api = api_url(home)
+    if api:
+        lines += [f"UI: {api.removesuffix('/api')}", f"PREFECT_API_URL={api}"]
+    return lines

@@ -1,0 +1,115 @@
+"""`dbmigrate blocks sync --env NAME --from-env` on a real Prefect API: what GitHub Actions and
+operators run to set an environment up. Only what changed is written, no value is ever printed."""
+
+import json
+import uuid
+
+import pytest
+
+from tests.helpers import one_line_error
+from tests.pgcluster import CANARY_PASSWORD
+
+AWS_SECRET = "aws-" + CANARY_PASSWORD  # holds the canary: the cli fixture fails on any output showing it
+
+
+def _variables(target, **overrides) -> dict[str, str]:
+    return {"DB_HOST": "127.0.0.1", "DB_PORT": str(target.port), "DB_NAME": target.database, "DB_USER": "postgres",
+            "DB_PASSWORD": CANARY_PASSWORD, "DB_SSLMODE": "disable", **overrides}
+
+
+@pytest.fixture
+def sync(cli, prefect_api):
+    def run(environment: str, variables: dict[str, str]):
+        return cli("blocks", "sync", "--env", environment, "--from-env",
+                   env={"PREFECT_API_URL": prefect_api, **variables})
+    return run
+
+
+def _credentials(name: str):
+    from blocks import DatabaseCredentials
+
+    return DatabaseCredentials.load(name)
+
+
+def test_sync_creates_then_changes_only_what_changed(sync, cli, target, prefect_api):
+    from blocks import DatabaseCredentials
+
+    name = "env-" + uuid.uuid4().hex[:8]
+    created = sync(name, _variables(target))
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.splitlines() == [f"dbmigrate-database-credentials/{name}: created"]
+    block = _credentials(name)
+    assert (block.host, block.port, block.database, block.username, block.password.get_secret_value(),
+            block.sslmode) == ("127.0.0.1", target.port, target.database, "postgres", CANARY_PASSWORD, "disable")
+    status = cli("status", "--json", "--env", name, env={"PREFECT_API_URL": prefect_api})
+    assert status.returncode == 0 and json.loads(status.stdout)["database"]["name"] == target.database
+
+    # a field set in the UI, not by the variables: kept by every later sync
+    DatabaseCredentials(**{**dict(block), "connect_timeout": 33}).save(name, overwrite=True)
+    again = sync(name, _variables(target))
+    assert again.stdout.splitlines() == [f"dbmigrate-database-credentials/{name}: unchanged"]
+
+    changed = sync(name, _variables(target, DB_PORT="6543", DB_PASSWORD=CANARY_PASSWORD + "-new"))
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout.splitlines() == [f"dbmigrate-database-credentials/{name}: updated: port, password"]
+    block = _credentials(name)
+    assert (block.port, block.password.get_secret_value(), block.connect_timeout, block.database) == (
+        6543, CANARY_PASSWORD + "-new", 33, target.database)
+
+
+def test_sync_refuses_missing_or_bad_variables_and_writes_nothing(sync, target):
+    name = "env-" + uuid.uuid4().hex[:8]
+    missing = sync(name, _variables(target, DB_HOST="", DB_PASSWORD=""))
+    assert missing.returncode == 2
+    assert one_line_error(missing.stderr) == (
+        f"dbmigrate: error: missing DB_HOST, DB_PASSWORD: set them to sync the blocks of {name}")
+
+    bad_port = sync(name, _variables(target, DB_PORT="5432x"))
+    assert bad_port.returncode == 2 and one_line_error(bad_port.stderr).startswith("dbmigrate: error: DB_PORT: ")
+
+    half_pair = sync(name, _variables(target, BACKUP_BUCKET="b", AWS_ACCESS_KEY_ID="AKIA"))
+    assert half_pair.returncode == 2
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY go together" in one_line_error(half_pair.stderr)
+
+    with pytest.raises(ValueError):
+        _credentials(name)
+
+
+def test_sync_creates_a_bucket_pair_that_backups_go_to(sync, cli, target, prefect_api, s3_endpoint, home):
+    """BACKUP_BUCKET and the AWS_* variables: an S3Bucket and its AwsCredentials, referenced, usable as
+    s3-bucket/<env>-backups by a run; a second sync finds all three unchanged."""
+    from prefect_aws import S3Bucket
+
+    from tests.helpers import s3_bucket_block
+
+    name = "env-" + uuid.uuid4().hex[:8]
+    bucket = "sync-" + uuid.uuid4().hex[:8]
+    s3_bucket_block(s3_endpoint, bucket).credentials.get_s3_client().create_bucket(Bucket=bucket)
+    variables = _variables(target, BACKUP_BUCKET=bucket, BACKUP_BUCKET_FOLDER="dbmigrate",
+                           AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY=AWS_SECRET, AWS_REGION="us-east-1",
+                           AWS_ENDPOINT_URL=s3_endpoint)
+    created = sync(name, variables)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.splitlines() == [
+        f"dbmigrate-database-credentials/{name}: created",
+        f"aws-credentials/{name}-aws: created",
+        f"s3-bucket/{name}-backups: created",
+        f"backups of {name}: s3-bucket/{name}-backups (a run's backup_storage parameter, "
+        f"or DBMIGRATE_BACKUP_STORAGE=s3-bucket/{name}-backups on its worker)",
+    ]
+    stored = S3Bucket.load(f"{name}-backups")
+    assert (stored.bucket_name, stored.bucket_folder) == (bucket, "dbmigrate")
+    assert stored.credentials.aws_client_parameters.endpoint_url == s3_endpoint
+
+    taken = cli("backup", "--env", name, "--storage", f"s3-bucket/{name}-backups", "--json",
+                env={"PREFECT_API_URL": prefect_api})
+    assert taken.returncode == 0, taken.stderr
+    assert json.loads(taken.stdout)["location"].startswith(f"s3://{bucket}/dbmigrate/{name}/")
+    assert not (home / "backups").exists()
+
+    again = sync(name, variables)
+    assert [line.rsplit(": ", 1)[1] for line in again.stdout.splitlines()[:3]] == ["unchanged"] * 3
+    moved = sync(name, {**variables, "BACKUP_BUCKET_FOLDER": "elsewhere"})
+    assert moved.stdout.splitlines()[:3] == [f"dbmigrate-database-credentials/{name}: unchanged",
+                                             f"aws-credentials/{name}-aws: unchanged",
+                                             f"s3-bucket/{name}-backups: updated: bucket_folder"]

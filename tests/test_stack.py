@@ -1,0 +1,197 @@
+"""`dbmigrate local up|status|down`: the local stack on fresh ports (the embedded PostgreSQL on
+loopback TCP, a real `prefect server start`, blocks, deployments, a process worker), and the main
+job run the way operators and the GitHub workflow run it: `prefect deployment run --watch`."""
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+
+from tests.helpers import REPO, SAMPLE_HEAD, reports_in, run_cli
+from tests.pgcluster import free_port
+from tests.prefect_server import PREFECT
+
+ENVIRONMENTS = ("development", "staging", "production")
+
+
+class Stack:
+    def __init__(self, home: Path):
+        self.home, self.pg_port, self.prefect_port = home, free_port(), free_port()
+        self.api = f"http://127.0.0.1:{self.prefect_port}/api"
+        self.outputs: list[str] = []
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        result = run_cli(self.home, *args)
+        self.outputs.append(result.stdout + result.stderr)
+        return result
+
+    def up(self) -> subprocess.CompletedProcess:
+        return self.cli("local", "up", "--pg-port", str(self.pg_port), "--prefect-port", str(self.prefect_port))
+
+    @property
+    def password(self) -> str:
+        return (self.home / "local-password").read_text().strip()
+
+    def pids(self) -> dict[str, int]:
+        prefect = self.home / "prefect"
+        return {"worker": json.loads((prefect / "worker.pid").read_text())["pid"],
+                "server": json.loads((prefect / "server.pid").read_text())["pid"],
+                "postgresql": int((self.home / "pgdata" / "postmaster.pid").read_text().split()[0])}
+
+    def logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in (self.home / "prefect").glob("*.log"))
+
+
+@pytest.fixture
+def stack(home):
+    stack = Stack(home)
+    pids = {}
+    try:
+        yield stack
+    finally:
+        try:
+            pids = stack.pids()
+        except (OSError, ValueError):
+            pass
+        run_cli(home, "local", "down")
+        for pid in pids.values():  # whatever down could not stop, even on failure
+            if psutil.pid_exists(pid):
+                os.kill(pid, 9)
+
+
+def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(stack):
+    started = time.monotonic()
+    first = stack.up()
+    took = time.monotonic() - started
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"export PREFECT_API_URL={stack.api}" in first.stdout.splitlines()
+    assert f"UI:  http://127.0.0.1:{stack.prefect_port}  (runs, their logs and artifacts)" in first.stdout
+
+    password_file = stack.home / "local-password"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    for database in ENVIRONMENTS:
+        with psycopg.connect(host="127.0.0.1", port=stack.pg_port, user="postgres", password=stack.password,
+                             dbname=database) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == (database,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(host="127.0.0.1", port=stack.pg_port, user="postgres", password="wrong", dbname="staging")
+
+    status = stack.cli("local", "status")
+    assert status.returncode == 0
+    assert status.stdout.startswith("running: pid ")
+    for line in (f"tcp: 127.0.0.1:{stack.pg_port}, user postgres, password in {password_file}",
+                 f"UI: http://127.0.0.1:{stack.prefect_port}", f"PREFECT_API_URL={stack.api}"):
+        assert line in status.stdout.splitlines()
+    assert f"prefect server: running, pid {stack.pids()['server']}, http://127.0.0.1:{stack.prefect_port}" \
+        in status.stdout
+    assert f"worker: running, pid {stack.pids()['worker']}, pool dbmigrate" in status.stdout
+
+    _blocks_reach_their_databases(stack)
+
+    second = stack.up()
+    assert second.returncode == 0, second.stderr
+    for part in ("postgresql: already running", "prefect server: already running", "worker: already running",
+                 "work pool dbmigrate: exists", "deployments: up to date"):
+        assert part in second.stdout
+    assert [line for line in second.stdout.splitlines() if line.startswith("block ")] == [
+        f"block dbmigrate-database-credentials/{name}: unchanged" for name in ENVIRONMENTS]
+
+    run = subprocess.run([PREFECT, "deployment", "run", "db-migrate/development", "--watch"], cwd=REPO,
+                         env={**os.environ, "PREFECT_API_URL": stack.api}, capture_output=True, text=True, timeout=300)
+    stack.outputs.append(run.stdout + run.stderr)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Flow run finished successfully in 'Completed'." in run.stdout
+    report = json.loads(reports_in(stack.home)[-1].read_text())
+    assert (report["environment"], report["status"], report["revision_after"]) == (
+        "development", "succeeded", SAMPLE_HEAD)
+    with psycopg.connect(host="127.0.0.1", port=stack.pg_port, user="postgres", password=stack.password,
+                         dbname="development") as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(SAMPLE_HEAD,)]
+
+    pids = stack.pids()
+    gone = _watch_exits(pids)
+    down = stack.cli("local", "down")
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.splitlines() == [f"worker: stopped (pid {pids['worker']})",
+                                        f"prefect server: stopped (pid {pids['server']})", "postgresql: stopped"]
+    time.sleep(0.3)
+    assert gone["worker"] < gone["server"] < gone["postgresql"], gone
+    after = stack.cli("local", "status")
+    assert after.returncode == 1
+    assert after.stdout.splitlines() == [f"not running (data directory {stack.home.resolve() / 'pgdata'})",
+                                         "prefect server: not running", "worker: not running"]
+
+    secret = stack.password
+    for where in [*stack.outputs, stack.logs(), *(p.read_text() for p in reports_in(stack.home))]:
+        assert secret not in where
+    print(f"first local up: {took:.1f}s")
+
+
+def _blocks_reach_their_databases(stack: Stack) -> None:
+    """load_target works for each environment's block, over TCP with the generated password."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from blocks import load_target
+    from dbmigrate import db
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.api}):
+        for name in ENVIRONMENTS:
+            target = load_target(name)
+            assert (target.environment, target.host, target.port) == (name, "127.0.0.1", stack.pg_port)
+            with db.connect(target) as conn:
+                assert conn.exec_driver_sql("SELECT current_database()").scalar() == name
+
+
+def _watch_exits(pids: dict[str, int]) -> dict[str, float]:
+    """When each process disappears, watched from now on in the background."""
+    gone: dict[str, float] = {}
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while len(gone) < len(pids) and time.monotonic() < deadline:
+            for name, pid in pids.items():
+                if name not in gone and not _alive(pid):
+                    gone[name] = time.monotonic()
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_local_up_refuses_busy_ports_and_starts_nothing(home):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        refused = run_cli(home, "local", "up", "--prefect-port", str(port))
+        assert refused.returncode == 2
+        assert refused.stderr == f"dbmigrate: error: port {port} on 127.0.0.1 is busy: choose another with " \
+                                 "--prefect-port\n"
+        assert run_cli(home, "local", "status").returncode == 1
+
+        pg = run_cli(home, "local", "start", "--pg-port", str(port))
+        assert pg.returncode == 2
+        assert pg.stderr == f"dbmigrate: error: port {port} on 127.0.0.1 is busy: choose another with --pg-port\n"
+        assert run_cli(home, "local", "status").returncode == 1
+
+
+def test_local_up_needs_a_checkout(home, tmp_path):
+    elsewhere = run_cli(home, "local", "up", cwd=tmp_path)
+    assert elsewhere.returncode == 2
+    assert elsewhere.stderr == (f"dbmigrate: error: no prefect.yaml in {tmp_path.resolve()}: run `dbmigrate local up` "
+                                "from a checkout of the repository\n")
