@@ -1,12 +1,17 @@
 # Two commands for a new machine (Python 3.11 and pip are all it needs):
-#   make demo   - install, start the embedded PostgreSQL, run `dbmigrate upgrade --backup` on the sample schema
+#   make demo   - install; the local stack (`dbmigrate local up`: PostgreSQL, a Prefect server, blocks,
+#                 deployments and a worker, all on 127.0.0.1); then the main job the way operators and the
+#                 GitHub workflow run it, `prefect deployment run db-migrate/development --watch`: its outcome,
+#                 its report, and the UI address where the run history and artifacts are
 #   make test   - install with the dev extras and run the whole test suite against real servers
+# make down stops the local stack (worker, Prefect server, PostgreSQL); make clean stops it and removes it all.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+STATE := $(or $(DBMIGRATE_HOME),.dbmigrate)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo down test install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +28,20 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The run's report is the newest under the stack's home (the worker's DBMIGRATE_HOME); a second
+# demo finds the database at head and its report says noop.
 demo: install
-	$(BIN)/dbmigrate status
-	$(BIN)/dbmigrate upgrade --backup --yes
-	$(BIN)/dbmigrate check
+	$(BIN)/dbmigrate local up
+	@eval "$$($(BIN)/dbmigrate local env)"; \
+	outcome=0; $(BIN)/prefect deployment run db-migrate/development --watch --watch-timeout 600 || outcome=$$?; \
+	report=$$(ls -t $(STATE)/reports/*.json | head -n 1); \
+	echo; echo "report: $${report:-none written}"; [ -z "$$report" ] || cat "$$report"; \
+	if grep -qs '"status": "noop"' "$$report"; then echo "nothing pending: the database was already at head"; fi; \
+	echo "run history and artifacts: $${PREFECT_API_URL%/api}/runs"; \
+	exit $$outcome
+
+down:
+	$(BIN)/dbmigrate local down
 
 test: install-dev
 	$(BIN)/python -m pytest
@@ -36,5 +51,5 @@ bench: install-dev
 	$(BIN)/python benchmarks/backup_restore.py
 
 clean:
-	-$(BIN)/dbmigrate local stop
+	-$(BIN)/dbmigrate local down
 	rm -rf $(VENV) .dbmigrate

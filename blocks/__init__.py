@@ -3,7 +3,8 @@ objects dbmigrate works with (:func:`load_target`, :func:`load_policy`).
 
 Register the block types with ``prefect block register -m blocks``; then create one
 ``DatabaseCredentials`` document per environment (development, staging, production)
-in the UI or in code, named after the environment or recording it in ``environment``:
+in the UI, in code or from variables (``dbmigrate blocks sync --env NAME --from-env``,
+:mod:`blocks.sync`), named after the environment or recording it in ``environment``:
 the policy, tags, artifacts and concurrency limit of a run follow the database's
 environment, and a deployment for one environment refuses another's database.
 """

@@ -1,4 +1,4 @@
-"""The embedded local database: what `make demo` runs, with no URL and no block."""
+"""The embedded local database: what the command line uses with no URL and no block."""
 
 import json
 

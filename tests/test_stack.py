@@ -52,19 +52,21 @@ class Stack:
 
 @pytest.fixture
 def stack(home):
+    """A stack on fresh ports under the test's home; stopped at the end whatever happened."""
     stack = Stack(home)
-    pids = {}
     try:
         yield stack
     finally:
         try:
             pids = stack.pids()
         except (OSError, ValueError):
-            pass
-        run_cli(home, "local", "down")
-        for pid in pids.values():  # whatever down could not stop, even on failure
-            if psutil.pid_exists(pid):
-                os.kill(pid, 9)
+            pids = {}
+        try:
+            run_cli(home, "local", "down")
+        finally:
+            for pid in pids.values():  # whatever down could not stop
+                if _alive(pid):
+                    os.kill(pid, 9)
 
 
 def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(stack):
@@ -95,6 +97,7 @@ def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(st
     assert f"worker: running, pid {stack.pids()['worker']}, pool dbmigrate" in status.stdout
 
     _blocks_reach_their_databases(stack)
+    assert stack.cli("local", "env").stdout == f"export PREFECT_API_URL={stack.api}\n"
 
     second = stack.up()
     assert second.returncode == 0, second.stderr
@@ -128,6 +131,9 @@ def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(st
     assert after.returncode == 1
     assert after.stdout.splitlines() == [f"not running (data directory {stack.home.resolve() / 'pgdata'})",
                                          "prefect server: not running", "worker: not running"]
+    no_env = stack.cli("local", "env")
+    assert no_env.returncode == 2 and no_env.stderr.startswith("dbmigrate: error: the local Prefect server is not "
+                                                               "running")
 
     secret = stack.password
     for where in [*stack.outputs, stack.logs(), *(p.read_text() for p in reports_in(stack.home))]:
