@@ -116,11 +116,8 @@ def require_api() -> str:
     if not url:
         raise ConfigError("no Prefect API: set PREFECT_API_URL (your server's, or the one `dbmigrate local up` "
                           "prints)")
-    try:
-        with get_client(sync_client=True) as client:
-            error = client.api_healthcheck()
-    except Exception as exc:  # a malformed URL, say
-        error = exc
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
     if error is not None:
         raise ConfigError(f"the Prefect API at {url} is unreachable: {first_line(error)}")
     return url

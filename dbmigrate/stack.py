@@ -110,9 +110,9 @@ class Detached:
         psutil.wait_procs(family, timeout=5)
         return record["pid"]
 
-    def tail(self, lines: int = 1) -> str:
+    def last_line(self) -> str:
         try:
-            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-lines:])
+            return (self.log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
         except OSError:
             return "no log"
 
@@ -243,9 +243,9 @@ def _wait_for(condition: Callable[[], bool], part: Detached, what: str, record: 
     deadline = time.monotonic() + START_TIMEOUT_S
     while not condition():
         if record is None or not part.alive(record):
-            raise ConfigError(f"{what} exited: {part.tail()} (see {part.log})")
+            raise ConfigError(f"{what} exited: {part.last_line()} (see {part.log})")
         if time.monotonic() > deadline:
-            raise ConfigError(f"{what} is not ready after {START_TIMEOUT_S}s: {part.tail()} (see {part.log})")
+            raise ConfigError(f"{what} is not ready after {START_TIMEOUT_S}s: {part.last_line()} (see {part.log})")
         time.sleep(0.3)
 
 

@@ -94,8 +94,8 @@ def test_sync_creates_a_bucket_pair_that_backups_go_to(sync, cli, target, prefec
         f"dbmigrate-database-credentials/{name}: created",
         f"aws-credentials/{name}-aws: created",
         f"s3-bucket/{name}-backups: created",
-        f"backups of {name}: s3-bucket/{name}-backups (a run's backup_storage parameter, "
-        f"or DBMIGRATE_BACKUP_STORAGE=s3-bucket/{name}-backups on its worker)",
+        (f"backups of {name}: s3-bucket/{name}-backups (a run's backup_storage parameter, "
+         f"or DBMIGRATE_BACKUP_STORAGE=s3-bucket/{name}-backups on its worker)"),
     ]
     stored = S3Bucket.load(f"{name}-backups")
     assert (stored.bucket_name, stored.bucket_folder) == (bucket, "dbmigrate")
