@@ -182,10 +182,11 @@ class StepRun:
 
 
 def start_step(workflow: Workflow, job_name: str, step_id: str, context: dict, checkout: Path,
-               workdir: Path) -> StepRun:
+               workdir: Path, **changed_env: str) -> StepRun:
     """Start the step with the environment GitHub gives it: the workflow's, job's and step's
     ``env:`` rendered against ``context``, the runner's own variables, and a PATH whose
-    ``python`` is this one (the job's setup-python). Nothing else of this process's environment."""
+    ``python`` is this one (the job's setup-python). Nothing else of this process's environment;
+    ``changed_env`` replaces values the workflow sets (a shorter timeout, say)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "home").mkdir(exist_ok=True)
     for name in ("github_output", "step_summary"):
@@ -207,6 +208,8 @@ def start_step(workflow: Workflow, job_name: str, step_id: str, context: dict, c
     }
     for scope in (workflow.data, job, step):
         env.update({name: render(value, context) for name, value in scope.get("env", {}).items()})
+    assert set(changed_env) <= set(env), "only a value the workflow sets can be changed"
+    env.update(changed_env)
     script = workdir / "step.sh"
     script.write_text(step["run"])
     process = subprocess.Popen(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=checkout,

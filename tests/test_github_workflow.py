@@ -67,6 +67,10 @@ def test_inputs_reach_the_shell_only_through_env():
     inputs = WORKFLOW.triggers["workflow_dispatch"]["inputs"]
     assert inputs["environment"]["options"] == ["development", "staging", "production"]
     assert (inputs["target_revision"]["default"], inputs["backup"]["default"]) == ("head", True)
+    for job in ("migrate", "rollback"):
+        waits_s = int(WORKFLOW.step(job, "run")["env"]["WATCH_TIMEOUT"])
+        assert waits_s + 60 + 120 <= WORKFLOW.job(job)["timeout-minutes"] * 60, \
+            f"{job}: the step cancels the run and reports (60 s for the run to end) before GitHub stops the job"
 
 
 def test_the_script_needs_only_the_standard_library_and_prefect():
@@ -190,11 +194,11 @@ def event_context(environment: str, event: str = "workflow_dispatch", payload=No
     return {"github": github, "inputs": inputs}
 
 
-def start(server, tmp_path: Path, job: str, context: dict, name: str = "step"):
+def start(server, tmp_path: Path, job: str, context: dict, name: str = "step", **changed_env: str):
     """The job's `run` step, in a checkout of its own (what the step writes stays there)."""
     secrets = {"PREFECT_API_URL": server.api_url, "PREFECT_API_KEY": ""}
     return start_step(WORKFLOW, job, "run", {**context, "secrets": secrets}, checkout(tmp_path / name),
-                      tmp_path / name)
+                      tmp_path / name, **changed_env)
 
 
 def run_step(server, tmp_path: Path, job: str, context: dict, name: str = "step"):
@@ -336,4 +340,23 @@ def test_the_job_stopped_cancels_the_run(server, staging, target, tmp_path):
     assert f"the GitHub job was stopped (SIGTERM): asked Prefect to cancel flow run {run_id}" in result.stdout
     run = wait_until(lambda: (r := flow_run(run_id)).state.is_final() and r, 90, "the run to end")
     assert run.state.is_cancelled(), run.state
+    assert fingerprint_of(target) == before
+
+
+def test_a_run_still_going_when_the_wait_ends_is_cancelled(server, staging, target, tmp_path):
+    """The step's own timeout (WATCH_TIMEOUT, shortened here to about the time a worker takes to
+    start a run): the run is cancelled, started or not, and the job fails saying so. (The policy
+    asks for approval: a run that got further would wait, never migrate.)"""
+    staging(approval_required=True)
+    before = fingerprint_of(target)
+    step = start(server, tmp_path, "migrate", event_context(ENVIRONMENT), WATCH_TIMEOUT="8")
+    result = step.finish(timeout=120)
+    print(result.stdout)
+
+    assert result.returncode == 1
+    run = flow_run(step.outputs["flow_run_id"])
+    assert f"no final state within 8s: asked Prefect to cancel flow run {run.id}" in result.stdout
+    assert run.state.is_cancelled(), run.state
+    assert f"{MIGRATE}: timed out, Cancelled" in result.stdout
+    assert step.summary.startswith(f"### {MIGRATE}: timed out, Cancelled")
     assert fingerprint_of(target) == before
