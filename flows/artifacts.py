@@ -4,6 +4,7 @@ flow-run history they are the audit trail."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 from prefect.artifacts import (
@@ -96,12 +97,32 @@ def summary_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str
     return "\n".join(lines)
 
 
+def report_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str:
+    """The run's JSON report for anyone who can read the run (the GitHub workflow fetches it):
+    where it is stored, then all of it in one ```json fence. json.dumps escapes newlines, so no
+    line inside the fence can close it."""
+    report = outcome.report
+    if report.copies:  # in S3 beside the backups: reachable from anywhere, unlike the worker's disk
+        where = f"Stored at `{report.copies[0]}`."
+    elif outcome.report_path is not None:
+        where = f"Stored at `{socket.gethostname()}:{outcome.report_path.absolute()}`."
+    else:
+        where = f"Not stored: {outcome.report_error}."
+    return f"## {flow} {report.environment}: report\n\n{where}\n\n```json\n{report.to_json()}```\n"
+
+
+def publish_report(outcome: pipeline.Outcome, environment: str, flow: str = "db-migrate") -> None:
+    create_markdown_artifact(report_markdown(outcome, flow), key=f"{artifact_key(environment, flow)}-report",
+                             description=f"{flow} {environment}: the JSON report")
+
+
 def publish(outcome: pipeline.Outcome, environment: str, progress: BackupProgress | None = None,
             flow: str = "db-migrate") -> None:
     """The run's summary (and its revisions) under the flow's own keys: a db-rollback dry run
     never replaces the last db-migrate summary."""
     if progress is not None:
         progress.done()
+    publish_report(outcome, environment, flow)
     key = artifact_key(environment, flow)
     report = outcome.report
     create_markdown_artifact(summary_markdown(outcome, flow), key=key, description=f"{flow} {environment}")

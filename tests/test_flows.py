@@ -337,6 +337,7 @@ def test_db_backup_then_db_rollback_from_it_in_production(environment, target, h
     assert fingerprint_of(target) == changed
     refused = last_report(home)
     assert (refused["operation"], refused["status"], refused["error"]["phase"]) == ("restore", "failed", "approval")
+    assert json.loads(artifact("db-rollback-production-report").split("```json\n")[1].split("```")[0]) == refused
 
     state = rollback_answered({"approve": True, "approver": "Erin"})
     assert state.is_completed(), state.message
@@ -351,7 +352,8 @@ def test_db_backup_then_db_rollback_from_it_in_production(environment, target, h
     assert (report["operation"], report["status"], report["approval"]["approver"]) == ("restore", "succeeded", "Erin")
     assert report["restore"] == {"backup_id": backup_id, "tables_changing": ["public.t1"],
                                  "safety_backup": result["safety_backup"]}
-    assert {a.key for a in artifacts_of(state)} == {"db-rollback-production", "db-rollback-production-restore"}
+    assert {a.key for a in artifacts_of(state)} == {"db-rollback-production", "db-rollback-production-restore",
+                                                   "db-rollback-production-report"}
 
 
 def test_db_health_reports_pending_revisions_and_drift(environment, target, tmp_path, cli, url, pg_cluster):
@@ -646,3 +648,44 @@ def test_health_checks_retry_until_the_server_comes_up(flow_name, environment, t
     assert fingerprint_of(target).revisions == (("r1",) if flow_name == "db-migrate" else ())
     [health_run] = [t for t in task_runs_of(state) if t.name.startswith("health_checks")]
     assert health_run.run_count == 2 and health_run.state.is_completed()
+
+
+def test_the_report_artifact_holds_the_whole_report_and_where_it_is(environment, target, home, tmp_path,
+                                                                     s3_endpoint):
+    """`<flow>-<environment>-report`, read through the API as the GitHub workflow reads it: the
+    report file's JSON, byte for byte, and where it is stored (the worker's host and absolute path,
+    or the S3 copy)."""
+    import socket
+    import uuid
+
+    from dbmigrate.storage import S3Storage
+    from tests.github_actions import prefect_run_script
+    from tests.helpers import s3_bucket_block
+
+    fetch = prefect_run_script().fetch_report
+    ini = str(stock_project(tmp_path, linear(table_step("t1"), table_step("t2"))))
+    name = environment("staging")
+
+    def published(state, key: str) -> str:
+        [markdown] = [a.data for a in artifacts_of(state) if a.key == key]
+        assert_no_canary(markdown, f"the artifact {key}")
+        assert fetch(state.state_details.flow_run_id, key) == reports_in(home)[-1].read_text()
+        return markdown
+
+    state = run_flow(environment=name, alembic_config=ini, target_revision="r1")
+    assert state.is_completed(), state.message
+    markdown = published(state, "db-migrate-staging-report")
+    assert f"Stored at `{socket.gethostname()}:{reports_in(home)[-1]}`." in markdown
+
+    block = s3_bucket_block(s3_endpoint, "reports-" + uuid.uuid4().hex[:8])
+    S3Storage.from_block(block).client.create_bucket(Bucket=block.bucket_name)
+    block.save("report-bucket", overwrite=True)
+    state = run_flow(environment=name, alembic_config=ini, backup_storage="s3-bucket/report-bucket")
+    assert state.is_completed(), state.message
+    [copy] = last_report(home)["copies"]
+    assert copy.startswith(f"s3://{block.bucket_name}/reports/")
+    assert f"Stored at `{copy}`." in published(state, "db-migrate-staging-report")
+
+    state = run_named("db-rollback", environment=name, to_revision="r1", alembic_config=ini)
+    assert state.is_completed() and state.result()["status"] == "dry_run"
+    published(state, "db-rollback-staging-report")

@@ -1,0 +1,230 @@
+"""GitHub Actions in miniature, to run a workflow's own shell steps in the tests: the `${{ }}`
+expressions our workflows use, evaluated against a context (inputs, github, secrets, steps,
+needs) as GitHub does, and a `run:` step executed the way the runner executes it: its text in a
+file run by `bash --noprofile --norc -eo pipefail`, with the `env:` GitHub sets and the files
+behind $GITHUB_OUTPUT and $GITHUB_STEP_SUMMARY."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+EXPRESSION = re.compile(r"\$\{\{(.*?)\}\}", re.DOTALL)
+STATUS_FUNCTIONS = ("success", "failure", "always", "cancelled")
+
+
+def _split(expression: str, operator: str) -> list[str]:
+    """``expression`` split at ``operator`` outside 'quoted literals'."""
+    parts, start, quoted, i = [], 0, False, 0
+    while i < len(expression):
+        if expression[i] == "'":
+            quoted = not quoted
+        elif not quoted and expression.startswith(operator, i):
+            parts.append(expression[start:i])
+            start = i = i + len(operator)
+            continue
+        i += 1
+    return [*parts, expression[start:]]
+
+
+def _truthy(value) -> bool:
+    return value not in (None, False, 0, "") and not (isinstance(value, float) and math.isnan(value))
+
+
+def _number(value) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value.strip() or 0)
+    except (ValueError, AttributeError):
+        return math.nan
+
+
+def _equal(a, b) -> bool:
+    """GitHub's loose equality: strings case-insensitively, other mixes as numbers (null is 0)."""
+    if isinstance(a, str) and isinstance(b, str):
+        return a.lower() == b.lower()
+    if type(a) is type(b):
+        return a == b
+    return _number(a) == _number(b)
+
+
+def evaluate(expression: str, context: dict, job_status: str = "success"):
+    """The expressions our workflows use: context paths (a missing one is null), 'literals',
+    toJSON(path), the status functions, ==, !=, && and || (which return an operand, as GitHub's do)."""
+    expression = expression.strip()
+    for operator, stop in (("||", _truthy), ("&&", lambda v: not _truthy(v))):
+        parts = _split(expression, operator)
+        if len(parts) > 1:
+            for part in parts:
+                value = evaluate(part, context, job_status)
+                if stop(value):
+                    return value
+            return value
+    for operator in ("!=", "=="):
+        parts = _split(expression, operator)
+        if len(parts) == 2:
+            same = _equal(*(evaluate(p, context, job_status) for p in parts))
+            return same if operator == "==" else not same
+    if expression.startswith("'"):
+        return expression[1:-1].replace("''", "'")
+    if call := re.fullmatch(r"(\w+)\((.*)\)", expression):
+        name, argument = call.groups()
+        if name.lower() == "tojson":
+            return json.dumps(evaluate(argument, context, job_status), indent=2)
+        assert name in STATUS_FUNCTIONS and not argument, f"unsupported function {expression}"
+        return {"success": job_status == "success", "failure": job_status == "failure",
+                "always": True, "cancelled": job_status == "cancelled"}[name]
+    assert re.fullmatch(r"[A-Za-z_][\w.-]*", expression), f"unsupported expression {expression!r}"
+    value = context
+    for key in expression.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def as_string(value) -> str:
+    """A value as GitHub writes it into a string (an env value, an output)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, indent=2)
+    return str(value)
+
+
+def render(text, context: dict, job_status: str = "success") -> str:
+    return EXPRESSION.sub(lambda m: as_string(evaluate(m.group(1), context, job_status)), str(text))
+
+
+def condition(text: str, context: dict, job_status: str) -> bool:
+    """A job's or step's ``if:``, with or without ``${{ }}``."""
+    inner = EXPRESSION.fullmatch(text.strip())
+    return _truthy(evaluate(inner.group(1) if inner else text, context, job_status))
+
+
+def parse_outputs(text: str) -> dict[str, str]:
+    """$GITHUB_OUTPUT: ``name=value`` lines and ``name<<DELIMITER`` blocks."""
+    outputs, lines = {}, iter(text.splitlines())
+    for line in lines:
+        if "<<" in line and ("=" not in line or line.index("<<") < line.index("=")):
+            name, delimiter = line.split("<<", 1)
+            body = []
+            for inner in lines:
+                if inner == delimiter:
+                    break
+                body.append(inner)
+            outputs[name] = "\n".join(body)
+        elif "=" in line:
+            name, value = line.split("=", 1)
+            outputs[name] = value
+    return outputs
+
+
+@dataclass
+class Workflow:
+    path: Path
+
+    @property
+    def data(self) -> dict:
+        return yaml.safe_load(self.path.read_text())
+
+    @property
+    def triggers(self) -> dict:
+        return self.data[True]  # YAML 1.1 reads the key `on` as true
+
+    def job(self, name: str) -> dict:
+        return self.data["jobs"][name]
+
+    def step(self, job: str, step_id: str) -> dict:
+        [step] = [s for s in self.job(job)["steps"] if s.get("id") == step_id]
+        return step
+
+    def run_steps(self) -> list[dict]:
+        return [s for job in self.data["jobs"].values() for s in job["steps"] if "run" in s]
+
+
+@dataclass
+class StepRun:
+    """One `run:` step started as the runner starts it; ``process`` is bash, the step's entry process."""
+
+    process: subprocess.Popen
+    workdir: Path
+
+    def finish(self, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            out, _ = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # as the runner does in the end: the step's whole process tree
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, "")
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return parse_outputs((self.workdir / "github_output").read_text())
+
+    @property
+    def summary(self) -> str:
+        return (self.workdir / "step_summary").read_text()
+
+
+def start_step(workflow: Workflow, job_name: str, step_id: str, context: dict, checkout: Path,
+               workdir: Path, **changed_env: str) -> StepRun:
+    """Start the step with the environment GitHub gives it: the workflow's, job's and step's
+    ``env:`` rendered against ``context``, the runner's own variables, and a PATH whose
+    ``python`` is this one (the job's setup-python). Nothing else of this process's environment;
+    ``changed_env`` replaces values the workflow sets (a shorter timeout, say)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "home").mkdir(exist_ok=True)
+    for name in ("github_output", "step_summary"):
+        (workdir / name).write_text("")
+    job = workflow.job(job_name)
+    step = workflow.step(job_name, step_id)
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(workdir / "home"),
+        "LANG": "C.UTF-8",
+        "CI": "true",
+        "GITHUB_ACTIONS": "true",
+        "GITHUB_EVENT_NAME": context["github"]["event_name"],
+        "GITHUB_ACTOR": context["github"]["actor"],
+        "GITHUB_RUN_ID": str(context["github"]["run_id"]),
+        "GITHUB_WORKSPACE": str(checkout),
+        "GITHUB_OUTPUT": str(workdir / "github_output"),
+        "GITHUB_STEP_SUMMARY": str(workdir / "step_summary"),
+    }
+    for scope in (workflow.data, job, step):
+        env.update({name: render(value, context) for name, value in scope.get("env", {}).items()})
+    assert set(changed_env) <= set(env), "only a value the workflow sets can be changed"
+    env.update(changed_env)
+    script = workdir / "step.sh"
+    script.write_text(step["run"])
+    process = subprocess.Popen(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=checkout,
+                               env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    return StepRun(process, workdir)
+
+
+def prefect_run_script():
+    """.github/scripts/prefect_run.py as a module: the reader of the flows' report artifact."""
+    import importlib.util
+
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("prefect_run", REPO / ".github" / "scripts" / "prefect_run.py")
+    module = sys.modules["prefect_run"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    spec.loader.exec_module(module)
+    return module

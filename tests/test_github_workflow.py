@@ -1,0 +1,362 @@
+"""The GitHub workflow (.github/workflows/db-migrate.yml): valid for GitHub, and its own shell
+steps, run as the runner runs them (tests/github_actions.py), against a real `prefect server
+start` and a process worker running prefect.yaml's deployments: hostile inputs arrive as typed
+and execute nothing, a good run writes its summary and fetches its report, a failed one says
+why and the rollback job takes the database back, a cancelled job cancels the run."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.github_actions import Workflow, condition, prefect_run_script, render, start_step
+from tests.helpers import REPO, assert_no_canary, fingerprint_of, save_environment
+from tests.pgcluster import free_port
+from tests.prefect_server import PrefectServer, Worker, prefect, wait_until
+from tests.projects import linear, stock_project
+from tests.test_orchestration import deployed
+
+WORKFLOW = Workflow(REPO / ".github" / "workflows" / "db-migrate.yml")
+SCRIPT = REPO / ".github" / "scripts" / "prefect_run.py"
+ENVIRONMENT = "staging"
+# COMMON10's deployment names, which the workflow runs. Until prefect.yaml carries them (helper
+# `deploy`), the rollback deployment is copied under its agreed name from the one prefect.yaml has.
+MIGRATE, ROLLBACK, ROLLBACK_TODAY = f"db-migrate/{ENVIRONMENT}", f"db-rollback/{ENVIRONMENT}-rollback", \
+    f"db-rollback/{ENVIRONMENT}"
+
+
+def table(name: str) -> tuple[str, str]:
+    return f"op.create_table('{name}', sa.Column('id', sa.Integer))", f"op.drop_table('{name}')"
+
+
+def checkout(directory: Path) -> Path:
+    """What actions/checkout leaves for the steps (the steps use only .github/)."""
+    shutil.copytree(REPO / ".github", directory / "checkout" / ".github")
+    return directory / "checkout"
+
+
+# --- the workflow as GitHub reads it -------------------------------------------------------
+
+def test_the_workflows_are_valid_for_github():
+    """GitHub's own schema (bundled with check-jsonschema: no network)."""
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    workflows = sorted(str(p) for p in (REPO / ".github" / "workflows").glob("*.yml"))
+    result = subprocess.run([str(checker), "--builtin-schema", "vendor.github-workflows", *workflows],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_inputs_reach_the_shell_only_through_env():
+    for step in WORKFLOW.run_steps():
+        assert "${{" not in step["run"], f"an expression in the shell text of {step.get('name', step['run'])}"
+    migrate = WORKFLOW.step("migrate", "run")
+    assert {"TARGET_REVISION", "BACKUP", "DRY_RUN", "REQUESTED_BY"} <= set(migrate["env"])
+    assert WORKFLOW.data["permissions"] == {"contents": "read"}
+    assert set(WORKFLOW.triggers) == {"workflow_dispatch", "deployment"}
+    inputs = WORKFLOW.triggers["workflow_dispatch"]["inputs"]
+    assert inputs["environment"]["options"] == ["development", "staging", "production"]
+    assert (inputs["target_revision"]["default"], inputs["backup"]["default"]) == ("head", True)
+    for job in ("migrate", "rollback"):
+        waits_s = int(WORKFLOW.step(job, "run")["env"]["WATCH_TIMEOUT"])
+        assert waits_s + 60 + 120 <= WORKFLOW.job(job)["timeout-minutes"] * 60, \
+            f"{job}: the step cancels the run and reports (60 s for the run to end) before GitHub stops the job"
+
+
+def test_the_script_needs_only_the_standard_library_and_prefect():
+    """The job installs prefect and nothing else."""
+    tree = ast.parse(SCRIPT.read_text())
+    roots = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+             for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+             for alias in node.names}
+    assert roots - {"__future__", "prefect", "httpx"} <= set(sys.stdlib_module_names), roots
+
+
+def test_the_workflow_runs_deployments_and_parameters_that_exist():
+    from prefect.flows import load_flow_from_entrypoint
+
+    script = prefect_run_script()
+    for kind, entrypoint in (("migrate", "flows/migrate.py:db_migrate"), ("rollback", "flows/db_rollback.py:db_rollback")):
+        request = script.REQUESTS[kind]({"ENVIRONMENT": ENVIRONMENT, "TO_REVISION": "11"})
+        flow = load_flow_from_entrypoint(str(REPO / entrypoint))
+        assert request.flow == flow.name and set(request.parameters) <= set(inspect.signature(flow.fn).parameters)
+    assert (script.REQUESTS["migrate"]({"ENVIRONMENT": ENVIRONMENT}).deployment, request.deployment) == (MIGRATE,
+                                                                                                         ROLLBACK)
+    options = WORKFLOW.triggers["workflow_dispatch"]["inputs"]["environment"]["options"]
+    deployments = {d["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+                   if d["entrypoint"].endswith(":db_migrate")}
+    assert set(options) == deployments == set(script.ENVIRONMENTS)
+
+
+@pytest.mark.parametrize("event, environment, inputs, secrets, says", [
+    ("deployment", "github-pages", {}, {},
+     "unknown environment 'github-pages': expected one of development, staging, production"),
+    ("deployment", "staging", {"backup": "maybe"}, {}, "backup must be true or false, not 'maybe'"),
+    ("deployment", "staging", {"target_revision": ["12"]}, {},
+     "target_revision must be a revision id, 'head', 'base' or a relative one like '-1', not ['12']"),
+    ("workflow_dispatch", "staging", {}, {"PREFECT_API_URL": ""},
+     "PREFECT_API_URL is not set: add it to the repository's (or the environment's) secrets"),
+    ("workflow_dispatch", "staging", {}, {"PREFECT_API_URL": "http://127.0.0.1:{port}/api"},
+     "cannot reach the Prefect API at http://127.0.0.1:{port}/api: "),
+], ids=["unknown environment", "not a boolean", "not a revision", "no API URL", "API unreachable"])
+def test_bad_input_is_refused_in_one_line_before_any_run(event, environment, inputs, secrets, says, tmp_path):
+    port = free_port()
+    secrets = {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api", **{k: v.format(port=port) for k, v in secrets.items()}}
+    context = event_context(environment, event, inputs) if event == "deployment" else event_context(environment)
+    step = start_step(WORKFLOW, "migrate", "run", {**context, "secrets": secrets}, checkout(tmp_path), tmp_path)
+    result = step.finish(timeout=120)
+    assert result.returncode == 2
+    [line] = result.stdout.splitlines()[1:]
+    assert line.startswith(f"migrate: error: {says.format(port=port)}"), line
+
+
+def test_the_rollback_job_runs_after_a_failure_outside_production_only():
+    rollback = WORKFLOW.job("rollback")
+    needs = {"migrate": {"result": "failure", "outputs": {"rollback_to": "11"}}}
+    for environment, event, expected in [("staging", "workflow_dispatch", True), ("development", "deployment", True),
+                                         ("production", "workflow_dispatch", False),
+                                         ("production", "deployment", False)]:
+        context = {**event_context(environment, event), "needs": needs}
+        assert condition(rollback["if"], context, "failure") is expected, (environment, event)
+    context = {**event_context("staging", "workflow_dispatch"), "needs": needs}
+    assert not condition(rollback["if"], context, "success"), "the migration succeeded"
+    nothing = {"migrate": {"result": "failure", "outputs": {}}}
+    assert not condition(rollback["if"], {**context, "needs": nothing}, "failure"), "nothing to roll back"
+
+
+# --- the shell steps against a real server -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """11 <- 12 <- 13, all-digit revision ids, one transaction each; 13 fails after creating t3."""
+    t3, drop_t3 = table("t3")
+    steps = linear(table("t1"), table("t2"), (f"{t3}; op.execute('SELECT 1/0')", drop_t3), prefix="1")
+    return stock_project(tmp_path_factory.mktemp("project"), steps, transaction_per_migration=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, project):
+    """One server, prefect.yaml deployed, and one process worker running the deployments with the
+    module's project (ALEMBIC_CONFIG: the workflow passes no alembic_config) and its own home."""
+    from prefect.client.orchestration import get_client
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with deployed(PrefectServer(home)) as server:
+        with get_client(sync_client=True) as client:
+            names = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
+            if ROLLBACK not in names:
+                today = client.read_deployment_by_name(ROLLBACK_TODAY)
+                client.create_deployment(
+                    flow_id=today.flow_id, name=ROLLBACK.split("/")[1], entrypoint=today.entrypoint,
+                    path=today.path, pull_steps=today.pull_steps, parameters=today.parameters, tags=today.tags,
+                    work_pool_name=today.work_pool_name, work_queue_name=today.work_queue_name,
+                    parameter_openapi_schema=today.parameter_openapi_schema)
+        state = home / "worker-home"
+        environ = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(state),
+                                 ALEMBIC_CONFIG=str(project))
+        worker = Worker(server, environ, home / "worker.log")
+        worker.start()
+        server.worker_home = state
+        try:
+            yield server
+        finally:
+            worker.kill_all()
+
+
+@pytest.fixture
+def staging(server, target, cli, url, project):
+    """The test's database at 11, as the staging environment of the server (credentials and a
+    quick policy, overridden by ``policy``)."""
+    assert cli("upgrade", "-r", "11", "--yes", "--alembic-config", str(project),
+               env={"DATABASE_URL": url}).returncode == 0
+    return lambda **policy: save_environment(target, ENVIRONMENT, **policy)
+
+
+def event_context(environment: str, event: str = "workflow_dispatch", payload=None, **inputs) -> dict:
+    """The expression context of a run of the workflow: a workflow_dispatch with ``inputs`` (as
+    GitHub fills in defaults), or a deployment event with ``payload``."""
+    github = {"event_name": event, "actor": "octocat", "run_id": 4242}
+    if event == "deployment":
+        github["event"] = {"deployment": {"environment": environment, "payload": payload or {}}}
+        return {"github": github, "inputs": {}}
+    inputs = {"environment": environment, "target_revision": "head", "backup": True, "dry_run": False, **inputs}
+    github["event"] = {"inputs": {k: str(v).lower() if isinstance(v, bool) else v for k, v in inputs.items()}}
+    return {"github": github, "inputs": inputs}
+
+
+def start(server, tmp_path: Path, job: str, context: dict, name: str = "step", **changed_env: str):
+    """The job's `run` step, in a checkout of its own (what the step writes stays there)."""
+    secrets = {"PREFECT_API_URL": server.api_url, "PREFECT_API_KEY": ""}
+    return start_step(WORKFLOW, job, "run", {**context, "secrets": secrets}, checkout(tmp_path / name),
+                      tmp_path / name, **changed_env)
+
+
+def run_step(server, tmp_path: Path, job: str, context: dict, name: str = "step"):
+    step = start(server, tmp_path, job, context, name)
+    result = step.finish(timeout=240)
+    assert "Traceback" not in result.stdout, result.stdout
+    assert_no_canary(result.stdout + step.summary, "the job's output")
+    print(result.stdout)
+    return step, result
+
+
+def flow_run(run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id)
+
+
+def worker_reports(server) -> list[str]:
+    """The reports the runs wrote on the worker's disk."""
+    return [p.read_text() for p in (server.worker_home / "reports").glob("*.json")]
+
+
+def test_a_hostile_revision_arrives_as_typed_and_executes_nothing(server, staging, target, tmp_path):
+    staging()
+    marker = tmp_path / "pwned"
+    hostile = f"it's \"$(touch {marker})\" `touch {marker}`; touch {marker} #"
+    before = fingerprint_of(target)
+
+    step, result = run_step(server, tmp_path, "migrate", event_context(ENVIRONMENT, target_revision=hostile))
+
+    assert result.returncode == 1
+    assert not marker.exists(), "the revision was executed"
+    run = flow_run(step.outputs["flow_run_id"])
+    assert run.parameters["target_revision"] == hostile
+    assert run.state.is_failed() and run.state.message.startswith(f"plan failed: malformed revision {hostile!r}")
+    assert f"{MIGRATE}: Failed: {run.state.message}" in result.stdout, "the job says why"
+    assert result.stdout.startswith("::stop-commands::"), "the run's text is never read as workflow commands"
+    assert fingerprint_of(target) == before
+    assert "rollback_to" not in step.outputs, "nothing changed: nothing to roll back"
+
+
+def test_a_good_run_with_an_all_digit_revision(server, staging, target, tmp_path):
+    """`12` reaches the flow as the string "12" (`--param target_revision=12` would send the number);
+    the step summary tells the story and the report uploaded is the one the run wrote."""
+    staging()
+    step, result = run_step(server, tmp_path, "migrate", event_context(ENVIRONMENT, target_revision="12"))
+
+    assert result.returncode == 0, result.stdout
+    run = flow_run(step.outputs["flow_run_id"])
+    assert run.parameters["target_revision"] == "12" and run.state.is_completed()
+    assert fingerprint_of(target).revisions == ("12",)
+    fetched = (step.workdir / "checkout" / step.outputs["report"]).read_text()
+    assert step.outputs["report"].startswith("migration-reports/"), "where the upload step looks"
+    assert fetched in worker_reports(server), "the report as the run wrote it"
+    report = json.loads(fetched)
+    assert report["operator"] == "octocat (GitHub Actions run 4242)" and report["revision_after"] == "12"
+    summary = step.summary
+    assert summary.startswith(f"### {MIGRATE}: Completed")
+    assert "` 11 ` → ` 12 ` (target ` 12 `)" in summary and f"{report['duration_s']} s" in summary
+    assert f"]({server.api_url.removesuffix('/api')}/runs/flow-run/{run.id})" in summary, "a link to the run"
+
+
+def test_the_documented_json_forms_send_an_all_digit_revision(server, staging, tmp_path):
+    """README "Running it from Prefect": what `prefect deployment run` needs for such a revision."""
+    staging(approval_required=True)  # the runs wait for an answer: nothing is changed, and they are cancelled
+    refused = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", MIGRATE,
+                              "--param", "target_revision=12"], env=server.environ(), cwd=REPO,
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 1 and "12 is not of type 'string'" in refused.stdout
+    for form in (["--params", '{"target_revision": "12"}'], ["--param", 'target_revision="12"']):
+        out = prefect(server, "deployment", "run", MIGRATE, *form, cwd=REPO)
+        run_id = out.split("UUID: ")[1].split()[0]
+        assert flow_run(run_id).parameters["target_revision"] == "12"
+        prefect(server, "flow-run", "cancel", run_id, cwd=REPO)
+        wait_until(lambda run_id=run_id: flow_run(run_id).state.is_final(), 90, "the run to be cancelled")
+
+
+def test_a_failed_migration_says_why_and_the_rollback_job_takes_it_back(server, staging, target, tmp_path):
+    staging(auto_rollback=False)  # the flow leaves the database where the failure left it
+    before = fingerprint_of(target)
+    context = event_context(ENVIRONMENT)
+    step, result = run_step(server, tmp_path, "migrate", context)
+
+    assert result.returncode == 1
+    run = flow_run(step.outputs["flow_run_id"])
+    assert run.state.message.startswith("migrate failed: revision 13 failed: division by zero"), run.state.message
+    assert f"{MIGRATE}: Failed: {run.state.message}" in result.stdout
+    assert "last log lines of flow run" in result.stdout and "division by zero" in result.stdout.split("last log")[1]
+    assert fingerprint_of(target).revisions == ("12",), "12 committed, 13 failed"
+    assert "failed in | migrate:" in step.summary
+
+    job = WORKFLOW.data["jobs"]["migrate"]
+    needs = {"migrate": {"result": "failure", "outputs": {
+        name: render(value, {"steps": {"run": {"outputs": step.outputs}}}) for name, value in job["outputs"].items()}}}
+    assert needs["migrate"]["outputs"]["rollback_to"] == "11"
+    context = {**context, "needs": needs}
+    assert condition(WORKFLOW.job("rollback")["if"], context, "failure")
+    step, result = run_step(server, tmp_path, "rollback", context, name="rollback")
+
+    assert result.returncode == 0, result.stdout
+    run = flow_run(step.outputs["flow_run_id"])
+    assert run.parameters == {"environment": ENVIRONMENT, "to_revision": "11", "dry_run": False,
+                              "requested_by": "octocat (GitHub Actions run 4242, rollback)"}
+    assert fingerprint_of(target) == before
+    assert step.summary.startswith(f"### {ROLLBACK}: Completed")
+    assert step.outputs["report"].startswith("rollback-reports/")
+
+
+def test_production_without_a_backup_is_refused_before_any_run(server, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = len(client.read_flow_runs())
+    _, result = run_step(server, tmp_path, "migrate", event_context("production", backup=False))
+    assert result.returncode == 2
+    assert result.stdout.splitlines()[1:] == [
+        "migrate: error: production requires a backup before migrating: backup=false is refused"]
+    with get_client(sync_client=True) as client:
+        assert len(client.read_flow_runs()) == runs
+
+
+def test_the_job_stopped_cancels_the_run(server, staging, target, tmp_path):
+    """GitHub signals the step's entry process when the job is cancelled or times out (SIGINT,
+    then SIGTERM): the Prefect run is cancelled, not left waiting. Here a deployment event's
+    run, paused for approval."""
+    staging(approval_required=True)
+    before = fingerprint_of(target)
+    step = start(server, tmp_path, "migrate", event_context(ENVIRONMENT, "deployment", {"target_revision": 12}))
+    run_id = wait_until(lambda: step.outputs.get("flow_run_id"), 60, "the flow run")
+    wait_until(lambda: flow_run(run_id).state.is_paused(), 120, "the run to wait for approval")
+    assert flow_run(run_id).parameters["target_revision"] == "12"
+    os.kill(step.process.pid, signal.SIGTERM)
+    stopped = time.monotonic()
+    result = step.finish(timeout=60)
+
+    assert result.returncode == 128 + signal.SIGTERM, result.stdout
+    assert time.monotonic() - stopped < 10, "GitHub kills the step 10 s after its first signal"
+    assert f"the GitHub job was stopped (SIGTERM): asked Prefect to cancel flow run {run_id}" in result.stdout
+    run = wait_until(lambda: (r := flow_run(run_id)).state.is_final() and r, 90, "the run to end")
+    assert run.state.is_cancelled(), run.state
+    assert fingerprint_of(target) == before
+
+
+def test_a_run_still_going_when_the_wait_ends_is_cancelled(server, staging, target, tmp_path):
+    """The step's own timeout (WATCH_TIMEOUT, shortened here to about the time a worker takes to
+    start a run): the run is cancelled, started or not, and the job fails saying so. (The policy
+    asks for approval: a run that got further would wait, never migrate.)"""
+    staging(approval_required=True)
+    before = fingerprint_of(target)
+    step = start(server, tmp_path, "migrate", event_context(ENVIRONMENT), WATCH_TIMEOUT="8")
+    result = step.finish(timeout=120)
+    print(result.stdout)
+
+    assert result.returncode == 1
+    run = flow_run(step.outputs["flow_run_id"])
+    assert f"no final state within 8s: asked Prefect to cancel flow run {run.id}" in result.stdout
+    assert run.state.is_cancelled(), run.state
+    assert f"{MIGRATE}: timed out, Cancelled" in result.stdout
+    assert step.summary.startswith(f"### {MIGRATE}: timed out, Cancelled")
+    assert fingerprint_of(target) == before
