@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dbmigrate.target import DatabaseTarget
-from tests import pgcluster
+from tests import local_stack, pgcluster
 from tests.helpers import libpq_url, run_cli, s3_bucket_block, save_environment
 
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -98,3 +98,10 @@ def pytest_collection_modifyitems(items):
     """The unit layer (tests/unit: no servers, about a second) runs first: a broken rule shows
     at once, not after the servers have started."""
     items.sort(key=lambda item: not item.nodeid.startswith("tests/unit/"))
+
+
+@pytest.fixture
+def stack(home):
+    """The local stack on fresh ports under the test's home, stopped at the end whatever happened."""
+    with local_stack.running(home) as stack:
+        yield stack

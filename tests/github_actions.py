@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from tests.helpers import REPO
 
 EXPRESSION = re.compile(r"\$\{\{(.*?)\}\}", re.DOTALL)
 STATUS_FUNCTIONS = ("success", "failure", "always", "cancelled")
@@ -222,9 +225,25 @@ def prefect_run_script():
     """.github/scripts/prefect_run.py as a module: the reader of the flows' report artifact."""
     import importlib.util
 
-    from tests.helpers import REPO
-
     spec = importlib.util.spec_from_file_location("prefect_run", REPO / ".github" / "scripts" / "prefect_run.py")
     module = sys.modules["prefect_run"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
     spec.loader.exec_module(module)
     return module
+
+
+def checkout(directory: Path) -> Path:
+    """What actions/checkout leaves for the steps (the steps use only .github/)."""
+    shutil.copytree(REPO / ".github", directory / "checkout" / ".github")
+    return directory / "checkout"
+
+
+def event_context(environment: str, event: str = "workflow_dispatch", payload=None, **inputs) -> dict:
+    """The expression context of a run of the workflow: a workflow_dispatch with ``inputs`` (as
+    GitHub fills in defaults), or a deployment event with ``payload``."""
+    github = {"event_name": event, "actor": "octocat", "run_id": 4242}
+    if event == "deployment":
+        github["event"] = {"deployment": {"environment": environment, "payload": payload or {}}}
+        return {"github": github, "inputs": {}}
+    inputs = {"environment": environment, "target_revision": "head", "backup": True, "dry_run": False, **inputs}
+    github["event"] = {"inputs": {k: str(v).lower() if isinstance(v, bool) else v for k, v in inputs.items()}}
+    return {"github": github, "inputs": inputs}

@@ -10,7 +10,6 @@ import ast
 import inspect
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.github_actions import Workflow, condition, prefect_run_script, render, start_step
+from tests.github_actions import (
+    Workflow,
+    checkout,
+    condition,
+    event_context,
+    prefect_run_script,
+    render,
+    start_step,
+)
 from tests.helpers import REPO, assert_no_canary, fingerprint_of, save_environment
 from tests.pgcluster import free_port
 from tests.prefect_server import PrefectServer, Worker, prefect, wait_until
@@ -38,12 +45,6 @@ MIGRATE, ROLLBACK, ROLLBACK_TODAY = f"db-migrate/{ENVIRONMENT}", f"db-rollback/{
 
 def table(name: str) -> tuple[str, str]:
     return f"op.create_table('{name}', sa.Column('id', sa.Integer))", f"op.drop_table('{name}')"
-
-
-def checkout(directory: Path) -> Path:
-    """What actions/checkout leaves for the steps (the steps use only .github/)."""
-    shutil.copytree(REPO / ".github", directory / "checkout" / ".github")
-    return directory / "checkout"
 
 
 # --- the workflow as GitHub reads it -------------------------------------------------------
@@ -180,18 +181,6 @@ def staging(server, target, cli, url, project):
     assert cli("upgrade", "-r", "11", "--yes", "--alembic-config", str(project),
                env={"DATABASE_URL": url}).returncode == 0
     return lambda **policy: save_environment(target, ENVIRONMENT, **policy)
-
-
-def event_context(environment: str, event: str = "workflow_dispatch", payload=None, **inputs) -> dict:
-    """The expression context of a run of the workflow: a workflow_dispatch with ``inputs`` (as
-    GitHub fills in defaults), or a deployment event with ``payload``."""
-    github = {"event_name": event, "actor": "octocat", "run_id": 4242}
-    if event == "deployment":
-        github["event"] = {"deployment": {"environment": environment, "payload": payload or {}}}
-        return {"github": github, "inputs": {}}
-    inputs = {"environment": environment, "target_revision": "head", "backup": True, "dry_run": False, **inputs}
-    github["event"] = {"inputs": {k: str(v).lower() if isinstance(v, bool) else v for k, v in inputs.items()}}
-    return {"github": github, "inputs": inputs}
 
 
 def start(server, tmp_path: Path, job: str, context: dict, name: str = "step", **changed_env: str):

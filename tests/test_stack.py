@@ -9,64 +9,15 @@ import stat
 import subprocess
 import threading
 import time
-from pathlib import Path
 
-import psutil
 import psycopg
 import pytest
 
 from tests.helpers import REPO, SAMPLE_HEAD, reports_in, run_cli
-from tests.pgcluster import free_port
+from tests.local_stack import Stack, alive
 from tests.prefect_server import PREFECT
 
 ENVIRONMENTS = ("development", "staging", "production")
-
-
-class Stack:
-    def __init__(self, home: Path):
-        self.home, self.pg_port, self.prefect_port = home, free_port(), free_port()
-        self.api = f"http://127.0.0.1:{self.prefect_port}/api"
-        self.outputs: list[str] = []
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        result = run_cli(self.home, *args)
-        self.outputs.append(result.stdout + result.stderr)
-        return result
-
-    def up(self) -> subprocess.CompletedProcess:
-        return self.cli("local", "up", "--pg-port", str(self.pg_port), "--prefect-port", str(self.prefect_port))
-
-    @property
-    def password(self) -> str:
-        return (self.home / "local-password").read_text().strip()
-
-    def pids(self) -> dict[str, int]:
-        prefect = self.home / "prefect"
-        return {"worker": json.loads((prefect / "worker.pid").read_text())["pid"],
-                "server": json.loads((prefect / "server.pid").read_text())["pid"],
-                "postgresql": int((self.home / "pgdata" / "postmaster.pid").read_text().split()[0])}
-
-    def logs(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in (self.home / "prefect").glob("*.log"))
-
-
-@pytest.fixture
-def stack(home):
-    """A stack on fresh ports under the test's home; stopped at the end whatever happened."""
-    stack = Stack(home)
-    try:
-        yield stack
-    finally:
-        try:
-            pids = stack.pids()
-        except (OSError, ValueError):
-            pids = {}
-        try:
-            run_cli(home, "local", "down")
-        finally:
-            for pid in pids.values():  # whatever down could not stop
-                if _alive(pid):
-                    os.kill(pid, 9)
 
 
 def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(stack):
@@ -165,19 +116,12 @@ def _watch_exits(pids: dict[str, int]) -> dict[str, float]:
         deadline = time.monotonic() + 120
         while len(gone) < len(pids) and time.monotonic() < deadline:
             for name, pid in pids.items():
-                if name not in gone and not _alive(pid):
+                if name not in gone and not alive(pid):
                     gone[name] = time.monotonic()
             time.sleep(0.01)
 
     threading.Thread(target=watch, daemon=True).start()
     return gone
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_local_up_refuses_busy_ports_and_starts_nothing(home):

@@ -1,0 +1,153 @@
+"""End to end, as an operator runs it (`make e2e`): the local stack on fresh ports; an environment
+set up from variables (`blocks sync --from-env`); the GitHub workflow's own step running
+db-migrate/staging, and a target that fails; a production run approved through the Prefect UI in
+headless Chromium; a db-health run created by the server's scheduler and completed by the worker;
+everything stopped, worker first. The tests run in order on one stack. Screenshots of the approval
+form and the run's summary go to screenshots/ (tests/browser.py)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests import browser
+from tests.github_actions import Workflow, checkout, event_context, start_step
+from tests.helpers import REPO, SAMPLE_HEAD, fingerprint_of
+from tests.local_stack import alive, running
+from tests.prefect_server import wait_until
+
+WORKFLOW = Workflow(REPO / ".github" / "workflows" / "db-migrate.yml")
+APPROVER = "Grace Hopper"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """`dbmigrate local up` on fresh ports, its scheduler looking every second (a due run is
+    created at once rather than within Prefect's default minute)."""
+    with running(tmp_path_factory.mktemp("home")) as stack:
+        up = stack.up(PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1")
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def prefect_api(stack):
+    """The stack's Prefect API for this process's client."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.api}):
+        yield
+
+
+def workflow_step(stack, tmp_path, name: str, **inputs):
+    """The migrate job's own step, as GitHub runs it on a workflow_dispatch with ``inputs``."""
+    context = {**event_context(**inputs), "secrets": {"PREFECT_API_URL": stack.api, "PREFECT_API_KEY": ""}}
+    return start_step(WORKFLOW, "migrate", "run", context, checkout(tmp_path / name), tmp_path / name)
+
+
+def finished(step, stack, timeout: float = 300):
+    result = step.finish(timeout)
+    stack.outputs += [result.stdout, step.summary]
+    return result
+
+
+def test_an_environment_set_up_from_variables(stack, prefect_api):
+    variables = {"PREFECT_API_URL": stack.api, "DB_HOST": "127.0.0.1", "DB_PORT": str(stack.pg_port),
+                 "DB_NAME": "staging", "DB_USER": "postgres", "DB_PASSWORD": stack.password,
+                 "DB_SSLMODE": "disable"}
+    synced = stack.cli("blocks", "sync", "--env", "staging", "--from-env", env=variables)
+    assert synced.returncode == 0, synced.stderr
+    assert synced.stdout.startswith("block dbmigrate-database-credentials/staging: "), synced.stdout
+    again = stack.cli("blocks", "sync", "--env", "staging", "--from-env", env=variables)
+    assert again.stdout.startswith("block dbmigrate-database-credentials/staging: unchanged"), again.stdout
+
+    from blocks import load_target
+
+    assert load_target("staging").url == stack.target("staging").url
+
+
+def test_the_workflow_step_migrates_staging_and_fetches_the_report(stack, prefect_api, tmp_path):
+    step = workflow_step(stack, tmp_path, "staging", environment="staging")
+    result = finished(step, stack)
+
+    assert result.returncode == 0, result.stdout
+    assert fingerprint_of(stack.target("staging")).revisions == (SAMPLE_HEAD,)
+    report = json.loads((step.workdir / "checkout" / step.outputs["report"]).read_text())
+    assert (report["status"], report["environment"], report["revision_after"]) == ("succeeded", "staging",
+                                                                                  SAMPLE_HEAD)
+    assert report["operator"] == "octocat (GitHub Actions run 4242)"
+    assert step.summary.startswith("### db-migrate/staging: Completed")
+
+
+def test_a_target_that_fails_exits_non_zero_saying_why_and_changes_nothing(stack, prefect_api, tmp_path):
+    before = fingerprint_of(stack.target("staging"))
+    step = workflow_step(stack, tmp_path, "unknown", environment="staging", target_revision="0099")
+    result = finished(step, stack)
+
+    assert result.returncode == 1, result.stdout
+    assert "db-migrate/staging: Failed: plan failed: " in result.stdout and "0099" in result.stdout
+    assert fingerprint_of(stack.target("staging")) == before
+
+
+def paused_run(deployment: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        wanted = client.read_deployment_by_name(deployment)
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[wanted.id])))
+    return next((run for run in runs if run.state and run.state.is_paused()), None)
+
+
+def test_production_pauses_and_is_approved_in_the_prefect_ui(stack, prefect_api, tmp_path):
+    step = workflow_step(stack, tmp_path, "production", environment="production")
+    run = wait_until(lambda: paused_run("db-migrate/production"), 180, "the production run to pause for approval")
+    assert fingerprint_of(stack.target("production")).revisions == ()
+
+    seen = browser.approve_in_ui(stack.ui, str(run.id), APPROVER, "e2e: reviewed the SQL", name="e2e-approval")
+    result = finished(step, stack)
+
+    assert "waiting for approval" in seen.state_message
+    assert not seen.clipped, f"cut off in the form: {seen.clipped}"
+    assert result.returncode == 0, result.stdout
+    assert fingerprint_of(stack.target("production")).revisions == (SAMPLE_HEAD,)
+    report = json.loads((step.workdir / "checkout" / step.outputs["report"]).read_text())
+    assert report["approval"] == {"approved": True, "approver": APPROVER, "via": "prefect-ui",
+                                  "comment": "e2e: reviewed the SQL"}
+    summary = browser.show_artifact(stack.ui, str(run.id), "db-migrate-production", name="e2e-summary")
+    assert report["backup"]["id"] in summary.text and not summary.clipped
+
+
+def test_the_scheduler_creates_a_health_run_and_the_worker_completes_it(stack, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    due = datetime.now(UTC) + timedelta(seconds=3)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("db-health/development-health")
+        client.create_deployment_schedules(deployment.id, [
+            (IntervalSchedule(interval=timedelta(days=1), anchor_date=due), True)])
+
+    def ran():
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+        return next((r for r in runs if r.expected_start_time <= due and r.state.is_final()), None)
+
+    run = wait_until(ran, 180, "the scheduled db-health run to be created and to end")
+    assert run.auto_scheduled and run.created_by.type == "SCHEDULE", "created by the scheduler"
+    assert run.state.is_completed(), run.state
+
+
+def test_down_stops_everything_worker_first(stack):
+    pids = stack.pids()
+    down = stack.cli("local", "down")
+
+    assert down.returncode == 0, down.stderr
+    assert [line.split(":")[0] for line in down.stdout.splitlines()] == ["worker", "prefect server", "postgresql"]
+    assert not any(alive(pid) for pid in pids.values()), pids
+    for output in [*stack.outputs, stack.logs()]:
+        assert stack.password not in output
