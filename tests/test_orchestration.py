@@ -111,10 +111,13 @@ def go_slow(url: str, seconds: float) -> None:
 
 
 def start_run(server, environment: str, ini: str, flow: str = "db-migrate", **params) -> str:
+    """A run of prefect.yaml's deployment of ``flow`` for ``environment`` (db-migrate/staging,
+    db-rollback/staging-rollback, ...)."""
     from prefect.client.orchestration import get_client
 
+    name = environment if flow == "db-migrate" else f"{environment}-{flow.removeprefix('db-')}"
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(f"{flow}/{environment}")
+        deployment = client.read_deployment_by_name(f"{flow}/{name}")
         run = client.create_flow_run_from_deployment(
             deployment.id, parameters={"environment": environment, "alembic_config": ini, **params})
     return str(run.id)
