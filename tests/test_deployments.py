@@ -157,7 +157,7 @@ def test_a_worker_without_its_checkout_fails_the_run_naming_the_variable(deploye
     successfully". The database is untouched."""
     from prefect.client.orchestration import get_client
 
-    name = environment("development")
+    environment("development")  # credentials of the test's database: a run that got that far would migrate it
     ini = stock_project(tmp_path / "project", linear(CREATE_T1))
     before = fingerprint_of(target)
     without = {k: v for k, v in deployed.items() if k != "DBMIGRATE_CHECKOUT"} | {"DBMIGRATE_HOME": str(home)}
@@ -177,7 +177,7 @@ def test_a_worker_without_its_checkout_fails_the_run_naming_the_variable(deploye
             state = client.read_flow_run(run.id).state
         assert state.is_failed() and state.message == message, state
         assert message in log_of(run.id)
-    assert fingerprint_of(target) == before and not reports_in(home) and name == "development"
+    assert fingerprint_of(target) == before and not reports_in(home)
 
 
 def test_the_scheduler_creates_the_nightly_runs_and_a_worker_runs_one(target, tmp_path):
