@@ -30,7 +30,7 @@ def database_url() -> str:
     if not raw:
         raise SystemExit("no database URL: set DATABASE_URL or sqlalchemy.url")
     url = make_url(raw)
-    if url.drivername in ("postgresql", "postgres"):  # psycopg 3 is the driver we install
+    if url.drivername in ("postgresql", "postgres"):  # SQLAlchemy 2.0 would pick psycopg2: the sample uses psycopg 3
         url = url.set(drivername="postgresql+psycopg")
     return url.render_as_string(hide_password=False)
 

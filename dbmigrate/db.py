@@ -19,7 +19,7 @@ from dbmigrate.errors import (
     DbMigrateError,
     LockWaitTimeout,
 )
-from dbmigrate.target import DatabaseTarget, libpq_timeout, pgoptions
+from dbmigrate.target import DRIVER, DatabaseTarget, libpq_timeout, pgoptions
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of lock_timeout (and NOWAIT)
@@ -49,7 +49,7 @@ def failure_reason(exc: BaseException, timeout: float) -> str:
 
 def engine(target: DatabaseTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT, **kwargs) -> Engine:
     # NullPool: a CLI run opens few connections, and no pooled connection may outlive the command.
-    return create_engine(target.sqlalchemy_url(timeout), poolclass=NullPool, **kwargs)
+    return create_engine(target.sqlalchemy_url(timeout, DRIVER), poolclass=NullPool, **kwargs)
 
 
 @contextmanager

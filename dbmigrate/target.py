@@ -15,7 +15,11 @@ from sqlalchemy.exc import ArgumentError
 
 from dbmigrate.errors import ConfigError
 
-DRIVER = "postgresql+psycopg"
+DRIVER = "postgresql+psycopg"  # dbmigrate's own sessions, whatever the URL names
+# A URL naming one of these keeps it for the project's env.py (``sqlalchemy.url``): its migrations run
+# with the driver the user chose. Any other (a plain postgresql://, which SQLAlchemy 2.0 reads as
+# psycopg2) gets DRIVER, as before.
+PROJECT_DRIVERS = (DRIVER, "postgresql+psycopg2")
 URL_SHAPE = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
 # On every session the tool opens (its own, env.py's, pg_dump's): the server checks each second
 # that the client is still there and ends the statement of one that died (SIGKILL, a lost host)
@@ -39,9 +43,10 @@ def libpq_timeout(seconds: float) -> int:
 class DatabaseTarget:
     """A database and the name of the environment it belongs to.
 
-    ``url`` holds the password; nothing here renders it except
-    :meth:`sqlalchemy_url` (handed to Alembic in-process) and :meth:`libpq_env`
-    (handed to child processes through their environment, never argv).
+    ``url`` holds the password and the driver the project's migrations run with; nothing here
+    renders it except :meth:`sqlalchemy_url` (handed to SQLAlchemy in-process: dbmigrate's own
+    engines, and Alembic) and :meth:`libpq_env` (handed to child processes through their
+    environment, never argv).
     """
 
     url: URL
@@ -69,8 +74,10 @@ class DatabaseTarget:
         """The report's ``database`` entry: never the password."""
         return {"host": self.host, "port": self.port, "name": self.database, "user": self.url.username}
 
-    def sqlalchemy_url(self, connect_timeout: float | None = None) -> str:
-        url = self.url
+    def sqlalchemy_url(self, connect_timeout: float | None = None, driver: str | None = None) -> str:
+        """The URL, password included, with the URL's own driver (what the project's env.py gets)
+        or ``driver``."""
+        url = self.url.set(drivername=driver) if driver else self.url
         if connect_timeout:
             url = url.update_query_dict({"connect_timeout": str(libpq_timeout(connect_timeout))})
         return url.render_as_string(hide_password=False)
@@ -118,4 +125,5 @@ def parse_url(raw: str, environment: str = "url") -> DatabaseTarget:
         password = url.query["password"]
         url = url.difference_update_query(["password"]).set(
             password=password[-1] if isinstance(password, tuple) else password)
-    return DatabaseTarget(url.set(drivername=DRIVER), environment)
+    return DatabaseTarget(url.set(drivername=url.drivername if url.drivername in PROJECT_DRIVERS else DRIVER),
+                          environment)

@@ -44,6 +44,7 @@ class PrefectServer:
     home: Path
     port: int = field(default_factory=free_port)
     lease_storage: str = FILESYSTEM_LEASES
+    settings: dict[str, str] = field(default_factory=dict)  # more PREFECT_* settings, e.g. the scheduler's loop
     process: subprocess.Popen | None = None
 
     @property
@@ -51,7 +52,7 @@ class PrefectServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def environ(self, **extra: str) -> dict[str, str]:
-        return prefect_environ(self.home, self.api_url, self.lease_storage, **extra)
+        return prefect_environ(self.home, self.api_url, self.lease_storage, **{**self.settings, **extra})
 
     def start(self, timeout: float = 120) -> None:
         with open(self.home / "server.log", "ab") as log:  # the child keeps its own descriptor

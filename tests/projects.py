@@ -27,24 +27,46 @@ def downgrade():
 '''
 
 
-def stock_project(base: Path, revisions: list[dict], transaction_per_migration: bool = False) -> Path:
+# How the template's env.py builds its engine, and what projects that build a psycopg2 engine
+# themselves write instead (SQLAlchemy 2.0 reads a plain postgresql:// URL as psycopg2).
+TEMPLATE_ENGINE = """engine_from_config(
+        config.get_section(config.config_ini_section, {}),
+        prefix="sqlalchemy.",
+        poolclass=pool.NullPool,
+    )"""
+PSYCOPG2_FROM_CONFIG = ('create_engine(config.get_main_option("sqlalchemy.url").replace("+psycopg", "+psycopg2"), '
+                        "poolclass=pool.NullPool)")
+PSYCOPG2_FROM_DATABASE_URL = 'create_engine(os.environ["DATABASE_URL"], poolclass=pool.NullPool)'
+
+
+def stock_project(base: Path, revisions: list[dict], transaction_per_migration: bool = False,
+                  engine: str | None = None) -> Path:
     """Create ``base/alembic.ini`` + ``base/migrations`` and return the ini path.
 
     Each revision: {"revision", "down", "message", "upgrade", "downgrade"} with
     one-line Python bodies. ``transaction_per_migration`` commits each revision on
     its own, as many real projects do, so a failure leaves earlier revisions applied.
+    ``engine`` replaces the template's ``engine_from_config(...)`` (e.g. PSYCOPG2_FROM_CONFIG).
     """
     ini = base / "alembic.ini"
     command.init(Config(str(ini)), str(base / "migrations"), template="generic")
+    env_py = base / "migrations" / "env.py"
     if transaction_per_migration:
-        env_py = base / "migrations" / "env.py"
         stock = "connection=connection, target_metadata=target_metadata"
-        assert stock in env_py.read_text()
-        env_py.write_text(env_py.read_text().replace(stock, stock + ", transaction_per_migration=True"))
+        _edit(env_py, stock, stock + ", transaction_per_migration=True")
+    if engine:
+        _edit(env_py, TEMPLATE_ENGINE, engine)
+        env_py.write_text("import os\nfrom sqlalchemy import create_engine\n" + env_py.read_text())
     for rev in revisions:
         body = REVISION.format(**{"down": None, "downgrade": "pass", **rev})
         (base / "migrations" / "versions" / f"{rev['revision']}.py").write_text(body)
     return ini
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path} no longer holds {old!r}"
+    path.write_text(text.replace(old, new))
 
 
 def linear(*steps: str | tuple[str, str], prefix: str = "r") -> list[dict]:

@@ -4,25 +4,51 @@ import inspect
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 
+import pytest
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
-from tests.helpers import REPO, last_report
+from tests.helpers import (
+    REPO,
+    assert_no_canary,
+    fingerprint_of,
+    last_report,
+    reports_in,
+    save_environment,
+)
+from tests.prefect_server import PrefectServer, prefect, wait_until
+from tests.projects import linear, stock_project
+
+CREATE_T1 = "op.create_table('t1', sa.Column('id', sa.Integer))"
+
+
+ENVIRONMENTS = ("development", "staging", "production")
+# The UI lists deployments by name: the suffix tells an environment's four apart at a glance.
+SUFFIXES = {"db-migrate": "", "db-rollback": "-rollback", "db-health": "-health", "db-backup": "-backup"}
+
+
+def deployments() -> list[dict]:
+    return yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
 
 
 def test_every_deployment_names_a_real_flow_and_its_parameters():
-    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     seen = set()
-    for deployment in config["deployments"]:
+    for deployment in deployments():
         flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
         accepted = set(inspect.signature(flow.fn).parameters)
         assert set(deployment["parameters"]) <= accepted, deployment["name"]
-        assert deployment["parameters"]["environment"] in deployment["tags"]
+        environment = deployment["parameters"]["environment"]
+        assert {flow.name, environment} <= set(deployment["tags"]), deployment["name"]
+        assert deployment["name"] == environment + SUFFIXES[flow.name]
+        # One run per environment is the flows' own limit: Prefect's deployment limit crashes a run paused
+        # for approval after four minutes (see prefect.yaml).
+        assert "concurrency_limit" not in deployment, deployment["name"]
+        assert bool(deployment.get("schedules")) == (flow.name in ("db-health", "db-backup")), deployment["name"]
         seen.add(f"{flow.name}/{deployment['name']}")
-    assert {"db-migrate/development", "db-migrate/staging", "db-migrate/production",
-            "db-rollback/production", "db-health/production-nightly", "db-backup/production-nightly"} <= seen
+    assert seen == {f"{flow}/{env}{suffix}" for env in ENVIRONMENTS for flow, suffix in SUFFIXES.items()}
 
 
 def test_flow_parameters_are_described_for_the_ui():
@@ -33,42 +59,64 @@ def test_flow_parameters_are_described_for_the_ui():
     assert all(p.get("description") for p in properties.values())
 
 
-def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(prefect_api, environment, target, home, tmp_path):
-    """`prefect deploy --all` from prefect.yaml, `prefect deployment run` as the GitHub workflow calls it,
-    and a process worker of the `dbmigrate` pool running the flow from this checkout."""
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def prefect_cli(env: dict[str, str], *args: str) -> str:
+    """`prefect ARGS` from this checkout, as an operator runs it: it succeeds, and prints no password."""
+    result = subprocess.run([PREFECT, "--no-prompt", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=240, check=False)
+    assert result.returncode == 0, f"prefect {' '.join(args)}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
+    assert_no_canary(result.stdout + result.stderr, f"prefect {args[0]}")
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_api) -> dict[str, str]:
+    """The `dbmigrate` pool and every deployment of prefect.yaml (`prefect deploy --all`) on the
+    test harness's API; the environment a worker beside this checkout runs with."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "DBMIGRATE_CHECKOUT": str(REPO),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    prefect_cli(env, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite")
+    prefect_cli(env, "deploy", "--all")
+    return env
+
+
+def runs_of(deployment_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+
+def log_of(flow_run_id) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from tests.helpers import assert_no_canary, fingerprint_of, reports_in
-    from tests.projects import linear, stock_project
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+
+
+def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(deployed, environment, target, home, tmp_path):
+    """`prefect deploy --all` from prefect.yaml, `prefect deployment run` as the GitHub workflow calls it,
+    and a process worker of the `dbmigrate` pool running the flow from this checkout."""
+    from prefect.client.orchestration import get_client
 
     name = environment("staging")
-    ini = stock_project(tmp_path / "project", linear("op.create_table('t1', sa.Column('id', sa.Integer))"))
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "DBMIGRATE_CHECKOUT": str(REPO),
-           "DBMIGRATE_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    prefect = str(Path(sys.executable).parent / "prefect")
-
-    def run(*args: str) -> str:
-        result = subprocess.run([prefect, "--no-prompt", *args], cwd=REPO, env=env, capture_output=True,
-                                text=True, timeout=240)
-        assert result.returncode == 0, f"prefect {' '.join(args)}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
-        assert_no_canary(result.stdout + result.stderr, f"prefect {args[0]}")
-        return result.stdout
-
-    run("work-pool", "create", "dbmigrate", "--type", "process", "--overwrite")
-    run("deploy", "--all")
+    ini = stock_project(tmp_path / "project", linear(CREATE_T1))
+    env = {**deployed, "DBMIGRATE_HOME": str(home)}
     with get_client(sync_client=True) as client:
-        nightly = client.read_deployment_by_name("db-health/production-nightly")
+        health = client.read_deployment_by_name("db-health/production-health")
         staging = client.read_deployment_by_name("db-migrate/staging")
-    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert [s.schedule.cron for s in health.schedules] == ["0 2 * * *"]
     assert staging.parameters == {"environment": "staging"} and staging.work_pool_name == "dbmigrate"
 
-    run("deployment", "run", "db-migrate/staging", "--param", f"credentials_block={name}",
-        "--param", f"alembic_config={ini}", "--param", "requested_by=octocat (GitHub Actions run 1)")
-    run("worker", "start", "--pool", "dbmigrate", "--run-once")
+    prefect_cli(env, "deployment", "run", "db-migrate/staging", "--param", f"credentials_block={name}",
+                "--param", f"alembic_config={ini}", "--param", "requested_by=octocat (GitHub Actions run 1)")
+    prefect_cli(env, "worker", "start", "--pool", "dbmigrate", "--run-once")
 
-    with get_client(sync_client=True) as client:
-        [flow_run] = [r for r in client.read_flow_runs() if r.deployment_id == staging.id]
+    [flow_run] = runs_of(staging.id)
     assert flow_run.state.is_completed(), flow_run.state.message
     assert flow_run.name == "staging-head" and "staging" in flow_run.tags
     assert fingerprint_of(target).revisions == ("r1",)
@@ -78,16 +126,91 @@ def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(prefect_api,
     # The staging deployment, its parameters overridden to reach production: refused, nothing touched.
     production = environment("production", approval_timeout_s=5)
     before = fingerprint_of(target), len(reports_in(home))
-    run("deployment", "run", "db-migrate/staging", "--param", f"environment={production}",
-        "--param", f"credentials_block={production}", "--param", f"alembic_config={ini}")
-    run("worker", "start", "--pool", "dbmigrate", "--run-once")
-    with get_client(sync_client=True) as client:
-        [refused] = [r for r in client.read_flow_runs() if r.deployment_id == staging.id and r.id != flow_run.id]
+    prefect_cli(env, "deployment", "run", "db-migrate/staging", "--param", f"environment={production}",
+                "--param", f"credentials_block={production}", "--param", f"alembic_config={ini}")
+    prefect_cli(env, "worker", "start", "--pool", "dbmigrate", "--run-once")
+    [refused] = [r for r in runs_of(staging.id) if r.id != flow_run.id]
     assert refused.state.is_failed()
     assert refused.state.message == "deployment for staging refuses the production database (block 'production')"
     assert (fingerprint_of(target), len(reports_in(home))) == before
-    with get_client(sync_client=True) as client:
-        logs = "\n".join(log.message for log in client.read_logs(
-            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[refused.id]))))
-    assert refused.state.message in logs.splitlines()
-    assert "Traceback" not in logs and "unexpected exception" not in logs, logs
+    logs = log_of(refused.id)
+    assert refused.state.message in logs
+    assert not [line for line in logs if "Traceback" in line or "unexpected exception" in line], logs
+
+
+def test_a_worker_without_its_checkout_fails_the_run_naming_the_variable(deployed, environment, target, home,
+                                                                        tmp_path):
+    """DBMIGRATE_CHECKOUT unset, or naming a directory that is not the checkout: the run ends Failed
+    with a message naming the variable (its state and its log, through the API) before the flow is
+    even loaded, not with `FileNotFoundError: …/flows/migrate.py` after a pull step that "completed
+    successfully". The database is untouched."""
+    from prefect.client.orchestration import get_client
+
+    environment("development")  # credentials of the test's database: a run that got that far would migrate it
+    ini = stock_project(tmp_path / "project", linear(CREATE_T1))
+    before = fingerprint_of(target)
+    without = {k: v for k, v in deployed.items() if k != "DBMIGRATE_CHECKOUT"} | {"DBMIGRATE_HOME": str(home)}
+    wrong = REPO / "flows"  # a directory of the checkout, not the checkout
+    cases = [
+        (without, ("DBMIGRATE_CHECKOUT is not set in the worker's environment: set it to the absolute path of "
+                   "the checkout of dbmigrate the flows run from (README 'Deploying')")),
+        ({**without, "DBMIGRATE_CHECKOUT": str(wrong)},
+         f"DBMIGRATE_CHECKOUT={wrong} is not a checkout of dbmigrate: no readable prefect.yaml there"),
+    ]
+    for worker, message in cases:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("db-migrate/development")
+            run = client.create_flow_run_from_deployment(deployment.id, parameters={"alembic_config": str(ini)})
+        prefect_cli(worker, "worker", "start", "--pool", "dbmigrate", "--run-once")
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run.id).state
+        assert state.is_failed() and state.message == message, state
+        assert message in log_of(run.id)
+    assert fingerprint_of(target) == before and not reports_in(home)
+
+
+def test_the_scheduler_creates_the_nightly_runs_and_a_worker_runs_one(target, tmp_path):
+    """A real `prefect server start` from this project's environment (SQLAlchemy 2.0: on 2.1 the
+    scheduler fails every loop with "Can't evaluate bulk DML statement" and no run is ever created),
+    its scheduler's loop shortened: deploying db-health/development-health makes the scheduler (not
+    `prefect deploy`) create its nightly runs; a run the scheduler makes due now, a worker completes."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    server = PrefectServer(home, settings={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"})
+    worker = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(tmp_path / "state"))
+    server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", cwd=REPO)
+            prefect(server, "deploy", "--name", "development-health", cwd=REPO)
+            save_environment(target, "development")
+            with get_client(sync_client=True) as client:
+                deployment = client.read_deployment_by_name("db-health/development-health")
+
+            nightly = wait_until(lambda: runs_of(deployment.id), 30, "the scheduler to create the nightly runs")
+            assert all(r.auto_scheduled and r.created_by.type == "SCHEDULE" for r in nightly), nightly
+            assert all(r.state.is_scheduled() and r.expected_start_time.astimezone(UTC).time() == time(0, 0)
+                       for r in nightly), [r.expected_start_time for r in nightly]
+
+            # A second schedule whose first run is due in a few seconds: the scheduler creates it, a worker runs it.
+            due = datetime.now(UTC) + timedelta(seconds=3)
+            with get_client(sync_client=True) as client:
+                client.create_deployment_schedules(deployment.id, [
+                    (IntervalSchedule(interval=timedelta(days=1), anchor_date=due), True)])
+            [soon] = wait_until(lambda: [r for r in runs_of(deployment.id) if r.expected_start_time <= due],
+                                30, "the scheduler to create the run due now")
+            assert soon.auto_scheduled and soon.created_by.type == "SCHEDULE"
+            wait_until(lambda: datetime.now(UTC) > due, 10, "the run to be due")
+            prefect(server, "worker", "start", "--pool", "dbmigrate", "--run-once", cwd=REPO, env=worker)
+            with get_client(sync_client=True) as client:
+                ran = client.read_flow_run(soon.id)
+            assert ran.state.is_completed(), (ran.state, log_of(soon.id))
+            assert ran.name == "development-health"
+    finally:
+        server.stop()
+    server_log = (home / "server.log").read_text()
+    assert "Can't evaluate bulk DML statement" not in server_log and "Error scheduling deployment" not in server_log

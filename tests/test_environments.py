@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, last_report
+from tests.helpers import REPO, fingerprint_of, last_report, one_line_error
 from tests.pgcluster import CANARY_PASSWORD, environ_without_db, free_port
 
 
@@ -130,6 +130,25 @@ def test_backups_to_an_s3_bucket_block(cli, staging, s3_endpoint, target, home):
 
     missing = cli("backups", "list", "--env", "staging", "--storage", "s3-bucket/nope", env=staging)
     assert missing.returncode == 2 and "no S3Bucket block named 'nope'" in missing.stderr
+
+
+def test_a_backup_storage_naming_a_missing_block_says_how_to_create_it(cli, staging, target, home):
+    """`upgrade --backup` fails in the backup phase, one line saying how to create the block; nothing changed."""
+    before = fingerprint_of(target)
+    result = cli("upgrade", "--env", "staging", "--backup", "--yes",
+                 env={**staging, "DBMIGRATE_BACKUP_STORAGE": "s3-bucket/backups"})
+    missing = ("no S3Bucket block named 'backups': create it (`dbmigrate blocks sync --env ENV --from-env` with "
+               "BACKUP_BUCKET set, or a prefect-aws S3Bucket block saved as 'backups' in the Prefect UI), or give "
+               "another backup storage (README 'Backups')")
+    assert result.returncode == 2 and one_line_error(result.stderr) == f"dbmigrate: error: {missing}"
+    assert "upgrade failed in backup: nothing was changed" in result.stdout
+    report = last_report(home)
+    assert report["error"]["phase"] == "backup" and report["backup"] is None
+    assert fingerprint_of(target) == before
+    assert sorted(p.name for p in home.iterdir()) == ["reports"], "nothing but the report was written"
+
+    backup = cli("backup", "--env", "staging", "--storage", "s3-bucket/backups", env=staging)
+    assert backup.returncode == 2 and one_line_error(backup.stderr) == f"dbmigrate: error: {missing}"
 
 
 def test_env_takes_the_environment_the_block_records(cli, environment, prefect_api, target):

@@ -35,17 +35,22 @@ SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (se
 FREE_WITHIN_S = 10  # how soon the environment's slot must be free again
 
 
+# The deployments of prefect.yaml these tests run. Not the scheduled ones (db-health, db-backup): the
+# server's scheduler would give the worker their nightly runs to pick up when a test runs at that hour.
+DEPLOYMENTS = ("development", "staging", "production", "staging-rollback")
+
+
 @contextmanager
 def deployed(server: PrefectServer):
-    """The server started, with the dbmigrate pool and prefect.yaml's deployments; the
-    test's Prefect client pointed at it."""
+    """The server started, with the dbmigrate pool and prefect.yaml's deployments the tests run;
+    the test's Prefect client pointed at it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server.start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
-            prefect(server, "deploy", "--all", cwd=REPO)
+            prefect(server, "deploy", *(f"--name={name}" for name in DEPLOYMENTS), cwd=REPO)
             yield server
     finally:
         server.stop()
@@ -111,10 +116,13 @@ def go_slow(url: str, seconds: float) -> None:
 
 
 def start_run(server, environment: str, ini: str, flow: str = "db-migrate", **params) -> str:
+    """A run of prefect.yaml's deployment of ``flow`` for ``environment`` (db-migrate/staging,
+    db-rollback/staging-rollback, ...)."""
     from prefect.client.orchestration import get_client
 
+    name = environment if flow == "db-migrate" else f"{environment}-{flow.removeprefix('db-')}"
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(f"{flow}/{environment}")
+        deployment = client.read_deployment_by_name(f"{flow}/{name}")
         run = client.create_flow_run_from_deployment(
             deployment.id, parameters={"environment": environment, "alembic_config": ini, **params})
     return str(run.id)

@@ -2,9 +2,23 @@
 
 import json
 import subprocess
+import time
 
-from dbmigrate import pgtools
-from tests.helpers import SAMPLE_HEAD, fingerprint_of, last_report, reports_in, scalar, sql
+import pytest
+
+from dbmigrate import guard, pgtools
+from tests.helpers import (
+    SAMPLE_HEAD,
+    fingerprint_of,
+    last_report,
+    libpq_url,
+    one_line_error,
+    reports_in,
+    scalar,
+    session,
+    sql,
+)
+from tests.projects import PSYCOPG2_FROM_CONFIG, PSYCOPG2_FROM_DATABASE_URL, linear, stock_project
 
 ALL = ["0001", "0002", "0003", "0004", "0005", "0006"]
 
@@ -186,3 +200,84 @@ def test_plain_commands_do_not_import_prefect(url, home):
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "PREFECT-MODULES: []" in result.stdout
+
+
+# -- psycopg2: URLs naming it, and projects whose env.py builds a psycopg2 engine ---------------------
+
+# r1 records, in the database, which driver the project's env.py migrates with and the lock_timeout its
+# session got (dbmigrate's, through PGOPTIONS: env.py knows nothing of it).
+RECORD_SESSION = ("op.execute(\"CREATE TABLE session AS SELECT '%s'::text AS driver, "
+                  "current_setting('lock_timeout') AS lock_timeout\" % op.get_bind().dialect.driver)")
+
+
+@pytest.mark.parametrize("scheme, driver", [
+    ("postgresql", "psycopg"), ("postgresql+psycopg", "psycopg"), ("postgresql+psycopg2", "psycopg2"),
+])
+def test_every_command_takes_each_url_form_and_migrations_run_with_the_driver_it_names(scheme, driver, cli, target,
+                                                                                   home, tmp_path):
+    """A URL's driver is the one the project's migrations run with (dbmigrate's own sessions use psycopg 3
+    whatever it names): postgresql+psycopg2:// runs them on psycopg2."""
+    ini = str(stock_project(tmp_path, linear((RECORD_SESSION, "op.drop_table('session')"),
+                                             ("op.create_table('t1', sa.Column('id', sa.Integer))",
+                                              "op.drop_table('t1')"))))
+    env = {"DATABASE_URL": libpq_url(target).replace("postgresql://", f"{scheme}://", 1), "ALEMBIC_CONFIG": ini}
+    for args, code in ((["health"], 0), (["check"], 1), (["upgrade", "--backup", "--yes", "--lock-timeout", "3"], 0),
+                       (["status"], 0), (["check"], 0), (["backups", "list"], 0)):
+        result = cli(*args, env=env)
+        assert result.returncode == code, (args, result.stdout, result.stderr)
+    assert sql(target, "SELECT driver, lock_timeout FROM session") == [(driver, "3s")]
+    assert last_report(home)["backup"]["verified"] is False
+
+    assert cli("downgrade", "-r", "base", "--yes", env=env).returncode == 0
+    assert fingerprint_of(target).revisions == () and scalar(target, "SELECT to_regclass('session')") is None
+
+
+# A migration using psycopg2's own API: COPY, which psycopg2 refuses once a wait callback is set.
+COPY_WITH_PSYCOPG2 = ("op.get_bind().connection.driver_connection.cursor().copy_expert("
+                      "'COPY t1 (id) FROM STDIN', __import__('io').StringIO('1\\n2\\n'))")
+
+
+@pytest.mark.parametrize("engine", [PSYCOPG2_FROM_CONFIG, PSYCOPG2_FROM_DATABASE_URL],
+                         ids=["from-sqlalchemy.url", "from-DATABASE_URL"])
+def test_an_env_py_that_builds_its_own_psycopg2_engine(engine, cli, url, target, home, tmp_path):
+    """The upgrade (a revision using psycopg2's COPY included), the timeouts (lock_timeout reaches
+    env.py's psycopg2 session through PGOPTIONS), the guard, a failed revision rolled back, the
+    reports: as with psycopg 3. The canary password appears in no output or report (run_cli checks)."""
+    ini = str(stock_project(tmp_path, linear(
+        RECORD_SESSION,
+        "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True)); " + COPY_WITH_PSYCOPG2,
+        "op.add_column('t1', sa.Column('note', sa.Text))",
+        "op.execute('SELECT 1/0')",
+    ), engine=engine))
+    env = {"DATABASE_URL": url, "ALEMBIC_CONFIG": ini}
+    first = cli("upgrade", "-r", "r2", "--backup", "--yes", env=env)
+    assert first.returncode == 0, first.stderr
+    assert sql(target, "SELECT driver, lock_timeout FROM session") == [("psycopg2", "10s")]
+    assert sql(target, "SELECT id FROM t1 ORDER BY id") == [(1,), (2,)]
+    report = last_report(home)
+    assert report["status"] == "succeeded" and [m["revision"] for m in report["migrations_applied"]] == ["r1", "r2"]
+    before = fingerprint_of(target)
+
+    with session(target) as blocker:  # r3 needs t1's ACCESS EXCLUSIVE lock: it waits 1 s, then gives up
+        blocker.autocommit = False
+        blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        locked = cli("upgrade", "-r", "r3", "--yes", "--lock-timeout", "1", env=env)
+        elapsed = time.monotonic() - started
+        blocker.rollback()
+    assert locked.returncode == 1 and elapsed < 20
+    assert "revision r3 failed: canceling statement due to lock timeout" in one_line_error(locked.stderr)
+    assert fingerprint_of(target) == before
+
+    with guard.hold(target, "upgrade", wait_s=0, timeout=5):
+        guarded = cli("upgrade", "--yes", env=env)
+    assert guarded.returncode == 2 and "another migration holds the guard" in one_line_error(guarded.stderr)
+    assert fingerprint_of(target) == before
+
+    failed = cli("upgrade", "--yes", env=env)  # r3 applies, r4 fails: the one transaction rolls both back
+    assert failed.returncode == 1
+    assert "revision r4 failed: division by zero" in one_line_error(failed.stderr)
+    assert fingerprint_of(target) == before
+    report = last_report(home)
+    assert report["status"] == "failed" and report["error"]["phase"] == "migrate"
+    assert report["migrations_applied"] == [] and report["revision_after"] == "r2"
