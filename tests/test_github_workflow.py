@@ -37,10 +37,7 @@ from tests.test_orchestration import deployed
 WORKFLOW = Workflow(REPO / ".github" / "workflows" / "db-migrate.yml")
 SCRIPT = REPO / ".github" / "scripts" / "prefect_run.py"
 ENVIRONMENT = "staging"
-# COMMON10's deployment names, which the workflow runs. Until prefect.yaml carries them (helper
-# `deploy`), the rollback deployment is copied under its agreed name from the one prefect.yaml has.
-MIGRATE, ROLLBACK, ROLLBACK_TODAY = f"db-migrate/{ENVIRONMENT}", f"db-rollback/{ENVIRONMENT}-rollback", \
-    f"db-rollback/{ENVIRONMENT}"
+MIGRATE, ROLLBACK = f"db-migrate/{ENVIRONMENT}", f"db-rollback/{ENVIRONMENT}-rollback"
 
 
 def table(name: str) -> tuple[str, str]:
@@ -149,19 +146,9 @@ def project(tmp_path_factory) -> Path:
 def server(tmp_path_factory, project):
     """One server, prefect.yaml deployed, and one process worker running the deployments with the
     module's project (ALEMBIC_CONFIG: the workflow passes no alembic_config) and its own home."""
-    from prefect.client.orchestration import get_client
 
     home = tmp_path_factory.mktemp("prefect-home")
     with deployed(PrefectServer(home)) as server:
-        with get_client(sync_client=True) as client:
-            names = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
-            if ROLLBACK not in names:
-                today = client.read_deployment_by_name(ROLLBACK_TODAY)
-                client.create_deployment(
-                    flow_id=today.flow_id, name=ROLLBACK.split("/")[1], entrypoint=today.entrypoint,
-                    path=today.path, pull_steps=today.pull_steps, parameters=today.parameters, tags=today.tags,
-                    work_pool_name=today.work_pool_name, work_queue_name=today.work_queue_name,
-                    parameter_openapi_schema=today.parameter_openapi_schema)
         state = home / "worker-home"
         environ = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(state),
                                  ALEMBIC_CONFIG=str(project))
