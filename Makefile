@@ -4,6 +4,8 @@
 #                 GitHub workflow run it, `prefect deployment run db-migrate/development --watch`: its outcome,
 #                 its report, and the UI address where the run history and artifacts are
 #   make test   - install with the dev extras and run the whole test suite against real servers
+# make e2e runs only the end-to-end test (tests/test_e2e.py: the local stack, the GitHub workflow's step,
+# an approval in the Prefect UI in headless Chromium, a scheduled run); its screenshots go to screenshots/.
 # make down stops the local stack (worker, Prefect server, PostgreSQL); make clean stops it and removes it all.
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +13,7 @@ BIN := $(VENV)/bin
 STATE := $(or $(DBMIGRATE_HOME),.dbmigrate)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo down test install install-dev bench clean
+.PHONY: demo down test e2e browser install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +45,18 @@ demo: install
 down:
 	$(BIN)/dbmigrate local down
 
-test: install-dev
+# Debian's Chromium, for the tests that drive the Prefect UI (tests/browser.py). Where it cannot be
+# installed (not root, no apt-get) those tests are skipped, saying why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "no Chromium here: the tests that use the Prefect UI will be skipped"
+
+test: install-dev browser
 	$(BIN)/python -m pytest
+
+e2e: install-dev browser
+	$(BIN)/python -m pytest tests/test_e2e.py
 
 bench: install-dev
 	$(BIN)/python benchmarks/cli_latency.py
