@@ -240,7 +240,7 @@ def test_production_approval_that_times_out_changes_nothing(environment, target,
     report = last_report(home)
     assert report["error"]["phase"] == "approval" and report["backup"] is None
     assert report["error"]["message"] == "nobody approved within 3s: nothing was changed"
-    assert "failed in | **approval**: nobody approved within 3s" in artifact("db-migrate-production")
+    assert "**failed in** **approval**: nobody approved within 3s" in artifact("db-migrate-production")
     assert "approval failed: nobody approved within 3s" in run_logs(state), "logged after Alembic rendered the SQL"
 
 
