@@ -99,8 +99,8 @@ class BackupProgress:
 
 
 def summary_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str:
-    """The run's summary: its facts as a list (the v1 UI clips a table cell that does not fit,
-    and a path or an error message often does not), then its checks."""
+    """The run's summary: its facts, then its checks, as lists: the v1 UI clips a table cell
+    that does not fit, and a path or an error message often does not."""
     r = outcome.report
     facts = [
         ("database", f"`{r.database['host']}:{r.database['port']}/{r.database['name']}`"),
@@ -134,8 +134,8 @@ def summary_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str
              *(f"- **{name}** {value}" for name, value in facts)]
     checks = [c.as_dict() for c in r.health_checks + r.validation]
     if checks:
-        lines += ["", "| check | status | detail | s |", "|---|---|---|---|"]
-        lines += [f"| {c['name']} | {c['status']} | {c['detail']} | {c['duration_s']} |" for c in checks]
+        lines += ["", "Checks:", ""]
+        lines += [f"- **{c['name']}** {c['status']}: {c['detail']} ({c['duration_s']} s)" for c in checks]
     return "\n".join(lines)
 
 

@@ -171,18 +171,19 @@ class ApprovalForm(RunInput):
         return Approval(self.decision == "approve", approver, "prefect-ui", self.comment.strip())
 
 
-def ask_in_ui(rules: Policy, requested_by: str, change: str, describe) -> Approval:
-    """Where the policy asks for it, pause the run until someone approves or rejects ``change``
-    (``0004 → 0006 in production``) in the Prefect UI; ``describe()`` is the markdown the approver
-    reads in the form. The paused state's message and the log say what the run waits for, and
-    the log records the answer."""
+def ask_in_ui(rules: Policy, requested_by: str, describe) -> Approval:
+    """Where the policy asks for it, pause the run until someone approves or rejects in the
+    Prefect UI. ``describe()`` (called only then) gives what changes (``0004 → 0006 in
+    production``: the paused state's message and the log say it waits for its approval) and the
+    markdown the approver reads in the form. The log records the answer."""
     if not rules.approval_required:
         return Approval(True, requested_by, "policy")
-    logger = get_run_logger()
+    change, text = describe()
+    form = ApprovalForm.with_initial_data(description=text)
     waiting = (f"waiting for approval of {change}: click Resume on this run in the Prefect UI, "
                "choose approve or reject, give your name")
+    logger = get_run_logger()
     logger.info(waiting)
-    form = ApprovalForm.with_initial_data(description=describe())
     try:
         answer = paused_until_answered(form, waiting, rules.approval_timeout_s, rules.approval_poll_s).approval()
     except FlowPauseTimeout:
@@ -218,15 +219,14 @@ def approval_in_ui(env: Environment, requested_by: str) -> pipeline.Confirm:
     """The pipeline's confirm hook: the approver sees the revisions the run goes through, the
     one it reaches, and their SQL."""
 
-    def ask(plan: phases.Plan) -> Approval:
+    def describe(plan: phases.Plan) -> tuple[str, str]:
         project = env.settings.project(env.target)
         reached = revisions.shown(sorted(phases.expected_revisions(project, plan)))
-        change = f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}"
-        return ask_in_ui(env.policy, requested_by, change, lambda: approval_request(
-            env.target, plan, reached,
-            migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)))
+        sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
+        return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
+                approval_request(env.target, plan, reached, sql))
 
-    return ask
+    return lambda plan: ask_in_ui(env.policy, requested_by, lambda: describe(plan))
 
 
 def take_back_expired_pause() -> None:
