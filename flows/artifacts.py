@@ -105,28 +105,28 @@ def summary_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str
     facts = [
         ("database", f"`{r.database['host']}:{r.database['port']}/{r.database['name']}`"),
         ("requested by", r.operator),
-        ("revision", f"`{revisions.shown(r.revision_before)}` → `{revisions.shown(r.revision_after)}` "
-                     f"(target `{r.target_revision}`)"),
+        ("revision", (f"`{revisions.shown(r.revision_before)}` → `{revisions.shown(r.revision_after)}` "
+                      f"(target `{r.target_revision}`)")),
         ("started / finished", f"{r.started_at.isoformat()} / {r.finished_at.isoformat() if r.finished_at else '-'}"),
         ("duration", f"{r.duration_s} s"),
     ]
     if r.approval:
         a = r.approval
-        facts.append(("approval", f"{'approved' if a.approved else 'rejected'} by {a.approver} ({a.via})"
-                                  f"{f': {a.comment}' if a.comment else ''}"))
+        facts.append(("approval", (f"{'approved' if a.approved else 'rejected'} by {a.approver} ({a.via})"
+                                   f"{f': {a.comment}' if a.comment else ''}")))
     if r.backup:
         facts.append(("backup", backup_line(r.backup)))
     if r.restore:
         rs = r.restore
-        facts.append(("restored from", f"backup `{rs.backup_id}`; tables whose rows change: "
-                                       f"{', '.join(rs.tables_changing) or 'none'}; "
-                                       f"safety backup `{rs.safety_backup or '-'}`"))
+        facts.append(("restored from", (f"backup `{rs.backup_id}`; tables whose rows change: "
+                                        f"{', '.join(rs.tables_changing) or 'none'}; "
+                                        f"safety backup `{rs.safety_backup or '-'}`")))
     if r.error:
         facts.append(("failed in", f"**{r.error.phase}**: {r.error.message}"))
     if r.rollback:
         rb = r.rollback
-        facts.append(("rollback", f"{rb.method or 'none needed'}: {'succeeded' if rb.succeeded else 'FAILED'}, "
-                                  f"at `{revisions.shown(rb.revision_after)}`; {rb.detail}"))
+        facts.append(("rollback", (f"{rb.method or 'none needed'}: {'succeeded' if rb.succeeded else 'FAILED'}, "
+                                   f"at `{revisions.shown(rb.revision_after)}`; {rb.detail}")))
     written = (f"stored at `{stored_at(outcome.report_path)}`" if outcome.report_path
                else f"NOT stored: {outcome.report_error}")
     facts.append(("report", f"the artifact {report_link(r.environment, flow)}; {written}"))

@@ -80,8 +80,8 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
     progress.done()
     pruned = catalogue.prune(storage, env.target, keep_last, keep_days) if keep_last is not None else []
     create_markdown_artifact(
-        f"## db-backup {environment}\n\nBackup {backup_line(BackupSummary.of(manifest))}; sha256 `{manifest.sha256}`.\n\n"
-        f"Pruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
+        f"## db-backup {environment}\n\nBackup {backup_line(BackupSummary.of(manifest))}; "
+        f"sha256 `{manifest.sha256}`.\n\nPruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
         key=f"{artifact_key(environment)}-backup-summary",
     )
     return asdict(BackupSummary.of(manifest))

@@ -31,15 +31,23 @@ VIEWPORT = {"width": 1400, "height": 1000}
 WAIT_MS = 30_000  # for a page of the UI to show what it loads
 
 
-@contextmanager
-def browser_page() -> Iterator:
-    """A fresh page of headless Chromium; the test is skipped, saying why, without one."""
+def require_browser() -> None:
+    """Skip the test, saying why, where Playwright or Chromium is missing (call it before
+    starting servers the test would need them for)."""
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"Playwright for Python is not installed ({exc}): pip install playwright")
     if not shutil.which(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set DBMIGRATE_CHROMIUM)")
+
+
+@contextmanager
+def browser_page() -> Iterator:
+    """A fresh page of headless Chromium; the test is skipped, saying why, without one."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         try:

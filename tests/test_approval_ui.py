@@ -15,7 +15,7 @@ import socket
 
 import pytest
 
-from tests.browser import SCREENSHOTS, approve_in_ui, show_artifact
+from tests.browser import SCREENSHOTS, approve_in_ui, require_browser, show_artifact
 from tests.helpers import SAMPLE_CONFIG, fingerprint_of, libpq_url, reports_in, save_environment
 from tests.prefect_server import PrefectServer
 from tests.test_orchestration import deployed, final, flow_run, run_log, start_run, wait_for, working
@@ -26,6 +26,7 @@ WAITING = ("waiting for approval of 0004 → 0006 in production: click Resume on
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    require_browser()
     with deployed(PrefectServer(tmp_path_factory.mktemp("prefect-home"))) as server:
         yield server
 
