@@ -71,6 +71,11 @@ _FIELD_TYPES = {"id": str, "key": str, "size_bytes": int, "created_at": str, "ch
                 "row_counts": dict, "format": str}
 
 
+def how_checked(verified: bool) -> str:
+    """What a backup passed before it was taken (backup.take fails otherwise), in words."""
+    return "verified by a restore" if verified else "checksum and pg_restore --list checked"
+
+
 def manifest_key(dump_key: str) -> str:
     return dump_key.removesuffix(".dump").removesuffix(".dir") + ".json"
 

@@ -596,7 +596,7 @@ def cmd_backup(args, settings: Settings, database: Database) -> int:
         print(f"backup {manifest.id}: {manifest.location}")
         print(f"  {manifest.size_bytes} bytes, sha256 {manifest.sha256}, {manifest.compression}, "
               f"{sum(manifest.row_counts.values())} rows in {len(manifest.row_counts)} tables, {manifest.duration_s}s")
-        print(f"  {'verified by a restore' if manifest.verified else 'checksum and pg_restore --list checked'}")
+        print(f"  {catalogue.how_checked(manifest.verified)}")
     return 0
 
 

@@ -89,7 +89,7 @@ class LocalStorage:
         return path
 
     def location(self, key: str) -> str:
-        return str(self._path(key))
+        return str(self._path(key).absolute())  # a report read elsewhere must not depend on the worker's cwd
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)

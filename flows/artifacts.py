@@ -4,8 +4,11 @@ flow-run history they are the audit trail."""
 
 from __future__ import annotations
 
+import re
 import socket
+import textwrap
 import time
+from pathlib import Path
 
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -13,8 +16,10 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.settings import PREFECT_UI_URL
 
-from dbmigrate import phases, pipeline, revisions
+from dbmigrate import catalogue, phases, pipeline, revisions
+from dbmigrate.report import BackupSummary
 
 
 def artifact_key(environment: str, flow: str = "db-migrate") -> str:
@@ -23,19 +28,52 @@ def artifact_key(environment: str, flow: str = "db-migrate") -> str:
 
 
 def how_to_approve(to: str) -> str:
-    """The last line of an approval request: which fields of the form (flows.common.ApprovalForm) to set."""
-    return f"Set **approve** and your **name** to {to}"
+    """The last line of an approval request: how to answer in the form (flows.common.ApprovalForm)."""
+    return f"Choose **approve** to {to}, or **reject**, and give your **name**. Nothing changes until then."
 
 
-def approval_request(target, plan: phases.Plan, sql: str) -> str:
-    steps = "\n".join(f"| `{s.revision}` | {s.message} |" for s in plan.steps)
+def approval_request(target, plan: phases.Plan, reached: str, sql: str) -> str:
+    """The approval form's text. The form is a narrow dialog that clips wide tables and code
+    (Prefect's v1 UI) and hides ``<details>`` (v2): revisions as a list, the SQL wrapped."""
+    kind, verb = ("migration", "apply") if plan.upgrade else ("downgrade", "revert")
+    steps = "\n".join(f"- `{s.revision}` {s.message}" for s in plan.steps)
     return (
-        f"## Approve {'migration' if plan.upgrade else 'downgrade'} of {target.environment}\n\n"
-        f"Database `{target.where}`, from `{revisions.shown(plan.revision_before)}` to `{plan.target}`:\n\n"
-        f"| revision | what it does |\n|---|---|\n{steps}\n\n"
-        f"<details><summary>SQL</summary>\n\n```sql\n{sql}\n```\n</details>\n\n"
-        + how_to_approve("apply these revisions; leave approve unset to reject. Nothing changes until then.")
+        f"## Approve {kind} of {target.environment}: {revisions.shown(plan.revision_before)} → {reached}\n\n"
+        f"Database `{target.where}`. Revisions to {verb}:\n\n{steps}\n\n"
+        "The SQL (Alembic's offline rendering, long lines wrapped):\n\n"
+        f"```sql\n{readable_sql(sql)}\n```\n\n"
+        + how_to_approve(f"{verb} these revisions")
     )
+
+
+# The longest SQL line the approval form shows whole: its code block is 424 pixels wide in the v1 UI.
+FORM_SQL_WIDTH = 52
+# A run of quoted strings, quoted names and other non-blank characters: a line breaks only between them.
+_SQL_WORD = re.compile(r"""(?:'(?:[^']|'')*'|"(?:[^"]|"")*"|[^\s'"]+|['"])+""")
+
+
+def readable_sql(sql: str, width: int = FORM_SQL_WIDTH) -> str:
+    """SQL for reading in the form: no blank lines, and a line longer than ``width`` broken at
+    blanks outside quotes, continued indented (a comment continued as a comment)."""
+    return "\n".join(part for line in sql.splitlines() if line.strip() for part in _wrapped(line, width))
+
+
+def _wrapped(line: str, width: int) -> list[str]:
+    if len(line) <= width:
+        return [line]
+    indent = line[:len(line) - len(line.lstrip())]
+    if line.lstrip().startswith("--"):
+        return textwrap.wrap(line, width, subsequent_indent=f"{indent}-- ")
+    parts, current = [], ""
+    for word in _SQL_WORD.findall(line):
+        if not current:
+            current = indent + word
+        elif len(current) + 1 + len(word) <= width:
+            current += " " + word
+        else:
+            parts.append(current)
+            current = f"{indent}    {word}"
+    return [*parts, current]
 
 
 class BackupProgress:
@@ -61,40 +99,69 @@ class BackupProgress:
 
 
 def summary_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str:
+    """The run's summary: its facts, then its checks, as lists: the v1 UI clips a table cell
+    that does not fit, and a path or an error message often does not."""
     r = outcome.report
-    lines = [
-        f"## {flow} {r.environment}: {r.operation} **{r.status}**",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| database | `{r.database['host']}:{r.database['port']}/{r.database['name']}` |",
-        f"| requested by | {r.operator} |",
-        (f"| revision | `{revisions.shown(r.revision_before)}` → `{revisions.shown(r.revision_after)}` "
-         f"(target `{r.target_revision}`) |"),
-        f"| started / finished | {r.started_at.isoformat()} / {r.finished_at.isoformat() if r.finished_at else '-'} |",
-        f"| duration | {r.duration_s} s |",
+    facts = [
+        ("database", f"`{r.database['host']}:{r.database['port']}/{r.database['name']}`"),
+        ("requested by", r.operator),
+        ("revision", (f"`{revisions.shown(r.revision_before)}` → `{revisions.shown(r.revision_after)}` "
+                      f"(target `{r.target_revision}`)")),
+        ("started / finished", f"{r.started_at.isoformat()} / {r.finished_at.isoformat() if r.finished_at else '-'}"),
+        ("duration", f"{r.duration_s} s"),
     ]
     if r.approval:
         a = r.approval
-        lines.append(f"| approval | {'approved' if a.approved else 'rejected'} by {a.approver} ({a.via}) |")
+        facts.append(("approval", (f"{'approved' if a.approved else 'rejected'} by {a.approver} ({a.via})"
+                                   f"{f': {a.comment}' if a.comment else ''}")))
     if r.backup:
-        lines.append(f"| backup | `{r.backup.id}` at {r.backup.location}, {r.backup.size_bytes} bytes |")
+        facts.append(("backup", backup_line(r.backup)))
     if r.restore:
         rs = r.restore
-        lines.append(f"| restored from | backup `{rs.backup_id}`; tables whose rows change: "
-                     f"{', '.join(rs.tables_changing) or 'none'}; safety backup `{rs.safety_backup or '-'}` |")
+        facts.append(("restored from", (f"backup `{rs.backup_id}`; tables whose rows change: "
+                                        f"{', '.join(rs.tables_changing) or 'none'}; "
+                                        f"safety backup `{rs.safety_backup or '-'}`")))
     if r.error:
-        lines.append(f"| failed in | **{r.error.phase}**: {r.error.message} |")
+        facts.append(("failed in", f"**{r.error.phase}**: {r.error.message}"))
     if r.rollback:
         rb = r.rollback
-        lines.append(f"| rollback | {rb.method or 'none needed'}: {'succeeded' if rb.succeeded else 'FAILED'}, "
-                     f"at `{revisions.shown(rb.revision_after)}`; {rb.detail} |")
+        facts.append(("rollback", (f"{rb.method or 'none needed'}: {'succeeded' if rb.succeeded else 'FAILED'}, "
+                                   f"at `{revisions.shown(rb.revision_after)}`; {rb.detail}")))
+    written = (f"stored at `{stored_at(outcome.report_path)}`" if outcome.report_path
+               else f"NOT stored: {outcome.report_error}")
+    facts.append(("report", f"the artifact {report_link(r.environment, flow)}; {written}"))
+    lines = [f"## {flow} {r.environment}: {r.operation} **{r.status}**", "",
+             *(f"- **{name}** {value}" for name, value in facts)]
     checks = [c.as_dict() for c in r.health_checks + r.validation]
     if checks:
-        lines += ["", "| check | status | detail | s |", "|---|---|---|---|"]
-        lines += [f"| {c['name']} | {c['status']} | {c['detail']} | {c['duration_s']} |" for c in checks]
-    lines += ["", f"Report: `{outcome.report_path}`"]
+        lines += ["", "Checks:", ""]
+        lines += [f"- **{c['name']}** {c['status']}: {c['detail']} ({c['duration_s']} s)" for c in checks]
     return "\n".join(lines)
+
+
+def backup_line(backup: BackupSummary) -> str:
+    """Which backup, where it really is, and what it passed."""
+    return (f"`{backup.id}` at `{stored_at(backup.location)}`, {backup.size_bytes} bytes, "
+            f"{catalogue.how_checked(backup.verified)}")
+
+
+def stored_at(location: str | Path) -> str:
+    """Where a run left a file, for a reader on another machine: an S3 URL as it is, a local
+    path as ``host:/absolute/path`` on the worker."""
+    if str(location).startswith("s3://"):
+        return str(location)
+    return f"{socket.gethostname()}:{Path(location).absolute()}"
+
+
+def report_key(environment: str, flow: str) -> str:
+    return f"{artifact_key(environment, flow)}-report"
+
+
+def report_link(environment: str, flow: str) -> str:
+    """The run's report artifact (``<flow>-<environment>-report``), linked in the UI where its address is known."""
+    key = report_key(environment, flow)
+    ui = PREFECT_UI_URL.value()
+    return f"[{key}]({ui}/artifacts/key/{key})" if ui else f"`{key}`"
 
 
 def report_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str:
@@ -105,14 +172,14 @@ def report_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str:
     if report.copies:  # in S3 beside the backups: reachable from anywhere, unlike the worker's disk
         where = f"Stored at `{report.copies[0]}`."
     elif outcome.report_path is not None:
-        where = f"Stored at `{socket.gethostname()}:{outcome.report_path.absolute()}`."
+        where = f"Stored at `{stored_at(outcome.report_path)}`."
     else:
         where = f"Not stored: {outcome.report_error}."
     return f"## {flow} {report.environment}: report\n\n{where}\n\n```json\n{report.to_json()}```\n"
 
 
 def publish_report(outcome: pipeline.Outcome, environment: str, flow: str = "db-migrate") -> None:
-    create_markdown_artifact(report_markdown(outcome, flow), key=f"{artifact_key(environment, flow)}-report",
+    create_markdown_artifact(report_markdown(outcome, flow), key=report_key(environment, flow),
                              description=f"{flow} {environment}: the JSON report")
 
 

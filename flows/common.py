@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
+from typing import Literal
 from uuid import UUID
 
 from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import FailedRun, FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
-from prefect.states import Failed, Running
+from prefect.input import RunInput, keyset_from_paused_state
+from prefect.states import Failed, Paused, Running
 from pydantic import Field
 
 from blocks import load_policy, load_target
-from dbmigrate import migrate, phases, pipeline
+from dbmigrate import migrate, phases, pipeline, revisions
 from dbmigrate.errors import ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, StorageFailed
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
@@ -153,43 +155,78 @@ def phase_runner(rules: Policy):
 
 class ApprovalForm(RunInput):
     """What the approver fills in when the run pauses; :meth:`approval` reads it as the
-    pipeline's :class:`~dbmigrate.Approval` (the report's ``approval``)."""
+    pipeline's :class:`~dbmigrate.Approval` (the report's ``approval``). The decision and the
+    name have no default: the UI marks them required and the server refuses an answer without them."""
 
-    approve: bool = Field(default=False, description="Go ahead with the change described above, now?")
-    approver: str = Field(default="", description="Your name. It is recorded in the audit report.")
-    comment: str = Field(default="", description="Optional: ticket, reason, change window.")
+    decision: Literal["approve", "reject"] = Field(
+        description="approve: make the change described above, now. reject: change nothing.")
+    approver: str = Field(min_length=1, description="Your name. It is recorded in the audit report.")
+    comment: str = Field(default="", description="A ticket, the reason, the change window.")
 
     def approval(self) -> Approval:
-        """``approve`` becomes ``approved``; approving takes a name, so one without is a refusal."""
+        """A name of blanks is no name: that answer is a refusal."""
         approver = self.approver.strip()
-        if self.approve and not approver:
-            return Approval(False, "unknown", "prefect-ui", "approved without a name: refused")
-        return Approval(self.approve, approver or "unknown", "prefect-ui", self.comment)
+        if not approver:
+            return Approval(False, "unknown", "prefect-ui", "answered without a name: refused")
+        return Approval(self.decision == "approve", approver, "prefect-ui", self.comment.strip())
 
 
 def ask_in_ui(rules: Policy, requested_by: str, describe) -> Approval:
-    """Where the policy asks for it, pause the run until someone approves or rejects
-    in the Prefect UI; ``describe()`` is the markdown the approver reads."""
+    """Where the policy asks for it, pause the run until someone approves or rejects in the
+    Prefect UI. ``describe()`` (called only then) gives what changes (``0004 → 0006 in
+    production``: the paused state's message and the log say it waits for its approval) and the
+    markdown the approver reads in the form. The log records the answer."""
     if not rules.approval_required:
         return Approval(True, requested_by, "policy")
-    form = ApprovalForm.with_initial_data(description=describe())
+    change, text = describe()
+    form = ApprovalForm.with_initial_data(description=text)
+    waiting = (f"waiting for approval of {change}: click Resume on this run in the Prefect UI, "
+               "choose approve or reject, give your name")
+    logger = get_run_logger()
+    logger.info(waiting)
     try:
-        answer = pause_flow_run(wait_for_input=form, timeout=int(rules.approval_timeout_s),
-                                poll_interval=rules.approval_poll_s)
+        answer = paused_until_answered(form, waiting, rules.approval_timeout_s, rules.approval_poll_s).approval()
     except FlowPauseTimeout:
         take_back_expired_pause()
         raise ConfirmationRefused(f"nobody approved within {rules.approval_timeout_s:g}s: nothing was changed") from None
-    return answer.approval()
+    logger.info("%s by %s%s", "approved" if answer.approved else "rejected", answer.approver,
+                f": {answer.comment}" if answer.comment else "")
+    return answer
+
+
+def paused_until_answered(form: type[ApprovalForm], message: str, timeout_s: float, poll_s: float) -> ApprovalForm:
+    """Prefect's ``pause_flow_run(wait_for_input=form)``, but the Paused state carries ``message``:
+    Prefect's own leaves it empty, so the run page never said what the run waits for."""
+    run_id = UUID(runtime.flow_run.id)
+    paused = Paused(timeout_seconds=int(timeout_s), pause_key="approval", message=message)
+    keyset = keyset_from_paused_state(paused)
+    paused.state_details.run_input_keyset = keyset
+    with get_client(sync_client=True) as client:
+        result = client.set_flow_run_state(run_id, paused)
+        if result.status != SetStateStatus.ACCEPT:
+            raise ConfirmationRefused(f"the run could not pause for approval ({result.details.reason}): "
+                                      "nothing was changed")
+        form.save(keyset, flow_run_id=run_id)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(poll_s)
+            if client.read_flow_run(run_id).state.is_running():  # resumed: the server accepted the answer
+                return form.load(keyset, flow_run_id=run_id)
+    raise FlowPauseTimeout("the run was paused and never resumed")
 
 
 def approval_in_ui(env: Environment, requested_by: str) -> pipeline.Confirm:
-    """The pipeline's confirm hook: the approver sees the pending revisions and their SQL."""
+    """The pipeline's confirm hook: the approver sees the revisions the run goes through, the
+    one it reaches, and their SQL."""
 
-    def describe_plan(plan: phases.Plan) -> str:
-        sql = migrate.render_sql(env.settings.project(env.target), plan.current, plan.target, upgrade=plan.upgrade)
-        return approval_request(env.target, plan, sql)
+    def describe(plan: phases.Plan) -> tuple[str, str]:
+        project = env.settings.project(env.target)
+        reached = revisions.shown(sorted(phases.expected_revisions(project, plan)))
+        sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
+        return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
+                approval_request(env.target, plan, reached, sql))
 
-    return lambda plan: ask_in_ui(env.policy, requested_by, lambda: describe_plan(plan))
+    return lambda plan: ask_in_ui(env.policy, requested_by, lambda: describe(plan))
 
 
 def take_back_expired_pause() -> None:

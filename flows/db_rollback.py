@@ -100,9 +100,10 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str,
             report.finish(DRY_RUN)
         else:
             phase = "approval"
-            approval = ask_in_ui(env.policy, requested_by, lambda: "\n".join(
-                [*lines, "", how_to_approve("replace the database with this backup "
-                                            "(a backup of its current state is taken first).")]))
+            approval = ask_in_ui(env.policy, requested_by, lambda: (
+                f"the restore of backup {manifest.id} over {environment}",
+                "\n".join([*lines, "", how_to_approve("replace the database with this backup (a backup of its "
+                                                       "current state is taken first)")])))
             report.approval = approval
             approval.require("restore")
             lines += ["", f"Approved by {approval.approver} ({approval.via})."]

@@ -11,7 +11,7 @@ from dbmigrate import backup, catalogue, drift, health
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import MigrationFailed
 from dbmigrate.report import BackupSummary
-from flows.artifacts import BackupProgress, artifact_key
+from flows.artifacts import BackupProgress, artifact_key, backup_line
 from flows.common import ends_failed_on_error, open_environment, phase_runner
 
 
@@ -80,9 +80,8 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
     progress.done()
     pruned = catalogue.prune(storage, env.target, keep_last, keep_days) if keep_last is not None else []
     create_markdown_artifact(
-        f"## db-backup {environment}\n\nBackup `{manifest.id}` at {manifest.location}: {manifest.size_bytes} bytes, "
-        f"sha256 `{manifest.sha256}`, {'verified by a restore' if manifest.verified else 'checksum checked'}.\n\n"
-        f"Pruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
+        f"## db-backup {environment}\n\nBackup {backup_line(BackupSummary.of(manifest))}; "
+        f"sha256 `{manifest.sha256}`.\n\nPruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
         key=f"{artifact_key(environment)}-backup-summary",
     )
     return asdict(BackupSummary.of(manifest))

@@ -109,7 +109,7 @@ def test_production_waits_for_approval(environment, target, home, tmp_path):
     before = fingerprint_of(target)
 
     seen = {}
-    rejecter = threading.Thread(target=_resume_when_paused, args=({"approve": False, "approver": "bob"}, seen))
+    rejecter = threading.Thread(target=_resume_when_paused, args=({"decision": "reject", "approver": "bob"}, seen))
     rejecter.start()
     state = run_flow(environment=name, alembic_config=ini)
     rejecter.join()
@@ -121,7 +121,7 @@ def test_production_waits_for_approval(environment, target, home, tmp_path):
     assert "CREATE TABLE t2" in seen["description"], "the approver sees the SQL"
 
     approver = threading.Thread(target=_resume_when_paused,
-                                args=({"approve": True, "approver": "Alice Ops", "comment": "CHG-42"}, seen))
+                                args=({"decision": "approve", "approver": "Alice Ops", "comment": "CHG-42"}, seen))
     approver.start()
     state = run_flow(environment=name, alembic_config=ini)
     approver.join()
@@ -260,7 +260,7 @@ def test_production_approval_that_times_out_changes_nothing(environment, target,
     report = last_report(home)
     assert report["error"]["phase"] == "approval" and report["backup"] is None
     assert report["error"]["message"] == "nobody approved within 3s: nothing was changed"
-    assert "failed in | **approval**: nobody approved within 3s" in artifact("db-migrate-production")
+    assert "**failed in** **approval**: nobody approved within 3s" in artifact("db-migrate-production")
     assert "approval failed: nobody approved within 3s" in run_logs(state), "logged after Alembic rendered the SQL"
 
 
@@ -302,7 +302,7 @@ def test_db_rollback_to_a_revision_dry_run_first_then_approved(environment, targ
     assert keys and all(k.startswith("db-rollback-production") for k in keys), "never the db-migrate summary"
 
     seen = {}
-    approver = threading.Thread(target=_resume_when_paused, args=({"approve": True, "approver": "Frank"}, seen))
+    approver = threading.Thread(target=_resume_when_paused, args=({"decision": "approve", "approver": "Frank"}, seen))
     approver.start()
     state = run_named("db-rollback", environment=name, to_revision="r1", dry_run=False, alembic_config=ini,
                       requested_by="carol")
@@ -313,8 +313,9 @@ def test_db_rollback_to_a_revision_dry_run_first_then_approved(environment, targ
     assert (report["operation"], report["revision_before"], report["revision_after"]) == ("downgrade", "r2", "r1")
     assert report["operator"] == "carol" and report["backup"]["id"], "a backup of the state before the downgrade"
     assert report["approval"]["approver"] == "Frank" and report["approval"]["via"] == "prefect-ui"
-    assert seen["description"].startswith("## Approve downgrade of production")
+    assert seen["description"].startswith("## Approve downgrade of production: r2 → r1\n")
     assert "DROP TABLE t2" in seen["description"], "the approver sees the downgrade's SQL"
+    assert seen["run"].state.message.startswith("waiting for approval of r2 → r1 in production: click Resume")
 
     state = run_named("db-rollback", environment=name, alembic_config=ini)
     assert state.is_failed() and state.message == "give exactly one of to_revision and backup_id"
@@ -352,14 +353,16 @@ def test_db_backup_then_db_rollback_from_it_in_production(environment, target, h
         finally:
             resumer.join()
 
-    state = rollback_answered({"approve": False, "approver": "dave"})
+    state = rollback_answered({"decision": "reject", "approver": "dave"})
     assert state.is_failed() and state.message == "restore not approved by dave: nothing was changed"
+    assert seen["run"].state.message.startswith(f"waiting for approval of the restore of backup {backup_id} over "
+                                                "production: click Resume")
     assert fingerprint_of(target) == changed
     refused = last_report(home)
     assert (refused["operation"], refused["status"], refused["error"]["phase"]) == ("restore", "failed", "approval")
     assert json.loads(artifact("db-rollback-production-report").split("```json\n")[1].split("```")[0]) == refused
 
-    state = rollback_answered({"approve": True, "approver": "Erin"})
+    state = rollback_answered({"decision": "approve", "approver": "Erin"})
     assert state.is_completed(), state.message
     assert fingerprint_of(target) == backed_up
     result = state.result()
@@ -469,7 +472,7 @@ def test_db_rollback_does_not_run_while_a_migration_waits_for_approval(environme
     try:
         state = run_named("db-rollback", environment=name, to_revision="base", alembic_config=ini)
     finally:
-        resume_flow_run(seen["run"].id, run_input={"approve": False, "approver": "gina"})
+        resume_flow_run(seen["run"].id, run_input={"decision": "reject", "approver": "gina"})
         migration.join()
     assert state.is_failed()
     assert state.message == ("concurrency failed: another run for production holds db-migrate-production: "
@@ -544,7 +547,7 @@ def test_a_block_recording_production_gets_the_production_policy(environment, ta
     before = fingerprint_of(target)
 
     seen = {}
-    rejecter = threading.Thread(target=_resume_when_paused, args=({"approve": False, "approver": "bob"}, seen))
+    rejecter = threading.Thread(target=_resume_when_paused, args=({"decision": "reject", "approver": "bob"}, seen))
     rejecter.start()
     state = run_flow(environment=name, credentials_block="main-db", alembic_config=ini)
     rejecter.join()

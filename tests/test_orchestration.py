@@ -372,7 +372,7 @@ def test_worker_restarted_while_production_waits_for_approval(server, worker, bl
     assert "during approval, before migrating" in run.state.message, run.state.message
     assert "the database was not changed" in run.state.message
     assert fingerprint_of(target) == before
-    resume_flow_run(next_id, run_input={"approve": True, "approver": "Alice Ops"})
+    resume_flow_run(next_id, run_input={"decision": "approve", "approver": "Alice Ops"})
     assert final(next_id).state.is_completed(), run_log(next_id)
     assert fingerprint_of(target).revisions == ("r3",)
 
