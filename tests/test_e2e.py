@@ -54,18 +54,21 @@ def finished(step, stack, timeout: float = 300):
 
 
 def test_an_environment_set_up_from_variables(stack, prefect_api):
+    """`blocks sync` as GitHub Actions or an operator runs it: the stack's staging block, its TLS mode
+    changed, then the same again: only what changed is written."""
     variables = {"PREFECT_API_URL": stack.api, "DB_HOST": "127.0.0.1", "DB_PORT": str(stack.pg_port),
                  "DB_NAME": "staging", "DB_USER": "postgres", "DB_PASSWORD": stack.password,
-                 "DB_SSLMODE": "disable"}
+                 "DB_SSLMODE": "prefer"}
     synced = stack.cli("blocks", "sync", "--env", "staging", "--from-env", env=variables)
-    assert synced.returncode == 0, synced.stderr
-    assert synced.stdout.startswith("block dbmigrate-database-credentials/staging: "), synced.stdout
     again = stack.cli("blocks", "sync", "--env", "staging", "--from-env", env=variables)
-    assert again.stdout.startswith("block dbmigrate-database-credentials/staging: unchanged"), again.stdout
 
+    assert synced.returncode == 0, synced.stderr
+    assert synced.stdout == "dbmigrate-database-credentials/staging: updated: sslmode\n"
+    assert again.stdout == "dbmigrate-database-credentials/staging: unchanged\n"
     from blocks import load_target
 
-    assert load_target("staging").url == stack.target("staging").url
+    synced_target = load_target("staging")
+    assert (synced_target.host, synced_target.port, synced_target.database) == ("127.0.0.1", stack.pg_port, "staging")
 
 
 def test_the_workflow_step_migrates_staging_and_fetches_the_report(stack, prefect_api, tmp_path):
