@@ -8,7 +8,11 @@ form and the run's summary go to screenshots/ (tests/browser.py)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +73,42 @@ def test_an_environment_set_up_from_variables(stack, prefect_api):
 
     synced_target = load_target("staging")
     assert (synced_target.host, synced_target.port, synced_target.database) == ("127.0.0.1", stack.pg_port, "staging")
+
+
+def guide_commands(heading: str) -> list[str]:
+    """The commands of the README's bash block under ``heading`` (the operator's guide), as written."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index(f"\n{heading}\n"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    return [line for line in block[:block.index("```")].splitlines() if line.strip()]
+
+
+def run_as_written(stack, command: str) -> subprocess.CompletedProcess:
+    """``command`` in bash from the checkout, as an operator with the stack's PREFECT_API_URL runs it."""
+    environ = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "PREFECT_API_URL": stack.api, "DBMIGRATE_HOME": str(stack.home)}
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, env=environ, capture_output=True, text=True,
+                            timeout=300, check=False)
+    stack.outputs.append(result.stdout + result.stderr)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    return result
+
+
+def test_the_guides_commands_run_as_written(stack, prefect_api):
+    """Steps 4 and 7 of the README's operator's guide, command by command, on the stack's staging."""
+    staging = stack.target("staging")
+    migrate_to_0005, migrate_to_head = guide_commands("### 4. Run a migration")
+    run_as_written(stack, migrate_to_0005)
+    assert fingerprint_of(staging).revisions == ("0005",)
+    run_as_written(stack, migrate_to_head)
+    assert fingerprint_of(staging).revisions == (SAMPLE_HEAD,)
+
+    roll_back, back_up, list_backups = guide_commands("### 7. Roll back, restore a backup")
+    run_as_written(stack, roll_back)
+    assert fingerprint_of(staging).revisions == ("0005",)
+    run_as_written(stack, back_up)
+    listed = run_as_written(stack, list_backups).stdout
+    assert "-0005" in listed and "verified" in listed, listed
 
 
 def test_the_workflow_step_migrates_staging_and_fetches_the_report(stack, prefect_api, tmp_path):
