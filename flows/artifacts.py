@@ -1,6 +1,6 @@
-"""What a run shows in Prefect besides its log: the approval request, backup progress and
-the summary (with the revisions) under keys per flow and environment. Together with the
-flow-run history they are the audit trail."""
+"""What a run shows in Prefect besides its log: the approval request, backup progress, the
+summary (with the revisions) and the JSON report, under keys per flow and environment.
+Together with the flow-run history they are the audit trail."""
 
 from __future__ import annotations
 
