@@ -249,6 +249,9 @@ def test_the_documented_json_forms_send_an_all_digit_revision(server, staging, t
         out = prefect(server, "deployment", "run", MIGRATE, *form, cwd=REPO)
         run_id = out.split("UUID: ")[1].split()[0]
         assert flow_run(run_id).parameters["target_revision"] == "12"
+        # Cancelled once it waits for approval: a cancel that lands while the worker is still starting
+        # the run's process can find no process to stop and leave the run Cancelling (seen under load).
+        wait_until(lambda run_id=run_id: flow_run(run_id).state.is_paused(), 180, "the run to wait for approval")
         prefect(server, "flow-run", "cancel", run_id, cwd=REPO)
         wait_until(lambda run_id=run_id: flow_run(run_id).state.is_final(), 90, "the run to be cancelled")
 
