@@ -32,6 +32,7 @@ ENVIRONMENTS = ("development", "staging", "production")
 POLL_S = 2.0
 WATCH_TIMEOUT_S = 3600  # unless WATCH_TIMEOUT says otherwise
 LOG_LINES = 30  # of a run that did not complete
+LOG_SETTLE_S = 10.0  # the run's process sends its last log lines in a batch after its final state
 
 
 class Refused(Exception):
@@ -184,13 +185,20 @@ def cancel(run_id: UUID, why: str) -> None:
     print(f"{why}: asked Prefect to cancel flow run {run_id}", flush=True)
 
 
-def last_log_lines(run_id: UUID, count: int = LOG_LINES) -> list[str]:
+def last_log_lines(run, count: int = LOG_LINES) -> list[str]:
+    """The run's last log lines, once those written after its final state have arrived (or
+    LOG_SETTLE_S has passed: a killed process never sends them)."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
+    deadline = time.monotonic() + LOG_SETTLE_S
     with client() as prefect:
-        logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=count,
-                                 sort=LogSort.TIMESTAMP_DESC)
+        while True:
+            logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=count,
+                                     sort=LogSort.TIMESTAMP_DESC)
+            if (logs and logs[0].timestamp >= run.state.timestamp) or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_S)
     return [f"{log.timestamp:%H:%M:%S} {log.message}" for log in reversed(logs)]
 
 
@@ -300,7 +308,7 @@ def finish(request: Request, run, timed_out: bool) -> int:
     outcome = f"timed out, {run.state.name}" if timed_out else run.state.name
     print(f"{request.deployment}: {outcome}" + (f": {run.state.message}" if run.state.message else ""), flush=True)
     if not completed:
-        print(f"last log lines of flow run {run.name}:", *last_log_lines(run.id), sep="\n  ", flush=True)
+        print(f"last log lines of flow run {run.name}:", *last_log_lines(run), sep="\n  ", flush=True)
     if text is not None:
         path = save(text, request, run)
         print(f"report: {path}", flush=True)
