@@ -97,6 +97,7 @@ def _settings_for(rules: Policy, alembic_config: str | None, backup_storage: str
         alembic_config=alembic_config,
         guard_wait_s=rules.guard_wait_s,
         limits=SessionLimits(rules.lock_timeout_s, rules.statement_timeout_s),
+        lock_retries=rules.lock_retries(),
         storage_spec=backup_storage,
         project_logging=False,  # the flow-run log is the audit trail: env.py must not shut it down
     )

@@ -1,0 +1,175 @@
+"""Lock-safe execution (--lock-retries): short, growing lock_timeouts, each failed attempt rolled
+back and tried again, against a real PostgreSQL with a real session holding the table."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+
+from tests.helpers import fingerprint_of, last_report, libpq_url, one_line_error, scalar, sql
+from tests.projects import linear, stock_project
+
+SCHEDULE = ["--lock-retries", "0.1,0.2,0.5", "--lock-retry-pause", "0.3"]
+LARGEST_LOCK_TIMEOUT = 0.5
+MARGIN = 0.5  # a loaded test machine's scheduling, connection and query time
+CREATE_T1 = "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))"
+ALTER_T1 = "op.add_column('t1', sa.Column('note', sa.Text))"
+
+
+class Holder:
+    """A session of "the application" that holds ``mode`` on t1 in an open transaction, and lets
+    go ``hold_s`` seconds after a migration of ours first waits for it (or when the test ends)."""
+
+    def __init__(self, target, mode: str, hold_s: float):
+        self.conn = psycopg.connect(libpq_url(target), application_name="the-holder")
+        self.conn.execute(f"LOCK TABLE t1 IN {mode} MODE")
+        self.pid = self.conn.info.backend_pid
+        self.target, self.hold_s, self.released = target, hold_s, threading.Event()
+        self.thread = threading.Thread(target=self._release_later, daemon=True)
+        self.thread.start()
+
+    def _release_later(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not scalar(
+                self.target, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'dbmigrate%%' "
+                             "AND wait_event_type = 'Lock'"):
+            time.sleep(0.02)
+        self.released.wait(self.hold_s)
+        self.release()
+
+    def release(self) -> None:
+        self.released.set()
+        if not self.conn.closed:
+            self.conn.rollback()
+            self.conn.close()
+
+
+@contextmanager
+def held(target, mode: str = "ACCESS EXCLUSIVE", hold_s: float = 3600):
+    holder = Holder(target, mode, hold_s)
+    try:
+        yield holder
+    finally:
+        holder.released.set()
+        holder.thread.join()
+
+
+@contextmanager
+def application(target):
+    """The application's own queries on t1, one after another, each timed: the longest wait is what it felt."""
+    durations: list[float] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        with psycopg.connect(libpq_url(target), autocommit=True, application_name="the-application") as conn:
+            while not stop.is_set():
+                started = time.monotonic()
+                conn.execute("SELECT count(*) FROM t1").fetchone()
+                durations.append(time.monotonic() - started)
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield durations
+    finally:
+        stop.set()
+        thread.join()
+
+
+def project(tmp_path, per_revision: bool, *steps: str) -> str:
+    return str(stock_project(tmp_path, linear(CREATE_T1, *steps), transaction_per_migration=per_revision))
+
+
+MODES = pytest.mark.parametrize("per_revision", [False, True], ids=["one-transaction", "transaction-per-revision"])
+
+
+@MODES
+def test_a_lock_held_for_3s_is_waited_out_in_short_attempts(cli, url, target, tmp_path, home, per_revision):
+    ini = project(tmp_path, per_revision, "op.create_table('t2', sa.Column('id', sa.Integer))", ALTER_T1)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with held(target, hold_s=3) as holder:
+        result = cli("upgrade", "--yes", *SCHEDULE, "--alembic-config", ini, env=env)
+    assert result.returncode == 0, result.stderr
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r3"
+    assert sql(target, "SELECT column_name FROM information_schema.columns WHERE table_name = 't1' "
+                       "ORDER BY ordinal_position") == [("id",), ("note",)]
+    report = last_report(home)
+    attempts = report["lock_attempts"]
+    failed, last = attempts[:-1], attempts[-1]
+    assert len(failed) >= 3 and {a["outcome"] for a in failed} == {"lock_timeout"}
+    assert last["outcome"] == "succeeded"
+    assert [a["lock_timeout_s"] for a in attempts[:3]] == [0.1, 0.2, 0.5]
+    assert all(a["waited_s"] < LARGEST_LOCK_TIMEOUT + MARGIN for a in failed)
+    seen = [b for a in failed for b in a["blockers"]]
+    assert seen and {(b["pid"], b["application_name"], b["relation"], b["mode"]) for b in seen} == {
+        (holder.pid, "the-holder", "t1", "AccessExclusiveLock")}
+    assert [m["revision"] for m in report["migrations_applied"]] == ["r2", "r3"]
+    print(f"{len(failed)} failed attempts, waits {[a['waited_s'] for a in attempts]}")
+
+
+def test_the_applications_queries_never_queue_longer_than_the_largest_lock_timeout(cli, url, target, tmp_path):
+    """A long transaction that read t1 (ACCESS SHARE) blocks the ALTER; while the migration waits
+    for it, every query of the application on t1 queues behind the migration's lock request.
+    With the schedule that queue lasts one short lock_timeout at most; with one long
+    lock_timeout (the control) it lasts as long as the transaction."""
+    ini = project(tmp_path, False, ALTER_T1)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    worst = {}
+    for name, options in (("schedule", SCHEDULE), ("control", ["--lock-timeout", "10"])):
+        sql(target, "ALTER TABLE t1 DROP COLUMN IF EXISTS note; UPDATE alembic_version SET version_num = 'r1'")
+        with held(target, "ACCESS SHARE", hold_s=3), application(target) as durations:
+            result = cli("upgrade", "--yes", *options, "--alembic-config", ini, env=env)
+            time.sleep(0.2)
+        assert result.returncode == 0, result.stderr
+        worst[name] = max(durations)
+    print(f"worst wait of the application's queries: {worst}")
+    assert worst["schedule"] < LARGEST_LOCK_TIMEOUT + MARGIN
+    assert worst["control"] > 2, "the control must show the queue the schedule avoids"
+
+
+@MODES
+def test_a_lock_held_past_the_total_fails_naming_the_holder(cli, url, target, tmp_path, home, per_revision):
+    ini = project(tmp_path, per_revision, ALTER_T1)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    before = fingerprint_of(target)
+    with held(target) as holder:
+        started = time.monotonic()
+        result = cli("upgrade", "--yes", *SCHEDULE, "--lock-retry-total", "3", "--alembic-config", ini, env=env)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
+    assert "revision r2 failed: could not get its lock in " in line
+    assert (f"it wanted AccessExclusiveLock on t1, blocked by pid {holder.pid} ('the-holder', idle in transaction, "
+            "query since ") in line
+    assert line.endswith("): LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE; nothing was changed")
+    assert fingerprint_of(target) == before
+    assert elapsed < 3 + 15  # the total, the pause, and the command's own start
+    attempts = last_report(home)["lock_attempts"]
+    assert len(attempts) >= 4 and {a["outcome"] for a in attempts} == {"lock_timeout"}
+
+
+def test_a_revision_that_changed_something_outside_a_transaction_is_not_retried(cli, url, target, tmp_path, home):
+    autocommit = ("with op.get_context().autocommit_block():\n"
+                  "        op.execute('CREATE TABLE side (id int)')\n"
+                  "        op.execute('ALTER TABLE t1 ADD COLUMN note text')")
+    ini = project(tmp_path, False, autocommit)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with held(target):
+        result = cli("upgrade", "--yes", *SCHEDULE, "--alembic-config", ini, env=env)
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
+    assert "revision r2 failed: canceling statement due to lock timeout; not retried: it ran outside a transaction" \
+        in line
+    attempts = last_report(home)["lock_attempts"]
+    assert [a["outcome"] for a in attempts] == ["lock_timeout"]
+    assert scalar(target, "SELECT to_regclass('side') IS NOT NULL"), "what it changed stays, and it says so"
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
