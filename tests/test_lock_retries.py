@@ -3,14 +3,11 @@ back and tried again, against a real PostgreSQL with a real session holding the 
 
 from __future__ import annotations
 
-import threading
 import time
-from contextlib import contextmanager
 
-import psycopg
 import pytest
 
-from tests.helpers import fingerprint_of, last_report, libpq_url, one_line_error, scalar, sql
+from tests.helpers import application, fingerprint_of, held, last_report, one_line_error, scalar, sql
 from tests.projects import linear, stock_project
 
 SCHEDULE = ["--lock-retries", "0.1,0.2,0.5", "--lock-retry-pause", "0.3"]
@@ -18,67 +15,6 @@ LARGEST_LOCK_TIMEOUT = 0.5
 MARGIN = 0.5  # a loaded test machine's scheduling, connection and query time
 CREATE_T1 = "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))"
 ALTER_T1 = "op.add_column('t1', sa.Column('note', sa.Text))"
-
-
-class Holder:
-    """A session of "the application" that holds ``mode`` on t1 in an open transaction, and lets
-    go ``hold_s`` seconds after a migration of ours first waits for it (or when the test ends)."""
-
-    def __init__(self, target, mode: str, hold_s: float):
-        self.conn = psycopg.connect(libpq_url(target), application_name="the-holder")
-        self.conn.execute(f"LOCK TABLE t1 IN {mode} MODE")
-        self.pid = self.conn.info.backend_pid
-        self.target, self.hold_s, self.released = target, hold_s, threading.Event()
-        self.thread = threading.Thread(target=self._release_later, daemon=True)
-        self.thread.start()
-
-    def _release_later(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not scalar(
-                self.target, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'dbmigrate%%' "
-                             "AND wait_event_type = 'Lock'"):
-            time.sleep(0.02)
-        self.released.wait(self.hold_s)
-        self.release()
-
-    def release(self) -> None:
-        self.released.set()
-        if not self.conn.closed:
-            self.conn.rollback()
-            self.conn.close()
-
-
-@contextmanager
-def held(target, mode: str = "ACCESS EXCLUSIVE", hold_s: float = 3600):
-    holder = Holder(target, mode, hold_s)
-    try:
-        yield holder
-    finally:
-        holder.released.set()
-        holder.thread.join()
-
-
-@contextmanager
-def application(target):
-    """The application's own queries on t1, one after another, each timed: the longest wait is what it felt."""
-    durations: list[float] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        with psycopg.connect(libpq_url(target), autocommit=True, application_name="the-application") as conn:
-            while not stop.is_set():
-                started = time.monotonic()
-                conn.execute("SELECT count(*) FROM t1").fetchone()
-                durations.append(time.monotonic() - started)
-                time.sleep(0.01)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        yield durations
-    finally:
-        stop.set()
-        thread.join()
 
 
 def project(tmp_path, per_revision: bool, *steps: str) -> str:
