@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from tests.helpers import application, fingerprint_of, held, last_report, one_line_error, scalar, sql
+from tests.helpers import (
+    application,
+    fingerprint_of,
+    held,
+    last_report,
+    one_line_error,
+    scalar,
+    sql,
+)
 from tests.projects import linear, stock_project
 
 SCHEDULE = ["--lock-retries", "0.1,0.2,0.5", "--lock-retry-pause", "0.3"]
