@@ -135,9 +135,9 @@ def _require_undone(failed: StepFailed, effects: migrate.Effects, before: int, a
     unstamped = [index for index in effects.outside if before + index >= len(failed.applied)]
     if unstamped:
         raise LockRetriesExhausted(
-            f"{failed}; not retried: it ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and "
-            "changed the database before the lock timed out, so running it again is not safe: check what it "
-            "left (an INVALID index, a half-done change) before running again", failed.applied, attempts)
+            f"{failed}; not retried: it ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and may "
+            "have changed the database before the lock timed out, which no rollback undoes: check what it left "
+            "(an INVALID index, a half-done change) before running it again", failed.applied, attempts)
 
 
 def _what_stays(applied: list[AppliedStep]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import psycopg
 import pytest
 
 from tests.helpers import (
@@ -12,6 +13,7 @@ from tests.helpers import (
     fingerprint_of,
     held,
     last_report,
+    libpq_url,
     one_line_error,
     scalar,
     sql,
@@ -111,9 +113,34 @@ def test_a_revision_that_changed_something_outside_a_transaction_is_not_retried(
         result = cli("upgrade", "--yes", *SCHEDULE, "--alembic-config", ini, env=env)
     assert result.returncode == 1
     line = one_line_error(result.stderr)
-    assert "revision r2 failed: canceling statement due to lock timeout; not retried: it ran outside a transaction" \
-        in line
+    assert line.endswith("revision r2 failed: canceling statement due to lock timeout; not retried: it ran outside a "
+                         "transaction (autocommit, CREATE INDEX CONCURRENTLY) and may have changed the database before "
+                         "the lock timed out, which no rollback undoes: check what it left (an INVALID index, a "
+                         "half-done change) before running it again")
     attempts = last_report(home)["lock_attempts"]
     assert [a["outcome"] for a in attempts] == ["lock_timeout"]
     assert scalar(target, "SELECT to_regclass('side') IS NOT NULL"), "what it changed stays, and it says so"
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
+
+
+def test_a_concurrent_index_that_times_out_after_creating_its_entry_is_not_retried(cli, url, target, tmp_path,
+                                                                                   home):
+    """CREATE INDEX CONCURRENTLY commits the index's entry, then waits for every transaction writing to the
+    table: timing out there leaves an INVALID index, which running it again would trip over."""
+    concurrently = ("with op.get_context().autocommit_block():\n"
+                    "        op.create_index('ix_t1_id', 't1', ['id'], postgresql_concurrently=True)")
+    ini = project(tmp_path, False, concurrently)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with psycopg.connect(libpq_url(target), application_name="the-writer") as writer:
+        writer.execute("INSERT INTO t1 VALUES (1)")  # a write, its transaction left open
+        result = cli("upgrade", "--yes", *SCHEDULE, "--alembic-config", ini, env=env)
+        writer.rollback()
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
+    assert line.startswith("dbmigrate: error: revision r2 failed: canceling statement due to lock timeout; "
+                           "not retried: it ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and may "
+                           "have changed the database before the lock timed out")
+    assert [a["outcome"] for a in last_report(home)["lock_attempts"]] == ["lock_timeout"]
+    assert sql(target, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_t1_id'::regclass") == [(False,)]
     assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
