@@ -115,7 +115,7 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
             failed.attempts = attempts
             if not locked or failed.kept_unknown:
                 raise
-            _require_undone(failed, effects, len(applied), attempts)
+            _require_undone(failed, effects, plan.steps[len(applied):], attempts)
             applied = failed.applied
             if time.monotonic() + schedule.pause_s >= deadline:
                 raise LockRetriesExhausted(
@@ -130,14 +130,18 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
     raise AssertionError("the schedule repeats its last lock_timeout")
 
 
-def _require_undone(failed: StepFailed, effects: migrate.Effects, before: int, attempts: list[LockAttempt]) -> None:
-    """Refuse to run again a step that changed the database outside a transaction before its lock timed out."""
-    unstamped = [index for index in effects.outside if before + index >= len(failed.applied)]
+def _require_undone(failed: StepFailed, effects: migrate.Effects, attempted: list[PlannedStep],
+                    attempts: list[LockAttempt]) -> None:
+    """Refuse to run again what changed the database outside a transaction in the failed attempt: a
+    step whose revision the database did not keep (``attempted``: the plan's steps from where the attempt began)."""
+    kept = {step.revision for step in failed.applied}
+    unstamped = sorted({attempted[index].revision for index in effects.outside} - kept)
     if unstamped:
         raise LockRetriesExhausted(
-            f"{failed}; not retried: it ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and may "
-            "have changed the database before the lock timed out, which no rollback undoes: check what it left "
-            "(an INVALID index, a half-done change) before running it again", failed.applied, attempts)
+            f"{failed}; not retried: revision {', '.join(unstamped)} ran outside a transaction (autocommit, "
+            "CREATE INDEX CONCURRENTLY) and may have changed the database before the lock timed out, which no "
+            "rollback undoes: check what it left (an INVALID index, a half-done change) before running it again",
+            failed.applied, attempts)
 
 
 def _what_stays(applied: list[AppliedStep]) -> str:

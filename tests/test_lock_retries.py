@@ -102,19 +102,23 @@ def test_a_lock_held_past_the_total_fails_naming_the_holder(cli, url, target, tm
     assert len(attempts) >= 4 and {a["outcome"] for a in attempts} == {"lock_timeout"}
 
 
-def test_a_revision_that_changed_something_outside_a_transaction_is_not_retried(cli, url, target, tmp_path, home):
-    autocommit = ("with op.get_context().autocommit_block():\n"
-                  "        op.execute('CREATE TABLE side (id int)')\n"
-                  "        op.execute('ALTER TABLE t1 ADD COLUMN note text')")
-    ini = project(tmp_path, False, autocommit)
+@pytest.mark.parametrize("failing", ["r2", "r3"], ids=["in-the-revision", "in-the-next-revision"])
+def test_a_revision_that_changed_something_outside_a_transaction_is_not_retried(cli, url, target, tmp_path, home,
+                                                                                 failing):
+    """r2 creates a table in an autocommit block, then r2 itself or r3 (one transaction for the run:
+    r2's stamp rolls back with it) times out on t1's lock: what r2 committed stays, so nothing is retried."""
+    side = "with op.get_context().autocommit_block():\n        op.execute('CREATE TABLE side (id int)')"
+    alter = "op.execute('ALTER TABLE t1 ADD COLUMN note text')"
+    steps = [side + "\n        " + alter] if failing == "r2" else [side, alter]
+    ini = project(tmp_path, False, *steps)
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
     with held(target):
         result = cli("upgrade", "--yes", *SCHEDULE, "--alembic-config", ini, env=env)
     assert result.returncode == 1
     line = one_line_error(result.stderr)
-    assert line.endswith("revision r2 failed: canceling statement due to lock timeout; not retried: it ran outside a "
-                         "transaction (autocommit, CREATE INDEX CONCURRENTLY) and may have changed the database before "
+    assert line.endswith(f"revision {failing} failed: canceling statement due to lock timeout; not retried: revision r2 "
+                         "ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and may have changed the database before "
                          "the lock timed out, which no rollback undoes: check what it left (an INVALID index, a "
                          "half-done change) before running it again")
     attempts = last_report(home)["lock_attempts"]
@@ -139,7 +143,7 @@ def test_a_concurrent_index_that_times_out_after_creating_its_entry_is_not_retri
     assert result.returncode == 1
     line = one_line_error(result.stderr)
     assert line.startswith("dbmigrate: error: revision r2 failed: canceling statement due to lock timeout; "
-                           "not retried: it ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and may "
+                           "not retried: revision r2 ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and may "
                            "have changed the database before the lock timed out")
     assert [a["outcome"] for a in last_report(home)["lock_attempts"]] == ["lock_timeout"]
     assert sql(target, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_t1_id'::regclass") == [(False,)]
