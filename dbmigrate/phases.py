@@ -118,10 +118,7 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
             _require_undone(failed, effects, plan.steps[len(applied):], attempts)
             applied = failed.applied
             if time.monotonic() + schedule.pause_s >= deadline:
-                raise LockRetriesExhausted(
-                    f"{failed.blamed}: could not get its lock in {len(attempts)} attempts over "
-                    f"{schedule.total_s:g}s (lock_timeout {schedule.timeouts_s[0]:g}s to {max(schedule.timeouts_s):g}s): "
-                    f"{lockretry.blocked_by(attempts)}; {_what_stays(applied)}", applied, attempts) from None
+                raise _gave_up(failed, schedule, attempts) from None
             time.sleep(schedule.pause_s)
             continue
         attempts.append(LockAttempt(number, lock_timeout, time.monotonic() - started, lockretry.SUCCEEDED,
@@ -144,10 +141,14 @@ def _require_undone(failed: StepFailed, effects: migrate.Effects, attempted: lis
             failed.applied, attempts)
 
 
-def _what_stays(applied: list[AppliedStep]) -> str:
-    if not applied:
-        return "nothing was changed"
-    return f"revisions kept: {', '.join(step.revision for step in applied)}"
+def _gave_up(failed: StepFailed, schedule: lockretry.LockRetries, attempts: list[LockAttempt]) -> StepFailed:
+    """The schedule is spent: which revision, how hard it tried, whom it waited for, and what the database kept."""
+    kept = (f"revisions kept: {', '.join(step.revision for step in failed.applied)}" if failed.applied
+            else "nothing was changed")
+    return LockRetriesExhausted(
+        f"{failed.blamed}: could not get its lock in {len(attempts)} attempts over {schedule.total_s:g}s "
+        f"(lock_timeout {schedule.timeouts_s[0]:g}s to {max(schedule.timeouts_s):g}s): "
+        f"{lockretry.blocked_by(attempts)}; {kept}", failed.applied, attempts)
 
 
 def _attempt(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan,

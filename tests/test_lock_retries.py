@@ -18,7 +18,7 @@ from tests.helpers import (
     scalar,
     sql,
 )
-from tests.projects import linear, stock_project
+from tests.projects import PSYCOPG2_FROM_CONFIG, linear, stock_project
 
 SCHEDULE = ["--lock-retries", "0.1,0.2,0.5", "--lock-retry-pause", "0.3"]
 LARGEST_LOCK_TIMEOUT = 0.5
@@ -27,8 +27,9 @@ CREATE_T1 = "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True)
 ALTER_T1 = "op.add_column('t1', sa.Column('note', sa.Text))"
 
 
-def project(tmp_path, per_revision: bool, *steps: str) -> str:
-    return str(stock_project(tmp_path, linear(CREATE_T1, *steps), transaction_per_migration=per_revision))
+def project(tmp_path, per_revision: bool, *steps: str, engine: str | None = None) -> str:
+    return str(stock_project(tmp_path, linear(CREATE_T1, *steps), transaction_per_migration=per_revision,
+                             engine=engine))
 
 
 MODES = pytest.mark.parametrize("per_revision", [False, True], ids=["one-transaction", "transaction-per-revision"])
@@ -102,15 +103,16 @@ def test_a_lock_held_past_the_total_fails_naming_the_holder(cli, url, target, tm
     assert len(attempts) >= 4 and {a["outcome"] for a in attempts} == {"lock_timeout"}
 
 
-@pytest.mark.parametrize("failing", ["r2", "r3"], ids=["in-the-revision", "in-the-next-revision"])
+@pytest.mark.parametrize("failing, engine", [("r2", None), ("r3", None), ("r2", PSYCOPG2_FROM_CONFIG)],
+                         ids=["in-the-revision", "in-the-next-revision", "psycopg2-env-py"])
 def test_a_revision_that_changed_something_outside_a_transaction_is_not_retried(cli, url, target, tmp_path, home,
-                                                                                 failing):
+                                                                                 failing, engine):
     """r2 creates a table in an autocommit block, then r2 itself or r3 (one transaction for the run:
     r2's stamp rolls back with it) times out on t1's lock: what r2 committed stays, so nothing is retried."""
     side = "with op.get_context().autocommit_block():\n        op.execute('CREATE TABLE side (id int)')"
     alter = "op.execute('ALTER TABLE t1 ADD COLUMN note text')"
     steps = [side + "\n        " + alter] if failing == "r2" else [side, alter]
-    ini = project(tmp_path, False, *steps)
+    ini = project(tmp_path, False, *steps, engine=engine)
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
     with held(target):
