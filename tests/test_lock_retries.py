@@ -150,3 +150,17 @@ def test_a_concurrent_index_that_times_out_after_creating_its_entry_is_not_retri
     assert [a["outcome"] for a in last_report(home)["lock_attempts"]] == ["lock_timeout"]
     assert sql(target, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_t1_id'::regclass") == [(False,)]
     assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
+
+
+def test_one_transaction_per_revision_gives_up_keeping_what_it_committed(cli, url, target, tmp_path, home):
+    ini = project(tmp_path, True, "op.create_table('t2', sa.Column('id', sa.Integer))", ALTER_T1)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with held(target):
+        result = cli("upgrade", "--yes", *SCHEDULE, "--lock-retry-total", "2", "--alembic-config", ini, env=env)
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
+    assert "revision r3 failed: could not get its lock in " in line and line.endswith("; revisions kept: r2")
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r2"
+    report = last_report(home)
+    assert [m["revision"] for m in report["migrations_applied"]] == ["r2"] and report["revision_after"] == "r2"
