@@ -104,6 +104,15 @@ class EnvironmentPolicy(Block):
         default=None, title="Schema changes from the command line",
         description="Allow upgrade, downgrade and restore over the original from `dbmigrate --env`; "
                     "off, they run only through the db-migrate deployment.")
+    lock_retry_timeouts_s: list[float] | None = Field(
+        default=None, title="Lock retries: lock_timeout of each attempt (s)",
+        description="Lock-safe execution: short lock_timeouts tried in turn, e.g. 0.1, 0.5, 1, 2, 5 (the last "
+                    "repeats); an attempt that times out is rolled back and tried again. Empty: one attempt.")
+    lock_retry_pause_s: float | None = Field(default=None, title="Lock retries: pause between attempts (s)",
+                                             description="Seconds between an attempt that timed out and the next.")
+    lock_retry_total_s: float | None = Field(
+        default=None, title="Lock retries: give up after (s)",
+        description="Then the run fails naming the sessions that held the lock.")
 
 
 def require_api() -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dbmigrate import __version__, backup, catalogue, db, health, local, phases, pipeline, restore, revisions
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError
+from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Approval, Report
@@ -71,6 +72,12 @@ def _number(unit: str, maximum: float, minimum: float = 0.0):
 
 
 _seconds = _number("seconds", MAX_SECONDS)
+_lock_timeout = _number("seconds", MAX_SECONDS, minimum=0.001)  # 0 would be "wait forever"
+
+
+def _lock_timeouts(value: str) -> tuple[float, ...]:
+    """--lock-retries: the lock_timeout of each attempt, comma-separated."""
+    return tuple(_lock_timeout(part.strip()) for part in value.split(","))
 _connect_seconds = _number("seconds", MAX_SECONDS, minimum=1)  # libpq takes 0 as "wait forever"
 _days = _number("days", MAX_DAYS)
 
@@ -194,6 +201,22 @@ def _migration_options(parser: argparse.ArgumentParser, revision_required: bool)
     limits.add_argument(
         "--statement-timeout", type=_seconds, default=SessionLimits.statement_timeout_s, metavar="S",
         help="PostgreSQL statement_timeout for migration statements (default 0 = none)",
+    )
+    limits.add_argument(
+        "--lock-retries", type=_lock_timeouts, default=(), metavar="S,S,...",
+        help="lock-safe execution: try the migration with these short lock_timeouts in turn (e.g. 0.1,0.5,1,2,5; "
+        "the last repeats; replaces --lock-timeout), rolling back and pausing between attempts, so the "
+        "application's queries never queue long behind a lock the migration waits for. Only a revision the "
+        "failed attempt's rollback undid is tried again (default: off, one attempt)",
+    )
+    limits.add_argument(
+        "--lock-retry-pause", type=_seconds, default=LockRetries.pause_s, metavar="S",
+        help=f"with --lock-retries: seconds between attempts (default {LockRetries.pause_s:g})",
+    )
+    limits.add_argument(
+        "--lock-retry-total", type=_seconds, default=LockRetries.total_s, metavar="S",
+        help=f"with --lock-retries: give up after S seconds, naming the sessions that held the lock "
+        f"(default {LockRetries.total_s:g})",
     )
 
 
@@ -353,6 +376,8 @@ def _settings(args) -> Settings:
         limits=limits,
         storage_spec=getattr(args, "storage", None),
         dump=dump,
+        lock_retries=LockRetries(getattr(args, "lock_retries", ()), getattr(args, "lock_retry_pause", 1.0),
+                                 getattr(args, "lock_retry_total", 60.0)),
     )
 
 

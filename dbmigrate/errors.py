@@ -108,8 +108,18 @@ def first_line(exc: BaseException) -> str:
 
 
 class StepFailed(MigrationFailed):
-    """A revision failed; ``applied`` lists the steps the database kept."""
+    """A revision failed; ``applied`` lists the steps the database kept (unknown when
+    ``kept_unknown``), ``blamed`` says which failed, ``attempts`` the lock-retry attempts made."""
 
-    def __init__(self, message: str, applied: list):
+    def __init__(self, message: str, applied: list, blamed: str = "", attempts: list | None = None,
+                 kept_unknown: bool = False):
         super().__init__(message)
-        self.applied = applied
+        self.applied, self.blamed, self.kept_unknown = applied, blamed, kept_unknown
+        self.attempts = attempts or []
+
+
+class LockRetriesExhausted(StepFailed):
+    """A revision could not get its lock within the lock-retry schedule, or may not be retried."""
+
+    def __init__(self, message: str, applied: list, attempts: list):
+        super().__init__(message, applied, attempts=attempts)

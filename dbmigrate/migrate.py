@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 from alembic import util as alembic_util
 from alembic.runtime.environment import EnvironmentContext
+from sqlalchemy import event
 
 from dbmigrate.errors import RevisionError
 from dbmigrate.revisions import Project
@@ -46,8 +47,47 @@ class AppliedStep:
         return {"revision": self.revision, "message": self.message, "duration_s": round(self.duration_s, 3)}
 
 
-def _timed_environment(project: Project, on_step: Callable[[AppliedStep], None], **kwargs) -> EnvironmentContext:
-    """An EnvironmentContext that times each step, whatever env.py passes to configure().
+class Effects:
+    """Which steps (by index in the run) changed the database where no rollback undoes it: a
+    statement run in autocommit (an ``autocommit_block``, ``CREATE INDEX CONCURRENTLY``), or a
+    commit in the middle of a step. Only those make a failed step unsafe to run again.
+    Reads, and Alembic's own version table, change nothing that matters here."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.outside: set[int] = set()
+        self._pending = False  # a change of this step inside the open transaction
+
+    def watch(self, connection) -> None:
+        event.listen(connection, "before_cursor_execute", self._executing)
+        event.listen(connection, "commit", self._committed)
+        event.listen(connection, "rollback", self._rolled_back)
+
+    def step_done(self) -> None:
+        self.step += 1
+        self._pending = False  # stamped with its revision: committed or rolled back together
+
+    def _executing(self, conn, cursor, statement, *_) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "SHOW")) or "alembic_version" in statement:
+            return
+        if getattr(cursor.connection, "autocommit", False):
+            self.outside.add(self.step)
+        else:
+            self._pending = True
+
+    def _committed(self, conn) -> None:
+        if self._pending:
+            self.outside.add(self.step)
+        self._pending = False
+
+    def _rolled_back(self, conn) -> None:
+        self._pending = False
+
+
+def _timed_environment(project: Project, on_step: Callable[[AppliedStep], None], effects: Effects | None = None,
+                       **kwargs) -> EnvironmentContext:
+    """An EnvironmentContext that times each step, whatever env.py passes to configure(),
+    and tells ``effects`` of what env.py's connection runs.
 
     Alembic's module proxy (``alembic.context``) is registered for EnvironmentContext
     itself, not subclasses, so the two methods are wrapped on the instance instead.
@@ -61,8 +101,12 @@ def _timed_environment(project: Project, on_step: Callable[[AppliedStep], None],
         now = time.monotonic()
         on_step(AppliedStep(step.up_revision_id, step.up_revision.doc or "", now - mark))
         mark = now
+        if effects is not None:
+            effects.step_done()
 
     def timed_configure(*args, on_version_apply=None, **kw) -> None:
+        if effects is not None and kw.get("connection") is not None:
+            effects.watch(kw["connection"])
         configure(*args, on_version_apply=(*alembic_util.to_tuple(on_version_apply, default=()), step_done), **kw)
 
     def timed_run_migrations(**kw) -> None:
@@ -105,11 +149,14 @@ def run(
     upgrade: bool,
     limits: SessionLimits,
     on_step: Callable[[AppliedStep], None],
+    effects: Effects | None = None,
+    application_name: str = "dbmigrate",
 ) -> None:
     """Migrate the database online. ``on_step`` hears of each revision as its SQL
     completes (before env.py commits: a later failure may still roll it back)."""
-    env = _timed_environment(project, on_step, fn=_steps_fn(project, target, upgrade), destination_rev=target)
-    with session_limits(limits), env:
+    env = _timed_environment(project, on_step, effects, fn=_steps_fn(project, target, upgrade),
+                             destination_rev=target)
+    with session_limits(limits, application_name), env:
         project.script.run_env()
 
 

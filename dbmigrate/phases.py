@@ -8,14 +8,23 @@ before it, the plan, applying it, and the checks after it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from dbmigrate import db, health, migrate, revisions
-from dbmigrate.errors import ConnectionLost, DbMigrateError, MigrationFailed, StepFailed, first_line
+from dbmigrate import db, health, lockretry, migrate, revisions
+from dbmigrate.errors import (
+    ConnectionLost,
+    DbMigrateError,
+    LockRetriesExhausted,
+    MigrationFailed,
+    StepFailed,
+    first_line,
+)
 from dbmigrate.health import FAIL, OK, Check
+from dbmigrate.lockretry import LockAttempt
 from dbmigrate.migrate import AppliedStep
 from dbmigrate.report import KEPT_UNKNOWN
 from dbmigrate.revisions import PlannedStep, Project
@@ -71,19 +80,97 @@ def expected_revisions(project: Project, plan: Plan) -> set[str]:
     return set(below) if isinstance(below, tuple) else ({below} if below else set())
 
 
-def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan) -> list[AppliedStep]:
-    """Run the plan. On failure, raises MigrationFailed; the steps reported as
-    applied are only those the database really kept (see :func:`kept_steps`)."""
+@dataclass
+class Applied:
+    """What the migrate phase did: the steps applied, and the attempts under a lock-retry schedule."""
+
+    steps: list[AppliedStep]
+    attempts: list[LockAttempt]
+
+
+def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan) -> Applied:
+    """Run the plan. On failure, raises StepFailed; the steps reported as applied are only
+    those the database really kept (see :func:`kept_steps`).
+
+    Under a lock-retry schedule (``settings.lock_retries``) an attempt that ran out of its
+    ``lock_timeout`` is run again, from the revision the database kept, as long as what
+    failed changed nothing a rollback did not undo (see :class:`migrate.Effects`)."""
+    if not settings.lock_retries.enabled:
+        return Applied(_attempt(target, project, settings, plan, settings.limits, []), [])
+    schedule = settings.lock_retries
+    deadline = time.monotonic() + schedule.total_s
+    application_name = f"dbmigrate-{uuid.uuid4().hex[:8]}"  # how our watcher finds the migrating backend
+    applied: list[AppliedStep] = []
+    attempts: list[LockAttempt] = []
+    for number, lock_timeout in enumerate(schedule.lock_timeouts(), start=1):
+        limits = replace(settings.limits, lock_timeout_s=lock_timeout)
+        effects, started = migrate.Effects(), time.monotonic()
+        try:
+            with lockretry.Watcher(target, settings.connect_timeout, application_name) as watcher:
+                applied += _attempt(target, project, settings, plan, limits, applied, effects, application_name)
+        except StepFailed as failed:
+            locked = lockretry.is_lock_timeout(failed.__cause__)
+            attempts.append(LockAttempt(number, lock_timeout, time.monotonic() - started,
+                                        lockretry.LOCK_TIMEOUT if locked else lockretry.FAILED, watcher.blockers))
+            failed.attempts = attempts
+            if not locked or failed.kept_unknown:
+                raise
+            _require_undone(failed, effects, plan.steps[len(applied):], attempts)
+            applied = failed.applied
+            if time.monotonic() + schedule.pause_s >= deadline:
+                raise _gave_up(failed, schedule, attempts) from None
+            time.sleep(schedule.pause_s)
+            continue
+        attempts.append(LockAttempt(number, lock_timeout, time.monotonic() - started, lockretry.SUCCEEDED,
+                                    watcher.blockers))
+        return Applied(applied, attempts)
+    raise AssertionError("the schedule repeats its last lock_timeout")
+
+
+def _require_undone(failed: StepFailed, effects: migrate.Effects, attempted: list[PlannedStep],
+                    attempts: list[LockAttempt]) -> None:
+    """Refuse to run again what changed the database outside a transaction in the failed attempt: a
+    step whose revision the database did not keep (``attempted``: the plan's steps from where the attempt began)."""
+    kept = {step.revision for step in failed.applied}
+    unstamped = sorted({attempted[index].revision for index in effects.outside} - kept)
+    if unstamped:
+        raise LockRetriesExhausted(
+            f"{failed}; not retried: revision {', '.join(unstamped)} ran outside a transaction (autocommit, "
+            "CREATE INDEX CONCURRENTLY) and may have changed the database before the lock timed out, which no "
+            "rollback undoes: check what it left (an INVALID index, a half-done change) before running it again",
+            failed.applied, attempts)
+
+
+def _gave_up(failed: StepFailed, schedule: lockretry.LockRetries, attempts: list[LockAttempt]) -> StepFailed:
+    """The schedule is spent: which revision, how hard it tried, whom it waited for, and what the database kept."""
+    kept = (f"revisions kept: {', '.join(step.revision for step in failed.applied)}" if failed.applied
+            else "nothing was changed")
+    return LockRetriesExhausted(
+        f"{failed.blamed}: could not get its lock in {len(attempts)} attempts over {schedule.total_s:g}s "
+        f"(lock_timeout {schedule.timeouts_s[0]:g}s to {max(schedule.timeouts_s):g}s): "
+        f"{lockretry.blocked_by(attempts)}; {kept}", failed.applied, attempts)
+
+
+def _attempt(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan,
+             limits: migrate.SessionLimits, before: list[AppliedStep], effects: migrate.Effects | None = None,
+             application_name: str = "dbmigrate") -> list[AppliedStep]:
+    """One run of Alembic from wherever the database is (``before`` are the steps of the plan
+    already applied); StepFailed, with the steps the database kept, when it fails."""
     ran: list[AppliedStep] = []
     try:
-        migrate.run(project, plan.target, upgrade=plan.upgrade, limits=settings.limits, on_step=ran.append)
+        migrate.run(project, plan.target, upgrade=plan.upgrade, limits=limits, on_step=ran.append,
+                    effects=effects, application_name=application_name)
     except Exception as exc:
         line = str(ConnectionLost(target.where)) if getattr(exc, "connection_invalidated", False) else first_line(exc)
+        done = before + ran
         try:
-            kept = kept_steps(target, settings, ran)
+            kept = kept_steps(target, settings, done)
         except DbMigrateError:  # the database cannot be asked: say so, never guess
-            raise StepFailed(f"{_what_failed(exc, plan, ran, [])}: {target.redact(line)}; {KEPT_UNKNOWN}", []) from exc
-        raise StepFailed(f"{_what_failed(exc, plan, ran, kept)}: {target.redact(line)}", kept) from exc
+            blamed = _what_failed(exc, plan, done, [])
+            raise StepFailed(f"{blamed}: {target.redact(line)}; {KEPT_UNKNOWN}", [], blamed,
+                             kept_unknown=True) from exc
+        blamed = _what_failed(exc, plan, done, kept)
+        raise StepFailed(f"{blamed}: {target.redact(line)}", kept, blamed) from exc
     return ran
 
 

@@ -174,7 +174,7 @@ class Run:
     def __exit__(self, kind, exc: BaseException | None, traceback) -> bool:
         failed_in = self.phase  # the step that failed, not the automatic rollback after it
         if isinstance(exc, StepFailed):
-            self.report.migrations_applied = exc.applied
+            self.report.migrations_applied, self.report.lock_attempts = exc.applied, exc.attempts
         try:
             with self._held:
                 if isinstance(exc, DbMigrateError) and self.may_have_changed and self.hooks.auto_rollback:
@@ -256,7 +256,8 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             report.backup = BackupSummary.of(run.step("backup", run.back_up))
         if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
             run.before = _fingerprint(target, settings)
-        report.migrations_applied = run.step("migrate", phases.apply, target, project, settings, plan)
+        applied = run.step("migrate", phases.apply, target, project, settings, plan)
+        report.migrations_applied, report.lock_attempts = applied.steps, applied.attempts
         if not request.skip_validation:
             expected = phases.expected_revisions(project, plan)
             checks = report.validation = run.step("validate", phases.validate, target, project, settings, expected)

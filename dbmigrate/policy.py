@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from dbmigrate.errors import ConfigError
+from dbmigrate.lockretry import LockRetries
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class Policy:
     transient_retries: int = 2  # connecting and uploading; the migration itself is never retried
     retry_delay_s: float = 10.0
     cli_changes_allowed: bool = False  # upgrade, downgrade and restore over the original from `dbmigrate --env`
+    lock_retry_timeouts_s: tuple[float, ...] = ()  # lock-safe execution (dbmigrate.lockretry); () = off
+    lock_retry_pause_s: float = LockRetries.pause_s
+    lock_retry_total_s: float = LockRetries.total_s
+
+    def lock_retries(self) -> LockRetries:
+        return LockRetries(tuple(self.lock_retry_timeouts_s), self.lock_retry_pause_s, self.lock_retry_total_s)
 
     def check(self, backup: bool) -> None:
         if self.backup_required and not backup:

@@ -19,6 +19,7 @@ from dbmigrate.errors import ConfirmationRefused, ReportNotWritten
 
 if TYPE_CHECKING:
     from dbmigrate.health import Check
+    from dbmigrate.lockretry import LockAttempt
     from dbmigrate.migrate import AppliedStep
     from dbmigrate.revisions import PlannedStep
 
@@ -121,6 +122,8 @@ class Report:
     tool_version: str | None = None
     # Why the revision the run left could not be read (revision_after is then None); a warning in the JSON.
     revision_after_unknown: str | None = None
+    # Every attempt of the migration under a lock-retry schedule (none without one).
+    lock_attempts: list[LockAttempt] = field(default_factory=list)
 
     def finish(self, status: str) -> None:
         self.status = status

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dbmigrate import db, revisions
 from dbmigrate.backup import DumpOptions
+from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.revisions import Project
 from dbmigrate.storage import Storage, local_directory, open_storage
@@ -33,6 +34,7 @@ class Settings:
     storage_spec: str | None = None  # None: <home>/backups; a directory; or s3-bucket/BLOCK
     dump: DumpOptions = field(default_factory=DumpOptions)
     project_logging: bool = True  # let the project's env.py configure logging (see revisions.load)
+    lock_retries: LockRetries = field(default_factory=LockRetries)
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:

@@ -19,7 +19,8 @@ from prefect.artifacts import (
 from prefect.settings import PREFECT_UI_URL
 
 from dbmigrate import catalogue, phases, pipeline, revisions
-from dbmigrate.report import BackupSummary
+from dbmigrate.report import BackupSummary, Report
+from dbmigrate.settings import Settings
 
 
 def artifact_key(environment: str, flow: str = "db-migrate") -> str:
@@ -32,9 +33,10 @@ def how_to_approve(to: str) -> str:
     return f"Choose **approve** to {to}, or **reject**, and give your **name**. Nothing changes until then."
 
 
-def approval_request(target, plan: phases.Plan, reached: str, sql: str) -> str:
-    """The approval form's text. The form is a narrow dialog that clips wide tables and code
-    (Prefect's v1 UI) and hides ``<details>`` (v2): revisions as a list, the SQL wrapped."""
+def approval_request(target, plan: phases.Plan, reached: str, sql: str, *sections: str) -> str:
+    """The approval form's text, with ``sections`` (markdown) before how to answer. The form is a
+    narrow dialog that clips wide tables and code (Prefect's v1 UI) and hides ``<details>`` (v2):
+    revisions as a list, the SQL wrapped."""
     kind, verb = ("migration", "apply") if plan.upgrade else ("downgrade", "revert")
     steps = "\n".join(f"- `{s.revision}` {s.message}" for s in plan.steps)
     return (
@@ -42,8 +44,22 @@ def approval_request(target, plan: phases.Plan, reached: str, sql: str) -> str:
         f"Database `{target.where}`. Revisions to {verb}:\n\n{steps}\n\n"
         "The SQL (Alembic's offline rendering, long lines wrapped):\n\n"
         f"```sql\n{readable_sql(sql)}\n```\n\n"
+        + "".join(f"{section}\n\n" for section in sections)
         + how_to_approve(f"{verb} these revisions")
     )
+
+
+def lock_policy_section(settings: Settings) -> str:
+    """What the approver agrees to wait for: how the migration takes its locks (dbmigrate.lockretry)."""
+    retries = settings.lock_retries
+    if not retries.enabled:
+        how = (f"one attempt; each statement waits up to **{settings.limits.lock_timeout_s:g} s** for a lock, "
+               "the application's queries on that table queueing behind it meanwhile")
+    else:
+        how = (f"lock retries: {retries.describe()}; an attempt that times out is rolled back and tried again "
+               "(a revision that changed something outside a transaction never is), so the application's "
+               f"queries queue at most {max(retries.timeouts_s):g} s behind the migration")
+    return f"**Locks**: {how}."
 
 
 # The longest SQL line the approval form shows whole: its code block is 424 pixels wide in the v1 UI.
@@ -195,6 +211,7 @@ def publish(outcome: pipeline.Outcome, environment: str, progress: BackupProgres
     create_markdown_artifact(summary_markdown(outcome, flow), key=key, description=f"{flow} {environment}")
     rows = ([m.as_dict() for m in report.migrations_applied]
             or [{**m.as_dict(), "duration_s": None} for m in report.migrations_planned])
+    publish_lock_attempts(report, key)
     if rows:  # a restore, or a run refused before planning, has no revisions to show
         create_table_artifact(
             [{"revision": m["revision"], "message": m["message"], "duration_s": m["duration_s"],
@@ -202,3 +219,16 @@ def publish(outcome: pipeline.Outcome, environment: str, progress: BackupProgres
             key=f"{key}-revisions",
             description=f"Revisions {'applied' if report.migrations_applied else 'planned, not applied'}",
         )
+
+
+def publish_lock_attempts(report: Report, key: str) -> None:
+    """Every attempt under the lock-retry schedule: its lock_timeout, wait, outcome and whom it waited for."""
+    if not report.lock_attempts:
+        return
+    create_table_artifact(
+        [{"attempt": a.number, "lock_timeout_s": a.lock_timeout_s, "waited_s": round(a.waited_s, 3),
+          "outcome": a.outcome, "blocked_by": "; ".join(b.describe() for b in a.blockers) or "-"}
+         for a in report.lock_attempts],
+        key=f"{key}-lock-attempts",
+        description=f"Lock attempts: {len(report.lock_attempts)}, {report.lock_attempts[-1].outcome} at the last",
+    )

@@ -29,7 +29,7 @@ from dbmigrate.policy import Policy
 from dbmigrate.report import Approval
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
-from flows.artifacts import approval_request
+from flows.artifacts import approval_request, lock_policy_section
 
 # Phases that only connect or upload: safe to retry. The migration itself never is.
 TRANSIENT_PHASES = ("health_checks", "backup")
@@ -97,6 +97,7 @@ def _settings_for(rules: Policy, alembic_config: str | None, backup_storage: str
         alembic_config=alembic_config,
         guard_wait_s=rules.guard_wait_s,
         limits=SessionLimits(rules.lock_timeout_s, rules.statement_timeout_s),
+        lock_retries=rules.lock_retries(),
         storage_spec=backup_storage,
         project_logging=False,  # the flow-run log is the audit trail: env.py must not shut it down
     )
@@ -224,7 +225,7 @@ def approval_in_ui(env: Environment, requested_by: str) -> pipeline.Confirm:
         reached = revisions.shown(sorted(phases.expected_revisions(project, plan)))
         sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
         return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
-                approval_request(env.target, plan, reached, sql))
+                approval_request(env.target, plan, reached, sql, lock_policy_section(env.settings)))
 
     return lambda plan: ask_in_ui(env.policy, requested_by, lambda: describe(plan))
 

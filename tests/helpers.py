@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -237,3 +239,66 @@ def save_environment(target: DatabaseTarget, name: str, database_of: str | None 
     quick = {"retry_delay_s": 0.2, "approval_poll_s": 1, "approval_timeout_s": 120}
     EnvironmentPolicy(**{**quick, **policy}).save(name, overwrite=True)
     return name
+
+
+# --- Locks held by "the application" ------------------------------------------------
+
+class Holder:
+    """A session of "the application" that holds ``mode`` on t1 in an open transaction, and lets
+    go ``hold_s`` seconds after a migration of ours first waits for it (or when the test ends)."""
+
+    def __init__(self, target, mode: str, hold_s: float):
+        self.conn = psycopg.connect(libpq_url(target), application_name="the-holder")
+        self.conn.execute(f"LOCK TABLE t1 IN {mode} MODE")
+        self.pid = self.conn.info.backend_pid
+        self.target, self.hold_s, self.released = target, hold_s, threading.Event()
+        self.thread = threading.Thread(target=self._release_later, daemon=True)
+        self.thread.start()
+
+    def _release_later(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not scalar(
+                self.target, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'dbmigrate%%' "
+                             "AND wait_event_type = 'Lock'"):
+            time.sleep(0.02)
+        self.released.wait(self.hold_s)
+        self.release()
+
+    def release(self) -> None:
+        self.released.set()
+        if not self.conn.closed:
+            self.conn.rollback()
+            self.conn.close()
+
+
+@contextmanager
+def held(target, mode: str = "ACCESS EXCLUSIVE", hold_s: float = 3600):
+    holder = Holder(target, mode, hold_s)
+    try:
+        yield holder
+    finally:
+        holder.released.set()
+        holder.thread.join()
+
+
+@contextmanager
+def application(target):
+    """The application's own queries on t1, one after another, each timed: the longest wait is what it felt."""
+    durations: list[float] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        with psycopg.connect(libpq_url(target), autocommit=True, application_name="the-application") as conn:
+            while not stop.is_set():
+                started = time.monotonic()
+                conn.execute("SELECT count(*) FROM t1").fetchone()
+                durations.append(time.monotonic() - started)
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield durations
+    finally:
+        stop.set()
+        thread.join()

@@ -712,3 +712,34 @@ def test_the_report_artifact_holds_the_whole_report_and_where_it_is(environment,
     state = run_named("db-rollback", environment=name, to_revision="r1", alembic_config=ini)
     assert state.is_completed() and state.result()["status"] == "dry_run"
     published(state, "db-rollback-staging-report")
+
+
+def test_lock_retries_of_the_policy_wait_out_a_held_lock_and_show_every_attempt(environment, target, home,
+                                                                                  tmp_path):
+    """The EnvironmentPolicy's schedule: the approval form says how locks are taken, the run
+    waits out a table held for 2 s in short attempts, and the report and the artifact list them."""
+    from tests.helpers import held
+
+    # No backup, no automatic rollback: pg_dump and the fingerprint would queue behind the held lock themselves.
+    name = environment("staging", approval_required=True, auto_rollback=False, lock_retry_timeouts_s=[0.1, 0.2, 0.5],
+                       lock_retry_pause_s=0.3, lock_retry_total_s=30)
+    ini = str(stock_project(tmp_path, linear(table_step("t1"), "op.add_column('t1', sa.Column('note', sa.Text))")))
+    sql(target, "CREATE TABLE t1 (id int PRIMARY KEY); CREATE TABLE alembic_version (version_num varchar(32) "
+                "PRIMARY KEY); INSERT INTO alembic_version VALUES ('r1')")
+    seen = {}
+    approver = threading.Thread(target=_resume_when_paused, args=({"decision": "approve", "approver": "Ann"}, seen))
+    approver.start()
+    with held(target, hold_s=2) as holder:
+        state = run_flow(environment=name, backup=False, alembic_config=ini)
+    approver.join()
+    assert state.is_completed(), state.message
+    assert ("**Locks**: lock retries: lock_timeout 0.1, 0.2, 0.5 s (the last repeats), 0.3 s between attempts, "
+            "giving up after 30 s") in seen["description"]
+
+    attempts = last_report(home)["lock_attempts"]
+    assert attempts[-1]["outcome"] == "succeeded" and len(attempts) >= 3
+    assert {a["outcome"] for a in attempts[:-1]} == {"lock_timeout"}
+    rows = json.loads(artifact("db-migrate-staging-lock-attempts"))
+    assert [(r["attempt"], r["outcome"]) for r in rows] == [(a["number"], a["outcome"]) for a in attempts]
+    assert any(f"pid {holder.pid} ('the-holder'" in r["blocked_by"] for r in rows)
+    print(f"flow: {len(attempts)} attempts, waits {[a['waited_s'] for a in attempts]}")

@@ -32,3 +32,22 @@ COMMIT;"""
 
 def test_lines_fit_the_form_and_only_blanks_between_words_change():
     assert readable_sql(SQL, width=52) == SHOWN
+
+
+def test_the_approval_page_shows_how_the_migration_takes_its_locks():
+    from pathlib import Path
+
+    from dbmigrate.lockretry import LockRetries
+    from dbmigrate.migrate import SessionLimits
+    from dbmigrate.settings import Settings
+    from flows.artifacts import lock_policy_section
+
+    plain = Settings(Path("."), limits=SessionLimits(lock_timeout_s=10))
+    assert lock_policy_section(plain) == (
+        "**Locks**: one attempt; each statement waits up to **10 s** for a lock, the application's queries on "
+        "that table queueing behind it meanwhile.")
+    retried = Settings(Path("."), lock_retries=LockRetries((0.1, 0.5, 2), pause_s=1, total_s=120))
+    assert lock_policy_section(retried) == (
+        "**Locks**: lock retries: lock_timeout 0.1, 0.5, 2 s (the last repeats), 1 s between attempts, giving up "
+        "after 120 s; an attempt that times out is rolled back and tried again (a revision that changed something "
+        "outside a transaction never is), so the application's queries queue at most 2 s behind the migration.")

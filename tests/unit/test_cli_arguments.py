@@ -19,7 +19,8 @@ def refused(capsys, *args: str) -> str:
     return line
 
 
-@pytest.mark.parametrize("option", ["--timeout", "--lock-timeout", "--statement-timeout", "--guard-wait", "--lock-wait"])
+@pytest.mark.parametrize("option", ["--timeout", "--lock-timeout", "--statement-timeout", "--guard-wait", "--lock-wait",
+                                    "--lock-retry-pause", "--lock-retry-total"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "1e12", "ten", ""])
 def test_seconds_must_be_finite_and_in_range(capsys, option, value):
     line = refused(capsys, "upgrade", f"{option}={value}")  # '=': argparse takes a lone -inf for an option
@@ -30,6 +31,14 @@ def test_seconds_must_be_finite_and_in_range(capsys, option, value):
 def test_seconds_at_the_limits_are_taken():
     args = parse("upgrade", "--lock-timeout", "0", "--statement-timeout", str(MAX_SECONDS), "--guard-wait", "2.5")
     assert (args.lock_timeout, args.statement_timeout, args.guard_wait) == (0.0, MAX_SECONDS, 2.5)
+
+
+def test_lock_retries_is_a_list_of_lock_timeouts_none_of_them_zero(capsys):
+    assert parse("upgrade", "--lock-retries", "0.1, 0.5,2").lock_retries == (0.1, 0.5, 2.0)
+    assert parse("upgrade").lock_retries == ()
+    for value, why in (("0.1,0", "from 0.001 to"), ("0.1,,1", "not a number of seconds: ''"), ("1,nan", "'nan'")):
+        line = refused(capsys, "upgrade", "--lock-retries", value)
+        assert line.startswith("dbmigrate: error: argument --lock-retries: ") and why in line
 
 
 def test_the_connect_timeout_must_be_at_least_one_second(capsys):

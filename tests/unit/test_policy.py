@@ -43,3 +43,13 @@ def test_a_policy_requiring_a_backup_refuses_a_run_without_one():
         STRICT.check(backup=False)
     STRICT.check(backup=True)
     RELAXED.check(backup=False)
+
+
+def test_lock_retries_are_off_by_default_and_an_override_sets_the_schedule():
+    from dbmigrate.lockretry import LockRetries
+
+    assert for_environment("production").lock_retries() == LockRetries() and not LockRetries().enabled
+    policy = for_environment("production", lock_retry_timeouts_s=[0.1, 0.5, 1], lock_retry_total_s=30)
+    assert policy.lock_retries() == LockRetries((0.1, 0.5, 1), 1.0, 30)
+    timeouts = LockRetries((0.1, 0.5)).lock_timeouts()
+    assert [next(timeouts) for _ in range(4)] == [0.1, 0.5, 0.5, 0.5], "the last repeats"

@@ -1,0 +1,166 @@
+"""Lock-safe execution (--lock-retries): short, growing lock_timeouts, each failed attempt rolled
+back and tried again, against a real PostgreSQL with a real session holding the table."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from tests.helpers import (
+    application,
+    fingerprint_of,
+    held,
+    last_report,
+    libpq_url,
+    one_line_error,
+    scalar,
+    sql,
+)
+from tests.projects import PSYCOPG2_FROM_CONFIG, linear, stock_project
+
+SCHEDULE = ["--lock-retries", "0.1,0.2,0.5", "--lock-retry-pause", "0.3"]
+LARGEST_LOCK_TIMEOUT = 0.5
+MARGIN = 0.5  # a loaded test machine's scheduling, connection and query time
+CREATE_T1 = "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))"
+ALTER_T1 = "op.add_column('t1', sa.Column('note', sa.Text))"
+
+
+def project(tmp_path, per_revision: bool, *steps: str, engine: str | None = None) -> str:
+    return str(stock_project(tmp_path, linear(CREATE_T1, *steps), transaction_per_migration=per_revision,
+                             engine=engine))
+
+
+MODES = pytest.mark.parametrize("per_revision", [False, True], ids=["one-transaction", "transaction-per-revision"])
+
+
+@MODES
+def test_a_lock_held_for_3s_is_waited_out_in_short_attempts(cli, url, target, tmp_path, home, per_revision):
+    ini = project(tmp_path, per_revision, "op.create_table('t2', sa.Column('id', sa.Integer))", ALTER_T1)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with held(target, hold_s=3) as holder:
+        result = cli("upgrade", "--yes", *SCHEDULE, "--alembic-config", ini, env=env)
+    assert result.returncode == 0, result.stderr
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r3"
+    assert sql(target, "SELECT column_name FROM information_schema.columns WHERE table_name = 't1' "
+                       "ORDER BY ordinal_position") == [("id",), ("note",)]
+    report = last_report(home)
+    attempts = report["lock_attempts"]
+    failed, last = attempts[:-1], attempts[-1]
+    assert len(failed) >= 3 and {a["outcome"] for a in failed} == {"lock_timeout"}
+    assert last["outcome"] == "succeeded"
+    assert [a["lock_timeout_s"] for a in attempts[:3]] == [0.1, 0.2, 0.5]
+    assert all(a["waited_s"] < LARGEST_LOCK_TIMEOUT + MARGIN for a in failed)
+    seen = [b for a in failed for b in a["blockers"]]
+    assert seen and {(b["pid"], b["application_name"], b["relation"], b["mode"]) for b in seen} == {
+        (holder.pid, "the-holder", "t1", "AccessExclusiveLock")}
+    assert [m["revision"] for m in report["migrations_applied"]] == ["r2", "r3"]
+    print(f"{len(failed)} failed attempts, waits {[a['waited_s'] for a in attempts]}")
+
+
+def test_the_applications_queries_never_queue_longer_than_the_largest_lock_timeout(cli, url, target, tmp_path):
+    """A long transaction that read t1 (ACCESS SHARE) blocks the ALTER; while the migration waits
+    for it, every query of the application on t1 queues behind the migration's lock request.
+    With the schedule that queue lasts one short lock_timeout at most; with one long
+    lock_timeout (the control) it lasts as long as the transaction."""
+    ini = project(tmp_path, False, ALTER_T1)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    worst = {}
+    for name, options in (("schedule", SCHEDULE), ("control", ["--lock-timeout", "10"])):
+        sql(target, "ALTER TABLE t1 DROP COLUMN IF EXISTS note; UPDATE alembic_version SET version_num = 'r1'")
+        with held(target, "ACCESS SHARE", hold_s=3), application(target) as durations:
+            result = cli("upgrade", "--yes", *options, "--alembic-config", ini, env=env)
+            time.sleep(0.2)
+        assert result.returncode == 0, result.stderr
+        worst[name] = max(durations)
+    print(f"worst wait of the application's queries: {worst}")
+    assert worst["schedule"] < LARGEST_LOCK_TIMEOUT + MARGIN
+    assert worst["control"] > 2, "the control must show the queue the schedule avoids"
+
+
+@MODES
+def test_a_lock_held_past_the_total_fails_naming_the_holder(cli, url, target, tmp_path, home, per_revision):
+    ini = project(tmp_path, per_revision, ALTER_T1)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    before = fingerprint_of(target)
+    with held(target) as holder:
+        started = time.monotonic()
+        result = cli("upgrade", "--yes", *SCHEDULE, "--lock-retry-total", "3", "--alembic-config", ini, env=env)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
+    assert "revision r2 failed: could not get its lock in " in line
+    assert (f"it wanted AccessExclusiveLock on t1, blocked by pid {holder.pid} ('the-holder', idle in transaction, "
+            "query since ") in line
+    assert line.endswith("): LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE; nothing was changed")
+    assert fingerprint_of(target) == before
+    assert elapsed < 3 + 15  # the total, the pause, and the command's own start
+    attempts = last_report(home)["lock_attempts"]
+    assert len(attempts) >= 4 and {a["outcome"] for a in attempts} == {"lock_timeout"}
+
+
+@pytest.mark.parametrize("failing, engine", [("r2", None), ("r3", None), ("r2", PSYCOPG2_FROM_CONFIG)],
+                         ids=["in-the-revision", "in-the-next-revision", "psycopg2-env-py"])
+def test_a_revision_that_changed_something_outside_a_transaction_is_not_retried(cli, url, target, tmp_path, home,
+                                                                                 failing, engine):
+    """r2 creates a table in an autocommit block, then r2 itself or r3 (one transaction for the run:
+    r2's stamp rolls back with it) times out on t1's lock: what r2 committed stays, so nothing is retried."""
+    side = "with op.get_context().autocommit_block():\n        op.execute('CREATE TABLE side (id int)')"
+    alter = "op.execute('ALTER TABLE t1 ADD COLUMN note text')"
+    steps = [side + "\n        " + alter] if failing == "r2" else [side, alter]
+    ini = project(tmp_path, False, *steps, engine=engine)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with held(target):
+        result = cli("upgrade", "--yes", *SCHEDULE, "--alembic-config", ini, env=env)
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
+    assert line.endswith(f"revision {failing} failed: canceling statement due to lock timeout; not retried: revision r2 "
+                         "ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and may have changed the database before "
+                         "the lock timed out, which no rollback undoes: check what it left (an INVALID index, a "
+                         "half-done change) before running it again")
+    attempts = last_report(home)["lock_attempts"]
+    assert [a["outcome"] for a in attempts] == ["lock_timeout"]
+    assert scalar(target, "SELECT to_regclass('side') IS NOT NULL"), "what it changed stays, and it says so"
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
+
+
+def test_a_concurrent_index_that_times_out_after_creating_its_entry_is_not_retried(cli, url, target, tmp_path,
+                                                                                   home):
+    """CREATE INDEX CONCURRENTLY commits the index's entry, then waits for every transaction writing to the
+    table: timing out there leaves an INVALID index, which running it again would trip over."""
+    concurrently = ("with op.get_context().autocommit_block():\n"
+                    "        op.create_index('ix_t1_id', 't1', ['id'], postgresql_concurrently=True)")
+    ini = project(tmp_path, False, concurrently)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with psycopg.connect(libpq_url(target), application_name="the-writer") as writer:
+        writer.execute("INSERT INTO t1 VALUES (1)")  # a write, its transaction left open
+        result = cli("upgrade", "--yes", *SCHEDULE, "--alembic-config", ini, env=env)
+        writer.rollback()
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
+    assert line.startswith("dbmigrate: error: revision r2 failed: canceling statement due to lock timeout; "
+                           "not retried: revision r2 ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and may "
+                           "have changed the database before the lock timed out")
+    assert [a["outcome"] for a in last_report(home)["lock_attempts"]] == ["lock_timeout"]
+    assert sql(target, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_t1_id'::regclass") == [(False,)]
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
+
+
+def test_one_transaction_per_revision_gives_up_keeping_what_it_committed(cli, url, target, tmp_path, home):
+    ini = project(tmp_path, True, "op.create_table('t2', sa.Column('id', sa.Integer))", ALTER_T1)
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with held(target):
+        result = cli("upgrade", "--yes", *SCHEDULE, "--lock-retry-total", "2", "--alembic-config", ini, env=env)
+    assert result.returncode == 1
+    line = one_line_error(result.stderr)
+    assert "revision r3 failed: could not get its lock in " in line and line.endswith("; revisions kept: r2")
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r2"
+    report = last_report(home)
+    assert [m["revision"] for m in report["migrations_applied"]] == ["r2"] and report["revision_after"] == "r2"
