@@ -104,6 +104,12 @@ class EnvironmentPolicy(Block):
         default=None, title="Schema changes from the command line",
         description="Allow upgrade, downgrade and restore over the original from `dbmigrate --env`; "
                     "off, they run only through the db-migrate deployment.")
+    lint_blocks: bool | None = Field(
+        default=None, title="Lint findings block the run",
+        description="A squawk finding at or above the lint level stops an upgrade before anything changes; "
+                    "off, findings are recorded and shown only.")
+    lint_level: Literal["warning", "error"] | None = Field(
+        default=None, title="Lint level", description="The lowest squawk level that blocks (warning or error).")
 
 
 def require_api() -> str:

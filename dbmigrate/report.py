@@ -19,6 +19,7 @@ from dbmigrate.errors import ConfirmationRefused, ReportNotWritten
 
 if TYPE_CHECKING:
     from dbmigrate.health import Check
+    from dbmigrate.lint import LintResult
     from dbmigrate.migrate import AppliedStep
     from dbmigrate.revisions import PlannedStep
 
@@ -121,6 +122,7 @@ class Report:
     tool_version: str | None = None
     # Why the revision the run left could not be read (revision_after is then None); a warning in the JSON.
     revision_after_unknown: str | None = None
+    lint: LintResult | None = None  # the squawk lint of the pending revisions (upgrades)
 
     def finish(self, status: str) -> None:
         self.status = status
