@@ -14,10 +14,13 @@ Findings of an excepted rule are recorded as excepted, not as findings.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sysconfig
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +51,7 @@ class Finding:
     statement: str  # the first line of the statement it is about
 
     def shown(self) -> str:
-        return f"{self.rule} ({self.level}) at line {self.line}: {self.statement}: {self.message}"
+        return f"{self.rule} ({self.level}) at line {self.line} ({self.statement}): {self.message}"
 
 
 @dataclass(frozen=True)
@@ -132,16 +135,33 @@ def lint(project: Project, steps: list[PlannedStep], pg_version: str) -> LintRes
     excepted = {path: exceptions(path) for path in files.values()}
     _check_rules(squawk, excepted)
     results, sql = [], {}
-    for step in steps:
-        results.append(RevisionLint(step.revision, step.message))
-        try:
-            sql[step.revision] = migrate.render_revision(project, step.revision)
-        except Exception as exc:  # env.py or the revision needs a live connection: the lint cannot see its SQL
-            results[-1].not_linted = f"cannot be rendered offline: {first_line(exc)}"
+    with _alembic_quiet():
+        for step in steps:
+            results.append(RevisionLint(step.revision, step.message))
+            try:
+                sql[step.revision] = migrate.render_revision(project, step.revision)
+            except Exception as exc:  # env.py or the revision needs a live connection: the lint cannot see its SQL
+                results[-1].not_linted = f"cannot be rendered offline: {first_line(exc)}"
     raw = _squawk(squawk, sql, pg_version)
     for result in results:
         _sort(result, raw.get(result.revision, []), sql.get(result.revision, ""), excepted[files[result.revision]])
     return LintResult(pg_version, results)
+
+
+@contextmanager
+def _alembic_quiet() -> Iterator[None]:
+    """Without Alembic's four INFO lines per rendered revision ("Generating static SQL"...): the
+    lint shows its findings. A filter, not a level: env.py's fileConfig resets levels on every render."""
+    logger = logging.getLogger("alembic.runtime.migration")
+    logger.addFilter(_drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_drop)
+
+
+def _drop(record: logging.LogRecord) -> bool:
+    return False
 
 
 def _squawk(squawk: Path, sql: dict[str, str], pg_version: str) -> dict[str, list[dict]]:

@@ -124,12 +124,12 @@ def render_revision(project: Project, revision: str) -> str:
     """The SQL of one revision's upgrade alone, from the revision(s) below it, as env.py
     renders it offline (its BEGIN/COMMIT included)."""
     script = project.script
-    below = list(script.get_revision(revision)._normalized_down_revisions)
+    below = alembic_util.to_tuple(script.get_revision(revision).down_revision, default=())
 
-    def only_this(rev, context):
-        return [step for step in script._upgrade_revs(revision, tuple(below)) if step.revision.revision == revision]
+    def only_this(rev, context):  # not the revisions it depends_on that are not below it
+        return [step for step in script._upgrade_revs(revision, below) if step.revision.revision == revision]
 
-    return _offline(project, only_this, below or None, revision)
+    return _offline(project, only_this, list(below) or None, revision)
 
 
 def _offline(project: Project, fn, starting_rev, destination_rev: str) -> str:

@@ -4,13 +4,15 @@ each environment's policy (the command line with --env, and the db-migrate flow)
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import fingerprint_of, last_report, one_line_error
 from tests.projects import linear, stock_project
 
 TABLE = "op.create_table('t', sa.Column('a', sa.Integer))"
 INDEX = "op.create_index('ix_t_a', 't', ['a'])"
 ALLOW = "# dbmigrate: allow require-concurrent-index-creation -- t is empty at deploy time"
-FINDING = ("revision r2: require-concurrent-index-creation (warning) at line 5: CREATE INDEX ix_t_a ON t (a);: "
+FINDING = ("revision r2: require-concurrent-index-creation (warning) at line 5 (CREATE INDEX ix_t_a ON t (a);): "
            "During normal index creation, table updates are blocked, but reads are still allowed.")
 
 
@@ -39,10 +41,41 @@ def test_lint_json_names_the_finding_and_exits_1(cli, url, target, tmp_path):
     assert fingerprint_of(target).revisions == ()
 
 
+def test_each_revision_is_linted_on_its_own_across_branches_and_a_merge(cli, url, tmp_path):
+    step = {"downgrade": "pass"}
+    ini = stock_project(tmp_path, [
+        {**step, "revision": "r1", "message": "table", "upgrade": TABLE},
+        {**step, "revision": "a", "down": "r1", "message": "index", "upgrade": INDEX},
+        {**step, "revision": "b", "down": "r1", "message": "column",
+         "upgrade": "op.add_column('t', sa.Column('b', sa.Text))"},
+        {**step, "revision": "m", "down": ("a", "b"), "message": "merge", "upgrade": "pass"},
+    ])
+    result = cli("lint", "--json", "--alembic-config", str(ini), env={"DATABASE_URL": url})
+    assert result.returncode == 1, result.stderr
+    found = {r["revision"]: [(f["rule"], f["statement"]) for f in r["findings"]]
+             for r in json.loads(result.stdout)["revisions"] if not r["not_linted"]}
+    assert found == {"r1": [], "a": [("require-concurrent-index-creation", "CREATE INDEX ix_t_a ON t (a);")],
+                     "b": [], "m": []}
+
+
 def test_lint_up_to_a_revision_lints_only_that_range(cli, url, tmp_path):
     result = cli("lint", "-r", "r1", "--alembic-config", index_project(tmp_path), env={"DATABASE_URL": url})
     assert result.returncode == 0, result.stderr
     assert result.stdout == "lint: 0 finding(s) at or above warning in 1 pending revision(s)\n"
+    assert result.stderr == "", "no Alembic INFO lines per rendered revision"
+
+
+def test_without_squawk_the_lint_is_one_line_error(monkeypatch, tmp_path):
+    import sysconfig
+
+    from dbmigrate.errors import ConfigError
+    from dbmigrate.lint import squawk_binary
+
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))
+    with pytest.raises(ConfigError) as refused:
+        squawk_binary()
+    assert str(refused.value) == (f"squawk is not installed ({tmp_path}/squawk is missing): "
+                                  "pip install 'squawk-cli>=2.70,<3'")
 
 
 def test_an_exception_in_the_revision_file_is_recorded_as_excepted(cli, url, tmp_path):

@@ -32,3 +32,29 @@ COMMIT;"""
 
 def test_lines_fit_the_form_and_only_blanks_between_words_change():
     assert readable_sql(SQL, width=52) == SHOWN
+
+
+def test_the_approval_form_shows_the_lint_before_the_sql():
+    from dbmigrate.lint import Excepted, Finding, LintResult, RevisionLint
+    from dbmigrate.phases import Plan
+    from dbmigrate.revisions import PlannedStep
+    from dbmigrate.target import parse_url
+    from flows.artifacts import approval_request
+
+    lint = LintResult("16.4", [
+        RevisionLint("r1", "table", excepted=[Excepted("ban-drop-column", "nobody reads it", 3, 1)]),
+        RevisionLint("r2", "index", [Finding("require-concurrent-index-creation", "warning", "Blocks writes.", 5,
+                                             "CREATE INDEX ix ON t (a);")]),
+        RevisionLint("r3", "data", not_linted="cannot be rendered offline: no connection"),
+        RevisionLint("r4", "column"),
+    ], blocking_level=None)
+    plan = Plan((), "r4", [PlannedStep(r.revision, r.message) for r in lint.revisions], True, lint)
+    text = approval_request(parse_url("postgresql://u@h/db", "staging"), plan, "r4", "SELECT 1;")
+    section = text[text.index("### Lint"):text.index("The SQL")]
+    assert section == (
+        "### Lint (squawk, PostgreSQL 16.4, findings warn only)\n\n"
+        "- `r1` excepted **ban-drop-column** (1 finding(s)): nobody reads it\n"
+        "- `r2` **require-concurrent-index-creation** (warning), SQL line 5: Blocks writes. "
+        "`CREATE INDEX ix ON t (a);`\n"
+        "- `r3` not linted: cannot be rendered offline: no connection\n"
+        "- `r4`: no finding\n\n")

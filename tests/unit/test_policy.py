@@ -43,3 +43,15 @@ def test_a_policy_requiring_a_backup_refuses_a_run_without_one():
         STRICT.check(backup=False)
     STRICT.check(backup=True)
     RELAXED.check(backup=False)
+
+
+def test_lint_findings_block_in_production_and_warn_elsewhere():
+    assert for_environment("production").lint_blocking_level == "warning"
+    assert for_environment("qa").lint_blocking_level == "warning", "an unknown environment blocks too"
+    assert for_environment("staging").lint_blocking_level is None
+    assert for_environment("staging", lint_blocks=True, lint_level="error").lint_blocking_level == "error"
+
+
+def test_an_unknown_lint_level_is_refused():
+    with pytest.raises(ConfigError, match=r"lint_level must be one of warning, error: 'fatal'"):
+        for_environment("production", lint_level="fatal")
