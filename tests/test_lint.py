@@ -2,11 +2,12 @@
 each environment's policy (the command line with --env, and the db-migrate flow)."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import fingerprint_of, last_report, one_line_error
+from tests.helpers import fingerprint_of, last_report, one_line_error, sql
 from tests.projects import linear, stock_project
 
 TABLE = "op.create_table('t', sa.Column('a', sa.Integer))"
@@ -149,7 +150,7 @@ def test_staging_only_warns_and_records_the_findings(cli, environment, prefect_a
 
 
 def test_the_flow_blocks_in_production_and_publishes_the_lint(environment, target, home, tmp_path):
-    from tests.test_flows import artifact, run_flow
+    from tests.test_flows import _resume_when_paused, artifact, run_flow
 
     state = run_flow(environment=environment("production"), alembic_config=index_project(tmp_path / "blocked"))
     assert state.is_failed()
@@ -160,9 +161,16 @@ def test_the_flow_blocks_in_production_and_publishes_the_lint(environment, targe
     shown = artifact("db-migrate-production-lint")
     assert "- `r2` **require-concurrent-index-creation** (warning), SQL line 5:" in shown
 
-    quick = environment("production", approval_required=False)
-    state = run_flow(environment=quick, alembic_config=index_project(tmp_path / "allowed", ALLOW))
+    seen = {}
+    approver = threading.Thread(target=_resume_when_paused, args=({"decision": "approve", "approver": "Ann"}, seen))
+    approver.start()
+    state = run_flow(environment="production", alembic_config=index_project(tmp_path / "allowed", ALLOW))
+    approver.join()
     assert state.is_completed(), state.message
+    [version] = sql(target, "SHOW server_version")[0]
+    assert (f"### Lint (squawk, PostgreSQL {version.split()[0]}, blocking from warning)\n\n- `r1`: no finding\n"
+            "- `r2` excepted **require-concurrent-index-creation** (1 finding(s)): t is empty at deploy time\n\n"
+            "The SQL") in seen["description"], "the approver reads the lint before the SQL"
     assert fingerprint_of(target).revisions == ("r2",)
     assert last_report(home)["lint"]["revisions"][1]["excepted"][0]["reason"] == "t is empty at deploy time"
     assert ("- `r2` excepted **require-concurrent-index-creation** (1 finding(s)): t is empty at deploy time"
