@@ -90,8 +90,8 @@ def test_an_exception_in_the_revision_file_is_recorded_as_excepted(cli, url, tmp
 
 def test_a_malformed_exception_is_an_error_naming_file_and_line(cli, url, tmp_path):
     for exception, problem in (
-        ("# dbmigrate: allow require-concurrent-index-creation", "malformed lint exception: write "
-                                                                 "'# dbmigrate: allow RULE -- REASON'"),
+        ("# dbmigrate: allow require-concurrent-index-creation",
+         "malformed lint exception: write '# dbmigrate: allow RULE -- REASON'"),
         ("# dbmigrate: allow no-such-rule -- because", "lint exception names an unknown squawk rule 'no-such-rule'"),
     ):
         ini = index_project(tmp_path / problem[:9], exception)
