@@ -59,6 +59,17 @@ def test_each_revision_is_linted_on_its_own_across_branches_and_a_merge(cli, url
                      "b": [], "m": []}
 
 
+def test_a_revision_that_reads_the_database_is_listed_as_not_linted(cli, url, tmp_path):
+    """Offline, op.get_bind() has no database to read: the lint says so and does not block on it."""
+    count = "op.get_bind().execute(sa.text('SELECT count(*) FROM t')).scalar()"
+    ini = stock_project(tmp_path, linear(TABLE, count))
+    result = cli("lint", "--alembic-config", str(ini), env={"DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "r2  not linted: cannot be rendered offline: 'NoneType' object has no attribute 'scalar'",
+        "lint: 0 finding(s) at or above warning in 2 pending revision(s)"]
+
+
 def test_lint_up_to_a_revision_lints_only_that_range(cli, url, tmp_path):
     result = cli("lint", "-r", "r1", "--alembic-config", index_project(tmp_path), env={"DATABASE_URL": url})
     assert result.returncode == 0, result.stderr
