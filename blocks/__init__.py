@@ -113,6 +113,12 @@ class EnvironmentPolicy(Block):
     lock_retry_total_s: float | None = Field(
         default=None, title="Lock retries: give up after (s)",
         description="Then the run fails naming the sessions that held the lock.")
+    lint_blocks: bool | None = Field(
+        default=None, title="Lint findings block the run",
+        description="A squawk finding at or above the lint level stops an upgrade before anything changes; "
+                    "off, findings are recorded and shown only.")
+    lint_level: Literal["warning", "error"] | None = Field(
+        default=None, title="Lint level", description="The lowest squawk level that blocks (warning or error).")
 
 
 def require_api() -> str:

@@ -1,7 +1,8 @@
 """The ``dbmigrate`` command line.
 
 Exit codes: 0 success; 1 the operation ran and failed (a failed health check, a
-failed migration, ``check`` with pending revisions); 2 bad input or an
+failed migration, ``check`` with pending revisions, ``lint`` with findings at or above the
+blocking level); 2 bad input or an
 unreachable database, with nothing changed; 3 the upgrade or downgrade succeeded
 but its report could not be written (the report is then printed on stderr).
 """
@@ -26,7 +27,8 @@ from dbmigrate import __version__, backup, catalogue, db, health, local, phases,
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
-from dbmigrate.policy import Policy
+from dbmigrate.lint import LintResult
+from dbmigrate.policy import LINT_LEVELS, Policy
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Approval, Report
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget, parse_url
@@ -246,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "current revision(s), head(s) and pending revisions")
     add("heads", "head revision(s) of the migration scripts")
     add("check", "exit 0 at head, 1 when revisions are pending, 2 on error")
+    lint_cmd = add("lint", "lint the SQL of each pending revision with squawk (lock safety); exit 0 when no finding "
+                           "is at or above the blocking level (--env: the environment's lint_level; else warning), "
+                           "1 when one is, 2 on error")
+    lint_cmd.add_argument("--revision", "-r", type=_revision, default="head",
+                          help="lint the pending revisions up to this one (default: head)")
     for name, text, required in (("upgrade", "health checks, backup, upgrade, validation and report", False),
                                  ("downgrade", "like upgrade, towards an older revision", True)):
         parser_ = add(name, text)
@@ -440,6 +447,36 @@ def cmd_check(args, settings: Settings, database: Database) -> int:
     return 0 if state["at_head"] else 1
 
 
+def cmd_lint(args, settings: Settings, database: Database) -> int:
+    target = database()
+    rules = _policy(args, target)
+    project = settings.project(target)
+    plan = phases.plan(target, project, settings, args.revision, True)
+    result = phases.lint(target, project, settings, plan, rules.lint_level if rules else LINT_LEVELS[0])
+    blocking = result.blocking()
+    if args.json:
+        _print_json({"environment": target.environment, "database": target.describe(),
+                     "revision_before": plan.revision_before, "target_revision": plan.target,
+                     "blocking": len(blocking), **dataclasses.asdict(result)})
+    else:
+        for line in lint_lines(result):
+            print(line)
+        print(f"lint: {len(blocking)} finding(s) at or above {result.blocking_level} in "
+              f"{len(result.revisions)} pending revision(s)")
+    return 1 if blocking else 0
+
+
+def lint_lines(result: LintResult) -> list[str]:
+    """The lint as text: per revision, its findings, its exceptions, or why it was not linted."""
+    lines = []
+    for rev in result.revisions:
+        lines += [f"{rev.revision}  {f.shown()}" for f in rev.findings]
+        lines += [f"{rev.revision}  excepted {e.rule} ({e.findings} finding(s)): {e.reason}" for e in rev.excepted]
+        if rev.not_linted:
+            lines.append(f"{rev.revision}  not linted: {rev.not_linted}")
+    return lines
+
+
 def cmd_heads(args, settings: Settings, database: Database) -> int:
     project = settings.project()
     heads = [{"revision": h, "message": project.script.get_revision(h).doc} for h in project.heads]
@@ -513,6 +550,7 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
         skip_health_checks=args.skip_health_checks,
         skip_validation=args.skip_validation,
         json_report=args.json_report,
+        lint_blocking_level=rules.lint_blocking_level if rules else None,  # without --env, findings only warn
     )
 
     def confirm(plan: phases.Plan) -> Approval:
@@ -570,6 +608,8 @@ def _print_outcome(outcome: pipeline.Outcome) -> None:
     if report.backup:
         b = report.backup
         print(f"backup:   {b.location} ({b.size_bytes} bytes, sha256 {b.sha256[:12]}, {b.duration_s}s)")
+    for line in lint_lines(report.lint) if report.lint else []:
+        print(f"lint:     {line}")
     verb = "applied: " if report.operation == "upgrade" else "reverted:"
     for step in report.migrations_applied:
         print(f"{verb} {step.revision}  {step.message}  ({round(step.duration_s, 3)}s)")
@@ -737,7 +777,7 @@ def cmd_blocks(args, settings: Settings, database: Database) -> int:
     return 0
 
 
-HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "check": cmd_check,
+HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "check": cmd_check, "lint": cmd_lint,
             "upgrade": cmd_migrate, "downgrade": cmd_migrate, "generate": cmd_generate, "backup": cmd_backup,
             "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local, "blocks": cmd_blocks}
 

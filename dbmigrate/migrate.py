@@ -164,16 +164,25 @@ def render_sql(project: Project, current: tuple[str, ...], target: str, *, upgra
     """The SQL Alembic would run from ``current`` to ``target`` (offline mode: no connection)."""
     if len(current) > 1:
         raise RevisionError("--dry-run needs a single current revision; the database has several")
+    return _offline(project, _steps_fn(project, target, upgrade), current[0] if current else None, target)
+
+
+def render_revision(project: Project, revision: str) -> str:
+    """The SQL of one revision's upgrade alone, from the revision(s) below it, as env.py
+    renders it offline (its BEGIN/COMMIT included)."""
+    script = project.script
+    below = alembic_util.to_tuple(script.get_revision(revision).down_revision, default=())
+
+    def only_this(rev, context):  # not the revisions it depends_on that are not below it
+        return [step for step in script._upgrade_revs(revision, below) if step.revision.revision == revision]
+
+    return _offline(project, only_this, list(below) or None, revision)
+
+
+def _offline(project: Project, fn, starting_rev, destination_rev: str) -> str:
     buffer = io.StringIO()
-    env = _timed_environment(
-        project,
-        lambda step: None,
-        fn=_steps_fn(project, target, upgrade),
-        as_sql=True,
-        starting_rev=current[0] if current else None,
-        destination_rev=target,
-        output_buffer=buffer,
-    )
+    env = _timed_environment(project, lambda step: None, fn=fn, as_sql=True, starting_rev=starting_rev,
+                             destination_rev=destination_rev, output_buffer=buffer)
     with env:
         project.script.run_env()
     return buffer.getvalue()

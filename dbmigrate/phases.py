@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from dbmigrate import db, health, lockretry, migrate, revisions
+from dbmigrate import lint as linting
 from dbmigrate.errors import (
     ConnectionLost,
     DbMigrateError,
@@ -24,6 +25,7 @@ from dbmigrate.errors import (
     first_line,
 )
 from dbmigrate.health import FAIL, OK, Check
+from dbmigrate.lint import LintResult
 from dbmigrate.lockretry import LockAttempt
 from dbmigrate.migrate import AppliedStep
 from dbmigrate.report import KEPT_UNKNOWN
@@ -39,6 +41,7 @@ class Plan:
     target: str
     steps: list[PlannedStep]
     upgrade: bool
+    lint: LintResult | None = None  # the lint of its revisions, once the run has it (approvers read it)
 
     @property
     def revision_before(self) -> str | None:
@@ -67,6 +70,16 @@ def plan(target: DatabaseTarget, project: Project, settings: Settings, revision:
     project.require_known(current)
     steps = project.plan_upgrade(current, resolved) if upgrade else project.plan_downgrade(current, resolved)
     return Plan(current, resolved, steps, upgrade)
+
+
+def lint(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan,
+         blocking_level: str | None) -> LintResult:
+    """Lint the plan's revisions for PostgreSQL as the database runs it; changes nothing."""
+    with db.connect(target, settings.connect_timeout) as conn:
+        _, version = db.server_version(conn)
+    result = linting.lint(project, plan.steps, linting.pg_version(version))
+    result.blocking_level = blocking_level
+    return result
 
 
 def expected_revisions(project: Project, plan: Plan) -> set[str]:

@@ -1,5 +1,5 @@
-"""One run of the pipeline: load -> health checks -> plan -> approval -> guard -> backup ->
-migrate -> validate -> report, and the automatic rollback when migrate or validate fails.
+"""One run of the pipeline: load -> health checks -> plan -> lint (upgrades) -> approval -> guard ->
+backup -> migrate -> validate -> report, and the automatic rollback when migrate or validate fails.
 
 :func:`execute` is that sequence, read top to bottom. :class:`Run` owns what its steps
 share: the report, the phase the run is in, whether the database may have been changed,
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import getpass
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Self, TypeVar
 
 from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases
+from dbmigrate import lint as linting
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import (
     DbMigrateError,
@@ -49,6 +50,7 @@ class Request:
     skip_validation: bool = False
     json_report: Path | None = None
     operator: str = field(default_factory=getpass.getuser)
+    lint_blocking_level: str | None = None  # lint findings from this level stop the run (Policy); None: they warn
 
     @property
     def upgrade(self) -> bool:
@@ -152,6 +154,15 @@ class Run:
         self.report.approval = self.hooks.confirm(plan)
         self.report.approval.require()
 
+    def lint(self, plan: Plan) -> Plan:
+        """Step "lint": the report records the findings; those at or above the blocking level stop
+        the run here, before anything changes. The plan goes on with them for the approver."""
+        result = self.report.lint = phases.lint(self.target, self.project, self.settings, plan,
+                                                self.request.lint_blocking_level)
+        if result.blocking():
+            raise linting.LintBlocked(linting.blocked_message(result, self.target.environment))
+        return replace(plan, lint=result)
+
     def hold_guard(self, plan: Plan) -> None:
         """Step "guard": take the guard for the rest of the run, then make sure the plan still
         holds (the database may have moved while the approver read it)."""
@@ -250,6 +261,8 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             run.outcome.sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
             report.finish(DRY_RUN)
             return run.outcome
+        if plan.upgrade:
+            plan = run.step("lint", run.lint, plan)
         run.step("approval", run.approve, plan)
         run.step("guard", run.hold_guard, plan)
         if request.backup:

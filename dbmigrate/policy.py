@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from dbmigrate.errors import ConfigError
 from dbmigrate.lockretry import LockRetries
 
+LINT_LEVELS = ("warning", "error")  # squawk's levels, lowest first
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -36,6 +38,13 @@ class Policy:
 
     def lock_retries(self) -> LockRetries:
         return LockRetries(tuple(self.lock_retry_timeouts_s), self.lock_retry_pause_s, self.lock_retry_total_s)
+    lint_blocks: bool = True  # a lint finding at or above lint_level stops the run before anything changes
+    lint_level: str = "warning"  # warning | error (squawk's levels)
+
+    @property
+    def lint_blocking_level(self) -> str | None:
+        """The level from which lint findings block a run; None: they only warn."""
+        return self.lint_level if self.lint_blocks else None
 
     def check(self, backup: bool) -> None:
         if self.backup_required and not backup:
@@ -43,7 +52,8 @@ class Policy:
 
 
 STRICT = Policy()
-RELAXED = Policy(backup_required=False, approval_required=False, auto_rollback=True, cli_changes_allowed=True)
+RELAXED = Policy(backup_required=False, approval_required=False, auto_rollback=True, cli_changes_allowed=True,
+                 lint_blocks=False)
 DEFAULTS = {"production": STRICT, "staging": RELAXED, "development": RELAXED, "local": RELAXED}
 
 
@@ -53,4 +63,6 @@ def for_environment(name: str, **overrides) -> Policy:
     unknown = set(overrides) - set(Policy.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown policy setting(s): {', '.join(sorted(unknown))}")
+    if overrides.get("lint_level", base.lint_level) not in LINT_LEVELS:
+        raise ConfigError(f"lint_level must be one of {', '.join(LINT_LEVELS)}: {overrides['lint_level']!r}")
     return replace(base, **overrides)

@@ -19,6 +19,7 @@ from dbmigrate.errors import ConfirmationRefused, ReportNotWritten
 
 if TYPE_CHECKING:
     from dbmigrate.health import Check
+    from dbmigrate.lint import LintResult
     from dbmigrate.lockretry import LockAttempt
     from dbmigrate.migrate import AppliedStep
     from dbmigrate.revisions import PlannedStep
@@ -124,6 +125,7 @@ class Report:
     revision_after_unknown: str | None = None
     # Every attempt of the migration under a lock-retry schedule (none without one).
     lock_attempts: list[LockAttempt] = field(default_factory=list)
+    lint: LintResult | None = None  # the squawk lint of the pending revisions (upgrades)
 
     def finish(self, status: str) -> None:
         self.status = status

@@ -19,6 +19,7 @@ from prefect.artifacts import (
 from prefect.settings import PREFECT_UI_URL
 
 from dbmigrate import catalogue, phases, pipeline, revisions
+from dbmigrate.lint import LintResult
 from dbmigrate.report import BackupSummary, Report
 from dbmigrate.settings import Settings
 
@@ -42,7 +43,8 @@ def approval_request(target, plan: phases.Plan, reached: str, sql: str, *section
     return (
         f"## Approve {kind} of {target.environment}: {revisions.shown(plan.revision_before)} → {reached}\n\n"
         f"Database `{target.where}`. Revisions to {verb}:\n\n{steps}\n\n"
-        "The SQL (Alembic's offline rendering, long lines wrapped):\n\n"
+        + lint_markdown(plan.lint)
+        + "The SQL (Alembic's offline rendering, long lines wrapped):\n\n"
         f"```sql\n{readable_sql(sql)}\n```\n\n"
         + "".join(f"{section}\n\n" for section in sections)
         + how_to_approve(f"{verb} these revisions")
@@ -60,6 +62,31 @@ def lock_policy_section(settings: Settings) -> str:
                "(a revision that changed something outside a transaction never is), so the application's "
                f"queries queue at most {max(retries.timeouts_s):g} s behind the migration")
     return f"**Locks**: {how}."
+def lint_markdown(lint: LintResult | None) -> str:
+    """The lint of the pending revisions, for the approval form and the lint artifact: per
+    revision its findings (rule, level, line, statement), its reviewed exceptions, or why it was
+    not linted. Lists, not tables: the form clips wide cells."""
+    if lint is None:
+        return ""
+    rules = f"blocking from {lint.blocking_level}" if lint.blocking_level else "findings warn only"
+    lines = [f"### Lint (squawk, PostgreSQL {lint.pg_version}, {rules})", ""]
+    for rev in lint.revisions:
+        if not (rev.findings or rev.excepted or rev.not_linted):
+            lines.append(f"- `{rev.revision}`: no finding")
+        lines += [f"- `{rev.revision}` **{f.rule}** ({f.level}), SQL line {f.line}: {f.message} "
+                  f"`{f.statement}`" for f in rev.findings]
+        lines += [f"- `{rev.revision}` excepted **{e.rule}** ({e.findings} finding(s)): {e.reason}"
+                  for e in rev.excepted]
+        if rev.not_linted:
+            lines.append(f"- `{rev.revision}` not linted: {rev.not_linted}")
+    return "\n".join(lines) + "\n\n"
+
+
+def publish_lint(lint: LintResult | None, environment: str) -> None:
+    """The lint artifact, ``db-migrate-<environment>-lint``: what the last upgrade's lint found."""
+    if lint is not None:
+        create_markdown_artifact(lint_markdown(lint), key=f"{artifact_key(environment)}-lint",
+                                 description=f"db-migrate {environment}: lint of the pending revisions")
 
 
 # The longest SQL line the approval form shows whole: its code block is 424 pixels wide in the v1 UI.
@@ -206,6 +233,7 @@ def publish(outcome: pipeline.Outcome, environment: str, progress: BackupProgres
     if progress is not None:
         progress.done()
     publish_report(outcome, environment, flow)
+    publish_lint(outcome.report.lint, environment)
     key = artifact_key(environment, flow)
     report = outcome.report
     create_markdown_artifact(summary_markdown(outcome, flow), key=key, description=f"{flow} {environment}")

@@ -58,6 +58,7 @@ def db_migrate(
     request = pipeline.Request(
         operation="upgrade", revision=target_revision, dry_run=dry_run, backup=backup,
         skip_health_checks=skip_health_checks, skip_validation=skip_validation,
+        lint_blocking_level=env.policy.lint_blocking_level,
         **({"operator": requested_by} if requested_by else {}),
     )
     progress = BackupProgress(environment)

@@ -72,6 +72,8 @@ def test_approved_in_the_browser(server, paused, target, tmp_path):
     assert "0005 store costs as integer cents (data migration)" in seen.text
     assert "0006 indexes for cost reports and the open-recommendations view" in seen.text
     assert not seen.clipped, f"cut off in the form: {seen.clipped}"
+    assert ("0006 excepted require-concurrent-index-creation (2 finding(s)): small tables: the build blocks writes "
+            "for milliseconds") in seen.text, "the lint's reviewed exceptions"
     assert "CREATE INDEX ix_recommendations_open ON" in seen.text and "COMMIT;" in seen.text, "the SQL"
 
     run = final(paused, 120)

@@ -51,3 +51,27 @@ def test_the_approval_page_shows_how_the_migration_takes_its_locks():
         "**Locks**: lock retries: lock_timeout 0.1, 0.5, 2 s (the last repeats), 1 s between attempts, giving up "
         "after 120 s; an attempt that times out is rolled back and tried again (a revision that changed something "
         "outside a transaction never is), so the application's queries queue at most 2 s behind the migration.")
+def test_the_approval_form_shows_the_lint_before_the_sql():
+    from dbmigrate.lint import Excepted, Finding, LintResult, RevisionLint
+    from dbmigrate.phases import Plan
+    from dbmigrate.revisions import PlannedStep
+    from dbmigrate.target import parse_url
+    from flows.artifacts import approval_request
+
+    lint = LintResult("16.4", [
+        RevisionLint("r1", "table", excepted=[Excepted("ban-drop-column", "nobody reads it", 3, 1)]),
+        RevisionLint("r2", "index", [Finding("require-concurrent-index-creation", "warning", "Blocks writes.", 5,
+                                             "CREATE INDEX ix ON t (a);")]),
+        RevisionLint("r3", "data", not_linted="cannot be rendered offline: no connection"),
+        RevisionLint("r4", "column"),
+    ], blocking_level=None)
+    plan = Plan((), "r4", [PlannedStep(r.revision, r.message) for r in lint.revisions], True, lint)
+    text = approval_request(parse_url("postgresql://u@h/db", "staging"), plan, "r4", "SELECT 1;")
+    section = text[text.index("### Lint"):text.index("The SQL")]
+    assert section == (
+        "### Lint (squawk, PostgreSQL 16.4, findings warn only)\n\n"
+        "- `r1` excepted **ban-drop-column** (1 finding(s)): nobody reads it\n"
+        "- `r2` **require-concurrent-index-creation** (warning), SQL line 5: Blocks writes. "
+        "`CREATE INDEX ix ON t (a);`\n"
+        "- `r3` not linted: cannot be rendered offline: no connection\n"
+        "- `r4`: no finding\n\n")

@@ -53,3 +53,13 @@ def test_lock_retries_are_off_by_default_and_an_override_sets_the_schedule():
     assert policy.lock_retries() == LockRetries((0.1, 0.5, 1), 1.0, 30)
     timeouts = LockRetries((0.1, 0.5)).lock_timeouts()
     assert [next(timeouts) for _ in range(4)] == [0.1, 0.5, 0.5, 0.5], "the last repeats"
+def test_lint_findings_block_in_production_and_warn_elsewhere():
+    assert for_environment("production").lint_blocking_level == "warning"
+    assert for_environment("qa").lint_blocking_level == "warning", "an unknown environment blocks too"
+    assert for_environment("staging").lint_blocking_level is None
+    assert for_environment("staging", lint_blocks=True, lint_level="error").lint_blocking_level == "error"
+
+
+def test_an_unknown_lint_level_is_refused():
+    with pytest.raises(ConfigError, match=r"lint_level must be one of warning, error: 'fatal'"):
+        for_environment("production", lint_level="fatal")

@@ -1,0 +1,216 @@
+"""Lock-safety lint of pending revisions with squawk (the ``squawk-cli`` package's binary).
+
+Each pending revision is rendered on its own as Alembic's offline mode renders it
+(:func:`dbmigrate.migrate.render_revision`: env.py's own BEGIN/COMMIT included), and squawk
+reads all of them in one call. Squawk sees the real transaction structure, so it is not
+told to assume one (``--assume-in-transaction`` would make Alembic's own BEGIN a nested
+transaction). A revision file may carry reviewed exceptions, one rule each::
+
+    # dbmigrate: allow require-concurrent-index-creation -- table is empty at deploy time
+
+Findings of an excepted rule are recorded as excepted, not as findings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dbmigrate import migrate
+from dbmigrate.errors import ConfigError, DbMigrateError, MigrationFailed, first_line
+from dbmigrate.policy import LINT_LEVELS as LEVELS
+from dbmigrate.revisions import PlannedStep, Project
+
+# Rules squawk applies by default that this lint turns off, and why.
+RULES_OFF = (
+    # dbmigrate sets lock_timeout (and the policy's statement_timeout) for every migration session itself.
+    "require-lock-timeout", "require-statement-timeout",
+    # Advice on column types, on every CREATE TABLE: schema design for review, not what a migration does to a live table.
+    "prefer-bigint-over-int", "prefer-bigint-over-smallint", "prefer-identity", "prefer-text-field",
+    "prefer-timestamp-tz", "ban-char-field",
+)
+EXCEPTION_FORM = "# dbmigrate: allow RULE -- REASON"
+_EXCEPTION = re.compile(r"#\s*dbmigrate:\s*allow\b(.*)")
+_RULE_AND_REASON = re.compile(r"\s+([a-z0-9]+(?:-[a-z0-9]+)*)\s+--\s*(\S.*?)\s*")
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    level: str  # warning | error
+    message: str
+    line: int  # in the revision's rendered SQL, from 1
+    statement: str  # the first line of the statement it is about
+
+    def shown(self) -> str:
+        return f"{self.rule} ({self.level}) at line {self.line} ({self.statement}): {self.message}"
+
+
+@dataclass(frozen=True)
+class Excepted:
+    """A reviewed exception from the revision file, and how many findings it covered."""
+
+    rule: str
+    reason: str
+    line: int  # in the revision file
+    findings: int = 0
+
+
+@dataclass
+class RevisionLint:
+    revision: str
+    message: str
+    findings: list[Finding] = field(default_factory=list)
+    excepted: list[Excepted] = field(default_factory=list)
+    not_linted: str | None = None  # why the revision could not be rendered offline (it is then not checked)
+
+
+@dataclass
+class LintResult:
+    pg_version: str
+    revisions: list[RevisionLint]
+    rules_off: tuple[str, ...] = RULES_OFF
+    blocking_level: str | None = None  # None: findings only warn in this environment
+
+    def findings(self, level: str = LEVELS[0]) -> list[tuple[str, Finding]]:
+        """(revision, finding) at or above ``level``."""
+        return [(r.revision, f) for r in self.revisions for f in r.findings
+                if LEVELS.index(f.level) >= LEVELS.index(level)]
+
+    def blocking(self) -> list[tuple[str, Finding]]:
+        return self.findings(self.blocking_level) if self.blocking_level else []
+
+
+class LintBlocked(MigrationFailed):
+    """Findings at or above the environment's blocking level: nothing was run."""
+
+
+def squawk_binary() -> Path:
+    """The squawk that the squawk-cli package installed beside this Python's scripts."""
+    path = Path(sysconfig.get_path("scripts")) / "squawk"
+    if not path.is_file():
+        raise ConfigError(f"squawk is not installed ({path} is missing): pip install 'squawk-cli>=2.70,<3'")
+    return path
+
+
+def exceptions(path: Path) -> list[Excepted]:
+    """The reviewed exceptions in a revision file; a malformed one is an error naming its line."""
+    found = []
+    for number, text in enumerate(path.read_text().splitlines(), start=1):
+        match = _EXCEPTION.search(text)
+        if not match:
+            continue
+        rule_and_reason = _RULE_AND_REASON.fullmatch(match.group(1))
+        if not rule_and_reason:
+            raise ConfigError(f"{path}:{number}: malformed lint exception: write '{EXCEPTION_FORM}'")
+        found.append(Excepted(rule_and_reason.group(1), rule_and_reason.group(2), number))
+    return found
+
+
+def _check_rules(squawk: Path, excepted: dict[Path, list[Excepted]]) -> None:
+    """Squawk itself knows its rules: an exception naming another is an error naming its file and line."""
+    rules = sorted({e.rule for found in excepted.values() for e in found})
+    if not rules:
+        return
+    done = subprocess.run([squawk, f"--exclude={','.join(rules)}", "--reporter", "json"], input="",
+                          capture_output=True, text=True, check=False)
+    unknown = re.search(r"invalid rule name (\S+)", done.stderr)
+    if unknown:
+        path, line = next((p, e.line) for p, found in excepted.items() for e in found if e.rule == unknown[1])
+        raise ConfigError(f"{path}:{line}: lint exception names an unknown squawk rule '{unknown[1]}'")
+
+
+def lint(project: Project, steps: list[PlannedStep], pg_version: str) -> LintResult:
+    """Lint the upgrade of each of ``steps``; raises ConfigError for a malformed exception."""
+    squawk = squawk_binary()
+    files = {s.revision: Path(project.script.get_revision(s.revision).path) for s in steps}
+    excepted = {path: exceptions(path) for path in files.values()}
+    _check_rules(squawk, excepted)
+    results, sql = [], {}
+    with _alembic_quiet():
+        for step in steps:
+            results.append(RevisionLint(step.revision, step.message))
+            try:
+                sql[step.revision] = migrate.render_revision(project, step.revision)
+            except Exception as exc:  # env.py or the revision needs a live connection: the lint cannot see its SQL
+                results[-1].not_linted = f"cannot be rendered offline: {first_line(exc)}"
+    raw = _squawk(squawk, sql, pg_version)
+    for result in results:
+        _sort(result, raw.get(result.revision, []), sql.get(result.revision, ""), excepted[files[result.revision]])
+    return LintResult(pg_version, results)
+
+
+@contextmanager
+def _alembic_quiet() -> Iterator[None]:
+    """Without Alembic's four INFO lines per rendered revision ("Generating static SQL"...): the
+    lint shows its findings. A filter, not a level: env.py's fileConfig resets levels on every render."""
+    logger = logging.getLogger("alembic.runtime.migration")
+    logger.addFilter(_drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_drop)
+
+
+def _drop(record: logging.LogRecord) -> bool:
+    return False
+
+
+def _squawk(squawk: Path, sql: dict[str, str], pg_version: str) -> dict[str, list[dict]]:
+    """One squawk call over every revision's SQL: its JSON findings by revision."""
+    if not sql:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="dbmigrate-lint-") as tmp:
+        names = {}
+        for index, (revision, text) in enumerate(sql.items()):
+            name = f"{index:04d}.sql"
+            (Path(tmp) / name).write_text(text)
+            names[name] = revision
+        # cwd: the temporary directory, so no stray .squawk.toml above the caller's directory applies
+        done = subprocess.run([squawk, "--reporter", "json", f"--pg-version={pg_version}",
+                               f"--exclude={','.join(RULES_OFF)}", *names],
+                              cwd=tmp, capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 1):
+        why = (done.stderr.strip().splitlines() or ["no message"])[0]
+        raise DbMigrateError(f"squawk failed (exit {done.returncode}): {why}")
+    found: dict[str, list[dict]] = {}
+    for item in json.loads(done.stdout or "[]"):
+        found.setdefault(names[Path(item["file"]).name], []).append(item)
+    return found
+
+
+def _sort(result: RevisionLint, raw: list[dict], sql: str, allowed: list[Excepted]) -> None:
+    """Findings into the revision's findings, or counted against the exception that covers them."""
+    lines = sql.splitlines()
+    covered = {e.rule: 0 for e in allowed}
+    for item in raw:
+        if item["rule_name"] in covered:
+            covered[item["rule_name"]] += 1
+            continue
+        line = item["line"]  # squawk counts lines from 0
+        result.findings.append(Finding(item["rule_name"], item["level"].lower(), item["message"], line + 1,
+                                       lines[line].strip() if line < len(lines) else ""))
+    result.excepted = [Excepted(e.rule, e.reason, e.line, covered[e.rule]) for e in allowed]
+
+
+def pg_version(server_version: str) -> str:
+    """squawk's --pg-version from PostgreSQL's server_version ("16.4 (Debian ...)" -> "16.4")."""
+    match = re.match(r"(\d+)(?:\.(\d+))?", server_version)
+    if not match:
+        raise DbMigrateError(f"cannot read the PostgreSQL version from {server_version!r}")
+    return f"{match[1]}.{match[2] or 0}"
+
+
+def blocked_message(result: LintResult, environment: str) -> str:
+    blocking = result.blocking()
+    shown = "; ".join(f"revision {revision}: {finding.shown()}" for revision, finding in blocking)
+    return (f"lint: {len(blocking)} finding(s) at or above {result.blocking_level} block this run in {environment}: "
+            f"{shown}; after review, except a rule in the revision file with '{EXCEPTION_FORM}'")
