@@ -104,6 +104,11 @@ class EnvironmentPolicy(Block):
         default=None, title="Schema changes from the command line",
         description="Allow upgrade, downgrade and restore over the original from `dbmigrate --env`; "
                     "off, they run only through the db-migrate deployment.")
+    rehearse: bool | None = Field(
+        default=None, title="Rehearse on a restored copy",
+        description="Before approval, restore the run's backup into a scratch database and run the revisions "
+                    "there first: a failure there stops the run with the database untouched; the approval page "
+                    "shows each revision's duration and locks.")
 
 
 def require_api() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -17,7 +18,7 @@ from dbmigrate import db, health, migrate, revisions
 from dbmigrate.errors import ConnectionLost, DbMigrateError, MigrationFailed, StepFailed, first_line
 from dbmigrate.health import FAIL, OK, Check
 from dbmigrate.migrate import AppliedStep
-from dbmigrate.report import KEPT_UNKNOWN
+from dbmigrate.report import KEPT_UNKNOWN, Rehearsal
 from dbmigrate.revisions import PlannedStep, Project
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
@@ -30,6 +31,7 @@ class Plan:
     target: str
     steps: list[PlannedStep]
     upgrade: bool
+    rehearsal: Rehearsal | None = None  # how the steps ran on a restored copy, for whoever approves them
 
     @property
     def revision_before(self) -> str | None:
@@ -71,12 +73,19 @@ def expected_revisions(project: Project, plan: Plan) -> set[str]:
     return set(below) if isinstance(below, tuple) else ({below} if below else set())
 
 
-def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan) -> list[AppliedStep]:
-    """Run the plan. On failure, raises MigrationFailed; the steps reported as
-    applied are only those the database really kept (see :func:`kept_steps`)."""
+def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan,
+          on_step: Callable[[AppliedStep], None] | None = None) -> list[AppliedStep]:
+    """Run the plan (``on_step`` hears of each step as it ran). On failure, raises MigrationFailed;
+    the steps reported as applied are only those the database really kept (see :func:`kept_steps`)."""
     ran: list[AppliedStep] = []
+
+    def ran_one(step: AppliedStep) -> None:
+        ran.append(step)
+        if on_step:
+            on_step(step)
+
     try:
-        migrate.run(project, plan.target, upgrade=plan.upgrade, limits=settings.limits, on_step=ran.append)
+        migrate.run(project, plan.target, upgrade=plan.upgrade, limits=settings.limits, on_step=ran_one)
     except Exception as exc:
         line = str(ConnectionLost(target.where)) if getattr(exc, "connection_invalidated", False) else first_line(exc)
         try:

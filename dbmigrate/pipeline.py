@@ -1,5 +1,7 @@
 """One run of the pipeline: load -> health checks -> plan -> approval -> guard -> backup ->
 migrate -> validate -> report, and the automatic rollback when migrate or validate fails.
+A rehearsed run backs up and rehearses before the approval: load -> health checks -> plan ->
+backup -> rehearsal -> approval -> guard -> migrate -> validate -> report.
 
 :func:`execute` is that sequence, read top to bottom. :class:`Run` owns what its steps
 share: the report, the phase the run is in, whether the database may have been changed,
@@ -12,11 +14,11 @@ from __future__ import annotations
 
 import getpass
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Self, TypeVar
 
-from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases
+from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases, rehearsal
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import (
     DbMigrateError,
@@ -49,6 +51,7 @@ class Request:
     skip_validation: bool = False
     json_report: Path | None = None
     operator: str = field(default_factory=getpass.getuser)
+    rehearse: bool = False  # run the revisions on a copy restored from the run's backup first (implies backup)
 
     @property
     def upgrade(self) -> bool:
@@ -250,9 +253,15 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             run.outcome.sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
             report.finish(DRY_RUN)
             return run.outcome
+        if request.rehearse:  # before the approval, so that whoever approves sees how it went
+            report.backup = BackupSummary.of(run.step("backup", run.back_up))
+            report.rehearsal = run.step("rehearsal", rehearsal.rehearse, target, settings, plan, run.storage,
+                                        run.manifest)
+            report.rehearsal.require()
+            plan = replace(plan, rehearsal=report.rehearsal)
         run.step("approval", run.approve, plan)
         run.step("guard", run.hold_guard, plan)
-        if request.backup:
+        if request.backup and not request.rehearse:
             report.backup = BackupSummary.of(run.step("backup", run.back_up))
         if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
             run.before = _fingerprint(target, settings)

@@ -19,7 +19,7 @@ from prefect.artifacts import (
 from prefect.settings import PREFECT_UI_URL
 
 from dbmigrate import catalogue, phases, pipeline, revisions
-from dbmigrate.report import BackupSummary
+from dbmigrate.report import BackupSummary, Rehearsal
 
 
 def artifact_key(environment: str, flow: str = "db-migrate") -> str:
@@ -44,6 +44,21 @@ def approval_request(target, plan: phases.Plan, reached: str, sql: str) -> str:
         f"```sql\n{readable_sql(sql)}\n```\n\n"
         + how_to_approve(f"{verb} these revisions")
     )
+
+
+def rehearsal_section(rehearsal: Rehearsal | None) -> str:
+    """The approval page's account of the rehearsal (empty without one): per revision its duration
+    on the restored copy, the table locks it took and how long it held them, what it rewrote or wrote."""
+    if rehearsal is None:
+        return ""
+    lines = [f"\n\n### Rehearsed on a copy restored from backup `{rehearsal.backup_id}`\n",
+             f"Restored in {rehearsal.restore_s:.1f} s. Per revision, on a copy of this database's own data:\n"]
+    for step in rehearsal.steps:
+        lines.append(f"- `{step.revision}` {step.duration_s:.3f} s")
+        lines += [f"  - lock {lock.mode} on `{lock.relation}`, held {lock.held_s:.3f} s" for lock in step.locks]
+        lines += [f"  - rewrote `{table}` ({rows} rows)" for table, rows in step.tables_rewritten.items()]
+        lines += [f"  - wrote {rows} rows of `{table}`" for table, rows in step.rows_written.items()]
+    return "\n".join(lines)
 
 
 # The longest SQL line the approval form shows whole: its code block is 424 pixels wide in the v1 UI.

@@ -58,7 +58,7 @@ def db_migrate(
     request = pipeline.Request(
         operation="upgrade", revision=target_revision, dry_run=dry_run, backup=backup,
         skip_health_checks=skip_health_checks, skip_validation=skip_validation,
-        **({"operator": requested_by} if requested_by else {}),
+        **({"operator": requested_by} if requested_by else {}), rehearse=env.policy.rehearse,
     )
     progress = BackupProgress(environment)
     hooks = pipeline.Hooks(
