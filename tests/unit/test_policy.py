@@ -43,3 +43,10 @@ def test_a_policy_requiring_a_backup_refuses_a_run_without_one():
         STRICT.check(backup=False)
     STRICT.check(backup=True)
     RELAXED.check(backup=False)
+
+
+def test_production_rehearses_and_so_refuses_a_run_without_its_backup():
+    assert STRICT.rehearse and not RELAXED.rehearse
+    with pytest.raises(ConfigError, match="rehearses on a copy restored from the run's backup: backup=false"):
+        for_environment("production", backup_required=False).check(backup=False)
+    for_environment("staging", rehearse=True).check(backup=True)
