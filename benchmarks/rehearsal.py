@@ -40,7 +40,7 @@ def fill(url: str, rows: int) -> int:
         conn.execute("INSERT INTO cloud_resources (id, account_id, resource_type, region, name) "
                      "SELECT g, 1 + g % 100, 'ec2', 'eu-west-1', 'vm-' || g FROM generate_series(1, 10000) g")
         conn.execute("INSERT INTO cost_records (id, resource_id, usage_date, cost_usd) "
-                     "SELECT g, 1 + g % 10000, date '2026-01-01' + (g % 300), round((random() * 100)::numeric, 2) "
+                     "SELECT g, 1 + g %% 10000, date '2026-01-01' + (g %% 300), round((random() * 100)::numeric, 2) "
                      "FROM generate_series(1, %s) g", (rows,))
         conn.execute("VACUUM ANALYZE")
         return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
@@ -51,7 +51,15 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="cost records (default 1000000)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="dbmigrate-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="dbmigrate-bench-rehearsal-"))
+    try:
+        return measure(args.rows, work)
+    finally:
+        local.stop(work / "home")
+        shutil.rmtree(work)
+
+
+def measure(rows: int, work: Path) -> int:
     home = work / "home"
     target = local.target(home)
     base_url = target.sqlalchemy_url().replace("+psycopg", "")
@@ -68,11 +76,11 @@ def main() -> int:
     pg_dump, pg_restore = pgtools.find("pg_dump", major), pgtools.find("pg_restore", major)
 
     timed([*cli, "upgrade", "-r", "0004", "--yes"], {**env, "DATABASE_URL": url_of["bench_a"]})
-    size = fill(url_of["bench_a"], args.rows)
+    size = fill(url_of["bench_a"], rows)
     with psycopg.connect(base_url, autocommit=True) as conn:
         conn.execute("CREATE DATABASE bench_b TEMPLATE bench_a")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"PostgreSQL {major}; sample schema at 0004, {args.rows} cost records, {size / 2**20:.0f} MiB", flush=True)
+          f"PostgreSQL {major}; sample schema at 0004, {rows} cost records, {size / 2**20:.0f} MiB", flush=True)
 
     a = {**env, "DATABASE_URL": url_of["bench_a"]}
     ours, result = timed([*cli, "rehearse", "--json"], a)
@@ -103,8 +111,6 @@ def main() -> int:
     with psycopg.connect(base_url, autocommit=True) as conn:
         for name in ("bench_a", "bench_b"):
             conn.execute(f"DROP DATABASE {name}")
-    local.stop(home)
-    shutil.rmtree(work)
     return 0
 
 

@@ -128,3 +128,18 @@ def test_the_flow_rehearses_production_and_shows_it_on_the_approval_page(environ
     [step] = report["rehearsal"]["steps"]
     assert step["revision"] == "r2" and step["tables_rewritten"] == {"public.t": ROWS}
     assert report["revision_after"] == "r2" and scratch_databases(target) == []
+
+
+def test_a_production_run_whose_rehearsal_fails_asks_nobody_and_changes_nothing(environment, target, home,
+                                                                                 tmp_path, cli, url):
+    from tests.test_flows import run_flow
+
+    ini = at_r1_with_rows(tmp_path, cli, url, target, NOT_NULL)
+    before = fingerprint_of(target)
+    state = run_flow(environment=environment("production"), alembic_config=ini)
+    assert state.is_failed()
+    assert state.message.startswith("rehearsal failed: the rehearsal on a copy restored from backup ")
+    assert 'revision r2 failed: column "c" of relation "t" contains null values' in state.message
+    assert fingerprint_of(target) == before and scratch_databases(target) == []
+    report = last_report(home)
+    assert report["error"]["phase"] == "rehearsal" and report["approval"] is None
