@@ -65,8 +65,7 @@ def rehearse(target: DatabaseTarget, settings: Settings, plan: Plan, storage: St
             try:
                 phases.apply(copy, settings.project(copy), settings, plan, watch.step_done)
             except StepFailed as exc:
-                failed = copy.redact(str(exc)).replace(copy.database, target.database)
-                return Rehearsal(manifest.id, restore_s, watch.steps, failed, LOCK_RESOLUTION)
+                return Rehearsal(manifest.id, restore_s, watch.steps, copy.redact(str(exc)), LOCK_RESOLUTION)
     return Rehearsal(manifest.id, restore_s, watch.steps, None, LOCK_RESOLUTION)
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.helpers import fingerprint_of, finish, last_report, one_line_error, scalar, sql, start_cli
-from tests.projects import linear, stock_project
+from tests.projects import PSYCOPG2_FROM_CONFIG, linear, stock_project
 
 TABLE = "op.create_table('t', sa.Column('id', sa.Integer, primary_key=True), sa.Column('n', sa.Integer))"
 NOT_NULL = "op.add_column('t', sa.Column('c', sa.Integer, nullable=False))"
@@ -22,9 +22,10 @@ def scratch_databases(target) -> list[str]:
     return [name for (name,) in sql(target, "SELECT datname FROM pg_database WHERE datname LIKE 'dbmigrate\\_%'")]
 
 
-def at_r1_with_rows(tmp_path, cli, url, target, *steps, transaction_per_migration=False) -> str:
+def at_r1_with_rows(tmp_path, cli, url, target, *steps, transaction_per_migration=False, engine=None) -> str:
     """A stock project whose database is at r1, the table t holding ROWS rows."""
-    ini = str(stock_project(tmp_path, linear(TABLE, *steps), transaction_per_migration=transaction_per_migration))
+    ini = str(stock_project(tmp_path, linear(TABLE, *steps), transaction_per_migration=transaction_per_migration,
+                            engine=engine))
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
     sql(target, "INSERT INTO t SELECT g, g FROM generate_series(1, %s) g", ROWS)
     return ini
@@ -54,9 +55,11 @@ def test_a_revision_that_fails_only_on_real_data_fails_the_rehearsal(cli, url, t
     assert fingerprint_of(target) == before and scratch_databases(target) == []
 
 
-@pytest.mark.parametrize("per_revision", [False, True], ids=["one-transaction", "transaction-per-revision"])
-def test_a_rehearsal_reports_durations_locks_and_rewrites(cli, url, target, home, tmp_path, per_revision):
-    ini = at_r1_with_rows(tmp_path, cli, url, target, WIDEN, BACKFILL, transaction_per_migration=per_revision)
+@pytest.mark.parametrize(("per_revision", "engine"), [(False, None), (True, None), (True, PSYCOPG2_FROM_CONFIG)],
+                         ids=["one-transaction", "transaction-per-revision", "psycopg2-engine"])
+def test_a_rehearsal_reports_durations_locks_and_rewrites(cli, url, target, home, tmp_path, per_revision, engine):
+    ini = at_r1_with_rows(tmp_path, cli, url, target, WIDEN, BACKFILL, transaction_per_migration=per_revision,
+                          engine=engine)
     before = fingerprint_of(target)
 
     result = cli("rehearse", "--json", "--alembic-config", ini, env={"DATABASE_URL": url})
