@@ -99,6 +99,11 @@ def measure(rows: int, work: Path) -> int:
 
     with_backup, _ = timed([*cli, "upgrade", "--backup", "--yes"], a)
     with_rehearsal, _ = timed([*cli, "upgrade", "--rehearse", "--yes"], {**env, "DATABASE_URL": url_of["bench_b"]})
+    report = json.loads(sorted((home / "reports").glob("*.json"))[-1].read_text())
+    on_copy = sum(s["duration_s"] for s in report["rehearsal"]["steps"])
+    for_real = sum(m["duration_s"] for m in report["migrations_applied"])
+    print(f"upgrade --rehearse: backup {report['backup']['duration_s']:.1f} s, restore "
+          f"{report['rehearsal']['restore_s']:.1f} s, revisions on the copy {on_copy:.1f} s, for real {for_real:.1f} s")
 
     steps = ", ".join(f"{s['revision']} {s['duration_s']:.2f} s" for s in rehearsal["steps"])
     print(f"\nrehearsal: restore {rehearsal['restore_s']:.2f} s (by hand {raw_restore:.2f} s), "
