@@ -152,6 +152,8 @@ class Journal:
                 goal = phases.expected_revisions(project, result)
                 self.phase("planned", revision_before=result.revision_before, target=",".join(sorted(goal)) or None,
                            upgrade=result.upgrade)
+            elif name == "rehearsal":  # the approval comes next, and the copy, not the database, was changed
+                self.phase("planned")
             return result
 
         return run

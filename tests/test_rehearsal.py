@@ -111,16 +111,26 @@ def test_sigterm_mid_rehearsal_drops_the_copy_and_touches_nothing(home, url, tar
 
 def test_the_flow_rehearses_production_and_shows_it_on_the_approval_page(environment, target, home, tmp_path,
                                                                           cli, url):
-    from tests.test_flows import _resume_when_paused, run_flow
+    from prefect.flow_runs import resume_flow_run
+
+    from flows import recovery
+    from tests.test_flows import _wait_for_approval_form, run_flow
 
     ini = at_r1_with_rows(tmp_path, cli, url, target, WIDEN)
     name = environment("production")
     seen = {}
-    approver = threading.Thread(target=_resume_when_paused, args=({"decision": "approve", "approver": "Ann"}, seen))
+
+    def approve() -> None:
+        _wait_for_approval_form(seen)
+        seen["journal"] = recovery.read(name)  # what the worker would say of this run, were it lost now
+        resume_flow_run(seen["run"].id, run_input={"decision": "approve", "approver": "Ann"})
+
+    approver = threading.Thread(target=approve)
     approver.start()
     state = run_flow(environment=name, alembic_config=ini)
     approver.join()
     assert state.is_completed(), state.message
+    assert seen["journal"]["phase"] == "planned", "waiting for approval after the rehearsal: the database untouched"
 
     page = seen["description"]
     assert "### Rehearsed on a copy restored from backup `" in page
