@@ -136,6 +136,11 @@ def summary_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str
         facts.append(("restored from", (f"backup `{rs.backup_id}`; tables whose rows change: "
                                         f"{', '.join(rs.tables_changing) or 'none'}; "
                                         f"safety backup `{rs.safety_backup or '-'}`")))
+    if r.rehearsal:
+        rh = r.rehearsal
+        steps = ", ".join(f"`{step.revision}` {step.duration_s:.3f} s" for step in rh.steps) or "no revision ran"
+        facts.append(("rehearsal", f"on a copy restored from `{rh.backup_id}`: {steps}"
+                                   + (f"; **failed**: {rh.failed}" if rh.failed else "")))
     if r.error:
         facts.append(("failed in", f"**{r.error.phase}**: {r.error.message}"))
     if r.rollback:

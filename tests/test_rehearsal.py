@@ -145,7 +145,7 @@ def test_the_flow_rehearses_production_and_shows_it_on_the_approval_page(environ
 
 def test_a_production_run_whose_rehearsal_fails_asks_nobody_and_changes_nothing(environment, target, home,
                                                                                  tmp_path, cli, url):
-    from tests.test_flows import run_flow
+    from tests.test_flows import artifact, run_flow
 
     ini = at_r1_with_rows(tmp_path, cli, url, target, NOT_NULL)
     before = fingerprint_of(target)
@@ -156,3 +156,6 @@ def test_a_production_run_whose_rehearsal_fails_asks_nobody_and_changes_nothing(
     assert fingerprint_of(target) == before and scratch_databases(target) == []
     report = last_report(home)
     assert report["error"]["phase"] == "rehearsal" and report["approval"] is None
+    summary = artifact("db-migrate-production")
+    assert f"**rehearsal** on a copy restored from `{report['backup']['id']}`: no revision ran; **failed**: " \
+           "revision r2 failed" in summary
