@@ -119,6 +119,11 @@ class EnvironmentPolicy(Block):
                     "off, findings are recorded and shown only.")
     lint_level: Literal["warning", "error"] | None = Field(
         default=None, title="Lint level", description="The lowest squawk level that blocks (warning or error).")
+    rehearse: bool | None = Field(
+        default=None, title="Rehearse on a restored copy",
+        description="Before approval, restore the run's backup into a scratch database and run the revisions "
+                    "there first: a failure there stops the run with the database untouched; the approval page "
+                    "shows each revision's duration and locks.")
 
 
 def require_api() -> str:

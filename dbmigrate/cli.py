@@ -29,7 +29,8 @@ from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.lint import LintResult
 from dbmigrate.policy import LINT_LEVELS, Policy
-from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Approval, Report
+from dbmigrate.rehearsal import rehearse
+from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Approval, Rehearsal, Report
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget, parse_url
 
@@ -253,11 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "1 when one is, 2 on error")
     lint_cmd.add_argument("--revision", "-r", type=_revision, default="head",
                           help="lint the pending revisions up to this one (default: head)")
+    migrating = {}
     for name, text, required in (("upgrade", "health checks, backup, upgrade, validation and report", False),
                                  ("downgrade", "like upgrade, towards an older revision", True)):
-        parser_ = add(name, text)
+        parser_ = migrating[name] = add(name, text)
         _migration_options(parser_, required)
         _dump_options(parser_)
+    migrating["upgrade"].add_argument("--rehearse", action="store_true",
+                         help="before asking for approval, back up, restore the backup into a scratch database and "
+                              "run the revisions there first (implies --backup)")
+    rehearse = add("rehearse", "back up, restore the backup into a scratch database, run the pending revisions there "
+                               "and report each one's duration, locks and rewrites; the database is not changed")
+    rehearse.add_argument("--revision", "-r", type=_revision, default="head", help="target revision (default: head)")
+    _dump_options(rehearse)
     _dump_options(add("backup", "pg_dump the database into the backup storage, verified, with a manifest"))
     restore = add("restore", "restore a backup into a new database (--target-db) or over the original")
     restore.add_argument("backup_id", metavar="BACKUP_ID", help="as shown by 'dbmigrate backups list'")
@@ -540,24 +549,27 @@ def _approve(args, rules: Policy | None, environment: str, operation: str, plan_
 def cmd_migrate(args, settings: Settings, database: Database) -> int:
     target = database()
     rules = _policy(args, target)
+    rehearse = getattr(args, "rehearse", False) or (args.command == "upgrade" and rules is not None and rules.rehearse)
     if not args.dry_run:
-        _check_policy(rules, target.environment, args.command, args.backup, "add --backup")
+        _check_policy(rules, target.environment, args.command, args.backup or rehearse, "add --backup")
     request = pipeline.Request(
         operation=args.command,
         revision=args.revision,
         dry_run=args.dry_run,
-        backup=args.backup,
+        backup=args.backup or rehearse,
         skip_health_checks=args.skip_health_checks,
         skip_validation=args.skip_validation,
         json_report=args.json_report,
         lint_blocking_level=rules.lint_blocking_level if rules else None,  # without --env, findings only warn
+        rehearse=rehearse,
     )
 
     def confirm(plan: phases.Plan) -> Approval:
         steps = "".join(f"\n  {step.revision}  {step.message}" for step in plan.steps)
+        rehearsed = "".join(f"\n{line}" for line in _rehearsal_lines(plan.rehearsal)) if plan.rehearsal else ""
         return _approve(args, rules, target.environment, args.command,
                         f"{args.command} {target.where} ({target.environment}) "
-                        f"from {revisions.shown(plan.revision_before)}:{steps}",
+                        f"from {revisions.shown(plan.revision_before)}:{steps}{rehearsed}",
                         f"apply {len(plan.steps)} revision(s)?")
 
     outcome = pipeline.execute(target, settings, request, pipeline.Hooks(confirm=confirm, on_progress=_print_progress))
@@ -568,6 +580,36 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
     else:
         _print_outcome(outcome)
     return _finish(outcome, target, args.json)
+
+
+def cmd_rehearse(args, settings: Settings, database: Database) -> int:
+    """Take a backup, rehearse the pending revisions on a copy restored from it; the database is only read."""
+    target = database()
+    plan = phases.plan(target, settings.project(target), settings, args.revision, True)
+    if not plan.steps:
+        print(json.dumps(None) if args.json else f"nothing to rehearse: database at {revisions.shown(plan.current)}")
+        return 0
+    storage = settings.storage()
+    manifest = backup.take(target, storage, settings.dump, _print_progress, settings.connect_timeout)
+    result = rehearse(target, settings, plan, storage, manifest)
+    if args.json:
+        _print_json(result.as_dict())
+    else:
+        print("\n".join(_rehearsal_lines(result)))
+    result.require()
+    return 0
+
+
+def _rehearsal_lines(result: Rehearsal) -> list[str]:
+    lines = [f"rehearsed on a copy restored from backup {result.backup_id} (restore {result.restore_s:.1f}s):"]
+    for step in result.steps:
+        lines.append(f"  {step.revision}  {step.message}  ({step.duration_s:.3f}s)")
+        lines += [f"    lock {lock.mode} on {lock.relation}, held {lock.held_s:.3f}s" for lock in step.locks]
+        lines += [f"    rewrote {table} ({rows} rows)" for table, rows in step.tables_rewritten.items()]
+        lines += [f"    wrote {rows} rows of {table}" for table, rows in step.rows_written.items()]
+    if result.failed:
+        lines.append(f"  failed: {result.failed}")
+    return lines
 
 
 def _finish(outcome: pipeline.Outcome, target: DatabaseTarget, as_json: bool) -> int:
@@ -778,8 +820,9 @@ def cmd_blocks(args, settings: Settings, database: Database) -> int:
 
 
 HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "check": cmd_check, "lint": cmd_lint,
-            "upgrade": cmd_migrate, "downgrade": cmd_migrate, "generate": cmd_generate, "backup": cmd_backup,
-            "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local, "blocks": cmd_blocks}
+            "upgrade": cmd_migrate, "downgrade": cmd_migrate, "rehearse": cmd_rehearse, "generate": cmd_generate,
+            "backup": cmd_backup, "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local,
+            "blocks": cmd_blocks}
 
 
 def run(args) -> int:

@@ -91,6 +91,10 @@ class MigrationFailed(DbMigrateError):
     exit_code = 1
 
 
+class RehearsalFailed(MigrationFailed):
+    """A revision failed on the restored copy: the real database was never touched."""
+
+
 class ReportNotWritten(DbMigrateError):
     """The run's report could not be written (a full disk, a bad path); ``written`` is
     where it was written after all, if anywhere."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -28,7 +29,7 @@ from dbmigrate.health import FAIL, OK, Check
 from dbmigrate.lint import LintResult
 from dbmigrate.lockretry import LockAttempt
 from dbmigrate.migrate import AppliedStep
-from dbmigrate.report import KEPT_UNKNOWN
+from dbmigrate.report import KEPT_UNKNOWN, Rehearsal
 from dbmigrate.revisions import PlannedStep, Project
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
@@ -42,6 +43,7 @@ class Plan:
     steps: list[PlannedStep]
     upgrade: bool
     lint: LintResult | None = None  # the lint of its revisions, once the run has it (approvers read it)
+    rehearsal: Rehearsal | None = None  # how the steps ran on a restored copy, for whoever approves them
 
     @property
     def revision_before(self) -> str | None:
@@ -101,15 +103,16 @@ class Applied:
     attempts: list[LockAttempt]
 
 
-def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan) -> Applied:
-    """Run the plan. On failure, raises StepFailed; the steps reported as applied are only
+def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan,
+          on_step: Callable[[AppliedStep], None] | None = None) -> Applied:
+    """Run the plan (``on_step`` hears of each step as it ran). On failure, raises StepFailed; the steps reported as applied are only
     those the database really kept (see :func:`kept_steps`).
 
     Under a lock-retry schedule (``settings.lock_retries``) an attempt that ran out of its
     ``lock_timeout`` is run again, from the revision the database kept, as long as what
     failed changed nothing a rollback did not undo (see :class:`migrate.Effects`)."""
     if not settings.lock_retries.enabled:
-        return Applied(_attempt(target, project, settings, plan, settings.limits, []), [])
+        return Applied(_attempt(target, project, settings, plan, settings.limits, [], on_step), [])
     schedule = settings.lock_retries
     deadline = time.monotonic() + schedule.total_s
     application_name = f"dbmigrate-{uuid.uuid4().hex[:8]}"  # how our watcher finds the migrating backend
@@ -120,7 +123,8 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
         effects, started = migrate.Effects(), time.monotonic()
         try:
             with lockretry.Watcher(target, settings.connect_timeout, application_name) as watcher:
-                applied += _attempt(target, project, settings, plan, limits, applied, effects, application_name)
+                applied += _attempt(target, project, settings, plan, limits, applied, on_step, effects,
+                                    application_name)
         except StepFailed as failed:
             locked = lockretry.is_lock_timeout(failed.__cause__)
             attempts.append(LockAttempt(number, lock_timeout, time.monotonic() - started,
@@ -165,13 +169,20 @@ def _gave_up(failed: StepFailed, schedule: lockretry.LockRetries, attempts: list
 
 
 def _attempt(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan,
-             limits: migrate.SessionLimits, before: list[AppliedStep], effects: migrate.Effects | None = None,
+             limits: migrate.SessionLimits, before: list[AppliedStep],
+             on_step: Callable[[AppliedStep], None] | None = None, effects: migrate.Effects | None = None,
              application_name: str = "dbmigrate") -> list[AppliedStep]:
     """One run of Alembic from wherever the database is (``before`` are the steps of the plan
     already applied); StepFailed, with the steps the database kept, when it fails."""
     ran: list[AppliedStep] = []
+
+    def ran_one(step: AppliedStep) -> None:
+        ran.append(step)
+        if on_step:
+            on_step(step)
+
     try:
-        migrate.run(project, plan.target, upgrade=plan.upgrade, limits=limits, on_step=ran.append,
+        migrate.run(project, plan.target, upgrade=plan.upgrade, limits=limits, on_step=ran_one,
                     effects=effects, application_name=application_name)
     except Exception as exc:
         line = str(ConnectionLost(target.where)) if getattr(exc, "connection_invalidated", False) else first_line(exc)

@@ -1,5 +1,7 @@
 """One run of the pipeline: load -> health checks -> plan -> lint (upgrades) -> approval -> guard ->
 backup -> migrate -> validate -> report, and the automatic rollback when migrate or validate fails.
+A rehearsed run backs up and rehearses before the approval: load -> health checks -> plan -> lint ->
+backup -> rehearsal -> approval -> guard -> migrate -> validate -> report.
 
 :func:`execute` is that sequence, read top to bottom. :class:`Run` owns what its steps
 share: the report, the phase the run is in, whether the database may have been changed,
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Self, TypeVar
 
-from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases
+from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases, rehearsal
 from dbmigrate import lint as linting
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import (
@@ -51,6 +53,7 @@ class Request:
     json_report: Path | None = None
     operator: str = field(default_factory=getpass.getuser)
     lint_blocking_level: str | None = None  # lint findings from this level stop the run (Policy); None: they warn
+    rehearse: bool = False  # run the revisions on a copy restored from the run's backup first (implies backup)
 
     @property
     def upgrade(self) -> bool:
@@ -263,9 +266,15 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             return run.outcome
         if plan.upgrade:
             plan = run.step("lint", run.lint, plan)
+        if request.rehearse:  # before the approval, so that whoever approves sees how it went
+            report.backup = BackupSummary.of(run.step("backup", run.back_up))
+            report.rehearsal = run.step("rehearsal", rehearsal.rehearse, target, settings, plan, run.storage,
+                                        run.manifest)
+            report.rehearsal.require()
+            plan = replace(plan, rehearsal=report.rehearsal)
         run.step("approval", run.approve, plan)
         run.step("guard", run.hold_guard, plan)
-        if request.backup:
+        if request.backup and not request.rehearse:
             report.backup = BackupSummary.of(run.step("backup", run.back_up))
         if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
             run.before = _fingerprint(target, settings)

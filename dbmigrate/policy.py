@@ -1,7 +1,9 @@
 """What each environment allows: the rules the db-migrate flow enforces.
 
-Production is strict by default: a backup is mandatory, a human approves in the
-Prefect UI, nothing rolls back on its own (an operator decides), and its schema
+Production is strict by default: a backup is mandatory, the revisions are rehearsed on a
+copy restored from it before anyone approves (production's data is where a revision fails
+that passed everywhere else, and its locks are what the application waits behind), a human
+approves in the Prefect UI, nothing rolls back on its own (an operator decides), and its schema
 changes only through the db-migrate deployment, never from the command line, so
 the Prefect run history stays the one audit trail. Development and staging roll
 back automatically on failure. Any other environment name gets the production
@@ -32,14 +34,15 @@ class Policy:
     transient_retries: int = 2  # connecting and uploading; the migration itself is never retried
     retry_delay_s: float = 10.0
     cli_changes_allowed: bool = False  # upgrade, downgrade and restore over the original from `dbmigrate --env`
+    rehearse: bool = True  # run the revisions on a copy restored from the run's backup before approval and migrate
     lock_retry_timeouts_s: tuple[float, ...] = ()  # lock-safe execution (dbmigrate.lockretry); () = off
     lock_retry_pause_s: float = LockRetries.pause_s
     lock_retry_total_s: float = LockRetries.total_s
+    lint_blocks: bool = True  # a lint finding at or above lint_level stops the run before anything changes
+    lint_level: str = "warning"  # warning | error (squawk's levels)
 
     def lock_retries(self) -> LockRetries:
         return LockRetries(tuple(self.lock_retry_timeouts_s), self.lock_retry_pause_s, self.lock_retry_total_s)
-    lint_blocks: bool = True  # a lint finding at or above lint_level stops the run before anything changes
-    lint_level: str = "warning"  # warning | error (squawk's levels)
 
     @property
     def lint_blocking_level(self) -> str | None:
@@ -49,11 +52,14 @@ class Policy:
     def check(self, backup: bool) -> None:
         if self.backup_required and not backup:
             raise ConfigError("this environment requires a backup before migrating: backup=false is refused")
+        if self.rehearse and not backup:
+            raise ConfigError("this environment rehearses on a copy restored from the run's backup: "
+                              "backup=false is refused")
 
 
 STRICT = Policy()
 RELAXED = Policy(backup_required=False, approval_required=False, auto_rollback=True, cli_changes_allowed=True,
-                 lint_blocks=False)
+                 lint_blocks=False, rehearse=False)
 DEFAULTS = {"production": STRICT, "staging": RELAXED, "development": RELAXED, "local": RELAXED}
 
 

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dbmigrate.errors import ConfirmationRefused, ReportNotWritten
+from dbmigrate.errors import ConfirmationRefused, RehearsalFailed, ReportNotWritten
 
 if TYPE_CHECKING:
     from dbmigrate.health import Check
@@ -97,6 +97,57 @@ class AutoRollbackResult:
         return cls(None, None, False, None, f"rollback could not run: {reason}")
 
 
+@dataclass(frozen=True)
+class HeldLock:
+    """A lock a revision took on a table of the restored copy, and how long it was held (until its
+    transaction ended): what the application would have waited behind."""
+
+    relation: str
+    mode: str  # PostgreSQL's name: AccessExclusiveLock, ShareLock, ...
+    held_s: float
+
+    def as_dict(self) -> dict:
+        return {"relation": self.relation, "mode": self.mode, "held_s": round(self.held_s, 3)}
+
+
+@dataclass(frozen=True)
+class RehearsedStep:
+    """One revision as it ran on the restored copy."""
+
+    revision: str
+    message: str
+    duration_s: float
+    locks: list[HeldLock]
+    rows_written: dict[str, int]  # table -> rows inserted, updated or deleted
+    tables_rewritten: dict[str, int]  # table -> the rows it held (the backup's count): the whole table rewritten
+
+    def as_dict(self) -> dict:
+        return {"revision": self.revision, "message": self.message, "duration_s": round(self.duration_s, 3),
+                "locks": [lock.as_dict() for lock in self.locks], "rows_written": self.rows_written,
+                "tables_rewritten": self.tables_rewritten}
+
+
+@dataclass(frozen=True)
+class Rehearsal:
+    """The pending revisions run first on a copy restored from the run's backup (dbmigrate.rehearsal)."""
+
+    backup_id: str
+    restore_s: float
+    steps: list[RehearsedStep]
+    failed: str | None = None  # which revision failed on the copy, and why
+    lock_resolution: str = ""
+
+    def require(self) -> None:
+        """Stop here, the database untouched, unless every revision ran on the copy."""
+        if self.failed:
+            raise RehearsalFailed(f"the rehearsal on a copy restored from backup {self.backup_id} failed: "
+                                  f"{self.failed}; the database was not touched")
+
+    def as_dict(self) -> dict:
+        return {"backup_id": self.backup_id, "restore_s": round(self.restore_s, 3), "failed": self.failed,
+                "steps": [step.as_dict() for step in self.steps], "lock_resolution": self.lock_resolution}
+
+
 @dataclass
 class Report:
     operation: str  # upgrade | downgrade | restore
@@ -126,6 +177,7 @@ class Report:
     # Every attempt of the migration under a lock-retry schedule (none without one).
     lock_attempts: list[LockAttempt] = field(default_factory=list)
     lint: LintResult | None = None  # the squawk lint of the pending revisions (upgrades)
+    rehearsal: Rehearsal | None = None
 
     def finish(self, status: str) -> None:
         self.status = status

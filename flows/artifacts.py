@@ -20,7 +20,7 @@ from prefect.settings import PREFECT_UI_URL
 
 from dbmigrate import catalogue, phases, pipeline, revisions
 from dbmigrate.lint import LintResult
-from dbmigrate.report import BackupSummary, Report
+from dbmigrate.report import BackupSummary, Rehearsal, Report
 from dbmigrate.settings import Settings
 
 
@@ -46,7 +46,7 @@ def approval_request(target, plan: phases.Plan, reached: str, sql: str, *section
         + lint_markdown(plan.lint)
         + "The SQL (Alembic's offline rendering, long lines wrapped):\n\n"
         f"```sql\n{readable_sql(sql)}\n```\n\n"
-        + "".join(f"{section}\n\n" for section in sections)
+        + "".join(f"{section}\n\n" for section in sections if section)
         + how_to_approve(f"{verb} these revisions")
     )
 
@@ -62,6 +62,8 @@ def lock_policy_section(settings: Settings) -> str:
                "(a revision that changed something outside a transaction never is), so the application's "
                f"queries queue at most {max(retries.timeouts_s):g} s behind the migration")
     return f"**Locks**: {how}."
+
+
 def lint_markdown(lint: LintResult | None) -> str:
     """The lint of the pending revisions, for the approval form and the lint artifact: per
     revision its findings (rule, level, line, statement), its reviewed exceptions, or why it was
@@ -87,6 +89,21 @@ def publish_lint(lint: LintResult | None, environment: str) -> None:
     if lint is not None:
         create_markdown_artifact(lint_markdown(lint), key=f"{artifact_key(environment)}-lint",
                                  description=f"db-migrate {environment}: lint of the pending revisions")
+
+
+def rehearsal_section(rehearsal: Rehearsal | None) -> str:
+    """The approval page's account of the rehearsal (empty without one): per revision its duration
+    on the restored copy, the table locks it took and how long it held them, what it rewrote or wrote."""
+    if rehearsal is None:
+        return ""
+    lines = [f"### Rehearsed on a copy restored from backup `{rehearsal.backup_id}`\n",
+             f"Restored in {rehearsal.restore_s:.1f} s. Per revision, on a copy of this database's own data:\n"]
+    for step in rehearsal.steps:
+        lines.append(f"- `{step.revision}` {step.duration_s:.3f} s")
+        lines += [f"  - lock {lock.mode} on `{lock.relation}`, held {lock.held_s:.3f} s" for lock in step.locks]
+        lines += [f"  - rewrote `{table}` ({rows} rows)" for table, rows in step.tables_rewritten.items()]
+        lines += [f"  - wrote {rows} rows of `{table}`" for table, rows in step.rows_written.items()]
+    return "\n".join(lines)
 
 
 # The longest SQL line the approval form shows whole: its code block is 424 pixels wide in the v1 UI.
@@ -164,6 +181,11 @@ def summary_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str
         facts.append(("restored from", (f"backup `{rs.backup_id}`; tables whose rows change: "
                                         f"{', '.join(rs.tables_changing) or 'none'}; "
                                         f"safety backup `{rs.safety_backup or '-'}`")))
+    if r.rehearsal:
+        rh = r.rehearsal
+        steps = ", ".join(f"`{step.revision}` {step.duration_s:.3f} s" for step in rh.steps) or "no revision ran"
+        facts.append(("rehearsal", f"on a copy restored from `{rh.backup_id}`: {steps}"
+                                   + (f"; **failed**: {rh.failed}" if rh.failed else "")))
     if r.error:
         facts.append(("failed in", f"**{r.error.phase}**: {r.error.message}"))
     if r.rollback:

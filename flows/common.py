@@ -29,7 +29,7 @@ from dbmigrate.policy import Policy
 from dbmigrate.report import Approval
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
-from flows.artifacts import approval_request, lock_policy_section
+from flows.artifacts import approval_request, lock_policy_section, rehearsal_section
 
 # Phases that only connect or upload: safe to retry. The migration itself never is.
 TRANSIENT_PHASES = ("health_checks", "backup")
@@ -225,7 +225,8 @@ def approval_in_ui(env: Environment, requested_by: str) -> pipeline.Confirm:
         reached = revisions.shown(sorted(phases.expected_revisions(project, plan)))
         sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
         return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
-                approval_request(env.target, plan, reached, sql, lock_policy_section(env.settings)))
+                approval_request(env.target, plan, reached, sql, rehearsal_section(plan.rehearsal),
+                                 lock_policy_section(env.settings)))
 
     return lambda plan: ask_in_ui(env.policy, requested_by, lambda: describe(plan))
 

@@ -59,6 +59,7 @@ def db_migrate(
         operation="upgrade", revision=target_revision, dry_run=dry_run, backup=backup,
         skip_health_checks=skip_health_checks, skip_validation=skip_validation,
         lint_blocking_level=env.policy.lint_blocking_level,
+        rehearse=env.policy.rehearse,
         **({"operator": requested_by} if requested_by else {}),
     )
     progress = BackupProgress(environment)

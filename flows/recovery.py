@@ -57,7 +57,7 @@ LEASE_S = 300  # the lease Prefect's concurrency() takes, and concurrency.one_ru
 
 # The journal's phases, as the messages name them.
 PHASES = {"holding": "the checks before migrating", "planned": "approval, before migrating", "backup": "the backup",
-          "migrate": "the migration", "rollback": "the automatic rollback", "restore": "the restore"}
+          "rehearsal": "the rehearsal on a restored copy", "migrate": "the migration", "rollback": "the automatic rollback", "restore": "the restore"}
 
 
 def journal_name(environment: str) -> str:
@@ -152,6 +152,8 @@ class Journal:
                 goal = phases.expected_revisions(project, result)
                 self.phase("planned", revision_before=result.revision_before, target=",".join(sorted(goal)) or None,
                            upgrade=result.upgrade)
+            elif name == "rehearsal":  # the approval comes next, and the copy, not the database, was changed
+                self.phase("planned")
             return result
 
         return run

@@ -117,7 +117,8 @@ def test_rejected_in_the_browser_changes_nothing(server, paused, target, tmp_pat
     report = report_of(tmp_path)
     assert report["approval"] == {"approved": False, "approver": "Bob", "via": "prefect-ui",
                                   "comment": "not in the change window"}
-    assert report["backup"] is None and report["error"]["phase"] == "approval"
+    assert report["error"]["phase"] == "approval"
+    assert report["backup"]["id"] == report["rehearsal"]["backup_id"], "production's backup came before, rehearsed"
 
 
 def _host() -> str:

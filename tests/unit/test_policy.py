@@ -63,3 +63,8 @@ def test_lint_findings_block_in_production_and_warn_elsewhere():
 def test_an_unknown_lint_level_is_refused():
     with pytest.raises(ConfigError, match=r"lint_level must be one of warning, error: 'fatal'"):
         for_environment("production", lint_level="fatal")
+def test_production_rehearses_and_so_refuses_a_run_without_its_backup():
+    assert STRICT.rehearse and not RELAXED.rehearse
+    with pytest.raises(ConfigError, match="rehearses on a copy restored from the run's backup: backup=false"):
+        for_environment("production", backup_required=False).check(backup=False)
+    for_environment("staging", rehearse=True).check(backup=True)
