@@ -131,10 +131,8 @@ def test_production_waits_for_approval(environment, target, home, tmp_path):
     assert report["approval"] == {"approved": True, "approver": "Alice Ops", "via": "prefect-ui", "comment": "CHG-42"}
     assert report["backup"] is not None, "production always backs up"
 
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts()
-    summary = next(a for a in artifacts if a.key == "db-migrate-production" and a.type == "markdown"
-                   and "succeeded" in a.data)
+    summary = next(a for a in artifacts_of(state) if a.key == "db-migrate-production" and a.type == "markdown")
+    assert "succeeded" in summary.data
     assert "approved by Alice Ops (prefect-ui)" in summary.data and "`base` → `r2`" in summary.data
 
 
