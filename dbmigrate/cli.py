@@ -552,6 +552,8 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
     rehearse = getattr(args, "rehearse", False) or (args.command == "upgrade" and rules is not None and rules.rehearse)
     if not args.dry_run:
         _check_policy(rules, target.environment, args.command, args.backup or rehearse, "add --backup")
+    if rules is not None and not args.lock_retries:  # the environment's lock-retry schedule, unless one is given
+        settings = dataclasses.replace(settings, lock_retries=rules.lock_retries())
     request = pipeline.Request(
         operation=args.command,
         revision=args.revision,

@@ -164,3 +164,16 @@ def test_one_transaction_per_revision_gives_up_keeping_what_it_committed(cli, ur
     assert scalar(target, "SELECT version_num FROM alembic_version") == "r2"
     report = last_report(home)
     assert [m["revision"] for m in report["migrations_applied"]] == ["r2"] and report["revision_after"] == "r2"
+
+
+def test_with_env_the_environments_policy_sets_the_schedule(cli, environment, prefect_api, target, tmp_path, home):
+    ini = project(tmp_path, False, ALTER_T1)
+    name = environment("staging", lock_retry_timeouts_s=[0.1, 0.2], lock_retry_pause_s=0.3, lock_retry_total_s=30)
+    env = {"PREFECT_API_URL": prefect_api}
+    assert cli("upgrade", "-r", "r1", "--env", name, "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with held(target, hold_s=1.5):
+        result = cli("upgrade", "--env", name, "--yes", "--alembic-config", ini, env=env)
+    assert result.returncode == 0, result.stderr
+    attempts = last_report(home)["lock_attempts"]
+    assert [a["lock_timeout_s"] for a in attempts[:2]] == [0.1, 0.2] and attempts[-1]["outcome"] == "succeeded"
+    assert {a["outcome"] for a in attempts[:-1]} == {"lock_timeout"}
