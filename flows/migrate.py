@@ -76,7 +76,8 @@ def db_migrate(
                              env.settings if env.policy.auto_rollback else None) as journal):
         hooks.run_phase = journal.tracking(hooks.run_phase)
         outcome = pipeline.execute(env.target, env.settings, request, hooks)
-    publish(outcome, environment, progress)
+        # Still in flight: a run cut short while publishing says in its final state where the database is.
+        publish(outcome, environment, progress)
     report = outcome.report
     if outcome.error is not None:
         rolled = f"; rollback: {report.rollback.detail}" if report.rollback else ""
