@@ -56,7 +56,7 @@ def rehearse(target: DatabaseTarget, settings: Settings, plan: Plan, storage: St
     timeout = settings.connect_timeout
     with db.connect(target, timeout) as conn:
         pg_restore = pgtools.find("pg_restore", db.server_version(conn)[0])
-    with scratch_copy(target, timeout) as copy:
+    with db.scratch(target, "rehearsal", timeout) as copy:
         start = time.monotonic()
         pgrestore.restore_into(copy, storage, manifest, pg_restore, settings.dump.jobs)
         restore_s = time.monotonic() - start
@@ -72,16 +72,6 @@ def rehearse(target: DatabaseTarget, settings: Settings, plan: Plan, storage: St
             except StepFailed as exc:
                 return Rehearsal(manifest.id, restore_s, watch.steps, copy.redact(str(exc)), LOCK_RESOLUTION)
     return Rehearsal(manifest.id, restore_s, watch.steps, None, LOCK_RESOLUTION)
-
-
-@contextmanager
-def scratch_copy(target: DatabaseTarget, timeout: float) -> Iterator[DatabaseTarget]:
-    """A new empty database beside ``target``'s, dropped on the way out whatever happened."""
-    copy = db.scratch_database(target, "rehearsal", timeout)
-    try:
-        yield copy
-    finally:
-        db.drop_database(target, copy.database, timeout)
 
 
 def _rows(dbapi_connection, query: str) -> list[tuple]:

@@ -390,13 +390,17 @@ def test_db_health_reports_pending_revisions_and_drift(environment, target, tmp_
     assert state.is_completed(), state.message
     checks = {c["name"]: c for c in state.result()}
     assert checks["pending_revisions"]["status"] == "warn" and checks["drift"]["status"] == "ok"
+    assert checks["drift"]["data"] == {"revision": "r1", "drift": False, "findings": [],
+                                       "models": "no models: compare_metadata skipped"}
 
     sql(target, "ALTER TABLE t1 ADD COLUMN hotfix text")  # a change made by hand, outside Alembic
     state = run_named("db-health", environment=name, alembic_config=ini)
     assert state.is_failed()
-    assert state.message == ("health failed: drift: schema differs from what the migrations build at r1: "
-                             "changed outside Alembic")
-    assert "| drift | fail |" in artifact("db-migrate-staging-health")
+    assert state.message == ("health failed: drift: 1 difference(s) from the migrations at r1: extra column "
+                             "public.t1.hotfix (text); no models: compare_metadata skipped")
+    report = artifact("db-migrate-staging-health")
+    assert "| drift | fail |" in report
+    assert report.endswith("### drift: 1 finding(s)\n\n- extra column public.t1.hotfix (text)")
     assert not [n for n in pg_cluster.databases() if n.startswith("dbmigrate_drift_")], "scratch database dropped"
 
 

@@ -183,7 +183,7 @@ def test_generate_creates_a_revision_file(cli, tmp_path, url):
 
 
 def test_plain_commands_do_not_import_prefect(url, home):
-    """status/check/health/heads/lint must stay fast: Prefect costs seconds to import."""
+    """status/check/health/heads/lint/drift must stay fast: Prefect costs seconds to import."""
     import sys
 
     from tests.helpers import REPO
@@ -191,7 +191,8 @@ def test_plain_commands_do_not_import_prefect(url, home):
 
     probe = (
         "import sys; from dbmigrate.cli import main\n"
-        "for command in (['status'], ['check'], ['health'], ['heads'], ['upgrade', '--dry-run'], ['lint']):\n"
+        "for command in (['status'], ['check'], ['health'], ['heads'], ['upgrade', '--dry-run'], ['lint'], "
+        "['drift']):\n"
         "    main(command)\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'prefect_aws', 'blocks'))\n"
         "print('PREFECT-MODULES:', loaded)\n"

@@ -1,0 +1,165 @@
+"""Drift: the live schema against what the migrations build (and the models), named object by object."""
+
+import json
+
+import psycopg
+import pytest
+
+from tests.helpers import fingerprint_of, one_line_error, sql
+from tests.projects import linear, stock_project
+
+MODELS = '''import sqlalchemy as sa
+target_metadata = sa.MetaData()
+sa.Table("people", target_metadata, sa.Column("id", sa.Integer, primary_key=True),
+         sa.Column("name", sa.String(100), nullable=False), sa.Column("email", sa.String(50)))'''
+PEOPLE = 'op.execute("CREATE TABLE people (id integer PRIMARY KEY, name varchar(100) NOT NULL)")'
+
+
+def leave_an_invalid_index(target, table: str, column: str, name: str) -> None:
+    """What a failed CREATE INDEX CONCURRENTLY leaves: a unique index over duplicates, marked invalid."""
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        sql(target, f"CREATE UNIQUE INDEX CONCURRENTLY {name} ON {table} ({column})")
+
+
+def scratch_databases(pg_cluster) -> list[str]:
+    return [name for name in pg_cluster.databases() if name.startswith("dbmigrate_drift_")]
+
+
+def test_hand_made_changes_and_an_invalid_index_are_named_and_nothing_changes(cli, url, target, pg_cluster):
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "--yes", env=env).returncode == 0
+    clean = cli("drift", env=env)
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.startswith("no drift: the schema matches the migrations at 0006 (models compared")
+
+    sql(target, "INSERT INTO accounts (name, provider, external_id) VALUES ('a', 'aws', '1'), ('b', 'aws', '2')")
+    sql(target, "ALTER TABLE accounts ADD COLUMN note text")
+    sql(target, "ALTER TABLE accounts ALTER COLUMN name TYPE varchar(300)")
+    sql(target, "ALTER TABLE accounts ALTER COLUMN provider SET DEFAULT 'aws'")
+    sql(target, "ALTER TABLE accounts ALTER COLUMN external_id DROP NOT NULL")
+    sql(target, "DROP INDEX ix_cost_records_resource_date")
+    sql(target, "ALTER TABLE accounts ADD CONSTRAINT name_not_empty CHECK (name <> '')")
+    leave_an_invalid_index(target, "accounts", "provider", "ix_accounts_provider")
+    before = fingerprint_of(target)
+
+    found = cli("drift", env=env)
+    assert found.returncode == 1, found.stderr
+    assert found.stdout.splitlines() == [
+        ("invalid index public.ix_accounts_provider on public.accounts (a failed CREATE INDEX CONCURRENTLY leaves "
+         "one: drop it, build it again)"),
+        "column public.accounts.external_id: nullable in the database, NOT NULL in the migrations",
+        ("column public.accounts.name: type character varying(300) in the database, character varying(200) in the "
+         "migrations"),
+        "extra check constraint public.accounts.name_not_empty (CHECK (((name)::text <> ''::text)))",
+        "extra column public.accounts.note (text)",
+        "column public.accounts.provider: default 'aws'::character varying in the database, none in the migrations",
+        ("missing index public.ix_cost_records_resource_date (on public.cost_records USING btree (resource_id, "
+         "usage_date))"),
+        "models: column public.accounts.external_id: nullable in the database, NOT NULL in the models",
+        "models: column public.accounts.name: type VARCHAR(300) in the database, VARCHAR(200) in the models",
+        "models: extra column public.accounts.note (TEXT)",
+        "models: extra index public.ix_accounts_provider",
+        "models: missing index public.ix_cost_records_resource_date",
+        found.stdout.splitlines()[-1],
+    ]
+    assert found.stdout.splitlines()[-1].startswith(
+        "drift: 12 difference(s) from the migrations at 0006 (models compared (compare_metadata); ")
+
+    as_json = cli("drift", "--json", env=env)
+    assert as_json.returncode == 1, as_json.stderr
+    document = json.loads(as_json.stdout)
+    assert document["findings"] == found.stdout.splitlines()[:-1]
+    assert {k: document[k] for k in ("environment", "revision", "drift", "models")} == {
+        "environment": "url", "revision": "0006", "drift": True, "models": "models compared (compare_metadata)"}
+    assert document["database"]["name"] == target.database and document["duration_s"] > 0
+
+    assert fingerprint_of(target) == before, "drift only reads the database"
+    assert not scratch_databases(pg_cluster), "the scratch database is dropped"
+
+
+def test_a_table_only_one_side_has_is_one_finding_and_a_project_without_models_says_so(cli, url, target, tmp_path):
+    ini = str(stock_project(tmp_path, linear(PEOPLE, 'op.execute("CREATE TABLE pets (id integer PRIMARY KEY)")')))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    clean = cli("drift", "--json", "--alembic-config", ini, env=env)
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["models"] == "no models: compare_metadata skipped"
+
+    sql(target, "DROP TABLE pets; CREATE TABLE audit (id bigint PRIMARY KEY, what text); "
+                "CREATE SEQUENCE audit_seq; ALTER TABLE people ALTER COLUMN id TYPE bigint")
+    found = cli("drift", "--alembic-config", ini, env=env)
+    assert found.returncode == 1, found.stderr
+    assert found.stdout.splitlines()[:-1] == [
+        "extra table public.audit",
+        "extra sequence public.audit_seq",
+        "column public.people.id: type bigint in the database, integer in the migrations",
+        "missing table public.pets",
+    ]
+    assert found.stdout.splitlines()[-1].startswith(
+        "drift: 4 difference(s) from the migrations at r2 (no models: compare_metadata skipped; ")
+
+
+def test_the_models_are_compared_where_env_py_has_them(cli, url, target, tmp_path):
+    ini = str(stock_project(tmp_path, linear(PEOPLE), models=MODELS))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    before = fingerprint_of(target)
+
+    found = cli("drift", "--json", "--alembic-config", ini, env=env)
+    assert found.returncode == 1, found.stderr
+    document = json.loads(found.stdout)
+    assert document["findings"] == ["models: missing column public.people.email (VARCHAR(50))"]
+    assert document["models"] == "models compared (compare_metadata)"
+    assert fingerprint_of(target) == before
+
+
+def test_a_base_database_compares_with_an_empty_schema_and_makes_no_version_table(cli, url, target, tmp_path):
+    ini = str(stock_project(tmp_path, linear(PEOPLE), models=MODELS))
+    sql(target, "CREATE TABLE stray (id integer)")
+    found = cli("drift", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert found.returncode == 1, found.stderr
+    assert found.stdout.splitlines()[:2] == ["extra table public.stray", "models: extra table public.stray"]
+    assert "models: missing table public.people" in found.stdout
+    assert "at base" in found.stdout.splitlines()[-1]
+    assert sql(target, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == [("stray",)]
+
+
+def test_a_replay_that_fails_is_one_line_exit_2_and_the_scratch_is_dropped(cli, url, target, tmp_path, pg_cluster):
+    ini = stock_project(tmp_path, linear(PEOPLE))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "--yes", "--alembic-config", str(ini), env=env).returncode == 0
+    revision = tmp_path / "migrations" / "versions" / "r1.py"  # edited since it ran: now it fails
+    revision.write_text(revision.read_text().replace(PEOPLE, 'op.execute("SELECT 1/0")'))
+    before = fingerprint_of(target)
+
+    failed = cli("drift", "--alembic-config", str(ini), env=env)
+    assert failed.returncode == 2 and failed.stdout == ""
+    assert one_line_error(failed.stderr) == ("dbmigrate: error: replaying the migrations up to r1 into a scratch "
+                                            "database failed: division by zero")
+    assert fingerprint_of(target) == before
+    assert not scratch_databases(pg_cluster)
+
+
+def test_several_revisions_in_the_version_table_is_an_error(cli, url, target, tmp_path):
+    ini = str(stock_project(tmp_path, linear(PEOPLE, "pass")))
+    assert cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    sql(target, "INSERT INTO alembic_version VALUES ('r1')")
+    failed = cli("drift", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert failed.returncode == 2
+    assert one_line_error(failed.stderr).startswith("dbmigrate: error: alembic_version holds 2 rows: r1, r2")
+
+
+def test_the_check_the_db_health_flow_runs_carries_the_findings(target, tmp_path, pg_cluster):
+    from dbmigrate import drift
+    from dbmigrate.settings import Settings
+
+    settings = Settings(tmp_path / "home", alembic_config=str(stock_project(tmp_path, linear(PEOPLE))),
+                        project_logging=False)
+    sql(target, "CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY); "
+                "INSERT INTO alembic_version VALUES ('r1'); CREATE TABLE people (id integer PRIMARY KEY)")
+    check = drift.check(target, settings)
+    assert (check.name, check.status) == ("drift", "fail")
+    assert check.data["findings"] == ["missing column public.people.name (character varying(100))"]
+    assert check.detail == ("1 difference(s) from the migrations at r1: missing column public.people.name "
+                            "(character varying(100)); no models: compare_metadata skipped")
+    assert not scratch_databases(pg_cluster)
