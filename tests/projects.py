@@ -38,6 +38,15 @@ PSYCOPG2_FROM_CONFIG = ('create_engine(config.get_main_option("sqlalchemy.url").
                         "poolclass=pool.NullPool)")
 PSYCOPG2_FROM_DATABASE_URL = 'create_engine(os.environ["DATABASE_URL"], poolclass=pool.NullPool)'
 
+# Revision bodies: a table with a duplicate, and a revision that builds a unique index over it "best
+# effort": the CREATE INDEX CONCURRENTLY fails, the revision goes on, and the index it leaves is invalid.
+DUPLICATES = 'op.execute("CREATE TABLE t (n integer); INSERT INTO t VALUES (1), (1)")'
+BEST_EFFORT_INDEX = ("with op.get_context().autocommit_block():\n"
+                     "        try:\n"
+                     "            op.execute('CREATE UNIQUE INDEX CONCURRENTLY ix_t_n ON t (n)')\n"
+                     "        except Exception:\n"
+                     "            pass")
+
 
 def stock_project(base: Path, revisions: list[dict], transaction_per_migration: bool = False,
                   engine: str | None = None, models: str | None = None) -> Path:

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from tests.helpers import fingerprint_of, one_line_error, sql
-from tests.projects import linear, stock_project
+from tests.projects import BEST_EFFORT_INDEX, DUPLICATES, linear, stock_project
 
 MODELS = '''import sqlalchemy as sa
 target_metadata = sa.MetaData()
@@ -163,3 +163,54 @@ def test_the_check_the_db_health_flow_runs_carries_the_findings(target, tmp_path
     assert check.detail == ("1 difference(s) from the migrations at r1: missing column public.people.name "
                             "(character varying(100)); no models: compare_metadata skipped")
     assert not scratch_databases(pg_cluster)
+
+
+# -- invalid indexes: a warning before a run, a failed validation after one that leaves one ------------------
+
+
+
+def test_health_warns_of_an_invalid_index_naming_its_table(cli, url, target):
+    env = {"DATABASE_URL": url}
+    clean = json.loads(cli("health", "--json", env=env).stdout)
+    assert {c["name"]: (c["status"], c["detail"]) for c in clean["checks"]}["invalid_indexes"] == (
+        "ok", "no invalid index")
+
+    sql(target, "CREATE TABLE t (n integer); INSERT INTO t VALUES (1), (1)")
+    leave_an_invalid_index(target, "t", "n", "ix_t_n")
+    health = cli("health", "--json", env=env)
+    assert health.returncode == 0, health.stderr
+    document = json.loads(health.stdout)
+    check = {c["name"]: c for c in document["checks"]}["invalid_indexes"]
+    assert document["status"] == "warn" and check["status"] == "warn"
+    assert check["detail"].startswith("1 invalid index(es): public.ix_t_n on public.t: left by a failed CREATE "
+                                      "INDEX CONCURRENTLY")
+    assert check["data"] == {"invalid_indexes": ["public.ix_t_n on public.t"]}
+    assert "WARN  invalid_indexes" in cli("health", env=env).stdout
+
+
+def test_a_run_that_leaves_an_invalid_index_fails_its_validation(cli, url, target, tmp_path, home):
+    from tests.helpers import last_report
+
+    ini = str(stock_project(tmp_path, linear(DUPLICATES, BEST_EFFORT_INDEX)))
+    result = cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert result.returncode == 1, result.stderr
+    assert ("validation failed: invalid index(es) left by the run: public.ix_t_n on public.t (a CREATE INDEX "
+            "CONCURRENTLY failed): drop and build again") in result.stderr
+    report = last_report(home)
+    assert (report["status"], report["error"]["phase"], report["revision_after"]) == ("failed", "validate", "r2")
+    check = {c["name"]: c for c in report["validation"]}["invalid_indexes"]
+    assert check["status"] == "fail" and check["data"] == {"invalid_indexes": ["public.ix_t_n on public.t"]}
+
+
+def test_an_invalid_index_from_before_the_run_does_not_fail_it(cli, url, target, tmp_path, home):
+    from tests.helpers import last_report
+
+    ini = str(stock_project(tmp_path, linear(DUPLICATES, "pass")))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    leave_an_invalid_index(target, "t", "n", "ix_t_n")
+    result = cli("upgrade", "--yes", "--alembic-config", ini, env=env)
+    assert result.returncode == 0, result.stderr
+    check = {c["name"]: c for c in last_report(home)["validation"]}["invalid_indexes"]
+    assert (check["status"], check["detail"]) == ("warn", "invalid index(es) from before the run: public.ix_t_n on "
+                                                          "public.t")

@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import assert_no_canary, fingerprint_of, last_report, reports_in, sql
 from tests.pgcluster import CANARY_PASSWORD, free_port
-from tests.projects import linear, stock_project
+from tests.projects import BEST_EFFORT_INDEX, DUPLICATES, linear, stock_project
 
 CREATE = "op.create_table('{0}', sa.Column('id', sa.Integer, primary_key=True))"
 DROP = "op.drop_table('{0}')"
@@ -62,6 +62,23 @@ def test_staging_failure_rolls_back_to_the_starting_revision(environment, target
     task_runs = task_runs_of(state)
     assert len([t for t in task_runs if t.name.startswith("rollback")]) == 1, [t.name for t in task_runs]
     assert not [t.name for t in task_runs if t.task_inputs.get("__parents__")], "no task runs inside another"
+
+
+def test_a_run_that_leaves_an_invalid_index_fails_validation_and_rolls_back(environment, target, home, tmp_path,
+                                                                            cli, url):
+    ini = str(stock_project(tmp_path, linear(DUPLICATES, (BEST_EFFORT_INDEX, "op.execute('DROP INDEX ix_t_n')"))))
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    before = fingerprint_of(target)
+
+    state = run_flow(environment=environment("staging"), alembic_config=ini)
+    assert state.is_failed()
+    assert state.message == ("validate failed: validation failed: invalid index(es) left by the run: public.ix_t_n "
+                             "on public.t (a CREATE INDEX CONCURRENTLY failed): drop and build again; rollback: "
+                             "database back at the starting revision with the same schema and row counts")
+    assert fingerprint_of(target) == before, "the downgrade dropped the invalid index"
+    report = last_report(home)
+    assert (report["error"]["phase"], report["rollback"]["succeeded"]) == ("validate", True)
+    assert {c["name"]: c["status"] for c in report["validation"]}["invalid_indexes"] == "fail"
 
 
 def test_production_refuses_to_run_without_a_backup(environment, target, tmp_path):

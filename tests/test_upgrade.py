@@ -35,7 +35,7 @@ def test_status_health_check_and_heads_on_a_fresh_database(cli, url):
     health = cli("health", "--json", env=env)
     assert health.returncode == 0, health.stderr
     checks = {c["name"]: c for c in json.loads(health.stdout)["checks"]}
-    assert set(checks) == {"connection", "disk_space", "alembic_version", "pending_revisions"}
+    assert set(checks) == {"connection", "disk_space", "alembic_version", "pending_revisions", "invalid_indexes"}
     assert all(c["status"] == "ok" and c["duration_s"] >= 0 for c in checks.values())
     assert "first-time migration" in checks["alembic_version"]["detail"]
     assert checks["disk_space"]["data"]["writable"] and checks["disk_space"]["data"]["free_bytes"] > 0
@@ -70,7 +70,8 @@ def test_upgrade_with_backup_migrates_reports_and_backs_up(cli, url, target, hom
     assert report["database"]["name"] == target.database and report["environment"] == "url"
     assert report["duration_s"] >= 0 and report["started_at"] < report["finished_at"]
     assert {c["name"] for c in report["health_checks"]} >= {"connection", "disk_space"}
-    assert {c["name"]: c["status"] for c in report["validation"]} == {"database_answers": "ok", "revision": "ok"}
+    assert {c["name"]: c["status"] for c in report["validation"]} == {"database_answers": "ok", "invalid_indexes": "ok",
+                                                                      "revision": "ok"}
 
     backup = report["backup"]
     dump = home / "backups" / "url" / target.database
