@@ -31,12 +31,12 @@ SHOWN_IN_DETAIL = 3
 class Drift:
     revision: str  # the revision replayed, as messages show it ("base" when none)
     findings: list[str]  # one line each, naming the object
-    models: str  # MODELS or NO_MODELS
+    models: str  # MODELS, NO_MODELS, or why they were not compared
     duration_s: float
 
     def summary(self) -> str:
         """One line: the verdict, then the first findings."""
-        skipped = "; " + NO_MODELS if self.models == NO_MODELS else ""
+        skipped = "" if self.models == MODELS else "; " + self.models
         if not self.findings:
             return f"schema matches the migrations at {self.revision}" + (skipped or " and the models")
         more = len(self.findings) - SHOWN_IN_DETAIL
@@ -63,10 +63,14 @@ def find(target: DatabaseTarget, settings) -> Drift:
     findings = [f"invalid index {index} (a failed CREATE INDEX CONCURRENTLY leaves one: drop it, build it again)"
                 for index in invalid]
     findings += differences(live, expected)
-    from_models = model_differences(project, settings.limits)
-    findings += [f"models: {line}" for line in from_models or ()]
-    return Drift(revisions.shown(current), findings, NO_MODELS if from_models is None else MODELS,
-                 time.monotonic() - started)
+    # The models describe the head: below it, every pending revision would be a finding.
+    if set(current) == set(project.heads):
+        from_models = model_differences(project, settings.limits)
+        findings += [f"models: {line}" for line in from_models or ()]
+        models = NO_MODELS if from_models is None else MODELS
+    else:
+        models = f"models not compared: the database is not at head ({revisions.shown(project.heads)})"
+    return Drift(revisions.shown(current), findings, models, time.monotonic() - started)
 
 
 def check(target: DatabaseTarget, settings) -> Check:

@@ -113,15 +113,28 @@ def test_the_models_are_compared_where_env_py_has_them(cli, url, target, tmp_pat
     assert fingerprint_of(target) == before
 
 
-def test_a_base_database_compares_with_an_empty_schema_and_makes_no_version_table(cli, url, target, tmp_path):
+def test_below_head_the_models_are_not_compared_and_no_version_table_is_made(cli, url, target, tmp_path):
     ini = str(stock_project(tmp_path, linear(PEOPLE), models=MODELS))
+    env = {"DATABASE_URL": url}
+    clean = cli("drift", "--json", "--alembic-config", ini, env=env)
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout)["models"] == "models not compared: the database is not at head (r1)"
+
     sql(target, "CREATE TABLE stray (id integer)")
+    found = cli("drift", "--alembic-config", ini, env=env)
+    assert found.returncode == 1, found.stderr
+    assert found.stdout.splitlines()[0] == "extra table public.stray"
+    assert found.stdout.splitlines()[1].startswith("drift: 1 difference(s) from the migrations at base (models not "
+                                                   "compared: the database is not at head (r1); ")
+    assert sql(target, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == [("stray",)]
+
+
+def test_comparing_the_models_makes_no_version_table(cli, url, target, tmp_path):
+    ini = str(stock_project(tmp_path, [], models=MODELS))  # no revision yet: base is the head
     found = cli("drift", "--alembic-config", ini, env={"DATABASE_URL": url})
     assert found.returncode == 1, found.stderr
-    assert found.stdout.splitlines()[:2] == ["extra table public.stray", "models: extra table public.stray"]
-    assert "models: missing table public.people" in found.stdout
-    assert "at base" in found.stdout.splitlines()[-1]
-    assert sql(target, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == [("stray",)]
+    assert found.stdout.splitlines()[0] == "models: missing table public.people"
+    assert sql(target, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == []
 
 
 def test_a_replay_that_fails_is_one_line_exit_2_and_the_scratch_is_dropped(cli, url, target, tmp_path, pg_cluster):

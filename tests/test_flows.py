@@ -408,13 +408,13 @@ def test_db_health_reports_pending_revisions_and_drift(environment, target, tmp_
     checks = {c["name"]: c for c in state.result()}
     assert checks["pending_revisions"]["status"] == "warn" and checks["drift"]["status"] == "ok"
     assert checks["drift"]["data"] == {"revision": "r1", "drift": False, "findings": [],
-                                       "models": "no models: compare_metadata skipped"}
+                                       "models": "models not compared: the database is not at head (r2)"}
 
     sql(target, "ALTER TABLE t1 ADD COLUMN hotfix text")  # a change made by hand, outside Alembic
     state = run_named("db-health", environment=name, alembic_config=ini)
     assert state.is_failed()
     assert state.message == ("health failed: drift: 1 difference(s) from the migrations at r1: extra column "
-                             "public.t1.hotfix (text); no models: compare_metadata skipped")
+                             "public.t1.hotfix (text); models not compared: the database is not at head (r2)")
     report = artifact("db-migrate-staging-health")
     assert "| drift | fail |" in report
     assert report.endswith("### drift: 1 finding(s)\n\n- extra column public.t1.hotfix (text)")
