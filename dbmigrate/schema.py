@@ -18,7 +18,9 @@ from sqlalchemy.engine import Connection
 from dbmigrate.revisions import VERSION_TABLE
 
 _USER_SCHEMA = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'"
-_NOT_VERSION_TABLE = f"c.relname <> '{VERSION_TABLE}'"
+# Not Alembic's version table, nor a relation an extension made (the extension is the object compared).
+_OURS = (f"c.relname <> '{VERSION_TABLE}' AND NOT EXISTS (SELECT 1 FROM pg_depend e "
+         "WHERE e.classid = 'pg_class'::regclass AND e.objid = c.oid AND e.deptype = 'e')")
 _INDEXES = ("SELECT {} FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
             "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_class t ON t.oid = i.indrelid "
             "JOIN pg_namespace tn ON tn.oid = t.relnamespace ")
@@ -27,20 +29,22 @@ _INDEXES = ("SELECT {} FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
 _QUERIES = (
     (("schema",), (),
      f"SELECT 'schema', n.nspname, NULL, '' FROM pg_namespace n WHERE {_USER_SCHEMA}"),
+    (("extension",), ("version",),
+     "SELECT 'extension', extname, NULL, extversion, extversion FROM pg_extension"),
     (("table",), (),
      ("SELECT CASE c.relkind WHEN 'p' THEN 'partitioned table' ELSE 'table' END, n.nspname || '.' || c.relname, "
       "NULL, '' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-      f"WHERE c.relkind IN ('r', 'p') AND {_USER_SCHEMA} AND {_NOT_VERSION_TABLE}")),
+      f"WHERE c.relkind IN ('r', 'p') AND {_USER_SCHEMA} AND {_OURS}")),
     (("view", "materialized view"), ("definition",),
      ("SELECT CASE c.relkind WHEN 'v' THEN 'view' ELSE 'materialized view' END, n.nspname || '.' || c.relname, "
       "NULL, '', pg_get_viewdef(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-      f"WHERE c.relkind IN ('v', 'm') AND {_USER_SCHEMA}")),
+      f"WHERE c.relkind IN ('v', 'm') AND {_USER_SCHEMA} AND {_OURS}")),
     (("sequence",), ("type", "increment", "start", "minimum", "maximum", "cycle"),
      ("SELECT 'sequence', n.nspname || '.' || c.relname, NULL, '', format_type(s.seqtypid, NULL), "
       "s.seqincrement::text, s.seqstart::text, s.seqmin::text, s.seqmax::text, "
       "CASE WHEN s.seqcycle THEN 'cycle' ELSE 'no cycle' END "
       "FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-      f"WHERE {_USER_SCHEMA}")),
+      f"WHERE {_USER_SCHEMA} AND {_OURS}")),
     (("column",), ("type", "", "default", "identity", "generated"),
      ("SELECT 'column', n.nspname || '.' || c.relname || '.' || a.attname, n.nspname || '.' || c.relname, "
       "format_type(a.atttypid, a.atttypmod), format_type(a.atttypid, a.atttypmod), "
@@ -51,7 +55,7 @@ _QUERIES = (
       "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
       "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
       f"WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND {_USER_SCHEMA} "
-      f"AND {_NOT_VERSION_TABLE}")),
+      f"AND {_OURS}")),
     # Indexes that back a primary key, unique or exclusion constraint are compared as that constraint;
     # an invalid index is not what any migration meant to build (see invalid_indexes).
     (("index",), ("definition",),
@@ -67,7 +71,7 @@ _QUERIES = (
       "n.nspname || '.' || c.relname || '.' || k.conname, n.nspname || '.' || c.relname, "
       "pg_get_constraintdef(k.oid), pg_get_constraintdef(k.oid) "
       "FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-      f"WHERE k.contype IN ('p', 'f', 'u', 'c', 'x') AND {_USER_SCHEMA} AND {_NOT_VERSION_TABLE}")),
+      f"WHERE k.contype IN ('p', 'f', 'u', 'c', 'x') AND {_USER_SCHEMA} AND {_OURS}")),
 )
 _ATTRIBUTES = {kind: names for kinds, names, _ in _QUERIES for kind in kinds}
 _INDEX_HEAD = re.compile(r"^CREATE (UNIQUE )?INDEX \S+ ON (ONLY )?")

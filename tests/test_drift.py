@@ -5,7 +5,7 @@ import json
 import psycopg
 import pytest
 
-from tests.helpers import fingerprint_of, one_line_error, sql
+from tests.helpers import fingerprint_of, one_line_error, scalar, sql
 from tests.projects import BEST_EFFORT_INDEX, DUPLICATES, linear, stock_project
 
 MODELS = '''import sqlalchemy as sa
@@ -86,17 +86,21 @@ def test_a_table_only_one_side_has_is_one_finding_and_a_project_without_models_s
     assert json.loads(clean.stdout)["models"] == "no models: compare_metadata skipped"
 
     sql(target, "DROP TABLE pets; CREATE TABLE audit (id bigint PRIMARY KEY, what text); "
-                "CREATE SEQUENCE audit_seq; ALTER TABLE people ALTER COLUMN id TYPE bigint")
+                "CREATE SEQUENCE audit_seq; ALTER TABLE people ALTER COLUMN id TYPE bigint; "
+                "CREATE VIEW people_names AS SELECT name FROM people; CREATE EXTENSION vector")
     found = cli("drift", "--alembic-config", ini, env=env)
     assert found.returncode == 1, found.stderr
+    vector = scalar(target, "SELECT extversion FROM pg_extension WHERE extname = 'vector'")
     assert found.stdout.splitlines()[:-1] == [
         "extra table public.audit",
         "extra sequence public.audit_seq",
         "column public.people.id: type bigint in the database, integer in the migrations",
+        "extra view public.people_names",
         "missing table public.pets",
+        f"extra extension vector ({vector})",
     ]
     assert found.stdout.splitlines()[-1].startswith(
-        "drift: 4 difference(s) from the migrations at r2 (no models: compare_metadata skipped; ")
+        "drift: 6 difference(s) from the migrations at r2 (no models: compare_metadata skipped; ")
 
 
 def test_the_models_are_compared_where_env_py_has_them(cli, url, target, tmp_path):
@@ -225,5 +229,5 @@ def test_an_invalid_index_from_before_the_run_does_not_fail_it(cli, url, target,
     result = cli("upgrade", "--yes", "--alembic-config", ini, env=env)
     assert result.returncode == 0, result.stderr
     check = {c["name"]: c for c in last_report(home)["validation"]}["invalid_indexes"]
-    assert (check["status"], check["detail"]) == ("warn", "invalid index(es) from before the run: public.ix_t_n on "
-                                                          "public.t")
+    assert check["status"] == "warn"
+    assert check["detail"] == "invalid index(es) from before the run: public.ix_t_n on public.t"
