@@ -20,6 +20,7 @@ from dbmigrate import db, migrate, revisions, schema
 from dbmigrate.errors import DriftNotChecked, VersionTableAmbiguous, first_line
 from dbmigrate.health import FAIL, OK, WARN, Check
 from dbmigrate.revisions import Project
+from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 
 NO_MODELS = "no models: compare_metadata skipped"
@@ -48,7 +49,7 @@ class Drift:
                 "models": self.models}
 
 
-def find(target: DatabaseTarget, settings) -> Drift:
+def find(target: DatabaseTarget, settings: Settings) -> Drift:
     """Compare the database with what its migrations build (and its models); raises
     VersionTableAmbiguous, UnknownRevision or DriftNotChecked when it cannot."""
     started = time.monotonic()
@@ -73,7 +74,7 @@ def find(target: DatabaseTarget, settings) -> Drift:
     return Drift(revisions.shown(current), findings, models, time.monotonic() - started)
 
 
-def check(target: DatabaseTarget, settings) -> Check:
+def check(target: DatabaseTarget, settings: Settings) -> Check:
     """:func:`find` as the db-health flow's check: FAIL with ``data["findings"]`` when there is drift."""
     started = time.monotonic()
     try:
@@ -83,7 +84,7 @@ def check(target: DatabaseTarget, settings) -> Check:
     return Check("drift", FAIL if found.findings else OK, found.summary(), found.duration_s, found.as_dict())
 
 
-def _replayed(target: DatabaseTarget, settings, current: tuple[str, ...]) -> dict:
+def _replayed(target: DatabaseTarget, settings: Settings, current: tuple[str, ...]) -> dict:
     """The schema the migrations build up to ``current``, replayed into a scratch database."""
     with db.scratch(target, "drift", settings.connect_timeout) as scratch:
         if current:
