@@ -231,3 +231,12 @@ def test_an_invalid_index_from_before_the_run_does_not_fail_it(cli, url, target,
     check = {c["name"]: c for c in last_report(home)["validation"]}["invalid_indexes"]
     assert check["status"] == "warn"
     assert check["detail"] == "invalid index(es) from before the run: public.ix_t_n on public.t"
+
+
+def test_an_unreachable_database_is_one_line_and_exit_2(cli):
+    from tests.pgcluster import free_port
+
+    failed = cli("drift", "--json", "--timeout", "2",
+                 env={"DATABASE_URL": f"postgresql://postgres:x@127.0.0.1:{free_port()}/nowhere"})
+    assert failed.returncode == 2 and failed.stdout == ""
+    assert one_line_error(failed.stderr).endswith("connection refused: no server listening at that address")
