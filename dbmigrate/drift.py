@@ -96,6 +96,10 @@ def _replayed(target: DatabaseTarget, settings: Settings, current: tuple[str, ..
                     f"replaying the migrations up to {current[0]} into a scratch database failed: "
                     f"{scratch.redact(first_line(exc))}") from None
         with db.connect(scratch, settings.connect_timeout) as conn:
+            if revisions.current_revisions(conn) != current:  # env.py connected elsewhere: compare nothing
+                raise DriftNotChecked(
+                    "the migrations did not run in the scratch database: the project's env.py must connect "
+                    "with sqlalchemy.url (dbmigrate sets it to the scratch database), not a URL of its own")
             return schema.read(conn)
 
 

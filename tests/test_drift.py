@@ -6,7 +6,13 @@ import psycopg
 import pytest
 
 from tests.helpers import fingerprint_of, one_line_error, scalar, sql
-from tests.projects import BEST_EFFORT_INDEX, DUPLICATES, linear, stock_project
+from tests.projects import (
+    BEST_EFFORT_INDEX,
+    DUPLICATES,
+    PSYCOPG2_FROM_DATABASE_URL,
+    linear,
+    stock_project,
+)
 
 MODELS = '''import sqlalchemy as sa
 target_metadata = sa.MetaData()
@@ -153,6 +159,21 @@ def test_a_replay_that_fails_is_one_line_exit_2_and_the_scratch_is_dropped(cli, 
     assert failed.returncode == 2 and failed.stdout == ""
     assert one_line_error(failed.stderr) == ("dbmigrate: error: replaying the migrations up to r1 into a scratch "
                                             "database failed: division by zero")
+    assert fingerprint_of(target) == before
+    assert not scratch_databases(pg_cluster)
+
+
+def test_an_env_py_that_ignores_sqlalchemy_url_is_refused_not_compared(cli, url, target, tmp_path, pg_cluster):
+    ini = str(stock_project(tmp_path, linear(PEOPLE), engine=PSYCOPG2_FROM_DATABASE_URL))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    before = fingerprint_of(target)
+
+    failed = cli("drift", "--alembic-config", ini, env=env)
+    assert failed.returncode == 2 and failed.stdout == ""
+    assert one_line_error(failed.stderr) == (
+        "dbmigrate: error: the migrations did not run in the scratch database: the project's env.py must connect "
+        "with sqlalchemy.url (dbmigrate sets it to the scratch database), not a URL of its own")
     assert fingerprint_of(target) == before
     assert not scratch_databases(pg_cluster)
 
