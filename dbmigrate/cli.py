@@ -1,7 +1,7 @@
 """The ``dbmigrate`` command line.
 
 Exit codes: 0 success; 1 the operation ran and failed (a failed health check, a
-failed migration, ``check`` with pending revisions, ``lint`` with findings at or above the
+failed migration, ``check`` with pending revisions, ``drift`` with differences, ``lint`` with findings at or above the
 blocking level); 2 bad input or an
 unreachable database, with nothing changed; 3 the upgrade or downgrade succeeded
 but its report could not be written (the report is then printed on stderr).
@@ -23,7 +23,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dbmigrate import __version__, backup, catalogue, db, health, local, phases, pipeline, restore, revisions
+from dbmigrate import __version__, backup, catalogue, db, drift, health, local, phases, pipeline, restore, revisions
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "current revision(s), head(s) and pending revisions")
     add("heads", "head revision(s) of the migration scripts")
     add("check", "exit 0 at head, 1 when revisions are pending, 2 on error")
+    add("drift", "compare the schema with what the migrations build up to the database's revision (replayed into "
+                 "a scratch database) and with the models where env.py has them; list each difference and "
+                 "invalid index; exit 0 when there is none, 1 when there is drift, 2 on error")
     lint_cmd = add("lint", "lint the SQL of each pending revision with squawk (lock safety); exit 0 when no finding "
                            "is at or above the blocking level (--env: the environment's lint_level; else warning), "
                            "1 when one is, 2 on error")
@@ -454,6 +457,21 @@ def cmd_check(args, settings: Settings, database: Database) -> int:
     else:
         print(f"{len(state['pending'])} revision(s) pending: {', '.join(p['revision'] for p in state['pending'])}")
     return 0 if state["at_head"] else 1
+
+
+def cmd_drift(args, settings: Settings, database: Database) -> int:
+    target = database()
+    found = drift.find(target, settings)
+    if args.json:
+        _print_json({"environment": target.environment, "database": target.describe(), **found.as_dict(),
+                     "duration_s": round(found.duration_s, 3)})
+    else:
+        for line in found.findings:
+            print(line)
+        verdict = (f"drift: {len(found.findings)} difference(s) from the migrations at {found.revision}"
+                   if found.findings else f"no drift: the schema matches the migrations at {found.revision}")
+        print(f"{verdict} ({found.models}; {found.duration_s:.1f} s)")
+    return 1 if found.findings else 0
 
 
 def cmd_lint(args, settings: Settings, database: Database) -> int:
@@ -822,6 +840,7 @@ def cmd_blocks(args, settings: Settings, database: Database) -> int:
 
 
 HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "check": cmd_check, "lint": cmd_lint,
+            "drift": cmd_drift,
             "upgrade": cmd_migrate, "downgrade": cmd_migrate, "rehearse": cmd_rehearse, "generate": cmd_generate,
             "backup": cmd_backup, "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local,
             "blocks": cmd_blocks}

@@ -148,6 +148,16 @@ def scratch_database(target: DatabaseTarget, label: str, timeout: float) -> Data
     return target.with_database(name)
 
 
+@contextmanager
+def scratch(target: DatabaseTarget, label: str, timeout: float) -> Iterator[DatabaseTarget]:
+    """A new empty database beside ``target``'s, dropped on the way out whatever happened."""
+    copy = scratch_database(target, label, timeout)
+    try:
+        yield copy
+    finally:
+        drop_database(target, copy.database, timeout)
+
+
 def drop_database(target: DatabaseTarget, name: str, timeout: float) -> None:
     _outside_transaction(target, f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)", timeout)
 

@@ -95,6 +95,10 @@ class RehearsalFailed(MigrationFailed):
     """A revision failed on the restored copy: the real database was never touched."""
 
 
+class DriftNotChecked(DbMigrateError):
+    """The schema the migrations build could not be made to compare with: replaying them failed."""
+
+
 class ReportNotWritten(DbMigrateError):
     """The run's report could not be written (a full disk, a bad path); ``written`` is
     where it was written after all, if anywhere."""

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dbmigrate import db, revisions
+from dbmigrate import db, revisions, schema
 from dbmigrate.errors import DbMigrateError, UnknownRevision, VersionTableAmbiguous
 from dbmigrate.revisions import Project
 from dbmigrate.target import DatabaseTarget
@@ -123,6 +123,19 @@ def check_pending(project: Project, current: tuple[str, ...], target: str) -> Ch
     return check
 
 
+def check_invalid_indexes(invalid: list[str]) -> Check:
+    """Invalid indexes found before a run: a WARN, since no run of ours left them (validation fails
+    a run that does)."""
+    check = Check("invalid_indexes", data={"invalid_indexes": invalid})
+    if invalid:
+        check.status = WARN
+        check.detail = (f"{len(invalid)} invalid index(es): {', '.join(invalid)}: left by a failed CREATE INDEX "
+                        "CONCURRENTLY, never used by queries yet updated by every write; drop and build again")
+    else:
+        check.detail = "no invalid index"
+    return check
+
+
 def run(
     target: DatabaseTarget,
     project: Project,
@@ -150,6 +163,7 @@ def run(
             size = db.database_size(conn)
             has_table = revisions.has_version_table(conn)
             current = revisions.current_revisions(conn)
+            invalid = schema.invalid_indexes(conn)
     except DbMigrateError as exc:
         if checks:  # connected, then reading the version table failed (a lock held on it, the server gone)
             checks.append(Check("alembic_version", FAIL, str(exc), time.monotonic() - start, refusal=exc))
@@ -161,4 +175,5 @@ def run(
     version_check = timed(check_version_table, project, has_table, current)
     if version_check.status != FAIL:
         timed(check_pending, project, current, target_revision)
+    timed(check_invalid_indexes, invalid)
     return checks

@@ -15,7 +15,7 @@ from typing import Callable
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from dbmigrate import db, health, lockretry, migrate, revisions
+from dbmigrate import db, health, lockretry, migrate, revisions, schema
 from dbmigrate import lint as linting
 from dbmigrate.errors import (
     ConnectionLost,
@@ -44,6 +44,7 @@ class Plan:
     upgrade: bool
     lint: LintResult | None = None  # the lint of its revisions, once the run has it (approvers read it)
     rehearsal: Rehearsal | None = None  # how the steps ran on a restored copy, for whoever approves them
+    invalid_indexes: tuple[str, ...] = ()  # before the run: validation fails only for those it leaves
 
     @property
     def revision_before(self) -> str | None:
@@ -68,10 +69,11 @@ def plan(target: DatabaseTarget, project: Project, settings: Settings, revision:
     resolved = project.resolve(revision)
     with db.connect(target, settings.connect_timeout) as conn:
         current = revisions.current_revisions(conn)
+        invalid = tuple(schema.invalid_indexes(conn))
     project.require_one_row(current)
     project.require_known(current)
     steps = project.plan_upgrade(current, resolved) if upgrade else project.plan_downgrade(current, resolved)
-    return Plan(current, resolved, steps, upgrade)
+    return Plan(current, resolved, steps, upgrade, invalid_indexes=invalid)
 
 
 def lint(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan,
@@ -219,13 +221,20 @@ def kept_steps(target: DatabaseTarget, settings: Settings, ran: list[AppliedStep
     return []
 
 
-def validate(target: DatabaseTarget, project: Project, settings: Settings, expected: set[str]) -> list[Check]:
+def validate(target: DatabaseTarget, project: Project, settings: Settings, expected: set[str],
+             invalid_before: tuple[str, ...] = ()) -> list[Check]:
+    """The checks after a run: the database answers, is at the revision(s) expected, and has no
+    invalid index the run left (a ``CREATE INDEX CONCURRENTLY`` that failed without failing its
+    revision); ``invalid_before`` are those it already had (the plan's), named but not failed."""
     checks = []
     start = time.monotonic()
     with db.connect(target, settings.connect_timeout) as conn:
         answered = conn.execute(text("SELECT 1")).scalar_one() == 1
         checks.append(Check("database_answers", OK if answered else FAIL, "SELECT 1 answered",
                             time.monotonic() - start))
+        start = time.monotonic()
+        invalid = schema.invalid_indexes(conn)
+        checks.append(_invalid_indexes(invalid, invalid_before, time.monotonic() - start))
         start = time.monotonic()
         current = set(revisions.current_revisions(conn))
     at = revisions.shown(sorted(current))
@@ -235,6 +244,17 @@ def validate(target: DatabaseTarget, project: Project, settings: Settings, expec
         want = revisions.shown(sorted(expected))
         checks.append(Check("revision", FAIL, f"database at {at}, expected {want}", time.monotonic() - start))
     return checks
+
+
+def _invalid_indexes(invalid: list[str], before: tuple[str, ...], duration_s: float) -> Check:
+    left = [index for index in invalid if index not in before]
+    if left:
+        return Check("invalid_indexes", FAIL, f"invalid index(es) left by the run: {', '.join(left)} (a CREATE INDEX "
+                     "CONCURRENTLY failed): drop and build again", duration_s, {"invalid_indexes": invalid})
+    if invalid:
+        return Check("invalid_indexes", health.WARN, f"invalid index(es) from before the run: {', '.join(invalid)}",
+                     duration_s, {"invalid_indexes": invalid})
+    return Check("invalid_indexes", OK, "no invalid index", duration_s)
 
 
 def current_revision(target: DatabaseTarget, settings: Settings) -> str | None:

@@ -282,7 +282,8 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         report.migrations_applied, report.lock_attempts = applied.steps, applied.attempts
         if not request.skip_validation:
             expected = phases.expected_revisions(project, plan)
-            checks = report.validation = run.step("validate", phases.validate, target, project, settings, expected)
+            checks = report.validation = run.step("validate", phases.validate, target, project, settings, expected,
+                                                  plan.invalid_indexes)
             if not health.passed(checks):
                 raise MigrationFailed(f"validation failed: {'; '.join(c.detail for c in checks if c.status == FAIL)}")
         report.finish(SUCCEEDED)

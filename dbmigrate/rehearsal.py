@@ -4,7 +4,10 @@ approves the real run sees how long each revision took and which locks it held.
 
 The copy is a scratch database beside the original (``db.scratch_database``), restored with
 ``pgrestore.restore_into`` and migrated by ``phases.apply``: the project's own env.py, pointed
-at the copy. It is dropped afterwards whatever happens (a failure, Ctrl-C, SIGTERM).
+at the copy (its ``sqlalchemy.url``, and ``DATABASE_URL`` where that names the database). It is
+dropped afterwards whatever happens (a failure, Ctrl-C, SIGTERM). A statement the migration sends
+to any other PostgreSQL database meanwhile (an env.py with a URL of its own) is refused before it
+runs: the rehearsal fails and the real database is untouched.
 
 What each revision did is read from the migration's own session, so it works with any env.py
 that uses SQLAlchemy (every Alembic one does): after each statement, the table locks its backend
@@ -15,17 +18,18 @@ the tables whose storage was replaced (``relfilenode``: a rewrite).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 
 from dbmigrate import db, pgrestore, pgtools, phases, revisions
 from dbmigrate.catalogue import Manifest
-from dbmigrate.errors import StepFailed
+from dbmigrate.errors import ConfigError, StepFailed
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import AppliedStep
 from dbmigrate.phases import Plan
@@ -56,14 +60,14 @@ def rehearse(target: DatabaseTarget, settings: Settings, plan: Plan, storage: St
     timeout = settings.connect_timeout
     with db.connect(target, timeout) as conn:
         pg_restore = pgtools.find("pg_restore", db.server_version(conn)[0])
-    with scratch_copy(target, timeout) as copy:
+    with db.scratch(target, "rehearsal", timeout) as copy:
         start = time.monotonic()
         pgrestore.restore_into(copy, storage, manifest, pg_restore, settings.dump.jobs)
         restore_s = time.monotonic() - start
         with db.connect(copy, timeout) as conn:
             storage_before = dict(conn.execute(text(_STORAGE)).all())
         watch = _Watch(copy.database, storage_before, manifest.row_counts)
-        with watch.listening():
+        with watch.listening(), _database_url_at(copy, target):
             try:
                 # One attempt: nobody else uses the copy, and a retry's watcher session would be seen as the
                 # migration's own (it connects to the copy too).
@@ -75,13 +79,18 @@ def rehearse(target: DatabaseTarget, settings: Settings, plan: Plan, storage: St
 
 
 @contextmanager
-def scratch_copy(target: DatabaseTarget, timeout: float) -> Iterator[DatabaseTarget]:
-    """A new empty database beside ``target``'s, dropped on the way out whatever happened."""
-    copy = db.scratch_database(target, "rehearsal", timeout)
+def _database_url_at(copy: DatabaseTarget, target: DatabaseTarget) -> Iterator[None]:
+    """An env.py that connects to ``DATABASE_URL`` (the README's other way) reaches the copy while
+    the rehearsal runs, when that variable names the database being rehearsed."""
+    given = os.environ.get("DATABASE_URL")
+    if not given or make_url(given).database != target.database:
+        yield
+        return
+    os.environ["DATABASE_URL"] = make_url(given).set(database=copy.database).render_as_string(hide_password=False)
     try:
-        yield copy
+        yield
     finally:
-        db.drop_database(target, copy.database, timeout)
+        os.environ["DATABASE_URL"] = given
 
 
 def _rows(dbapi_connection, query: str) -> list[tuple]:
@@ -126,6 +135,10 @@ class _Watch:
     def _before(self, conn: Connection, *_) -> None:
         if self._ours(conn):
             self.statement_start = time.monotonic()
+        elif conn.dialect.name == "postgresql":  # env.py connected elsewhere: maybe the real database
+            raise ConfigError(f"env.py connected to database '{conn.engine.url.database}', not the rehearsal's copy: "
+                              "its statement was refused there; give env.py the URL dbmigrate sets (config "
+                              "'sqlalchemy.url', or DATABASE_URL)")
 
     def _after(self, conn: Connection, cursor, *_) -> None:
         if not self._ours(conn):

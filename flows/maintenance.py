@@ -24,6 +24,15 @@ def checks_of_a_reachable_database(target, project, backup_dir, timeout: float) 
     return checks
 
 
+def health_markdown(environment: str, checks: list[health.Check]) -> str:
+    """The checks as a table, then every finding of a check that has some (drift), one line each."""
+    table = "\n".join(f"| {c.name} | {c.status} | {c.detail} |" for c in checks)
+    findings = "".join(f"\n\n### {c.name}: {len(c.data['findings'])} finding(s)\n\n"
+                       + "\n".join(f"- {line}" for line in c.data["findings"])
+                       for c in checks if c.data.get("findings"))
+    return f"## db-health {environment}\n\n| check | status | detail |\n|---|---|---|\n{table}{findings}"
+
+
 @flow(name="db-health", flow_run_name="{environment}-health")
 @ends_failed_on_error
 def db_health(environment: str, credentials_block: str | None = None, alembic_config: str | None = None,
@@ -47,9 +56,7 @@ def db_health(environment: str, credentials_block: str | None = None, alembic_co
             pending.status = health.WARN  # not at head: worth a look, not an outage
         if check_drift:
             checks.append(run("drift", drift.check, env.target, env.settings))
-    table = "\n".join(f"| {c.name} | {c.status} | {c.detail} |" for c in checks)
-    create_markdown_artifact(f"## db-health {environment}\n\n| check | status | detail |\n|---|---|---|\n{table}",
-                             key=f"{artifact_key(environment)}-health")
+    create_markdown_artifact(health_markdown(environment, checks), key=f"{artifact_key(environment)}-health")
     failed = [c for c in checks if c.status == health.FAIL]
     if failed:
         raise MigrationFailed("health failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))

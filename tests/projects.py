@@ -38,15 +38,25 @@ PSYCOPG2_FROM_CONFIG = ('create_engine(config.get_main_option("sqlalchemy.url").
                         "poolclass=pool.NullPool)")
 PSYCOPG2_FROM_DATABASE_URL = 'create_engine(os.environ["DATABASE_URL"], poolclass=pool.NullPool)'
 
+# Revision bodies: a table with a duplicate, and a revision that builds a unique index over it "best
+# effort": the CREATE INDEX CONCURRENTLY fails, the revision goes on, and the index it leaves is invalid.
+DUPLICATES = 'op.execute("CREATE TABLE t (n integer); INSERT INTO t VALUES (1), (1)")'
+BEST_EFFORT_INDEX = ("with op.get_context().autocommit_block():\n"
+                     "        try:\n"
+                     "            op.execute('CREATE UNIQUE INDEX CONCURRENTLY ix_t_n ON t (n)')\n"
+                     "        except Exception:\n"
+                     "            pass")
+
 
 def stock_project(base: Path, revisions: list[dict], transaction_per_migration: bool = False,
-                  engine: str | None = None) -> Path:
+                  engine: str | None = None, models: str | None = None) -> Path:
     """Create ``base/alembic.ini`` + ``base/migrations`` and return the ini path.
 
     Each revision: {"revision", "down", "message", "upgrade", "downgrade"} with
     one-line Python bodies. ``transaction_per_migration`` commits each revision on
     its own, as many real projects do, so a failure leaves earlier revisions applied.
     ``engine`` replaces the template's ``engine_from_config(...)`` (e.g. PSYCOPG2_FROM_CONFIG).
+    ``models``: Python that sets ``target_metadata`` (a MetaData), instead of the template's None.
     """
     ini = base / "alembic.ini"
     command.init(Config(str(ini)), str(base / "migrations"), template="generic")
@@ -54,6 +64,8 @@ def stock_project(base: Path, revisions: list[dict], transaction_per_migration: 
     if transaction_per_migration:
         stock = "connection=connection, target_metadata=target_metadata"
         _edit(env_py, stock, stock + ", transaction_per_migration=True")
+    if models:
+        _edit(env_py, "target_metadata = None", models)
     if engine:
         _edit(env_py, TEMPLATE_ENGINE, engine)
         env_py.write_text("import os\nfrom sqlalchemy import create_engine\n" + env_py.read_text())

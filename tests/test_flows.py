@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import assert_no_canary, fingerprint_of, last_report, reports_in, sql
 from tests.pgcluster import CANARY_PASSWORD, free_port
-from tests.projects import linear, stock_project
+from tests.projects import BEST_EFFORT_INDEX, DUPLICATES, linear, stock_project
 
 CREATE = "op.create_table('{0}', sa.Column('id', sa.Integer, primary_key=True))"
 DROP = "op.drop_table('{0}')"
@@ -62,6 +62,23 @@ def test_staging_failure_rolls_back_to_the_starting_revision(environment, target
     task_runs = task_runs_of(state)
     assert len([t for t in task_runs if t.name.startswith("rollback")]) == 1, [t.name for t in task_runs]
     assert not [t.name for t in task_runs if t.task_inputs.get("__parents__")], "no task runs inside another"
+
+
+def test_a_run_that_leaves_an_invalid_index_fails_validation_and_rolls_back(environment, target, home, tmp_path,
+                                                                            cli, url):
+    ini = str(stock_project(tmp_path, linear(DUPLICATES, (BEST_EFFORT_INDEX, "op.execute('DROP INDEX ix_t_n')"))))
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    before = fingerprint_of(target)
+
+    state = run_flow(environment=environment("staging"), alembic_config=ini)
+    assert state.is_failed()
+    assert state.message == ("validate failed: validation failed: invalid index(es) left by the run: public.ix_t_n "
+                             "on public.t (a CREATE INDEX CONCURRENTLY failed): drop and build again; rollback: "
+                             "database back at the starting revision with the same schema and row counts")
+    assert fingerprint_of(target) == before, "the downgrade dropped the invalid index"
+    report = last_report(home)
+    assert (report["error"]["phase"], report["rollback"]["succeeded"]) == ("validate", True)
+    assert {c["name"]: c["status"] for c in report["validation"]}["invalid_indexes"] == "fail"
 
 
 def test_production_refuses_to_run_without_a_backup(environment, target, tmp_path):
@@ -388,13 +405,17 @@ def test_db_health_reports_pending_revisions_and_drift(environment, target, tmp_
     assert state.is_completed(), state.message
     checks = {c["name"]: c for c in state.result()}
     assert checks["pending_revisions"]["status"] == "warn" and checks["drift"]["status"] == "ok"
+    assert checks["drift"]["data"] == {"revision": "r1", "drift": False, "findings": [],
+                                       "models": "models not compared: the database is not at head (r2)"}
 
     sql(target, "ALTER TABLE t1 ADD COLUMN hotfix text")  # a change made by hand, outside Alembic
     state = run_named("db-health", environment=name, alembic_config=ini)
     assert state.is_failed()
-    assert state.message == ("health failed: drift: schema differs from what the migrations build at r1: "
-                             "changed outside Alembic")
-    assert "| drift | fail |" in artifact("db-migrate-staging-health")
+    assert state.message == ("health failed: drift: 1 difference(s) from the migrations at r1: extra column "
+                             "public.t1.hotfix (text); models not compared: the database is not at head (r2)")
+    report = artifact("db-migrate-staging-health")
+    assert "| drift | fail |" in report
+    assert report.endswith("### drift: 1 finding(s)\n\n- extra column public.t1.hotfix (text)")
     assert not [n for n in pg_cluster.databases() if n.startswith("dbmigrate_drift_")], "scratch database dropped"
 
 

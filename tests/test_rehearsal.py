@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.helpers import fingerprint_of, finish, last_report, one_line_error, scalar, sql, start_cli
-from tests.projects import PSYCOPG2_FROM_CONFIG, linear, stock_project
+from tests.projects import PSYCOPG2_FROM_CONFIG, PSYCOPG2_FROM_DATABASE_URL, linear, stock_project
 
 TABLE = "op.create_table('t', sa.Column('id', sa.Integer, primary_key=True), sa.Column('n', sa.Integer))"
 NOT_NULL = "op.add_column('t', sa.Column('c', sa.Integer, nullable=False))"
@@ -55,8 +55,22 @@ def test_a_revision_that_fails_only_on_real_data_fails_the_rehearsal(cli, url, t
     assert fingerprint_of(target) == before and scratch_databases(target) == []
 
 
-@pytest.mark.parametrize(("per_revision", "engine"), [(False, None), (True, None), (True, PSYCOPG2_FROM_CONFIG)],
-                         ids=["one-transaction", "transaction-per-revision", "psycopg2-engine"])
+def test_an_env_py_that_connects_elsewhere_is_refused_before_its_first_statement(cli, url, target, home, tmp_path):
+    """An env.py with a URL of its own would migrate the real database in the name of the rehearsal."""
+    ini = at_r1_with_rows(tmp_path, cli, url, target, WIDEN,
+                          engine='create_engine(os.environ.get("APP_DATABASE_URL") or os.environ["DATABASE_URL"], '
+                                 'poolclass=pool.NullPool)')
+    before = fingerprint_of(target)
+    result = cli("rehearse", "--alembic-config", ini, env={"DATABASE_URL": url, "APP_DATABASE_URL": url})
+    assert result.returncode == 1, result.stderr
+    assert f"env.py connected to database '{target.database}', not the rehearsal's copy" in \
+        one_line_error(result.stderr)
+    assert fingerprint_of(target) == before and scratch_databases(target) == []
+
+
+@pytest.mark.parametrize(("per_revision", "engine"), [(False, None), (True, None), (True, PSYCOPG2_FROM_CONFIG),
+                                                     (False, PSYCOPG2_FROM_DATABASE_URL)],
+                         ids=["one-transaction", "transaction-per-revision", "psycopg2-engine", "env-py-reads-DATABASE_URL"])
 def test_a_rehearsal_reports_durations_locks_and_rewrites(cli, url, target, home, tmp_path, per_revision, engine):
     ini = at_r1_with_rows(tmp_path, cli, url, target, WIDEN, BACKFILL, transaction_per_migration=per_revision,
                           engine=engine)

@@ -35,7 +35,7 @@ def test_status_health_check_and_heads_on_a_fresh_database(cli, url):
     health = cli("health", "--json", env=env)
     assert health.returncode == 0, health.stderr
     checks = {c["name"]: c for c in json.loads(health.stdout)["checks"]}
-    assert set(checks) == {"connection", "disk_space", "alembic_version", "pending_revisions"}
+    assert set(checks) == {"connection", "disk_space", "alembic_version", "pending_revisions", "invalid_indexes"}
     assert all(c["status"] == "ok" and c["duration_s"] >= 0 for c in checks.values())
     assert "first-time migration" in checks["alembic_version"]["detail"]
     assert checks["disk_space"]["data"]["writable"] and checks["disk_space"]["data"]["free_bytes"] > 0
@@ -70,7 +70,8 @@ def test_upgrade_with_backup_migrates_reports_and_backs_up(cli, url, target, hom
     assert report["database"]["name"] == target.database and report["environment"] == "url"
     assert report["duration_s"] >= 0 and report["started_at"] < report["finished_at"]
     assert {c["name"] for c in report["health_checks"]} >= {"connection", "disk_space"}
-    assert {c["name"]: c["status"] for c in report["validation"]} == {"database_answers": "ok", "revision": "ok"}
+    assert {c["name"]: c["status"] for c in report["validation"]} == {"database_answers": "ok", "invalid_indexes": "ok",
+                                                                      "revision": "ok"}
 
     backup = report["backup"]
     dump = home / "backups" / "url" / target.database
@@ -183,7 +184,7 @@ def test_generate_creates_a_revision_file(cli, tmp_path, url):
 
 
 def test_plain_commands_do_not_import_prefect(url, home):
-    """status/check/health/heads/lint must stay fast: Prefect costs seconds to import."""
+    """status/check/health/heads/lint/drift must stay fast: Prefect costs seconds to import."""
     import sys
 
     from tests.helpers import REPO
@@ -191,7 +192,8 @@ def test_plain_commands_do_not_import_prefect(url, home):
 
     probe = (
         "import sys; from dbmigrate.cli import main\n"
-        "for command in (['status'], ['check'], ['health'], ['heads'], ['upgrade', '--dry-run'], ['lint']):\n"
+        "for command in (['status'], ['check'], ['health'], ['heads'], ['upgrade', '--dry-run'], ['lint'], "
+        "['drift']):\n"
         "    main(command)\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'prefect_aws', 'blocks'))\n"
         "print('PREFECT-MODULES:', loaded)\n"
