@@ -212,7 +212,7 @@ def test_a_run_waiting_for_approval_alerts(alerts, target, tmp_path, monkeypatch
                      backup_required=False) as env:
         started = time.monotonic()
         state = {}
-        run = lambda: state.update(s=run_migrate(environment=env, alembic_config=ini, backup=False))  # noqa: E731
+        run = lambda: state.update(s=run_migrate(environment=env, alembic_config=ini, backup=False))
         runner = threading.Thread(target=contextvars.copy_context().run, args=(run,))  # the test's Prefect API
         runner.start()
         waiting = wait_until(lambda: next((d for d in alerts.listener.received if d.at > started and
@@ -224,6 +224,8 @@ def test_a_run_waiting_for_approval_alerts(alerts, target, tmp_path, monkeypatch
     assert fields["Reason"].startswith(f"waiting for approval of base → r1 in {ENV}: click Resume on this run")
     assert str(state["s"].state_details.flow_run_id) in fields["Run"]
     assert state["s"].is_failed() and "nobody approved within 8s" in state["s"].message
+    failed = lines(delivered(alerts, "run failed", str(state["s"].state_details.flow_run_id), started))
+    assert (failed["Phase"], failed["Reason"]) == ("approval", state["s"].message)
     assert fingerprint_of(target).revisions == ()
 
 
