@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from prefect.blocks.notifications import CustomWebhookNotificationBlock  # noqa: F401 (the blocks sync writes)
 from prefect.client.orchestration import get_client
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
@@ -41,29 +40,28 @@ Reason: {{ event.payload.reason }}
 Run: {{ event.payload.flow_run_url }}"""
 # A crashed run emitted nothing of its own: the run's parameters and final state say what is known
 # (flows.recovery ends a run that held the environment with where the database is).
-CRASHED_BODY = """{{ flow_run.name }} ({{ flow.name }})
-Environment: %s
+CRASHED_BODY = """{% set message = flow_run.state.message or "" %}{{ flow_run.name }} ({{ flow.name }})
+Environment: <environment>
 Revisions: to {{ flow_run.parameters.get("target_revision") or flow_run.parameters.get("to_revision") or flow_run.parameters.get("backup_id") or ("head" if flow.name == "db-migrate" else "-") }}
-Phase: {{ flow_run.state.message.split(" during ")[1].split(":")[0] if " during " in flow_run.state.message else "unknown (the process died)" }}
-Reason: {{ flow_run.state.message }}
+Phase: {{ message.split(" during ")[1].split(":")[0] if " during " in message else "unknown (the process died)" }}
+Reason: {{ message }}
 Run: {{ flow_run|ui_url }}"""
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One automation: its name's tail, the events that fire it, and the notification's subject."""
+    """One automation: its name's tail (the notification's subject) and the event that fires it."""
 
     title: str
-    events: tuple[str, ...]
-    subject: str
+    event: str
 
 
 KINDS = (
-    Kind("run failed", ("dbmigrate.run.failed",), "run failed"),
-    Kind("run crashed", (CRASHED,), "run crashed"),
-    Kind("rolled back", ("dbmigrate.run.rolled-back",), "rolled back"),
-    Kind("waiting for approval", ("dbmigrate.approval.waiting",), "waiting for approval"),
-    Kind("drift found", ("dbmigrate.drift.found",), "drift found"),
+    Kind("run failed", "dbmigrate.run.failed"),
+    Kind("run crashed", CRASHED),
+    Kind("rolled back", "dbmigrate.run.rolled-back"),
+    Kind("waiting for approval", "dbmigrate.approval.waiting"),
+    Kind("drift found", "dbmigrate.drift.found"),
 )
 
 
@@ -95,21 +93,21 @@ def automations(environment: str, block_ids: list) -> list[AutomationCore]:
     """The environment's automations, each notifying every block in ``block_ids``."""
     out = []
     for kind in KINDS:
-        if kind.events == (CRASHED,):
-            trigger = EventTrigger(expect=set(kind.events), match={"prefect.resource.id": "prefect.flow-run.*"},
+        if kind.event == CRASHED:
+            trigger = EventTrigger(expect={kind.event}, match={"prefect.resource.id": "prefect.flow-run.*"},
                                    match_related={"prefect.resource.role": "tag",
                                                   "prefect.resource.id": f"prefect.tag.{environment}"},
                                    posture=Posture.Reactive, threshold=1)
-            body = CRASHED_BODY % environment
+            body = CRASHED_BODY.replace("<environment>", environment)
         else:
-            trigger = EventTrigger(expect=set(kind.events), match={"prefect.resource.id": resource_id(environment)},
+            trigger = EventTrigger(expect={kind.event}, match={"prefect.resource.id": resource_id(environment)},
                                    posture=Posture.Reactive, threshold=1)
             body = BODY
         out.append(AutomationCore(
             name=automation_name(environment, kind),
             description=f"{environment}: {kind.title}, sent to the environment's alert blocks (dbmigrate blocks sync)",
             trigger=trigger,
-            actions=[SendNotification(block_document_id=block_id, subject=f"{environment}: {kind.subject}", body=body)
+            actions=[SendNotification(block_document_id=block_id, subject=f"{environment}: {kind.title}", body=body)
                      for block_id in block_ids],
         ))
     return out

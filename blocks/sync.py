@@ -23,12 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prefect.blocks.core import Block
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.types import SecretDict
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from blocks import ENVIRONMENT_NAME, DatabaseCredentials, EnvironmentPolicy, require_api
 from blocks.alerts import VARIABLES as ALERT_VARIABLES
-from blocks.alerts import CustomWebhookNotificationBlock, sync_automations
+from blocks.alerts import sync_automations
 from blocks.alerts import wanted_blocks as alert_blocks
 from dbmigrate.errors import ConfigError
 

@@ -47,9 +47,10 @@ def _link(run_id: str | None) -> str:
 
 
 def _revisions(report: Report) -> str:
-    after = report.revision_after if report.revision_after != report.revision_before else None
-    line = f"{revisions.shown(report.revision_before)} → {report.target_revision}"
-    return line + (f" (now at {revisions.shown(after)})" if after else "")
+    """``before → target``, and where the run left the database when that is neither."""
+    before, after = revisions.shown(report.revision_before), revisions.shown(report.revision_after)
+    line = f"{before} → {report.target_revision}"
+    return line + (f" (now at {after})" if after not in (before, report.target_revision) else "")
 
 
 def run_failed(environment: str, report: Report, reason: str) -> None:

@@ -60,10 +60,11 @@ class Listener:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def wait_for(self, path: str, subject: str, run_id: str, timeout: float = 60) -> Delivery:
-        """The delivery to ``path`` with ``subject`` about the flow run ``run_id`` (its link names it)."""
+    def wait_for(self, path: str, subject: str, run_id: str, says: str = "", timeout: float = 60) -> Delivery:
+        """The delivery to ``path`` with ``subject`` about the flow run ``run_id`` (its link names it)
+        whose text ``says`` something."""
         return wait_until(lambda: next((d for d in self.received if d.path == path and subject in
-                                        json.dumps(d.json) and run_id in d.text), None),
+                                        json.dumps(d.json) and run_id in d.text and says in d.text), None),
                           timeout, f"{subject!r} for run {run_id} at {path}", 0.2)
 
 
@@ -78,6 +79,8 @@ class Alerts:
 def alerts(tmp_path_factory, pg_cluster):
     """One server for the module, the dbmigrate pool and db-migrate/staging deployed, a listener,
     and `blocks sync` of staging with both alert variables, as an operator runs it."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tests.helpers import run_cli
@@ -109,7 +112,11 @@ def alerts(tmp_path_factory, pg_cluster):
                 f"custom-webhook/{ENV}-slack-alerts: created",
                 *(f"automation/dbmigrate {ENV}: {kind}: created" for kind in KINDS),
             ]
-            yield Alerts(server, listener, sync)
+            try:
+                yield Alerts(server, listener, sync)
+            finally:  # what this process still sends goes to this server, not to the next module's
+                APILogWorker.drain_all()
+                EventsWorker.drain_all()
     finally:
         server.stop()
         listener.server.shutdown()
@@ -131,6 +138,22 @@ def test_sync_again_changes_nothing_and_without_variables_sets_up_no_alerts(aler
     assert sorted(a.name for a in automations_named(f"dbmigrate {ENV}:")) == sorted(
         f"dbmigrate {ENV}: {kind}" for kind in KINDS)
 
+    # the webhook moved: the block's secret is updated; an automation edited in the UI is put back
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore
+
+    [edited] = automations_named(f"dbmigrate {ENV}: drift found")
+    with get_client(sync_client=True) as client:
+        client.update_automation(edited.id, AutomationCore.model_validate(
+            {**edited.model_dump(exclude={"id", "owner_resource"}), "description": "edited in the UI"}))
+    moved = alerts.sync(ENV, ALERT_WEBHOOK_URL=f"{alerts.listener.url}/moved/{TOKEN}",
+                        ALERT_SLACK_WEBHOOK_URL=f"{alerts.listener.url}/slack/{TOKEN}")
+    assert [line for line in moved.stdout.splitlines() if not line.endswith(": unchanged")] == [
+        f"custom-webhook/{ENV}-alerts: updated: secrets", f"automation/dbmigrate {ENV}: drift found: updated"]
+    assert alerts.sync(ENV, ALERT_WEBHOOK_URL=f"{alerts.listener.url}/hooks/{TOKEN}",
+                       ALERT_SLACK_WEBHOOK_URL=f"{alerts.listener.url}/slack/{TOKEN}").returncode == 0
+    assert len(automations_named(f"dbmigrate {ENV}:")) == len(KINDS)
+
     plain = alerts.sync("quiet")
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.splitlines() == [
@@ -151,11 +174,11 @@ def pointed_at(alerts: Alerts, target, tmp_path, monkeypatch, **policy):
     yield ENV
 
 
-def delivered(alerts: Alerts, subject: str, run_id: str, since: float) -> str:
+def delivered(alerts: Alerts, subject: str, run_id: str, since: float, says: str = "") -> str:
     """The message both blocks delivered for the run (the JSON one and the Slack-shaped one), checked
     for secrets; prints the latency from ``since``."""
-    hook = alerts.listener.wait_for(f"/hooks/{TOKEN}", f"dbmigrate {ENV}: {subject}", run_id)
-    slack = alerts.listener.wait_for(f"/slack/{TOKEN}", f"dbmigrate {ENV}: {subject}", run_id)
+    hook = alerts.listener.wait_for(f"/hooks/{TOKEN}", f"dbmigrate {ENV}: {subject}", run_id, says)
+    slack = alerts.listener.wait_for(f"/slack/{TOKEN}", f"dbmigrate {ENV}: {subject}", run_id, says)
     assert hook.json["environment"] == ENV and hook.json["subject"] == f"dbmigrate {ENV}: {subject}"
     assert slack.json["text"] == f"*dbmigrate {ENV}: {subject}*\n{hook.json['body']}"
     for delivery in (hook, slack):
@@ -206,6 +229,23 @@ def test_an_automatic_rollback_alerts(alerts, target, tmp_path, monkeypatch, cli
     assert fingerprint_of(target).revisions == ("r1",)
 
 
+def test_a_db_rollback_alerts(alerts, target, tmp_path, monkeypatch, cli, url):
+    from flows.db_rollback import db_rollback
+
+    ini = str(stock_project(tmp_path, linear(("op.create_table('t1', sa.Column('id', sa.Integer))",
+                                              "op.drop_table('t1')"))))
+    assert cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    with pointed_at(alerts, target, tmp_path, monkeypatch, approval_required=False) as env:
+        state = db_rollback(environment=env, to_revision="base", dry_run=False, alembic_config=ini,
+                            requested_by="ops-oncall", return_state=True)
+    ended = time.monotonic()
+    assert state.is_completed()
+    fields = lines(delivered(alerts, "rolled back", str(state.state_details.flow_run_id), ended))
+    assert (fields["Environment"], fields["Revisions"], fields["Phase"]) == (ENV, "r1 → base", "downgrade")
+    assert fields["Reason"] == "downgrade to base by ops-oncall: done"
+    assert fingerprint_of(target).revisions == ()
+
+
 def test_a_run_waiting_for_approval_alerts(alerts, target, tmp_path, monkeypatch):
     ini = str(stock_project(tmp_path, linear("op.create_table('t1', sa.Column('id', sa.Integer))")))
     with pointed_at(alerts, target, tmp_path, monkeypatch, approval_required=True, approval_timeout_s=8,
@@ -252,7 +292,8 @@ SLEEP = "op.execute('SELECT pg_sleep(60)')"
 
 
 def test_a_crashed_run_alerts(alerts, target, tmp_path, pg_cluster, db_name):
-    """The flow-run process SIGKILLed mid-revision: it emits nothing, Prefect's Crashed event alerts."""
+    """The flow-run process SIGKILLed mid-revision: it emits nothing, Prefect's Crashed events alert, twice for a
+    run that held the environment (Prefect's crash, then flows.recovery's final state naming the phase)."""
     from prefect.client.orchestration import get_client
 
     from tests.test_orchestration import final, sleeping_backend
@@ -274,11 +315,15 @@ def test_a_crashed_run_alerts(alerts, target, tmp_path, pg_cluster, db_name):
         killed = time.monotonic()
         run = final(run_id)
         assert run.state.is_crashed()
-        body = delivered(alerts, "run crashed", run_id, killed)
+        # at once, Prefect's own words; then, once flows.recovery's hook has said where the database is, that
+        first = lines(delivered(alerts, "run crashed", run_id, killed, "Phase: unknown (the process died)"))
+        body = delivered(alerts, "run crashed", run_id, killed, "Phase: the migration")
     finally:
         worker.kill_all()
+    assert (first["Environment"], first["Revisions"]) == (ENV, "to head")
+    assert first["Reason"].startswith("Process exited with status code: -9.")
     fields = lines(body)
     assert (fields["Environment"], fields["Revisions"]) == (ENV, "to head")
-    # flows.recovery's hook, where it ran, ends the run saying the phase; else Prefect's message only
-    assert fields["Phase"] in ("the migration", "unknown (the process died)"), body
-    assert fields["Reason"] == run.state.message and "status code: -9" in body
+    assert fields["Reason"] == ("Run crashed (Process exited with status code: -9) during the migration: "
+                                "database at base, its starting revision: nothing was applied.")
+    assert fingerprint_of(target).revisions == ()
