@@ -138,9 +138,15 @@ def test_sync_again_changes_nothing_and_without_variables_sets_up_no_alerts(aler
     assert sorted(a.name for a in automations_named(f"dbmigrate {ENV}:")) == sorted(
         f"dbmigrate {ENV}: {kind}" for kind in KINDS)
 
-    # the webhook moved: the block's secret is updated; an automation edited in the UI is put back
     from prefect.client.orchestration import get_client
     from prefect.events.schemas.automations import AutomationCore
+
+    with get_client(sync_client=True) as client:  # what the UI and the API show of the blocks
+        shown = [client.read_block_document_by_name(name, "custom-webhook", include_secrets=False).model_dump_json()
+                 for name in (f"{ENV}-alerts", f"{ENV}-slack-alerts")]
+    assert all(TOKEN not in block and '"url":"{{url}}"' in block for block in shown), shown
+
+    # the webhook moved: the block's secret is updated; an automation edited in the UI is put back
 
     [edited] = automations_named(f"dbmigrate {ENV}: drift found")
     with get_client(sync_client=True) as client:
@@ -184,7 +190,7 @@ def delivered(alerts: Alerts, subject: str, run_id: str, since: float, says: str
     for delivery in (hook, slack):
         assert_no_canary(json.dumps(delivery.json), f"the {subject} alert")
         assert TOKEN not in json.dumps(delivery.json)
-    print(f"\n{subject}: delivered {hook.at - since:.1f}s after the run ended")
+    print(f"\n{subject}: delivered {hook.at - since:+.1f}s from the run's end (negative: before the flow returned)")
     return hook.json["body"]
 
 
@@ -259,12 +265,13 @@ def test_a_run_waiting_for_approval_alerts(alerts, target, tmp_path, monkeypatch
                                            "waiting for approval" in d.json.get("subject", "")), None),
                              60, "the approval alert")
         runner.join(60)
+    ended = time.monotonic()
     fields = lines(waiting.json["body"])
     assert (fields["Environment"], fields["Revisions"], fields["Phase"]) == (ENV, f"base → r1 in {ENV}", "approval")
     assert fields["Reason"].startswith(f"waiting for approval of base → r1 in {ENV}: click Resume on this run")
     assert str(state["s"].state_details.flow_run_id) in fields["Run"]
     assert state["s"].is_failed() and "nobody approved within 8s" in state["s"].message
-    failed = lines(delivered(alerts, "run failed", str(state["s"].state_details.flow_run_id), started))
+    failed = lines(delivered(alerts, "run failed", str(state["s"].state_details.flow_run_id), ended))
     assert (failed["Phase"], failed["Reason"]) == ("approval", state["s"].message)
     assert fingerprint_of(target).revisions == ()
 
