@@ -84,7 +84,7 @@ def sync_environment(environment: str, variables: Mapping[str, str], alerts: boo
     for block in notifiers:
         _validated(block.cls, block.fields)
     require_api()
-    register_types(s3=any(block.name.endswith("-backups") for block in wanted))
+    register_types(s3=any(block.cls.get_block_type_slug() == "s3-bucket" for block in wanted))
     synced = [_sync(block) for block in wanted + notifiers]
     if notifiers:
         ids = [_load(block)._block_document_id for block in notifiers]
