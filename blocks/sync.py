@@ -8,7 +8,9 @@ The variables (all checked before anything is written; a missing one names itsel
 - ``BACKUP_BUCKET`` (and ``BACKUP_BUCKET_FOLDER``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
   ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL`` for an S3-compatible store): an
   ``S3Bucket`` block ``<env>-backups`` with its ``AwsCredentials`` ``<env>-aws``; a run uses it
-  with ``backup_storage=s3-bucket/<env>-backups`` (or DBMIGRATE_BACKUP_STORAGE on the worker).
+  with ``backup_storage=s3-bucket/<env>-backups`` (or DBMIGRATE_BACKUP_STORAGE on the worker);
+- with ``alerts`` (``blocks sync``), ``ALERT_WEBHOOK_URL`` and ``ALERT_SLACK_WEBHOOK_URL``: notification
+  blocks and the environment's automations (:mod:`blocks.alerts`).
 
 A block that exists gets only the fields the variables set, and only where they differ: fields
 set in the UI are kept, and a re-run that changes nothing writes nothing.
@@ -21,9 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prefect.blocks.core import Block
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
+from prefect.types import SecretDict
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from blocks import ENVIRONMENT_NAME, DatabaseCredentials, EnvironmentPolicy, require_api
+from blocks.alerts import VARIABLES as ALERT_VARIABLES
+from blocks.alerts import sync_automations
+from blocks.alerts import wanted_blocks as alert_blocks
 from dbmigrate.errors import ConfigError
 
 # variable -> field of the block it sets (a dotted field is one inside a nested model)
@@ -67,12 +74,24 @@ def storage_spec(environment: str) -> str:
     return f"s3-bucket/{environment}-backups"
 
 
-def sync_environment(environment: str, variables: Mapping[str, str]) -> list[Synced]:
-    """Register the block types and create or update ``environment``'s blocks from ``variables``."""
-    wanted = _wanted(environment, {k: v for k, v in variables.items() if v})
+def sync_environment(environment: str, variables: Mapping[str, str], alerts: bool = False) -> list[Synced]:
+    """Register the block types and create or update ``environment``'s blocks from ``variables``;
+    with ``alerts``, its notification blocks and automations too (none without their variables)."""
+    given = {k: v for k, v in variables.items() if v}
+    wanted = _wanted(environment, given)
+    notifiers = [_Wanted(CustomWebhookNotificationBlock, name, fields)
+                 for name, fields in alert_blocks(environment, given)] if alerts else []
+    for block in notifiers:
+        _validated(block.cls, block.fields)
     require_api()
-    register_types(s3=len(wanted) > 1)
-    return [_sync(block) for block in wanted]
+    register_types(s3=any(block.cls.get_block_type_slug() == "s3-bucket" for block in wanted))
+    synced = [_sync(block) for block in wanted + notifiers]
+    if notifiers:
+        ids = [_load(block)._block_document_id for block in notifiers]
+        synced += [Synced(f"automation/{name}", action) for name, action in sync_automations(environment, ids)]
+    elif alerts:
+        synced.append(Synced(f"alerts of {environment}", f"none ({' or '.join(ALERT_VARIABLES)} not set)"))
+    return synced
 
 
 def register_types(s3: bool = False) -> None:
@@ -184,7 +203,7 @@ def _get(block: BaseModel, path: str):
 
 def _plain(value):
     """A field's value to compare: secrets by their value, a saved block by its document."""
-    if isinstance(value, SecretStr):
+    if isinstance(value, (SecretStr, SecretDict)):
         return value.get_secret_value()
     if isinstance(value, Block) and value._block_document_id:
         return value._block_document_id

@@ -43,7 +43,8 @@ Exit codes: 0 ok, 1 the operation failed, 2 bad input or unreachable database,
 SYNC_VARIABLES = """\
 variables: DB_HOST, DB_NAME, DB_USER, DB_PASSWORD (required), DB_PORT (default 5432),
 DB_SSLMODE (default prefer); BACKUP_BUCKET, BACKUP_BUCKET_FOLDER, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL (S3-compatible stores).
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL (S3-compatible stores);
+ALERT_WEBHOOK_URL (JSON subject/body), ALERT_SLACK_WEBHOOK_URL (a Slack incoming webhook): alerts.
 Needs PREFECT_API_URL."""
 
 MAX_SECONDS = 2_147_483  # PostgreSQL keeps its timeouts as int milliseconds: about 24.8 days
@@ -326,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sync", help="register the block types; create or update an environment's blocks from variables",
         description="Register the block types, then create or update the environment's DatabaseCredentials "
                     "block (named after it) and, where BACKUP_BUCKET is set, its S3Bucket NAME-backups with "
-                    "AwsCredentials NAME-aws. Only what changed is written; no value is ever printed.",
+                    "AwsCredentials NAME-aws; where ALERT_WEBHOOK_URL or ALERT_SLACK_WEBHOOK_URL is set, notification "
+                    "blocks and the automations that alert on failed, crashed and rolled-back runs, approvals "
+                    "and drift. Only what changed is written; no value is ever printed.",
         epilog=SYNC_VARIABLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sync.add_argument("--env", required=True, metavar="NAME", help="the environment (development, staging, ...)")
     sync.add_argument("--from-env", action="store_true", required=True,
@@ -829,10 +832,10 @@ def _print_local(server: local.LocalServer, home: Path) -> None:
 def cmd_blocks(args, settings: Settings, database: Database) -> int:
     from blocks.sync import storage_spec, sync_environment  # imports Prefect: only for `blocks`
 
-    synced = sync_environment(args.env, os.environ)
+    synced = sync_environment(args.env, os.environ, alerts=True)
     for result in synced:
         print(result)
-    if len(synced) > 1:
+    if any(result.block.startswith("s3-bucket/") for result in synced):
         spec = storage_spec(args.env)
         print(f"backups of {args.env}: {spec} (a run's backup_storage parameter, or "
               f"DBMIGRATE_BACKUP_STORAGE={spec} on its worker)")

@@ -29,6 +29,7 @@ from dbmigrate.policy import Policy
 from dbmigrate.report import Approval
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
+from flows import alerts
 from flows.artifacts import approval_request, lock_policy_section, rehearsal_section
 
 # Phases that only connect or upload: safe to retry. The migration itself never is.
@@ -130,6 +131,7 @@ def ends_failed_on_error(body):
             return body(*args, **kwargs)
         except DbMigrateError as exc:
             get_run_logger().error(str(exc))
+            alerts.failed_without_report(str(exc))
             return Failed(message=str(exc))
 
     return run
@@ -185,6 +187,7 @@ def ask_in_ui(rules: Policy, requested_by: str, describe) -> Approval:
                "choose approve or reject, give your name")
     logger = get_run_logger()
     logger.info(waiting)
+    alerts.approval_waiting(change, waiting)
     try:
         answer = paused_until_answered(form, waiting, rules.approval_timeout_s, rules.approval_poll_s).approval()
     except FlowPauseTimeout:

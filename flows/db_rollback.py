@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from dbmigrate import __version__, catalogue, db, fingerprint, pipeline, restore, revisions
 from dbmigrate.errors import ConfigError, DbMigrateError, MigrationFailed, ReportNotWritten
 from dbmigrate.report import DRY_RUN, SUCCEEDED, Report, RestoreSummary
-from flows import recovery
+from flows import alerts, recovery
 from flows.artifacts import artifact_key, how_to_approve, publish
 from flows.common import Environment, approval_in_ui, ask_in_ui, ends_failed_on_error, open_environment, phase_runner
 from flows.concurrency import one_run_per_environment
@@ -68,7 +68,11 @@ def _downgrade(env: Environment, revision: str, dry_run: bool, requested_by: str
     outcome = pipeline.execute(env.target, env.settings, request, hooks)
     publish(outcome, env.name, flow=FLOW)
     if outcome.error is not None:
-        raise MigrationFailed(f"{outcome.report.error.phase} failed: {outcome.report.error.message}")
+        failure = f"{outcome.report.error.phase} failed: {outcome.report.error.message}"
+        alerts.run_failed(env.name, outcome.report, failure)
+        raise MigrationFailed(failure)
+    if not dry_run:
+        alerts.rolled_back(env.name, outcome.report, f"downgrade to {revision}")
     if outcome.sql is not None:
         create_markdown_artifact(f"## db-rollback {env.name}: dry run\n\n```sql\n{outcome.sql}\n```",
                                  key=f"{artifact_key(env.name, FLOW)}-sql")
@@ -116,9 +120,11 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str,
             report.revision_after = manifest.revision
             report.finish(SUCCEEDED)
             lines += ["", f"Restored. Safety backup of the previous state: `{restored.safety_backup.id}`."]
+            alerts.rolled_back(environment, report, f"restore of backup {manifest.id}")
         create_markdown_artifact("\n".join(lines), key=f"{artifact_key(environment, FLOW)}-restore")
     except DbMigrateError as exc:
         report.fail(phase, exc)
+        alerts.run_failed(environment, report, f"{phase} failed: {exc}")
         raise
     finally:
         publish(_written(report, settings), environment, flow=FLOW)

@@ -11,6 +11,7 @@ from dbmigrate import backup, catalogue, drift, health
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import MigrationFailed
 from dbmigrate.report import BackupSummary
+from flows import alerts
 from flows.artifacts import BackupProgress, artifact_key, backup_line
 from flows.common import ends_failed_on_error, open_environment, phase_runner
 
@@ -56,6 +57,7 @@ def db_health(environment: str, credentials_block: str | None = None, alembic_co
             pending.status = health.WARN  # not at head: worth a look, not an outage
         if check_drift:
             checks.append(run("drift", drift.check, env.target, env.settings))
+            alerts.drift_found(environment, checks)
     create_markdown_artifact(health_markdown(environment, checks), key=f"{artifact_key(environment)}-health")
     failed = [c for c in checks if c.status == health.FAIL]
     if failed:

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 
 from dbmigrate import auto_rollback, pipeline, revisions
 from dbmigrate.errors import MigrationFailed
-from flows import recovery
+from flows import alerts, recovery
 from flows.artifacts import BackupProgress, publish
 from flows.common import approval_in_ui, ends_failed_on_error, open_environment, phase_runner
 from flows.concurrency import one_run_per_environment
@@ -81,7 +81,9 @@ def db_migrate(
     report = outcome.report
     if outcome.error is not None:
         rolled = f"; rollback: {report.rollback.detail}" if report.rollback else ""
-        raise MigrationFailed(f"{report.error.phase} failed: {report.error.message}{rolled}")
+        failure = f"{report.error.phase} failed: {report.error.message}{rolled}"
+        alerts.run_failed(environment, report, failure)
+        raise MigrationFailed(failure)
     logger.info("%s: %s -> %s (%s)", report.status, revisions.shown(report.revision_before),
                 revisions.shown(report.revision_after), outcome.report_path)
     return report.as_dict()

@@ -25,6 +25,10 @@ def sync(cli, prefect_api):
     return run
 
 
+def no_alerts(name: str) -> str:
+    return f"alerts of {name}: none (ALERT_WEBHOOK_URL or ALERT_SLACK_WEBHOOK_URL not set)"
+
+
 def _credentials(name: str):
     from blocks import DatabaseCredentials
 
@@ -37,7 +41,7 @@ def test_sync_creates_then_changes_only_what_changed(sync, cli, target, prefect_
     name = "env-" + uuid.uuid4().hex[:8]
     created = sync(name, _variables(target))
     assert created.returncode == 0, created.stderr
-    assert created.stdout.splitlines() == [f"dbmigrate-database-credentials/{name}: created"]
+    assert created.stdout.splitlines() == [f"dbmigrate-database-credentials/{name}: created", no_alerts(name)]
     block = _credentials(name)
     assert (block.host, block.port, block.database, block.username, block.password.get_secret_value(),
             block.sslmode) == ("127.0.0.1", target.port, target.database, "postgres", CANARY_PASSWORD, "disable")
@@ -47,11 +51,12 @@ def test_sync_creates_then_changes_only_what_changed(sync, cli, target, prefect_
     # a field set in the UI, not by the variables: kept by every later sync
     DatabaseCredentials(**{**dict(block), "connect_timeout": 33}).save(name, overwrite=True)
     again = sync(name, _variables(target))
-    assert again.stdout.splitlines() == [f"dbmigrate-database-credentials/{name}: unchanged"]
+    assert again.stdout.splitlines() == [f"dbmigrate-database-credentials/{name}: unchanged", no_alerts(name)]
 
     changed = sync(name, _variables(target, DB_PORT="6543", DB_PASSWORD=CANARY_PASSWORD + "-new"))
     assert changed.returncode == 0, changed.stderr
-    assert changed.stdout.splitlines() == [f"dbmigrate-database-credentials/{name}: updated: port, password"]
+    assert changed.stdout.splitlines() == [f"dbmigrate-database-credentials/{name}: updated: port, password",
+                                           no_alerts(name)]
     block = _credentials(name)
     assert (block.port, block.password.get_secret_value(), block.connect_timeout, block.database) == (
         6543, CANARY_PASSWORD + "-new", 33, target.database)
@@ -94,6 +99,7 @@ def test_sync_creates_a_bucket_pair_that_backups_go_to(sync, cli, target, prefec
         f"dbmigrate-database-credentials/{name}: created",
         f"aws-credentials/{name}-aws: created",
         f"s3-bucket/{name}-backups: created",
+        no_alerts(name),
         (f"backups of {name}: s3-bucket/{name}-backups (a run's backup_storage parameter, "
          f"or DBMIGRATE_BACKUP_STORAGE=s3-bucket/{name}-backups on its worker)"),
     ]

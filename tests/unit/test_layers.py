@@ -21,6 +21,7 @@ LAYERS = {
     "dbmigrate.lint": 2,
     "dbmigrate.phases": 3, "dbmigrate.auto_rollback": 3, "dbmigrate.rehearsal": 3, "dbmigrate.pipeline": 3,
     "dbmigrate.cli": 4, "dbmigrate.__main__": 4, "dbmigrate.stack": 4, "blocks": 4, "blocks.sync": 4,
+    "blocks.alerts": 4,
 }
 
 
