@@ -128,6 +128,15 @@ def database_size(conn: Connection) -> int:
     return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
 
 
+def abandoned_scratch_databases(conn: Connection) -> list[str]:
+    """Scratch databases on the server nobody is connected to: what a run killed outright (SIGKILL,
+    a lost machine) left behind, since every other way out drops them."""
+    return list(conn.execute(text(
+        "SELECT d.datname FROM pg_database d WHERE starts_with(d.datname, :prefix) AND NOT EXISTS "
+        "(SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname) ORDER BY 1"), {"prefix": SCRATCH_PREFIX}
+    ).scalars())
+
+
 def identifier(name: str) -> str:
     """``name`` as one quoted SQL identifier, whatever it holds (quotes, spaces, semicolons)."""
     return '"' + name.replace('"', '""') + '"'
@@ -142,8 +151,11 @@ def create_database(target: DatabaseTarget, name: str, timeout: float) -> None:
     _outside_transaction(target, f"CREATE DATABASE {identifier(name)}", timeout)
 
 
+SCRATCH_PREFIX = "dbmigrate_"  # scratch databases: the rehearsal's copy, drift's replay, a backup's verify-restore
+
+
 def scratch_database(target: DatabaseTarget, label: str, timeout: float) -> DatabaseTarget:
-    name = f"dbmigrate_{label}_{uuid.uuid4().hex[:8]}"
+    name = f"{SCRATCH_PREFIX}{label}_{uuid.uuid4().hex[:8]}"
     create_database(target, name, timeout)
     return target.with_database(name)
 

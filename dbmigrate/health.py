@@ -136,6 +136,15 @@ def check_invalid_indexes(invalid: list[str]) -> Check:
     return check
 
 
+def check_abandoned_scratch(names: list[str]) -> Check:
+    """Scratch databases a killed run left on the server: disk the next copy may need."""
+    if not names:
+        return Check("scratch_databases", detail="no abandoned scratch database")
+    return Check("scratch_databases", WARN,
+                 f"{len(names)} scratch database(s) left by a run killed outright, unused: {', '.join(names)}: "
+                 "safe to drop (DROP DATABASE name)", data={"abandoned": names})
+
+
 def run(
     target: DatabaseTarget,
     project: Project,
@@ -164,6 +173,7 @@ def run(
             has_table = revisions.has_version_table(conn)
             current = revisions.current_revisions(conn)
             invalid = schema.invalid_indexes(conn)
+            abandoned = db.abandoned_scratch_databases(conn)
     except DbMigrateError as exc:
         if checks:  # connected, then reading the version table failed (a lock held on it, the server gone)
             checks.append(Check("alembic_version", FAIL, str(exc), time.monotonic() - start, refusal=exc))
@@ -176,4 +186,5 @@ def run(
     if version_check.status != FAIL:
         timed(check_pending, project, current, target_revision)
     timed(check_invalid_indexes, invalid)
+    timed(check_abandoned_scratch, abandoned)
     return checks

@@ -123,6 +123,32 @@ def test_sigterm_mid_rehearsal_drops_the_copy_and_touches_nothing(home, url, tar
     assert last_report(home)["error"]["phase"] == "rehearsal"
 
 
+def test_a_copy_left_by_a_sigkilled_rehearsal_is_named_by_the_health_checks(home, url, target, tmp_path, cli):
+    ini = at_r1_with_rows(tmp_path, cli, url, target, "op.execute('SELECT pg_sleep(60)')")
+    proc = start_cli(home, "rehearse", "--alembic-config", ini, env={"DATABASE_URL": url})
+    deadline = time.monotonic() + 60
+    while not (sleeping := sql(target, "SELECT pid, datname FROM pg_stat_activity WHERE query LIKE "
+                                       "'SELECT pg_sleep(60)%' AND datname LIKE 'dbmigrate\\_rehearsal\\_%'")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    [(pid, copy)] = sleeping
+    proc.kill()
+    proc.wait()
+    sql(target, "SELECT pg_terminate_backend(%s)", pid)  # the server would sleep on for the dead client
+    try:
+        deadline = time.monotonic() + 30
+        while sql(target, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        result = cli("health", "--json", "--alembic-config", ini, env={"DATABASE_URL": url})
+        assert result.returncode == 0, result.stderr
+        check = {c["name"]: c for c in json.loads(result.stdout)["checks"]}["scratch_databases"]
+        assert check["status"] == "warn" and copy in check["data"]["abandoned"], check
+        assert "left by a run killed outright" in check["detail"]
+    finally:
+        sql(target, f'DROP DATABASE IF EXISTS "{copy}"')
+
+
 def test_the_flow_rehearses_production_and_shows_it_on_the_approval_page(environment, target, home, tmp_path,
                                                                           cli, url):
     from prefect.flow_runs import resume_flow_run

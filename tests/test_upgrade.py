@@ -35,7 +35,8 @@ def test_status_health_check_and_heads_on_a_fresh_database(cli, url):
     health = cli("health", "--json", env=env)
     assert health.returncode == 0, health.stderr
     checks = {c["name"]: c for c in json.loads(health.stdout)["checks"]}
-    assert set(checks) == {"connection", "disk_space", "alembic_version", "pending_revisions", "invalid_indexes"}
+    assert set(checks) == {"connection", "disk_space", "alembic_version", "pending_revisions", "invalid_indexes",
+                           "scratch_databases"}
     assert all(c["status"] == "ok" and c["duration_s"] >= 0 for c in checks.values())
     assert "first-time migration" in checks["alembic_version"]["detail"]
     assert checks["disk_space"]["data"]["writable"] and checks["disk_space"]["data"]["free_bytes"] > 0
