@@ -67,8 +67,9 @@ def test_an_environment_set_up_from_variables(stack, prefect_api):
     again = stack.cli("blocks", "sync", "--env", "staging", "--from-env", env=variables)
 
     assert synced.returncode == 0, synced.stderr
-    assert synced.stdout == "dbmigrate-database-credentials/staging: updated: sslmode\n"
-    assert again.stdout == "dbmigrate-database-credentials/staging: unchanged\n"
+    no_alerts = "alerts of staging: none (ALERT_WEBHOOK_URL or ALERT_SLACK_WEBHOOK_URL not set)\n"
+    assert synced.stdout == "dbmigrate-database-credentials/staging: updated: sslmode\n" + no_alerts
+    assert again.stdout == "dbmigrate-database-credentials/staging: unchanged\n" + no_alerts
     from blocks import load_target
 
     synced_target = load_target("staging")
