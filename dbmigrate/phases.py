@@ -128,11 +128,11 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
                 applied += _attempt(target, project, settings, plan, limits, applied, on_step, effects,
                                     application_name)
         except StepFailed as failed:
-            locked = lockretry.is_lock_timeout(failed.__cause__)
+            lock_failure = lockretry.lock_failure(failed.__cause__)  # a lock timeout or a deadlock: rolled back
             attempts.append(LockAttempt(number, lock_timeout, time.monotonic() - started,
-                                        lockretry.LOCK_TIMEOUT if locked else lockretry.FAILED, watcher.blockers))
+                                        lock_failure or lockretry.FAILED, watcher.blockers))
             failed.attempts = attempts
-            if not locked or failed.kept_unknown:
+            if not lock_failure or failed.kept_unknown:
                 raise
             _require_undone(failed, effects, plan.steps[len(applied):], attempts)
             applied = failed.applied
@@ -151,13 +151,14 @@ def _require_undone(failed: StepFailed, effects: migrate.Effects, attempted: lis
     """Refuse to run again what changed the database outside a transaction in the failed attempt: a
     step whose revision the database did not keep (``attempted``: the plan's steps from where the attempt began)."""
     kept = {step.revision for step in failed.applied}
-    unstamped = sorted({attempted[index].revision for index in effects.outside} - kept)
+    unstamped = [(attempted[index].revision, what) for index, what in sorted(effects.outside.items())
+                 if attempted[index].revision not in kept]
     if unstamped:
         raise LockRetriesExhausted(
-            f"{failed}; not retried: revision {', '.join(unstamped)} ran outside a transaction (autocommit, "
-            "CREATE INDEX CONCURRENTLY) and may have changed the database before the lock timed out, which no "
-            "rollback undoes: check what it left (an INVALID index, a half-done change) before running it again",
-            failed.applied, attempts)
+            f"{failed}; not retried: " + ", ".join(f"revision {revision} ran outside a transaction ({what})"
+                                                   for revision, what in unstamped)
+            + " and may have changed the database before the attempt failed, which no rollback undoes: check what "
+            "it left (an INVALID index, a half-done change) before running it again", failed.applied, attempts)
 
 
 def _gave_up(failed: StepFailed, schedule: lockretry.LockRetries, attempts: list[LockAttempt]) -> StepFailed:
