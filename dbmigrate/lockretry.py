@@ -4,8 +4,9 @@ A migration waiting for a lock queues every query of the application behind its 
 a long ``lock_timeout`` stalls the application while a long transaction holds the table. Under
 a :class:`LockRetries` schedule each attempt waits only a short, growing ``lock_timeout``; an
 attempt that times out (or that PostgreSQL cancels to break a deadlock) is rolled back and tried
-again after a pause, until the total time is spent. While an attempt runs, a :class:`Watcher` (a second session of ours) records whom the
-migrating backend waits for, so a failure names the blocking sessions.
+again after a pause, until the total time is spent. While an attempt runs, a :class:`Watcher` (a
+second session of ours) records whom the migrating backend waits for, so a failure names the
+blocking sessions.
 """
 
 from __future__ import annotations

@@ -151,14 +151,15 @@ def _require_undone(failed: StepFailed, effects: migrate.Effects, attempted: lis
     """Refuse to run again what changed the database outside a transaction in the failed attempt: a
     step whose revision the database did not keep (``attempted``: the plan's steps from where the attempt began)."""
     kept = {step.revision for step in failed.applied}
-    unstamped = [(attempted[index].revision, what) for index, what in sorted(effects.outside.items())
-                 if attempted[index].revision not in kept]
+    unstamped = [(f"revision {attempted[index].revision}" if index < len(attempted) else "env.py after them", what)
+                 for index, what in sorted(effects.outside.items())
+                 if index >= len(attempted) or attempted[index].revision not in kept]
     if unstamped:
+        ran = ", ".join(f"{who} ran outside a transaction ({what})" for who, what in unstamped)
         raise LockRetriesExhausted(
-            f"{failed}; not retried: " + ", ".join(f"revision {revision} ran outside a transaction ({what})"
-                                                   for revision, what in unstamped)
-            + " and may have changed the database before the attempt failed, which no rollback undoes: check what "
-            "it left (an INVALID index, a half-done change) before running it again", failed.applied, attempts)
+            f"{failed}; not retried: {ran} and may have changed the database before the attempt failed, which no "
+            "rollback undoes: check what it left (an INVALID index, a half-done change) before running it again",
+            failed.applied, attempts)
 
 
 def _gave_up(failed: StepFailed, schedule: lockretry.LockRetries, attempts: list[LockAttempt]) -> StepFailed:

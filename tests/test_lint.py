@@ -79,7 +79,8 @@ def test_a_revision_that_cannot_be_rendered_offline_is_a_finding_unless_excepted
     level (it blocks wherever the policy blocks), until a reviewer excepts it."""
     result = cli("lint", "--alembic-config", unrenderable_project(tmp_path / "plain"), env={"DATABASE_URL": url})
     assert result.returncode == 1, result.stderr
-    assert result.stdout.splitlines() == [UNRENDERABLE, "lint: 1 finding(s) at or above warning in 2 pending revision(s)"]
+    assert result.stdout.splitlines() == [UNRENDERABLE,
+                                          "lint: 1 finding(s) at or above warning in 2 pending revision(s)"]
 
     allow = "# dbmigrate: allow unrenderable -- reads t to size the batch; the index was reviewed by hand"
     ini = unrenderable_project(tmp_path / "allowed", allow)
@@ -172,7 +173,8 @@ def fake_squawk(directory: Path, body: str, executable: bool = True) -> str:
 def test_a_squawk_that_cannot_run_or_prints_garbage_is_one_line(cli, url, target, tmp_path):
     ini = index_project(tmp_path)
     for squawk, code, error in (
-        (fake_squawk(tmp_path / "plain", "exit 0", executable=False), 2, "squawk cannot be run ({}): Permission denied"),
+        (fake_squawk(tmp_path / "plain", "exit 0", executable=False), 2,
+         "squawk cannot be run ({}): Permission denied"),
         (fake_squawk(tmp_path / "garbage", "echo 'Segmentation fault (core dumped)'; exit 1"), 2,
          "squawk ({}) printed something other than its JSON report: 'Segmentation fault (core dumped)'"),
     ):

@@ -121,10 +121,10 @@ def test_a_revision_that_changed_something_outside_a_transaction_is_not_retried(
         result = cli("upgrade", "--yes", *SCHEDULE, "--alembic-config", ini, env=env)
     assert result.returncode == 1
     line = one_line_error(result.stderr)
-    assert line.endswith(f"revision {failing} failed: canceling statement due to lock timeout; not retried: revision r2 "
-                         "ran outside a transaction (autocommit: CREATE TABLE side (id int)) and may have changed the "
-                         "database before the attempt failed, which no rollback undoes: check what it left (an INVALID "
-                         "index, a half-done change) before running it again")
+    assert line.endswith(f"revision {failing} failed: canceling statement due to lock timeout; not retried: "
+                         "revision r2 ran outside a transaction (autocommit: CREATE TABLE side (id int)) and may "
+                         "have changed the database before the attempt failed, which no rollback undoes: check what "
+                         "it left (an INVALID index, a half-done change) before running it again")
     attempts = last_report(home)["lock_attempts"]
     assert [a["outcome"] for a in attempts] == ["lock_timeout"]
     assert scalar(target, "SELECT to_regclass('side') IS NOT NULL"), "what it changed stays, and it says so"
@@ -184,14 +184,15 @@ def test_a_function_that_writes_outside_the_transaction_runs_once(cli, url, targ
 
 def test_a_deadlock_is_rolled_back_and_tried_again(home, url, target, tmp_path):
     """r2 alters t1, then t2; a session of the application that read t2 then reads t1 closes the cycle.
-    PostgreSQL cancels the migration (it waited first, so its deadlock check runs first): the attempt
-    rolled back, it is tried again once the application's transaction has ended."""
+    PostgreSQL cancels the migration (its deadlock check runs first: the application's waits 10 s): the
+    attempt rolled back, it is tried again once the application's transaction has ended."""
     create = "op.create_table('t2', sa.Column('id', sa.Integer))"
     ini = str(stock_project(tmp_path, linear(f"{CREATE_T1}\n    {create}",
                                              f"{ALTER_T1}\n    op.add_column('t2', sa.Column('note', sa.Text))")))
     env = {"DATABASE_URL": url}
     assert start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).wait(120) == 0
     with psycopg.connect(libpq_url(target), application_name="the-application") as app:
+        app.execute("SET deadlock_timeout = '10s'")
         app.execute("SELECT * FROM t2")  # its transaction holds ACCESS SHARE on t2
         migration = start_cli(home, "upgrade", "--yes", "--lock-retries", "5", "--lock-retry-pause", "0.3",
                               "--alembic-config", ini, env=env)
