@@ -205,7 +205,9 @@ def test_a_deadlock_is_rolled_back_and_tried_again(home, url, target, tmp_path):
         app.rollback()
     result = finish(migration)
     assert result.returncode == 0, result.stderr
-    assert [a["outcome"] for a in last_report(home)["lock_attempts"]] == ["deadlock", "succeeded"]
+    attempts = last_report(home)["lock_attempts"]
+    print(f"attempts {[(a['outcome'], a['waited_s']) for a in attempts]}")
+    assert [a["outcome"] for a in attempts] == ["deadlock", "succeeded"]
     assert scalar(target, "SELECT version_num FROM alembic_version") == "r2"
     assert sql(target, "SELECT table_name FROM information_schema.columns WHERE column_name = 'note' "
                        "ORDER BY table_name") == [("t1",), ("t2",)]
