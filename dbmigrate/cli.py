@@ -502,7 +502,7 @@ def lint_lines(result: LintResult) -> list[str]:
     for rev in result.revisions:
         lines += [f"{rev.revision}  {f.shown()}" for f in rev.findings]
         lines += [f"{rev.revision}  excepted {e.rule} ({e.findings} finding(s)): {e.reason}" for e in rev.excepted]
-        if rev.not_linted:
+        if rev.not_linted and not rev.findings:  # else its finding (unrenderable) says so
             lines.append(f"{rev.revision}  not linted: {rev.not_linted}")
     return lines
 

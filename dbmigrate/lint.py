@@ -8,17 +8,28 @@ transaction). A revision file may carry reviewed exceptions, one rule each::
 
     # dbmigrate: allow require-concurrent-index-creation -- table is empty at deploy time
 
-Findings of an excepted rule are recorded as excepted, not as findings.
+Findings of an excepted rule are recorded as excepted, not as findings. Only a Python comment
+counts (read with :mod:`tokenize`): the same words inside a string, such as the SQL a revision
+executes, are not an exception. A revision that cannot be rendered offline is the finding
+``unrenderable`` at the highest level (its SQL is unchecked), excepted the same way.
+
+The squawk run is ``$DBMIGRATE_SQUAWK`` if set, else the one the squawk-cli package installed
+beside this Python's scripts; each call is bounded by ``$DBMIGRATE_SQUAWK_TIMEOUT`` seconds
+(default :data:`SQUAWK_TIMEOUT_S`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import re
+import signal
 import subprocess
 import sysconfig
 import tempfile
+import tokenize
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +51,11 @@ RULES_OFF = (
 EXCEPTION_FORM = "# dbmigrate: allow RULE -- REASON"
 _EXCEPTION = re.compile(r"#\s*dbmigrate:\s*allow\b(.*)")
 _RULE_AND_REASON = re.compile(r"\s+([a-z0-9]+(?:-[a-z0-9]+)*)\s+--\s*(\S.*?)\s*")
+_A_WORD = re.compile(r"\w")  # a reason says something: "--" or "..." alone is not one
+# Ours, not squawk's: a revision that cannot be rendered offline, so squawk never sees its SQL.
+UNRENDERABLE = "unrenderable"
+SQUAWK_VARIABLE, SQUAWK_TIMEOUT_VARIABLE = "DBMIGRATE_SQUAWK", "DBMIGRATE_SQUAWK_TIMEOUT"
+SQUAWK_TIMEOUT_S = 60.0  # squawk lints a revision in milliseconds: a minute means it hangs
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,8 @@ class Finding:
     statement: str  # the first line of the statement it is about
 
     def shown(self) -> str:
+        if not self.line:  # about the revision as a whole (unrenderable)
+            return f"{self.rule} ({self.level}): {self.message}"
         return f"{self.rule} ({self.level}) at line {self.line} ({self.statement}): {self.message}"
 
 
@@ -94,38 +112,87 @@ class LintBlocked(MigrationFailed):
 
 
 def squawk_binary() -> Path:
-    """The squawk that the squawk-cli package installed beside this Python's scripts."""
+    """``$DBMIGRATE_SQUAWK``, else the squawk the squawk-cli package installed beside this Python's scripts."""
+    if os.environ.get(SQUAWK_VARIABLE):
+        path = Path(os.environ[SQUAWK_VARIABLE])
+        if not path.is_file():
+            raise ConfigError(f"{SQUAWK_VARIABLE} names no file: {path}")
+        return path
     path = Path(sysconfig.get_path("scripts")) / "squawk"
     if not path.is_file():
         raise ConfigError(f"squawk is not installed ({path} is missing): pip install 'squawk-cli>=2.70,<3'")
     return path
 
 
+def squawk_timeout() -> float:
+    """How long one squawk call may take: ``$DBMIGRATE_SQUAWK_TIMEOUT`` seconds, else SQUAWK_TIMEOUT_S."""
+    given = os.environ.get(SQUAWK_TIMEOUT_VARIABLE)
+    if not given:
+        return SQUAWK_TIMEOUT_S
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{SQUAWK_TIMEOUT_VARIABLE} must be a number of seconds above 0: {given!r}")
+    return seconds
+
+
 def exceptions(path: Path) -> list[Excepted]:
-    """The reviewed exceptions in a revision file; a malformed one is an error naming its line."""
+    """The reviewed exceptions in a revision file's comments; a malformed one is an error naming its line."""
     found = []
-    for number, text in enumerate(path.read_text().splitlines(), start=1):
-        match = _EXCEPTION.search(text)
+    for number, comment in _comments(path):
+        match = _EXCEPTION.search(comment)
         if not match:
             continue
         rule_and_reason = _RULE_AND_REASON.fullmatch(match.group(1))
         if not rule_and_reason:
             raise ConfigError(f"{path}:{number}: malformed lint exception: write '{EXCEPTION_FORM}'")
+        if not _A_WORD.search(rule_and_reason.group(2)):
+            raise ConfigError(f"{path}:{number}: lint exception gives no reason after '--': write '{EXCEPTION_FORM}'")
         found.append(Excepted(rule_and_reason.group(1), rule_and_reason.group(2), number))
     return found
 
 
+def _comments(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, text) of each Python comment in the file: not the text of its strings."""
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if token.type == tokenize.COMMENT:
+                yield token.start[0], token.string
+    except (tokenize.TokenError, SyntaxError) as exc:  # Alembic would not load it either
+        raise ConfigError(f"{path}: cannot read its comments: {first_line(exc)}") from None
+
+
 def _check_rules(squawk: Path, excepted: dict[Path, list[Excepted]]) -> None:
     """Squawk itself knows its rules: an exception naming another is an error naming its file and line."""
-    rules = sorted({e.rule for found in excepted.values() for e in found})
+    rules = sorted({e.rule for found in excepted.values() for e in found} - {UNRENDERABLE})
     if not rules:
         return
-    done = subprocess.run([squawk, f"--exclude={','.join(rules)}", "--reporter", "json"], input="",
-                          capture_output=True, text=True, check=False)
+    done = _run(squawk, [f"--exclude={','.join(rules)}", "--reporter", "json"])
     unknown = re.search(r"invalid rule name (\S+)", done.stderr)
     if unknown:
         path, line = next((p, e.line) for p, found in excepted.items() for e in found if e.rule == unknown[1])
         raise ConfigError(f"{path}:{line}: lint exception names an unknown squawk rule '{unknown[1]}'")
+
+
+def _run(squawk: Path, args: list[str], cwd: str | None = None) -> subprocess.CompletedProcess:
+    """One squawk call, bounded by squawk_timeout(); a squawk that cannot run or hangs is one line.
+    Its own session, so that a hung squawk is killed with whatever it started."""
+    timeout = squawk_timeout()
+    try:
+        proc = subprocess.Popen([squawk, *args], cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    except OSError as exc:  # not executable, not a program, a missing interpreter
+        raise ConfigError(f"squawk cannot be run ({squawk}): {exc.strerror or exc}") from None
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise DbMigrateError(f"squawk ({squawk}) did not finish within {timeout:g}s (set {SQUAWK_TIMEOUT_VARIABLE} "
+                             "to wait longer): nothing was linted") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def lint(project: Project, steps: list[PlannedStep], pg_version: str) -> LintResult:
@@ -144,8 +211,19 @@ def lint(project: Project, steps: list[PlannedStep], pg_version: str) -> LintRes
                 results[-1].not_linted = f"cannot be rendered offline: {first_line(exc)}"
     raw = _squawk(squawk, sql, pg_version)
     for result in results:
-        _sort(result, raw.get(result.revision, []), sql.get(result.revision, ""), excepted[files[result.revision]])
+        allowed = excepted[files[result.revision]]
+        if result.not_linted:
+            _unrenderable(result, allowed)
+        else:
+            _sort(result, raw.get(result.revision, []), sql[result.revision], allowed)
     return LintResult(pg_version, results)
+
+
+def _unrenderable(result: RevisionLint, allowed: list[Excepted]) -> None:
+    """Unchecked SQL is a finding at the highest level, so it blocks wherever the policy blocks, unless excepted."""
+    result.excepted = [Excepted(e.rule, e.reason, e.line, int(e.rule == UNRENDERABLE)) for e in allowed]
+    if not any(e.rule == UNRENDERABLE for e in allowed):
+        result.findings.append(Finding(UNRENDERABLE, LEVELS[-1], f"not linted: {result.not_linted}", 0, ""))
 
 
 @contextmanager
@@ -175,15 +253,20 @@ def _squawk(squawk: Path, sql: dict[str, str], pg_version: str) -> dict[str, lis
             (Path(tmp) / name).write_text(text)
             names[name] = revision
         # cwd: the temporary directory, so no stray .squawk.toml above the caller's directory applies
-        done = subprocess.run([squawk, "--reporter", "json", f"--pg-version={pg_version}",
-                               f"--exclude={','.join(RULES_OFF)}", *names],
-                              cwd=tmp, capture_output=True, text=True, check=False)
+        done = _run(squawk, ["--reporter", "json", f"--pg-version={pg_version}",
+                             f"--exclude={','.join(RULES_OFF)}", *names], cwd=tmp)
     if done.returncode not in (0, 1):
         why = (done.stderr.strip().splitlines() or ["no message"])[0]
         raise DbMigrateError(f"squawk failed (exit {done.returncode}): {why}")
     found: dict[str, list[dict]] = {}
-    for item in json.loads(done.stdout or "[]"):
-        found.setdefault(names[Path(item["file"]).name], []).append(item)
+    try:
+        for item in json.loads(done.stdout or "[]"):
+            found.setdefault(names[Path(item["file"]).name], []).append(
+                {"rule_name": str(item["rule_name"]), "level": str(item["level"]), "message": str(item["message"]),
+                 "line": int(item["line"])})
+    except (ValueError, TypeError, KeyError, AttributeError):  # not the JSON report squawk writes
+        shown = (done.stdout.strip().splitlines() or [""])[0][:80]
+        raise DbMigrateError(f"squawk ({squawk}) printed something other than its JSON report: {shown!r}") from None
     return found
 
 

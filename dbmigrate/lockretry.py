@@ -3,9 +3,10 @@
 A migration waiting for a lock queues every query of the application behind its request, so
 a long ``lock_timeout`` stalls the application while a long transaction holds the table. Under
 a :class:`LockRetries` schedule each attempt waits only a short, growing ``lock_timeout``; an
-attempt that times out is rolled back and tried again after a pause, until the total time is
-spent. While an attempt runs, a :class:`Watcher` (a second session of ours) records whom the
-migrating backend waits for, so a failure names the blocking sessions.
+attempt that times out (or that PostgreSQL cancels to break a deadlock) is rolled back and tried
+again after a pause, until the total time is spent. While an attempt runs, a :class:`Watcher` (a
+second session of ours) records whom the migrating backend waits for, so a failure names the
+blocking sessions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from sqlalchemy import text
 from dbmigrate import db
 from dbmigrate.target import DatabaseTarget
 
-SUCCEEDED, LOCK_TIMEOUT, FAILED = "succeeded", "lock_timeout", "failed"
+SUCCEEDED, LOCK_TIMEOUT, DEADLOCK, FAILED = "succeeded", "lock_timeout", "deadlock", "failed"
+_RETRIED = {db.LOCK_NOT_AVAILABLE: LOCK_TIMEOUT, "40P01": DEADLOCK}  # SQLSTATE 40P01: deadlock_detected
 WATCH_INTERVAL_S = 0.02  # an attempt of 0.1 s must be seen waiting
 
 
@@ -77,7 +79,7 @@ class LockAttempt:
     number: int
     lock_timeout_s: float
     waited_s: float
-    outcome: str  # succeeded | lock_timeout | failed
+    outcome: str  # succeeded | lock_timeout | deadlock | failed
     blockers: tuple[Blocker, ...] = ()
 
     def as_dict(self) -> dict:
@@ -85,16 +87,19 @@ class LockAttempt:
                 "outcome": self.outcome, "blockers": [b.as_dict() for b in self.blockers]}
 
 
-def is_lock_timeout(exc: BaseException) -> bool:
-    """Did PostgreSQL cancel a statement because its lock_timeout ran out (SQLSTATE 55P03)?"""
+def lock_failure(exc: BaseException) -> str | None:
+    """LOCK_TIMEOUT or DEADLOCK when PostgreSQL cancelled a statement because its lock_timeout ran out
+    (SQLSTATE 55P03) or it was chosen to break a deadlock (40P01): either way its transaction is
+    rolled back, and the attempt may be tried again. None for any other failure."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         orig = getattr(exc, "orig", None)
-        if db.LOCK_NOT_AVAILABLE in (getattr(orig, "sqlstate", None), getattr(orig, "pgcode", None)):
-            return True
+        state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if state in _RETRIED:
+            return _RETRIED[state]
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
 
 
 # The sessions a backend of ours (by application_name) waits for, and the lock it wants.

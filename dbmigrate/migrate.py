@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from alembic import util as alembic_util
 from alembic.runtime.environment import EnvironmentContext
 from sqlalchemy import event
+from sqlalchemy.pool import Pool
 
 from dbmigrate.errors import RevisionError
 from dbmigrate.revisions import Project
@@ -47,37 +49,63 @@ class AppliedStep:
         return {"revision": self.revision, "message": self.message, "duration_s": round(self.duration_s, 3)}
 
 
+_COMMIT = "a commit inside the revision"  # an autocommit_block commits the run's transaction too
+
+
 class Effects:
-    """Which steps (by index in the run) changed the database where no rollback undoes it: a
-    statement run in autocommit (an ``autocommit_block``, ``CREATE INDEX CONCURRENTLY``), or a
-    commit in the middle of a step. Only those make a failed step unsafe to run again.
-    Reads, and Alembic's own version table, change nothing that matters here."""
+    """Which steps (by index in the run) changed the database where no rollback undoes it, and how
+    (:attr:`outside`): any statement run in autocommit (an ``autocommit_block``, ``CREATE INDEX
+    CONCURRENTLY``, a ``SELECT`` of a function that writes), a commit in the middle of a step, or a
+    connection of its own (any SQLAlchemy engine's, checked out while the steps run in this thread).
+    Only those make a failed step unsafe to run again. Alembic's own version table changes nothing
+    that matters here. Not seen: a connection opened without SQLAlchemy (``psycopg.connect``), in
+    another thread, or by another program the revision starts."""
 
     def __init__(self) -> None:
         self.step = 0
-        self.outside: set[int] = set()
-        self._pending = False  # a change of this step inside the open transaction
+        self.outside: dict[int, str] = {}  # step -> what it ran outside the run's transaction (the first seen)
+        self._pending = False  # a statement of this step inside the open transaction
+        self._watched = False
 
     def watch(self, connection) -> None:
         event.listen(connection, "before_cursor_execute", self._executing)
         event.listen(connection, "commit", self._committed)
         event.listen(connection, "rollback", self._rolled_back)
+        self._watched = True
+
+    @contextmanager
+    def own_connections(self) -> Iterator[None]:
+        """While inside, a connection checked out in this thread once env.py's is watched is the revision's own."""
+        thread = threading.get_ident()
+
+        def checked_out(*_) -> None:
+            if self._watched and threading.get_ident() == thread:
+                self._ran_outside("a connection of its own")
+
+        event.listen(Pool, "checkout", checked_out)
+        try:
+            yield
+        finally:
+            event.remove(Pool, "checkout", checked_out)
 
     def step_done(self) -> None:
         self.step += 1
         self._pending = False  # stamped with its revision: committed or rolled back together
 
+    def _ran_outside(self, what: str) -> None:
+        if self.outside.get(self.step, _COMMIT) == _COMMIT:  # the most telling account of the step's first
+            self.outside[self.step] = what
+
     def _executing(self, conn, cursor, statement, *_) -> None:
-        if statement.lstrip().upper().startswith(("SELECT", "SHOW")) or "alembic_version" in statement:
-            return
-        if getattr(cursor.connection, "autocommit", False):
-            self.outside.add(self.step)
-        else:
+        if getattr(cursor.connection, "autocommit", False):  # whatever it is: a SELECT may call a function that writes
+            shown = (statement.strip().splitlines() or [""])[0]
+            self._ran_outside(f"autocommit: {shown[:80]}")
+        elif "alembic_version" not in statement:
             self._pending = True
 
     def _committed(self, conn) -> None:
         if self._pending:
-            self.outside.add(self.step)
+            self.outside.setdefault(self.step, _COMMIT)
         self._pending = False
 
     def _rolled_back(self, conn) -> None:
@@ -156,7 +184,7 @@ def run(
     completes (before env.py commits: a later failure may still roll it back)."""
     env = _timed_environment(project, on_step, effects, fn=_steps_fn(project, target, upgrade),
                              destination_rev=target)
-    with session_limits(limits, application_name), env:
+    with session_limits(limits, application_name), env, effects.own_connections() if effects else nullcontext():
         project.script.run_env()
 
 

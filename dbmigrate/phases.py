@@ -128,11 +128,11 @@ def apply(target: DatabaseTarget, project: Project, settings: Settings, plan: Pl
                 applied += _attempt(target, project, settings, plan, limits, applied, on_step, effects,
                                     application_name)
         except StepFailed as failed:
-            locked = lockretry.is_lock_timeout(failed.__cause__)
+            lock_failure = lockretry.lock_failure(failed.__cause__)  # a lock timeout or a deadlock: rolled back
             attempts.append(LockAttempt(number, lock_timeout, time.monotonic() - started,
-                                        lockretry.LOCK_TIMEOUT if locked else lockretry.FAILED, watcher.blockers))
+                                        lock_failure or lockretry.FAILED, watcher.blockers))
             failed.attempts = attempts
-            if not locked or failed.kept_unknown:
+            if not lock_failure or failed.kept_unknown:
                 raise
             _require_undone(failed, effects, plan.steps[len(applied):], attempts)
             applied = failed.applied
@@ -151,11 +151,13 @@ def _require_undone(failed: StepFailed, effects: migrate.Effects, attempted: lis
     """Refuse to run again what changed the database outside a transaction in the failed attempt: a
     step whose revision the database did not keep (``attempted``: the plan's steps from where the attempt began)."""
     kept = {step.revision for step in failed.applied}
-    unstamped = sorted({attempted[index].revision for index in effects.outside} - kept)
+    unstamped = [(f"revision {attempted[index].revision}" if index < len(attempted) else "env.py after them", what)
+                 for index, what in sorted(effects.outside.items())
+                 if index >= len(attempted) or attempted[index].revision not in kept]
     if unstamped:
+        ran = ", ".join(f"{who} ran outside a transaction ({what})" for who, what in unstamped)
         raise LockRetriesExhausted(
-            f"{failed}; not retried: revision {', '.join(unstamped)} ran outside a transaction (autocommit, "
-            "CREATE INDEX CONCURRENTLY) and may have changed the database before the lock timed out, which no "
+            f"{failed}; not retried: {ran} and may have changed the database before the attempt failed, which no "
             "rollback undoes: check what it left (an INVALID index, a half-done change) before running it again",
             failed.applied, attempts)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dbmigrate import db, revisions
 from dbmigrate.backup import DumpOptions
+from dbmigrate.errors import ConfigError
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.revisions import Project
@@ -35,6 +36,16 @@ class Settings:
     dump: DumpOptions = field(default_factory=DumpOptions)
     project_logging: bool = True  # let the project's env.py configure logging (see revisions.load)
     lock_retries: LockRetries = field(default_factory=LockRetries)
+
+    def __post_init__(self) -> None:
+        # statement_timeout counts a statement's lock wait too: one that ends first cancels the wait
+        # (SQLSTATE 57014, not a lock failure, so never retried) and the schedule's longer waits never happen.
+        longest = max(self.lock_retries.timeouts_s, default=0.0)
+        statement = self.limits.statement_timeout_s
+        if statement and statement <= longest:
+            raise ConfigError(f"a statement_timeout of {statement:g}s would cancel a statement waiting for its lock "
+                              f"before the lock-retry schedule's lock_timeout of {longest:g}s ends, and that is not "
+                              f"retried: give a statement_timeout above {longest:g}s, or 0 (none)")
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:

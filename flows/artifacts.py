@@ -75,11 +75,11 @@ def lint_markdown(lint: LintResult | None) -> str:
     for rev in lint.revisions:
         if not (rev.findings or rev.excepted or rev.not_linted):
             lines.append(f"- `{rev.revision}`: no finding")
-        lines += [f"- `{rev.revision}` **{f.rule}** ({f.level}), SQL line {f.line}: {f.message} "
-                  f"`{f.statement}`" for f in rev.findings]
+        lines += [f"- `{rev.revision}` **{f.rule}** ({f.level}), SQL line {f.line}: {f.message} `{f.statement}`"
+                  if f.line else f"- `{rev.revision}` **{f.rule}** ({f.level}): {f.message}" for f in rev.findings]
         lines += [f"- `{rev.revision}` excepted **{e.rule}** ({e.findings} finding(s)): {e.reason}"
                   for e in rev.excepted]
-        if rev.not_linted:
+        if rev.not_linted and not rev.findings:  # else its finding (unrenderable) says so
             lines.append(f"- `{rev.revision}` not linted: {rev.not_linted}")
     return "\n".join(lines) + "\n\n"
 

@@ -3,6 +3,7 @@ each environment's policy (the command line with --env, and the db-migrate flow)
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,15 +60,51 @@ def test_each_revision_is_linted_on_its_own_across_branches_and_a_merge(cli, url
                      "b": [], "m": []}
 
 
-def test_a_revision_that_reads_the_database_is_listed_as_not_linted(cli, url, tmp_path):
-    """Offline, op.get_bind() has no database to read: the lint says so and does not block on it."""
-    count = "op.get_bind().execute(sa.text('SELECT count(*) FROM t')).scalar()"
-    ini = stock_project(tmp_path, linear(TABLE, count))
-    result = cli("lint", "--alembic-config", str(ini), env={"DATABASE_URL": url})
+READS = "op.get_bind().execute(sa.text('SELECT count(*) FROM t')).scalar()"
+UNRENDERABLE = ("r2  unrenderable (error): not linted: cannot be rendered offline: "
+                "'NoneType' object has no attribute 'scalar'")
+
+
+def unrenderable_project(tmp_path: Path, exception: str | None = None) -> str:
+    """r2 builds a blocking index beside one op.get_bind() read: offline, squawk never sees the index."""
+    ini = stock_project(tmp_path, linear(TABLE, f"{INDEX}\n    {READS}"))
+    if exception is not None:
+        r2 = tmp_path / "migrations" / "versions" / "r2.py"
+        r2.write_text(f"{exception}\n{r2.read_text()}")
+    return str(ini)
+
+
+def test_a_revision_that_cannot_be_rendered_offline_is_a_finding_unless_excepted(cli, url, target, tmp_path):
+    """Offline, op.get_bind() has no database to read: the SQL is unchecked, which is a finding at the highest
+    level (it blocks wherever the policy blocks), until a reviewer excepts it."""
+    result = cli("lint", "--alembic-config", unrenderable_project(tmp_path / "plain"), env={"DATABASE_URL": url})
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [UNRENDERABLE,
+                                          "lint: 1 finding(s) at or above warning in 2 pending revision(s)"]
+
+    allow = "# dbmigrate: allow unrenderable -- reads t to size the batch; the index was reviewed by hand"
+    ini = unrenderable_project(tmp_path / "allowed", allow)
+    result = cli("lint", "--json", "--alembic-config", ini, env={"DATABASE_URL": url})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
-        "r2  not linted: cannot be rendered offline: 'NoneType' object has no attribute 'scalar'",
-        "lint: 0 finding(s) at or above warning in 2 pending revision(s)"]
+    r2 = json.loads(result.stdout)["revisions"][1]
+    assert r2["findings"] == [] and r2["not_linted"].startswith("cannot be rendered offline: ")
+    assert r2["excepted"] == [{"rule": "unrenderable", "line": 1, "findings": 1,
+                               "reason": "reads t to size the batch; the index was reviewed by hand"}]
+    assert fingerprint_of(target).revisions == ()
+
+
+def test_production_blocks_an_upgrade_whose_revision_cannot_be_linted(cli, environment, prefect_api, target, home,
+                                                                      tmp_path):
+    environment("production", cli_changes_allowed=True)
+    blocked = cli("upgrade", "--env", "production", "--backup", "--approver", "ops", "--alembic-config",
+                  unrenderable_project(tmp_path), env={"PREFECT_API_URL": prefect_api})
+    assert blocked.returncode == 1
+    assert one_line_error(blocked.stderr) == (
+        "dbmigrate: error: lint: 1 finding(s) at or above warning block this run in production: revision "
+        f"{UNRENDERABLE.replace('  ', ': ', 1)}; after review, except a rule in the revision file with "
+        "'# dbmigrate: allow RULE -- REASON'")
+    assert fingerprint_of(target).revisions == ()
+    assert last_report(home)["error"]["phase"] == "lint"
 
 
 def test_lint_up_to_a_revision_lints_only_that_range(cli, url, tmp_path):
@@ -100,16 +137,67 @@ def test_an_exception_in_the_revision_file_is_recorded_as_excepted(cli, url, tmp
 
 
 def test_a_malformed_exception_is_an_error_naming_file_and_line(cli, url, tmp_path):
-    for exception, problem in (
+    for number, (exception, problem) in enumerate((
         ("# dbmigrate: allow require-concurrent-index-creation",
          "malformed lint exception: write '# dbmigrate: allow RULE -- REASON'"),
         ("# dbmigrate: allow no-such-rule -- because", "lint exception names an unknown squawk rule 'no-such-rule'"),
-    ):
-        ini = index_project(tmp_path / problem[:9], exception)
+        ("# dbmigrate: allow require-concurrent-index-creation -- --",
+         "lint exception gives no reason after '--': write '# dbmigrate: allow RULE -- REASON'"),
+    )):
+        ini = index_project(tmp_path / str(number), exception)
         result = cli("lint", "--alembic-config", ini, env={"DATABASE_URL": url})
         r2 = Path(ini).parent / "migrations" / "versions" / "r2.py"
         assert result.returncode == 2
         assert result.stderr == f"dbmigrate: error: {r2}:1: {problem}\n"
+
+
+def test_an_exception_inside_the_sql_text_is_not_honoured(cli, url, tmp_path):
+    """Only a Python comment excepts a rule: the same words in a string (here, in the SQL itself) do not."""
+    smuggled = ('op.execute("CREATE INDEX ix_t_a ON t (a) '
+                '/* # dbmigrate: allow require-concurrent-index-creation -- nobody looked */")')
+    ini = stock_project(tmp_path, linear(TABLE, smuggled))
+    result = cli("lint", "--json", "--alembic-config", str(ini), env={"DATABASE_URL": url})
+    assert result.returncode == 1, result.stderr
+    r2 = json.loads(result.stdout)["revisions"][1]
+    assert r2["excepted"] == [] and [f["rule"] for f in r2["findings"]] == ["require-concurrent-index-creation"]
+
+
+def fake_squawk(directory: Path, body: str, executable: bool = True) -> str:
+    directory.mkdir()
+    path = directory / "squawk"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755 if executable else 0o644)
+    return str(path)
+
+
+def test_a_squawk_that_cannot_run_or_prints_garbage_is_one_line(cli, url, target, tmp_path):
+    ini = index_project(tmp_path)
+    for squawk, code, error in (
+        (fake_squawk(tmp_path / "plain", "exit 0", executable=False), 2,
+         "squawk cannot be run ({}): Permission denied"),
+        (fake_squawk(tmp_path / "garbage", "echo 'Segmentation fault (core dumped)'; exit 1"), 2,
+         "squawk ({}) printed something other than its JSON report: 'Segmentation fault (core dumped)'"),
+    ):
+        result = cli("lint", "--alembic-config", ini, env={"DATABASE_URL": url, "DBMIGRATE_SQUAWK": squawk})
+        assert (result.returncode, result.stderr) == (code, f"dbmigrate: error: {error.format(squawk)}\n")
+    assert fingerprint_of(target).revisions == ()
+
+
+def test_a_hanging_squawk_is_stopped_after_its_time_bound(cli, url, target, home, tmp_path):
+    """lint and upgrade both give up on a squawk that never answers, and nothing changes."""
+    squawk = fake_squawk(tmp_path / "hangs", "sleep 600")
+    env = {"DATABASE_URL": url, "DBMIGRATE_SQUAWK": squawk, "DBMIGRATE_SQUAWK_TIMEOUT": "1"}
+    for command in (("lint",), ("upgrade", "--yes")):
+        started = time.monotonic()
+        result = cli(*command, "--alembic-config", index_project(tmp_path / command[0]), env=env)
+        print(f"{command[0]} gave up after {time.monotonic() - started:.1f}s")
+        assert time.monotonic() - started < 30
+        assert result.returncode == 2
+        assert one_line_error(result.stderr) == (
+            f"dbmigrate: error: squawk ({squawk}) did not finish within 1s (set DBMIGRATE_SQUAWK_TIMEOUT to wait "
+            "longer): nothing was linted")
+    assert fingerprint_of(target).revisions == ()
+    assert last_report(home)["error"]["phase"] == "lint"
 
 
 def test_the_sample_schema_lints_clean_with_its_reviewed_exceptions(cli, url):

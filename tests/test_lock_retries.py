@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers import (
     application,
+    finish,
     fingerprint_of,
     held,
     last_report,
@@ -17,6 +18,7 @@ from tests.helpers import (
     one_line_error,
     scalar,
     sql,
+    start_cli,
 )
 from tests.projects import PSYCOPG2_FROM_CONFIG, linear, stock_project
 
@@ -119,10 +121,10 @@ def test_a_revision_that_changed_something_outside_a_transaction_is_not_retried(
         result = cli("upgrade", "--yes", *SCHEDULE, "--alembic-config", ini, env=env)
     assert result.returncode == 1
     line = one_line_error(result.stderr)
-    assert line.endswith(f"revision {failing} failed: canceling statement due to lock timeout; not retried: revision r2 "
-                         "ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and may have changed the database before "
-                         "the lock timed out, which no rollback undoes: check what it left (an INVALID index, a "
-                         "half-done change) before running it again")
+    assert line.endswith(f"revision {failing} failed: canceling statement due to lock timeout; not retried: "
+                         "revision r2 ran outside a transaction (autocommit: CREATE TABLE side (id int)) and may "
+                         "have changed the database before the attempt failed, which no rollback undoes: check what "
+                         "it left (an INVALID index, a half-done change) before running it again")
     attempts = last_report(home)["lock_attempts"]
     assert [a["outcome"] for a in attempts] == ["lock_timeout"]
     assert scalar(target, "SELECT to_regclass('side') IS NOT NULL"), "what it changed stays, and it says so"
@@ -145,11 +147,83 @@ def test_a_concurrent_index_that_times_out_after_creating_its_entry_is_not_retri
     assert result.returncode == 1
     line = one_line_error(result.stderr)
     assert line.startswith("dbmigrate: error: revision r2 failed: canceling statement due to lock timeout; "
-                           "not retried: revision r2 ran outside a transaction (autocommit, CREATE INDEX CONCURRENTLY) and may "
-                           "have changed the database before the lock timed out")
+                           "not retried: revision r2 ran outside a transaction (autocommit: CREATE INDEX CONCURRENTLY "
+                           "ix_t1_id ON t1 (id)) and may have changed the database before the attempt failed")
     assert [a["outcome"] for a in last_report(home)["lock_attempts"]] == ["lock_timeout"]
     assert sql(target, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_t1_id'::regclass") == [(False,)]
     assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
+
+
+BATCHES = ("op.execute('CREATE TABLE batches (id serial); CREATE FUNCTION backfill_batch() RETURNS void "
+           "LANGUAGE sql AS $$ INSERT INTO batches DEFAULT VALUES $$')")
+
+
+@pytest.mark.parametrize("outside, seen", [
+    ("with op.get_context().autocommit_block():\n        op.execute('SELECT backfill_batch()')",
+     "autocommit: SELECT backfill_batch()"),
+    ("with op.get_bind().engine.connect() as own:\n"
+     "        own.execute(sa.text('SELECT backfill_batch()'))\n        own.commit()", "a connection of its own"),
+], ids=["select-in-autocommit", "own-connection"])
+def test_a_function_that_writes_outside_the_transaction_runs_once(cli, url, target, tmp_path, home, outside, seen):
+    """r2 runs one batch of a backfill (a function that inserts a row) outside the run's transaction, then waits
+    for t1's lock: the batch stays whatever the attempt does, so the revision is not run again."""
+    ini = str(stock_project(tmp_path, linear(f"{CREATE_T1}\n    {BATCHES}", f"{outside}\n    {ALTER_T1}")))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    with held(target):
+        result = cli("upgrade", "--yes", *SCHEDULE, "--lock-retry-total", "3", "--alembic-config", ini, env=env)
+    assert scalar(target, "SELECT count(*) FROM batches") == 1
+    assert result.returncode == 1
+    assert one_line_error(result.stderr).endswith(
+        f"revision r2 failed: canceling statement due to lock timeout; not retried: revision r2 ran outside a "
+        f"transaction ({seen}) and may have changed the database before the attempt failed, which no rollback undoes: "
+        "check what it left (an INVALID index, a half-done change) before running it again")
+    assert [a["outcome"] for a in last_report(home)["lock_attempts"]] == ["lock_timeout"]
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
+
+
+def test_a_deadlock_is_rolled_back_and_tried_again(home, url, target, tmp_path):
+    """r2 alters t1, then t2; a session of the application that read t2 then reads t1 closes the cycle.
+    PostgreSQL cancels the migration (its deadlock check runs first: the application's waits 10 s): the
+    attempt rolled back, it is tried again once the application's transaction has ended."""
+    create = "op.create_table('t2', sa.Column('id', sa.Integer))"
+    ini = str(stock_project(tmp_path, linear(f"{CREATE_T1}\n    {create}",
+                                             f"{ALTER_T1}\n    op.add_column('t2', sa.Column('note', sa.Text))")))
+    env = {"DATABASE_URL": url}
+    assert start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).wait(120) == 0
+    with psycopg.connect(libpq_url(target), application_name="the-application") as app:
+        app.execute("SET deadlock_timeout = '10s'")
+        app.execute("SELECT * FROM t2")  # its transaction holds ACCESS SHARE on t2
+        migration = start_cli(home, "upgrade", "--yes", "--lock-retries", "5", "--lock-retry-pause", "0.3",
+                              "--alembic-config", ini, env=env)
+        deadline = time.monotonic() + 60
+        while not scalar(target, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'dbmigrate-%%' "
+                                 "AND wait_event_type = 'Lock'"):
+            assert time.monotonic() < deadline and migration.poll() is None, "the migration never waited for t2"
+            time.sleep(0.02)
+        app.execute("SELECT * FROM t1")  # waits for the migration's lock on t1: a deadlock
+        app.rollback()
+    result = finish(migration)
+    assert result.returncode == 0, result.stderr
+    attempts = last_report(home)["lock_attempts"]
+    print(f"attempts {[(a['outcome'], a['waited_s']) for a in attempts]}")
+    assert [a["outcome"] for a in attempts] == ["deadlock", "succeeded"]
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r2"
+    assert sql(target, "SELECT table_name FROM information_schema.columns WHERE column_name = 'note' "
+                       "ORDER BY table_name") == [("t1",), ("t2",)]
+
+
+def test_a_statement_timeout_shorter_than_the_schedule_is_refused(cli, url, target, tmp_path):
+    """statement_timeout counts the lock wait: 1 s would cancel the 2 s and 5 s waits (and that is not retried)."""
+    ini = project(tmp_path, False, ALTER_T1)
+    result = cli("upgrade", "--yes", "--statement-timeout", "1", "--lock-retries", "2,5", "--alembic-config", ini,
+                 env={"DATABASE_URL": url})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "dbmigrate: error: a statement_timeout of 1s would cancel a statement waiting for its lock before the "
+        "lock-retry schedule's lock_timeout of 5s ends, and that is not retried: give a statement_timeout above 5s, "
+        "or 0 (none)\n")
+    assert fingerprint_of(target).revisions == ()
 
 
 def test_one_transaction_per_revision_gives_up_keeping_what_it_committed(cli, url, target, tmp_path, home):
