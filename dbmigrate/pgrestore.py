@@ -166,10 +166,12 @@ def check_stored(storage: Storage, manifest: Manifest, pg_restore: Path) -> None
 
 
 def restore_into(target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path,
-                 jobs: int = 1) -> None:
+                 jobs: int = 1, as_restoring_role: bool = False) -> None:
     """pg_restore the backup into ``target``, an existing empty database: in one
-    transaction, or with ``jobs`` > 1 (directory format only) in parallel."""
+    transaction, or with ``jobs`` > 1 (directory format only) in parallel; ``as_restoring_role``:
+    every object owned by the role restoring, and no grants (the backup's roles may not exist there)."""
     args = [f"--dbname={target.database}", "--exit-on-error", "--no-password"]
+    args += ["--no-owner", "--no-privileges"] if as_restoring_role else []
     args += [f"--jobs={jobs}"] if jobs > 1 and manifest.format == "directory" else ["--single-transaction"]
     with pg_restore_process(pg_restore, args, storage, manifest, env={**os.environ, **target.libpq_env()}) as r:
         pass

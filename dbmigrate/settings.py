@@ -12,14 +12,16 @@ from pathlib import Path
 
 from dbmigrate import db, revisions
 from dbmigrate.backup import DumpOptions
+from dbmigrate.errors import ConfigError
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.revisions import Project
 from dbmigrate.storage import Storage, local_directory, open_storage
-from dbmigrate.target import DatabaseTarget
+from dbmigrate.target import DatabaseTarget, parse_url
 
 HOME_VARIABLE, DEFAULT_HOME = "DBMIGRATE_HOME", ".dbmigrate"
 STORAGE_VARIABLE = "DBMIGRATE_BACKUP_STORAGE"
+SCRATCH_VARIABLE = "DBMIGRATE_SCRATCH_URL"
 
 
 @dataclass(frozen=True)
@@ -35,15 +37,19 @@ class Settings:
     dump: DumpOptions = field(default_factory=DumpOptions)
     project_logging: bool = True  # let the project's env.py configure logging (see revisions.load)
     lock_retries: LockRetries = field(default_factory=LockRetries)
+    # Where the rehearsal and drift's replay make their scratch databases; None: beside the database.
+    scratch_server: DatabaseTarget | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
         """Settings with the environment's defaults: home from DBMIGRATE_HOME (else .dbmigrate),
-        storage from DBMIGRATE_BACKUP_STORAGE (else <home>/backups). An override that is None
+        storage from DBMIGRATE_BACKUP_STORAGE (else <home>/backups), the scratch server from
+        DBMIGRATE_SCRATCH_URL (else none: beside the database). An override that is None
         or empty (an option or parameter not given) leaves the default in place."""
         given = {name: value for name, value in overrides.items() if value is not None and value != ""}
         defaults = {"home": Path(os.environ.get(HOME_VARIABLE, DEFAULT_HOME)),
-                    "storage_spec": os.environ.get(STORAGE_VARIABLE)}
+                    "storage_spec": os.environ.get(STORAGE_VARIABLE),
+                    "scratch_server": _scratch_server()}
         return cls(**{**defaults, **given})
 
     @property
@@ -60,3 +66,13 @@ class Settings:
 
     def project(self, target: DatabaseTarget | None = None) -> Project:
         return revisions.load(self.alembic_config, target, self.connect_timeout, self.project_logging)
+
+
+def _scratch_server() -> DatabaseTarget | None:
+    raw = os.environ.get(SCRATCH_VARIABLE)
+    if not raw:
+        return None
+    try:
+        return parse_url(raw, "scratch")
+    except ConfigError as exc:
+        raise ConfigError(f"{SCRATCH_VARIABLE}: {exc}") from None
