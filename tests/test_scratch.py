@@ -177,3 +177,34 @@ def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a
     assert checked["status"] == "ok" and checked["data"]["server"] == f"127.0.0.1:{scratch_cluster.port}"
     assert scalar(target, "SELECT version_num FROM alembic_version") == "r2"
     assert scratch_databases(scratch_cluster) == [] and scratch_databases(pg_cluster) == []
+
+
+def test_the_production_policy_checks_createdb_before_the_backup_and_rehearses_on_its_scratch_server_block(
+        prefect_api, least_privileged, scratch_cluster, pg_cluster, home, cli, tmp_path, monkeypatch):
+    from blocks import DatabaseCredentials, EnvironmentPolicy
+    from tests.test_flows import run_flow
+
+    monkeypatch.setenv("DBMIGRATE_HOME", str(home))
+    target, role = least_privileged, least_privileged.url.username
+    ini = at_r1_with_rows(tmp_path, cli, target, WIDEN)
+    before = fingerprint_of(target)
+    name = "prod-" + uuid.uuid4().hex[:6]  # an environment of no known name: production's rules, rehearsal on
+    DatabaseCredentials(host="127.0.0.1", port=target.port, database=target.database, username=role,
+                        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5).save(name)
+    quick = {"retry_delay_s": 0.2, "approval_required": False, "lint_blocks": False}
+
+    EnvironmentPolicy(**quick).save(name)
+    state = run_flow(environment=name, alembic_config=ini)
+    assert state.is_failed()
+    assert refusal_of(role, pg_cluster.port, "the rehearsal").removeprefix("dbmigrate: error: ") in state.message
+    assert not list((home / "backups").rglob("*.dump")), "refused before any backup was written"
+    assert fingerprint_of(target) == before and last_report(home)["error"]["phase"] == "health_checks"
+
+    DatabaseCredentials(host="127.0.0.1", port=scratch_cluster.port, database="postgres", username="postgres",
+                        password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5).save(f"{name}-scratch")
+    EnvironmentPolicy(**quick, scratch_server=f"{name}-scratch").save(name, overwrite=True)
+    state = run_flow(environment=name, alembic_config=ini)
+    assert state.is_completed(), state.message
+    report = last_report(home)
+    assert [s["revision"] for s in report["rehearsal"]["steps"]] == ["r2"] and report["revision_after"] == "r2"
+    assert scratch_databases(scratch_cluster) == [] and scratch_databases(pg_cluster) == []
