@@ -616,7 +616,7 @@ def cmd_rehearse(args, settings: Settings, database: Database) -> int:
     if not plan.steps:
         print(json.dumps(None) if args.json else f"nothing to rehearse: database at {revisions.shown(plan.current)}")
         return 0
-    health.require_scratch_server("the rehearsal", target, settings.scratch_server, settings.connect_timeout)
+    health.require_scratch_server(health.REHEARSAL, target, settings.scratch_server, settings.connect_timeout)
     storage = settings.storage()
     manifest = backup.take(target, storage, settings.dump, _print_progress, settings.connect_timeout)
     result = rehearse(target, settings, plan, storage, manifest)
@@ -724,7 +724,8 @@ def _warn_skipped(listing: catalogue.Catalogue) -> None:
 
 def cmd_backup(args, settings: Settings, database: Database) -> int:
     target = database()
-    manifest = backup.take(target, settings.storage(), settings.dump, _print_progress, settings.connect_timeout)
+    manifest = backup.take(target, settings.storage(), settings.dump, _print_progress, settings.connect_timeout,
+                           settings.scratch_server)
     if args.json:
         _print_json(dataclasses.asdict(manifest))
     else:

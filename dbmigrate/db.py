@@ -243,9 +243,8 @@ def _not_created(where: DatabaseTarget, conn: Connection, exc: DBAPIError, name:
 
 
 def scratch_privilege_advice(role: str) -> str:
-    return (f"grant it (ALTER ROLE {identifier(role)} CREATEDB), give dbmigrate a server of its own for "
-            "scratch databases (DBMIGRATE_SCRATCH_URL, or the policy's scratch_server block), or turn the "
-            "policy's rehearsal off (rehearse=false)")
+    return (f"grant it (ALTER ROLE {identifier(role)} CREATEDB), or give dbmigrate a server of its own for "
+            "scratch databases (DBMIGRATE_SCRATCH_URL, or the policy's scratch_server block)")
 
 
 def _apply_settings(conn: Connection, name: str, settings: tuple[str, ...]) -> None:

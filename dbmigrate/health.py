@@ -15,6 +15,7 @@ from dbmigrate.revisions import Project
 from dbmigrate.target import DatabaseTarget
 
 OK, WARN, FAIL = "ok", "warn", "fail"
+REHEARSAL = "the rehearsal"  # what makes a scratch database during a run (see check_scratch_server)
 
 
 @dataclass
@@ -160,7 +161,8 @@ def check_scratch_server(purpose: str, server: DatabaseTarget, database_major: i
     data = {"server": where, "role": role, "createdb": allowed, "server_version": major}
     if not allowed:
         problem = (f"{purpose} makes a scratch database on {where}, where role '{role}' may not CREATE DATABASE: "
-                   f"{db.scratch_privilege_advice(role)}")
+                   f"{db.scratch_privilege_advice(role)}"
+                   + (", or turn the policy's rehearsal off (rehearse=false)" if purpose == REHEARSAL else ""))
     elif major != database_major:
         problem = (f"{purpose} makes its scratch database on {where}, which runs PostgreSQL {major}, not "
                    f"{database_major} as the database does: give it a server of the same major version")

@@ -81,7 +81,8 @@ def test_a_database_level_search_path_is_no_drift(cli, url, target, tmp_path):
 def dba_additions_to_template1(pg_cluster):
     """What a DBA may add to template1: an extension, and a helper function every new database gets."""
     template1 = pg_cluster.target("template1")
-    sql(template1, "CREATE EXTENSION vector; CREATE FUNCTION public.dba_helper() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+    sql(template1, "CREATE EXTENSION vector; "
+                   "CREATE FUNCTION public.dba_helper() RETURNS int LANGUAGE sql AS 'SELECT 1'")
     try:
         yield
     finally:
@@ -138,11 +139,14 @@ def scratch_cluster(tmp_path_factory):
         yield cluster
 
 
+ADVICE = ('grant it (ALTER ROLE "{role}" CREATEDB), or give dbmigrate a server of its own for scratch databases '
+          "(DBMIGRATE_SCRATCH_URL, or the policy's scratch_server block)")
+
+
 def refusal_of(role: str, port: int, purpose: str) -> str:
     return (f"dbmigrate: error: {purpose} makes a scratch database on 127.0.0.1:{port}, where role '{role}' may not "
-            f'CREATE DATABASE: grant it (ALTER ROLE "{role}" CREATEDB), give dbmigrate a server of its own for '
-            "scratch databases (DBMIGRATE_SCRATCH_URL, or the policy's scratch_server block), or turn the "
-            "policy's rehearsal off (rehearse=false)")
+            f"CREATE DATABASE: {ADVICE.format(role=role)}"
+            + (", or turn the policy's rehearsal off (rehearse=false)" if purpose == "the rehearsal" else ""))
 
 
 def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a_server_of_its_own(
@@ -164,10 +168,16 @@ def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a
     drift_refused = cli("drift", "--alembic-config", ini, env=env)
     assert drift_refused.returncode == 2
     assert one_line_error(drift_refused.stderr) == refusal_of(role, pg_cluster.port, "drift's replay")
+    unverified = cli("backup", "--verify-restore", env=env)
+    assert unverified.returncode == 2 and one_line_error(unverified.stderr).endswith(
+        f"permission denied to create database: {ADVICE.format(role=role)}")
+    assert not list((home / "backups").rglob("*.dump")), "an unverified backup is not kept"
 
     env["DBMIGRATE_SCRATCH_URL"] = libpq_url(scratch_cluster.target("postgres"))
     drifted = cli("drift", "--alembic-config", ini, env=env)
     assert drifted.returncode == 0 and drifted.stdout.startswith("no drift"), drifted.stderr
+    verified = cli("backup", "--verify-restore", "--json", env=env)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["verified"], verified.stderr
     upgraded = cli("upgrade", "--rehearse", "--yes", "--alembic-config", ini, env=env)
     assert upgraded.returncode == 0, upgraded.stderr
     report = last_report(home)
