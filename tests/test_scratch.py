@@ -188,6 +188,17 @@ def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a
     assert scalar(target, "SELECT version_num FROM alembic_version") == "r2"
     assert scratch_databases(scratch_cluster) == [] and scratch_databases(pg_cluster) == []
 
+    # The rest of the README's table of what each command needs, for this role.
+    assert cli("health", "--alembic-config", ini, env=env).returncode == 0
+    taken = report["backup"]["id"]
+    into_new = cli("restore", taken, "--target-db", f"{role}_copy", env=env)
+    assert into_new.returncode == 1 and one_line_error(into_new.stderr) == (
+        f'dbmigrate: error: CREATE DATABASE "{role}_copy" on 127.0.0.1:{pg_cluster.port}: permission denied to '
+        "create database")
+    over = cli("restore", taken, "--yes", env=env)
+    assert over.returncode == 0, over.stderr
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
+
 
 def test_the_production_policy_checks_createdb_before_the_backup_and_rehearses_on_its_scratch_server_block(
         prefect_api, least_privileged, scratch_cluster, pg_cluster, home, cli, tmp_path, monkeypatch):
