@@ -127,7 +127,8 @@ class EnvironmentPolicy(Block):
     scratch_server: str | None = Field(
         default=None, title="Scratch server (credentials block)",
         description="Name of a DatabaseCredentials block: a server of the same PostgreSQL major version where "
-                    "the rehearsal and drift's replay make their scratch databases (its role needs CREATEDB), so "
+                    "the rehearsal, drift's replay and verify-restore make their scratch databases (its role needs "
+                    "CREATEDB), so "
                     "that the database's own role needs no CREATEDB. Empty: beside the database.")
 
 

@@ -2,9 +2,9 @@
 run's own backup, so that a revision that fails only on real data fails there, and whoever
 approves the real run sees how long each revision took and which locks it held.
 
-The copy is a scratch database beside the original, or on a server of its own (``Settings.scratch_server``:
-``db.scratch_database``), restored with
-``pgrestore.restore_into`` and migrated by ``phases.apply``: the project's own env.py, pointed
+The copy is a scratch database beside the original or on a server of its own
+(``db.scratch_database``, ``Settings.scratch_server``), restored with ``pgrestore.restore_into``
+and migrated by ``phases.apply``: the project's own env.py, pointed
 at the copy (its ``sqlalchemy.url``, and ``DATABASE_URL`` where that names the database). It is
 dropped afterwards whatever happens (a failure, Ctrl-C, SIGTERM). A statement the migration sends
 to any other PostgreSQL database meanwhile (an env.py with a URL of its own) is refused before it

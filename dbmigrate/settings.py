@@ -37,7 +37,7 @@ class Settings:
     dump: DumpOptions = field(default_factory=DumpOptions)
     project_logging: bool = True  # let the project's env.py configure logging (see revisions.load)
     lock_retries: LockRetries = field(default_factory=LockRetries)
-    # Where the rehearsal and drift's replay make their scratch databases; None: beside the database.
+    # Where the rehearsal, drift's replay and verify-restore make their scratch databases; None: beside the database.
     scratch_server: DatabaseTarget | None = None
 
     @classmethod
