@@ -124,6 +124,12 @@ class EnvironmentPolicy(Block):
         description="Before approval, restore the run's backup into a scratch database and run the revisions "
                     "there first: a failure there stops the run with the database untouched; the approval page "
                     "shows each revision's duration and locks.")
+    scratch_server: str | None = Field(
+        default=None, title="Scratch server (credentials block)",
+        description="Name of a DatabaseCredentials block: a server of the same PostgreSQL major version where "
+                    "the rehearsal, drift's replay and verify-restore make their scratch databases (its role needs "
+                    "CREATEDB), so "
+                    "that the database's own role needs no CREATEDB. Empty: beside the database.")
 
 
 def require_api() -> str:
@@ -162,6 +168,11 @@ def load_target(name: str) -> DatabaseTarget:
     return DatabaseTarget(block.url(), block.environment or name)
 
 
+def load_scratch_server(rules: Policy) -> DatabaseTarget | None:
+    """The server the policy's ``scratch_server`` block names, if it names one."""
+    return load_target(rules.scratch_server) if rules.scratch_server else None
+
+
 def load_policy(environment: str) -> Policy:
     """The environment's default policy with the EnvironmentPolicy block of that name applied."""
     try:
@@ -172,4 +183,5 @@ def load_policy(environment: str) -> Policy:
     return policy.for_environment(environment, **overrides)
 
 
-__all__ = ["DatabaseCredentials", "EnvironmentPolicy", "load_policy", "load_target", "require_api"]
+__all__ = ["DatabaseCredentials", "EnvironmentPolicy", "load_policy", "load_scratch_server", "load_target",
+           "require_api"]

@@ -99,9 +99,11 @@ def take(
     options: DumpOptions = DumpOptions(),
     on_progress: ProgressFn | None = None,
     timeout: float = db.DEFAULT_CONNECT_TIMEOUT,
+    scratch_server: DatabaseTarget | None = None,
 ) -> Manifest:
-    """Dump, store, verify; returns the manifest once written. The manifest's revision and
-    row counts are read in the snapshot pg_dump dumps."""
+    """Dump, store, verify (a verify-restore on ``scratch_server``, else beside the database);
+    returns the manifest once written. The manifest's revision and row counts are read in the
+    snapshot pg_dump dumps."""
     parallel = options.jobs > 1
     if parallel and not isinstance(storage, LocalStorage):
         raise ConfigError(f"--jobs needs a local directory: {storage!r} takes a single stream")
@@ -163,7 +165,7 @@ def take(
     try:
         check_stored(storage, manifest, pg_restore)
         if options.verify_restore:
-            verify_restore(target, storage, manifest, pg_restore, timeout, options.jobs)
+            verify_restore(target, storage, manifest, pg_restore, timeout, options.jobs, scratch_server)
         manifest.duration_s = round(time.monotonic() - started, 3)
         storage.write_text(manifest.manifest_key, manifest.to_json())
     except BaseException:

@@ -575,6 +575,10 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
         _check_policy(rules, target.environment, args.command, args.backup or rehearse, "add --backup")
     if rules is not None and not args.lock_retries:  # the environment's lock-retry schedule, unless one is given
         settings = dataclasses.replace(settings, lock_retries=rules.lock_retries())
+    if rules is not None and rules.scratch_server and settings.scratch_server is None:  # DBMIGRATE_SCRATCH_URL wins
+        from blocks import load_scratch_server  # imports Prefect: only on the --env path
+
+        settings = dataclasses.replace(settings, scratch_server=load_scratch_server(rules))
     request = pipeline.Request(
         operation=args.command,
         revision=args.revision,
@@ -612,6 +616,7 @@ def cmd_rehearse(args, settings: Settings, database: Database) -> int:
     if not plan.steps:
         print(json.dumps(None) if args.json else f"nothing to rehearse: database at {revisions.shown(plan.current)}")
         return 0
+    health.require_scratch_server(health.REHEARSAL, target, settings.scratch_server, settings.connect_timeout)
     storage = settings.storage()
     manifest = backup.take(target, storage, settings.dump, _print_progress, settings.connect_timeout)
     result = rehearse(target, settings, plan, storage, manifest)
@@ -719,7 +724,8 @@ def _warn_skipped(listing: catalogue.Catalogue) -> None:
 
 def cmd_backup(args, settings: Settings, database: Database) -> int:
     target = database()
-    manifest = backup.take(target, settings.storage(), settings.dump, _print_progress, settings.connect_timeout)
+    manifest = backup.take(target, settings.storage(), settings.dump, _print_progress, settings.connect_timeout,
+                           settings.scratch_server)
     if args.json:
         _print_json(dataclasses.asdict(manifest))
     else:

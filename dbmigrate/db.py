@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 from sqlalchemy import create_engine, text
@@ -14,10 +15,12 @@ from sqlalchemy.pool import NullPool
 
 from dbmigrate.errors import (
     BackupFailed,
+    ConfigError,
     ConnectionFailed,
     ConnectionLost,
     DbMigrateError,
     LockWaitTimeout,
+    first_line,
 )
 from dbmigrate.target import DRIVER, DatabaseTarget, libpq_timeout, pgoptions
 
@@ -129,12 +132,22 @@ def database_size(conn: Connection) -> int:
 
 
 def abandoned_scratch_databases(conn: Connection) -> list[str]:
-    """Scratch databases on the server nobody is connected to: what a run killed outright (SIGKILL,
-    a lost machine) left behind, since every other way out drops them."""
+    """The tool's own scratch databases on the server that nobody is connected to: what a run killed
+    outright (SIGKILL, a lost machine) left behind, since every other way out drops them. Its own:
+    the exact name it gives them and the comment it sets on them, so a database someone else named
+    ``dbmigrate_...`` (a ``restore --target-db``, a user's) is never one."""
     return list(conn.execute(text(
-        "SELECT d.datname FROM pg_database d WHERE starts_with(d.datname, :prefix) AND NOT EXISTS "
-        "(SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname) ORDER BY 1"), {"prefix": SCRATCH_PREFIX}
-    ).scalars())
+        "SELECT d.datname FROM pg_database d WHERE d.datname ~ :pattern "
+        "AND shobj_description(d.oid, 'pg_database') = :marker AND NOT EXISTS "
+        "(SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname) ORDER BY 1"),
+        {"pattern": SCRATCH_NAME, "marker": SCRATCH_MARKER}).scalars())
+
+
+def can_create_databases(conn: Connection) -> tuple[str, bool]:
+    """The session's role, and whether it may CREATE DATABASE (an attribute, never inherited)."""
+    role, allowed = conn.execute(text(
+        "SELECT rolname, rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")).one()
+    return role, allowed
 
 
 def identifier(name: str) -> str:
@@ -147,27 +160,118 @@ def execute_literal(conn: Connection, statement: str):
     return conn.exec_driver_sql(statement.replace("%", "%%"))  # psycopg reads '%%' as '%'
 
 
-def create_database(target: DatabaseTarget, name: str, timeout: float) -> None:
-    _outside_transaction(target, f"CREATE DATABASE {identifier(name)}", timeout)
+SCRATCH_PREFIX = "dbmigrate_"
+SCRATCH_LABELS = ("rehearsal", "drift", "verify")  # the rehearsal's copy, drift's replay, a backup's verify-restore
+SCRATCH_NAME = rf"^{SCRATCH_PREFIX}({'|'.join(SCRATCH_LABELS)})_[0-9a-f]{{8}}$"  # a PostgreSQL regex
+SCRATCH_MARKER = "dbmigrate scratch database: made for one run, dropped when it ends"
+PERMISSION_DENIED = "42501"
 
 
-SCRATCH_PREFIX = "dbmigrate_"  # scratch databases: the rehearsal's copy, drift's replay, a backup's verify-restore
+@dataclass(frozen=True)
+class DatabaseShape:
+    """What a new database takes from the live one so that the same SQL means the same there:
+    encoding, collation and ctype (and the ICU or builtin locale), and the database-level
+    settings (``ALTER DATABASE ... SET``: search_path above all)."""
+
+    encoding: str
+    collate: str
+    ctype: str
+    provider: str  # c (libc), i (icu), b (builtin, PostgreSQL 17)
+    locale: str | None  # the ICU or builtin locale
+    settings: tuple[str, ...]  # "name=value", as pg_db_role_setting keeps them
+
+    @classmethod
+    def of(cls, conn: Connection) -> DatabaseShape:
+        # to_jsonb: the locale columns differ between versions (daticulocale, then datlocale).
+        row = conn.execute(text(
+            "SELECT pg_encoding_to_char(d.encoding), to_jsonb(d), coalesce((SELECT s.setconfig FROM "
+            "pg_db_role_setting s WHERE s.setdatabase = d.oid AND s.setrole = 0), '{}') "
+            "FROM pg_database d WHERE d.datname = current_database()")).one()
+        encoding, columns, settings = row
+        return cls(encoding, columns["datcollate"], columns["datctype"], columns.get("datlocprovider", "c"),
+                   columns.get("datlocale") or columns.get("daticulocale"), tuple(settings))
+
+    def create_statement(self, name: str) -> str:
+        """From template0: whatever a DBA added to template1 (an extension, a helper function) is
+        not in the copy, which holds only what a restore or the migrations put there."""
+        locale = {"i": f" LOCALE_PROVIDER icu ICU_LOCALE {literal(self.locale or '')}",
+                  "b": f" LOCALE_PROVIDER builtin BUILTIN_LOCALE {literal(self.locale or '')}"}.get(self.provider, "")
+        return (f"CREATE DATABASE {identifier(name)} TEMPLATE template0 ENCODING {literal(self.encoding)} "
+                f"LC_COLLATE {literal(self.collate)} LC_CTYPE {literal(self.ctype)}{locale}")
 
 
-def scratch_database(target: DatabaseTarget, label: str, timeout: float) -> DatabaseTarget:
-    name = f"{SCRATCH_PREFIX}{label}_{uuid.uuid4().hex[:8]}"
-    create_database(target, name, timeout)
-    return target.with_database(name)
+def literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def create_database(target: DatabaseTarget, name: str, timeout: float, server: DatabaseTarget | None = None,
+                    comment: str | None = None) -> DatabaseTarget:
+    """A new empty database ``name`` shaped like ``target``'s (:class:`DatabaseShape`), on ``server``
+    (a server of its own: any database there, as a role that may CREATE DATABASE) or else beside
+    ``target``'s; ``comment`` is set on it in the same breath."""
+    with connect(target, timeout) as conn:
+        shape = DatabaseShape.of(conn)
+    where = server or target
+    with connect(where, timeout, isolation_level="AUTOCOMMIT") as conn:
+        try:
+            execute_literal(conn, shape.create_statement(name))
+        except DBAPIError as exc:
+            raise _not_created(where, conn, exc, name) from None
+        try:
+            if comment is not None:
+                execute_literal(conn, f"COMMENT ON DATABASE {identifier(name)} IS {literal(comment)}")
+            _apply_settings(conn, name, shape.settings)
+        except BaseException:
+            execute_literal(conn, f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)")
+            raise
+    return where.with_database(name)
+
+
+def scratch_database(target: DatabaseTarget, label: str, timeout: float,
+                     server: DatabaseTarget | None = None) -> DatabaseTarget:
+    """:func:`create_database` under a new scratch name, marked as the tool's own (its name and
+    comment: see :func:`abandoned_scratch_databases`)."""
+    return create_database(target, f"{SCRATCH_PREFIX}{label}_{uuid.uuid4().hex[:8]}", timeout, server, SCRATCH_MARKER)
+
+
+def _not_created(where: DatabaseTarget, conn: Connection, exc: DBAPIError, name: str) -> DbMigrateError:
+    reason = f"CREATE DATABASE {identifier(name)} on {where.host}:{where.port}: {first_line(exc.orig)}"
+    if getattr(exc.orig, "sqlstate", None) != PERMISSION_DENIED or not name.startswith(SCRATCH_PREFIX):
+        return BackupFailed(reason)
+    role, _ = can_create_databases(conn)
+    return ConfigError(f"{reason}: {scratch_privilege_advice(role)}")
+
+
+def scratch_privilege_advice(role: str) -> str:
+    return (f"grant it (ALTER ROLE {identifier(role)} CREATEDB), or give dbmigrate a server of its own for "
+            "scratch databases (DBMIGRATE_SCRATCH_URL, or the policy's scratch_server block)")
+
+
+def _apply_settings(conn: Connection, name: str, settings: tuple[str, ...]) -> None:
+    """The live database's ``ALTER DATABASE ... SET`` on the copy. Each value is set in this session
+    first and stored FROM CURRENT: PostgreSQL parses it as it did the original (a list such as
+    search_path stays a list). A setting the role may not make (superuser-only: logging and the
+    like, which do not change what SQL means) is left out."""
+    for entry in settings:
+        setting, _, value = entry.partition("=")
+        try:
+            conn.execute(text("SELECT set_config(:name, :value, false)"), {"name": setting, "value": value})
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == PERMISSION_DENIED:
+                continue
+            raise
+        execute_literal(conn, f"ALTER DATABASE {identifier(name)} SET {identifier(setting)} FROM CURRENT")
 
 
 @contextmanager
-def scratch(target: DatabaseTarget, label: str, timeout: float) -> Iterator[DatabaseTarget]:
-    """A new empty database beside ``target``'s, dropped on the way out whatever happened."""
-    copy = scratch_database(target, label, timeout)
+def scratch(target: DatabaseTarget, label: str, timeout: float,
+            server: DatabaseTarget | None = None) -> Iterator[DatabaseTarget]:
+    """:func:`scratch_database`, dropped on the way out whatever happened."""
+    copy = scratch_database(target, label, timeout, server)
     try:
         yield copy
     finally:
-        drop_database(target, copy.database, timeout)
+        drop_database(server or target, copy.database, timeout)
 
 
 def drop_database(target: DatabaseTarget, name: str, timeout: float) -> None:

@@ -1,7 +1,8 @@
 """Drift: does the database's schema still equal what its migrations build, and its models?
 
-The revision the database claims is replayed into a scratch database on the same server
-(dropped afterwards, whatever happened) and both schemas are read from the catalogs and
+The revision the database claims is replayed into a scratch database on the same server (or
+on a server of its own, ``Settings.scratch_server``), made from template0 like the database
+and dropped afterwards whatever happened, and both schemas are read from the catalogs and
 compared object by object (:mod:`dbmigrate.schema`), so any hand-made change (an index
 added in a hurry, a column dropped outside Alembic) is named. Where the project's env.py
 sets ``target_metadata``, Alembic's ``compare_metadata`` also compares the database with
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.environment import EnvironmentContext
 
-from dbmigrate import db, migrate, revisions, schema
+from dbmigrate import db, health, migrate, revisions, schema
 from dbmigrate.errors import DriftNotChecked, VersionTableAmbiguous, first_line
 from dbmigrate.health import FAIL, OK, WARN, Check
 from dbmigrate.revisions import Project
@@ -60,6 +61,7 @@ def find(target: DatabaseTarget, settings: Settings) -> Drift:
         project.require_known(current)
         live = schema.read(conn)
         invalid = schema.invalid_indexes(conn)
+    health.require_scratch_server("drift's replay", target, settings.scratch_server, settings.connect_timeout)
     expected = _replayed(target, settings, current)
     findings = [f"invalid index {index} (a failed CREATE INDEX CONCURRENTLY leaves one: drop it, build it again)"
                 for index in invalid]
@@ -86,7 +88,7 @@ def check(target: DatabaseTarget, settings: Settings) -> Check:
 
 def _replayed(target: DatabaseTarget, settings: Settings, current: tuple[str, ...]) -> dict:
     """The schema the migrations build up to ``current``, replayed into a scratch database."""
-    with db.scratch(target, "drift", settings.connect_timeout) as scratch:
+    with db.scratch(target, "drift", settings.connect_timeout, settings.scratch_server) as scratch:
         if current:
             try:
                 migrate.run(settings.project(scratch), current[0], upgrade=True, limits=settings.limits,

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbmigrate import db, revisions, schema
-from dbmigrate.errors import DbMigrateError, UnknownRevision, VersionTableAmbiguous
+from dbmigrate.errors import ConfigError, DbMigrateError, UnknownRevision, VersionTableAmbiguous
 from dbmigrate.revisions import Project
 from dbmigrate.target import DatabaseTarget
 
 OK, WARN, FAIL = "ok", "warn", "fail"
+REHEARSAL = "the rehearsal"  # what makes a scratch database during a run (see check_scratch_server)
 
 
 @dataclass
@@ -137,12 +138,48 @@ def check_invalid_indexes(invalid: list[str]) -> Check:
 
 
 def check_abandoned_scratch(names: list[str]) -> Check:
-    """Scratch databases a killed run left on the server: disk the next copy may need."""
+    """dbmigrate's own scratch databases a killed run left on the server: disk the next copy may need.
+    Only those (:func:`db.abandoned_scratch_databases`): a database it did not make is never named."""
     if not names:
         return Check("scratch_databases", detail="no abandoned scratch database")
     return Check("scratch_databases", WARN,
-                 f"{len(names)} scratch database(s) left by a run killed outright, unused: {', '.join(names)}: "
-                 "safe to drop (DROP DATABASE name)", data={"abandoned": names})
+                 f"{len(names)} scratch database(s) dbmigrate made, left by a run killed outright, unused: "
+                 f"{', '.join(names)}: drop them (DROP DATABASE name)", data={"abandoned": names})
+
+
+def check_scratch_server(purpose: str, server: DatabaseTarget, database_major: int, timeout: float) -> Check:
+    """Can ``purpose`` (the rehearsal) make its scratch database on ``server``: may the role CREATE
+    DATABASE there, and does it run the database's major version (pg_restore, and what the
+    revisions do, are the major version's)? Checked before the run takes its backup."""
+    where = f"{server.host}:{server.port}"
+    try:
+        with db.connect(server, timeout) as conn:
+            role, allowed = db.can_create_databases(conn)
+            major, _ = db.server_version(conn)
+    except DbMigrateError as exc:
+        return Check("scratch_server", FAIL, f"{purpose} makes its scratch database on {where}: {exc}", refusal=exc)
+    data = {"server": where, "role": role, "createdb": allowed, "server_version": major}
+    if not allowed:
+        problem = (f"{purpose} makes a scratch database on {where}, where role '{role}' may not CREATE DATABASE: "
+                   f"{db.scratch_privilege_advice(role)}"
+                   + (", or turn the policy's rehearsal off (rehearse=false)" if purpose == REHEARSAL else ""))
+    elif major != database_major:
+        problem = (f"{purpose} makes its scratch database on {where}, which runs PostgreSQL {major}, not "
+                   f"{database_major} as the database does: give it a server of the same major version")
+    else:
+        return Check("scratch_server", detail=f"{purpose}: role '{role}' may CREATE DATABASE on {where} "
+                                              f"(PostgreSQL {major})", data=data)
+    return Check("scratch_server", FAIL, problem, data=data, refusal=ConfigError(problem))
+
+
+def require_scratch_server(purpose: str, target: DatabaseTarget, server: DatabaseTarget | None,
+                           timeout: float) -> None:
+    """:func:`check_scratch_server` as a refusal, for a command that makes a scratch database
+    without running the other checks (``rehearse``, ``drift``): before anything costly."""
+    with db.connect(target, timeout) as conn:
+        major, _ = db.server_version(conn)
+    if refusal := check_scratch_server(purpose, server or target, major, timeout).refusal:
+        raise refusal
 
 
 def run(
@@ -151,7 +188,11 @@ def run(
     backup_dir: Path | None,
     timeout: float,
     target_revision: str = "head",
+    scratch_for: str | None = None,
+    scratch_server: DatabaseTarget | None = None,
 ) -> list[Check]:
+    """The checks; with ``scratch_for`` (what will make a scratch database: "the rehearsal"), also
+    whether it can, on ``scratch_server`` or else beside the database."""
     checks: list[Check] = []
 
     def timed(check_fn, *args) -> Check:
@@ -164,7 +205,7 @@ def run(
     start = time.monotonic()
     try:
         with db.connect(target, timeout) as conn:
-            _, version = db.server_version(conn)
+            major, version = db.server_version(conn)
             connection = Check("connection", detail=f"PostgreSQL {version} at {target.where}",
                                data={"server_version": version})
             connection.duration_s = time.monotonic() - start
@@ -187,4 +228,6 @@ def run(
         timed(check_pending, project, current, target_revision)
     timed(check_invalid_indexes, invalid)
     timed(check_abandoned_scratch, abandoned)
+    if scratch_for:
+        timed(check_scratch_server, scratch_for, scratch_server or target, major, timeout)
     return checks

@@ -166,10 +166,12 @@ def check_stored(storage: Storage, manifest: Manifest, pg_restore: Path) -> None
 
 
 def restore_into(target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path,
-                 jobs: int = 1) -> None:
+                 jobs: int = 1, as_restoring_role: bool = False) -> None:
     """pg_restore the backup into ``target``, an existing empty database: in one
-    transaction, or with ``jobs`` > 1 (directory format only) in parallel."""
+    transaction, or with ``jobs`` > 1 (directory format only) in parallel; ``as_restoring_role``:
+    every object owned by the role restoring, and no grants (the backup's roles may not exist there)."""
     args = [f"--dbname={target.database}", "--exit-on-error", "--no-password"]
+    args += ["--no-owner", "--no-privileges"] if as_restoring_role else []
     args += [f"--jobs={jobs}"] if jobs > 1 and manifest.format == "directory" else ["--single-transaction"]
     with pg_restore_process(pg_restore, args, storage, manifest, env={**os.environ, **target.libpq_env()}) as r:
         pass
@@ -180,9 +182,9 @@ def restore_into(target: DatabaseTarget, storage: Storage, manifest: Manifest, p
 
 
 def restore_checked(target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path, timeout: float,
-                    jobs: int = 1) -> None:
+                    jobs: int = 1, as_restoring_role: bool = False) -> None:
     """:func:`restore_into`, then the restored row counts must be the manifest's."""
-    restore_into(target, storage, manifest, pg_restore, jobs)
+    restore_into(target, storage, manifest, pg_restore, jobs, as_restoring_role)
     with db.connect(target, timeout) as conn:
         restored = fingerprint.row_counts(conn)
     if restored != manifest.row_counts:
@@ -191,14 +193,13 @@ def restore_checked(target: DatabaseTarget, storage: Storage, manifest: Manifest
 
 
 def verify_restore(
-    target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path, timeout: float, jobs: int = 1
+    target: DatabaseTarget, storage: Storage, manifest: Manifest, pg_restore: Path, timeout: float, jobs: int = 1,
+    server: DatabaseTarget | None = None,
 ) -> None:
-    """Restore into a scratch database and compare per-table row counts with the manifest."""
-    scratch = db.scratch_database(target, "verify", timeout)
-    try:
-        restore_checked(scratch, storage, manifest, pg_restore, timeout, jobs)
-    finally:
-        db.drop_database(target, scratch.database, timeout)
+    """Restore into a scratch database (on ``server``, else beside the database) and compare
+    per-table row counts with the manifest."""
+    with db.scratch(target, "verify", timeout, server) as scratch:
+        restore_checked(scratch, storage, manifest, pg_restore, timeout, jobs, as_restoring_role=server is not None)
     manifest.checks["restore"] = True
     manifest.verified = True
     manifest.verified_at = datetime.now(timezone.utc).isoformat()

@@ -179,7 +179,7 @@ class Run:
         """Step "backup". The report is copied beside the backups (S3) however the run ends."""
         self.storage = self.settings.storage()
         self.manifest = backup.take(self.target, self.storage, self.settings.dump,
-                                    self.hooks.on_progress, self.settings.connect_timeout)
+                                    self.hooks.on_progress, self.settings.connect_timeout, self.settings.scratch_server)
         return self.manifest
 
     def __enter__(self) -> Self:
@@ -253,7 +253,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         project = run.project = run.step("load", settings.project, target)
         if not request.skip_health_checks:
             report.health_checks = run.step("health_checks", phases.preflight, target, project, settings,
-                                            request.revision)
+                                            request.revision, health.REHEARSAL if request.rehearse else None)
         plan = run.step("plan", phases.plan, target, project, settings, request.revision, request.upgrade)
         report.revision_before = report.revision_after = plan.revision_before
         report.migrations_planned = plan.steps

@@ -40,6 +40,9 @@ class Policy:
     lock_retry_total_s: float = LockRetries.total_s
     lint_blocks: bool = True  # a lint finding at or above lint_level stops the run before anything changes
     lint_level: str = "warning"  # warning | error (squawk's levels)
+    # The DatabaseCredentials block of a server of its own for the scratch databases of the rehearsal,
+    # drift's replay and verify-restore (where the role may CREATE DATABASE); None: beside the database, as its own role.
+    scratch_server: str | None = None
 
     def lock_retries(self) -> LockRetries:
         return LockRetries(tuple(self.lock_retry_timeouts_s), self.lock_retry_pause_s, self.lock_retry_total_s)

@@ -2,8 +2,9 @@
 run's own backup, so that a revision that fails only on real data fails there, and whoever
 approves the real run sees how long each revision took and which locks it held.
 
-The copy is a scratch database beside the original (``db.scratch_database``), restored with
-``pgrestore.restore_into`` and migrated by ``phases.apply``: the project's own env.py, pointed
+The copy is a scratch database beside the original or on a server of its own
+(``db.scratch_database``, ``Settings.scratch_server``), restored with ``pgrestore.restore_into``
+and migrated by ``phases.apply``: the project's own env.py, pointed
 at the copy (its ``sqlalchemy.url``, and ``DATABASE_URL`` where that names the database). It is
 dropped afterwards whatever happens (a failure, Ctrl-C, SIGTERM). A statement the migration sends
 to any other PostgreSQL database meanwhile (an env.py with a URL of its own) is refused before it
@@ -60,9 +61,11 @@ def rehearse(target: DatabaseTarget, settings: Settings, plan: Plan, storage: St
     timeout = settings.connect_timeout
     with db.connect(target, timeout) as conn:
         pg_restore = pgtools.find("pg_restore", db.server_version(conn)[0])
-    with db.scratch(target, "rehearsal", timeout) as copy:
+    with db.scratch(target, "rehearsal", timeout, settings.scratch_server) as copy:
         start = time.monotonic()
-        pgrestore.restore_into(copy, storage, manifest, pg_restore, settings.dump.jobs)
+        # On a server of its own, the production roles may not exist: everything is the rehearsing role's.
+        pgrestore.restore_into(copy, storage, manifest, pg_restore, settings.dump.jobs,
+                               as_restoring_role=settings.scratch_server is not None)
         restore_s = time.monotonic() - start
         with db.connect(copy, timeout) as conn:
             storage_before = dict(conn.execute(text(_STORAGE)).all())
@@ -86,7 +89,8 @@ def _database_url_at(copy: DatabaseTarget, target: DatabaseTarget) -> Iterator[N
     if not given or make_url(given).database != target.database:
         yield
         return
-    os.environ["DATABASE_URL"] = make_url(given).set(database=copy.database).render_as_string(hide_password=False)
+    os.environ["DATABASE_URL"] = copy.url.set(drivername=make_url(given).drivername).render_as_string(
+        hide_password=False)  # the copy's server, which may be one of its own
     try:
         yield
     finally:

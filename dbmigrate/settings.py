@@ -17,10 +17,11 @@ from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.revisions import Project
 from dbmigrate.storage import Storage, local_directory, open_storage
-from dbmigrate.target import DatabaseTarget
+from dbmigrate.target import DatabaseTarget, parse_url
 
 HOME_VARIABLE, DEFAULT_HOME = "DBMIGRATE_HOME", ".dbmigrate"
 STORAGE_VARIABLE = "DBMIGRATE_BACKUP_STORAGE"
+SCRATCH_VARIABLE = "DBMIGRATE_SCRATCH_URL"
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Settings:
     dump: DumpOptions = field(default_factory=DumpOptions)
     project_logging: bool = True  # let the project's env.py configure logging (see revisions.load)
     lock_retries: LockRetries = field(default_factory=LockRetries)
+    # Where the rehearsal, drift's replay and verify-restore make their scratch databases; None: beside the database.
+    scratch_server: DatabaseTarget | None = None
 
     def __post_init__(self) -> None:
         # statement_timeout counts a statement's lock wait too: one that ends first cancels the wait
@@ -50,11 +53,13 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides) -> Settings:
         """Settings with the environment's defaults: home from DBMIGRATE_HOME (else .dbmigrate),
-        storage from DBMIGRATE_BACKUP_STORAGE (else <home>/backups). An override that is None
+        storage from DBMIGRATE_BACKUP_STORAGE (else <home>/backups), the scratch server from
+        DBMIGRATE_SCRATCH_URL (else none: beside the database). An override that is None
         or empty (an option or parameter not given) leaves the default in place."""
         given = {name: value for name, value in overrides.items() if value is not None and value != ""}
         defaults = {"home": Path(os.environ.get(HOME_VARIABLE, DEFAULT_HOME)),
-                    "storage_spec": os.environ.get(STORAGE_VARIABLE)}
+                    "storage_spec": os.environ.get(STORAGE_VARIABLE),
+                    "scratch_server": _scratch_server()}
         return cls(**{**defaults, **given})
 
     @property
@@ -71,3 +76,13 @@ class Settings:
 
     def project(self, target: DatabaseTarget | None = None) -> Project:
         return revisions.load(self.alembic_config, target, self.connect_timeout, self.project_logging)
+
+
+def _scratch_server() -> DatabaseTarget | None:
+    raw = os.environ.get(SCRATCH_VARIABLE)
+    if not raw:
+        return None
+    try:
+        return parse_url(raw, "scratch")
+    except ConfigError as exc:
+        raise ConfigError(f"{SCRATCH_VARIABLE}: {exc}") from None

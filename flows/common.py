@@ -21,7 +21,7 @@ from prefect.input import RunInput, keyset_from_paused_state
 from prefect.states import Failed, Paused, Running
 from pydantic import Field
 
-from blocks import load_policy, load_target
+from blocks import load_policy, load_scratch_server, load_target
 from dbmigrate import migrate, phases, pipeline, revisions
 from dbmigrate.errors import ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, StorageFailed
 from dbmigrate.migrate import SessionLimits
@@ -96,6 +96,7 @@ def tag_run(environment: str) -> None:
 def _settings_for(rules: Policy, alembic_config: str | None, backup_storage: str | None) -> Settings:
     return Settings.from_env(
         alembic_config=alembic_config,
+        scratch_server=load_scratch_server(rules),
         guard_wait_s=rules.guard_wait_s,
         limits=SessionLimits(rules.lock_timeout_s, rules.statement_timeout_s),
         lock_retries=rules.lock_retries(),

@@ -85,7 +85,7 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
     progress = BackupProgress(environment)
     manifest = phase_runner(env.policy)("backup", backup.take, env.target, storage,
                                         DumpOptions(verify_restore=verify_restore), progress,
-                                        env.settings.connect_timeout)
+                                        env.settings.connect_timeout, env.settings.scratch_server)
     progress.done()
     pruned = catalogue.prune(storage, env.target, keep_last, keep_days) if keep_last is not None else []
     create_markdown_artifact(
