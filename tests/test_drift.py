@@ -1,6 +1,7 @@
 """Drift: the live schema against what the migrations build (and the models), named object by object."""
 
 import json
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -355,3 +356,30 @@ def test_security_and_durability_changes_are_named_one_line_each(target, tmp_pat
         "function public.touch(): definition differs",
         f"function public.touch(): owner {intruder} in the database, the migrating role in the migrations",
     ]
+
+
+def test_a_real_projects_chain_run_as_shipped_by_its_own_role_has_no_drift(target, tmp_path, db_name):
+    """CKAN's Alembic chain (110 revisions, from the ckan package the dev extra pins) run as shipped by
+    the role that owns CKAN's database, as CKAN's install guide sets it up; drift, run by the superuser,
+    replays it into a scratch database the superuser owns: nothing differs, owners included."""
+    import ckan.migration
+
+    from dbmigrate import drift, migrate
+    from dbmigrate.settings import Settings
+    from dbmigrate.target import DatabaseTarget
+    from tests.pgcluster import CANARY_PASSWORD
+
+    ini = stock_project(tmp_path, [], version_locations=Path(ckan.migration.__file__).parent / "versions")
+    settings = Settings(tmp_path / "home", alembic_config=str(ini), project_logging=False)
+    role = f"{db_name}_ckan"  # roles are the cluster's: one of this test's own, dropped at the end
+    sql(target, f"CREATE ROLE {role} LOGIN PASSWORD '{CANARY_PASSWORD}'; ALTER DATABASE {db_name} OWNER TO {role}")
+    try:
+        as_ckan = DatabaseTarget(target.url.set(username=role), target.environment)
+        migrate.run(settings.project(as_ckan), "heads", upgrade=True, limits=settings.limits,
+                    on_step=lambda step: None)
+        found = drift.find(target, settings)
+        tables = sql(target, "SELECT tableowner, count(*) FROM pg_tables WHERE schemaname = 'public' GROUP BY 1")
+    finally:
+        sql(target, f"REASSIGN OWNED BY {role} TO CURRENT_USER; DROP OWNED BY {role}; DROP ROLE {role}")
+    assert tables == [(role, 27)]
+    assert (found.revision, found.findings) == (settings.project().script.get_current_head(), [])
