@@ -334,11 +334,14 @@ def test_security_and_durability_changes_are_named_one_line_each(target, tmp_pat
                     "ALTER TABLE notes SET UNLOGGED; ALTER TABLE notes ALTER COLUMN title TYPE text COLLATE \"C\"; "
                     f"GRANT ALL ON notes TO PUBLIC; ALTER FUNCTION touch() OWNER TO {intruder}; "
                     "ALTER TABLE notes SET (autovacuum_enabled = false); COMMENT ON TABLE notes IS 'changed'; "
-                    "CREATE OR REPLACE VIEW recent_notes AS SELECT id, body FROM notes")
+                    "CREATE OR REPLACE VIEW recent_notes AS SELECT id, body FROM notes; "
+                    "REVOKE EXECUTE ON FUNCTION touch() FROM PUBLIC; GRANT CREATE ON SCHEMA public TO PUBLIC; "
+                    "COMMENT ON COLUMN notes.body IS 'markdown'")
         found = drift.find(target, settings).findings
     finally:
         sql(target, f"REASSIGN OWNED BY {intruder} TO CURRENT_USER; DROP OWNED BY {intruder}; DROP ROLE {intruder}")
     assert found == [
+        "grant on schema public to PUBLIC: privileges CREATE, USAGE in the database, USAGE in the migrations",
         "extra function public.backdoor()",
         "enum public.mood: values 'ok', 'bad', 'great' in the database, 'ok', 'bad' in the migrations",
         ("extra grant on table public.notes to PUBLIC (DELETE, INSERT, MAINTAIN, REFERENCES, SELECT, TRIGGER, "
@@ -347,12 +350,14 @@ def test_security_and_durability_changes_are_named_one_line_each(target, tmp_pat
         "table public.notes: row level security disabled in the database, enabled in the migrations",
         "table public.notes: options autovacuum_enabled=false in the database, none in the migrations",
         "table public.notes: comment 'changed' in the database, 'what users wrote' in the migrations",
+        "column public.notes.body: comment 'markdown' in the database, none in the migrations",
         "extra trigger public.notes.notes_audit (AFTER INSERT ON public.notes FOR EACH ROW EXECUTE FUNCTION touch())",
         "trigger public.notes.notes_touch: disabled in the database, enabled in the migrations",
         "missing policy public.notes.own_notes (FOR ALL TO public USING ((owner_name = CURRENT_USER)))",
         'column public.notes.title: collation "C" in the database, default in the migrations',
         "missing domain constraint public.positive.positive_check (CHECK ((VALUE > 0)))",
         "view public.recent_notes: definition differs",
+        "missing grant on function public.touch() to PUBLIC (EXECUTE)",
         "function public.touch(): definition differs",
         f"function public.touch(): owner {intruder} in the database, the migrating role in the migrations",
     ]
