@@ -107,7 +107,7 @@ def differences(live: dict, expected: dict) -> list[str]:
     """What differs, one line per object, each object after the table (or object) it belongs to;
     the columns, indexes, constraints and grants of an object only one side has are that
     object's finding, not more lines."""
-    whole = {name for name, _ in live.keys() ^ expected.keys()}
+    whole = {name for name, kind in live.keys() ^ expected.keys() if kind != "extension"}  # its name may be a schema's
     findings = []
     for key in sorted(live.keys() | expected.keys(), key=lambda k: ((live.get(k) or expected[k]).parent or k[0], k)):
         have, want = live.get(key), expected.get(key)
@@ -124,7 +124,7 @@ def differences(live: dict, expected: dict) -> list[str]:
     return findings
 
 
-def _changed(obj, label: str, have: str, want: str) -> str:
+def _changed(obj: schema.SchemaObject, label: str, have: str, want: str) -> str:
     """One line: a value that spans lines (a view's query, a function's body) is not shown."""
     if "\n" in have + want:
         return f"{obj.kind} {obj.name}: {label} differs"

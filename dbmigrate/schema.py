@@ -79,8 +79,9 @@ _QUERIES = (
      ("", "row level security", "options", "partition key", "partition of", "owner", "comment"),
      ("SELECT CASE c.relkind WHEN 'p' THEN 'partitioned table' ELSE 'table' END, "
       f"{_RELATION}, NULL, '', CASE c.relpersistence WHEN 'u' THEN 'unlogged' ELSE 'logged' END, "
-      "CASE WHEN c.relforcerowsecurity THEN 'enabled and forced' WHEN c.relrowsecurity THEN 'enabled' "
-      "ELSE 'disabled' END, coalesce(array_to_string(c.reloptions, ', '), 'none'), "
+      "CASE WHEN c.relrowsecurity THEN 'enabled' ELSE 'disabled' END "
+      "|| CASE WHEN c.relforcerowsecurity THEN ', forced' ELSE '' END, "
+      "coalesce(array_to_string(c.reloptions, ', '), 'none'), "
       "coalesce(pg_get_partkeydef(c.oid), 'none'), "
       "CASE WHEN c.relispartition THEN (SELECT pn.nspname || '.' || pc.relname FROM pg_inherits h "
       "JOIN pg_class pc ON pc.oid = h.inhparent JOIN pg_namespace pn ON pn.oid = pc.relnamespace "

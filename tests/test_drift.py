@@ -324,7 +324,8 @@ def test_security_and_durability_changes_are_named_one_line_each(target, tmp_pat
     intruder = f"{db_name}_intruder"  # roles are the cluster's: one of this test's own, dropped at the end
     sql(target, f"CREATE ROLE {intruder}")
     try:
-        sql(target, "ALTER TABLE notes DISABLE ROW LEVEL SECURITY; DROP POLICY own_notes ON notes; "
+        sql(target, "ALTER TABLE notes DISABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY; "
+                    "DROP POLICY own_notes ON notes; "
                     "ALTER TABLE notes DISABLE TRIGGER notes_touch; "
                     "CREATE TRIGGER notes_audit AFTER INSERT ON notes FOR EACH ROW EXECUTE FUNCTION touch(); "
                     "CREATE OR REPLACE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ "
@@ -347,7 +348,7 @@ def test_security_and_durability_changes_are_named_one_line_each(target, tmp_pat
         ("extra grant on table public.notes to PUBLIC (DELETE, INSERT, MAINTAIN, REFERENCES, SELECT, TRIGGER, "
          "TRUNCATE, UPDATE)"),
         "table public.notes: unlogged in the database, logged in the migrations",
-        "table public.notes: row level security disabled in the database, enabled in the migrations",
+        "table public.notes: row level security disabled, forced in the database, enabled in the migrations",
         "table public.notes: options autovacuum_enabled=false in the database, none in the migrations",
         "table public.notes: comment 'changed' in the database, 'what users wrote' in the migrations",
         "column public.notes.body: comment 'markdown' in the database, none in the migrations",
