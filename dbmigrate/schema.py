@@ -138,13 +138,17 @@ _QUERIES = (
       "WHEN 'A' THEN 'enabled always' ELSE 'enabled' END "
       "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
       f"WHERE NOT t.tgisinternal AND {_USER_SCHEMA} AND {_OURS}")),
+    # The roles a policy applies to are read like owners (CREATE POLICY ... TO CURRENT_USER names one).
     (("policy",), ("definition",),
-     ("SELECT 'policy', schemaname || '.' || tablename || '.' || policyname, schemaname || '.' || tablename, "
-      "definition, definition FROM (SELECT schemaname, tablename, policyname, concat_ws(' ', "
-      "CASE WHEN permissive = 'RESTRICTIVE' THEN 'AS RESTRICTIVE' END, 'FOR ' || cmd, "
-      "'TO ' || array_to_string(roles, ', '), 'USING (' || qual || ')', 'WITH CHECK (' || with_check || ')') "
-      "AS definition FROM pg_policies) p "
-      "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') AND schemaname NOT LIKE 'pg\\_%'")),
+     (f"SELECT 'policy', {_RELATION} || '.' || p.polname, {_RELATION}, d.definition, d.definition "
+      "FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace, "
+      f"LATERAL (SELECT string_agg(x.role, ', ' ORDER BY x.role) AS roles FROM (SELECT {_role('r')} AS role "
+      "FROM unnest(p.polroles) r) x) pr, LATERAL (SELECT concat_ws(' ', "
+      "CASE WHEN NOT p.polpermissive THEN 'AS RESTRICTIVE' END, 'FOR ' || CASE p.polcmd WHEN 'r' THEN 'SELECT' "
+      "WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE' WHEN 'd' THEN 'DELETE' ELSE 'ALL' END, 'TO ' || pr.roles, "
+      "'USING (' || pg_get_expr(p.polqual, p.polrelid) || ')', "
+      "'WITH CHECK (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')') AS definition) d "
+      f"WHERE {_USER_SCHEMA} AND {_OURS}")),
     (("function", "procedure"), ("definition", "owner", "comment"),
      ("SELECT CASE p.prokind WHEN 'p' THEN 'procedure' ELSE 'function' END, "
       f"{_FUNCTION}, NULL, '', pg_get_functiondef(p.oid), {_role('p.proowner')}, {_comment('p.oid', 'pg_proc')} "

@@ -1,6 +1,7 @@
 """Drift: the live schema against what the migrations build (and the models), named object by object."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -282,11 +283,27 @@ SECURED = ('op.execute("""'
            "COMMENT ON TABLE notes IS 'what users wrote'; "
            "ALTER TABLE notes ENABLE ROW LEVEL SECURITY; "
            "CREATE POLICY own_notes ON notes USING (owner_name = current_user); "
+           "CREATE POLICY migrator_writes ON notes FOR INSERT TO CURRENT_USER WITH CHECK (true); "
            "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ "
            "BEGIN NEW.updated_at = now(); RETURN NEW; END $$; "
            "CREATE TRIGGER notes_touch BEFORE UPDATE ON notes FOR EACH ROW EXECUTE FUNCTION touch(); "
            "CREATE VIEW recent_notes AS SELECT id, body FROM notes WHERE updated_at > now() - interval '1 day'"
            '""")')
+
+
+@contextmanager
+def own_role(target, name: str):
+    """A login role that owns ``target``'s database, as an application's install guide sets it up, and
+    ``target`` as that role; roles are the cluster's: it is dropped at the end."""
+    from dbmigrate.target import DatabaseTarget
+    from tests.pgcluster import CANARY_PASSWORD
+
+    sql(target, f"CREATE ROLE {name} LOGIN PASSWORD '{CANARY_PASSWORD}'; "
+                f"ALTER DATABASE {target.database} OWNER TO {name}")
+    try:
+        yield DatabaseTarget(target.url.set(username=name), target.environment)
+    finally:
+        sql(target, f"REASSIGN OWNED BY {name} TO CURRENT_USER; DROP OWNED BY {name}; DROP ROLE {name}")
 
 
 def migrated(target, tmp_path, *steps: str):
@@ -354,7 +371,7 @@ def test_security_and_durability_changes_are_named_one_line_each(target, tmp_pat
         "column public.notes.body: comment 'markdown' in the database, none in the migrations",
         "extra trigger public.notes.notes_audit (AFTER INSERT ON public.notes FOR EACH ROW EXECUTE FUNCTION touch())",
         "trigger public.notes.notes_touch: disabled in the database, enabled in the migrations",
-        "missing policy public.notes.own_notes (FOR ALL TO public USING ((owner_name = CURRENT_USER)))",
+        "missing policy public.notes.own_notes (FOR ALL TO PUBLIC USING ((owner_name = CURRENT_USER)))",
         'column public.notes.title: collation "C" in the database, default in the migrations',
         "missing domain constraint public.positive.positive_check (CHECK ((VALUE > 0)))",
         "view public.recent_notes: definition differs",
@@ -362,6 +379,19 @@ def test_security_and_durability_changes_are_named_one_line_each(target, tmp_pat
         "function public.touch(): definition differs",
         f"function public.touch(): owner {intruder} in the database, the migrating role in the migrations",
     ]
+
+
+def test_a_schema_migrated_by_its_own_role_has_no_drift_for_the_superuser(target, tmp_path, db_name):
+    """Owners, grants and a policy TO CURRENT_USER name the role that ran the migrations; the replay runs as
+    the superuser, who owns what it builds: both are the migrating role."""
+    from dbmigrate import drift, migrate
+    from dbmigrate.settings import Settings
+
+    settings = Settings(tmp_path / "home", alembic_config=str(stock_project(tmp_path, linear(SECURED))),
+                        project_logging=False)
+    with own_role(target, f"{db_name}_app") as as_app:
+        migrate.run(settings.project(as_app), "head", upgrade=True, limits=settings.limits, on_step=lambda step: None)
+        assert drift.find(target, settings).findings == []
 
 
 def test_a_real_projects_chain_run_as_shipped_by_its_own_role_has_no_drift(target, tmp_path, db_name):
@@ -372,20 +402,14 @@ def test_a_real_projects_chain_run_as_shipped_by_its_own_role_has_no_drift(targe
 
     from dbmigrate import drift, migrate
     from dbmigrate.settings import Settings
-    from dbmigrate.target import DatabaseTarget
-    from tests.pgcluster import CANARY_PASSWORD
 
     ini = stock_project(tmp_path, [], version_locations=Path(ckan.migration.__file__).parent / "versions")
     settings = Settings(tmp_path / "home", alembic_config=str(ini), project_logging=False)
-    role = f"{db_name}_ckan"  # roles are the cluster's: one of this test's own, dropped at the end
-    sql(target, f"CREATE ROLE {role} LOGIN PASSWORD '{CANARY_PASSWORD}'; ALTER DATABASE {db_name} OWNER TO {role}")
-    try:
-        as_ckan = DatabaseTarget(target.url.set(username=role), target.environment)
+    role = f"{db_name}_ckan"
+    with own_role(target, role) as as_ckan:
         migrate.run(settings.project(as_ckan), "heads", upgrade=True, limits=settings.limits,
                     on_step=lambda step: None)
         found = drift.find(target, settings)
         tables = sql(target, "SELECT tableowner, count(*) FROM pg_tables WHERE schemaname = 'public' GROUP BY 1")
-    finally:
-        sql(target, f"REASSIGN OWNED BY {role} TO CURRENT_USER; DROP OWNED BY {role}; DROP ROLE {role}")
     assert tables == [(role, 27)]
     assert (found.revision, found.findings) == (settings.project().script.get_current_head(), [])
