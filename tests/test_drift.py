@@ -354,7 +354,7 @@ def test_security_and_durability_changes_are_named_one_line_each(target, tmp_pat
                     "ALTER TABLE notes SET (autovacuum_enabled = false); COMMENT ON TABLE notes IS 'changed'; "
                     "CREATE OR REPLACE VIEW recent_notes AS SELECT id, body FROM notes; "
                     "REVOKE EXECUTE ON FUNCTION touch() FROM PUBLIC; GRANT CREATE ON SCHEMA public TO PUBLIC; "
-                    "COMMENT ON COLUMN notes.body IS 'markdown'")
+                    "COMMENT ON COLUMN notes.body IS 'markdown'; GRANT SELECT (owner_name) ON notes TO PUBLIC")
         found = drift.find(target, settings).findings
     finally:
         sql(target, f"REASSIGN OWNED BY {intruder} TO CURRENT_USER; DROP OWNED BY {intruder}; DROP ROLE {intruder}")
@@ -373,6 +373,7 @@ def test_security_and_durability_changes_are_named_one_line_each(target, tmp_pat
         "trigger public.notes.notes_touch: disabled in the database, enabled in the migrations",
         "missing policy public.notes.own_notes (FOR ALL TO PUBLIC USING ((owner_name = CURRENT_USER)))",
         'column public.notes.title: collation "C" in the database, default in the migrations',
+        "extra grant on column public.notes.owner_name to PUBLIC (SELECT)",
         "missing domain constraint public.positive.positive_check (CHECK ((VALUE > 0)))",
         "view public.recent_notes: definition differs",
         "missing grant on function public.touch() to PUBLIC (EXECUTE)",
