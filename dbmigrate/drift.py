@@ -106,11 +106,12 @@ def _replayed(target: DatabaseTarget, settings: Settings, current: tuple[str, ..
 
 
 def differences(live: dict, expected: dict) -> list[str]:
-    """What differs, one line per object, in the objects' order; the columns, indexes and
-    constraints of a table only one side has are that table's finding, not more lines."""
-    whole = {name for name, kind in live.keys() ^ expected.keys() if kind.endswith("table")}
+    """What differs, one line per object, each object after the table (or object) it belongs to;
+    the columns, indexes, constraints and grants of an object only one side has are that
+    object's finding, not more lines."""
+    whole = {name for name, kind in live.keys() ^ expected.keys() if kind != "extension"}  # its name may be a schema's
     findings = []
-    for key in sorted(live.keys() | expected.keys()):
+    for key in sorted(live.keys() | expected.keys(), key=lambda k: ((live.get(k) or expected[k]).parent or k[0], k)):
         have, want = live.get(key), expected.get(key)
         obj = have or want
         if obj.parent in whole:
@@ -120,9 +121,16 @@ def differences(live: dict, expected: dict) -> list[str]:
         elif have is None:
             findings.append(f"missing {obj.described()}")
         else:
-            findings += [f"{obj.kind} {obj.name}: {label + ' ' if label else ''}{a} in the database, {b} in the "
-                         "migrations" for (label, a), (_, b) in zip(have.attributes, want.attributes) if a != b]
+            findings += [_changed(obj, label, a, b)
+                         for (label, a), (_, b) in zip(have.attributes, want.attributes) if a != b]
     return findings
+
+
+def _changed(obj: schema.SchemaObject, label: str, have: str, want: str) -> str:
+    """One line: a value that spans lines (a view's query, a function's body) is not shown."""
+    if "\n" in have + want:
+        return f"{obj.kind} {obj.name}: {label} differs"
+    return f"{obj.kind} {obj.name}: {label + ' ' if label else ''}{have} in the database, {want} in the migrations"
 
 
 def model_differences(project: Project, limits: migrate.SessionLimits) -> list[str] | None:

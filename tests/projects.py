@@ -49,7 +49,7 @@ BEST_EFFORT_INDEX = ("with op.get_context().autocommit_block():\n"
 
 
 def stock_project(base: Path, revisions: list[dict], transaction_per_migration: bool = False,
-                  engine: str | None = None, models: str | None = None) -> Path:
+                  engine: str | None = None, models: str | None = None, version_locations: Path | None = None) -> Path:
     """Create ``base/alembic.ini`` + ``base/migrations`` and return the ini path.
 
     Each revision: {"revision", "down", "message", "upgrade", "downgrade"} with
@@ -57,6 +57,7 @@ def stock_project(base: Path, revisions: list[dict], transaction_per_migration: 
     its own, as many real projects do, so a failure leaves earlier revisions applied.
     ``engine`` replaces the template's ``engine_from_config(...)`` (e.g. PSYCOPG2_FROM_CONFIG).
     ``models``: Python that sets ``target_metadata`` (a MetaData), instead of the template's None.
+    ``version_locations``: where the revisions are instead (e.g. another project's, as installed).
     """
     ini = base / "alembic.ini"
     command.init(Config(str(ini)), str(base / "migrations"), template="generic")
@@ -66,6 +67,8 @@ def stock_project(base: Path, revisions: list[dict], transaction_per_migration: 
         _edit(env_py, stock, stock + ", transaction_per_migration=True")
     if models:
         _edit(env_py, "target_metadata = None", models)
+    if version_locations:
+        _edit(ini, "[alembic]\n", f"[alembic]\nversion_locations = {version_locations}\n")
     if engine:
         _edit(env_py, TEMPLATE_ENGINE, engine)
         env_py.write_text("import os\nfrom sqlalchemy import create_engine\n" + env_py.read_text())

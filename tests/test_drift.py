@@ -1,6 +1,8 @@
 """Drift: the live schema against what the migrations build (and the models), named object by object."""
 
 import json
+from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -261,3 +263,154 @@ def test_an_unreachable_database_is_one_line_and_exit_2(cli):
                  env={"DATABASE_URL": f"postgresql://postgres:x@127.0.0.1:{free_port()}/nowhere"})
     assert failed.returncode == 2 and failed.stdout == ""
     assert one_line_error(failed.stderr).endswith("connection refused: no server listening at that address")
+
+
+
+# -- what the catalogs hold besides tables and columns: partitions, security, durability -----------------
+
+PARTITIONED = ('op.execute("""'
+               "CREATE TABLE events (id bigint, at date NOT NULL, what text) PARTITION BY RANGE (at); "
+               "CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01'); "
+               "CREATE INDEX ix_events_at ON events (at)"
+               '""")')
+# One of each: row-level security and a policy, a trigger and its function, an enum, a domain with a
+# CHECK, a view, a comment.
+SECURED = ('op.execute("""'
+           "CREATE TYPE mood AS ENUM ('ok', 'bad'); "
+           "CREATE DOMAIN positive AS integer CONSTRAINT positive_check CHECK (VALUE > 0); "
+           "CREATE TABLE notes (id integer PRIMARY KEY, owner_name text NOT NULL, title text, body text, "
+           "mood mood, stars positive, updated_at timestamptz); "
+           "COMMENT ON TABLE notes IS 'what users wrote'; "
+           "ALTER TABLE notes ENABLE ROW LEVEL SECURITY; "
+           "CREATE POLICY own_notes ON notes USING (owner_name = current_user); "
+           "CREATE POLICY migrator_writes ON notes FOR INSERT TO CURRENT_USER WITH CHECK (true); "
+           "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ "
+           "BEGIN NEW.updated_at = now(); RETURN NEW; END $$; "
+           "CREATE TRIGGER notes_touch BEFORE UPDATE ON notes FOR EACH ROW EXECUTE FUNCTION touch(); "
+           "CREATE VIEW recent_notes AS SELECT id, body FROM notes WHERE updated_at > now() - interval '1 day'"
+           '""")')
+
+
+@contextmanager
+def own_role(target, name: str):
+    """A login role that owns ``target``'s database, as an application's install guide sets it up, and
+    ``target`` as that role; roles are the cluster's: it is dropped at the end."""
+    from dbmigrate.target import DatabaseTarget
+    from tests.pgcluster import CANARY_PASSWORD
+
+    sql(target, f"CREATE ROLE {name} LOGIN PASSWORD '{CANARY_PASSWORD}'; "
+                f"ALTER DATABASE {target.database} OWNER TO {name}")
+    try:
+        yield DatabaseTarget(target.url.set(username=name), target.environment)
+    finally:
+        sql(target, f"REASSIGN OWNED BY {name} TO CURRENT_USER; DROP OWNED BY {name}; DROP ROLE {name}")
+
+
+def migrated(target, tmp_path, *steps: str):
+    """Settings for a project of ``steps`` (r1, r2, ...), and ``target`` upgraded to its head in-process."""
+    from dbmigrate import migrate
+    from dbmigrate.settings import Settings
+
+    settings = Settings(tmp_path / "home", alembic_config=str(stock_project(tmp_path, linear(*steps))),
+                        project_logging=False)
+    migrate.run(settings.project(target), "head", upgrade=True, limits=settings.limits, on_step=lambda step: None)
+    return settings
+
+
+def test_partitioned_tables_and_their_indexes_are_read_and_compared(target, tmp_path):
+    from dbmigrate import drift
+
+    settings = migrated(target, tmp_path, PARTITIONED)
+    assert drift.find(target, settings).findings == []
+
+    sql(target, "ALTER TABLE events DETACH PARTITION events_2026; "
+                "CREATE TABLE events_2027 PARTITION OF events FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')")
+    assert drift.find(target, settings).findings == [
+        "table public.events_2026: partition of none in the database, public.events FOR VALUES FROM "
+        "('2026-01-01') TO ('2027-01-01') in the migrations",
+        "extra table public.events_2027",
+    ]
+
+
+def test_security_and_durability_changes_are_named_one_line_each(target, tmp_path, db_name):
+    from dbmigrate import drift
+
+    settings = migrated(target, tmp_path, SECURED)
+    assert drift.find(target, settings).findings == []
+
+    intruder = f"{db_name}_intruder"  # roles are the cluster's: one of this test's own, dropped at the end
+    sql(target, f"CREATE ROLE {intruder}")
+    try:
+        sql(target, "ALTER TABLE notes DISABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY; "
+                    "DROP POLICY own_notes ON notes; "
+                    "ALTER TABLE notes DISABLE TRIGGER notes_touch; "
+                    "CREATE TRIGGER notes_audit AFTER INSERT ON notes FOR EACH ROW EXECUTE FUNCTION touch(); "
+                    "CREATE OR REPLACE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                    "BEGIN RETURN NEW; END $$; "
+                    "CREATE FUNCTION backdoor() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1'; "
+                    "ALTER TYPE mood ADD VALUE 'great'; ALTER DOMAIN positive DROP CONSTRAINT positive_check; "
+                    "ALTER TABLE notes SET UNLOGGED; ALTER TABLE notes ALTER COLUMN title TYPE text COLLATE \"C\"; "
+                    f"GRANT ALL ON notes TO PUBLIC; ALTER FUNCTION touch() OWNER TO {intruder}; "
+                    "ALTER TABLE notes SET (autovacuum_enabled = false); COMMENT ON TABLE notes IS 'changed'; "
+                    "CREATE OR REPLACE VIEW recent_notes AS SELECT id, body FROM notes; "
+                    "REVOKE EXECUTE ON FUNCTION touch() FROM PUBLIC; GRANT CREATE ON SCHEMA public TO PUBLIC; "
+                    "COMMENT ON COLUMN notes.body IS 'markdown'; GRANT SELECT (owner_name) ON notes TO PUBLIC")
+        found = drift.find(target, settings).findings
+    finally:
+        sql(target, f"REASSIGN OWNED BY {intruder} TO CURRENT_USER; DROP OWNED BY {intruder}; DROP ROLE {intruder}")
+    assert found == [
+        "grant on schema public to PUBLIC: privileges CREATE, USAGE in the database, USAGE in the migrations",
+        "extra function public.backdoor()",
+        "enum public.mood: values 'ok', 'bad', 'great' in the database, 'ok', 'bad' in the migrations",
+        ("extra grant on table public.notes to PUBLIC (DELETE, INSERT, MAINTAIN, REFERENCES, SELECT, TRIGGER, "
+         "TRUNCATE, UPDATE)"),
+        "table public.notes: unlogged in the database, logged in the migrations",
+        "table public.notes: row level security disabled, forced in the database, enabled in the migrations",
+        "table public.notes: options autovacuum_enabled=false in the database, none in the migrations",
+        "table public.notes: comment 'changed' in the database, 'what users wrote' in the migrations",
+        "column public.notes.body: comment 'markdown' in the database, none in the migrations",
+        "extra trigger public.notes.notes_audit (AFTER INSERT ON public.notes FOR EACH ROW EXECUTE FUNCTION touch())",
+        "trigger public.notes.notes_touch: disabled in the database, enabled in the migrations",
+        "missing policy public.notes.own_notes (FOR ALL TO PUBLIC USING ((owner_name = CURRENT_USER)))",
+        'column public.notes.title: collation "C" in the database, default in the migrations',
+        "extra grant on column public.notes.owner_name to PUBLIC (SELECT)",
+        "missing domain constraint public.positive.positive_check (CHECK ((VALUE > 0)))",
+        "view public.recent_notes: definition differs",
+        "missing grant on function public.touch() to PUBLIC (EXECUTE)",
+        "function public.touch(): definition differs",
+        f"function public.touch(): owner {intruder} in the database, the migrating role in the migrations",
+    ]
+
+
+def test_a_schema_migrated_by_its_own_role_has_no_drift_for_the_superuser(target, tmp_path, db_name):
+    """Owners, grants and a policy TO CURRENT_USER name the role that ran the migrations; the replay runs as
+    the superuser, who owns what it builds: both are the migrating role."""
+    from dbmigrate import drift, migrate
+    from dbmigrate.settings import Settings
+
+    settings = Settings(tmp_path / "home", alembic_config=str(stock_project(tmp_path, linear(SECURED))),
+                        project_logging=False)
+    with own_role(target, f"{db_name}_app") as as_app:
+        migrate.run(settings.project(as_app), "head", upgrade=True, limits=settings.limits, on_step=lambda step: None)
+        assert drift.find(target, settings).findings == []
+
+
+def test_a_real_projects_chain_run_as_shipped_by_its_own_role_has_no_drift(target, tmp_path, db_name):
+    """CKAN's Alembic chain (110 revisions, from the ckan package the dev extra pins) run as shipped by
+    the role that owns CKAN's database, as CKAN's install guide sets it up; drift, run by the superuser,
+    replays it into a scratch database the superuser owns: nothing differs, owners included."""
+    import ckan.migration
+
+    from dbmigrate import drift, migrate
+    from dbmigrate.settings import Settings
+
+    ini = stock_project(tmp_path, [], version_locations=Path(ckan.migration.__file__).parent / "versions")
+    settings = Settings(tmp_path / "home", alembic_config=str(ini), project_logging=False)
+    role = f"{db_name}_ckan"
+    with own_role(target, role) as as_ckan:
+        migrate.run(settings.project(as_ckan), "heads", upgrade=True, limits=settings.limits,
+                    on_step=lambda step: None)
+        found = drift.find(target, settings)
+        tables = sql(target, "SELECT tableowner, count(*) FROM pg_tables WHERE schemaname = 'public' GROUP BY 1")
+    assert tables == [(role, 27)]
+    assert (found.revision, found.findings) == (settings.project().script.get_current_head(), [])
