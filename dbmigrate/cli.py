@@ -10,6 +10,7 @@ but its report could not be written (the report is then printed on stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import getpass
@@ -22,9 +23,10 @@ import sys
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from dbmigrate import __version__, backup, catalogue, db, drift, health, local, phases, pipeline, restore, revisions
-from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError
+from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError, needs_prefect
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.lint import LintResult
@@ -350,7 +352,8 @@ def resolve(url: str | None, env: str | None, home: Path) -> DatabaseTarget:
     if url or env_url:
         return parse_url(url or env_url, os.environ.get("DBMIGRATE_ENVIRONMENT", "url"))
     if env:
-        from blocks import load_target, require_api  # imports Prefect: only on this path
+        with needs_prefect("--env"):
+            from blocks import load_target, require_api  # imports Prefect: only on this path
 
         require_api()
         return load_target(env)
@@ -374,8 +377,33 @@ class Database:
         return self.target.redact(text) if self.target is not None else text
 
 
+_json_stdout = None  # under --json, while the command runs: the real stdout (fd 1 points at stderr meanwhile)
+
+
 def _print_json(data) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(json.dumps(data, indent=2, default=str), file=_json_stdout or sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def _json_alone_on_stdout(as_json: bool) -> Iterator[None]:
+    """Under --json, stdout carries the JSON alone: while the command runs, file descriptor 1
+    points at stderr, so what a project's env.py or revisions print or log (Python's print, C
+    code, a subprocess; the lint's offline rendering too) lands on stderr, and the JSON goes to
+    the real stdout, kept aside."""
+    global _json_stdout
+    if not as_json:
+        yield
+        return
+    sys.stdout.flush()
+    _json_stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(_json_stdout.fileno(), 1)
+        _json_stdout.close()
+        _json_stdout = None
 
 
 def _settings(args) -> Settings:
@@ -522,7 +550,8 @@ def _policy(args, target: DatabaseTarget) -> Policy | None:
     """With --env the environment's policy applies on the command line too."""
     if not args.env:
         return None
-    from blocks import load_policy  # imports Prefect: only on the --env path
+    with needs_prefect("--env"):
+        from blocks import load_policy  # imports Prefect: only on the --env path
 
     try:
         return load_policy(target.environment)
@@ -610,7 +639,10 @@ def cmd_rehearse(args, settings: Settings, database: Database) -> int:
     target = database()
     plan = phases.plan(target, settings.project(target), settings, args.revision, True)
     if not plan.steps:
-        print(json.dumps(None) if args.json else f"nothing to rehearse: database at {revisions.shown(plan.current)}")
+        if args.json:
+            _print_json(None)
+        else:
+            print(f"nothing to rehearse: database at {revisions.shown(plan.current)}")
         return 0
     storage = settings.storage()
     manifest = backup.take(target, storage, settings.dump, _print_progress, settings.connect_timeout)
@@ -830,7 +862,8 @@ def _print_local(server: local.LocalServer, home: Path) -> None:
 
 
 def cmd_blocks(args, settings: Settings, database: Database) -> int:
-    from blocks.sync import storage_spec, sync_environment  # imports Prefect: only for `blocks`
+    with needs_prefect("dbmigrate blocks"):
+        from blocks.sync import storage_spec, sync_environment  # imports Prefect: only for `blocks`
 
     synced = sync_environment(args.env, os.environ, alerts=True)
     for result in synced:
@@ -878,7 +911,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():  # only there can a handler be installed
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return run(args)
+        with _json_alone_on_stdout(getattr(args, "json", False)):
+            return run(args)
     except DbMigrateError as exc:
         print(f"dbmigrate: error: {exc}", file=sys.stderr)
         return 2 if args.command == "check" else exc.exit_code

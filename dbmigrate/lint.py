@@ -13,6 +13,7 @@ Findings of an excepted rule are recorded as excepted, not as findings.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -20,7 +21,7 @@ import subprocess
 import sysconfig
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def lint(project: Project, steps: list[PlannedStep], pg_version: str) -> LintRes
         for step in steps:
             results.append(RevisionLint(step.revision, step.message))
             try:
-                sql[step.revision] = migrate.render_revision(project, step.revision)
+                with _printed_aside(step.revision):
+                    sql[step.revision] = migrate.render_revision(project, step.revision)
             except Exception as exc:  # env.py or the revision needs a live connection: the lint cannot see its SQL
                 results[-1].not_linted = f"cannot be rendered offline: {first_line(exc)}"
     raw = _squawk(squawk, sql, pg_version)
@@ -162,6 +164,20 @@ def _alembic_quiet() -> Iterator[None]:
 
 def _drop(record: logging.LogRecord) -> bool:
     return False
+
+
+@contextmanager
+def _printed_aside(revision: str) -> Iterator[None]:
+    """What env.py and a revision print while rendered offline (a project's offline branch warns
+    `alembic upgrade --sql` users: "All rows in the t table will be deleted") is not what the run
+    does: kept out of the run's output, on the debug log only."""
+    printed = io.StringIO()
+    try:
+        with redirect_stdout(printed):
+            yield
+    finally:
+        if printed.getvalue().strip():
+            logging.getLogger(__name__).debug("rendering %s offline printed: %s", revision, printed.getvalue())
 
 
 def _squawk(squawk: Path, sql: dict[str, str], pg_version: str) -> dict[str, list[dict]]:
