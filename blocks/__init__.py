@@ -162,6 +162,16 @@ def load_target(name: str) -> DatabaseTarget:
     return DatabaseTarget(block.url(), block.environment or name)
 
 
+def environments() -> list[str]:
+    """The names of the DatabaseCredentials blocks: every environment, for `dbmigrate overview`."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        documents = client.read_block_documents_by_type(DatabaseCredentials.get_block_type_slug(),
+                                                        include_secrets=False)
+    return sorted(d.name for d in documents if d.name and not d.is_anonymous)
+
+
 def load_policy(environment: str) -> Policy:
     """The environment's default policy with the EnvironmentPolicy block of that name applied."""
     try:
@@ -172,4 +182,5 @@ def load_policy(environment: str) -> Policy:
     return policy.for_environment(environment, **overrides)
 
 
-__all__ = ["DatabaseCredentials", "EnvironmentPolicy", "load_policy", "load_target", "require_api"]
+__all__ = ["DatabaseCredentials", "EnvironmentPolicy", "environments", "load_policy", "load_target",
+           "require_api"]

@@ -25,7 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from dbmigrate import __version__, backup, catalogue, db, drift, health, local, phases, pipeline, restore, revisions
+from dbmigrate import (__version__, backup, catalogue, db, drift, health, local, overview, phases, pipeline, restore,
+                       revisions)
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError, needs_prefect
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
@@ -251,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("health", "pre-flight checks: connection, disk space, alembic version table, pending revisions")
     add("status", "current revision(s), head(s) and pending revisions")
     add("heads", "head revision(s) of the migration scripts")
+    add("overview", "every environment (with PREFECT_API_URL: each DatabaseCredentials block; else this database), "
+                    "read in parallel: current revision, head, pending, the last run and its outcome (the reports "
+                    "under the home), the newest restorable backup")
+    add("history", "the revisions applied (and reverted) by the runs whose reports are under the home, oldest "
+                   "first: when, by whom, how long, the run's outcome and link (--env NAME: that environment only)")
     add("check", "exit 0 at head, 1 when revisions are pending, 2 on error")
     add("drift", "compare the schema with what the migrations build up to the database's revision (replayed into "
                  "a scratch database) and with the models where env.py has them; list each difference and "
@@ -875,11 +881,42 @@ def cmd_blocks(args, settings: Settings, database: Database) -> int:
     return 0
 
 
+def _environments(args, database: Database) -> list[DatabaseTarget]:
+    """overview's environments: every DatabaseCredentials block where a Prefect API is set
+    (PREFECT_API_URL) and no one database is named; else the one database."""
+    if args.url or args.env or os.environ.get("DATABASE_URL") or not os.environ.get("PREFECT_API_URL"):
+        return [database()]
+    with needs_prefect("dbmigrate overview of every environment"):
+        from blocks import environments, load_target, require_api  # imports Prefect: only on this path
+    require_api()
+    return [load_target(name) for name in environments()]
+
+
+def cmd_overview(args, settings: Settings, database: Database) -> int:
+    states = overview.overview(_environments(args, database), settings)
+    if args.json:
+        _print_json(states)
+    else:
+        print("\n".join(overview.overview_lines(states)))
+    return 0
+
+
+def cmd_history(args, settings: Settings, database: Database) -> int:
+    changes = overview.history(settings.reports_dir, args.env)
+    if args.json:
+        _print_json(changes)
+    else:
+        print("\n".join(overview.history_lines(changes)) or f"no applied revisions in the reports under "
+                                                             f"{settings.reports_dir}")
+    return 0
+
+
 HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "check": cmd_check, "lint": cmd_lint,
             "drift": cmd_drift,
             "upgrade": cmd_migrate, "downgrade": cmd_migrate, "rehearse": cmd_rehearse, "generate": cmd_generate,
             "backup": cmd_backup, "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local,
-            "blocks": cmd_blocks}
+            "blocks": cmd_blocks,
+            "overview": cmd_overview, "history": cmd_history}
 
 
 def run(args) -> int:

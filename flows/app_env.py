@@ -17,7 +17,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from prefect import get_run_logger
+from prefect import get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 
 from dbmigrate.errors import ConfigError, ConfirmationRefused, MigrationFailed
@@ -77,6 +77,7 @@ def migrate(env: Environment, executable: str, alembic_config: str | None, targe
                            *(["--skip-validation"] if skip_validation else []))
     if report is None:
         raise MigrationFailed(f"the application's dbmigrate exited {code} without a report (see the run log)")
+    report["run_url"] = runtime.flow_run.ui_url  # the report written by the subprocess has no link to this run
     create_markdown_artifact(f"## db-migrate {env.name}: report\n\nWritten by the application's dbmigrate "
                              f"(`{executable}`).\n\n```json\n{json.dumps(report, indent=2)}\n```\n",
                              key=report_key(env.name, "db-migrate"), description=f"db-migrate {env.name}: the JSON report")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import getpass
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, runtime
 
 from dbmigrate import auto_rollback, pipeline, revisions
 from dbmigrate.errors import MigrationFailed
@@ -70,6 +70,7 @@ def db_migrate(
         lint_blocking_level=env.policy.lint_blocking_level,
         rehearse=env.policy.rehearse,
         **({"operator": requested_by} if requested_by else {}),
+        run_url=runtime.flow_run.ui_url,
     )
     progress = BackupProgress(environment)
     hooks = pipeline.Hooks(
