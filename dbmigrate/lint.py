@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import subprocess
+import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterator
@@ -171,13 +172,31 @@ def _printed_aside(revision: str) -> Iterator[None]:
     """What env.py and a revision print while rendered offline (a project's offline branch warns
     `alembic upgrade --sql` users: "All rows in the t table will be deleted") is not what the run
     does: kept out of the run's output, on the debug log only."""
-    printed = io.StringIO()
+    aside = _Aside(sys.stdout)
     try:
-        with redirect_stdout(printed):
+        with redirect_stdout(aside):
             yield
     finally:
-        if printed.getvalue().strip():
-            logging.getLogger(__name__).debug("rendering %s offline printed: %s", revision, printed.getvalue())
+        aside.kept_aside = False
+        if aside.printed.getvalue().strip():
+            logging.getLogger(__name__).debug("rendering %s offline printed: %s", revision, aside.printed.getvalue())
+
+
+class _Aside(io.TextIOBase):
+    """sys.stdout during an offline rendering. A logging handler env.py creates meanwhile keeps
+    this object: once the rendering is over it writes to the real stdout again."""
+
+    def __init__(self, real):
+        self.real, self.printed, self.kept_aside = real, io.StringIO(), True
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return (self.printed if self.kept_aside else self.real).write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
 
 
 def _squawk(squawk: Path, sql: dict[str, str], pg_version: str) -> dict[str, list[dict]]:

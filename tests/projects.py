@@ -102,6 +102,7 @@ CHATTY_ENV = '''import logging, subprocess, sys
 print("env.py: loading the application")
 _app_log = logging.getLogger("the_application")
 _app_log.disabled = False  # fileConfig(alembic.ini) below disables it for the next time env.py runs
+_app_log.propagate = False  # its own handler only: not also through the root logger to stderr
 if not _app_log.handlers:
     _app_log.addHandler(logging.StreamHandler(sys.stdout))
 _app_log.warning("env.py: application log line")
