@@ -31,9 +31,10 @@ def app_venv(tmp_path_factory) -> Path:
     return venv
 
 
-def application_project(base: Path) -> str:
-    """A stock project whose env.py imports the application (as a real one imports its models)."""
-    ini = stock_project(base, linear(TABLE))
+def application_project(base: Path, *steps: str) -> str:
+    """A stock project (r1 creates t, then ``steps``) whose env.py imports the application, as a
+    real one imports its models."""
+    ini = stock_project(base, linear(TABLE, *steps))
     env_py = base / "migrations" / "env.py"
     env_py.write_text("import the_application  # noqa: F401\n" + env_py.read_text())
     return str(ini)
@@ -45,6 +46,14 @@ def run(venv: Path, *args: str, env: dict | None = None) -> subprocess.Completed
     assert "Traceback" not in result.stderr, result.stderr
     assert_no_canary(result.stdout + result.stderr, f"dbmigrate {args[0]}")
     return result
+
+
+def wrapped(app_venv: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The application's dbmigrate behind a shell script that logs each command line; (script, log)."""
+    argv_log, wrapper = tmp_path / "argv.log", tmp_path / "dbmigrate"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {argv_log}\nexec {app_venv}/bin/dbmigrate "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, argv_log
 
 
 def test_the_command_line_installs_without_prefect_and_names_the_extra_where_needed(app_venv, url, home, tmp_path):
@@ -73,10 +82,7 @@ def test_a_worker_migrates_an_application_it_cannot_import_through_the_applicati
     from flows.migrate import db_migrate
 
     ini = application_project(tmp_path)
-    argv_log = tmp_path / "argv.log"
-    wrapper = tmp_path / "dbmigrate"
-    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {argv_log}\nexec {app_venv}/bin/dbmigrate "$@"\n')
-    wrapper.chmod(0o755)
+    wrapper, argv_log = wrapped(app_venv, tmp_path)
     name = environment("staging", lint_blocks=True)
 
     state = db_migrate(environment=name, alembic_config=ini, dbmigrate_executable=str(wrapper),
@@ -89,3 +95,41 @@ def test_a_worker_migrates_an_application_it_cannot_import_through_the_applicati
     calls = argv_log.read_text().splitlines()
     assert [call.split()[0] for call in calls] == ["lint", "upgrade"]
     assert_no_canary(argv_log.read_text(), "the subprocess's command line")
+
+
+def test_production_through_the_applications_dbmigrate_is_linted_approved_in_the_ui_and_rehearsed(
+        app_venv, environment, target, home, tmp_path):
+    """The production policy holds through the subprocess: the lint blocks, the approver sees the
+    plan of a dry run and approves in the UI, the run backs up and rehearses."""
+    import threading
+
+    from flows.migrate import db_migrate
+    from tests.test_flows import _resume_when_paused
+
+    name = environment("production")
+    executable, argv_log = wrapped(app_venv, tmp_path)
+    blocked = application_project(tmp_path / "blocked", "op.create_index('ix_t_id', 't', ['id'])")
+    state = db_migrate(environment=name, alembic_config=blocked, dbmigrate_executable=str(executable),
+                       return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("lint: 1 finding(s) at or above warning block this run in production: "
+                                    "revision r2: require-concurrent-index-creation"), state.message
+    assert fingerprint_of(target).revisions == ()
+    assert [call.split()[0] for call in argv_log.read_text().splitlines()] == ["lint"]
+
+    argv_log.unlink()
+    seen = {}
+    approver = threading.Thread(target=_resume_when_paused, args=({"decision": "approve", "approver": "Alice"}, seen))
+    approver.start()
+    state = db_migrate(environment=name, alembic_config=application_project(tmp_path / "clean"),
+                       dbmigrate_executable=str(executable), return_state=True)
+    approver.join()
+    assert state.is_completed(), state.message
+    report = state.result()
+    assert report["approval"]["approver"] == "Alice" and report["status"] == "succeeded"
+    assert report["backup"] and report["rehearsal"]["steps"][0]["revision"] == "r1"
+    assert "- `r1` step 1" in seen["description"] and "CREATE TABLE t" in seen["description"]
+    assert [call.split()[:2] for call in argv_log.read_text().splitlines()] == [
+        ["lint", "-r"], ["upgrade", "-r"], ["upgrade", "-r"]]  # the lint, the dry run shown to the approver, the run
+    assert "--dry-run" in argv_log.read_text().splitlines()[1] and "--rehearse" in argv_log.read_text().splitlines()[2]
+    assert fingerprint_of(target).revisions == ("r1",)
