@@ -84,6 +84,10 @@ def test_a_worker_migrates_an_application_it_cannot_import_through_the_applicati
     ini = application_project(tmp_path)
     wrapper, argv_log = wrapped(app_venv, tmp_path)
     name = environment("staging", lint_blocks=True)
+    refused = db_migrate(environment=name, alembic_config=ini, dbmigrate_executable=str(wrapper),
+                         backup_storage="s3-bucket/backups", return_state=True)
+    assert refused.is_failed() and "has no Prefect for the storage s3-bucket/backups" in refused.message
+    assert not argv_log.exists()
 
     state = db_migrate(environment=name, alembic_config=ini, dbmigrate_executable=str(wrapper),
                        requested_by="ops", return_state=True)
