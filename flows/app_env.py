@@ -37,8 +37,9 @@ class ApplicationDbmigrate:
     env: Environment
     alembic_config: str | None = None
 
-    def run(self, *args: str) -> tuple[int, dict | None]:
-        """``dbmigrate ARGS --json``: its exit code and its JSON; what it printed on stderr goes to the run log."""
+    def run(self, *args: str) -> dict | None:
+        """``dbmigrate ARGS --json``: its JSON (None when it printed none: ``failed`` says why); what it
+        printed on stderr goes to the run log."""
         settings = self.env.settings
         options = ["--json", "--timeout", f"{settings.connect_timeout:g}"]
         if self.alembic_config:
@@ -52,13 +53,17 @@ class ApplicationDbmigrate:
                                   capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
         except OSError as exc:
             raise ConfigError(f"cannot run the application's dbmigrate {self.executable!r}: {exc.strerror}") from None
+        stderr = [self.env.target.redact(line) for line in done.stderr.splitlines()]
         logger = get_run_logger()
-        for line in done.stderr.splitlines():
-            logger.info("%s", self.env.target.redact(line))
+        for line in stderr:
+            logger.info("%s", line)
         try:
-            return done.returncode, json.loads(done.stdout)
+            return json.loads(done.stdout)
         except json.JSONDecodeError:
-            return done.returncode, None
+            errors = [line for line in stderr if line.startswith("dbmigrate: error: ")]
+            raise MigrationFailed(f"the application's dbmigrate {args[0]} exited {done.returncode}: "
+                                  + (errors[-1].removeprefix("dbmigrate: error: ") if errors
+                                     else "no JSON and no error line (see the run log)")) from None
 
 
 def migrate(env: Environment, executable: str, alembic_config: str | None, target_revision: str, backup: bool,
@@ -72,11 +77,9 @@ def migrate(env: Environment, executable: str, alembic_config: str | None, targe
     if not dry_run:
         _lint(app, revision)
     approver = requested_by if dry_run else _approver(app, revision, requested_by)
-    code, report = app.run("upgrade", *revision, "--approver", approver, *_policy_options(env, backup, dry_run),
-                           *(["--skip-health-checks"] if skip_health_checks else []),
-                           *(["--skip-validation"] if skip_validation else []))
-    if report is None:
-        raise MigrationFailed(f"the application's dbmigrate exited {code} without a report (see the run log)")
+    report = app.run("upgrade", *revision, "--approver", approver, *_policy_options(env, backup, dry_run),
+                     *(["--skip-health-checks"] if skip_health_checks else []),
+                     *(["--skip-validation"] if skip_validation else []))
     report["run_url"] = runtime.flow_run.ui_url  # the report written by the subprocess has no link to this run
     create_markdown_artifact(f"## db-migrate {env.name}: report\n\nWritten by the application's dbmigrate "
                              f"(`{executable}`).\n\n```json\n{json.dumps(report, indent=2)}\n```\n",
@@ -103,9 +106,7 @@ def _lint(app: ApplicationDbmigrate, revision: list[str]) -> None:
     level = app.env.policy.lint_blocking_level
     if level is None:
         return
-    code, found = app.run("lint", *revision)
-    if found is None:
-        raise MigrationFailed(f"the application's dbmigrate lint exited {code} without a result (see the run log)")
+    found = app.run("lint", *revision)
     result = LintResult(found["pg_version"], [
         RevisionLint(r["revision"], r["message"], [Finding(**f) for f in r["findings"]],
                      [Excepted(**e) for e in r["excepted"]], r["not_linted"]) for r in found["revisions"]],
@@ -120,9 +121,9 @@ def _approver(app: ApplicationDbmigrate, revision: list[str], requested_by: str)
         return requested_by
 
     def describe() -> tuple[str, str]:
-        code, plan = app.run("upgrade", *revision, "--approver", requested_by, "--dry-run")
-        if plan is None or plan.get("error"):
-            raise MigrationFailed(f"the application's dbmigrate could not plan the run (exit {code}; see the run log)")
+        plan = app.run("upgrade", *revision, "--approver", requested_by, "--dry-run")
+        if plan.get("error"):
+            raise MigrationFailed(f"the application's dbmigrate could not plan the run: {plan['error']['message']}")
         steps = "".join(f"- `{step['revision']}` {step['message']}\n" for step in plan["migrations_planned"])
         change = f"{plan['revision_before'] or 'base'} → {plan['target_revision']} in {app.env.target.environment}"
         return change, f"### {change}\n\n{steps}\n```sql\n{plan['sql']}\n```\n"

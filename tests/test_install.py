@@ -88,6 +88,11 @@ def test_a_worker_migrates_an_application_it_cannot_import_through_the_applicati
                          backup_storage="s3-bucket/backups", return_state=True)
     assert refused.is_failed() and "has no Prefect for the storage s3-bucket/backups" in refused.message
     assert not argv_log.exists()
+    broken = db_migrate(environment=name, alembic_config=str(tmp_path / "missing.ini"),
+                        dbmigrate_executable=str(wrapper), return_state=True)
+    assert broken.is_failed() and broken.message.startswith("the application's dbmigrate lint exited 2: "), \
+        broken.message  # its error line, not a traceback
+    argv_log.unlink()
 
     state = db_migrate(environment=name, alembic_config=ini, dbmigrate_executable=str(wrapper),
                        requested_by="ops", return_state=True)
