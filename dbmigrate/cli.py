@@ -620,6 +620,8 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
         json_report=args.json_report,
         lint_blocking_level=rules.lint_blocking_level if rules else None,  # without --env, findings only warn
         rehearse=rehearse,
+        # db-migrate running this command line as a subprocess (flows/app_env.py) links the report to its run
+        run_url=os.environ.get("DBMIGRATE_RUN_URL") or None,
     )
 
     def confirm(plan: phases.Plan) -> Approval:

@@ -47,7 +47,8 @@ class ApplicationDbmigrate:
         if settings.storage_spec:
             options += ["--storage", settings.storage_spec]
         environ = {**os.environ, "DATABASE_URL": self.env.target.sqlalchemy_url(),
-                   "DBMIGRATE_ENVIRONMENT": self.env.target.environment}
+                   "DBMIGRATE_ENVIRONMENT": self.env.target.environment,
+                   "DBMIGRATE_RUN_URL": runtime.flow_run.ui_url or ""}  # the report's link to this run
         try:
             done = subprocess.run([self.executable, *args, *options], env=environ, stdin=subprocess.DEVNULL,
                                   capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
@@ -80,7 +81,6 @@ def migrate(env: Environment, executable: str, alembic_config: str | None, targe
     report = app.run("upgrade", *revision, "--approver", approver, *_policy_options(env, backup, dry_run),
                      *(["--skip-health-checks"] if skip_health_checks else []),
                      *(["--skip-validation"] if skip_validation else []))
-    report["run_url"] = runtime.flow_run.ui_url  # the report written by the subprocess has no link to this run
     create_markdown_artifact(f"## db-migrate {env.name}: report\n\nWritten by the application's dbmigrate "
                              f"(`{executable}`).\n\n```json\n{json.dumps(report, indent=2)}\n```\n",
                              key=report_key(env.name, "db-migrate"), description=f"db-migrate {env.name}: the JSON report")

@@ -100,6 +100,7 @@ def test_a_worker_migrates_an_application_it_cannot_import_through_the_applicati
     report = state.result()
     assert (report["status"], report["revision_after"], report["approval"]["approver"]) == ("succeeded", "r1", "ops")
     assert report["backup"] and report["lint"]["revisions"][0]["revision"] == "r1"
+    assert "/flow-run/" in report["run_url"], "the report the subprocess wrote links to the flow run"
     assert fingerprint_of(target).revisions == ("r1",)
     calls = argv_log.read_text().splitlines()
     assert [call.split()[0] for call in calls] == ["lint", "upgrade"]
