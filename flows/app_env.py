@@ -37,8 +37,8 @@ class ApplicationDbmigrate:
     env: Environment
     alembic_config: str | None = None
 
-    def run(self, *args: str) -> dict | None:
-        """``dbmigrate ARGS --json``: its JSON (None when it printed none: ``failed`` says why); what it
+    def run(self, *args: str) -> dict:
+        """``dbmigrate ARGS --json``: its JSON, else MigrationFailed with its error line; what it
         printed on stderr goes to the run log."""
         settings = self.env.settings
         options = ["--json", "--timeout", f"{settings.connect_timeout:g}"]
