@@ -173,6 +173,16 @@ def load_scratch_server(rules: Policy) -> DatabaseTarget | None:
     return load_target(rules.scratch_server) if rules.scratch_server else None
 
 
+def environments() -> list[str]:
+    """The names of the DatabaseCredentials blocks: every environment, for `dbmigrate overview`."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        documents = client.read_block_documents_by_type(DatabaseCredentials.get_block_type_slug(),
+                                                        include_secrets=False)
+    return sorted(d.name for d in documents if d.name and not d.is_anonymous)
+
+
 def load_policy(environment: str) -> Policy:
     """The environment's default policy with the EnvironmentPolicy block of that name applied."""
     try:
@@ -183,5 +193,5 @@ def load_policy(environment: str) -> Policy:
     return policy.for_environment(environment, **overrides)
 
 
-__all__ = ["DatabaseCredentials", "EnvironmentPolicy", "load_policy", "load_scratch_server", "load_target",
-           "require_api"]
+__all__ = ["DatabaseCredentials", "EnvironmentPolicy", "environments", "load_policy", "load_scratch_server",
+           "load_target", "require_api"]

@@ -10,6 +10,7 @@ but its report could not be written (the report is then printed on stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import getpass
@@ -22,9 +23,11 @@ import sys
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
-from dbmigrate import __version__, backup, catalogue, db, drift, health, local, phases, pipeline, restore, revisions
-from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError
+from dbmigrate import (__version__, backup, catalogue, db, drift, health, local, overview, phases, pipeline, restore,
+                       revisions)
+from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError, needs_prefect
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.lint import LintResult
@@ -249,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("health", "pre-flight checks: connection, disk space, alembic version table, pending revisions")
     add("status", "current revision(s), head(s) and pending revisions")
     add("heads", "head revision(s) of the migration scripts")
+    add("overview", "every environment (with PREFECT_API_URL: each DatabaseCredentials block; else this database), "
+                    "read in parallel: current revision, head, pending, the last run and its outcome (the reports "
+                    "under the home), the newest restorable backup")
+    add("history", "the revisions applied (and reverted) by the runs whose reports are under the home, oldest "
+                   "first: when, by whom, how long, the run's outcome and link (--env NAME: that environment only)")
     add("check", "exit 0 at head, 1 when revisions are pending, 2 on error")
     add("drift", "compare the schema with what the migrations build up to the database's revision (replayed into "
                  "a scratch database) and with the models where env.py has them; list each difference and "
@@ -350,7 +358,8 @@ def resolve(url: str | None, env: str | None, home: Path) -> DatabaseTarget:
     if url or env_url:
         return parse_url(url or env_url, os.environ.get("DBMIGRATE_ENVIRONMENT", "url"))
     if env:
-        from blocks import load_target, require_api  # imports Prefect: only on this path
+        with needs_prefect("--env"):
+            from blocks import load_target, require_api  # imports Prefect: only on this path
 
         require_api()
         return load_target(env)
@@ -374,8 +383,33 @@ class Database:
         return self.target.redact(text) if self.target is not None else text
 
 
+_json_stdout = None  # under --json, while the command runs: the real stdout (fd 1 points at stderr meanwhile)
+
+
 def _print_json(data) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(json.dumps(data, indent=2, default=str), file=_json_stdout or sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def _json_alone_on_stdout(as_json: bool) -> Iterator[None]:
+    """Under --json, stdout carries the JSON alone: while the command runs, file descriptor 1
+    points at stderr, so what a project's env.py or revisions print or log (Python's print, C
+    code, a subprocess; the lint's offline rendering too) lands on stderr, and the JSON goes to
+    the real stdout, kept aside."""
+    global _json_stdout
+    if not as_json:
+        yield
+        return
+    sys.stdout.flush()
+    _json_stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(_json_stdout.fileno(), 1)
+        _json_stdout.close()
+        _json_stdout = None
 
 
 def _settings(args) -> Settings:
@@ -522,7 +556,8 @@ def _policy(args, target: DatabaseTarget) -> Policy | None:
     """With --env the environment's policy applies on the command line too."""
     if not args.env:
         return None
-    from blocks import load_policy  # imports Prefect: only on the --env path
+    with needs_prefect("--env"):
+        from blocks import load_policy  # imports Prefect: only on the --env path
 
     try:
         return load_policy(target.environment)
@@ -589,6 +624,8 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
         json_report=args.json_report,
         lint_blocking_level=rules.lint_blocking_level if rules else None,  # without --env, findings only warn
         rehearse=rehearse,
+        # db-migrate running this command line as a subprocess (flows/app_env.py) links the report to its run
+        run_url=os.environ.get("DBMIGRATE_RUN_URL") or None,
     )
 
     def confirm(plan: phases.Plan) -> Approval:
@@ -614,7 +651,10 @@ def cmd_rehearse(args, settings: Settings, database: Database) -> int:
     target = database()
     plan = phases.plan(target, settings.project(target), settings, args.revision, True)
     if not plan.steps:
-        print(json.dumps(None) if args.json else f"nothing to rehearse: database at {revisions.shown(plan.current)}")
+        if args.json:
+            _print_json(None)
+        else:
+            print(f"nothing to rehearse: database at {revisions.shown(plan.current)}")
         return 0
     health.require_scratch_server(health.REHEARSAL, target, settings.scratch_server, settings.connect_timeout)
     storage = settings.storage()
@@ -836,7 +876,8 @@ def _print_local(server: local.LocalServer, home: Path) -> None:
 
 
 def cmd_blocks(args, settings: Settings, database: Database) -> int:
-    from blocks.sync import storage_spec, sync_environment  # imports Prefect: only for `blocks`
+    with needs_prefect("dbmigrate blocks"):
+        from blocks.sync import storage_spec, sync_environment  # imports Prefect: only for `blocks`
 
     synced = sync_environment(args.env, os.environ, alerts=True)
     for result in synced:
@@ -848,11 +889,42 @@ def cmd_blocks(args, settings: Settings, database: Database) -> int:
     return 0
 
 
+def _environments(args, database: Database) -> list[DatabaseTarget]:
+    """overview's environments: every DatabaseCredentials block where a Prefect API is set
+    (PREFECT_API_URL) and no one database is named; else the one database."""
+    if args.url or args.env or os.environ.get("DATABASE_URL") or not os.environ.get("PREFECT_API_URL"):
+        return [database()]
+    with needs_prefect("dbmigrate overview of every environment"):
+        from blocks import environments, load_target, require_api  # imports Prefect: only on this path
+    require_api()
+    return [load_target(name) for name in environments()]
+
+
+def cmd_overview(args, settings: Settings, database: Database) -> int:
+    states = overview.overview(_environments(args, database), settings)
+    if args.json:
+        _print_json(states)
+    else:
+        print("\n".join(overview.overview_lines(states)))
+    return 0
+
+
+def cmd_history(args, settings: Settings, database: Database) -> int:
+    changes = overview.history(settings.reports_dir, args.env)
+    if args.json:
+        _print_json(changes)
+    else:
+        print("\n".join(overview.history_lines(changes)) or f"no applied revisions in the reports under "
+                                                             f"{settings.reports_dir}")
+    return 0
+
+
 HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "check": cmd_check, "lint": cmd_lint,
             "drift": cmd_drift,
             "upgrade": cmd_migrate, "downgrade": cmd_migrate, "rehearse": cmd_rehearse, "generate": cmd_generate,
             "backup": cmd_backup, "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local,
-            "blocks": cmd_blocks}
+            "blocks": cmd_blocks,
+            "overview": cmd_overview, "history": cmd_history}
 
 
 def run(args) -> int:
@@ -884,7 +956,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():  # only there can a handler be installed
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return run(args)
+        with _json_alone_on_stdout(getattr(args, "json", False)):
+            return run(args)
     except DbMigrateError as exc:
         print(f"dbmigrate: error: {exc}", file=sys.stderr)
         return 2 if args.command == "check" else exc.exit_code

@@ -1,6 +1,9 @@
 """Errors the user can act on. Each carries a one-line message; the CLI prints it
 without a traceback and exits non-zero. Anything else escaping is a bug."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class DbMigrateError(Exception):
     """Base for expected, user-facing failures."""
@@ -17,6 +20,21 @@ class DbMigrateError(Exception):
 
 class ConfigError(DbMigrateError):
     """Bad input: URL, alembic directory, option values, environment block."""
+
+
+PREFECT_EXTRA = "pip install 'dbmigrate[prefect]'"
+
+
+@contextmanager
+def needs_prefect(what: str) -> Iterator[None]:
+    """Around a lazy import of Prefect (or prefect-aws): where the plain command line is installed
+    without them (``pip install dbmigrate``), ``what`` fails in one line naming the extra to install."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("prefect", "prefect_aws"):
+            raise
+        raise ConfigError(f"{what} needs Prefect, which is not installed here: {PREFECT_EXTRA}") from None
 
 
 class ConnectionFailed(DbMigrateError):

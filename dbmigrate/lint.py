@@ -27,11 +27,12 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import tokenize
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,7 +207,8 @@ def lint(project: Project, steps: list[PlannedStep], pg_version: str) -> LintRes
         for step in steps:
             results.append(RevisionLint(step.revision, step.message))
             try:
-                sql[step.revision] = migrate.render_revision(project, step.revision)
+                with _printed_aside(step.revision):
+                    sql[step.revision] = migrate.render_revision(project, step.revision)
             except Exception as exc:  # env.py or the revision needs a live connection: the lint cannot see its SQL
                 results[-1].not_linted = f"cannot be rendered offline: {first_line(exc)}"
     raw = _squawk(squawk, sql, pg_version)
@@ -240,6 +242,38 @@ def _alembic_quiet() -> Iterator[None]:
 
 def _drop(record: logging.LogRecord) -> bool:
     return False
+
+
+@contextmanager
+def _printed_aside(revision: str) -> Iterator[None]:
+    """What env.py and a revision print while rendered offline (a project's offline branch warns
+    `alembic upgrade --sql` users: "All rows in the t table will be deleted") is not what the run
+    does: kept out of the run's output, on the debug log only."""
+    aside = _Aside(sys.stdout)
+    try:
+        with redirect_stdout(aside):
+            yield
+    finally:
+        aside.kept_aside = False
+        if aside.printed.getvalue().strip():
+            logging.getLogger(__name__).debug("rendering %s offline printed: %s", revision, aside.printed.getvalue())
+
+
+class _Aside(io.TextIOBase):
+    """sys.stdout during an offline rendering. A logging handler env.py creates meanwhile keeps
+    this object: once the rendering is over it writes to the real stdout again."""
+
+    def __init__(self, real):
+        self.real, self.printed, self.kept_aside = real, io.StringIO(), True
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return (self.printed if self.kept_aside else self.real).write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
 
 
 def _squawk(squawk: Path, sql: dict[str, str], pg_version: str) -> dict[str, list[dict]]:

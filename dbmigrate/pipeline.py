@@ -54,6 +54,7 @@ class Request:
     operator: str = field(default_factory=getpass.getuser)
     lint_blocking_level: str | None = None  # lint findings from this level stop the run (Policy); None: they warn
     rehearse: bool = False  # run the revisions on a copy restored from the run's backup first (implies backup)
+    run_url: str | None = None  # the Prefect flow run's page, recorded in the report (history's link)
 
     @property
     def upgrade(self) -> bool:
@@ -137,6 +138,7 @@ class Run:
             target_revision=request.revision,
             operator=request.operator,
             tool_version=__version__,
+            run_url=request.run_url,
         )
         self.outcome = Outcome(self.report, None)
         self.phase = "load"

@@ -178,6 +178,7 @@ class Report:
     lock_attempts: list[LockAttempt] = field(default_factory=list)
     lint: LintResult | None = None  # the squawk lint of the pending revisions (upgrades)
     rehearsal: Rehearsal | None = None
+    run_url: str | None = None  # the Prefect flow run that made this change, where one did
 
     def finish(self, status: str) -> None:
         self.status = status

@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dbmigrate import local
-from dbmigrate.errors import ConfigError
+from dbmigrate.errors import ConfigError, needs_prefect
 
 ENVIRONMENTS = ("development", "staging", "production")
 POOL = "dbmigrate"
@@ -161,6 +161,8 @@ def up(home: Path, checkout: Path, pg_port: int | None = None, prefect_port: int
     home, checkout = home.resolve(), checkout.resolve()
     if not (checkout / "prefect.yaml").is_file():
         raise ConfigError(f"no prefect.yaml in {checkout}: run `dbmigrate local up` from a checkout of the repository")
+    with needs_prefect("dbmigrate local up"):  # before anything starts, like a busy port
+        import prefect  # noqa: F401
     port = _prefect_port(home, prefect_port)  # before anything starts: a busy port changes nothing
     pg = _postgres(home, pg_port, say)
     created = [name for name in ENVIRONMENTS if local.ensure_database(pg, name)]

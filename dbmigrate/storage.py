@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
-from dbmigrate.errors import ConfigError, StorageFailed, first_line
+from dbmigrate.errors import ConfigError, StorageFailed, first_line, needs_prefect
 
 CHUNK = 1 << 20
 S3_PREFIX = "s3-bucket/"
@@ -299,7 +299,8 @@ def open_storage(spec: str | None, home: Path) -> Storage:
         return S3Storage(client, bucket, folder)
     if spec and spec.startswith(S3_PREFIX):
         name = spec[len(S3_PREFIX):]
-        from prefect_aws import S3Bucket  # slow import: only for S3 storage
+        with needs_prefect(f"the storage {spec}"):
+            from prefect_aws import S3Bucket  # slow import: only for S3 storage
 
         try:
             block = S3Bucket.load(name)

@@ -10,11 +10,13 @@ history is the audit trail.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+import getpass
+
+from prefect import flow, get_run_logger, runtime
 
 from dbmigrate import auto_rollback, pipeline, revisions
 from dbmigrate.errors import MigrationFailed
-from flows import alerts, recovery
+from flows import alerts, app_env, recovery
 from flows.artifacts import BackupProgress, publish
 from flows.common import approval_in_ui, ends_failed_on_error, open_environment, phase_runner
 from flows.concurrency import one_run_per_environment
@@ -34,6 +36,7 @@ def db_migrate(
     backup_storage: str | None = None,
     alembic_config: str | None = None,
     requested_by: str = "",
+    dbmigrate_executable: str | None = None,
 ) -> dict:
     """Migrate one environment's database safely: health checks, backup, approval,
     migrate, validate, report; roll back automatically where the policy allows.
@@ -50,17 +53,24 @@ def db_migrate(
         backup_storage: Where backups go: s3-bucket/BLOCK or a directory; default DBMIGRATE_BACKUP_STORAGE.
         alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
         requested_by: Who asked for this run (recorded in the report); default the worker's user.
+        dbmigrate_executable: The application environment's own dbmigrate (installed there without Prefect), for an
+            application whose pins conflict with Prefect's: the migration runs as that subprocess (flows/app_env.py).
     """
     logger = get_run_logger()
     env = open_environment(environment, credentials_block, alembic_config, backup_storage)
     if not dry_run:
         env.policy.check(backup)
+    if dbmigrate_executable:
+        with one_run_per_environment(environment, env.policy.guard_wait_s):
+            return app_env.migrate(env, dbmigrate_executable, alembic_config, target_revision, backup, dry_run,
+                                   skip_health_checks, skip_validation, requested_by or getpass.getuser())
     request = pipeline.Request(
         operation="upgrade", revision=target_revision, dry_run=dry_run, backup=backup,
         skip_health_checks=skip_health_checks, skip_validation=skip_validation,
         lint_blocking_level=env.policy.lint_blocking_level,
         rehearse=env.policy.rehearse,
         **({"operator": requested_by} if requested_by else {}),
+        run_url=runtime.flow_run.ui_url,
     )
     progress = BackupProgress(environment)
     hooks = pipeline.Hooks(

@@ -97,3 +97,33 @@ def linear(*steps: str | tuple[str, str], prefix: str = "r") -> list[dict]:
             "downgrade": downgrade,
         })
     return revisions
+
+
+# A real chain's noise: env.py prints, logs to stdout and starts a subprocess that writes to it;
+# a revision prints online and, in its offline branch, a warning for `alembic upgrade --sql` users.
+CHATTY_ENV = '''import logging, subprocess, sys
+print("env.py: loading the application")
+_app_log = logging.getLogger("the_application")
+_app_log.disabled = False  # fileConfig(alembic.ini) below disables it for the next time env.py runs
+_app_log.propagate = False  # its own handler only: not also through the root logger to stderr
+if not _app_log.handlers:
+    _app_log.addHandler(logging.StreamHandler(sys.stdout))
+_app_log.warning("env.py: application log line")
+subprocess.run(["echo", "env.py: a subprocess writes to stdout"], check=True)
+'''
+OFFLINE_WARNING = "All rows in the t table will be deleted"
+CHATTY_UPGRADE = ("if op.get_context().as_sql:\n"
+                  f"        print({OFFLINE_WARNING!r})\n"
+                  "    else:\n"
+                  "        print('revision: emptying t')\n"
+                  "    op.execute('DELETE FROM t')")
+CHATTY_NOISE = ("env.py: loading the application", "env.py: application log line",
+                "env.py: a subprocess writes to stdout", "revision: emptying t", OFFLINE_WARNING)
+
+
+def chatty_project(base: Path) -> Path:
+    """r1 creates t; r2 empties it, printing (CHATTY_UPGRADE); env.py is CHATTY_ENV. The ini path."""
+    ini = stock_project(base, linear("op.execute('CREATE TABLE t (n integer)')", CHATTY_UPGRADE))
+    env_py = base / "migrations" / "env.py"
+    env_py.write_text(CHATTY_ENV + env_py.read_text())
+    return ini
