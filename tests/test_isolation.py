@@ -1,0 +1,116 @@
+"""The rehearsal and drift's replay run the project's revisions on a scratch copy and only ever read
+the real database: revisions that connect on their own, or change the cluster, as an adversary wrote
+them, against a real PostgreSQL."""
+
+import pytest
+
+from tests.helpers import fingerprint_of, last_report, libpq_url, one_line_error, reports_in, scalar, sql
+from tests.projects import linear, stock_project
+from tests.test_rehearsal import ROWS, TABLE, at_r1_with_rows, scratch_databases
+
+# A data fix on a connection of its own, from the application's URL (the README's shape for DATABASE_URL).
+OWN_CONNECTION = ('__import__("psycopg").connect(__import__("os").environ["APP_DB_URL"], autocommit=True)'
+                  '.execute("UPDATE t SET n = -1 WHERE id <= 3")')
+ROLE_SETTING = "op.execute(\"ALTER ROLE CURRENT_USER SET statement_timeout = '1h'\")"
+NEW_ROLE = 'op.execute("CREATE ROLE report_reader")'
+FIXED = "SELECT count(*) FROM t WHERE n = -1"
+
+
+@pytest.fixture
+def cluster_restored(pg_cluster):
+    """What the revisions below leave on the session's cluster is undone, whatever the test found."""
+    yield
+    cluster_restored_now(pg_cluster)
+
+
+def test_a_revision_connecting_from_the_environment_reaches_only_the_copy(cli, url, target, home, tmp_path):
+    # Each revision committed on its own: drift's replay has made table t when the fix connects.
+    ini = at_r1_with_rows(tmp_path, cli, url, target, OWN_CONNECTION, transaction_per_migration=True)
+    env = {"DATABASE_URL": url, "APP_DB_URL": url}
+
+    rehearsed = cli("rehearse", "--alembic-config", ini, env=env)
+    assert rehearsed.returncode == 0, rehearsed.stderr
+    assert scalar(target, FIXED) == 0 and scratch_databases(target) == []
+
+    done = cli("upgrade", "--rehearse", "--yes", "--alembic-config", ini, env=env)
+    assert done.returncode == 0, done.stderr
+    assert scalar(target, FIXED) == 3, "the real run fixed the rows, once"
+
+    sql(target, "UPDATE t SET n = id")  # so that a fix run again would show
+    clean = cli("drift", "--alembic-config", ini, env=env)
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.startswith("no drift: the schema matches the migrations at r2")
+    assert scalar(target, FIXED) == 0 and scratch_databases(target) == []
+
+
+def test_a_run_nobody_can_approve_is_refused_before_its_backup_and_rehearsal(cli, url, target, home, tmp_path):
+    ini = at_r1_with_rows(tmp_path, cli, url, target, OWN_CONNECTION)
+    before, reports = fingerprint_of(target), reports_in(home)
+
+    refused = cli("upgrade", "--rehearse", "--alembic-config", ini, env={"DATABASE_URL": url, "APP_DB_URL": url})
+    assert refused.returncode == 2, refused.stderr
+    assert one_line_error(refused.stderr) == (
+        "dbmigrate: error: refusing to upgrade without confirmation: no terminal to ask on (pass --yes)")
+    report = last_report(home)
+    assert len(reports_in(home)) == len(reports) + 1 and report["error"]["phase"] == "approval"
+    assert report["backup"] is None and report["rehearsal"] is None
+    assert not list((home / "backups").rglob("*.dump*")), "no backup was taken"
+    assert fingerprint_of(target) == before and scalar(target, FIXED) == 0
+
+
+@pytest.mark.parametrize(("revision", "changed"), [
+    (ROLE_SETTING, "the settings of role postgres: none -> statement_timeout=1h"),
+    (NEW_ROLE, "role report_reader created"),
+], ids=["role-setting", "new-role"])
+def test_a_revision_changing_the_cluster_fails_the_rehearsal_before_approval(cli, url, target, home, tmp_path,
+                                                                           pg_cluster, cluster_restored, revision,
+                                                                           changed):
+    ini = at_r1_with_rows(tmp_path, cli, url, target, revision)
+    before = fingerprint_of(target)
+    env = {"DATABASE_URL": url}
+    for args in (("rehearse",), ("upgrade", "--rehearse", "--yes")):
+        failed = cli(*args, "--alembic-config", ini, env=env)
+        assert failed.returncode == 1, failed.stderr
+        error = one_line_error(failed.stderr)
+        assert error.startswith(f"dbmigrate: error: a revision reaches outside the rehearsal's copy: while it ran "
+                                f"on the copy, {target.where} and its server changed: {changed} (what it changed "
+                                "stays changed: undo it by hand"), error
+        assert fingerprint_of(target) == before and scratch_databases(target) == []
+        cluster_restored_now(pg_cluster)
+    report = last_report(home)
+    assert report["error"]["phase"] == "rehearsal" and report["approval"] is None
+    assert report["migrations_applied"] == []
+
+
+def test_drift_whose_replay_changes_the_cluster_says_so_not_no_drift(cli, url, target, tmp_path, pg_cluster,
+                                                                     cluster_restored):
+    ini = str(stock_project(tmp_path, linear(TABLE, ROLE_SETTING)))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    cluster_restored_now(pg_cluster)  # the real run's setting: what drift's replay must not set again
+
+    found = cli("drift", "--alembic-config", ini, env=env)
+    assert found.returncode == 1, found.stderr
+    assert "no drift" not in found.stdout
+    assert one_line_error(found.stderr).startswith(
+        "dbmigrate: error: a revision reaches outside drift's scratch database: while it ran on the copy, "
+        f"{target.where} and its server changed: the settings of role postgres: none -> statement_timeout=1h")
+
+
+def test_a_write_to_the_real_database_by_a_url_of_its_own_fails_the_rehearsal_naming_the_table(
+        cli, url, target, home, tmp_path):
+    """What no environment variable names cannot be pointed at the copy: the fingerprint sees it."""
+    inserts = (f'__import__("psycopg").connect({libpq_url(target)!r}, autocommit=True)'
+               '.execute("INSERT INTO t SELECT g, g FROM generate_series(-3, -1) g")')
+    ini = at_r1_with_rows(tmp_path, cli, url, target, inserts)
+    failed = cli("rehearse", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert failed.returncode == 1, failed.stderr
+    assert f"changed: the rows of public.t ({ROWS} -> {ROWS + 3})" in one_line_error(failed.stderr)
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r1" and scratch_databases(target) == []
+
+
+def cluster_restored_now(pg_cluster) -> None:
+    with pg_cluster.admin() as conn:
+        conn.autocommit = True
+        conn.execute("ALTER ROLE postgres RESET statement_timeout")
+        conn.execute("DROP ROLE IF EXISTS report_reader")
