@@ -17,18 +17,21 @@ The real database and its server are only read here, whichever server the copy i
 from __future__ import annotations
 
 import os
+from urllib.parse import quote
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from dbmigrate import db, fingerprint
 from dbmigrate.errors import ConfigError, OutsideTheCopy
 from dbmigrate.fingerprint import Fingerprint
-from dbmigrate.target import DatabaseTarget
+from dbmigrate.target import DatabaseTarget, pgoptions
+
+READ_ONLY = "-c default_transaction_read_only=on"
 
 SETTINGS = "the settings of"
 # The server's shared objects, which outlive any database: name -> how it is now.
@@ -110,11 +113,22 @@ def _require_unchanged(target: DatabaseTarget, before: Surroundings, timeout: fl
 
 
 @contextmanager
-def _refused_elsewhere(copy: DatabaseTarget, copy_named: str) -> Iterator[None]:
-    """A statement any SQLAlchemy engine sends to another PostgreSQL database is refused before it runs."""
+def rendering(target: DatabaseTarget) -> Iterator[None]:
+    """Alembic's offline mode (the lint, ``--dry-run``, the approval page's SQL) runs each revision's
+    ``upgrade()`` to render it: meanwhile what names ``target`` in the environment names it read-only
+    (``default_transaction_read_only``), and SQLAlchemy sends no statement to any PostgreSQL database."""
+    options = pgoptions(READ_ONLY, base=target.query_options)
+    read_only = DatabaseTarget(target.url.update_query_dict({"options": options}), target.environment)
+    with _refused_elsewhere(None, "the offline rendering (no database)"), environment_at(target, read_only):
+        yield
+
+
+@contextmanager
+def _refused_elsewhere(copy: DatabaseTarget | None, copy_named: str) -> Iterator[None]:
+    """A statement any SQLAlchemy engine sends to a PostgreSQL database but ``copy``'s is refused before it runs."""
 
     def refuse(conn: Connection, *_) -> None:
-        if conn.dialect.name == "postgresql" and conn.engine.url.database != copy.database:
+        if conn.dialect.name == "postgresql" and (copy is None or conn.engine.url.database != copy.database):
             raise ConfigError(f"env.py connected to database '{conn.engine.url.database}', not {copy_named}: "
                               "its statement was refused there; give env.py the URL dbmigrate sets (config "
                               "'sqlalchemy.url', or DATABASE_URL)")
@@ -133,7 +147,7 @@ def environment_at(target: DatabaseTarget, copy: DatabaseTarget) -> Iterator[Non
     redirected = {name: value for name, value in ((name, _at_copy(value, target, copy))
                                                   for name, value in saved.items()) if value is not None}
     if saved.get("PGDATABASE") == target.database:  # libpq's defaults: the copy's server too
-        redirected.update({name: value for name, value in copy.libpq_env().items() if name != "PGOPTIONS"})
+        redirected.update(copy.libpq_env())
     os.environ.update(redirected)
     try:
         yield
@@ -155,7 +169,7 @@ def _at_copy(value: str, target: DatabaseTarget, copy: DatabaseTarget) -> str | 
             return None
         if url.database != target.database:
             return None
-        return copy.url.set(drivername=url.drivername).render_as_string(hide_password=False)
+        return _rendered(copy.url.set(drivername=url.drivername))
     if "dbname=" in value:
         try:
             params = conninfo_to_dict(value)
@@ -164,5 +178,14 @@ def _at_copy(value: str, target: DatabaseTarget, copy: DatabaseTarget) -> str | 
         if params.get("dbname") != target.database:
             return None
         return make_conninfo(value, host=copy.host, port=str(copy.port), dbname=copy.database,
-                             user=copy.url.username, password=copy.url.password)
+                             user=copy.url.username, password=copy.url.password, options=copy.query_options)
     return None
+
+
+def _rendered(url: URL) -> str:
+    """``url`` as libpq reads it: its options percent-encoded (SQLAlchemy writes a space as '+')."""
+    options = url.query.get("options")
+    if options is None:
+        return url.render_as_string(hide_password=False)
+    rendered = url.difference_update_query(["options"]).render_as_string(hide_password=False)
+    return f"{rendered}{'&' if '?' in rendered else '?'}options={quote(str(options), safe='')}"

@@ -15,7 +15,7 @@ from typing import Callable
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from dbmigrate import db, health, lockretry, migrate, revisions, schema
+from dbmigrate import db, health, isolation, lockretry, migrate, revisions, schema
 from dbmigrate import lint as linting
 from dbmigrate.errors import (
     ConnectionLost,
@@ -81,9 +81,16 @@ def lint(target: DatabaseTarget, project: Project, settings: Settings, plan: Pla
     """Lint the plan's revisions for PostgreSQL as the database runs it; changes nothing."""
     with db.connect(target, settings.connect_timeout) as conn:
         _, version = db.server_version(conn)
-    result = linting.lint(project, plan.steps, linting.pg_version(version))
+    with isolation.rendering(target):
+        result = linting.lint(project, plan.steps, linting.pg_version(version))
     result.blocking_level = blocking_level
     return result
+
+
+def render_sql(target: DatabaseTarget, project: Project, plan: Plan) -> str:
+    """The plan's SQL, rendered offline; a revision that connects on its own meanwhile only reads."""
+    with isolation.rendering(target):
+        return migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
 
 
 def expected_revisions(project: Project, plan: Plan) -> set[str]:

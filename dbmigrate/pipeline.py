@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Self, TypeVar
 
-from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases, rehearsal
+from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, phases, rehearsal
 from dbmigrate import lint as linting
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import (
@@ -273,7 +273,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             report.finish(NOOP)
             return run.outcome
         if request.dry_run:
-            run.outcome.sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
+            run.outcome.sql = phases.render_sql(target, project, plan)
             report.finish(DRY_RUN)
             return run.outcome
         run.require_approver()

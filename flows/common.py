@@ -22,7 +22,7 @@ from prefect.states import Failed, Paused, Running
 from pydantic import Field
 
 from blocks import load_policy, load_target
-from dbmigrate import migrate, phases, pipeline, revisions
+from dbmigrate import phases, pipeline, revisions
 from dbmigrate.errors import ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, StorageFailed
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
@@ -226,7 +226,7 @@ def approval_in_ui(env: Environment, requested_by: str) -> pipeline.Confirm:
     def describe(plan: phases.Plan) -> tuple[str, str]:
         project = env.settings.project(env.target)
         reached = revisions.shown(sorted(phases.expected_revisions(project, plan)))
-        sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
+        sql = phases.render_sql(env.target, project, plan)
         return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
                 approval_request(env.target, plan, reached, sql, rehearsal_section(plan.rehearsal),
                                  lock_policy_section(env.settings)))
