@@ -16,6 +16,8 @@ OWN_CONNECTION = ('__import__("psycopg").connect(__import__("os").environ["APP_D
                   '.execute("UPDATE t SET n = n - 1000 WHERE id <= 3")')
 ROLE_SETTING = "op.execute(\"ALTER ROLE CURRENT_USER SET statement_timeout = '1h'\")"
 NEW_ROLE = 'op.execute("CREATE ROLE report_reader")'
+NEW_DATABASE = ("with op.get_context().autocommit_block():\n"
+                "        op.execute('CREATE DATABASE report_copy')")
 FIXED = "SELECT count(*) FROM t WHERE n < 0"
 FIXED_ONCE = [(1, -999), (2, -998), (3, -997)]
 
@@ -70,7 +72,8 @@ def test_a_run_nobody_can_approve_is_refused_before_its_backup_and_rehearsal(cli
 @pytest.mark.parametrize(("revision", "changed"), [
     (ROLE_SETTING, "the settings of role postgres: none -> statement_timeout=1h"),
     (NEW_ROLE, "role report_reader created"),
-], ids=["role-setting", "new-role"])
+    (NEW_DATABASE, "database report_copy created"),
+], ids=["role-setting", "new-role", "new-database"])
 def test_a_revision_changing_the_cluster_fails_the_rehearsal_before_approval(cli, url, target, home, tmp_path,
                                                                            pg_cluster, cluster_restored, revision,
                                                                            changed):
@@ -123,3 +126,4 @@ def cluster_restored_now(pg_cluster) -> None:
         conn.autocommit = True
         conn.execute("ALTER ROLE postgres RESET statement_timeout")
         conn.execute("DROP ROLE IF EXISTS report_reader")
+        conn.execute("DROP DATABASE IF EXISTS report_copy")
