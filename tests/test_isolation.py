@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from dbmigrate import drift
+from dbmigrate.settings import Settings
 from tests.helpers import fingerprint_of, last_report, libpq_url, one_line_error, reports_in, scalar, sql
 from tests.projects import linear, stock_project
 from tests.test_rehearsal import ROWS, TABLE, at_r1_with_rows, scratch_databases
@@ -104,9 +106,13 @@ def test_drift_whose_replay_changes_the_cluster_says_so_not_no_drift(cli, url, t
     found = cli("drift", "--alembic-config", ini, env=env)
     assert found.returncode == 1, found.stderr
     assert "no drift" not in found.stdout
-    assert one_line_error(found.stderr).startswith(
-        "dbmigrate: error: a revision reaches outside drift's scratch database: while it ran on the copy, "
-        f"{target.where} and its server changed: the settings of role postgres: none -> statement_timeout=1h")
+    escaped = (f"a revision reaches outside drift's scratch database: while it ran on the copy, {target.where} and "
+               "its server changed: the settings of role postgres: none -> statement_timeout=1h")
+    assert one_line_error(found.stderr).startswith(f"dbmigrate: error: {escaped}")
+    cluster_restored_now(pg_cluster)
+
+    check = drift.check(target, Settings(tmp_path / "home", alembic_config=ini, project_logging=False))
+    assert (check.name, check.status) == ("drift", "fail") and check.detail.startswith(escaped), "db-health's check"
 
 
 def test_a_write_to_the_real_database_by_a_url_of_its_own_fails_the_rehearsal_naming_the_table(
@@ -127,3 +133,21 @@ def cluster_restored_now(pg_cluster) -> None:
         conn.execute("ALTER ROLE postgres RESET statement_timeout")
         conn.execute("DROP ROLE IF EXISTS report_reader")
         conn.execute("DROP DATABASE IF EXISTS report_copy")
+
+
+def test_production_without_an_approver_by_name_is_refused_before_its_backup_and_rehearsal(
+        cli, url, target, home, tmp_path, environment, prefect_api):
+    ini = at_r1_with_rows(tmp_path, cli, url, target, OWN_CONNECTION)
+    environment("production", cli_changes_allowed=True, lint_blocks=False)
+    before = fingerprint_of(target)
+
+    refused = cli("upgrade", "--env", "production", "--backup", "--yes", "--alembic-config", ini,
+                  env={"PREFECT_API_URL": prefect_api, "APP_DB_URL": url})
+    assert refused.returncode == 2, refused.stderr
+    assert one_line_error(refused.stderr) == (
+        "dbmigrate: error: the policy of production requires an approval by name: pass --approver NAME "
+        "(--yes is not enough) or run on a terminal")
+    report = last_report(home)
+    assert report["error"]["phase"] == "approval" and report["backup"] is None and report["rehearsal"] is None
+    assert not list((home / "backups").rglob("*.dump*")), "no backup was taken"
+    assert fingerprint_of(target) == before and scalar(target, FIXED) == 0
