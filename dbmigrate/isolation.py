@@ -17,10 +17,10 @@ The real database and its server are only read here, whichever server the copy i
 from __future__ import annotations
 
 import os
-from urllib.parse import quote
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import event, text
@@ -42,10 +42,11 @@ _CLUSTER = {
             "'CONNECTION LIMIT ' || rolconnlimit, 'VALID UNTIL ' || rolvaliduntil) FROM pg_roles",
     "membership": "SELECT m.rolname || ' in ' || r.rolname, '' FROM pg_auth_members a "
                   "JOIN pg_roles r ON r.oid = a.roleid JOIN pg_roles m ON m.oid = a.member",
+    # a scratch database's own settings go with it
     SETTINGS: "SELECT concat_ws(' in database ', 'role ' || r.rolname, d.datname), array_to_string(s.setconfig, "
-                   "', ') FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole "
-                   "LEFT JOIN pg_database d ON d.oid = s.setdatabase "
-                   f"WHERE d.datname IS NULL OR NOT starts_with(d.datname, '{db.SCRATCH_PREFIX}')",
+              "', ') FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole "
+              "LEFT JOIN pg_database d ON d.oid = s.setdatabase "
+              f"WHERE d.datname IS NULL OR NOT starts_with(d.datname, '{db.SCRATCH_PREFIX}')",
     "tablespace": "SELECT spcname, concat_ws(' ', nullif(pg_tablespace_location(oid), ''), "
                   "array_to_string(spcoptions, ',')) FROM pg_tablespace",
     "database": f"SELECT datname, '' FROM pg_database WHERE NOT starts_with(datname, '{db.SCRATCH_PREFIX}')",
@@ -70,7 +71,8 @@ class Surroundings:
         found = ["the schema of the database"] if was.schema_sha256 != now.schema_sha256 else []
         if was.revisions != now.revisions:
             found.append(f"its revision ({' '.join(was.revisions) or 'none'} -> {' '.join(now.revisions) or 'none'})")
-        found += [f"the rows of {table} ({was.row_counts.get(table, 'no table')} -> {now.row_counts.get(table, 'no table')})"
+        found += [f"the rows of {table} ({was.row_counts.get(table, 'no table')} -> "
+                  f"{now.row_counts.get(table, 'no table')})"
                   for table in fingerprint.tables_differing(was.row_counts, now.row_counts)]
         for kind, before in self.cluster.items():
             current = after.cluster[kind]

@@ -100,7 +100,7 @@ def _no_questions(plan: Plan) -> Approval:
 
 
 def _someone_can_approve() -> None:
-    pass
+    """The default: confirm always has someone to ask (the flows pause for the UI)."""
 
 
 def _call(name: str, fn: Callable[..., T], *args: Any) -> T:
