@@ -22,6 +22,7 @@ from dbmigrate.errors import (
     DbMigrateError,
     LockRetriesExhausted,
     MigrationFailed,
+    RevisionError,
     StepFailed,
     first_line,
 )
@@ -88,9 +89,15 @@ def lint(target: DatabaseTarget, project: Project, settings: Settings, plan: Pla
 
 
 def render_sql(target: DatabaseTarget, project: Project, plan: Plan) -> str:
-    """The plan's SQL, rendered offline; a revision that connects on its own meanwhile only reads."""
+    """The plan's SQL, rendered offline; a revision that connects on its own meanwhile only reads, and
+    one that cannot be rendered so is a RevisionError."""
     with isolation.rendering(target):
-        return migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
+        try:
+            return migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
+        except DbMigrateError:
+            raise
+        except Exception as exc:  # a revision can fail with anything: say why, in one line
+            raise RevisionError(f"the SQL cannot be rendered offline: {target.redact(first_line(exc))}") from None
 
 
 def expected_revisions(project: Project, plan: Plan) -> set[str]:

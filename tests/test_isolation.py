@@ -43,6 +43,9 @@ def test_a_revision_connecting_from_the_environment_reaches_only_the_copy(cli, u
     linted = cli("lint", "--json", "--alembic-config", ini, env=env)
     assert linted.returncode == 0, linted.stderr
     assert "read-only transaction" in json.loads(linted.stdout)["revisions"][0]["not_linted"]
+    dry_run = cli("upgrade", "--dry-run", "--alembic-config", ini, env=env)
+    assert dry_run.returncode == 2 and one_line_error(dry_run.stderr) == (
+        "dbmigrate: error: the SQL cannot be rendered offline: cannot execute UPDATE in a read-only transaction")
     assert scalar(target, FIXED) == 0
 
     done = cli("upgrade", "--rehearse", "--yes", "--alembic-config", ini, env=env)
