@@ -154,3 +154,38 @@ def test_production_without_an_approver_by_name_is_refused_before_its_backup_and
     assert report["error"]["phase"] == "approval" and report["backup"] is None and report["rehearsal"] is None
     assert not list((home / "backups").rglob("*.dump*")), "no backup was taken"
     assert fingerprint_of(target) == before and scalar(target, FIXED) == 0
+
+
+def test_the_flow_rehearses_a_data_fix_on_the_copy_and_shows_why_it_has_no_sql(
+        environment, target, home, tmp_path, cli, url, monkeypatch):
+    """Production through db-migrate: the approver sees the rehearsal and, instead of SQL, why there is
+    none; until the approval the real rows are as they were, and the real run fixes them once."""
+    import threading
+
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.artifacts import readable_sql
+    from tests.test_flows import _wait_for_approval_form, run_flow
+
+    ini = at_r1_with_rows(tmp_path, cli, url, target, OWN_CONNECTION)
+    monkeypatch.setenv("APP_DB_URL", url)
+    name = environment("production", lint_blocks=False)
+    seen = {}
+
+    def approve() -> None:
+        _wait_for_approval_form(seen)
+        seen["fixed_before_approval"] = scalar(target, FIXED)
+        resume_flow_run(seen["run"].id, run_input={"decision": "approve", "approver": "Ann"})
+
+    approver = threading.Thread(target=approve)
+    approver.start()
+    state = run_flow(environment=name, alembic_config=ini)
+    approver.join()
+    assert state.is_completed(), state.message
+    assert seen["fixed_before_approval"] == 0, "the lint, the rehearsal and the approval page only read"
+    page = seen["description"]
+    no_sql = "-- the SQL cannot be rendered offline: cannot execute UPDATE in a read-only transaction"
+    assert f"```sql\n{readable_sql(no_sql)}\n```" in page  # wrapped to the form's width
+    assert "- `r2` not linted: cannot be rendered offline: cannot execute UPDATE in a read-only transaction" in page
+    assert "### Rehearsed on a copy restored from backup `" in page
+    assert sql(target, "SELECT id, n FROM t WHERE n < 0 ORDER BY id") == FIXED_ONCE
