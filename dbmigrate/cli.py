@@ -586,11 +586,7 @@ def _approve(args, rules: Policy | None, environment: str, operation: str, plan_
         return Approval(True, args.approver, "--approver")
     if args.yes and not by_name:
         return Approval(True, getpass.getuser(), "--yes")
-    if not sys.stdin.isatty():
-        if by_name:
-            raise ConfirmationRefused(f"the policy of {environment} requires an approval by name: "
-                                      "pass --approver NAME (--yes is not enough) or run on a terminal")
-        raise ConfirmationRefused(f"refusing to {operation} without confirmation: no terminal to ask on (pass --yes)")
+    _require_approver(args, rules, environment, operation)
     print(plan_text)
     if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
         return Approval(False, getpass.getuser(), "terminal")
@@ -600,6 +596,17 @@ def _approve(args, rules: Policy | None, environment: str, operation: str, plan_
     if not name:
         raise ConfirmationRefused(f"the policy of {environment} requires the approver's name: nothing was changed")
     return Approval(True, name, "terminal")
+
+
+def _require_approver(args, rules: Policy | None, environment: str, operation: str) -> None:
+    """Refuse a change nobody could approve: no --approver, no --yes where it is enough, no terminal."""
+    by_name = rules is not None and rules.approval_required
+    if args.approver or (args.yes and not by_name) or sys.stdin.isatty():
+        return
+    if by_name:
+        raise ConfirmationRefused(f"the policy of {environment} requires an approval by name: "
+                                  "pass --approver NAME (--yes is not enough) or run on a terminal")
+    raise ConfirmationRefused(f"refusing to {operation} without confirmation: no terminal to ask on (pass --yes)")
 
 
 def cmd_migrate(args, settings: Settings, database: Database) -> int:
@@ -636,7 +643,9 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
                         f"from {revisions.shown(plan.revision_before)}:{steps}{rehearsed}",
                         f"apply {len(plan.steps)} revision(s)?")
 
-    outcome = pipeline.execute(target, settings, request, pipeline.Hooks(confirm=confirm, on_progress=_print_progress))
+    hooks = pipeline.Hooks(confirm=confirm, on_progress=_print_progress,
+                           require_approver=lambda: _require_approver(args, rules, target.environment, args.command))
+    outcome = pipeline.execute(target, settings, request, hooks)
     report = outcome.report
     if args.json:
         _print_json({**report.as_dict(), "report_path": outcome.report_path, "sql": outcome.sql,

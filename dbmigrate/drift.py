@@ -6,7 +6,9 @@ and dropped afterwards whatever happened, and both schemas are read from the cat
 compared object by object (:mod:`dbmigrate.schema`), so any hand-made change (an index
 added in a hurry, a column dropped outside Alembic) is named. Where the project's env.py
 sets ``target_metadata``, Alembic's ``compare_metadata`` also compares the database with
-the models. Invalid indexes are findings too. Nothing here changes the database.
+the models. Invalid indexes are findings too. Nothing here changes the database: the replay
+is confined to the scratch database (:func:`dbmigrate.isolation.confined`), and a revision that
+reaches outside it fails the check (OutsideTheCopy) instead of finding no drift.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.environment import EnvironmentContext
 
-from dbmigrate import db, health, migrate, revisions, schema
-from dbmigrate.errors import DriftNotChecked, VersionTableAmbiguous, first_line
+from dbmigrate import db, health, isolation, migrate, revisions, schema
+from dbmigrate.errors import DriftNotChecked, OutsideTheCopy, VersionTableAmbiguous, first_line
 from dbmigrate.health import FAIL, OK, WARN, Check
 from dbmigrate.revisions import Project
 from dbmigrate.settings import Settings
@@ -83,6 +85,8 @@ def check(target: DatabaseTarget, settings: Settings) -> Check:
         found = find(target, settings)
     except VersionTableAmbiguous as exc:
         return Check("drift", WARN, f"not checked: {exc}", time.monotonic() - started)
+    except OutsideTheCopy as exc:  # worse than drift: replaying a revision changed the database
+        return Check("drift", FAIL, str(exc), time.monotonic() - started)
     return Check("drift", FAIL if found.findings else OK, found.summary(), found.duration_s, found.as_dict())
 
 
@@ -91,8 +95,11 @@ def _replayed(target: DatabaseTarget, settings: Settings, current: tuple[str, ..
     with db.scratch(target, "drift", settings.connect_timeout, settings.scratch_server) as scratch:
         if current:
             try:
-                migrate.run(settings.project(scratch), current[0], upgrade=True, limits=settings.limits,
-                            on_step=lambda step: None)
+                with isolation.confined(target, scratch, settings.connect_timeout, "drift's scratch database"):
+                    migrate.run(settings.project(scratch), current[0], upgrade=True, limits=settings.limits,
+                                on_step=lambda step: None)
+            except OutsideTheCopy:
+                raise
             except Exception as exc:  # a revision can fail with anything: say which, in one line
                 raise DriftNotChecked(
                     f"replaying the migrations up to {current[0]} into a scratch database failed: "

@@ -113,6 +113,10 @@ class RehearsalFailed(MigrationFailed):
     """A revision failed on the restored copy: the real database was never touched."""
 
 
+class OutsideTheCopy(MigrationFailed):
+    """A revision run on a scratch copy changed the real database or its server's shared objects."""
+
+
 class DriftNotChecked(DbMigrateError):
     """The schema the migrations build could not be made to compare with: replaying them failed."""
 

@@ -15,13 +15,14 @@ from typing import Callable
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from dbmigrate import db, health, lockretry, migrate, revisions, schema
+from dbmigrate import db, health, isolation, lockretry, migrate, revisions, schema
 from dbmigrate import lint as linting
 from dbmigrate.errors import (
     ConnectionLost,
     DbMigrateError,
     LockRetriesExhausted,
     MigrationFailed,
+    RevisionError,
     StepFailed,
     first_line,
 )
@@ -84,9 +85,22 @@ def lint(target: DatabaseTarget, project: Project, settings: Settings, plan: Pla
     """Lint the plan's revisions for PostgreSQL as the database runs it; changes nothing."""
     with db.connect(target, settings.connect_timeout) as conn:
         _, version = db.server_version(conn)
-    result = linting.lint(project, plan.steps, linting.pg_version(version))
+    with isolation.rendering(target):
+        result = linting.lint(project, plan.steps, linting.pg_version(version))
     result.blocking_level = blocking_level
     return result
+
+
+def render_sql(target: DatabaseTarget, project: Project, plan: Plan) -> str:
+    """The plan's SQL, rendered offline; a revision that connects on its own meanwhile only reads, and
+    one that cannot be rendered so is a RevisionError."""
+    with isolation.rendering(target):
+        try:
+            return migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
+        except DbMigrateError:
+            raise
+        except Exception as exc:  # a revision can fail with anything: say why, in one line
+            raise RevisionError(f"the SQL cannot be rendered offline: {target.redact(first_line(exc))}") from None
 
 
 def expected_revisions(project: Project, plan: Plan) -> set[str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Self, TypeVar
 
-from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases, rehearsal
+from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, phases, rehearsal
 from dbmigrate import lint as linting
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import (
@@ -100,6 +100,10 @@ def _no_questions(plan: Plan) -> Approval:
     return Approval(True, getpass.getuser(), "--yes")
 
 
+def _someone_can_approve() -> None:
+    """The default: confirm always has someone to ask (the flows pause for the UI)."""
+
+
 def _call(name: str, fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
@@ -110,6 +114,9 @@ class Hooks:
     flow pauses for approval, runs each step as a task, and rolls back automatically."""
 
     confirm: Confirm = _no_questions
+    # Raises ConfirmationRefused when confirm could only refuse (no terminal, no approver given): the run
+    # stops before its backup and rehearsal.
+    require_approver: Callable[[], None] = _someone_can_approve
     on_progress: Progress | None = None
     run_phase: RunPhase = _call
     auto_rollback: AutoRollback | None = None  # run_phase runs it as the step "rollback"
@@ -153,6 +160,11 @@ class Run:
         self.phase = name
         self.may_have_changed = self.may_have_changed or name in CHANGING_PHASES
         return self.hooks.run_phase(name, fn, *args)
+
+    def require_approver(self) -> None:
+        """Before anything is done for a change nobody could approve: under the phase "approval"."""
+        self.phase = "approval"
+        self.hooks.require_approver()
 
     def approve(self, plan: Plan) -> None:
         """Step "approval": refuse the run unless whoever approves says yes."""
@@ -263,9 +275,10 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             report.finish(NOOP)
             return run.outcome
         if request.dry_run:
-            run.outcome.sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
+            run.outcome.sql = phases.render_sql(target, project, plan)
             report.finish(DRY_RUN)
             return run.outcome
+        run.require_approver()
         if plan.upgrade:
             plan = run.step("lint", run.lint, plan)
         if request.rehearse:  # before the approval, so that whoever approves sees how it went

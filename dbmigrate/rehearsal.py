@@ -3,12 +3,13 @@ run's own backup, so that a revision that fails only on real data fails there, a
 approves the real run sees how long each revision took and which locks it held.
 
 The copy is a scratch database beside the original or on a server of its own
-(``db.scratch_database``, ``Settings.scratch_server``), restored with ``pgrestore.restore_into``
-and migrated by ``phases.apply``: the project's own env.py, pointed
-at the copy (its ``sqlalchemy.url``, and ``DATABASE_URL`` where that names the database). It is
-dropped afterwards whatever happens (a failure, Ctrl-C, SIGTERM). A statement the migration sends
-to any other PostgreSQL database meanwhile (an env.py with a URL of its own) is refused before it
-runs: the rehearsal fails and the real database is untouched.
+(``db.scratch_database``, ``Settings.scratch_server``), restored with
+``pgrestore.restore_into`` and migrated by ``phases.apply``: the project's own env.py, pointed
+at the copy (its ``sqlalchemy.url``). It is dropped afterwards whatever happens (a failure,
+Ctrl-C, SIGTERM). While the revisions run, :func:`dbmigrate.isolation.confined` keeps them to the
+copy: the environment's URLs of the database name the copy, a statement sent through SQLAlchemy to
+any other database is refused, and any change to the real database or the server's roles, role
+settings, tablespaces and databases fails the rehearsal, before anyone is asked to approve.
 
 What each revision did is read from the migration's own session, so it works with any env.py
 that uses SQLAlchemy (every Alembic one does): after each statement, the table locks its backend
@@ -19,18 +20,17 @@ the tables whose storage was replaced (``relfilenode``: a rewrite).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine
 
-from dbmigrate import db, pgrestore, pgtools, phases, revisions
+from dbmigrate import db, isolation, pgrestore, pgtools, phases, revisions
 from dbmigrate.catalogue import Manifest
-from dbmigrate.errors import ConfigError, StepFailed
+from dbmigrate.errors import StepFailed
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import AppliedStep
 from dbmigrate.phases import Plan
@@ -70,7 +70,7 @@ def rehearse(target: DatabaseTarget, settings: Settings, plan: Plan, storage: St
         with db.connect(copy, timeout) as conn:
             storage_before = dict(conn.execute(text(_STORAGE)).all())
         watch = _Watch(copy.database, storage_before, manifest.row_counts)
-        with watch.listening(), _database_url_at(copy, target):
+        with isolation.confined(target, copy, timeout, "the rehearsal's copy"), watch.listening():
             try:
                 # One attempt: nobody else uses the copy, and a retry's watcher session would be seen as the
                 # migration's own (it connects to the copy too).
@@ -79,22 +79,6 @@ def rehearse(target: DatabaseTarget, settings: Settings, plan: Plan, storage: St
             except StepFailed as exc:
                 return Rehearsal(manifest.id, restore_s, watch.steps, copy.redact(str(exc)), LOCK_RESOLUTION)
     return Rehearsal(manifest.id, restore_s, watch.steps, None, LOCK_RESOLUTION)
-
-
-@contextmanager
-def _database_url_at(copy: DatabaseTarget, target: DatabaseTarget) -> Iterator[None]:
-    """An env.py that connects to ``DATABASE_URL`` (the README's other way) reaches the copy while
-    the rehearsal runs, when that variable names the database being rehearsed."""
-    given = os.environ.get("DATABASE_URL")
-    if not given or make_url(given).database != target.database:
-        yield
-        return
-    os.environ["DATABASE_URL"] = copy.url.set(drivername=make_url(given).drivername).render_as_string(
-        hide_password=False)  # the copy's server, which may be one of its own
-    try:
-        yield
-    finally:
-        os.environ["DATABASE_URL"] = given
 
 
 def _rows(dbapi_connection, query: str) -> list[tuple]:
@@ -139,10 +123,6 @@ class _Watch:
     def _before(self, conn: Connection, *_) -> None:
         if self._ours(conn):
             self.statement_start = time.monotonic()
-        elif conn.dialect.name == "postgresql":  # env.py connected elsewhere: maybe the real database
-            raise ConfigError(f"env.py connected to database '{conn.engine.url.database}', not the rehearsal's copy: "
-                              "its statement was refused there; give env.py the URL dbmigrate sets (config "
-                              "'sqlalchemy.url', or DATABASE_URL)")
 
     def _after(self, conn: Connection, cursor, *_) -> None:
         if not self._ours(conn):

@@ -22,8 +22,9 @@ from prefect.states import Failed, Paused, Running
 from pydantic import Field
 
 from blocks import load_policy, load_scratch_server, load_target
-from dbmigrate import migrate, phases, pipeline, revisions
-from dbmigrate.errors import ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, StorageFailed
+from dbmigrate import phases, pipeline, revisions
+from dbmigrate.errors import (ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, RevisionError,
+                              StorageFailed)
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
 from dbmigrate.report import Approval
@@ -227,7 +228,10 @@ def approval_in_ui(env: Environment, requested_by: str) -> pipeline.Confirm:
     def describe(plan: phases.Plan) -> tuple[str, str]:
         project = env.settings.project(env.target)
         reached = revisions.shown(sorted(phases.expected_revisions(project, plan)))
-        sql = migrate.render_sql(project, plan.current, plan.target, upgrade=plan.upgrade)
+        try:
+            sql = phases.render_sql(env.target, project, plan)
+        except RevisionError as exc:  # the approver still sees the revisions and the rehearsal
+            sql = f"-- {exc}"
         return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
                 approval_request(env.target, plan, reached, sql, rehearsal_section(plan.rehearsal),
                                  lock_policy_section(env.settings)))

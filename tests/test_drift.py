@@ -165,8 +165,21 @@ def test_a_replay_that_fails_is_one_line_exit_2_and_the_scratch_is_dropped(cli, 
     assert not scratch_databases(pg_cluster)
 
 
-def test_an_env_py_that_ignores_sqlalchemy_url_is_refused_not_compared(cli, url, target, tmp_path, pg_cluster):
+def test_an_env_py_that_reads_database_url_replays_into_the_scratch_database(cli, url, target, tmp_path, pg_cluster):
     ini = str(stock_project(tmp_path, linear(PEOPLE), engine=PSYCOPG2_FROM_DATABASE_URL))
+    env = {"DATABASE_URL": url}
+    assert cli("upgrade", "--yes", "--alembic-config", ini, env=env).returncode == 0
+    before = fingerprint_of(target)
+
+    clean = cli("drift", "--alembic-config", ini, env=env)
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.startswith("no drift: the schema matches the migrations at r1")
+    assert fingerprint_of(target) == before
+    assert not scratch_databases(pg_cluster)
+
+
+def test_an_env_py_with_a_url_of_its_own_is_refused_not_compared(cli, url, target, tmp_path, pg_cluster):
+    ini = str(stock_project(tmp_path, linear(PEOPLE), engine=f"create_engine({url!r}, poolclass=pool.NullPool)"))
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "--yes", "--alembic-config", ini, env=env).returncode == 0
     before = fingerprint_of(target)
@@ -174,8 +187,9 @@ def test_an_env_py_that_ignores_sqlalchemy_url_is_refused_not_compared(cli, url,
     failed = cli("drift", "--alembic-config", ini, env=env)
     assert failed.returncode == 2 and failed.stdout == ""
     assert one_line_error(failed.stderr) == (
-        "dbmigrate: error: the migrations did not run in the scratch database: the project's env.py must connect "
-        "with sqlalchemy.url (dbmigrate sets it to the scratch database), not a URL of its own")
+        "dbmigrate: error: replaying the migrations up to r1 into a scratch database failed: env.py connected to "
+        f"database '{target.database}', not drift's scratch database: its statement was refused there; give env.py "
+        "the URL dbmigrate sets (config 'sqlalchemy.url', or DATABASE_URL)")
     assert fingerprint_of(target) == before
     assert not scratch_databases(pg_cluster)
 

@@ -58,10 +58,9 @@ def test_a_revision_that_fails_only_on_real_data_fails_the_rehearsal(cli, url, t
 def test_an_env_py_that_connects_elsewhere_is_refused_before_its_first_statement(cli, url, target, home, tmp_path):
     """An env.py with a URL of its own would migrate the real database in the name of the rehearsal."""
     ini = at_r1_with_rows(tmp_path, cli, url, target, WIDEN,
-                          engine='create_engine(os.environ.get("APP_DATABASE_URL") or os.environ["DATABASE_URL"], '
-                                 'poolclass=pool.NullPool)')
+                          engine=f"create_engine({url!r}, poolclass=pool.NullPool)")
     before = fingerprint_of(target)
-    result = cli("rehearse", "--alembic-config", ini, env={"DATABASE_URL": url, "APP_DATABASE_URL": url})
+    result = cli("rehearse", "--alembic-config", ini, env={"DATABASE_URL": url})
     assert result.returncode == 1, result.stderr
     assert f"env.py connected to database '{target.database}', not the rehearsal's copy" in \
         one_line_error(result.stderr)

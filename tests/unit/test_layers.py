@@ -14,7 +14,7 @@ LAYERS = {
     "dbmigrate.errors": 0, "dbmigrate.target": 0,
     "dbmigrate.db": 1, "dbmigrate.local": 1, "dbmigrate.pgtools": 1, "dbmigrate.storage": 1,
     "dbmigrate.revisions": 1, "dbmigrate.fingerprint": 1, "dbmigrate.guard": 1, "dbmigrate.migrate": 1, "dbmigrate.lockretry": 1,
-    "dbmigrate.schema": 1,
+    "dbmigrate.schema": 1, "dbmigrate.isolation": 1,
     "dbmigrate.policy": 1,
     "dbmigrate.health": 2, "dbmigrate.backup": 2, "dbmigrate.catalogue": 2, "dbmigrate.pgrestore": 2,
     "dbmigrate.restore": 2, "dbmigrate.drift": 2, "dbmigrate.settings": 2, "dbmigrate.report": 2,
