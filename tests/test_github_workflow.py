@@ -4,7 +4,8 @@ start` and a process worker running prefect.yaml's deployments. The steps use Pr
 commands (`prefect deployment run`, `prefect flow-run watch|cancel|logs`, `prefect api`) and jq:
 hostile inputs arrive as typed and execute nothing, a good run writes its summary and fetches its
 report, a failed one says why and the rollback job takes the database back, a cancelled job
-cancels the run."""
+cancels the run. And the operator's terminal (`dbmigrate run --env E --watch`, dbmigrate/watch.py)
+on the same server: the reason of a failure, the approval link, Ctrl-C cancelling the run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import ast
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from tests.github_actions import (
     start_step,
     workspace,
 )
-from tests.helpers import REPO, assert_no_canary, fingerprint_of, save_environment
+from tests.helpers import REPO, assert_no_canary, fingerprint_of, save_environment, start_cli
 from tests.pgcluster import free_port
 from tests.prefect_server import PrefectServer, Worker, prefect, wait_until
 from tests.projects import linear, stock_project
@@ -344,4 +346,53 @@ def test_a_run_still_going_when_the_wait_ends_is_cancelled(server, staging, targ
     assert run.state.is_cancelled(), run.state
     assert f"{MIGRATE}: timed out, Cancelled" in job.results["report"].stdout
     assert job.summary.startswith(f"### {MIGRATE}: timed out, Cancelled")
+    assert fingerprint_of(target) == before
+
+
+# --- the operator's terminal: `dbmigrate run --env E --watch` --------------------------------
+
+def test_dbmigrate_run_says_why_a_run_failed(server, staging, target, cli):
+    """What `prefect deployment run --watch` never prints (it ends `Flow run finished in state
+    'Failed'.`): the final state's message, the one-line reason."""
+    staging()
+    before = fingerprint_of(target)
+    result = cli("run", "--env", ENVIRONMENT, "--revision", "nope", "--watch", env=server.environ())
+    print(result.stdout, result.stderr)
+
+    assert result.returncode == 1
+    [run_id] = re.findall(rf"^flow run \S+ \(([0-9a-f-]{{36}})\) of {MIGRATE}: ", result.stdout, re.MULTILINE)
+    run = flow_run(run_id)
+    assert run.state.message.startswith("plan failed: ") and "'nope'" in run.state.message
+    assert result.stdout.rstrip().endswith(f"Failed: {run.state.message}")
+    assert run.parameters["target_revision"] == "nope" and "(dbmigrate run)" in run.parameters["requested_by"]
+    assert fingerprint_of(target) == before
+
+
+def test_dbmigrate_run_shows_where_to_approve_and_ctrl_c_cancels_the_run(server, staging, target, home):
+    staging(approval_required=True)
+    before = fingerprint_of(target)
+    process = start_cli(home, "run", "--env", ENVIRONMENT, "--watch", env=server.environ())
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("approve or reject it at "):
+                break
+        printed = "".join(lines)
+        [run_id] = re.findall(rf"^flow run \S+ \(([0-9a-f-]{{36}})\) of {MIGRATE}: ", printed, re.MULTILINE)
+        assert flow_run(run_id).state.is_paused()
+        assert "Paused: waiting for approval of 11 → 13 in staging" in printed
+        assert f"approve or reject it at {server.api_url.removesuffix('/api')}/runs/flow-run/{run_id}" in printed
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    print(printed + out, err)
+
+    assert process.returncode == 130 and err.strip() == "dbmigrate: interrupted"
+    assert f"interrupted from the terminal that started it: cancelling flow run {run_id}" in out
+    run = flow_run(run_id)
+    assert run.state.is_cancelled(), run.state
+    assert out.rstrip().endswith(f"Cancelled: {run.state.message}"), "where the database is, in the end"
     assert fingerprint_of(target) == before
