@@ -480,6 +480,7 @@ def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, 
 
 def test_db_rollback_does_not_run_while_a_migration_waits_for_approval(environment, target, tmp_path):
     from prefect.flow_runs import resume_flow_run
+    from prefect.utilities.urls import url_for
 
     name = environment("production")
     ini = str(stock_project(tmp_path, linear(table_step("t1"))))
@@ -496,8 +497,10 @@ def test_db_rollback_does_not_run_while_a_migration_waits_for_approval(environme
         resume_flow_run(seen["run"].id, run_input={"decision": "reject", "approver": "gina"})
         migration.join()
     assert state.is_failed()
+    holder = seen["run"]  # named by its link: every run of the same revision has the same name
     assert state.message == ("concurrency failed: another run for production holds db-migrate-production: "
-                             "'production-head' (Paused)")
+                             f"'production-head' (Paused): {url_for(holder)}")
+    assert url_for(holder).endswith(f"/runs/flow-run/{holder.id}")
     assert migrations[0].is_failed() and fingerprint_of(target) == before
 
 

@@ -295,13 +295,16 @@ def test_a_failed_migration_says_why_and_the_rollback_job_takes_it_back(server, 
     assert job.output("report").startswith("rollback-reports/")
 
 
-def test_production_without_a_backup_is_refused_by_the_flow(server, tmp_path):
+def test_production_without_a_backup_is_refused_by_the_flow(server, target, tmp_path):
     """The workflow does not repeat the policy: the run says why, naming the rule, and changes nothing."""
+    save_environment(target, "production")
+    before = fingerprint_of(target)
     job = finished(server, tmp_path, "migrate", event_context("production", backup=False))
     assert job.status == "failure"
     run = flow_run(job.output("flow_run_id"))
-    assert run.state.is_failed() and "backup" in run.state.message
+    assert run.state.is_failed() and run.state.message.endswith("backup=false is refused"), run.state.message
     assert f"db-migrate/production: Failed: {run.state.message}" in job.results["report"].stdout
+    assert fingerprint_of(target) == before
 
 
 def test_the_job_cancelled_cancels_the_run(server, staging, target, tmp_path):
@@ -394,5 +397,6 @@ def test_dbmigrate_run_shows_where_to_approve_and_ctrl_c_cancels_the_run(server,
     assert f"interrupted from the terminal that started it: cancelling flow run {run_id}" in out
     run = flow_run(run_id)
     assert run.state.is_cancelled(), run.state
-    assert out.rstrip().endswith(f"Cancelled: {run.state.message}"), "where the database is, in the end"
+    assert "Run cancelled during approval, before migrating: the database was not changed" in out, \
+        "the flow's cancellation hook says where the database is"
     assert fingerprint_of(target) == before
