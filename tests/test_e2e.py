@@ -127,6 +127,8 @@ def test_a_target_that_fails_exits_non_zero_saying_why_and_changes_nothing(stack
 
     assert job.status == "failure", job.stdout
     assert "db-migrate/staging: Failed: plan failed: " in job.stdout and "0099" in job.stdout
+    # Prefect's own watch, on the stack's server (it streams the log out), prints the reason itself
+    assert "plan failed: " in job.results["run"].stdout
     assert fingerprint_of(stack.target("staging")) == before
 
 
