@@ -1,9 +1,10 @@
 """End to end, as an operator runs it (`make e2e`): the local stack on fresh ports; an environment
 set up from variables (`blocks sync --from-env`); the guide's commands as written (`dbmigrate run
---watch` among them); the GitHub workflow's own steps running db-migrate/staging, and a target that fails; a production run approved through the Prefect UI in
-headless Chromium; a db-health run created by the server's scheduler and completed by the worker;
-everything stopped, worker first. The tests run in order on one stack. Screenshots of the approval
-form and the run's summary go to screenshots/ (tests/browser.py)."""
+--watch` among them); the GitHub workflow's own steps running db-migrate/staging, and a target that
+fails; a production run approved through the Prefect UI in headless Chromium; a db-health run
+created by the server's scheduler and completed by the worker; everything stopped, worker first.
+The tests run in order on one stack. Screenshots of the approval form and the run's summary go to
+screenshots/ (tests/browser.py)."""
 
 from __future__ import annotations
 

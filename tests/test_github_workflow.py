@@ -9,7 +9,6 @@ on the same server: the reason of a failure, the approval link, Ctrl-C cancellin
 
 from __future__ import annotations
 
-import ast
 import inspect
 import json
 import os
@@ -17,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,6 @@ from tests.github_actions import (
     event_context,
     render,
     run_job,
-    start_step,
     workspace,
 )
 from tests.helpers import REPO, assert_no_canary, fingerprint_of, save_environment, start_cli
@@ -217,7 +214,7 @@ def test_a_hostile_revision_arrives_as_typed_and_executes_nothing(server, stagin
     assert run.parameters["target_revision"] == hostile
     assert run.state.is_failed() and run.state.message.startswith(f"plan failed: malformed revision {hostile!r}")
     assert f"{MIGRATE}: Failed: {run.state.message}" in job.results["report"].stdout, "the job says why"
-    for step in ("run", "report"):  # what they print holds the run's name, which holds the revision
+    for step in ("start", "run", "report"):  # what they print holds the parameters or the run's name, with the revision
         assert job.results[step].stdout.startswith("::stop-commands::"), "the run's text read as workflow commands"
     assert fingerprint_of(target) == before
     assert job.output("rollback_to") is None, "nothing changed: nothing to roll back"
