@@ -367,6 +367,11 @@ def test_dbmigrate_run_says_why_a_run_failed(server, staging, target, cli):
     assert run.parameters["target_revision"] == "nope" and "(dbmigrate run)" in run.parameters["requested_by"]
     assert fingerprint_of(target) == before
 
+    refused = cli("run", "--env", "nowhere", "--watch", env=server.environ())
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr == (f"dbmigrate: error: no deployment db-migrate/nowhere on {server.api_url}: "
+                              "`prefect deploy --all` from the checkout\n")
+
 
 def test_dbmigrate_run_shows_where_to_approve_and_ctrl_c_cancels_the_run(server, staging, target, home):
     staging(approval_required=True)
