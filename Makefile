@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 STATE := $(or $(DBMIGRATE_HOME),.dbmigrate)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo down test e2e browser install install-dev bench clean
+.PHONY: demo down test e2e browser jq install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,13 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "no Chromium here: the tests that use the Prefect UI will be skipped"
 
-test: install-dev browser
+# jq, which the GitHub workflow's steps use (GitHub's ubuntu runners have it) and its tests run.
+jq:
+	@command -v jq >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; } || \
+	  echo "no jq here: the tests of the GitHub workflow's steps will fail"
+
+test: install-dev browser jq
 	$(BIN)/python -m pytest
 
 e2e: install-dev browser

@@ -329,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
             action.add_argument("--prefect-port", type=_port, metavar="PORT",
                                 help="the Prefect server's port on 127.0.0.1 (default 4200)")
 
+    run_cmd = sub.add_parser(
+        "run", help="run the db-migrate deployment of an environment on its Prefect worker, from this terminal",
+        description="Start a run of the deployment db-migrate/ENV on the Prefect server PREFECT_API_URL names; "
+                    "with --watch, print each state it enters with its message (a failed run's says why), the "
+                    "link to approve it while it waits, and exit 0 when it completed, 1 when not. Ctrl-C "
+                    "cancels the run.")
+    run_cmd.add_argument("--env", required=True, metavar="ENV", help="the environment: its db-migrate/ENV deployment")
+    run_cmd.add_argument("-r", "--revision", default="head", help="the revision to migrate to (default head)")
+    run_cmd.add_argument("--dry-run", action="store_true", help="only show the SQL of the pending revisions")
+    run_cmd.add_argument("--watch", action="store_true", help="follow the run until it ends")
+
     blocks_cmd = sub.add_parser("blocks", help="the Prefect blocks of an environment")
     blocks_sub = blocks_cmd.add_subparsers(dest="blocks_command", required=True, metavar="ACTION")
     sync = blocks_sub.add_parser(
@@ -928,12 +939,18 @@ def cmd_history(args, settings: Settings, database: Database) -> int:
     return 0
 
 
+def cmd_run(args, settings: Settings, database: Database) -> int:
+    with needs_prefect("dbmigrate run"):
+        from dbmigrate import watch  # the Prefect client: only for `run`
+
+    return watch.run(args.env, args.revision, args.dry_run, args.watch, functools.partial(print, flush=True))
+
+
 HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "check": cmd_check, "lint": cmd_lint,
             "drift": cmd_drift,
             "upgrade": cmd_migrate, "downgrade": cmd_migrate, "rehearse": cmd_rehearse, "generate": cmd_generate,
             "backup": cmd_backup, "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local,
-            "blocks": cmd_blocks,
-            "overview": cmd_overview, "history": cmd_history}
+            "blocks": cmd_blocks, "run": cmd_run, "overview": cmd_overview, "history": cmd_history}
 
 
 def run(args) -> int:

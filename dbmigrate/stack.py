@@ -40,6 +40,10 @@ PREFECT_PORT = 4200  # Prefect's own default: the address its documentation and 
 # Leases in a file under PREFECT_HOME: a server restart keeps which run holds an environment's slot.
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 START_TIMEOUT_S = 120
+# The server streams the runs' log lines out (off by default): `prefect deployment run --watch`
+# then prints them, a failed run's one-line reason and an approval's wait among them.
+LOG_STREAMING = {"PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+                 "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true"}
 
 Say = Callable[[str], None]
 
@@ -224,7 +228,7 @@ def _prefect_server(home: Path, port: int, say: Say) -> str:
         say(f"prefect server: already running at {ui} (pid {part.record()['pid']})")
         return ui
     record = part.start([sys.executable, "-m", "prefect", "server", "start", "--host", local.HOST, "--port", str(port)],
-                        prefect_environ(home, f"{ui}/api"), prefect_home(home), port=port, url=ui)
+                        prefect_environ(home, f"{ui}/api", **LOG_STREAMING), prefect_home(home), port=port, url=ui)
     _wait_for(lambda: _answers(ui), part, "the Prefect server", record)
     say(f"prefect server: started at {ui} (pid {record['pid']}, log {part.log})")
     return ui

@@ -23,6 +23,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
+from prefect.utilities.urls import url_for
 
 from dbmigrate.errors import MigrationFailed
 from flows import recovery
@@ -74,7 +75,8 @@ def one_run_per_environment(environment: str, wait_s: float) -> Iterator[None]:
 
 
 def holders(environment: str) -> str:
-    """Names of the other runs of this environment that change its schema and are running or paused."""
+    """The other runs of this environment that change its schema and are running or paused: each
+    by name, state and link (runs of one revision share a name: the link tells them apart)."""
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=list(SCHEMA_CHANGING_FLOWS))),
@@ -84,5 +86,5 @@ def holders(environment: str) -> str:
             ),
         )
     mine = runtime.flow_run.id
-    others = [f"'{r.name}' ({r.state_name})" for r in runs if str(r.id) != mine]
+    others = [f"'{r.name}' ({r.state_name}): {url_for(r) or f'flow run {r.id}'}" for r in runs if str(r.id) != mine]
     return ", ".join(others) or "a run that has not been identified"

@@ -2,7 +2,7 @@
 expressions our workflows use, evaluated against a context (inputs, github, secrets, steps,
 needs) as GitHub does, and a `run:` step executed the way the runner executes it: its text in a
 file run by `bash --noprofile --norc -eo pipefail`, with the `env:` GitHub sets and the files
-behind $GITHUB_OUTPUT and $GITHUB_STEP_SUMMARY."""
+behind $GITHUB_OUTPUT and $GITHUB_STEP_SUMMARY; a job's steps one after the other (`run_job`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -184,7 +183,7 @@ class StepRun:
         return (self.workdir / "step_summary").read_text()
 
 
-def start_step(workflow: Workflow, job_name: str, step_id: str, context: dict, checkout: Path,
+def start_step(workflow: Workflow, job_name: str, step_id: str, context: dict, workspace: Path,
                workdir: Path, **changed_env: str) -> StepRun:
     """Start the step with the environment GitHub gives it: the workflow's, job's and step's
     ``env:`` rendered against ``context``, the runner's own variables, and a PATH whose
@@ -205,7 +204,7 @@ def start_step(workflow: Workflow, job_name: str, step_id: str, context: dict, c
         "GITHUB_EVENT_NAME": context["github"]["event_name"],
         "GITHUB_ACTOR": context["github"]["actor"],
         "GITHUB_RUN_ID": str(context["github"]["run_id"]),
-        "GITHUB_WORKSPACE": str(checkout),
+        "GITHUB_WORKSPACE": str(workspace),
         "GITHUB_OUTPUT": str(workdir / "github_output"),
         "GITHUB_STEP_SUMMARY": str(workdir / "step_summary"),
     }
@@ -215,26 +214,65 @@ def start_step(workflow: Workflow, job_name: str, step_id: str, context: dict, c
     env.update(changed_env)
     script = workdir / "step.sh"
     script.write_text(step["run"])
-    process = subprocess.Popen(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=checkout,
+    process = subprocess.Popen(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=workspace,
                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     return StepRun(process, workdir)
 
 
-def prefect_run_script():
-    """.github/scripts/prefect_run.py as a module: the reader of the flows' report artifact."""
-    import importlib.util
+@dataclass
+class JobRun:
+    """The `run:` steps of a job, run one after the other as the runner runs them: each step's
+    ``if:`` (``success()`` when it has none) against the job's status and the outputs of the
+    steps before it."""
 
-    spec = importlib.util.spec_from_file_location("prefect_run", REPO / ".github" / "scripts" / "prefect_run.py")
-    module = sys.modules["prefect_run"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
+    steps: dict[str, StepRun]
+    results: dict[str, subprocess.CompletedProcess]
+    status: str
+
+    @property
+    def stdout(self) -> str:
+        return "".join(result.stdout for result in self.results.values())
+
+    @property
+    def summary(self) -> str:
+        return "".join(step.summary for step in self.steps.values())
+
+    def outputs(self, step_id: str) -> dict[str, str]:
+        return self.steps[step_id].outputs if step_id in self.steps else {}
+
+    def output(self, name: str) -> str | None:
+        """An output of whichever step set it."""
+        return next((step.outputs[name] for step in self.steps.values() if name in step.outputs), None)
 
 
-def checkout(directory: Path) -> Path:
-    """What actions/checkout leaves for the steps (the steps use only .github/)."""
-    shutil.copytree(REPO / ".github", directory / "checkout" / ".github")
-    return directory / "checkout"
+def run_job(workflow: Workflow, job_name: str, context: dict, workspace: Path, workdir: Path, timeout: float = 240,
+            interrupt=None, **changed_env: str) -> JobRun:
+    """The job's `run:` steps that have an id (not the setup ones), each in ``workdir/<id>`` with its
+    own $GITHUB_OUTPUT and $GITHUB_STEP_SUMMARY. ``interrupt(step_id, step, steps)``, called as each
+    step starts with the outputs of those before it, returns True once it has signalled the step as
+    GitHub does when the job is cancelled: the job's status is then ``cancelled`` for the steps after it."""
+    steps, results, status = {}, {}, "success"
+    for step in workflow.job(job_name)["steps"]:
+        if "run" not in step or "id" not in step:
+            continue
+        step_context = {**context, "steps": {name: {"outputs": run.outputs} for name, run in steps.items()}}
+        if not condition(step.get("if", "success()"), step_context, status):
+            continue
+        run = start_step(workflow, job_name, step["id"], step_context, workspace, workdir / step["id"], **changed_env)
+        cancelled = bool(interrupt and interrupt(step["id"], run, step_context["steps"]))
+        steps[step["id"]], results[step["id"]] = run, run.finish(timeout)
+        if cancelled:
+            status = "cancelled"
+        elif results[step["id"]].returncode != 0 and status == "success":
+            status = "failure"
+    return JobRun(steps, results, status)
+
+
+def workspace(directory: Path) -> Path:
+    """$GITHUB_WORKSPACE of a job (the workflow checks nothing out: its steps need only Prefect's CLI and jq)."""
+    (directory / "workspace").mkdir(parents=True, exist_ok=True)
+    return directory / "workspace"
 
 
 def event_context(environment: str, event: str = "workflow_dispatch", payload=None, **inputs) -> dict:

@@ -1,9 +1,10 @@
 """End to end, as an operator runs it (`make e2e`): the local stack on fresh ports; an environment
-set up from variables (`blocks sync --from-env`); the GitHub workflow's own step running
-db-migrate/staging, and a target that fails; a production run approved through the Prefect UI in
-headless Chromium; a db-health run created by the server's scheduler and completed by the worker;
-everything stopped, worker first. The tests run in order on one stack. Screenshots of the approval
-form and the run's summary go to screenshots/ (tests/browser.py)."""
+set up from variables (`blocks sync --from-env`); the guide's commands as written (`dbmigrate run
+--watch` among them); the GitHub workflow's own steps running db-migrate/staging, and a target that
+fails; a production run approved through the Prefect UI in headless Chromium; a db-health run
+created by the server's scheduler and completed by the worker; everything stopped, worker first.
+The tests run in order on one stack. Screenshots of the approval form and the run's summary go to
+screenshots/ (tests/browser.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from tests import browser
-from tests.github_actions import Workflow, checkout, event_context, start_step
+from tests.github_actions import Workflow, event_context, run_job, workspace
 from tests.helpers import REPO, SAMPLE_HEAD, fingerprint_of
 from tests.local_stack import alive, running
 from tests.prefect_server import wait_until
@@ -45,16 +47,12 @@ def prefect_api(stack):
         yield
 
 
-def workflow_step(stack, tmp_path, name: str, **inputs):
-    """The migrate job's own step, as GitHub runs it on a workflow_dispatch with ``inputs``."""
+def workflow_job(stack, tmp_path, name: str, **inputs):
+    """The migrate job's own steps, as GitHub runs them on a workflow_dispatch with ``inputs``."""
     context = {**event_context(**inputs), "secrets": {"PREFECT_API_URL": stack.api, "PREFECT_API_KEY": ""}}
-    return start_step(WORKFLOW, "migrate", "run", context, checkout(tmp_path / name), tmp_path / name)
-
-
-def finished(step, stack, timeout: float = 300):
-    result = step.finish(timeout)
-    stack.outputs += [result.stdout, step.summary]
-    return result
+    job = run_job(WORKFLOW, "migrate", context, workspace(tmp_path / name), tmp_path / name, timeout=300)
+    stack.outputs += [job.stdout, job.summary]
+    return job
 
 
 def test_an_environment_set_up_from_variables(stack, prefect_api):
@@ -113,25 +111,25 @@ def test_the_guides_commands_run_as_written(stack, prefect_api):
 
 
 def test_the_workflow_step_migrates_staging_and_fetches_the_report(stack, prefect_api, tmp_path):
-    step = workflow_step(stack, tmp_path, "staging", environment="staging")
-    result = finished(step, stack)
+    job = workflow_job(stack, tmp_path, "staging", environment="staging")
 
-    assert result.returncode == 0, result.stdout
+    assert job.status == "success", job.stdout
     assert fingerprint_of(stack.target("staging")).revisions == (SAMPLE_HEAD,)
-    report = json.loads((step.workdir / "checkout" / step.outputs["report"]).read_text())
+    report = json.loads((tmp_path / "staging" / "workspace" / job.output("report")).read_text())
     assert (report["status"], report["environment"], report["revision_after"]) == ("succeeded", "staging",
                                                                                   SAMPLE_HEAD)
     assert report["operator"] == "octocat (GitHub Actions run 4242)"
-    assert step.summary.startswith("### db-migrate/staging: Completed")
+    assert job.summary.startswith("### db-migrate/staging: Completed")
 
 
 def test_a_target_that_fails_exits_non_zero_saying_why_and_changes_nothing(stack, prefect_api, tmp_path):
     before = fingerprint_of(stack.target("staging"))
-    step = workflow_step(stack, tmp_path, "unknown", environment="staging", target_revision="0099")
-    result = finished(step, stack)
+    job = workflow_job(stack, tmp_path, "unknown", environment="staging", target_revision="0099")
 
-    assert result.returncode == 1, result.stdout
-    assert "db-migrate/staging: Failed: plan failed: " in result.stdout and "0099" in result.stdout
+    assert job.status == "failure", job.stdout
+    assert "db-migrate/staging: Failed: plan failed: " in job.stdout and "0099" in job.stdout
+    # Prefect's own watch, on the stack's server (it streams the log out), prints the reason itself
+    assert "plan failed: " in job.results["run"].stdout
     assert fingerprint_of(stack.target("staging")) == before
 
 
@@ -146,18 +144,22 @@ def paused_run(deployment: str):
 
 
 def test_production_pauses_and_is_approved_in_the_prefect_ui(stack, prefect_api, tmp_path):
-    step = workflow_step(stack, tmp_path, "production", environment="production")
+    jobs = []  # the job waits for the run, which waits for the approval given below
+    waiting = threading.Thread(target=lambda: jobs.append(
+        workflow_job(stack, tmp_path, "production", environment="production")))
+    waiting.start()
     run = wait_until(lambda: paused_run("db-migrate/production"), 180, "the production run to pause for approval")
     assert fingerprint_of(stack.target("production")).revisions == ()
 
     seen = browser.approve_in_ui(stack.ui, str(run.id), APPROVER, "e2e: reviewed the SQL", name="e2e-approval")
-    result = finished(step, stack)
+    waiting.join(360)
+    [job] = jobs
 
     assert "waiting for approval" in seen.state_message
     assert not seen.clipped, f"cut off in the form: {seen.clipped}"
-    assert result.returncode == 0, result.stdout
+    assert job.status == "success", job.stdout
     assert fingerprint_of(stack.target("production")).revisions == (SAMPLE_HEAD,)
-    report = json.loads((step.workdir / "checkout" / step.outputs["report"]).read_text())
+    report = json.loads((tmp_path / "production" / "workspace" / job.output("report")).read_text())
     assert report["approval"] == {"approved": True, "approver": APPROVER, "via": "prefect-ui",
                                   "comment": "e2e: reviewed the SQL"}
     summary = browser.show_artifact(stack.ui, str(run.id), "db-migrate-production", name="e2e-summary")

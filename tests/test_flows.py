@@ -480,6 +480,7 @@ def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, 
 
 def test_db_rollback_does_not_run_while_a_migration_waits_for_approval(environment, target, tmp_path):
     from prefect.flow_runs import resume_flow_run
+    from prefect.utilities.urls import url_for
 
     name = environment("production")
     ini = str(stock_project(tmp_path, linear(table_step("t1"))))
@@ -496,8 +497,10 @@ def test_db_rollback_does_not_run_while_a_migration_waits_for_approval(environme
         resume_flow_run(seen["run"].id, run_input={"decision": "reject", "approver": "gina"})
         migration.join()
     assert state.is_failed()
+    holder = seen["run"]  # named by its link: every run of the same revision has the same name
     assert state.message == ("concurrency failed: another run for production holds db-migrate-production: "
-                             "'production-head' (Paused)")
+                             f"'production-head' (Paused): {url_for(holder)}")
+    assert url_for(holder).endswith(f"/runs/flow-run/{holder.id}")
     assert migrations[0].is_failed() and fingerprint_of(target) == before
 
 
@@ -696,17 +699,25 @@ def test_health_checks_retry_until_the_server_comes_up(flow_name, environment, t
 
 def test_the_report_artifact_holds_the_whole_report_and_where_it_is(environment, target, home, tmp_path,
                                                                      s3_endpoint):
-    """`<flow>-<environment>-report`, read through the API as the GitHub workflow reads it: the
-    report file's JSON, byte for byte, and where it is stored (the worker's host and absolute path,
-    or the S3 copy)."""
+    """`<flow>-<environment>-report`, read through the API: the report file's JSON, byte for byte,
+    in the artifact's one ```json fence (what the GitHub workflow saves), and where it is stored
+    (the worker's host and absolute path, or the S3 copy)."""
+    import re
     import socket
     import uuid
 
     from dbmigrate.storage import S3Storage
-    from tests.github_actions import prefect_run_script
     from tests.helpers import s3_bucket_block
 
-    fetch = prefect_run_script().fetch_report
+    def fetch(flow_run_id, key: str) -> str:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+        with get_client(sync_client=True) as client:
+            [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])))
+        [body] = re.findall(r"^```json\n(.*?)^```$", artifact.data, re.DOTALL | re.MULTILINE)
+        return body
     ini = str(stock_project(tmp_path, linear(table_step("t1"), table_step("t2"))))
     name = environment("staging")
 

@@ -1,19 +1,21 @@
 """The GitHub workflow (.github/workflows/db-migrate.yml): valid for GitHub, and its own shell
 steps, run as the runner runs them (tests/github_actions.py), against a real `prefect server
-start` and a process worker running prefect.yaml's deployments: hostile inputs arrive as typed
-and execute nothing, a good run writes its summary and fetches its report, a failed one says
-why and the rollback job takes the database back, a cancelled job cancels the run."""
+start` and a process worker running prefect.yaml's deployments. The steps use Prefect's own
+commands (`prefect deployment run`, `prefect flow-run watch|cancel|logs`, `prefect api`) and jq:
+hostile inputs arrive as typed and execute nothing, a good run writes its summary and fetches its
+report, a failed one says why and the rollback job takes the database back, a cancelled job
+cancels the run. And the operator's terminal (`dbmigrate run --env E --watch`, dbmigrate/watch.py)
+on the same server: the reason of a failure, the approval link, Ctrl-C cancelling the run."""
 
 from __future__ import annotations
 
-import ast
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,21 +23,19 @@ import yaml
 
 from tests.github_actions import (
     Workflow,
-    checkout,
     condition,
     event_context,
-    prefect_run_script,
     render,
-    start_step,
+    run_job,
+    workspace,
 )
-from tests.helpers import REPO, assert_no_canary, fingerprint_of, save_environment
+from tests.helpers import REPO, assert_no_canary, fingerprint_of, save_environment, start_cli
 from tests.pgcluster import free_port
 from tests.prefect_server import PrefectServer, Worker, prefect, wait_until
 from tests.projects import linear, stock_project
 from tests.test_orchestration import deployed
 
 WORKFLOW = Workflow(REPO / ".github" / "workflows" / "db-migrate.yml")
-SCRIPT = REPO / ".github" / "scripts" / "prefect_run.py"
 ENVIRONMENT = "staging"
 MIGRATE, ROLLBACK = f"db-migrate/{ENVIRONMENT}", f"db-rollback/{ENVIRONMENT}-rollback"
 
@@ -58,64 +58,65 @@ def test_the_workflows_are_valid_for_github():
 def test_inputs_reach_the_shell_only_through_env():
     for step in WORKFLOW.run_steps():
         assert "${{" not in step["run"], f"an expression in the shell text of {step.get('name', step['run'])}"
-    migrate = WORKFLOW.step("migrate", "run")
-    assert {"TARGET_REVISION", "BACKUP", "DRY_RUN", "REQUESTED_BY"} <= set(migrate["env"])
+    start = WORKFLOW.step("migrate", "start")
+    assert {"TARGET_REVISION", "BACKUP", "DRY_RUN", "REQUESTED_BY"} <= set(start["env"])
     assert WORKFLOW.data["permissions"] == {"contents": "read"}
     assert set(WORKFLOW.triggers) == {"workflow_dispatch", "deployment"}
     inputs = WORKFLOW.triggers["workflow_dispatch"]["inputs"]
     assert inputs["environment"]["options"] == ["development", "staging", "production"]
     assert (inputs["target_revision"]["default"], inputs["backup"]["default"]) == ("head", True)
     for job in ("migrate", "rollback"):
-        waits_s = int(WORKFLOW.step(job, "run")["env"]["WATCH_TIMEOUT"])
+        waits_s = int(WORKFLOW.job(job)["env"]["WATCH_TIMEOUT"])
         assert waits_s + 60 + 120 <= WORKFLOW.job(job)["timeout-minutes"] * 60, \
             f"{job}: the step cancels the run and reports (60 s for the run to end) before GitHub stops the job"
 
 
-def test_the_script_needs_only_the_standard_library_and_prefect():
-    """The job installs prefect and nothing else."""
-    tree = ast.parse(SCRIPT.read_text())
-    roots = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
-             for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-             for alias in node.names}
-    assert roots - {"__future__", "prefect", "httpx"} <= set(sys.stdlib_module_names), roots
+def test_the_workflow_uses_prefects_own_commands():
+    """No client of our own: the jobs start the run with `prefect deployment run` and follow it
+    with Prefect's commands; the setup installs Prefect and nothing else of ours."""
+    assert not (REPO / ".github" / "scripts").exists()
+    for job in ("migrate", "rollback"):
+        assert 'prefect deployment run "$DEPLOYMENT" --params "$params"' in WORKFLOW.step(job, "start")["run"]
+        assert 'prefect flow-run watch "$FLOW_RUN_ID" --timeout "$WATCH_TIMEOUT"' in WORKFLOW.step(job, "run")["run"]
+        assert WORKFLOW.step(job, "cancel")["run"] == 'prefect flow-run cancel "$FLOW_RUN_ID"'
 
 
 def test_the_workflow_runs_deployments_and_parameters_that_exist():
     from prefect.flows import load_flow_from_entrypoint
 
-    script = prefect_run_script()
-    for kind, entrypoint in (("migrate", "flows/migrate.py:db_migrate"), ("rollback", "flows/db_rollback.py:db_rollback")):
-        request = script.REQUESTS[kind]({"ENVIRONMENT": ENVIRONMENT, "TO_REVISION": "11"})
-        flow = load_flow_from_entrypoint(str(REPO / entrypoint))
-        assert request.flow == flow.name and set(request.parameters) <= set(inspect.signature(flow.fn).parameters)
-    assert (script.REQUESTS["migrate"]({"ENVIRONMENT": ENVIRONMENT}).deployment, request.deployment) == (MIGRATE,
-                                                                                                         ROLLBACK)
     options = WORKFLOW.triggers["workflow_dispatch"]["inputs"]["environment"]["options"]
-    deployments = {d["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-                   if d["entrypoint"].endswith(":db_migrate")}
-    assert set(options) == deployments == set(script.ENVIRONMENTS)
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    for job, entrypoint, parameters in (("migrate", "flows/migrate.py:db_migrate", "target_revision: backup: dry_run:"),
+                                        ("rollback", "flows/db_rollback.py:db_rollback", "to_revision: dry_run:")):
+        env = WORKFLOW.job(job)["env"]
+        flow = load_flow_from_entrypoint(str(REPO / entrypoint))
+        assert env["FLOW"] == flow.name
+        named = {render(env["DEPLOYMENT"], event_context(option)) for option in options}
+        assert named <= {f"{flow.name}/{d['name']}" for d in deployments if d["entrypoint"] == entrypoint}, named
+        for name in (*parameters.split(), "requested_by:"):
+            assert name in WORKFLOW.step(job, "start")["run"] and name[:-1] in inspect.signature(flow.fn).parameters
 
 
 @pytest.mark.parametrize("event, environment, inputs, secrets, says", [
-    ("deployment", "github-pages", {}, {},
-     "unknown environment 'github-pages': expected one of development, staging, production"),
-    ("deployment", "staging", {"backup": "maybe"}, {}, "backup must be true or false, not 'maybe'"),
+    ("deployment", "github-pages", {}, {}, "Deployment 'db-migrate/github-pages' not found!"),
+    ("deployment", "staging", {"backup": "maybe"}, {}, 'backup must be true or false, not "maybe"'),
     ("deployment", "staging", {"target_revision": ["12"]}, {},
-     "target_revision must be a revision id, 'head', 'base' or a relative one like '-1', not ['12']"),
+     'target_revision must be a revision id, head, base or a relative one like -1, not ["12"]'),
     ("workflow_dispatch", "staging", {}, {"PREFECT_API_URL": ""},
-     "PREFECT_API_URL is not set: add it to the repository's (or the environment's) secrets"),
+     "error: PREFECT_API_URL is not set: add it to the repository's (or the environment's) secrets"),
     ("workflow_dispatch", "staging", {}, {"PREFECT_API_URL": "http://127.0.0.1:{port}/api"},
-     "cannot reach the Prefect API at http://127.0.0.1:{port}/api: "),
+     "Could not connect to API at: http://127.0.0.1:{port}/api"),
 ], ids=["unknown environment", "not a boolean", "not a revision", "no API URL", "API unreachable"])
-def test_bad_input_is_refused_in_one_line_before_any_run(event, environment, inputs, secrets, says, tmp_path):
+def test_bad_input_is_refused_in_one_line_before_any_run(event, environment, inputs, secrets, says, server, tmp_path):
+    """Refused by jq, by our one check or by `prefect deployment run` itself: no run, one line saying why."""
     port = free_port()
-    secrets = {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api", **{k: v.format(port=port) for k, v in secrets.items()}}
+    secrets = {"PREFECT_API_URL": server.api_url, **{k: v.format(port=port) for k, v in secrets.items()}}
     context = event_context(environment, event, inputs) if event == "deployment" else event_context(environment)
-    step = start_step(WORKFLOW, "migrate", "run", {**context, "secrets": secrets}, checkout(tmp_path), tmp_path)
-    result = step.finish(timeout=120)
-    assert result.returncode == 2
-    [line] = result.stdout.splitlines()[1:]
-    assert line.startswith(f"migrate: error: {says.format(port=port)}"), line
+    job = run_job(WORKFLOW, "migrate", {**context, "secrets": secrets}, workspace(tmp_path), tmp_path, timeout=120)
+    print(job.stdout)
+    assert list(job.results) == ["start"] and job.results["start"].returncode != 0
+    assert says.format(port=port) in job.stdout and "Traceback" not in job.stdout
+    assert job.output("flow_run_id") is None
 
 
 def test_the_rollback_job_runs_after_a_failure_outside_production_only():
@@ -170,20 +171,21 @@ def staging(server, target, cli, url, project):
     return lambda **policy: save_environment(target, ENVIRONMENT, **policy)
 
 
-def start(server, tmp_path: Path, job: str, context: dict, name: str = "step", **changed_env: str):
-    """The job's `run` step, in a checkout of its own (what the step writes stays there)."""
+def job_run(server, tmp_path: Path, job: str, context: dict, name: str = "job", interrupt=None, **changed_env: str):
+    """The job's steps, in a workspace of its own (what the steps write stays there)."""
     secrets = {"PREFECT_API_URL": server.api_url, "PREFECT_API_KEY": ""}
-    return start_step(WORKFLOW, job, "run", {**context, "secrets": secrets}, checkout(tmp_path / name),
-                      tmp_path / name, **changed_env)
+    run = run_job(WORKFLOW, job, {**context, "secrets": secrets}, workspace(tmp_path / name), tmp_path / name,
+                  interrupt=interrupt, **changed_env)
+    print(run.stdout)
+    assert_no_canary(run.stdout + run.summary, "the job's output")
+    return run
 
 
-def run_step(server, tmp_path: Path, job: str, context: dict, name: str = "step"):
-    step = start(server, tmp_path, job, context, name)
-    result = step.finish(timeout=240)
-    assert "Traceback" not in result.stdout, result.stdout
-    assert_no_canary(result.stdout + step.summary, "the job's output")
-    print(result.stdout)
-    return step, result
+def finished(server, tmp_path: Path, job: str, context: dict, name: str = "job"):
+    run = job_run(server, tmp_path, job, context, name)
+    assert "Traceback" not in run.stdout
+    assert list(run.results) == ["start", "run", "report"], "no cancel: the job was not cancelled"
+    return run
 
 
 def flow_run(run_id: str):
@@ -204,35 +206,37 @@ def test_a_hostile_revision_arrives_as_typed_and_executes_nothing(server, stagin
     hostile = f"it's \"$(touch {marker})\" `touch {marker}`; touch {marker} #"
     before = fingerprint_of(target)
 
-    step, result = run_step(server, tmp_path, "migrate", event_context(ENVIRONMENT, target_revision=hostile))
+    job = finished(server, tmp_path, "migrate", event_context(ENVIRONMENT, target_revision=hostile))
 
-    assert result.returncode == 1
+    assert job.status == "failure" and job.results["run"].returncode == 1
     assert not marker.exists(), "the revision was executed"
-    run = flow_run(step.outputs["flow_run_id"])
+    run = flow_run(job.output("flow_run_id"))
     assert run.parameters["target_revision"] == hostile
     assert run.state.is_failed() and run.state.message.startswith(f"plan failed: malformed revision {hostile!r}")
-    assert f"{MIGRATE}: Failed: {run.state.message}" in result.stdout, "the job says why"
-    assert result.stdout.startswith("::stop-commands::"), "the run's text is never read as workflow commands"
+    assert f"{MIGRATE}: Failed: {run.state.message}" in job.results["report"].stdout, "the job says why"
+    for step in ("start", "run", "report"):  # what they print holds the parameters or the run's name, with the revision
+        assert job.results[step].stdout.startswith("::stop-commands::"), "the run's text read as workflow commands"
     assert fingerprint_of(target) == before
-    assert "rollback_to" not in step.outputs, "nothing changed: nothing to roll back"
+    assert job.output("rollback_to") is None, "nothing changed: nothing to roll back"
 
 
 def test_a_good_run_with_an_all_digit_revision(server, staging, target, tmp_path):
     """`12` reaches the flow as the string "12" (`--param target_revision=12` would send the number);
     the step summary tells the story and the report uploaded is the one the run wrote."""
     staging()
-    step, result = run_step(server, tmp_path, "migrate", event_context(ENVIRONMENT, target_revision="12"))
+    job = finished(server, tmp_path, "migrate", event_context(ENVIRONMENT, target_revision="12"))
 
-    assert result.returncode == 0, result.stdout
-    run = flow_run(step.outputs["flow_run_id"])
+    assert job.status == "success", job.stdout
+    run = flow_run(job.output("flow_run_id"))
     assert run.parameters["target_revision"] == "12" and run.state.is_completed()
     assert fingerprint_of(target).revisions == ("12",)
-    fetched = (step.workdir / "checkout" / step.outputs["report"]).read_text()
-    assert step.outputs["report"].startswith("migration-reports/"), "where the upload step looks"
-    assert fetched in worker_reports(server), "the report as the run wrote it"
+    saved = job.output("report")
+    fetched = (tmp_path / "job" / "workspace" / saved).read_text()
+    assert saved.startswith("migration-reports/"), "where the upload step looks"
+    assert fetched in worker_reports(server), "the report as the run wrote it, byte for byte"
     report = json.loads(fetched)
     assert report["operator"] == "octocat (GitHub Actions run 4242)" and report["revision_after"] == "12"
-    summary = step.summary
+    summary = job.summary
     assert summary.startswith(f"### {MIGRATE}: Completed")
     assert "` 11 ` → ` 12 ` (target ` 12 `)" in summary and f"{report['duration_s']} s" in summary
     assert f"]({server.api_url.removesuffix('/api')}/runs/flow-run/{run.id})" in summary, "a link to the run"
@@ -260,82 +264,141 @@ def test_a_failed_migration_says_why_and_the_rollback_job_takes_it_back(server, 
     staging(auto_rollback=False)  # the flow leaves the database where the failure left it
     before = fingerprint_of(target)
     context = event_context(ENVIRONMENT)
-    step, result = run_step(server, tmp_path, "migrate", context)
+    job = finished(server, tmp_path, "migrate", context)
 
-    assert result.returncode == 1
-    run = flow_run(step.outputs["flow_run_id"])
+    assert job.status == "failure"
+    run = flow_run(job.output("flow_run_id"))
     assert run.state.message.startswith("migrate failed: revision 13 failed: division by zero"), run.state.message
-    assert f"{MIGRATE}: Failed: {run.state.message}" in result.stdout
-    assert "last log lines of flow run" in result.stdout and "division by zero" in result.stdout.split("last log")[1]
+    told = job.results["report"].stdout
+    assert f"{MIGRATE}: Failed: {run.state.message}" in told
+    assert "last log lines of flow run" in told and "division by zero" in told.split("last log")[1]
     assert fingerprint_of(target).revisions == ("12",), "12 committed, 13 failed"
-    assert "failed in | migrate:" in step.summary
+    assert "failed in | migrate:" in job.summary
 
-    job = WORKFLOW.data["jobs"]["migrate"]
+    steps = {name: {"outputs": step.outputs} for name, step in job.steps.items()}
     needs = {"migrate": {"result": "failure", "outputs": {
-        name: render(value, {"steps": {"run": {"outputs": step.outputs}}}) for name, value in job["outputs"].items()}}}
+        name: render(value, {"steps": steps}) for name, value in WORKFLOW.job("migrate")["outputs"].items()}}}
     assert needs["migrate"]["outputs"]["rollback_to"] == "11"
     context = {**context, "needs": needs}
     assert condition(WORKFLOW.job("rollback")["if"], context, "failure")
-    step, result = run_step(server, tmp_path, "rollback", context, name="rollback")
+    job = finished(server, tmp_path, "rollback", context, name="rollback")
 
-    assert result.returncode == 0, result.stdout
-    run = flow_run(step.outputs["flow_run_id"])
+    assert job.status == "success", job.stdout
+    run = flow_run(job.output("flow_run_id"))
     assert run.parameters == {"environment": ENVIRONMENT, "to_revision": "11", "dry_run": False,
                               "requested_by": "octocat (GitHub Actions run 4242, rollback)"}
     assert fingerprint_of(target) == before
-    assert step.summary.startswith(f"### {ROLLBACK}: Completed")
-    assert step.outputs["report"].startswith("rollback-reports/")
+    assert job.summary.startswith(f"### {ROLLBACK}: Completed")
+    assert job.output("report").startswith("rollback-reports/")
 
 
-def test_production_without_a_backup_is_refused_before_any_run(server, tmp_path):
-    from prefect.client.orchestration import get_client
+def test_production_without_a_backup_is_refused_by_the_flow(server, target, tmp_path):
+    """The workflow does not repeat the policy: the run says why, naming the rule, and changes nothing."""
+    save_environment(target, "production")
+    before = fingerprint_of(target)
+    job = finished(server, tmp_path, "migrate", event_context("production", backup=False))
+    assert job.status == "failure"
+    run = flow_run(job.output("flow_run_id"))
+    assert run.state.is_failed() and run.state.message.endswith("backup=false is refused"), run.state.message
+    assert f"db-migrate/production: Failed: {run.state.message}" in job.results["report"].stdout
+    assert fingerprint_of(target) == before
 
-    with get_client(sync_client=True) as client:
-        runs = len(client.read_flow_runs())
-    _, result = run_step(server, tmp_path, "migrate", event_context("production", backup=False))
-    assert result.returncode == 2
-    assert result.stdout.splitlines()[1:] == [
-        "migrate: error: production requires a backup before migrating: backup=false is refused"]
-    with get_client(sync_client=True) as client:
-        assert len(client.read_flow_runs()) == runs
 
-
-def test_the_job_stopped_cancels_the_run(server, staging, target, tmp_path):
-    """GitHub signals the step's entry process when the job is cancelled or times out (SIGINT,
-    then SIGTERM): the Prefect run is cancelled, not left waiting. Here a deployment event's
-    run, paused for approval."""
+def test_the_job_cancelled_cancels_the_run(server, staging, target, tmp_path):
+    """GitHub signals the running step when the job is cancelled or times out (SIGINT, then
+    SIGTERM), then runs the steps whose `if:` says cancelled(): the Prefect run is cancelled, not
+    left waiting. Here a deployment event's run, paused for approval."""
     staging(approval_required=True)
     before = fingerprint_of(target)
-    step = start(server, tmp_path, "migrate", event_context(ENVIRONMENT, "deployment", {"target_revision": 12}))
-    run_id = wait_until(lambda: step.outputs.get("flow_run_id"), 60, "the flow run")
-    wait_until(lambda: flow_run(run_id).state.is_paused(), 120, "the run to wait for approval")
-    assert flow_run(run_id).parameters["target_revision"] == "12"
-    os.kill(step.process.pid, signal.SIGTERM)
-    stopped = time.monotonic()
-    result = step.finish(timeout=60)
 
-    assert result.returncode == 128 + signal.SIGTERM, result.stdout
-    assert time.monotonic() - stopped < 10, "GitHub kills the step 10 s after its first signal"
-    assert f"the GitHub job was stopped (SIGTERM): asked Prefect to cancel flow run {run_id}" in result.stdout
+    def interrupt(step_id, step, steps) -> bool:
+        if step_id != "run":
+            return False
+        run_id = stopped["run_id"] = steps["start"]["outputs"]["flow_run_id"]
+        wait_until(lambda: flow_run(run_id).state.is_paused(), 120, "the run to wait for approval")
+        os.killpg(step.process.pid, signal.SIGINT)  # the step's processes, as the runner ends them
+        return True
+
+    stopped = {}
+    job = job_run(server, tmp_path, "migrate", event_context(ENVIRONMENT, "deployment", {"target_revision": 12}),
+                  interrupt=interrupt)
+
+    run_id = stopped["run_id"]
+    assert job.status == "cancelled" and list(job.results) == ["start", "run", "cancel", "report"]
+    assert job.results["run"].returncode == 130 and "no final state" not in job.results["run"].stdout
+    assert flow_run(run_id).parameters["target_revision"] == "12"
     run = wait_until(lambda: (r := flow_run(run_id)).state.is_final() and r, 90, "the run to end")
     assert run.state.is_cancelled(), run.state
     assert fingerprint_of(target) == before
 
 
 def test_a_run_still_going_when_the_wait_ends_is_cancelled(server, staging, target, tmp_path):
-    """The step's own timeout (WATCH_TIMEOUT, shortened here to about the time a worker takes to
+    """The wait's own timeout (WATCH_TIMEOUT, shortened here to about the time a worker takes to
     start a run): the run is cancelled, started or not, and the job fails saying so. (The policy
     asks for approval: a run that got further would wait, never migrate.)"""
     staging(approval_required=True)
     before = fingerprint_of(target)
-    step = start(server, tmp_path, "migrate", event_context(ENVIRONMENT), WATCH_TIMEOUT="8")
-    result = step.finish(timeout=120)
-    print(result.stdout)
+    job = job_run(server, tmp_path, "migrate", event_context(ENVIRONMENT), WATCH_TIMEOUT="8")
+
+    assert job.status == "failure" and list(job.results) == ["start", "run", "report"]
+    run = flow_run(job.output("flow_run_id"))
+    assert f"no final state within 8s: cancelling flow run {run.id}" in job.results["run"].stdout
+    assert run.state.is_cancelled(), run.state
+    assert f"{MIGRATE}: timed out, Cancelled" in job.results["report"].stdout
+    assert job.summary.startswith(f"### {MIGRATE}: timed out, Cancelled")
+    assert fingerprint_of(target) == before
+
+
+# --- the operator's terminal: `dbmigrate run --env E --watch` --------------------------------
+
+def test_dbmigrate_run_says_why_a_run_failed(server, staging, target, cli):
+    """What `prefect deployment run --watch` never prints (it ends `Flow run finished in state
+    'Failed'.`): the final state's message, the one-line reason."""
+    staging()
+    before = fingerprint_of(target)
+    result = cli("run", "--env", ENVIRONMENT, "--revision", "nope", "--watch", env=server.environ())
+    print(result.stdout, result.stderr)
 
     assert result.returncode == 1
-    run = flow_run(step.outputs["flow_run_id"])
-    assert f"no final state within 8s: asked Prefect to cancel flow run {run.id}" in result.stdout
+    [run_id] = re.findall(rf"^flow run \S+ \(([0-9a-f-]{{36}})\) of {MIGRATE}: ", result.stdout, re.MULTILINE)
+    run = flow_run(run_id)
+    assert run.state.message.startswith("plan failed: ") and "'nope'" in run.state.message
+    assert result.stdout.rstrip().endswith(f"Failed: {run.state.message}")
+    assert run.parameters["target_revision"] == "nope" and "(dbmigrate run)" in run.parameters["requested_by"]
+    assert fingerprint_of(target) == before
+
+    refused = cli("run", "--env", "nowhere", "--watch", env=server.environ())
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr == (f"dbmigrate: error: no deployment db-migrate/nowhere on {server.api_url}: "
+                              "`prefect deploy --all` from the checkout\n")
+
+
+def test_dbmigrate_run_shows_where_to_approve_and_ctrl_c_cancels_the_run(server, staging, target, home):
+    staging(approval_required=True)
+    before = fingerprint_of(target)
+    process = start_cli(home, "run", "--env", ENVIRONMENT, "--watch", env=server.environ())
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("approve or reject it at "):
+                break
+        printed = "".join(lines)
+        [run_id] = re.findall(rf"^flow run \S+ \(([0-9a-f-]{{36}})\) of {MIGRATE}: ", printed, re.MULTILINE)
+        assert flow_run(run_id).state.is_paused()
+        assert "Paused: waiting for approval of 11 → 13 in staging" in printed
+        assert f"approve or reject it at {server.api_url.removesuffix('/api')}/runs/flow-run/{run_id}" in printed
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    print(printed + out, err)
+
+    assert process.returncode == 130 and err.strip() == "dbmigrate: interrupted"
+    assert f"interrupted from the terminal that started it: cancelling flow run {run_id}" in out
+    run = flow_run(run_id)
     assert run.state.is_cancelled(), run.state
-    assert f"{MIGRATE}: timed out, Cancelled" in result.stdout
-    assert step.summary.startswith(f"### {MIGRATE}: timed out, Cancelled")
+    assert "Run cancelled during approval, before migrating: the database was not changed" in out, \
+        "the flow's cancellation hook says where the database is"
     assert fingerprint_of(target) == before

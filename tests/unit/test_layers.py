@@ -20,7 +20,7 @@ LAYERS = {
     "dbmigrate.restore": 2, "dbmigrate.drift": 2, "dbmigrate.settings": 2, "dbmigrate.report": 2,
     "dbmigrate.lint": 2, "dbmigrate.overview": 2,
     "dbmigrate.phases": 3, "dbmigrate.auto_rollback": 3, "dbmigrate.rehearsal": 3, "dbmigrate.pipeline": 3,
-    "dbmigrate.cli": 4, "dbmigrate.__main__": 4, "dbmigrate.stack": 4, "blocks": 4, "blocks.sync": 4,
+    "dbmigrate.cli": 4, "dbmigrate.__main__": 4, "dbmigrate.stack": 4, "dbmigrate.watch": 4, "blocks": 4, "blocks.sync": 4,
     "blocks.alerts": 4,
 }
 
@@ -91,13 +91,14 @@ def test_no_import_cycles():
 
 def test_dbmigrate_imports_prefect_only_lazily_where_documented():
     """The plain CLI stays fast: Prefect only for s3-bucket/ storage, --env and `blocks sync` (through
-    blocks), and `local up` (the stack)."""
+    blocks), `local up` (the stack) and `run` (the watch)."""
     for name in (m for m in MODULES if m.startswith("dbmigrate")):
         uses = {k: top for k, top in imports(name).items()
                 if k.split(".")[0] in ("prefect", "prefect_aws", "blocks", "flows")}
         assert not any(uses.values()), f"{name} imports {uses} at module level"
         if uses:
-            assert name in ("dbmigrate.storage", "dbmigrate.cli", "dbmigrate.stack"), f"{name} imports {sorted(uses)}"
+            assert name in ("dbmigrate.storage", "dbmigrate.cli", "dbmigrate.stack", "dbmigrate.watch"), \
+                f"{name} imports {sorted(uses)}"
 
 
 FLOW_MODULES = ("flows.migrate", "flows.db_rollback", "flows.maintenance")
