@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from dbmigrate import (__version__, backup, catalogue, db, drift, health, local, overview, phases, pipeline, restore,
-                       revisions)
+from dbmigrate import (__version__, backup, catalogue, db, drift, health, local, overview, phases, pipeline, private,
+                       restore, revisions)
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError, needs_prefect
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
@@ -954,6 +954,8 @@ HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "che
 
 
 def run(args) -> int:
+    if args.command != "generate":  # a revision is source code, left to the user's umask
+        private.owner_only()
     settings = _settings(args)
     if getattr(args, "env", None):  # Prefect's event worker says "Still processing items" on stderr at exit
         logging.getLogger("EventsWorker").setLevel(logging.ERROR)

@@ -31,6 +31,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from dbmigrate.errors import ConfigError
+from dbmigrate.private import private_home
 from dbmigrate.target import DRIVER, DatabaseTarget
 
 DATABASE = "app"
@@ -99,7 +100,7 @@ def start(home: Path, port: int | None = None) -> LocalServer:
     starts), else on the recorded port, else on a free one."""
     server = running(home)
     if server is None:
-        home.mkdir(parents=True, exist_ok=True)
+        private_home(home.resolve())
         with _exclusive(home):  # two first commands at once: one starts it, the other finds it
             server = running(home) or _start(home, port)
     if port is not None and port != server.port:
@@ -111,12 +112,16 @@ def start(home: Path, port: int | None = None) -> LocalServer:
 def _start(home: Path, port: int | None) -> LocalServer:
     port = _record_port(home, port)  # a busy port refused before initdb: nothing made
     pg = _pgserver(home)
+    if pg.system_user is not None:  # as root, pgserver opened the home (a+rx) to the user it runs PostgreSQL as
+        private_home(home.resolve(), passable=True)
     secret = _ensure_password(home)
     (data_dir(home) / "pg_hba.conf").write_text(HBA)
     socket_dir = _socket_dir(pg, data_dir(home))
     log = data_dir(home) / "log"
     try:
-        _pg_ctl(pg, "-w", "-t", "60", "-l", str(log), "-o", f"-h {HOST} -p {port} -k {socket_dir}", "start")
+        # The socket trusts whoever reaches it (HBA): its owner alone, even in a shared socket directory.
+        _pg_ctl(pg, "-w", "-t", "60", "-l", str(log), "-o",
+                f"-h {HOST} -p {port} -k {socket_dir} -c unix_socket_permissions=0700", "start")
     except subprocess.CalledProcessError:
         tail = (log.read_text(errors="replace").strip().splitlines() or ["no log"])[-1] if log.exists() else "no log"
         raise ConfigError(f"the embedded PostgreSQL in {data_dir(home)} did not start: {tail} (see {log})") from None

@@ -22,7 +22,7 @@ from prefect.states import Failed, Paused, Running
 from pydantic import Field
 
 from blocks import load_policy, load_scratch_server, load_target
-from dbmigrate import phases, pipeline, revisions
+from dbmigrate import phases, pipeline, private, revisions
 from dbmigrate.errors import (ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, RevisionError,
                               StorageFailed)
 from dbmigrate.migrate import SessionLimits
@@ -56,7 +56,9 @@ def open_environment(environment: str, credentials_block: str | None = None, ale
                      backup_storage: str | None = None) -> Environment:
     """Every flow's first call: the database this deployment may change (another environment's
     is refused before anything is touched), the run tagged with its environment, the policy,
-    and the settings under it."""
+    and the settings under it. From here on, what the run writes (its backup, report, journal)
+    is readable by the worker's user alone."""
+    private.owner_only()
     block = credentials_block or environment
     target = _database_for(environment, block)
     tag_run(environment)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -161,6 +162,19 @@ def recording_pg_dump(target: DatabaseTarget, directory: Path) -> tuple[Path, Pa
 def fingerprint_of(target: DatabaseTarget) -> fingerprint.Fingerprint:
     with db.connect(target) as conn:
         return fingerprint.take(conn)
+
+
+def open_to_others(root: Path) -> list[str]:
+    """Every file, directory and socket under ``root`` (itself excluded) whose group or others have
+    any permission, as "path mode"; symlinks are not followed."""
+    found = []
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(directory, name)
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            if not path.is_symlink() and mode & 0o077:
+                found.append(f"{path.relative_to(root)} {mode:o}")
+    return found
 
 
 def reports_in(home: Path) -> list[Path]:

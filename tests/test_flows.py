@@ -1,12 +1,13 @@
 """The Prefect flows against a real Prefect API (test harness), PostgreSQL and S3."""
 
 import json
+import os
 import threading
 import time
 
 import pytest
 
-from tests.helpers import assert_no_canary, fingerprint_of, last_report, reports_in, sql
+from tests.helpers import assert_no_canary, fingerprint_of, last_report, open_to_others, reports_in, sql
 from tests.pgcluster import CANARY_PASSWORD, free_port
 from tests.projects import BEST_EFFORT_INDEX, DUPLICATES, linear, stock_project
 
@@ -37,6 +38,20 @@ def at_r1_with_rows(tmp_path, cli, url, target, *steps) -> str:
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
     sql(target, "INSERT INTO t1 VALUES (1), (2), (3)")
     return ini
+
+
+def test_a_run_writes_its_backup_and_report_for_the_workers_user_alone(environment, target, home, tmp_path):
+    """A worker started with the common umask 022 (not by `local up`): the run's dump, manifest and
+    report, and the directories made for them, get no group or other bits."""
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    previous = os.umask(0o022)
+    try:
+        state = run_flow(environment=environment("staging"), alembic_config=ini)
+    finally:
+        os.umask(previous)
+    assert state.is_completed(), state.message
+    assert any((home / "backups").rglob("*.json")) and reports_in(home)
+    assert open_to_others(home) == []
 
 
 def test_staging_failure_rolls_back_to_the_starting_revision(environment, target, home, tmp_path, cli, url):

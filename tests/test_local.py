@@ -1,8 +1,10 @@
 """The embedded local database: what the command line uses with no URL and no block."""
 
 import json
+import os
+import stat
 
-from tests.helpers import SAMPLE_HEAD
+from tests.helpers import SAMPLE_HEAD, open_to_others
 
 
 def test_local_database_is_started_reused_and_stopped(cli, home):
@@ -10,6 +12,9 @@ def test_local_database_is_started_reused_and_stopped(cli, home):
         first = cli("upgrade", "--backup", "--yes")
         assert first.returncode == 0, first.stderr
         assert "succeeded: base -> 0006" in first.stdout
+        dumps = home.parent / "dumps"
+        assert cli("backup", "--storage", str(dumps)).returncode == 0
+        _owner_only(home, dumps)
 
         status = cli("local", "status")
         assert status.returncode == 0 and status.stdout.startswith("running: pid ")
@@ -25,3 +30,14 @@ def test_local_database_is_started_reused_and_stopped(cli, home):
     assert stop.returncode == 0 and stop.stdout.strip() == "stopped"
     after = cli("local", "status")
     assert after.returncode == 1 and after.stdout.startswith("not running")
+
+
+def _owner_only(home, dumps):
+    """The dumps, manifests, reports, the password and the embedded PostgreSQL's files: no group or
+    other bits (the home made 0755 by the fixture is tightened too). As root, pgserver runs PostgreSQL
+    as its own user, who may only pass through the home (0711) to its data directory."""
+    assert stat.S_IMODE(home.stat().st_mode) == (0o711 if os.geteuid() == 0 else 0o700)
+    assert stat.S_IMODE(dumps.stat().st_mode) == 0o700
+    assert {"backups", "reports", "pgdata", "local-password"} <= {path.name for path in home.iterdir()}
+    assert any(dumps.rglob("*.json")) and any((home / "reports").iterdir())
+    assert open_to_others(home) == [] and open_to_others(dumps) == []

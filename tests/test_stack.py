@@ -13,7 +13,7 @@ import time
 import psycopg
 import pytest
 
-from tests.helpers import REPO, SAMPLE_HEAD, reports_in, run_cli
+from tests.helpers import REPO, SAMPLE_HEAD, open_to_others, reports_in, run_cli
 from tests.local_stack import Stack, alive
 from tests.prefect_server import PREFECT
 
@@ -70,6 +70,9 @@ def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(st
     with psycopg.connect(host="127.0.0.1", port=stack.pg_port, user="postgres", password=stack.password,
                          dbname="development") as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(SAMPLE_HEAD,)]
+    # Prefect's database (the key that decrypts the blocks), the logs, the run's backup and report: owner-only.
+    assert (stack.home / "prefect" / "prefect.db").exists() and any((stack.home / "backups").rglob("*.json"))
+    assert open_to_others(stack.home) == []
 
     pids = stack.pids()
     gone = _watch_exits(pids)

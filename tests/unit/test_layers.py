@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Lower layers never import higher ones (docs/ARCHITECTURE.md "Layers").
 LAYERS = {
-    "dbmigrate.errors": 0, "dbmigrate.target": 0,
+    "dbmigrate.errors": 0, "dbmigrate.target": 0, "dbmigrate.private": 0,
     "dbmigrate.db": 1, "dbmigrate.local": 1, "dbmigrate.pgtools": 1, "dbmigrate.storage": 1,
     "dbmigrate.revisions": 1, "dbmigrate.fingerprint": 1, "dbmigrate.guard": 1, "dbmigrate.migrate": 1, "dbmigrate.lockretry": 1,
     "dbmigrate.schema": 1, "dbmigrate.isolation": 1,
