@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "and production, a Prefect server, their DatabaseCredentials blocks, the work pool dbmigrate, "
                 "prefect deploy --all from this checkout, and a process worker (run it from the checkout)")),
         ("down", "stop the local stack: the worker, then the Prefect server, then PostgreSQL"),
-        ("env", "print `export PREFECT_API_URL=...` for the running stack: eval \"$(dbmigrate local env)\""),
+        ("env", "print the exports of PREFECT_API_URL and PREFECT_API_AUTH_STRING (read from its file) for the "
+                "running stack: eval \"$(dbmigrate local env)\""),
     ):
         action = local_sub.add_parser(name, help=text, description=text)
         action.add_argument("--home", type=Path, help="state directory (default: DBMIGRATE_HOME or .dbmigrate)")
@@ -872,7 +873,7 @@ def cmd_local(args, settings: Settings, database: Database) -> int:
         api = stack.api_url(home)
         if api is None:
             raise ConfigError(f"the local Prefect server is not running (home {home.resolve()}): dbmigrate local up")
-        print(f"export PREFECT_API_URL={api}")
+        print("\n".join(stack.exports(home, api)))
     elif action == "start":
         _print_local(local.start(home, args.pg_port), home)
     elif action == "stop":

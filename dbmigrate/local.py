@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 import socket
 import subprocess
 import warnings
@@ -31,7 +30,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from dbmigrate.errors import ConfigError
-from dbmigrate.private import private_home
+from dbmigrate.private import generated_secret, private_home
 from dbmigrate.target import DRIVER, DatabaseTarget
 
 DATABASE = "app"
@@ -179,15 +178,7 @@ def _record_port(home: Path, port: int | None) -> int:
 
 def _ensure_password(home: Path) -> str:
     """The TCP password: generated on first start into a file only its owner can read."""
-    path = password_file(home)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        path.chmod(0o600)
-        return password(home)
-    with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_urlsafe(24) + "\n")
-    return password(home)
+    return generated_secret(password_file(home))
 
 
 def _prepare(server: LocalServer, secret: str) -> None:

@@ -8,6 +8,7 @@ runs), is its owner's alone. The home, which an older version made 0755, is tigh
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -24,3 +25,15 @@ def private_home(home: Path, passable: bool = False) -> None:
     when we run as root) must pass through it to its own directory: it still lists and reads nothing."""
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     home.chmod(stat.S_IRWXU | (stat.S_IXGRP | stat.S_IXOTH if passable else 0))
+
+
+def generated_secret(path: Path) -> str:
+    """The secret in ``path``, generated on first use into a file only its owner can read."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        path.chmod(0o600)
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(24) + "\n")
+    return path.read_text().strip()

@@ -3,7 +3,9 @@ its state under the home (``dbmigrate local up|down|status``):
 
 - the embedded PostgreSQL (:mod:`dbmigrate.local`) on loopback TCP, with one database per
   environment (``development``, ``staging``, ``production``);
-- a Prefect server (``prefect server start``) whose PREFECT_HOME is ``<home>/prefect``;
+- a Prefect server (``prefect server start``) whose PREFECT_HOME is ``<home>/prefect``, its API
+  closed to whoever lacks the auth string generated into ``<home>/prefect-auth`` (0600): anyone on
+  the machine reaches 127.0.0.1, and the blocks hold the database's password;
 - the block types and a ``DatabaseCredentials`` block per environment, written by the code
   ``dbmigrate blocks sync`` runs (:func:`blocks.sync.sync_environment`); the work pool
   ``dbmigrate``; ``prefect deploy --all`` from the checkout;
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -33,6 +36,7 @@ from pathlib import Path
 
 from dbmigrate import local
 from dbmigrate.errors import ConfigError, needs_prefect
+from dbmigrate.private import generated_secret
 
 ENVIRONMENTS = ("development", "staging", "production")
 POOL = "dbmigrate"
@@ -50,6 +54,20 @@ Say = Callable[[str], None]
 
 def prefect_home(home: Path) -> Path:
     return home.resolve() / "prefect"
+
+
+def auth_file(home: Path) -> Path:
+    return home.resolve() / "prefect-auth"
+
+
+def client_environ(home: Path, api: str) -> dict[str, str]:
+    """What a Prefect client of the stack needs: its API and the server's auth string."""
+    return {"PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": generated_secret(auth_file(home))}
+
+
+def exports(home: Path, api: str) -> list[str]:
+    """The lines that point a shell at the stack (``eval``), the auth string read from its file."""
+    return [f"export PREFECT_API_URL={api}", f'export PREFECT_API_AUTH_STRING="$(cat {shlex.quote(str(auth_file(home)))})"']
 
 
 @dataclass(frozen=True)
@@ -173,13 +191,14 @@ def up(home: Path, checkout: Path, pg_port: int | None = None, prefect_port: int
     say(f"databases: {', '.join(ENVIRONMENTS)}" + (f" (created {', '.join(created)})" if created else ""))
     ui = _prefect_server(home, port, say)
     api = f"{ui}/api"
-    with _talking_to(api):
+    with _talking_to(home, api):
         _blocks(home, pg, say)
         _work_pool(say)
         _deploy(home, checkout, api, say)
         _worker(home, checkout, api, say)
     say(f"UI:  {ui}  (runs, their logs and artifacts)")
-    say(f"export PREFECT_API_URL={api}")
+    for line in exports(home, api):
+        say(line)
     return api
 
 
@@ -213,7 +232,7 @@ def prefect_environ(home: Path, api: str, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
         "PREFECT_HOME": str(prefect_home(home)),
-        "PREFECT_API_URL": api,
+        **client_environ(home, api),
         "PREFECT_UI_API_URL": api,  # what the browser's UI calls
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
@@ -228,7 +247,9 @@ def _prefect_server(home: Path, port: int, say: Say) -> str:
         say(f"prefect server: already running at {ui} (pid {part.record()['pid']})")
         return ui
     record = part.start([sys.executable, "-m", "prefect", "server", "start", "--host", local.HOST, "--port", str(port)],
-                        prefect_environ(home, f"{ui}/api", **LOG_STREAMING), prefect_home(home), port=port, url=ui)
+                        prefect_environ(home, f"{ui}/api", **LOG_STREAMING,
+                                        PREFECT_SERVER_API_AUTH_STRING=generated_secret(auth_file(home))),
+                        prefect_home(home), port=port, url=ui)
     _wait_for(lambda: _answers(ui), part, "the Prefect server", record)
     say(f"prefect server: started at {ui} (pid {record['pid']}, log {part.log})")
     return ui
@@ -256,10 +277,11 @@ def _wait_for(condition: Callable[[], bool], part: Detached, what: str, record: 
 
 
 @contextmanager
-def _talking_to(api: str) -> Iterator[None]:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def _talking_to(home: Path, api: str) -> Iterator[None]:
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: api}):
+    client = client_environ(home, api)
+    with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: client["PREFECT_API_AUTH_STRING"]}):
         yield
 
 

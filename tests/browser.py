@@ -43,8 +43,9 @@ def require_browser() -> None:
 
 
 @contextmanager
-def browser_page() -> Iterator:
-    """A fresh page of headless Chromium; the test is skipped, saying why, without one."""
+def browser_page(ui_url: str = "", auth: str | None = None) -> Iterator:
+    """A fresh page of headless Chromium; the test is skipped, saying why, without one. With
+    ``auth``, logged in to the UI at ``ui_url`` first, through its login page, as a user does."""
     require_browser()
     from playwright.sync_api import sync_playwright
 
@@ -53,6 +54,11 @@ def browser_page() -> Iterator:
         try:
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(WAIT_MS)
+            if auth is not None:
+                page.goto(f"{ui_url.rstrip('/')}/login")
+                page.locator("input[type=password]").fill(auth)
+                page.get_by_role("button", name="Login").click()
+                page.wait_for_url(lambda url: "/login" not in url)
             yield page
         finally:
             browser.close()
@@ -77,10 +83,11 @@ _CLIPPED = """(root) => [...root.querySelectorAll('pre, table')].flatMap(el => {
 
 
 def approve_in_ui(ui_url: str, flow_run_id: str, approver: str, comment: str = "", *, decision: str = "approve",
-                  ui: str = "v1", screenshots: Path = SCREENSHOTS, name: str = "approval") -> SeenForm:
+                  ui: str = "v1", screenshots: Path = SCREENSHOTS, name: str = "approval",
+                  auth: str | None = None) -> SeenForm:
     """Answer the approval form of the paused run ``flow_run_id`` in the ``ui`` ("v1" or "v2")
     of the Prefect server at ``ui_url``: ``decision`` ("approve" or "reject"), the approver's
-    name, a comment. Screenshots ``<name>-<ui>-*.png`` go to ``screenshots``: the run's
+    name, a comment; ``auth``: the server's auth string, typed into the login page. Screenshots ``<name>-<ui>-*.png`` go to ``screenshots``: the run's
     details, the form as it opened, filled in, and the run page after it was sent."""
     screenshots.mkdir(parents=True, exist_ok=True)
     shots: list[Path] = []
@@ -90,7 +97,7 @@ def approve_in_ui(ui_url: str, flow_run_id: str, approver: str, comment: str = "
         page.screenshot(path=str(shots[-1]), full_page=True)
 
     driver = _V1 if ui == "v1" else _V2
-    with browser_page() as page:
+    with browser_page(ui_url, auth) as page:
         page.goto(f"{ui_url.rstrip('/')}{driver.prefix}/runs/flow-run/{flow_run_id}")
         state_message = driver.state_message(page)
         shot(page, "1-paused")
@@ -121,11 +128,11 @@ class SeenArtifact:
 
 
 def show_artifact(ui_url: str, flow_run_id: str, key: str, *, screenshots: Path = SCREENSHOTS,
-                  name: str = "artifact") -> SeenArtifact:
+                  name: str = "artifact", auth: str | None = None) -> SeenArtifact:
     """Open the run's artifact ``key`` from its Artifacts tab (v1 UI, a run's own address), as a
     reader of the run history does; a screenshot ``<name>.png`` goes to ``screenshots``."""
     screenshots.mkdir(parents=True, exist_ok=True)
-    with browser_page() as page:
+    with browser_page(ui_url, auth) as page:
         page.goto(f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}")
         page.get_by_text("Artifacts", exact=True).click()
         page.locator("a[href*='/artifacts/artifact/']").filter(has=page.get_by_text(key, exact=True)).click()

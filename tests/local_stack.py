@@ -42,6 +42,22 @@ class Stack:
                               database)
 
     @property
+    def client_env(self) -> dict[str, str]:
+        """What a Prefect client of the stack needs (what `eval "$(dbmigrate local env)"` exports)."""
+        return {"PREFECT_API_URL": self.api,
+                "PREFECT_API_AUTH_STRING": (self.home / "prefect-auth").read_text().strip()}
+
+    @contextmanager
+    def talking_to(self) -> Iterator[None]:
+        """This process's Prefect client pointed at the stack."""
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+        env = self.client_env
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"],
+                                         PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}):
+            yield
+
+    @property
     def password(self) -> str:
         return (self.home / "local-password").read_text().strip()
 

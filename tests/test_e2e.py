@@ -41,15 +41,13 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prefect_api(stack):
     """The stack's Prefect API for this process's client."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: stack.api}):
+    with stack.talking_to():
         yield
 
 
 def workflow_job(stack, tmp_path, name: str, **inputs):
     """The migrate job's own steps, as GitHub runs them on a workflow_dispatch with ``inputs``."""
-    context = {**event_context(**inputs), "secrets": {"PREFECT_API_URL": stack.api, "PREFECT_API_KEY": ""}}
+    context = {**event_context(**inputs), "secrets": {**stack.client_env, "PREFECT_API_KEY": ""}}
     job = run_job(WORKFLOW, "migrate", context, workspace(tmp_path / name), tmp_path / name, timeout=300)
     stack.outputs += [job.stdout, job.summary]
     return job
@@ -58,7 +56,7 @@ def workflow_job(stack, tmp_path, name: str, **inputs):
 def test_an_environment_set_up_from_variables(stack, prefect_api):
     """`blocks sync` as GitHub Actions or an operator runs it: the stack's staging block, its TLS mode
     changed, then the same again: only what changed is written."""
-    variables = {"PREFECT_API_URL": stack.api, "DB_HOST": "127.0.0.1", "DB_PORT": str(stack.pg_port),
+    variables = {**stack.client_env, "DB_HOST": "127.0.0.1", "DB_PORT": str(stack.pg_port),
                  "DB_NAME": "staging", "DB_USER": "postgres", "DB_PASSWORD": stack.password,
                  "DB_SSLMODE": "prefer"}
     synced = stack.cli("blocks", "sync", "--env", "staging", "--from-env", env=variables)
@@ -83,9 +81,9 @@ def guide_commands(heading: str) -> list[str]:
 
 
 def run_as_written(stack, command: str) -> subprocess.CompletedProcess:
-    """``command`` in bash from the checkout, as an operator with the stack's PREFECT_API_URL runs it."""
+    """``command`` in bash from the checkout, as an operator runs it after `eval "$(dbmigrate local env)"`."""
     environ = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               "PREFECT_API_URL": stack.api, "DBMIGRATE_HOME": str(stack.home)}
+               **stack.client_env, "DBMIGRATE_HOME": str(stack.home)}
     result = subprocess.run(["bash", "-c", command], cwd=REPO, env=environ, capture_output=True, text=True,
                             timeout=300, check=False)
     stack.outputs.append(result.stdout + result.stderr)
@@ -151,7 +149,9 @@ def test_production_pauses_and_is_approved_in_the_prefect_ui(stack, prefect_api,
     run = wait_until(lambda: paused_run("db-migrate/production"), 180, "the production run to pause for approval")
     assert fingerprint_of(stack.target("production")).revisions == ()
 
-    seen = browser.approve_in_ui(stack.ui, str(run.id), APPROVER, "e2e: reviewed the SQL", name="e2e-approval")
+    auth = stack.client_env["PREFECT_API_AUTH_STRING"]  # typed into the UI's login page
+    seen = browser.approve_in_ui(stack.ui, str(run.id), APPROVER, "e2e: reviewed the SQL", name="e2e-approval",
+                                 auth=auth)
     waiting.join(360)
     [job] = jobs
 
@@ -162,7 +162,8 @@ def test_production_pauses_and_is_approved_in_the_prefect_ui(stack, prefect_api,
     report = json.loads((tmp_path / "production" / "workspace" / job.output("report")).read_text())
     assert report["approval"] == {"approved": True, "approver": APPROVER, "via": "prefect-ui",
                                   "comment": "e2e: reviewed the SQL"}
-    summary = browser.show_artifact(stack.ui, str(run.id), "db-migrate-production", name="e2e-summary")
+    summary = browser.show_artifact(stack.ui, str(run.id), "db-migrate-production", name="e2e-summary",
+                                    auth=auth)
     assert report["backup"]["id"] in summary.text and not summary.clipped
 
 

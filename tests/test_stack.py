@@ -2,6 +2,7 @@
 loopback TCP, a real `prefect server start`, blocks, deployments, a process worker), and the main
 job run the way operators and the GitHub workflow run it: `prefect deployment run --watch`."""
 
+import base64
 import json
 import os
 import socket
@@ -48,7 +49,11 @@ def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(st
     assert f"worker: running, pid {stack.pids()['worker']}, pool dbmigrate" in status.stdout
 
     _blocks_reach_their_databases(stack)
-    assert stack.cli("local", "env").stdout == f"export PREFECT_API_URL={stack.api}\n"
+    auth_file = stack.home / "prefect-auth"
+    assert stack.cli("local", "env").stdout == (f"export PREFECT_API_URL={stack.api}\n"
+                                                f'export PREFECT_API_AUTH_STRING="$(cat {auth_file})"\n')
+    assert stat.S_IMODE(auth_file.stat().st_mode) == 0o600
+    _the_api_refuses_whoever_lacks_the_auth_string(stack)
 
     second = stack.up()
     assert second.returncode == 0, second.stderr
@@ -59,7 +64,7 @@ def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(st
         f"block dbmigrate-database-credentials/{name}: unchanged" for name in ENVIRONMENTS]
 
     run = subprocess.run([PREFECT, "deployment", "run", "db-migrate/development", "--watch"], cwd=REPO,
-                         env={**os.environ, "PREFECT_API_URL": stack.api}, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **stack.client_env}, capture_output=True, text=True, timeout=300,
                          check=False)
     stack.outputs.append(run.stdout + run.stderr)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -98,17 +103,32 @@ def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(st
 
 def _blocks_reach_their_databases(stack: Stack) -> None:
     """load_target works for each environment's block, over TCP with the generated password."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from blocks import load_target
     from dbmigrate import db
 
-    with temporary_settings(updates={PREFECT_API_URL: stack.api}):
+    with stack.talking_to():
         for name in ENVIRONMENTS:
             target = load_target(name)
             assert (target.environment, target.host, target.port) == (name, "127.0.0.1", stack.pg_port)
             with db.connect(target) as conn:
                 assert conn.exec_driver_sql("SELECT current_database()").scalar() == name
+
+
+def _the_api_refuses_whoever_lacks_the_auth_string(stack: Stack) -> None:
+    """Another user of the machine reaches 127.0.0.1: without the auth string the blocks' secrets
+    (the database's password) stay closed; the health check stays open."""
+    import httpx
+
+    filter_secrets = f"{stack.api}/block_documents/filter"
+    anonymous = httpx.post(filter_secrets, json={"include_secrets": True}, timeout=10)
+    assert anonymous.status_code == 401 and stack.password not in anonymous.text
+    wrong = httpx.post(filter_secrets, json={"include_secrets": True}, auth=("wrong", ""), timeout=10)
+    assert wrong.status_code == 401
+    assert httpx.get(f"{stack.api}/health", timeout=10).status_code == 200
+    owner = httpx.post(filter_secrets, json={"include_secrets": True}, timeout=10,
+                       headers={"Authorization": "Basic " + base64.b64encode(
+                           stack.client_env["PREFECT_API_AUTH_STRING"].encode()).decode()})
+    assert owner.status_code == 200 and stack.password in owner.text
 
 
 def _watch_exits(pids: dict[str, int]) -> dict[str, float]:
