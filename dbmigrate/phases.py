@@ -51,10 +51,12 @@ class Plan:
         return revisions.label(self.current)
 
 
-def preflight(target: DatabaseTarget, project: Project, settings: Settings, revision: str) -> list[Check]:
-    """Health checks; raises the refusal of a failed check that has one (ConnectionFailed
-    when the database cannot be reached), else MigrationFailed naming every failed check."""
-    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout, revision)
+def preflight(target: DatabaseTarget, project: Project, settings: Settings, revision: str,
+              upgrade: bool = True) -> list[Check]:
+    """Health checks (for a run to ``revision``, up or down); raises the refusal of a failed check that
+    has one (ConnectionFailed when the database cannot be reached), else MigrationFailed naming every
+    failed check."""
+    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout, revision, upgrade)
     failed = [c for c in checks if c.status == FAIL]
     # Unreachable: the same error (type, so a flow retries it, and exit code) as every other command.
     if refusal := next((c.refusal for c in failed if c.refusal), None):
