@@ -185,17 +185,21 @@ def _attempt(target: DatabaseTarget, project: Project, settings: Settings, plan:
         if on_step:
             on_step(step)
 
+    commits = migrate.Commits()
     try:
         migrate.run(project, plan.target, upgrade=plan.upgrade, limits=limits, on_step=ran_one,
-                    effects=effects, application_name=application_name)
+                    effects=effects, application_name=application_name, commits=commits)
     except Exception as exc:
         line = str(ConnectionLost(target.where)) if getattr(exc, "connection_invalidated", False) else first_line(exc)
         done = before + ran
         try:
             kept = kept_steps(target, settings, done)
-        except DbMigrateError:  # the database cannot be asked: say so, never guess
-            blamed = _what_failed(exc, plan, done, [])
-            raise StepFailed(f"{blamed}: {target.redact(line)}; {KEPT_UNKNOWN}", [], blamed,
+        except DbMigrateError:  # the database cannot be asked: what a returned COMMIT covered, never a guess
+            committed = before + ran[:commits.committed]
+            blamed = _what_failed(exc, plan, done, committed)
+            so_far = (f"revisions committed before: {', '.join(step.revision for step in ran[:commits.committed])}; "
+                      if commits.committed else "")
+            raise StepFailed(f"{blamed}: {target.redact(line)}; {so_far}{KEPT_UNKNOWN}", committed, blamed,
                              kept_unknown=True) from exc
         blamed = _what_failed(exc, plan, done, kept)
         raise StepFailed(f"{blamed}: {target.redact(line)}", kept, blamed) from exc
