@@ -37,6 +37,7 @@ from dbmigrate.errors import ConfigError
 ENVIRONMENTS = ("development", "staging", "production")
 POOL = "dbmigrate"
 PREFECT_PORT = 4200  # Prefect's own default: the address its documentation and habits assume
+PREFECT_PORT_VARIABLE = "DBMIGRATE_PREFECT_PORT"  # what `make demo PREFECT_PORT=...` sets: make passes no option
 # Leases in a file under PREFECT_HOME: a server restart keeps which run holds an environment's slot.
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 START_TIMEOUT_S = 120
@@ -184,10 +185,20 @@ def _prefect_port(home: Path, wanted: int | None) -> int:
             raise ConfigError(f"the local Prefect server already runs on port {record['port']}: "
                               f"stop the stack (dbmigrate local down) to move it to {wanted}")
         return record["port"]
-    port = wanted or PREFECT_PORT
+    port = wanted or _port_variable() or PREFECT_PORT
     if not local.port_is_free(port):
-        raise ConfigError(f"port {port} on {local.HOST} is busy: choose another with --prefect-port")
+        raise ConfigError(f"port {port} on {local.HOST} is busy: choose another with --prefect-port, or "
+                          f"{PREFECT_PORT_VARIABLE}=PORT (make demo PREFECT_PORT=PORT)")
     return port
+
+
+def _port_variable() -> int | None:
+    value = os.environ.get(PREFECT_PORT_VARIABLE, "").strip()
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 65535):
+        raise ConfigError(f"{PREFECT_PORT_VARIABLE} is not a TCP port: {value!r}")
+    return int(value)
 
 
 def _postgres(home: Path, port: int | None, say: Say) -> local.LocalServer:
