@@ -358,7 +358,9 @@ def resolve(url: str | None, env: str | None, home: Path) -> DatabaseTarget:
 
         require_api()
         return load_target(env)
-    return local.target(home)
+    return local.target(home, on_start=lambda server: print(
+        f"dbmigrate: started the embedded PostgreSQL in {server.data_dir} (it was not running; "
+        "dbmigrate local stop stops it)", file=sys.stderr, flush=True))
 
 
 class Database:
@@ -830,7 +832,7 @@ def cmd_local(args, settings: Settings, database: Database) -> int:
 
 
 def _print_local(server: local.LocalServer, home: Path) -> None:
-    print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url()}")
+    print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url(local.default_database(home))}")
     if server.listen:
         print(f"tcp: {server.address}, user {local.USER}, password in {local.password_file(home)}")
 

@@ -35,6 +35,7 @@ from dbmigrate import local
 from dbmigrate.errors import ConfigError
 
 ENVIRONMENTS = ("development", "staging", "production")
+DEMO_ENVIRONMENT = "development"  # the one `make demo` migrates
 POOL = "dbmigrate"
 PREFECT_PORT = 4200  # Prefect's own default: the address its documentation and habits assume
 PREFECT_PORT_VARIABLE = "DBMIGRATE_PREFECT_PORT"  # what `make demo PREFECT_PORT=...` sets: make passes no option
@@ -165,6 +166,7 @@ def up(home: Path, checkout: Path, pg_port: int | None = None, prefect_port: int
     port = _prefect_port(home, prefect_port)  # before anything starts: a busy port changes nothing
     pg = _postgres(home, pg_port, say)
     created = [name for name in ENVIRONMENTS if local.ensure_database(pg, name)]
+    local.record_default_database(home, DEMO_ENVIRONMENT)  # the command line looks where `make demo` migrates
     say(f"databases: {', '.join(ENVIRONMENTS)}" + (f" (created {', '.join(created)})" if created else ""))
     ui = _prefect_server(home, port, say)
     api = f"{ui}/api"

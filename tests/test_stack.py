@@ -70,6 +70,13 @@ def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(st
     with psycopg.connect(host="127.0.0.1", port=stack.pg_port, user="postgres", password=stack.password,
                          dbname="development") as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(SAMPLE_HEAD,)]
+    # the command line, with no --env or URL, looks at the database the demo migrated
+    status = stack.cli("status")
+    assert status.returncode == 0 and status.stderr == "", status.stderr
+    where, *state = status.stdout.splitlines()[:4]
+    assert where.endswith(f":{stack.pg_port}/development (development)"), where
+    assert state == [f"current:  {SAMPLE_HEAD}", f"head:     {SAMPLE_HEAD}", "pending:  0"]
+    assert stack.cli("check").stdout == f"up to date: database at {SAMPLE_HEAD}\n"
 
     pids = stack.pids()
     gone = _watch_exits(pids)
