@@ -195,11 +195,10 @@ def _attempt(target: DatabaseTarget, project: Project, settings: Settings, plan:
         try:
             kept = kept_steps(target, settings, done)
         except DbMigrateError:  # the database cannot be asked: what a returned COMMIT covered, never a guess
-            committed = before + ran[:commits.committed]
-            blamed = _what_failed(exc, plan, done, committed)
-            so_far = (f"revisions committed before: {', '.join(step.revision for step in ran[:commits.committed])}; "
-                      if commits.committed else "")
-            raise StepFailed(f"{blamed}: {target.redact(line)}; {so_far}{KEPT_UNKNOWN}", committed, blamed,
+            committed = ran[:commits.committed]
+            blamed = _what_failed(exc, plan, done, before + committed)
+            so_far = f"revisions committed before: {', '.join(s.revision for s in committed)}; " if committed else ""
+            raise StepFailed(f"{blamed}: {target.redact(line)}; {so_far}{KEPT_UNKNOWN}", before + committed, blamed,
                              kept_unknown=True) from exc
         blamed = _what_failed(exc, plan, done, kept)
         raise StepFailed(f"{blamed}: {target.redact(line)}", kept, blamed) from exc

@@ -4,7 +4,7 @@ and 20), on the command line and in the flows."""
 
 import pytest
 
-from tests.helpers import Untouched, fingerprint_of, last_report, reports_in
+from tests.helpers import Untouched, fingerprint_of, last_report
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,10 @@ def test_a_downgrade_says_what_it_will_revert(cli, url, home):
     assert cli("upgrade", "--yes", env=env).returncode == 0
     assert cli("downgrade", "-r", "0005", "--dry-run", env=env).returncode == 0
     dry_run = _pending_check(home)
-    assert dry_run["detail"] == "1 to revert to 0005: 0006"
-    assert dry_run["data"] == {"target": "0005", "to_revert": [{"revision": "0006", "message": dry_run["data"][
-        "to_revert"][0]["message"]}]}
+    assert (dry_run["status"], dry_run["detail"]) == ("ok", "1 to revert to 0005: 0006")
+    assert [step["revision"] for step in dry_run["data"]["to_revert"]] == ["0006"]
     assert cli("downgrade", "-r", "0005", "--yes", env=env).returncode == 0
     assert _pending_check(home)["detail"] == "1 to revert to 0005: 0006"
-    assert len(reports_in(home)) == 3
 
 
 def test_a_db_rollback_dry_run_says_what_it_will_revert(environment, cli, url, home, target):
