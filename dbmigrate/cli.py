@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import sys
 import threading
@@ -166,6 +167,9 @@ def _common() -> argparse.ArgumentParser:
         "(default: DBMIGRATE_BACKUP_STORAGE or <home>/backups)",
     )
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    common.add_argument("--verbose", "-v", action="store_true",
+                        help="let the project's env.py set up logging as its alembic.ini says (Alembic's INFO "
+                             "lines on stderr: each revision as it runs); without it only warnings are shown")
     return common
 
 
@@ -374,7 +378,9 @@ def resolve(url: str | None, env: str | None, home: Path) -> DatabaseTarget:
 
         require_api()
         return load_target(env)
-    return local.target(home)
+    return local.target(home, on_start=lambda server: print(
+        f"dbmigrate: started the embedded PostgreSQL in {server.data_dir} (it was not running; "
+        "dbmigrate local stop stops it)", file=sys.stderr, flush=True))
 
 
 class Database:
@@ -443,6 +449,8 @@ def _settings(args) -> Settings:
         limits=limits,
         storage_spec=getattr(args, "storage", None),
         dump=dump,
+        # env.py's fileConfig is what prints Alembic's INFO lines; `generate` prints as `alembic revision` does
+        project_logging=getattr(args, "verbose", False) or args.command == "generate",
         lock_retries=LockRetries(getattr(args, "lock_retries", ()), getattr(args, "lock_retry_pause", 1.0),
                                  getattr(args, "lock_retry_total", 60.0)),
     )
@@ -890,7 +898,7 @@ def cmd_local(args, settings: Settings, database: Database) -> int:
 
 
 def _print_local(server: local.LocalServer, home: Path) -> None:
-    print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url()}")
+    print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url(local.default_database(home))}")
     if server.listen:
         print(f"tcp: {server.address}, user {local.USER}, password in {local.password_file(home)}")
 
@@ -976,6 +984,14 @@ def _terminate(signum, frame) -> None:
     raise Terminated("terminated by SIGTERM")
 
 
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`dbmigrate ... | head`): that is the reader's
+    choice, so the command ends quietly, as a Unix tool killed by SIGPIPE does (exit 141)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = None
@@ -983,7 +999,14 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with _json_alone_on_stdout(getattr(args, "json", False)):
-            return run(args)
+            code = run(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
+        return code
+    except BrokenPipeError:
+        if not _reader_gone():  # another pipe (to pg_restore, psql, ...): a failure to show, not to hide
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+        return 128 + signal.SIGPIPE
     except DbMigrateError as exc:
         print(f"dbmigrate: error: {exc}", file=sys.stderr)
         return 2 if args.command == "check" else exc.exit_code

@@ -110,17 +110,19 @@ def _unknown_revision(project: Project, current: tuple[str, ...]) -> UnknownRevi
     return None
 
 
-def check_pending(project: Project, current: tuple[str, ...], target: str) -> Check:
+def check_pending(project: Project, current: tuple[str, ...], target: str, upgrade: bool = True) -> Check:
+    """What a run to ``target`` has to do: the revisions to apply (upgrade) or to revert (downgrade)."""
     check = Check("pending_revisions")
     try:
-        steps = project.plan_upgrade(current, project.resolve(target))
+        resolved = project.resolve(target)
+        steps = project.plan_upgrade(current, resolved) if upgrade else project.plan_downgrade(current, resolved)
     except DbMigrateError as exc:
         check.status, check.detail = WARN, str(exc)
         return check
-    check.data = {"target": target, "pending": [s.as_dict() for s in steps]}
-    check.detail = (
-        f"{len(steps)} pending to {target}: " + ", ".join(s.revision for s in steps) if steps else f"at {target}"
-    )
+    check.data = {"target": target, ("pending" if upgrade else "to_revert"): [s.as_dict() for s in steps]}
+    what = "pending" if upgrade else "to revert"
+    check.detail = (f"{len(steps)} {what} to {target}: " + ", ".join(s.revision for s in steps) if steps
+                    else f"at {target}")
     return check
 
 
@@ -188,6 +190,7 @@ def run(
     backup_dir: Path | None,
     timeout: float,
     target_revision: str = "head",
+    upgrade: bool = True,
     scratch_for: str | None = None,
     scratch_server: DatabaseTarget | None = None,
 ) -> list[Check]:
@@ -225,7 +228,7 @@ def run(
     timed(check_disk, backup_dir, size)
     version_check = timed(check_version_table, project, has_table, current)
     if version_check.status != FAIL:
-        timed(check_pending, project, current, target_revision)
+        timed(check_pending, project, current, target_revision, upgrade)
     timed(check_invalid_indexes, invalid)
     timed(check_abandoned_scratch, abandoned)
     if scratch_for:

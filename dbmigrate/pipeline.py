@@ -267,7 +267,8 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         project = run.project = run.step("load", settings.project, target)
         if not request.skip_health_checks:
             report.health_checks = run.step("health_checks", phases.preflight, target, project, settings,
-                                            request.revision, health.REHEARSAL if request.rehearse else None)
+                                            request.revision, request.upgrade,
+                                            health.REHEARSAL if request.rehearse else None)
         plan = run.step("plan", phases.plan, target, project, settings, request.revision, request.upgrade)
         report.revision_before = report.revision_after = plan.revision_before
         report.migrations_planned = plan.steps
