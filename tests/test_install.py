@@ -141,7 +141,7 @@ def test_production_through_the_applications_dbmigrate_is_linted_approved_in_the
     assert [call.split()[0] for call in argv_log.read_text().splitlines()] == ["upgrade", "lint"]
 
     argv_log.unlink()
-    clean = application_project(tmp_path / "clean", "op.drop_table('t')")
+    clean = application_project(tmp_path / "clean", TABLE.replace("'t'", "'t2'"))
     r2 = tmp_path / "clean" / "migrations" / "versions" / "r2.py"
     later = r2.rename(tmp_path / "r2.py")  # deployed while the approval waits
     seen = {}
