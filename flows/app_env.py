@@ -102,6 +102,9 @@ def _stopped(child: subprocess.Popen) -> str:
     except subprocess.TimeoutExpired:
         child.kill()
         return child.communicate()[1] or ""
+    except BaseException:  # this process is being stopped harder: the child must not outlive it
+        child.kill()
+        raise
 
 
 def migrate(env: Environment, journal: Journal, executable: str, alembic_config: str | None, target_revision: str,
