@@ -279,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrating["upgrade"].add_argument("--rehearse", action="store_true",
                          help="before asking for approval, back up, restore the backup into a scratch database and "
                               "run the revisions there first (implies --backup)")
+    migrating["upgrade"].add_argument("--expect-current", type=_revision, metavar="REV",
+                         help="refuse, changing nothing, unless the database is at REV (base: none) from the plan "
+                              "until the guard is held: the revision a separately approved plan started from")
+    migrating["upgrade"].add_argument("--lint-level", choices=LINT_LEVELS,
+                         help="lint findings at or above LEVEL stop the run before anything changes "
+                              "(default: --env's policy; without --env they only warn)")
     rehearse = add("rehearse", "back up, restore the backup into a scratch database, run the pending revisions there "
                                "and report each one's duration, locks and rewrites; the database is not changed")
     rehearse.add_argument("--revision", "-r", type=_revision, default="head", help="target revision (default: head)")
@@ -648,7 +654,8 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
         skip_health_checks=args.skip_health_checks,
         skip_validation=args.skip_validation,
         json_report=args.json_report,
-        lint_blocking_level=rules.lint_blocking_level if rules else None,  # without --env, findings only warn
+        lint_blocking_level=getattr(args, "lint_level", None) or (rules.lint_blocking_level if rules else None),
+        expect_current=getattr(args, "expect_current", None),
         rehearse=rehearse,
         # db-migrate running this command line as a subprocess (flows/app_env.py) links the report to its run
         run_url=os.environ.get("DBMIGRATE_RUN_URL") or None,

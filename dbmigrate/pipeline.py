@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Self, TypeVar
 
-from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, phases, rehearsal
+from dbmigrate import (__version__, backup, catalogue, db, fingerprint, guard, health, phases, rehearsal,
+                      revisions)
 from dbmigrate import lint as linting
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import (
@@ -55,6 +56,7 @@ class Request:
     lint_blocking_level: str | None = None  # lint findings from this level stop the run (Policy); None: they warn
     rehearse: bool = False  # run the revisions on a copy restored from the run's backup first (implies backup)
     run_url: str | None = None  # the Prefect flow run's page, recorded in the report (history's link)
+    expect_current: str | None = None  # refuse unless the database is at this revision ("base": none) when planned
 
     @property
     def upgrade(self) -> bool:
@@ -271,6 +273,9 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
                                             health.REHEARSAL if request.rehearse else None)
         plan = run.step("plan", phases.plan, target, project, settings, request.revision, request.upgrade)
         report.revision_before = report.revision_after = plan.revision_before
+        if request.expect_current is not None and (plan.revision_before or "base") != request.expect_current:
+            raise MigrationFailed(f"the database is at {revisions.shown(plan.revision_before)}, not at "
+                                  f"{request.expect_current} where the approved plan started: nothing was changed")
         report.migrations_planned = plan.steps
         if not plan.steps:
             report.finish(NOOP)

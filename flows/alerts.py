@@ -37,12 +37,13 @@ def emit(event: str, environment: str, revisions_: str, phase: str, reason: str)
         resource={"prefect.resource.id": resource_id(environment), "prefect.resource.name": environment},
         payload={"environment": environment, "revisions": revisions_, "phase": phase, "reason": reason,
                  "flow": runtime.flow_run.flow_name or "", "flow_run": runtime.flow_run.name or "",
-                 "flow_run_url": _link(run_id)},
+                 "flow_run_url": flow_run_url(run_id)},
     )
 
 
-def _link(run_id: str | None) -> str:
-    """The run's page in the UI (runtime.flow_run.ui_url names a route the UI does not have)."""
+def flow_run_url(run_id: str | None) -> str:
+    """The run's page in the UI, "" without a run (runtime.flow_run.ui_url names a route the UI does
+    not have): the alerts' link, and the report's ``run_url`` (history's link)."""
     return (url_for("flow-run", obj_id=run_id) or "") if run_id else ""
 
 

@@ -60,17 +60,18 @@ def db_migrate(
     env = open_environment(environment, credentials_block, alembic_config, backup_storage)
     if not dry_run:
         env.policy.check(backup)
-    if dbmigrate_executable:
-        with one_run_per_environment(environment, env.policy.guard_wait_s):
-            return app_env.migrate(env, dbmigrate_executable, alembic_config, target_revision, backup, dry_run,
-                                   skip_health_checks, skip_validation, requested_by or getpass.getuser())
+    if dbmigrate_executable:  # no automatic rollback there: the journal has nothing to undo
+        with (one_run_per_environment(environment, env.policy.guard_wait_s),
+              recovery.in_flight(environment, env.target, env.credentials_block) as journal):
+            return app_env.migrate(env, journal, dbmigrate_executable, alembic_config, target_revision, backup,
+                                   dry_run, skip_health_checks, skip_validation, requested_by or getpass.getuser())
     request = pipeline.Request(
         operation="upgrade", revision=target_revision, dry_run=dry_run, backup=backup,
         skip_health_checks=skip_health_checks, skip_validation=skip_validation,
         lint_blocking_level=env.policy.lint_blocking_level,
         rehearse=env.policy.rehearse,
         **({"operator": requested_by} if requested_by else {}),
-        run_url=runtime.flow_run.ui_url,
+        run_url=alerts.flow_run_url(runtime.flow_run.id) or None,
     )
     progress = BackupProgress(environment)
     hooks = pipeline.Hooks(

@@ -57,7 +57,9 @@ LEASE_S = 300  # the lease Prefect's concurrency() takes, and concurrency.one_ru
 
 # The journal's phases, as the messages name them.
 PHASES = {"holding": "the checks before migrating", "planned": "approval, before migrating", "backup": "the backup",
-          "rehearsal": "the rehearsal on a restored copy", "migrate": "the migration", "rollback": "the automatic rollback", "restore": "the restore"}
+          "rehearsal": "the rehearsal on a restored copy", "migrate": "the migration",
+          "application": "the application's dbmigrate (backup, rehearsal, migration)",
+          "rollback": "the automatic rollback", "restore": "the restore"}
 
 
 def journal_name(environment: str) -> str:
