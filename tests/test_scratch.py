@@ -265,3 +265,16 @@ def test_the_production_policy_checks_createdb_before_the_backup_and_rehearses_o
             assert f"{left} on 127.0.0.1:{scratch_cluster.port}" in found["detail"]
     finally:
         scratch_cluster.drop_database(left)
+
+
+def test_on_a_scratch_server_without_the_production_role_a_revision_granting_to_it_fails_the_rehearsal(
+        cli, least_privileged, scratch_cluster, tmp_path):
+    """The limit the README states: the production roles are not on the scratch server."""
+    target, role = least_privileged, least_privileged.url.username
+    ini = at_r1_with_rows(tmp_path, cli, target, f'op.execute("GRANT SELECT ON t TO {role}")')
+    env = {"DATABASE_URL": libpq_url(target), "DBMIGRATE_SCRATCH_URL": libpq_url(scratch_login(scratch_cluster))}
+    rehearsed = cli("rehearse", "--alembic-config", ini, env=env)
+    assert rehearsed.returncode == 1, rehearsed.stderr
+    assert f'role "{role}" does not exist' in rehearsed.stdout + rehearsed.stderr
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
+    assert scratch_databases(scratch_cluster) == []
