@@ -924,11 +924,16 @@ HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "che
             "overview": cmd_overview, "history": cmd_history}
 
 
+# The commands that make scratch databases (upgrade and downgrade: their backup's verify-restore, the
+# rehearsal), or look for abandoned ones (health). The others never load the policy for it: history's
+# --env, for one, is only a name.
+SCRATCH_COMMANDS = frozenset({"health", "drift", "rehearse", "backup", "upgrade", "downgrade"})
+
+
 def _with_scratch_server_of_the_policy(args, settings: Settings, database: Database) -> Settings:
-    """With --env, the policy's scratch_server block is where every command makes (and health looks
-    for) scratch databases; DBMIGRATE_SCRATCH_URL, when set, wins. ``blocks sync --env`` names what it
-    creates, not a database to work on."""
-    if not getattr(args, "env", None) or args.command == "blocks" or settings.scratch_server is not None:
+    """With --env, the policy's scratch_server block is where each of SCRATCH_COMMANDS makes (and
+    health looks for) scratch databases; DBMIGRATE_SCRATCH_URL, when set, wins."""
+    if args.command not in SCRATCH_COMMANDS or not args.env or settings.scratch_server is not None:
         return settings
     rules = _policy(args, database())
     if not rules.scratch_server:
