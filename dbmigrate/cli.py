@@ -465,7 +465,8 @@ def _settings(args) -> Settings:
 def cmd_health(args, settings: Settings, database: Database) -> int:
     target = database()
     project = settings.project(target)
-    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout)
+    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout,
+                        scratch_server=settings.scratch_server)
     overall = "fail" if not health.passed(checks) else ("warn" if any(c.status == "warn" for c in checks) else "ok")
     if args.json:
         _print_json({"status": overall, "environment": target.environment, "database": target.describe(),
@@ -642,10 +643,6 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
         _check_policy(rules, target.environment, args.command, args.backup or rehearse, "add --backup")
     if rules is not None and not args.lock_retries:  # the environment's lock-retry schedule, unless one is given
         settings = dataclasses.replace(settings, lock_retries=rules.lock_retries())
-    if rules is not None and rules.scratch_server and settings.scratch_server is None:  # DBMIGRATE_SCRATCH_URL wins
-        from blocks import load_scratch_server  # imports Prefect: only on the --env path
-
-        settings = dataclasses.replace(settings, scratch_server=load_scratch_server(rules))
     request = pipeline.Request(
         operation=args.command,
         revision=args.revision,
@@ -968,13 +965,32 @@ HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "che
             "blocks": cmd_blocks, "run": cmd_run, "overview": cmd_overview, "history": cmd_history}
 
 
+# The commands that make scratch databases (upgrade and downgrade: their backup's verify-restore, the
+# rehearsal), or look for abandoned ones (health). The others never load the policy for it: history's
+# --env, for one, is only a name.
+SCRATCH_COMMANDS = frozenset({"health", "drift", "rehearse", "backup", "upgrade", "downgrade"})
+
+
+def _with_scratch_server_of_the_policy(args, settings: Settings, database: Database) -> Settings:
+    """With --env, the policy's scratch_server block is where each of SCRATCH_COMMANDS makes (and
+    health looks for) scratch databases; DBMIGRATE_SCRATCH_URL, when set, wins."""
+    if args.command not in SCRATCH_COMMANDS or not args.env or settings.scratch_server is not None:
+        return settings
+    rules = _policy(args, database())
+    if not rules.scratch_server:
+        return settings
+    from blocks import load_scratch_server  # imports Prefect: only on the --env path
+
+    return dataclasses.replace(settings, scratch_server=load_scratch_server(rules))
+
+
 def run(args) -> int:
     settings = _settings(args)
     if getattr(args, "env", None):  # Prefect's event worker says "Still processing items" on stderr at exit
         logging.getLogger("EventsWorker").setLevel(logging.ERROR)
     database = Database(args, settings)
     try:
-        return HANDLERS[args.command](args, settings, database)
+        return HANDLERS[args.command](args, _with_scratch_server_of_the_policy(args, settings, database), database)
     except DbMigrateError as exc:
         exc.message = database.redact(exc.message)
         raise

@@ -139,14 +139,37 @@ def check_invalid_indexes(invalid: list[str]) -> Check:
     return check
 
 
-def check_abandoned_scratch(names: list[str]) -> Check:
-    """dbmigrate's own scratch databases a killed run left on the server: disk the next copy may need.
-    Only those (:func:`db.abandoned_scratch_databases`): a database it did not make is never named."""
-    if not names:
-        return Check("scratch_databases", detail="no abandoned scratch database")
-    return Check("scratch_databases", WARN,
-                 f"{len(names)} scratch database(s) dbmigrate made, left by a run killed outright, unused: "
-                 f"{', '.join(names)}: drop them (DROP DATABASE name)", data={"abandoned": names})
+def check_abandoned_scratch(found: dict[str, list[str]], unread: str | None = None) -> Check:
+    """dbmigrate's own scratch databases a killed run left, per server ("host:port": the database's,
+    and the scratch server's): disk the next copy may need. Only those
+    (:func:`db.abandoned_scratch_databases`): a database it did not make is never named.
+    ``unread``: why the scratch server could not be read."""
+    names = [name for on_server in found.values() for name in on_server]
+    where = "; ".join(f"{', '.join(on_server)} on {server}" for server, on_server in found.items() if on_server)
+    data = {"abandoned": names, "servers": found}
+    if names:
+        check = Check("scratch_databases", WARN, f"{len(names)} scratch database(s) dbmigrate made, left by a run "
+                      f"killed outright, unused: {where}: drop them (DROP DATABASE name)", data=data)
+    else:
+        check = Check("scratch_databases", detail=f"no abandoned scratch database on {', '.join(found)}", data=data)
+    if unread:
+        check.status, check.detail = WARN, f"{check.detail}; {unread}"
+    return check
+
+
+def check_abandoned_scratch_on_both(target: DatabaseTarget, abandoned: list[str],
+                                    scratch_server: DatabaseTarget | None, timeout: float) -> Check:
+    """:func:`check_abandoned_scratch` over ``abandoned`` (beside the database) and what the scratch
+    server holds: a killed run leaves its scratch database where it made it."""
+    found, unread = {f"{target.host}:{target.port}": abandoned}, None
+    if scratch_server is not None and (scratch_server.host, scratch_server.port) != (target.host, target.port):
+        where = f"{scratch_server.host}:{scratch_server.port}"
+        try:
+            with db.connect(scratch_server, timeout) as conn:
+                found[where] = db.abandoned_scratch_databases(conn)
+        except DbMigrateError as exc:
+            unread = f"the scratch server {where} could not be read: {exc}"
+    return check_abandoned_scratch(found, unread)
 
 
 def check_scratch_server(purpose: str, server: DatabaseTarget, database_major: int, timeout: float) -> Check:
@@ -195,7 +218,8 @@ def run(
     scratch_server: DatabaseTarget | None = None,
 ) -> list[Check]:
     """The checks; with ``scratch_for`` (what will make a scratch database: "the rehearsal"), also
-    whether it can, on ``scratch_server`` or else beside the database."""
+    whether it can, on ``scratch_server`` or else beside the database. Abandoned scratch databases
+    are looked for beside the database and on ``scratch_server``."""
     checks: list[Check] = []
 
     def timed(check_fn, *args) -> Check:
@@ -230,7 +254,7 @@ def run(
     if version_check.status != FAIL:
         timed(check_pending, project, current, target_revision, upgrade)
     timed(check_invalid_indexes, invalid)
-    timed(check_abandoned_scratch, abandoned)
+    timed(check_abandoned_scratch_on_both, target, abandoned, scratch_server, timeout)
     if scratch_for:
         timed(check_scratch_server, scratch_for, scratch_server or target, major, timeout)
     return checks
