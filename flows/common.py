@@ -202,10 +202,13 @@ def paused_until_answered(form: type[ApprovalForm], message: str, timeout_s: flo
     """Prefect's ``pause_flow_run(wait_for_input=form)``, but the Paused state carries ``message``:
     Prefect's own leaves it empty, so the run page never said what the run waits for."""
     run_id = UUID(runtime.flow_run.id)
-    paused = Paused(timeout_seconds=int(timeout_s), pause_key="approval", message=message)
-    keyset = keyset_from_paused_state(paused)
-    paused.state_details.run_input_keyset = keyset
     with get_client(sync_client=True) as client:
+        # A key per attempt: a run retried from the UI (its run count up by one) asks again,
+        # and its form does not collide with the answered one of the attempt before.
+        attempt = client.read_flow_run(run_id).run_count
+        paused = Paused(timeout_seconds=int(timeout_s), pause_key=f"approval-{attempt}", message=message)
+        keyset = keyset_from_paused_state(paused)
+        paused.state_details.run_input_keyset = keyset
         result = client.set_flow_run_state(run_id, paused)
         if result.status != SetStateStatus.ACCEPT:
             raise ConfirmationRefused(f"the run could not pause for approval ({result.details.reason}): "

@@ -452,3 +452,43 @@ def test_db_rollback_cancelled_from_the_ui_mid_downgrade(server, worker, blocks,
     assert run.state.is_cancelled(), run.state
     says_in_the_end(run_id, "during the migration: database at r3, its starting revision: nothing was applied")
     next_run_completes(server, environment, ini, url)
+
+
+def retry_from_the_ui(run_id: str) -> None:
+    """What the Prefect UI's Retry button sends (both UIs): the run Scheduled again, forced."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import AwaitingRetry
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, AwaitingRetry(message="Retry from the UI"), force=True)
+
+
+def paused_or_final(run_id: str):
+    state = flow_run(run_id).state
+    return state if state.is_paused() or state.is_final() else None
+
+
+def test_a_rejected_production_run_retried_from_the_ui_asks_again(server, worker, blocks, target, tmp_path, cli,
+                                                                  url):
+    """Item 17: the retried attempt asks for approval again (its own form), then migrates once
+    approved, and the in-flight journal is gone at the end."""
+    from flows import recovery
+    from prefect.flow_runs import resume_flow_run
+
+    environment = blocks("production", approval_poll_s=1)
+    ini = at_r1(tmp_path, cli, url, slow_s=0)
+    run_id = start_run(server, environment, ini)
+    wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")
+    resume_flow_run(run_id, run_input={"decision": "reject", "approver": "Bob"})
+    assert final(run_id).state.is_failed()
+
+    retry_from_the_ui(run_id)
+    asked = wait_for(lambda: paused_or_final(run_id), 120, "the retried run to ask again or end")
+    assert asked.is_paused(), f"{asked.name}: {asked.message}\n{run_log(run_id)}"
+    assert asked.message.startswith("waiting for approval of r1 → r3 in production"), asked.message
+    resume_flow_run(run_id, run_input={"decision": "approve", "approver": "Alice Ops"})
+    run = final(run_id)
+    assert run.state.is_completed(), run_log(run_id)
+    assert fingerprint_of(target).revisions == ("r3",)
+    assert recovery.read(environment) is None, "the in-flight journal was left behind"
+    assert active_slots(environment) == 0
