@@ -87,6 +87,13 @@ class RunPhase(Protocol):
     def __call__(self, name: str, fn: Callable[..., T], /, *args: Any) -> T: ...
 
 
+class Interrupted(Protocol):
+    """The report's words for a run cut short from outside (a signal, Ctrl-C, the Prefect flow
+    cancelled): what stopped it during ``phase`` and where the database is; None: the exception's own."""
+
+    def __call__(self, phase: str, exc: BaseException, /) -> str | None: ...
+
+
 class AutoRollback(Protocol):
     """Put the database back where the run found it (:func:`dbmigrate.auto_rollback.restore_starting_state`):
     ``before`` is its state then, ``backup`` the backup this run took, if any, in ``storage``."""
@@ -112,6 +119,7 @@ class Hooks:
     on_progress: Progress | None = None
     run_phase: RunPhase = _call
     auto_rollback: AutoRollback | None = None  # run_phase runs it as the step "rollback"
+    interrupted: Interrupted | None = None
 
 
 class Run:
@@ -145,6 +153,7 @@ class Run:
         self.storage: Storage | None = None
         self.manifest: Manifest | None = None
         self.before: Fingerprint | None = None  # the state the automatic rollback returns to
+        self.ran: list[migrate.AppliedStep] = []  # the migration's steps as they ran (committed or not)
         self._held = ExitStack()
 
     def step(self, name: str, fn: Callable[..., T], *args: Any) -> T:
@@ -212,7 +221,11 @@ class Run:
     def _end(self, phase: str, exc: BaseException | None) -> None:
         report = self.report
         if exc is not None:
-            report.fail(phase, exc, self.target.redact(str(exc)))
+            message = self.target.redact(str(exc))
+            if not isinstance(exc, Exception):  # cut short from outside: not a failure of the run's own
+                self._record_kept(phase)
+                message = (self.hooks.interrupted and self.hooks.interrupted(phase, exc)) or message
+            report.fail(phase, exc, message)
             if isinstance(exc, DbMigrateError):
                 self.outcome.error = exc
         if self.may_have_changed:
@@ -223,6 +236,15 @@ class Run:
             self.outcome.report_path = report.write(self.settings.reports_dir, self.request.json_report)
         except ReportNotWritten as unwritten:  # the run's own outcome (perhaps a committed migration) still stands
             self.outcome.report_path, self.outcome.report_error = unwritten.written, unwritten
+
+    def _record_kept(self, phase: str) -> None:
+        """A migration cut short may still have committed (all of it, or a revision per transaction):
+        the report lists what the database kept of the steps that ran."""
+        if phase == "migrate" and self.ran:
+            try:
+                self.report.migrations_applied = phases.kept_steps(self.target, self.settings, self.ran)
+            except DbMigrateError:  # revision_after then says the database could not be read
+                pass
 
     def _revision_after(self) -> str | None:
         """The revision the run left; None, and the report says why, when the database cannot say."""
@@ -278,7 +300,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             report.backup = BackupSummary.of(run.step("backup", run.back_up))
         if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
             run.before = _fingerprint(target, settings)
-        applied = run.step("migrate", phases.apply, target, project, settings, plan)
+        applied = run.step("migrate", phases.apply, target, project, settings, plan, run.ran.append)
         report.migrations_applied, report.lock_attempts = applied.steps, applied.attempts
         if not request.skip_validation:
             expected = phases.expected_revisions(project, plan)

@@ -64,7 +64,7 @@ def _downgrade(env: Environment, revision: str, dry_run: bool, requested_by: str
     request = pipeline.Request("downgrade", revision, dry_run=dry_run, backup=True,
                                **({"operator": requested_by} if requested_by else {}))
     hooks = pipeline.Hooks(confirm=approval_in_ui(env, request.operator),
-                           run_phase=journal.tracking(phase_runner(env.policy)))
+                           run_phase=journal.tracking(phase_runner(env.policy)), interrupted=journal.interrupted)
     outcome = pipeline.execute(env.target, env.settings, request, hooks)
     publish(outcome, env.name, flow=FLOW)
     if outcome.error is not None:

@@ -74,7 +74,7 @@ def db_migrate(
     with (one_run_per_environment(environment, env.policy.guard_wait_s),
           recovery.in_flight(environment, env.target, env.credentials_block,
                              env.settings if env.policy.auto_rollback else None) as journal):
-        hooks.run_phase = journal.tracking(hooks.run_phase)
+        hooks.run_phase, hooks.interrupted = journal.tracking(hooks.run_phase), journal.interrupted
         outcome = pipeline.execute(env.target, env.settings, request, hooks)
         # Still in flight: a run cut short while publishing says in its final state where the database is.
         publish(outcome, environment, progress)

@@ -132,6 +132,18 @@ class Journal:
         self.entry.update(phase=name, **fields)
         self._save()
 
+    def interrupted(self, phase: str, exc: BaseException) -> str | None:
+        """The pipeline's ``interrupted`` hook: the report of a run cut short (cancelled from the
+        UI, its worker gone) says so in the words its final state will have."""
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(UUID(self.entry["flow_run"])).state
+            cancelled = state is not None and (state.is_cancelling() or state.is_cancelled())
+            return interruption(self.entry, "cancelled" if cancelled else f"interrupted ({type(exc).__name__})")
+        except Exception as error:  # the report is still written, with the exception's own words
+            get_run_logger().warning("could not tell where the interrupted run left the database: %s", error)
+            return None
+
     def close(self) -> None:
         """The run ended on its own: nothing for anyone to recover."""
         if free_if_forgotten(self.entry):
@@ -217,6 +229,12 @@ def free_if_forgotten(entry: dict) -> bool:
                 raise
         client.release_concurrency_slots([artifact_key(entry["environment"])], 1, held_s)
     return True
+
+
+def interruption(entry: dict, how: str) -> str:
+    """``Run cancelled during the migration: database at r1, ...``: the final state's message
+    and the report's error of a run cut short."""
+    return f"Run {how} during {_phase(entry)}: {database_state(entry)}"
 
 
 def database_state(entry: dict) -> str:
@@ -306,11 +324,10 @@ def on_interrupted(flow, flow_run, state) -> None:
     entry = read(environment)
     if not entry or entry.get("flow_run") != str(flow_run.id):
         return  # the run never held the slot, or released it itself
-    where = database_state(entry)
     cancelled = state.is_cancelling() or state.is_cancelled()
     # Prefect's own crash message, first sentence: "Process exited with status code: -9".
     how = "cancelled" if cancelled else f"crashed ({(state.message or 'process died').split('. ')[0]})"
-    final = (Cancelled if cancelled else Crashed)(message=f"Run {how} during {_phase(entry)}: {where}.")
+    final = (Cancelled if cancelled else Crashed)(message=f"{interruption(entry, how)}.")
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(flow_run.id, final, force=True)
     release(entry)

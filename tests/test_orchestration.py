@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, fill, fingerprint_of, save_environment, sql
+from tests.helpers import REPO, fill, fingerprint_of, last_report, save_environment, sql
 from tests.prefect_server import (
     MEMORY_LEASES,
     PrefectServer,
@@ -267,6 +267,11 @@ def test_worker_alone_sigkilled_mid_revision(server, worker, blocks, pg_cluster,
     run = ended(run_id, time.monotonic(), "SIGKILL of the worker alone")
     assert fingerprint_of(target).revisions == ("r3",)
     assert run.state.is_completed() or "database at r3, the target revision" in run.state.message, run.state
+    report = last_report(tmp_path / "worker-home")  # item 30 (c): it agrees with the database
+    assert [step["revision"] for step in report["migrations_applied"]] == ["r2", "r3"], report
+    assert report["revision_after"] == "r3"
+    assert report["status"] == "succeeded" or "database at r3, the target revision" in report["error"]["message"], \
+        report["error"]
     worker.start()
     next_run_completes(server, environment, ini, url)
 
@@ -284,6 +289,10 @@ def test_cancelled_from_the_ui_mid_migration(server, worker, blocks, pg_cluster,
     assert fingerprint_of(target) == before
     assert run.state.is_cancelled(), run.state
     says_in_the_end(run_id, "database at r1, its starting revision: nothing was applied")
+    report = last_report(tmp_path / "worker-home")  # item 27: the report says what the state says
+    assert report["error"] == {"type": "TerminationSignal", "phase": "migrate", "message": (
+        "Run cancelled during the migration: database at r1, its starting revision: nothing was applied")}
+    assert report["migrations_applied"] == [] and report["revision_after"] == "r1"
     next_run_completes(server, environment, ini, url)
 
 
