@@ -69,6 +69,11 @@ class Outcome:
     report_error: ReportNotWritten | None = None
 
 
+class Suspended(BaseException):
+    """Raised by a hook to stop the run here, to be started again from the beginning later (the
+    Prefect flow waiting for approval with no process of its own): not an end, so no report."""
+
+
 class Confirm(Protocol):
     """Ask whoever approves the change; an Approval that says no stops the run, nothing changed."""
 
@@ -187,14 +192,17 @@ class Run:
     def back_up(self) -> Manifest:
         """Step "backup". The report is copied beside the backups (S3) however the run ends."""
         self.storage = self.settings.storage()
-        self.manifest = backup.take(self.target, self.storage, self.settings.dump,
-                                    self.hooks.on_progress, self.settings.connect_timeout)
+        self.manifest = self.step("backup", backup.take, self.target, self.storage, self.settings.dump,
+                                  self.hooks.on_progress, self.settings.connect_timeout)
         return self.manifest
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind, exc: BaseException | None, traceback) -> bool:
+        if isinstance(exc, Suspended):
+            self._held.close()
+            return False
         failed_in = self.phase  # the step that failed, not the automatic rollback after it
         if isinstance(exc, StepFailed):
             self.report.migrations_applied, self.report.lock_attempts = exc.applied, exc.attempts
@@ -289,7 +297,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         if plan.upgrade:
             plan = run.step("lint", run.lint, plan)
         if request.rehearse:  # before the approval, so that whoever approves sees how it went
-            report.backup = BackupSummary.of(run.step("backup", run.back_up))
+            report.backup = BackupSummary.of(run.back_up())
             report.rehearsal = run.step("rehearsal", rehearsal.rehearse, target, settings, plan, run.storage,
                                         run.manifest)
             report.rehearsal.require()
@@ -297,7 +305,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         run.step("approval", run.approve, plan)
         run.step("guard", run.hold_guard, plan)
         if request.backup and not request.rehearse:
-            report.backup = BackupSummary.of(run.step("backup", run.back_up))
+            report.backup = BackupSummary.of(run.back_up())
         if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
             run.before = _fingerprint(target, settings)
         applied = run.step("migrate", phases.apply, target, project, settings, plan, run.ran.append)

@@ -85,7 +85,7 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str,
     target, settings, environment = env.target, env.settings, env.name
     report = Report(operation="restore", environment=target.environment, database=target.describe(),
                     target_revision=backup_id, operator=requested_by, tool_version=__version__)
-    phase = "load"
+    phase, suspended = "load", False
     try:
         storage = settings.storage()
         manifest = catalogue.find(storage, target, backup_id)
@@ -122,12 +122,16 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str,
             lines += ["", f"Restored. Safety backup of the previous state: `{restored.safety_backup.id}`."]
             alerts.rolled_back(environment, report, f"restore of backup {manifest.id}")
         create_markdown_artifact("\n".join(lines), key=f"{artifact_key(environment, FLOW)}-restore")
+    except pipeline.Suspended:  # waiting for approval: the run is not over, and starts again once answered
+        suspended = True
+        raise
     except DbMigrateError as exc:
         report.fail(phase, exc)
         alerts.run_failed(environment, report, f"{phase} failed: {exc}")
         raise
     finally:
-        publish(_written(report, settings), environment, flow=FLOW)
+        if not suspended:
+            publish(_written(report, settings), environment, flow=FLOW)
     data = report.as_dict()
     return {**data["restore"], "dry_run": dry_run, "approval": data["approval"], "report": data}
 

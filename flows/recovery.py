@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from uuid import UUID
 
@@ -46,7 +47,7 @@ from sqlalchemy import text
 from blocks import load_target
 from dbmigrate import db, fingerprint, guard, migrate, phases, revisions
 from dbmigrate.catalogue import Manifest
-from dbmigrate.errors import ConnectionFailed, DbMigrateError, first_line
+from dbmigrate.errors import ConnectionFailed, DbMigrateError, MigrationFailed, first_line
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.pipeline import RunPhase
 from dbmigrate.settings import Settings
@@ -79,6 +80,9 @@ def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
     rolls back automatically, so a run killed between revisions is downgraded to its start."""
     left = read(environment)
     if left and left.get("flow_run") != runtime.flow_run.id:
+        if _waits_for_approval(left):
+            raise MigrationFailed(f"concurrency failed: another run for {environment} waits for approval: "
+                                  f"'{left.get('name')}' (Suspended); approve, reject or cancel it first")
         get_run_logger().warning("run '%s' was interrupted during %s: %s.", left.get("name"), _phase(left),
                                  database_state(left))
     with _presence(target) as present:
@@ -89,6 +93,17 @@ def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
             journal.close()
             raise
         journal.close()
+
+
+def _waits_for_approval(entry: dict) -> bool:
+    """The journal's run is suspended for approval (it holds no slot and no process while it
+    waits, see flows.common.ask_in_ui) and may still be answered: the environment is its."""
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(entry["flow_run"])).state
+    if state is None or not state.is_paused():
+        return False
+    expires = state.state_details.pause_timeout
+    return expires is None or expires > datetime.now(timezone.utc)
 
 
 def presence_name(flow_run_id: str) -> str:
