@@ -124,6 +124,10 @@ class EnvironmentPolicy(Block):
         description="Before approval, restore the run's backup into a scratch database and run the revisions "
                     "there first: a failure there stops the run with the database untouched; the approval page "
                     "shows each revision's duration and locks.")
+    approver_must_differ: bool | None = Field(
+        default=None, title="Approver must differ from the requester",
+        description="Refuse an approval given by whoever asked for the run (its requested_by, the GitHub actor, "
+                    "or the run's creator in Prefect); a run that does not say who asked is refused.")
 
 
 def require_api() -> str:

@@ -548,7 +548,7 @@ def _approve(args, rules: Policy | None, environment: str, operation: str, plan_
     otherwise the operator on the terminal, by name where the policy requires an approval."""
     by_name = rules is not None and rules.approval_required
     if args.approver:
-        return Approval(True, args.approver, "--approver")
+        return _not_the_requester(rules, Approval(True, args.approver, "--approver"))
     if args.yes and not by_name:
         return Approval(True, getpass.getuser(), "--yes")
     if not sys.stdin.isatty():
@@ -564,7 +564,14 @@ def _approve(args, rules: Policy | None, environment: str, operation: str, plan_
     name = input("approver's name: ").strip()
     if not name:
         raise ConfirmationRefused(f"the policy of {environment} requires the approver's name: nothing was changed")
-    return Approval(True, name, "terminal")
+    return _not_the_requester(rules, Approval(True, name, "terminal"))
+
+
+def _not_the_requester(rules: Policy | None, approval: Approval) -> Approval:
+    """On the command line the requester is the user running it (the report's operator)."""
+    if rules is not None and (why := rules.refuses_approver(getpass.getuser(), approval.approver)):
+        raise ConfirmationRefused(f"{why}: nothing was changed")
+    return approval
 
 
 def cmd_migrate(args, settings: Settings, database: Database) -> int:

@@ -52,6 +52,7 @@ class Request:
     skip_validation: bool = False
     json_report: Path | None = None
     operator: str = field(default_factory=getpass.getuser)
+    requested_by: str | None = None  # who asked, where not the operator (the flows: see flows.common.who_asked)
     lint_blocking_level: str | None = None  # lint findings from this level stop the run (Policy); None: they warn
     rehearse: bool = False  # run the revisions on a copy restored from the run's backup first (implies backup)
 
@@ -149,6 +150,7 @@ class Run:
             database=target.describe(),
             target_revision=request.revision,
             operator=request.operator,
+            requested_by=request.requested_by or request.operator,
             tool_version=__version__,
         )
         self.outcome = Outcome(self.report, None)

@@ -102,6 +102,22 @@ def tag_run(environment: str) -> None:
         client.update_flow_run(run.id, tags=sorted({*run.tags, environment}))
 
 
+def who_asked(requested_by: str) -> str | None:
+    """Who asked for this run: the ``requested_by`` parameter (the GitHub workflow passes its actor),
+    else the creator Prefect recorded for the run (an automation; a user, on Prefect Cloud), else
+    the deployment's schedule. None: nobody said (a run started with ``prefect deployment run``
+    and no ``requested_by``); the report then says ``unknown``, not the worker's user."""
+    if requested_by.strip():
+        return requested_by.strip()
+    if not runtime.flow_run.id:
+        return None
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(runtime.flow_run.id))
+    if run.created_by and run.created_by.display_value:
+        return f"{run.created_by.display_value} ({(run.created_by.type or 'prefect').lower()})"
+    return "the deployment's schedule" if run.auto_scheduled else None
+
+
 def _settings_for(rules: Policy, alembic_config: str | None, backup_storage: str | None) -> Settings:
     return Settings.from_env(
         alembic_config=alembic_config,
@@ -201,7 +217,7 @@ class SuspendedForApproval(Pause, pipeline.Suspended):
     the process, and the pipeline writes no report (the run is not over)."""
 
 
-def ask_in_ui(rules: Policy, requested_by: str, describe) -> Approval:
+def ask_in_ui(rules: Policy, requested_by: str | None, describe) -> Approval:
     """Where the policy asks for it, stop the run until someone approves or rejects in the
     Prefect UI. ``describe()`` (called only then) gives what changes (``0004 → 0006 in
     production``: the paused state's message and the log say it waits for its approval) and the
@@ -209,9 +225,10 @@ def ask_in_ui(rules: Policy, requested_by: str, describe) -> Approval:
 
     A deployment's run is suspended (:func:`suspended_until_answered`): it waits holding no
     process, so a worker restarted or lost meanwhile loses nothing, and once answered it starts
-    again on any worker; a run without a deployment (a flow called in-process) pauses in place."""
+    again on any worker; a run without a deployment (a flow called in-process) pauses in place.
+    Where the policy wants the approver to differ from ``requested_by``, their approval is refused."""
     if not rules.approval_required:
-        return Approval(True, requested_by, "policy")
+        return Approval(True, requested_by or "unknown", "policy")
     change, text = describe()
     form = ApprovalForm.with_initial_data(description=text)
     waiting = (f"waiting for approval of {change}: click Resume on this run in the Prefect UI, "
@@ -234,6 +251,8 @@ def ask_in_ui(rules: Policy, requested_by: str, describe) -> Approval:
         raise ConfirmationRefused(f"nobody approved within {rules.approval_timeout_s:g}s: nothing was changed") from None
     logger.info("%s by %s%s", "approved" if answer.approved else "rejected", answer.approver,
                 f": {answer.comment}" if answer.comment else "")
+    if answer.approved and (why := rules.refuses_approver(requested_by, answer.approver)):
+        raise ConfirmationRefused(f"{why}: nothing was changed")
     return answer
 
 
@@ -287,7 +306,7 @@ def paused_until_answered(form: type[ApprovalForm], message: str, timeout_s: flo
     raise FlowPauseTimeout("the run was paused and never resumed")
 
 
-def approval_in_ui(env: Environment, requested_by: str) -> pipeline.Confirm:
+def approval_in_ui(env: Environment, requested_by: str | None) -> pipeline.Confirm:
     """The pipeline's confirm hook: the approver sees the revisions the run goes through, the
     one it reaches, and their SQL."""
 

@@ -16,7 +16,7 @@ from dbmigrate import auto_rollback, pipeline, revisions
 from dbmigrate.errors import MigrationFailed
 from flows import alerts, recovery
 from flows.artifacts import BackupProgress, publish
-from flows.common import approval_in_ui, ends_failed_on_error, open_environment, phase_runner
+from flows.common import approval_in_ui, ends_failed_on_error, open_environment, phase_runner, who_asked
 from flows.concurrency import one_run_per_environment
 
 
@@ -49,22 +49,24 @@ def db_migrate(
         credentials_block: Name of the DatabaseCredentials block; default the environment name. Never the password.
         backup_storage: Where backups go: s3-bucket/BLOCK or a directory; default DBMIGRATE_BACKUP_STORAGE.
         alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
-        requested_by: Who asked for this run (recorded in the report); default the worker's user.
+        requested_by: Who asked for this run (the report's requested_by); default the run's creator in Prefect.
     """
     logger = get_run_logger()
     env = open_environment(environment, credentials_block, alembic_config, backup_storage)
+    requester = who_asked(requested_by)
     if not dry_run:
         env.policy.check(backup)
+        env.policy.check_requester(requester)
     request = pipeline.Request(
         operation="upgrade", revision=target_revision, dry_run=dry_run, backup=backup,
         skip_health_checks=skip_health_checks, skip_validation=skip_validation,
         lint_blocking_level=env.policy.lint_blocking_level,
         rehearse=env.policy.rehearse,
-        **({"operator": requested_by} if requested_by else {}),
+        requested_by=requester or "unknown",
     )
     progress = BackupProgress(environment)
     hooks = pipeline.Hooks(
-        confirm=approval_in_ui(env, request.operator),
+        confirm=approval_in_ui(env, requester),
         on_progress=progress,
         run_phase=phase_runner(env.policy),
         # the automatic rollback, run as the task "rollback"
