@@ -11,6 +11,7 @@ environment's concurrency slot free again within seconds, and a next run that wo
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, fill, fingerprint_of, last_report, save_environment, sql
+from tests.helpers import REPO, assert_no_canary, fill, fingerprint_of, last_report, save_environment, sql
 from tests.prefect_server import (
     MEMORY_LEASES,
     PrefectServer,
@@ -293,6 +294,7 @@ def test_cancelled_from_the_ui_mid_migration(server, worker, blocks, pg_cluster,
     assert report["error"] == {"type": "TerminationSignal", "phase": "migrate", "message": (
         "Run cancelled during the migration: database at r1, its starting revision: nothing was applied")}
     assert report["migrations_applied"] == [] and report["revision_after"] == "r1"
+    assert report["requested_by"] == "unknown", "not the worker's user: nobody said who asked"
     next_run_completes(server, environment, ini, url)
 
 
@@ -385,6 +387,29 @@ def test_a_production_run_waiting_for_approval_survives_its_worker(server, worke
     assert len(backups) == 1 and report["rehearsal"]["backup_id"] == report["backup"]["id"], \
         f"one backup, rehearsed before the approval: {backups}"
     assert active_slots(environment) == 0
+    for kept in (server.home / "storage").iterdir():  # the backup's and rehearsal's results Prefect kept
+        assert_no_canary(base64.b64decode(json.loads(kept.read_text())["result"]).decode("latin-1"), kept.name)
+
+
+def test_a_run_an_automation_created_records_it_as_who_asked(server, worker, blocks, tmp_path, cli, url):
+    """Item 19: the creator Prefect records for a run (here an automation's, as its run-deployment
+    action sends it) is the report's requested_by."""
+    import uuid
+
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url, slow_s=0)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"db-migrate/{environment}")
+    created = httpx.post(f"{server.api_url}/deployments/{deployment.id}/create_flow_run",
+                         json={"parameters": {"environment": environment, "alembic_config": ini}},
+                         headers={"Prefect-Automation-ID": str(uuid.uuid4()),
+                                  "Prefect-Automation-Name": base64.b64encode(b"nightly upgrade").decode()})
+    run = final(created.json()["id"], 120)
+    assert run.state.is_completed(), run_log(str(run.id))
+    assert last_report(tmp_path / "worker-home")["requested_by"] == "nightly upgrade (automation)"
 
 
 @pytest.mark.parametrize("auto_rollback", [True, False], ids=["rolls-back", "says-between"])
