@@ -49,7 +49,7 @@ from dbmigrate import db, fingerprint, guard, migrate, phases, revisions
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import ConnectionFailed, DbMigrateError, MigrationFailed, first_line
 from dbmigrate.migrate import SessionLimits
-from dbmigrate.pipeline import RunPhase
+from dbmigrate.pipeline import RunPhase, Suspended
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 from flows.artifacts import artifact_key  # the concurrency limit's name
@@ -91,6 +91,9 @@ def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
             yield journal
         except DbMigrateError:
             journal.close()
+            raise
+        except Suspended:  # waits for approval with neither the slot nor a process: nothing to free, nobody to find
+            journal.phase("planned", lease=None, present=False)
             raise
         journal.close()
 
