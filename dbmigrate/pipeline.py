@@ -193,6 +193,7 @@ class Run:
 
     def back_up(self) -> Manifest:
         """Step "backup". The report is copied beside the backups (S3) however the run ends."""
+        self.phase = "backup"  # opening the storage is part of it (a step a resumed flow reuses does not)
         self.storage = self.settings.storage()
         self.manifest = self.step("backup", backup.take, self.target, self.storage, self.settings.dump,
                                   self.hooks.on_progress, self.settings.connect_timeout)
