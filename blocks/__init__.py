@@ -130,6 +130,10 @@ class EnvironmentPolicy(Block):
                     "the rehearsal, drift's replay and verify-restore make their scratch databases (its role needs "
                     "CREATEDB), so "
                     "that the database's own role needs no CREATEDB. Empty: beside the database.")
+    approver_must_differ: bool | None = Field(
+        default=None, title="Approver must differ from the requester",
+        description="Refuse an approval given by whoever asked for the run (its requested_by, the GitHub actor, "
+                    "or the run's creator in Prefect); a run that does not say who asked is refused.")
 
 
 def require_api() -> str:

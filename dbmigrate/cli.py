@@ -609,7 +609,7 @@ def _approve(args, rules: Policy | None, environment: str, operation: str, plan_
     otherwise the operator on the terminal, by name where the policy requires an approval."""
     by_name = rules is not None and rules.approval_required
     if args.approver:
-        return Approval(True, args.approver, "--approver")
+        return _not_the_requester(rules, Approval(True, args.approver, "--approver"))
     if args.yes and not by_name:
         return Approval(True, getpass.getuser(), "--yes")
     _require_approver(args, rules, environment, operation)
@@ -621,7 +621,14 @@ def _approve(args, rules: Policy | None, environment: str, operation: str, plan_
     name = input("approver's name: ").strip()
     if not name:
         raise ConfirmationRefused(f"the policy of {environment} requires the approver's name: nothing was changed")
-    return Approval(True, name, "terminal")
+    return _not_the_requester(rules, Approval(True, name, "terminal"))
+
+
+def _not_the_requester(rules: Policy | None, approval: Approval) -> Approval:
+    """On the command line the requester is the user running it (the report's operator)."""
+    if rules is not None and (why := rules.refuses_approver(getpass.getuser(), approval.approver)):
+        raise ConfirmationRefused(f"{why}: nothing was changed")
+    return approval
 
 
 def _require_approver(args, rules: Policy | None, environment: str, operation: str) -> None:

@@ -76,7 +76,7 @@ def failed_without_report(reason: str) -> None:
 def rolled_back(environment: str, report: Report, how: str) -> None:
     """db-rollback changed the database back (a downgrade or a restore), as an operator asked."""
     emit(ROLLED_BACK, environment, _revisions(report), report.operation,
-         f"{how} by {report.operator or 'unknown'}: done")
+         f"{how} by {report.requested_by or report.operator or 'unknown'}: done")
 
 
 def approval_waiting(change: str, waiting: str) -> None:
