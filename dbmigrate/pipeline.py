@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Self, TypeVar
 
-from dbmigrate import (__version__, backup, catalogue, db, fingerprint, guard, health, phases, rehearsal,
+from dbmigrate import (__version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases, rehearsal,
                       revisions)
 from dbmigrate import lint as linting
 from dbmigrate.catalogue import Manifest
