@@ -1,8 +1,9 @@
 # Two commands for a new machine (Python 3.11 and pip are all it needs):
-#   make demo   - install; the local stack (`dbmigrate local up`: PostgreSQL, a Prefect server, blocks,
-#                 deployments and a worker, all on 127.0.0.1); then the main job the way operators and the
-#                 GitHub workflow run it, `prefect deployment run db-migrate/development --watch`: its outcome,
-#                 its report, and the UI address where the run history and artifacts are
+#   make demo   - install; the local stack (`dbmigrate local up`: PostgreSQL, a Prefect server on port 4200,
+#                 or PREFECT_PORT=... where that is taken, blocks, deployments and a worker, all on 127.0.0.1);
+#                 then the main job the way operators and the GitHub workflow run it, `prefect deployment run
+#                 db-migrate/development --watch`: its outcome, its report, and the UI address where the run
+#                 history and artifacts are
 #   make test   - install with the dev extras and run the whole test suite against real servers
 # make e2e runs only the end-to-end test (tests/test_e2e.py: the local stack, the GitHub workflow's step,
 # an approval in the Prefect UI in headless Chromium, a scheduled run); its screenshots go to screenshots/.
@@ -12,6 +13,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE := $(or $(DBMIGRATE_HOME),.dbmigrate)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# make demo PREFECT_PORT=4300: the local Prefect server's port, where 4200 is taken
+ifdef PREFECT_PORT
+export DBMIGRATE_PREFECT_PORT := $(PREFECT_PORT)
+endif
 
 .PHONY: demo down test e2e browser jq install install-dev bench clean
 

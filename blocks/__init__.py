@@ -130,6 +130,10 @@ class EnvironmentPolicy(Block):
                     "the rehearsal, drift's replay and verify-restore make their scratch databases (its role needs "
                     "CREATEDB), so "
                     "that the database's own role needs no CREATEDB. Empty: beside the database.")
+    approver_must_differ: bool | None = Field(
+        default=None, title="Approver must differ from the requester",
+        description="Refuse an approval given by whoever asked for the run (its requested_by, the GitHub actor, "
+                    "or the run's creator in Prefect); a run that does not say who asked is refused.")
 
 
 def require_api() -> str:
@@ -174,13 +178,23 @@ def load_scratch_server(rules: Policy) -> DatabaseTarget | None:
 
 
 def environments() -> list[str]:
-    """The names of the DatabaseCredentials blocks: every environment, for `dbmigrate overview`."""
+    """The names of the DatabaseCredentials blocks: every environment, for `dbmigrate overview`; but
+    a block an EnvironmentPolicy names as its ``scratch_server``, which holds no migrated database."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
 
     with get_client(sync_client=True) as client:
         documents = client.read_block_documents_by_type(DatabaseCredentials.get_block_type_slug(),
                                                         include_secrets=False)
-    return sorted(d.name for d in documents if d.name and not d.is_anonymous)
+        try:
+            policies = client.read_block_documents_by_type(EnvironmentPolicy.get_block_type_slug(),
+                                                           include_secrets=False)
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code != 404:  # 404: the type is not registered, so no policy names one
+                raise
+            policies = []
+    scratch_servers = {p.data.get("scratch_server") for p in policies}
+    return sorted(d.name for d in documents if d.name and not d.is_anonymous and d.name not in scratch_servers)
 
 
 def load_policy(environment: str) -> Policy:

@@ -1,7 +1,8 @@
 """An environment's blocks from variables: what ``dbmigrate blocks sync --env NAME --from-env``
 runs (GitHub Actions and operators), and ``dbmigrate local up`` for the local stack's three.
 
-The variables (all checked before anything is written; a missing one names itself):
+The variables (all checked before anything is written; a missing or unusable one names itself:
+a host or name with a control character, a quote or an outer space, a name over PostgreSQL's 63 bytes):
 
 - ``DB_HOST``, ``DB_NAME``, ``DB_USER``, ``DB_PASSWORD`` (required), ``DB_PORT``, ``DB_SSLMODE``:
   the ``DatabaseCredentials`` block named after the environment;
@@ -42,6 +43,11 @@ AWS = {"AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_s
        "AWS_SESSION_TOKEN": "aws_session_token", "AWS_REGION": "region_name",
        "AWS_ENDPOINT_URL": "aws_client_parameters.endpoint_url"}
 KEY_PAIR = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# The environment names the blocks: Prefect's block names allow lowercase letters, digits and dashes.
+BLOCK_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# A host name, an IPv4 or IPv6 address, or a socket directory (libpq's host=/path).
+HOST = re.compile(r"[A-Za-z0-9._:-]{1,253}|/.*")
+IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: a database or role name is never longer
 
 
 @dataclass(frozen=True)
@@ -107,11 +113,15 @@ def register_types(s3: bool = False) -> None:
 def _wanted(environment: str, given: dict[str, str]) -> list[_Wanted]:
     """The blocks the variables describe, each validated: a bad or missing variable is refused
     (by name, never by value) before anything is written."""
-    if not re.fullmatch(ENVIRONMENT_NAME, environment):
-        raise ConfigError(f"not an environment name: {environment!r} (lowercase letters, digits, - and _)")
+    if not (re.fullmatch(ENVIRONMENT_NAME, environment) and BLOCK_NAME.fullmatch(environment)):
+        raise ConfigError(f"not an environment name: {environment!r} (it names Prefect blocks: up to 63 lowercase "
+                          "letters, digits and -)")
     missing = [name for name in REQUIRED if name not in given]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)}: set them to sync the blocks of {environment}")
+    for name in ("DB_HOST", "DB_NAME", "DB_USER"):
+        if problem := _unusable(name, given[name]):
+            raise ConfigError(f"{name} {problem}: nothing was written")
     wanted = [_Wanted(DatabaseCredentials, environment, _fields(DATABASE, given))]
     if "BACKUP_BUCKET" in given:
         from prefect_aws import AwsCredentials, S3Bucket
@@ -124,6 +134,21 @@ def _wanted(environment: str, given: dict[str, str]) -> list[_Wanted]:
     for block in wanted:
         _validated(block.cls, block.fields)
     return wanted
+
+
+def _unusable(name: str, value: str) -> str | None:
+    """Why a connection could never use ``value`` (never the value itself), or None: what the block
+    would otherwise save and only the first run would find out."""
+    if not value.isprintable():
+        return "holds a control character (a newline?)"
+    if value != value.strip():
+        return "begins or ends with a space"
+    if "'" in value or '"' in value:
+        return "holds a quote"
+    if name == "DB_HOST":
+        return None if HOST.fullmatch(value) else "is not a host name, an IP address or a socket directory"
+    size = len(value.encode())
+    return f"is {size} bytes long: PostgreSQL names are at most {IDENTIFIER_BYTES}" if size > IDENTIFIER_BYTES else None
 
 
 def _fields(variables: dict[str, str], given: dict[str, str]) -> dict:

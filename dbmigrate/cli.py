@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import sys
 import threading
@@ -166,6 +167,9 @@ def _common() -> argparse.ArgumentParser:
         "(default: DBMIGRATE_BACKUP_STORAGE or <home>/backups)",
     )
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    common.add_argument("--verbose", "-v", action="store_true",
+                        help="let the project's env.py set up logging as its alembic.ini says (Alembic's INFO "
+                             "lines on stderr: each revision as it runs); without it only warnings are shown")
     return common
 
 
@@ -275,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrating["upgrade"].add_argument("--rehearse", action="store_true",
                          help="before asking for approval, back up, restore the backup into a scratch database and "
                               "run the revisions there first (implies --backup)")
+    migrating["upgrade"].add_argument("--expect-current", type=_revision, metavar="REV",
+                         help="refuse, changing nothing, unless the database is at REV (base: none) from the plan "
+                              "until the guard is held: the revision a separately approved plan started from")
+    migrating["upgrade"].add_argument("--lint-level", choices=LINT_LEVELS,
+                         help="lint findings at or above LEVEL stop the run before anything changes "
+                              "(default: --env's policy; without --env they only warn)")
     rehearse = add("rehearse", "back up, restore the backup into a scratch database, run the pending revisions there "
                                "and report each one's duration, locks and rewrites; the database is not changed")
     rehearse.add_argument("--revision", "-r", type=_revision, default="head", help="target revision (default: head)")
@@ -375,7 +385,9 @@ def resolve(url: str | None, env: str | None, home: Path) -> DatabaseTarget:
 
         require_api()
         return load_target(env)
-    return local.target(home)
+    return local.target(home, on_start=lambda server: print(
+        f"dbmigrate: started the embedded PostgreSQL in {server.data_dir} (it was not running; "
+        "dbmigrate local stop stops it)", file=sys.stderr, flush=True))
 
 
 class Database:
@@ -444,6 +456,8 @@ def _settings(args) -> Settings:
         limits=limits,
         storage_spec=getattr(args, "storage", None),
         dump=dump,
+        # env.py's fileConfig is what prints Alembic's INFO lines; `generate` prints as `alembic revision` does
+        project_logging=getattr(args, "verbose", False) or args.command == "generate",
         lock_retries=LockRetries(getattr(args, "lock_retries", ()), getattr(args, "lock_retry_pause", 1.0),
                                  getattr(args, "lock_retry_total", 60.0)),
     )
@@ -452,7 +466,8 @@ def _settings(args) -> Settings:
 def cmd_health(args, settings: Settings, database: Database) -> int:
     target = database()
     project = settings.project(target)
-    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout)
+    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout,
+                        scratch_server=settings.scratch_server)
     overall = "fail" if not health.passed(checks) else ("warn" if any(c.status == "warn" for c in checks) else "ok")
     if args.json:
         _print_json({"status": overall, "environment": target.environment, "database": target.describe(),
@@ -595,7 +610,7 @@ def _approve(args, rules: Policy | None, environment: str, operation: str, plan_
     otherwise the operator on the terminal, by name where the policy requires an approval."""
     by_name = rules is not None and rules.approval_required
     if args.approver:
-        return Approval(True, args.approver, "--approver")
+        return _not_the_requester(rules, Approval(True, args.approver, "--approver"))
     if args.yes and not by_name:
         return Approval(True, getpass.getuser(), "--yes")
     _require_approver(args, rules, environment, operation)
@@ -607,7 +622,14 @@ def _approve(args, rules: Policy | None, environment: str, operation: str, plan_
     name = input("approver's name: ").strip()
     if not name:
         raise ConfirmationRefused(f"the policy of {environment} requires the approver's name: nothing was changed")
-    return Approval(True, name, "terminal")
+    return _not_the_requester(rules, Approval(True, name, "terminal"))
+
+
+def _not_the_requester(rules: Policy | None, approval: Approval) -> Approval:
+    """On the command line the requester is the user running it (the report's operator)."""
+    if rules is not None and (why := rules.refuses_approver(getpass.getuser(), approval.approver)):
+        raise ConfirmationRefused(f"{why}: nothing was changed")
+    return approval
 
 
 def _require_approver(args, rules: Policy | None, environment: str, operation: str) -> None:
@@ -629,10 +651,6 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
         _check_policy(rules, target.environment, args.command, args.backup or rehearse, "add --backup")
     if rules is not None and not args.lock_retries:  # the environment's lock-retry schedule, unless one is given
         settings = dataclasses.replace(settings, lock_retries=rules.lock_retries())
-    if rules is not None and rules.scratch_server and settings.scratch_server is None:  # DBMIGRATE_SCRATCH_URL wins
-        from blocks import load_scratch_server  # imports Prefect: only on the --env path
-
-        settings = dataclasses.replace(settings, scratch_server=load_scratch_server(rules))
     request = pipeline.Request(
         operation=args.command,
         revision=args.revision,
@@ -641,7 +659,8 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
         skip_health_checks=args.skip_health_checks,
         skip_validation=args.skip_validation,
         json_report=args.json_report,
-        lint_blocking_level=rules.lint_blocking_level if rules else None,  # without --env, findings only warn
+        lint_blocking_level=getattr(args, "lint_level", None) or (rules.lint_blocking_level if rules else None),
+        expect_current=getattr(args, "expect_current", None),
         rehearse=rehearse,
         # db-migrate running this command line as a subprocess (flows/app_env.py) links the report to its run
         run_url=os.environ.get("DBMIGRATE_RUN_URL") or None,
@@ -891,7 +910,7 @@ def cmd_local(args, settings: Settings, database: Database) -> int:
 
 
 def _print_local(server: local.LocalServer, home: Path) -> None:
-    print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url()}")
+    print(f"running: pid {server.pid}, data in {server.data_dir}, url {server.url(local.default_database(home))}")
     if server.listen:
         print(f"tcp: {server.address}, user {local.USER}, password in {local.password_file(home)}")
 
@@ -954,6 +973,25 @@ HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "che
             "blocks": cmd_blocks, "run": cmd_run, "overview": cmd_overview, "history": cmd_history}
 
 
+# The commands that make scratch databases (upgrade and downgrade: their backup's verify-restore, the
+# rehearsal), or look for abandoned ones (health). The others never load the policy for it: history's
+# --env, for one, is only a name.
+SCRATCH_COMMANDS = frozenset({"health", "drift", "rehearse", "backup", "upgrade", "downgrade"})
+
+
+def _with_scratch_server_of_the_policy(args, settings: Settings, database: Database) -> Settings:
+    """With --env, the policy's scratch_server block is where each of SCRATCH_COMMANDS makes (and
+    health looks for) scratch databases; DBMIGRATE_SCRATCH_URL, when set, wins."""
+    if args.command not in SCRATCH_COMMANDS or not args.env or settings.scratch_server is not None:
+        return settings
+    rules = _policy(args, database())
+    if not rules.scratch_server:
+        return settings
+    from blocks import load_scratch_server  # imports Prefect: only on the --env path
+
+    return dataclasses.replace(settings, scratch_server=load_scratch_server(rules))
+
+
 def run(args) -> int:
     if args.command != "generate":  # a revision is source code, left to the user's umask
         private.owner_only()
@@ -962,7 +1000,7 @@ def run(args) -> int:
         logging.getLogger("EventsWorker").setLevel(logging.ERROR)
     database = Database(args, settings)
     try:
-        return HANDLERS[args.command](args, settings, database)
+        return HANDLERS[args.command](args, _with_scratch_server_of_the_policy(args, settings, database), database)
     except DbMigrateError as exc:
         exc.message = database.redact(exc.message)
         raise
@@ -979,6 +1017,14 @@ def _terminate(signum, frame) -> None:
     raise Terminated("terminated by SIGTERM")
 
 
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`dbmigrate ... | head`): that is the reader's
+    choice, so the command ends quietly, as a Unix tool killed by SIGPIPE does (exit 141)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = None
@@ -986,7 +1032,14 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with _json_alone_on_stdout(getattr(args, "json", False)):
-            return run(args)
+            code = run(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
+        return code
+    except BrokenPipeError:
+        if not _reader_gone():  # another pipe (to pg_restore, psql, ...): a failure to show, not to hide
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+        return 128 + signal.SIGPIPE
     except DbMigrateError as exc:
         print(f"dbmigrate: error: {exc}", file=sys.stderr)
         return 2 if args.command == "check" else exc.exit_code

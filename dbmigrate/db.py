@@ -208,7 +208,8 @@ def create_database(target: DatabaseTarget, name: str, timeout: float, server: D
                     comment: str | None = None) -> DatabaseTarget:
     """A new empty database ``name`` shaped like ``target``'s (:class:`DatabaseShape`), on ``server``
     (a server of its own: any database there, as a role that may CREATE DATABASE) or else beside
-    ``target``'s; ``comment`` is set on it in the same breath."""
+    ``target``'s; ``comment`` is set on it by the very next statement (no statement makes both: a
+    process killed between the two leaves the database without it)."""
     with connect(target, timeout) as conn:
         shape = DatabaseShape.of(conn)
     where = server or target

@@ -110,17 +110,19 @@ def _unknown_revision(project: Project, current: tuple[str, ...]) -> UnknownRevi
     return None
 
 
-def check_pending(project: Project, current: tuple[str, ...], target: str) -> Check:
+def check_pending(project: Project, current: tuple[str, ...], target: str, upgrade: bool = True) -> Check:
+    """What a run to ``target`` has to do: the revisions to apply (upgrade) or to revert (downgrade)."""
     check = Check("pending_revisions")
     try:
-        steps = project.plan_upgrade(current, project.resolve(target))
+        resolved = project.resolve(target)
+        steps = project.plan_upgrade(current, resolved) if upgrade else project.plan_downgrade(current, resolved)
     except DbMigrateError as exc:
         check.status, check.detail = WARN, str(exc)
         return check
-    check.data = {"target": target, "pending": [s.as_dict() for s in steps]}
-    check.detail = (
-        f"{len(steps)} pending to {target}: " + ", ".join(s.revision for s in steps) if steps else f"at {target}"
-    )
+    check.data = {"target": target, ("pending" if upgrade else "to_revert"): [s.as_dict() for s in steps]}
+    what = "pending" if upgrade else "to revert"
+    check.detail = (f"{len(steps)} {what} to {target}: " + ", ".join(s.revision for s in steps) if steps
+                    else f"at {target}")
     return check
 
 
@@ -137,14 +139,37 @@ def check_invalid_indexes(invalid: list[str]) -> Check:
     return check
 
 
-def check_abandoned_scratch(names: list[str]) -> Check:
-    """dbmigrate's own scratch databases a killed run left on the server: disk the next copy may need.
-    Only those (:func:`db.abandoned_scratch_databases`): a database it did not make is never named."""
-    if not names:
-        return Check("scratch_databases", detail="no abandoned scratch database")
-    return Check("scratch_databases", WARN,
-                 f"{len(names)} scratch database(s) dbmigrate made, left by a run killed outright, unused: "
-                 f"{', '.join(names)}: drop them (DROP DATABASE name)", data={"abandoned": names})
+def check_abandoned_scratch(found: dict[str, list[str]], unread: str | None = None) -> Check:
+    """dbmigrate's own scratch databases a killed run left, per server ("host:port": the database's,
+    and the scratch server's): disk the next copy may need. Only those
+    (:func:`db.abandoned_scratch_databases`): a database it did not make is never named.
+    ``unread``: why the scratch server could not be read."""
+    names = [name for on_server in found.values() for name in on_server]
+    where = "; ".join(f"{', '.join(on_server)} on {server}" for server, on_server in found.items() if on_server)
+    data = {"abandoned": names, "servers": found}
+    if names:
+        check = Check("scratch_databases", WARN, f"{len(names)} scratch database(s) dbmigrate made, left by a run "
+                      f"killed outright, unused: {where}: drop them (DROP DATABASE name)", data=data)
+    else:
+        check = Check("scratch_databases", detail=f"no abandoned scratch database on {', '.join(found)}", data=data)
+    if unread:
+        check.status, check.detail = WARN, f"{check.detail}; {unread}"
+    return check
+
+
+def check_abandoned_scratch_on_both(target: DatabaseTarget, abandoned: list[str],
+                                    scratch_server: DatabaseTarget | None, timeout: float) -> Check:
+    """:func:`check_abandoned_scratch` over ``abandoned`` (beside the database) and what the scratch
+    server holds: a killed run leaves its scratch database where it made it."""
+    found, unread = {f"{target.host}:{target.port}": abandoned}, None
+    if scratch_server is not None and (scratch_server.host, scratch_server.port) != (target.host, target.port):
+        where = f"{scratch_server.host}:{scratch_server.port}"
+        try:
+            with db.connect(scratch_server, timeout) as conn:
+                found[where] = db.abandoned_scratch_databases(conn)
+        except DbMigrateError as exc:
+            unread = f"the scratch server {where} could not be read: {exc}"
+    return check_abandoned_scratch(found, unread)
 
 
 def check_scratch_server(purpose: str, server: DatabaseTarget, database_major: int, timeout: float) -> Check:
@@ -188,11 +213,13 @@ def run(
     backup_dir: Path | None,
     timeout: float,
     target_revision: str = "head",
+    upgrade: bool = True,
     scratch_for: str | None = None,
     scratch_server: DatabaseTarget | None = None,
 ) -> list[Check]:
     """The checks; with ``scratch_for`` (what will make a scratch database: "the rehearsal"), also
-    whether it can, on ``scratch_server`` or else beside the database."""
+    whether it can, on ``scratch_server`` or else beside the database. Abandoned scratch databases
+    are looked for beside the database and on ``scratch_server``."""
     checks: list[Check] = []
 
     def timed(check_fn, *args) -> Check:
@@ -225,9 +252,9 @@ def run(
     timed(check_disk, backup_dir, size)
     version_check = timed(check_version_table, project, has_table, current)
     if version_check.status != FAIL:
-        timed(check_pending, project, current, target_revision)
+        timed(check_pending, project, current, target_revision, upgrade)
     timed(check_invalid_indexes, invalid)
-    timed(check_abandoned_scratch, abandoned)
+    timed(check_abandoned_scratch_on_both, target, abandoned, scratch_server, timeout)
     if scratch_for:
         timed(check_scratch_server, scratch_for, scratch_server or target, major, timeout)
     return checks

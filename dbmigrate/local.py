@@ -22,7 +22,7 @@ import os
 import socket
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +68,23 @@ def password_file(home: Path) -> Path:
 
 def port_file(home: Path) -> Path:
     return home.resolve() / "local-port"
+
+
+def database_file(home: Path) -> Path:
+    return home.resolve() / "local-database"
+
+
+def default_database(home: Path) -> str:
+    """The database the command line works on by default: ``app``, or the one ``local up`` recorded
+    (the local stack's ``development``, which `make demo` migrates), so that both look at the same one."""
+    try:
+        return database_file(home).read_text().strip() or DATABASE
+    except FileNotFoundError:
+        return DATABASE
+
+
+def record_default_database(home: Path, name: str) -> None:
+    database_file(home).write_text(f"{name}\n")
 
 
 def password(home: Path) -> str:
@@ -226,8 +243,16 @@ def stop(home: Path) -> bool:
     return True
 
 
-def target(home: Path) -> DatabaseTarget:
-    return DatabaseTarget(start(home).url(), ENVIRONMENT)
+def target(home: Path, on_start: Callable[[LocalServer], None] | None = None) -> DatabaseTarget:
+    """The default database (see :func:`default_database`), its server started if need be (and
+    ``on_start`` told: a server the user stopped does not come back unannounced). A stack's database
+    is in the environment of the same name, as its flows record it (reports, backups)."""
+    was_running = running(home) is not None
+    server = start(home)
+    if not was_running and on_start is not None:
+        on_start(server)
+    database = default_database(home)
+    return DatabaseTarget(server.url(database), ENVIRONMENT if database == DATABASE else database)
 
 
 def free_port() -> int:

@@ -112,8 +112,35 @@ class Effects:
         self._pending = False
 
 
+class Commits:
+    """How many steps env.py's connection committed for sure: a COMMIT counts once the connection
+    is used again after it (the COMMIT returned), so a server lost during one is never taken as kept.
+    Whatever env.py does (one transaction, one per revision, an ``autocommit_block``), a COMMIT
+    covers the steps done before it."""
+
+    def __init__(self) -> None:
+        self.steps_done = 0
+        self.committed = 0  # the first steps of the run that a returned COMMIT covered
+        self._sent: int | None = None
+
+    def watch(self, connection) -> None:
+        event.listen(connection, "commit", self._commit)
+        event.listen(connection, "begin", self._returned)
+        event.listen(connection, "before_cursor_execute", self._returned)
+
+    def step_done(self) -> None:
+        self.steps_done += 1
+
+    def _commit(self, conn) -> None:  # SQLAlchemy calls this before it sends the COMMIT
+        self._sent = self.steps_done
+
+    def _returned(self, *_) -> None:
+        if self._sent is not None:
+            self.committed, self._sent = self._sent, None
+
+
 def _timed_environment(project: Project, on_step: Callable[[AppliedStep], None], effects: Effects | None = None,
-                       **kwargs) -> EnvironmentContext:
+                       commits: Commits | None = None, **kwargs) -> EnvironmentContext:
     """An EnvironmentContext that times each step, whatever env.py passes to configure(),
     and tells ``effects`` of what env.py's connection runs.
 
@@ -129,12 +156,14 @@ def _timed_environment(project: Project, on_step: Callable[[AppliedStep], None],
         now = time.monotonic()
         on_step(AppliedStep(step.up_revision_id, step.up_revision.doc or "", now - mark))
         mark = now
-        if effects is not None:
-            effects.step_done()
+        for tracker in (effects, commits):
+            if tracker is not None:
+                tracker.step_done()
 
     def timed_configure(*args, on_version_apply=None, **kw) -> None:
-        if effects is not None and kw.get("connection") is not None:
-            effects.watch(kw["connection"])
+        for tracker in (effects, commits):
+            if tracker is not None and kw.get("connection") is not None:
+                tracker.watch(kw["connection"])
         configure(*args, on_version_apply=(*alembic_util.to_tuple(on_version_apply, default=()), step_done), **kw)
 
     def timed_run_migrations(**kw) -> None:
@@ -179,10 +208,12 @@ def run(
     on_step: Callable[[AppliedStep], None],
     effects: Effects | None = None,
     application_name: str = "dbmigrate",
+    commits: Commits | None = None,
 ) -> None:
     """Migrate the database online. ``on_step`` hears of each revision as its SQL
-    completes (before env.py commits: a later failure may still roll it back)."""
-    env = _timed_environment(project, on_step, effects, fn=_steps_fn(project, target, upgrade),
+    completes (before env.py commits: a later failure may still roll it back; ``commits``
+    counts those a returned COMMIT covered)."""
+    env = _timed_environment(project, on_step, effects, commits, fn=_steps_fn(project, target, upgrade),
                              destination_rev=target)
     with session_limits(limits, application_name), env, effects.own_connections() if effects else nullcontext():
         project.script.run_env()

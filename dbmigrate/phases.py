@@ -53,12 +53,13 @@ class Plan:
 
 
 def preflight(target: DatabaseTarget, project: Project, settings: Settings, revision: str,
-              scratch_for: str | None = None) -> list[Check]:
-    """Health checks (with ``scratch_for``, whether it can make its scratch database: see
-    :func:`health.run`); raises the refusal of a failed check that has one (ConnectionFailed
-    when the database cannot be reached), else MigrationFailed naming every failed check."""
-    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout, revision, scratch_for,
-                        settings.scratch_server)
+              upgrade: bool = True, scratch_for: str | None = None) -> list[Check]:
+    """Health checks (for a run to ``revision``, up or down; with ``scratch_for``, whether it can make
+    its scratch database: see :func:`health.run`); raises the refusal of a failed check that has one
+    (ConnectionFailed when the database cannot be reached), else MigrationFailed naming every failed
+    check."""
+    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout, revision, upgrade,
+                        scratch_for, settings.scratch_server)
     failed = [c for c in checks if c.status == FAIL]
     # Unreachable: the same error (type, so a flow retries it, and exit code) as every other command.
     if refusal := next((c.refusal for c in failed if c.refusal), None):
@@ -202,17 +203,20 @@ def _attempt(target: DatabaseTarget, project: Project, settings: Settings, plan:
         if on_step:
             on_step(step)
 
+    commits = migrate.Commits()
     try:
         migrate.run(project, plan.target, upgrade=plan.upgrade, limits=limits, on_step=ran_one,
-                    effects=effects, application_name=application_name)
+                    effects=effects, application_name=application_name, commits=commits)
     except Exception as exc:
         line = str(ConnectionLost(target.where)) if getattr(exc, "connection_invalidated", False) else first_line(exc)
         done = before + ran
         try:
             kept = kept_steps(target, settings, done)
-        except DbMigrateError:  # the database cannot be asked: say so, never guess
-            blamed = _what_failed(exc, plan, done, [])
-            raise StepFailed(f"{blamed}: {target.redact(line)}; {KEPT_UNKNOWN}", [], blamed,
+        except DbMigrateError:  # the database cannot be asked: what a returned COMMIT covered, never a guess
+            committed = ran[:commits.committed]
+            blamed = _what_failed(exc, plan, done, before + committed)
+            so_far = f"revisions committed before: {', '.join(s.revision for s in committed)}; " if committed else ""
+            raise StepFailed(f"{blamed}: {target.redact(line)}; {so_far}{KEPT_UNKNOWN}", before + committed, blamed,
                              kept_unknown=True) from exc
         blamed = _what_failed(exc, plan, done, kept)
         raise StepFailed(f"{blamed}: {target.redact(line)}", kept, blamed) from exc

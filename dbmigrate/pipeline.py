@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Self, TypeVar
 
-from dbmigrate import __version__, backup, catalogue, db, fingerprint, guard, health, phases, rehearsal
+from dbmigrate import (__version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases, rehearsal,
+                      revisions)
 from dbmigrate import lint as linting
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import (
@@ -52,9 +53,11 @@ class Request:
     skip_validation: bool = False
     json_report: Path | None = None
     operator: str = field(default_factory=getpass.getuser)
+    requested_by: str | None = None  # who asked, where not the operator (the flows: see flows.common.who_asked)
     lint_blocking_level: str | None = None  # lint findings from this level stop the run (Policy); None: they warn
     rehearse: bool = False  # run the revisions on a copy restored from the run's backup first (implies backup)
     run_url: str | None = None  # the Prefect flow run's page, recorded in the report (history's link)
+    expect_current: str | None = None  # refuse unless the database is at this revision ("base": none) when planned
 
     @property
     def upgrade(self) -> bool:
@@ -68,6 +71,11 @@ class Outcome:
     error: DbMigrateError | None = None
     sql: str | None = None
     report_error: ReportNotWritten | None = None
+
+
+class Suspended(BaseException):
+    """Raised by a hook to stop the run here, to be started again from the beginning later (the
+    Prefect flow waiting for approval with no process of its own): not an end, so no report."""
 
 
 class Confirm(Protocol):
@@ -86,6 +94,13 @@ class RunPhase(Protocol):
     """Run one step: ``run_phase(name, fn, *args)`` returns ``fn(*args)``, however it runs it."""
 
     def __call__(self, name: str, fn: Callable[..., T], /, *args: Any) -> T: ...
+
+
+class Interrupted(Protocol):
+    """The report's words for a run cut short from outside (a signal, Ctrl-C, the Prefect flow
+    cancelled): what stopped it during ``phase`` and where the database is; None: the exception's own."""
+
+    def __call__(self, phase: str, exc: BaseException, /) -> str | None: ...
 
 
 class AutoRollback(Protocol):
@@ -120,6 +135,7 @@ class Hooks:
     on_progress: Progress | None = None
     run_phase: RunPhase = _call
     auto_rollback: AutoRollback | None = None  # run_phase runs it as the step "rollback"
+    interrupted: Interrupted | None = None
 
 
 class Run:
@@ -144,6 +160,7 @@ class Run:
             database=target.describe(),
             target_revision=request.revision,
             operator=request.operator,
+            requested_by=request.requested_by or request.operator,
             tool_version=__version__,
             run_url=request.run_url,
         )
@@ -154,6 +171,7 @@ class Run:
         self.storage: Storage | None = None
         self.manifest: Manifest | None = None
         self.before: Fingerprint | None = None  # the state the automatic rollback returns to
+        self.ran: list[migrate.AppliedStep] = []  # the migration's steps as they ran (committed or not)
         self._held = ExitStack()
 
     def step(self, name: str, fn: Callable[..., T], *args: Any) -> T:
@@ -191,15 +209,19 @@ class Run:
 
     def back_up(self) -> Manifest:
         """Step "backup". The report is copied beside the backups (S3) however the run ends."""
+        self.phase = "backup"  # opening the storage is part of it (a step a resumed flow reuses does not)
         self.storage = self.settings.storage()
-        self.manifest = backup.take(self.target, self.storage, self.settings.dump,
-                                    self.hooks.on_progress, self.settings.connect_timeout, self.settings.scratch_server)
+        self.manifest = self.step("backup", backup.take, self.target, self.storage, self.settings.dump,
+                                  self.hooks.on_progress, self.settings.connect_timeout, self.settings.scratch_server)
         return self.manifest
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind, exc: BaseException | None, traceback) -> bool:
+        if isinstance(exc, Suspended):
+            self._held.close()
+            return False
         failed_in = self.phase  # the step that failed, not the automatic rollback after it
         if isinstance(exc, StepFailed):
             self.report.migrations_applied, self.report.lock_attempts = exc.applied, exc.attempts
@@ -226,7 +248,11 @@ class Run:
     def _end(self, phase: str, exc: BaseException | None) -> None:
         report = self.report
         if exc is not None:
-            report.fail(phase, exc, self.target.redact(str(exc)))
+            message = self.target.redact(str(exc))
+            if not isinstance(exc, Exception):  # cut short from outside: not a failure of the run's own
+                self._record_kept(phase)
+                message = (self.hooks.interrupted and self.hooks.interrupted(phase, exc)) or message
+            report.fail(phase, exc, message)
             if isinstance(exc, DbMigrateError):
                 self.outcome.error = exc
         if self.may_have_changed:
@@ -237,6 +263,15 @@ class Run:
             self.outcome.report_path = report.write(self.settings.reports_dir, self.request.json_report)
         except ReportNotWritten as unwritten:  # the run's own outcome (perhaps a committed migration) still stands
             self.outcome.report_path, self.outcome.report_error = unwritten.written, unwritten
+
+    def _record_kept(self, phase: str) -> None:
+        """A migration cut short may still have committed (all of it, or a revision per transaction):
+        the report lists what the database kept of the steps that ran."""
+        if phase == "migrate" and self.ran:
+            try:
+                self.report.migrations_applied = phases.kept_steps(self.target, self.settings, self.ran)
+            except DbMigrateError:  # revision_after then says the database could not be read
+                pass
 
     def _revision_after(self) -> str | None:
         """The revision the run left; None, and the report says why, when the database cannot say."""
@@ -267,9 +302,13 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         project = run.project = run.step("load", settings.project, target)
         if not request.skip_health_checks:
             report.health_checks = run.step("health_checks", phases.preflight, target, project, settings,
-                                            request.revision, health.REHEARSAL if request.rehearse else None)
+                                            request.revision, request.upgrade,
+                                            health.REHEARSAL if request.rehearse else None)
         plan = run.step("plan", phases.plan, target, project, settings, request.revision, request.upgrade)
         report.revision_before = report.revision_after = plan.revision_before
+        if request.expect_current is not None and (plan.revision_before or "base") != request.expect_current:
+            raise MigrationFailed(f"the database is at {revisions.shown(plan.revision_before)}, not at "
+                                  f"{request.expect_current} where the approved plan started: nothing was changed")
         report.migrations_planned = plan.steps
         if not plan.steps:
             report.finish(NOOP)
@@ -282,7 +321,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         if plan.upgrade:
             plan = run.step("lint", run.lint, plan)
         if request.rehearse:  # before the approval, so that whoever approves sees how it went
-            report.backup = BackupSummary.of(run.step("backup", run.back_up))
+            report.backup = BackupSummary.of(run.back_up())
             report.rehearsal = run.step("rehearsal", rehearsal.rehearse, target, settings, plan, run.storage,
                                         run.manifest)
             report.rehearsal.require()
@@ -290,10 +329,10 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
         run.step("approval", run.approve, plan)
         run.step("guard", run.hold_guard, plan)
         if request.backup and not request.rehearse:
-            report.backup = BackupSummary.of(run.step("backup", run.back_up))
+            report.backup = BackupSummary.of(run.back_up())
         if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
             run.before = _fingerprint(target, settings)
-        applied = run.step("migrate", phases.apply, target, project, settings, plan)
+        applied = run.step("migrate", phases.apply, target, project, settings, plan, run.ran.append)
         report.migrations_applied, report.lock_attempts = applied.steps, applied.attempts
         if not request.skip_validation:
             expected = phases.expected_revisions(project, plan)

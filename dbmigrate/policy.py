@@ -43,6 +43,7 @@ class Policy:
     # The DatabaseCredentials block of a server of its own for the scratch databases of the rehearsal,
     # drift's replay and verify-restore (where the role may CREATE DATABASE); None: beside the database, as its own role.
     scratch_server: str | None = None
+    approver_must_differ: bool = False  # whoever asked for a run may not approve it too
 
     def lock_retries(self) -> LockRetries:
         return LockRetries(tuple(self.lock_retry_timeouts_s), self.lock_retry_pause_s, self.lock_retry_total_s)
@@ -58,6 +59,29 @@ class Policy:
         if self.rehearse and not backup:
             raise ConfigError("this environment rehearses on a copy restored from the run's backup: "
                               "backup=false is refused")
+
+
+    def check_requester(self, requested_by: str | None) -> None:
+        """Where the approver must differ from the requester, a run must say who asked."""
+        if self.approver_must_differ and not requested_by:
+            raise ConfigError("this environment requires someone other than who asked for a run to approve it: "
+                              "say who asks (requested_by)")
+
+    def refuses_approver(self, requested_by: str | None, approver: str) -> str | None:
+        """Why ``approver`` may not approve a run ``requested_by`` asked for; None: they may. A
+        requester recorded as ``NAME (how)`` (the GitHub workflow's ``actor (GitHub Actions run N)``)
+        is the person NAME."""
+        if self.approver_must_differ and same_person(requested_by or "", approver):
+            return (f"{approver} asked for this run and may not approve it too: this environment requires "
+                    "someone else to approve")
+        return None
+
+
+def same_person(requested_by: str, approver: str) -> bool:
+    def person(name: str) -> str:
+        return name.split(" (", 1)[0].strip().casefold()
+
+    return bool(person(approver)) and person(requested_by) == person(approver)
 
 
 STRICT = Policy()

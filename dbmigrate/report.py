@@ -170,7 +170,8 @@ class Report:
     error: Failure | None = None
     copies: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    operator: str | None = None
+    operator: str | None = None  # the user the run's process ran as
+    requested_by: str | None = None  # who asked for the run (the operator, for the command line)
     tool_version: str | None = None
     # Why the revision the run left could not be read (revision_after is then None); a warning in the JSON.
     revision_after_unknown: str | None = None

@@ -4,9 +4,10 @@ Over the original, everything happens in one transaction that only dbmigrate com
 psql reads its input from us: our prelude (BEGIN, bounded lock waits, the user schemas
 dropped), then pg_restore's ``--single-transaction`` script, but for its last bytes,
 which hold the script's COMMIT. Those follow only once pg_restore exited 0 and the whole
-stored object was read and matched its sha256. Any other end (a tool killed, the storage
-failing, dbmigrate itself dying) ends psql without that COMMIT, and the server rolls the
-transaction back. A safety backup of the current state is taken first unless the
+stored object was read and matched its sha256; just before the COMMIT, a check in the same
+transaction compares every table's row count with the manifest's. Any other end (a tool
+killed, the storage failing, dbmigrate itself dying, a count that differs) ends psql without
+that COMMIT, and the server rolls the transaction back. A safety backup of the current state is taken first unless the
 operator declines it.
 
 Into a new database, the copy is checked against the manifest's row counts, and a
@@ -15,6 +16,7 @@ failed or mismatching copy is dropped.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -168,7 +170,7 @@ def _replay(applier: _Psql, prelude: bytes, pg_restore: Path, storage: Storage, 
         if not _ends_with_commit(tail):
             raise RestoreFailed("pg_restore's script does not end with its COMMIT")
         try:
-            psql.stdin.write(tail)
+            psql.stdin.write(_row_counts_checked(tail, manifest.row_counts))
             psql.stdin.close()
         except BrokenPipeError:
             pass  # psql ended first: its own reason follows
@@ -203,6 +205,39 @@ def _ends_with_commit(tail: bytes) -> bool:
     _, commit, rest = tail.rpartition(b"\nCOMMIT;\n")
     return bool(commit) and all(not line.strip() or line.startswith((b"--", b"\\unrestrict "))
                                 for line in rest.splitlines())
+
+
+def _row_counts_checked(tail: bytes, expected: dict[str, int]) -> bytes:
+    """The tail with a check of every user table's row count against ``expected`` (the manifest's)
+    just before the script's COMMIT, in its transaction: a mismatch raises, psql stops
+    (ON_ERROR_STOP) and the server rolls everything back, as a restore into a new database is
+    dropped. Tables are named as :func:`dbmigrate.fingerprint.row_counts` names them."""
+    script, commit, rest = tail.rpartition(b"\nCOMMIT;\n")
+    literal = "'" + json.dumps(expected).replace("'", "''") + "'"  # the script sets standard_conforming_strings
+    check = f"""
+DO $dbmigrate$
+DECLARE
+    expected jsonb := {literal};
+    restored jsonb := '{{}}';
+    t record;
+    counted bigint;
+    differ text;
+BEGIN
+    FOR t IN SELECT pg_catalog.format('%I.%I', schemaname, tablename) AS qualified,
+                    schemaname || '.' || tablename AS relation
+             FROM pg_catalog.pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema') LOOP
+        EXECUTE 'SELECT count(*) FROM ' || t.qualified INTO counted;
+        restored := restored || jsonb_build_object(t.relation, counted);
+    END LOOP;
+    SELECT string_agg(relation, ', ' ORDER BY relation) INTO differ
+    FROM (SELECT jsonb_object_keys(restored) AS relation UNION SELECT jsonb_object_keys(expected)) AS tables
+    WHERE restored -> relation IS DISTINCT FROM expected -> relation;
+    IF differ IS NOT NULL THEN
+        RAISE EXCEPTION 'row counts after the restore differ from the manifest in %', differ;
+    END IF;
+END
+$dbmigrate$;"""
+    return script + check.encode() + commit + rest
 
 
 def _lock_holders(target: DatabaseTarget, timeout: float) -> str:

@@ -129,6 +129,12 @@ class Project:
         return scripts[0].revision
 
     def plan_upgrade(self, current: tuple[str, ...], target: str) -> list[PlannedStep]:
+        """The steps up to ``target``; a target below the database's revision is refused (Alembic
+        would have nothing to do, and a run "to" it would read as if the database went there)."""
+        if below := [rev for rev in current if target == "base" or target in self.ancestors(rev)]:
+            raise RevisionError(
+                f"cannot upgrade to {target}: the database is at {shown(below)}, above it; to go back to {target}, "
+                f"downgrade (dbmigrate downgrade -r {target}, or the db-rollback deployment)")
         # _upgrade_revs is what alembic.command.upgrade runs; using it keeps our plan
         # identical to what Alembic will execute.
         try:

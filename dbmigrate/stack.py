@@ -39,8 +39,10 @@ from dbmigrate.errors import ConfigError, needs_prefect
 from dbmigrate.private import generated_secret
 
 ENVIRONMENTS = ("development", "staging", "production")
+DEMO_ENVIRONMENT = "development"  # the one `make demo` migrates
 POOL = "dbmigrate"
 PREFECT_PORT = 4200  # Prefect's own default: the address its documentation and habits assume
+PREFECT_PORT_VARIABLE = "DBMIGRATE_PREFECT_PORT"  # what `make demo PREFECT_PORT=...` sets: make passes no option
 # Leases in a file under PREFECT_HOME: a server restart keeps which run holds an environment's slot.
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 START_TIMEOUT_S = 120
@@ -188,6 +190,7 @@ def up(home: Path, checkout: Path, pg_port: int | None = None, prefect_port: int
     port = _prefect_port(home, prefect_port)  # before anything starts: a busy port changes nothing
     pg = _postgres(home, pg_port, say)
     created = [name for name in ENVIRONMENTS if local.ensure_database(pg, name)]
+    local.record_default_database(home, DEMO_ENVIRONMENT)  # the command line looks where `make demo` migrates
     say(f"databases: {', '.join(ENVIRONMENTS)}" + (f" (created {', '.join(created)})" if created else ""))
     ui = _prefect_server(home, port, say)
     api = f"{ui}/api"
@@ -209,10 +212,20 @@ def _prefect_port(home: Path, wanted: int | None) -> int:
             raise ConfigError(f"the local Prefect server already runs on port {record['port']}: "
                               f"stop the stack (dbmigrate local down) to move it to {wanted}")
         return record["port"]
-    port = wanted or PREFECT_PORT
+    port = wanted or _port_variable() or PREFECT_PORT
     if not local.port_is_free(port):
-        raise ConfigError(f"port {port} on {local.HOST} is busy: choose another with --prefect-port")
+        raise ConfigError(f"port {port} on {local.HOST} is busy: choose another with --prefect-port, or "
+                          f"{PREFECT_PORT_VARIABLE}=PORT (make demo PREFECT_PORT=PORT)")
     return port
+
+
+def _port_variable() -> int | None:
+    value = os.environ.get(PREFECT_PORT_VARIABLE, "").strip()
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 65535):
+        raise ConfigError(f"{PREFECT_PORT_VARIABLE} is not a TCP port: {value!r}")
+    return int(value)
 
 
 def _postgres(home: Path, port: int | None, say: Say) -> local.LocalServer:

@@ -37,12 +37,13 @@ def emit(event: str, environment: str, revisions_: str, phase: str, reason: str)
         resource={"prefect.resource.id": resource_id(environment), "prefect.resource.name": environment},
         payload={"environment": environment, "revisions": revisions_, "phase": phase, "reason": reason,
                  "flow": runtime.flow_run.flow_name or "", "flow_run": runtime.flow_run.name or "",
-                 "flow_run_url": _link(run_id)},
+                 "flow_run_url": flow_run_url(run_id)},
     )
 
 
-def _link(run_id: str | None) -> str:
-    """The run's page in the UI (runtime.flow_run.ui_url names a route the UI does not have)."""
+def flow_run_url(run_id: str | None) -> str:
+    """The run's page in the UI, "" without a run (runtime.flow_run.ui_url names a route the UI does
+    not have): the alerts' link, and the report's ``run_url`` (history's link)."""
     return (url_for("flow-run", obj_id=run_id) or "") if run_id else ""
 
 
@@ -75,7 +76,7 @@ def failed_without_report(reason: str) -> None:
 def rolled_back(environment: str, report: Report, how: str) -> None:
     """db-rollback changed the database back (a downgrade or a restore), as an operator asked."""
     emit(ROLLED_BACK, environment, _revisions(report), report.operation,
-         f"{how} by {report.operator or 'unknown'}: done")
+         f"{how} by {report.requested_by or report.operator or 'unknown'}: done")
 
 
 def approval_waiting(change: str, waiting: str) -> None:

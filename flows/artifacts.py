@@ -164,7 +164,7 @@ def summary_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str
     r = outcome.report
     facts = [
         ("database", f"`{r.database['host']}:{r.database['port']}/{r.database['name']}`"),
-        ("requested by", r.operator),
+        ("requested by", r.requested_by or r.operator),
         ("revision", (f"`{revisions.shown(r.revision_before)}` → `{revisions.shown(r.revision_after)}` "
                       f"(target `{r.target_revision}`)")),
         ("started / finished", f"{r.started_at.isoformat()} / {r.finished_at.isoformat() if r.finished_at else '-'}"),

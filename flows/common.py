@@ -6,6 +6,7 @@ message (:func:`ends_failed_on_error`)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.responses import SetStateStatus
-from prefect.exceptions import FailedRun, FlowPauseTimeout
+from prefect.exceptions import FailedRun, FlowPauseTimeout, Pause
 from prefect.input import RunInput, keyset_from_paused_state
-from prefect.states import Failed, Paused, Running
+from prefect.states import Failed, Paused, Running, Suspended
 from pydantic import Field
 
 from blocks import load_policy, load_scratch_server, load_target
@@ -38,6 +39,14 @@ TRANSIENT_PHASES = ("health_checks", "backup")
 # Steps that run in the flow itself, not as tasks: the approval pauses the flow run, the
 # guard is held for the rest of the run, and loading the project only reads files.
 IN_FLOW_PHASES = ("load", "approval", "guard")
+# Steps done before the approval that a run suspended for it (see ask_in_ui) does not do again
+# when, answered, it starts again from the beginning: Prefect keeps their results, keyed by the
+# run, its attempt and what each depends on (the backup id and the plan, for the rehearsal).
+RESUMED_PHASES = {
+    "backup": lambda parameters: "",
+    "rehearsal": lambda parameters: (f"{parameters['manifest'].id} {parameters['plan'].current} "
+                                     f"{parameters['plan'].target}"),
+}
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,22 @@ def tag_run(environment: str) -> None:
         client.update_flow_run(run.id, tags=sorted({*run.tags, environment}))
 
 
+def who_asked(requested_by: str) -> str | None:
+    """Who asked for this run: the ``requested_by`` parameter (the GitHub workflow passes its actor),
+    else the creator Prefect recorded for the run (an automation; a user, on Prefect Cloud), else
+    the deployment's schedule. None: nobody said (a run started with ``prefect deployment run``
+    and no ``requested_by``); the report then says ``unknown``, not the worker's user."""
+    if requested_by.strip():
+        return requested_by.strip()
+    if not runtime.flow_run.id:
+        return None
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(runtime.flow_run.id))
+    if run.created_by and run.created_by.display_value:
+        return f"{run.created_by.display_value} ({(run.created_by.type or 'prefect').lower()})"
+    return "the deployment's schedule" if run.auto_scheduled else None
+
+
 def _settings_for(rules: Policy, alembic_config: str | None, backup_storage: str | None) -> Settings:
     return Settings.from_env(
         alembic_config=alembic_config,
@@ -152,6 +177,10 @@ def phase_runner(rules: Policy):
         if name in IN_FLOW_PHASES:
             return fn(*args)
         options = {"name": name, "cache_policy": NO_CACHE, "persist_result": False}
+        if name in RESUMED_PHASES and runtime.deployment.id:  # only a deployment's run is suspended
+            depends_on = RESUMED_PHASES[name]
+            options = {"name": name, "persist_result": True,
+                       "cache_key_fn": lambda context, parameters: attempt_key(name, depends_on(parameters))}
         if name in TRANSIENT_PHASES:
             options.update(retries=rules.transient_retries, retry_delay_seconds=rules.retry_delay_s,
                            retry_condition_fn=_transient)
@@ -178,35 +207,93 @@ class ApprovalForm(RunInput):
         return Approval(self.decision == "approve", approver, "prefect-ui", self.comment.strip())
 
 
-def ask_in_ui(rules: Policy, requested_by: str, describe) -> Approval:
-    """Where the policy asks for it, pause the run until someone approves or rejects in the
+def attempt_key(*parts: str) -> str:
+    """A key of this run's attempt (a run retried from the UI has its own) and ``parts``."""
+    run_id = UUID(runtime.flow_run.id)
+    with get_client(sync_client=True) as client:
+        attempt = client.read_flow_run(run_id).run_count  # the run context's copy predates this attempt
+    digest = hashlib.sha256(" ".join(parts).encode()).hexdigest()[:12]
+    return f"{run_id}-{attempt}-{digest}"
+
+
+class SuspendedForApproval(Pause, pipeline.Suspended):
+    """The run waits for approval with no process of its own (Prefect's suspend): the engine ends
+    the process, and the pipeline writes no report (the run is not over)."""
+
+
+def ask_in_ui(rules: Policy, requested_by: str | None, describe) -> Approval:
+    """Where the policy asks for it, stop the run until someone approves or rejects in the
     Prefect UI. ``describe()`` (called only then) gives what changes (``0004 → 0006 in
     production``: the paused state's message and the log say it waits for its approval) and the
-    markdown the approver reads in the form. The log records the answer."""
+    markdown the approver reads in the form. The log records the answer.
+
+    A deployment's run is suspended (:func:`suspended_until_answered`): it waits holding no
+    process, so a worker restarted or lost meanwhile loses nothing, and once answered it starts
+    again on any worker; a run without a deployment (a flow called in-process) pauses in place.
+    Where the policy wants the approver to differ from ``requested_by``, their approval is refused."""
     if not rules.approval_required:
-        return Approval(True, requested_by, "policy")
+        return Approval(True, requested_by or "unknown", "policy")
     change, text = describe()
     form = ApprovalForm.with_initial_data(description=text)
     waiting = (f"waiting for approval of {change}: click Resume on this run in the Prefect UI, "
                "choose approve or reject, give your name")
     logger = get_run_logger()
-    logger.info(waiting)
-    alerts.approval_waiting(change, waiting)
+
+    def announce() -> None:
+        logger.info(waiting)
+        alerts.approval_waiting(change, waiting)
+
     try:
-        answer = paused_until_answered(form, waiting, rules.approval_timeout_s, rules.approval_poll_s).approval()
+        if runtime.deployment.id:
+            answered = suspended_until_answered(form, waiting, rules.approval_timeout_s, change, announce)
+        else:
+            announce()
+            answered = paused_until_answered(form, waiting, rules.approval_timeout_s, rules.approval_poll_s)
+        answer = answered.approval()
     except FlowPauseTimeout:
         take_back_expired_pause()
         raise ConfirmationRefused(f"nobody approved within {rules.approval_timeout_s:g}s: nothing was changed") from None
     logger.info("%s by %s%s", "approved" if answer.approved else "rejected", answer.approver,
                 f": {answer.comment}" if answer.comment else "")
+    if answer.approved and (why := rules.refuses_approver(requested_by, answer.approver)):
+        raise ConfirmationRefused(f"{why}: nothing was changed")
     return answer
+
+
+def suspended_until_answered(form: type[ApprovalForm], message: str, timeout_s: float, change: str,
+                             announce) -> ApprovalForm:
+    """Prefect's ``suspend_flow_run(wait_for_input=form)``, with ``message`` on the Suspended state.
+    The first time, the run is suspended (``announce()`` says so) and its process ends; answered,
+    the run starts again from the beginning, and here the server refuses the same suspension
+    again (its key already fired): the answer is returned. The key is the attempt's and the
+    change's: a retried run, or one whose database moved meanwhile, asks again."""
+    run_id = UUID(runtime.flow_run.id)
+    suspended = Suspended(timeout_seconds=int(timeout_s), pause_key=attempt_key("approval", change),
+                          message=message)
+    keyset = keyset_from_paused_state(suspended)
+    suspended.state_details.run_input_keyset = keyset
+    with get_client(sync_client=True) as client:
+        result = client.set_flow_run_state(run_id, suspended)
+        if result.status != SetStateStatus.ACCEPT:
+            if result.state is not None and result.state.is_running():  # answered: this is the run resumed
+                try:
+                    return form.load(keyset, flow_run_id=run_id)
+                except Exception:
+                    raise ConfirmationRefused("the run was resumed without an answer: nothing was changed") from None
+            raise ConfirmationRefused(f"the run could not wait for approval ({result.details.reason}): "
+                                      "nothing was changed")
+        form.save(keyset, flow_run_id=run_id)
+    announce()
+    raise SuspendedForApproval(state=result.state)
 
 
 def paused_until_answered(form: type[ApprovalForm], message: str, timeout_s: float, poll_s: float) -> ApprovalForm:
     """Prefect's ``pause_flow_run(wait_for_input=form)``, but the Paused state carries ``message``:
     Prefect's own leaves it empty, so the run page never said what the run waits for."""
     run_id = UUID(runtime.flow_run.id)
-    paused = Paused(timeout_seconds=int(timeout_s), pause_key="approval", message=message)
+    # A key per attempt: a run retried from the UI asks again, and its form does not collide
+    # with the answered one of the attempt before.
+    paused = Paused(timeout_seconds=int(timeout_s), pause_key=attempt_key("approval"), message=message)
     keyset = keyset_from_paused_state(paused)
     paused.state_details.run_input_keyset = keyset
     with get_client(sync_client=True) as client:
@@ -223,7 +310,7 @@ def paused_until_answered(form: type[ApprovalForm], message: str, timeout_s: flo
     raise FlowPauseTimeout("the run was paused and never resumed")
 
 
-def approval_in_ui(env: Environment, requested_by: str) -> pipeline.Confirm:
+def approval_in_ui(env: Environment, requested_by: str | None) -> pipeline.Confirm:
     """The pipeline's confirm hook: the approver sees the revisions the run goes through, the
     one it reaches, and their SQL."""
 

@@ -15,7 +15,15 @@ from dbmigrate.errors import ConfigError, DbMigrateError, MigrationFailed, Repor
 from dbmigrate.report import DRY_RUN, SUCCEEDED, Report, RestoreSummary
 from flows import alerts, recovery
 from flows.artifacts import artifact_key, how_to_approve, publish
-from flows.common import Environment, approval_in_ui, ask_in_ui, ends_failed_on_error, open_environment, phase_runner
+from flows.common import (
+    Environment,
+    approval_in_ui,
+    ask_in_ui,
+    ends_failed_on_error,
+    open_environment,
+    phase_runner,
+    who_asked,
+)
 from flows.concurrency import one_run_per_environment
 
 
@@ -45,26 +53,30 @@ def db_rollback(
         credentials_block: Name of the DatabaseCredentials block; default the environment name.
         backup_storage: s3-bucket/BLOCK or a directory; default DBMIGRATE_BACKUP_STORAGE.
         alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
-        requested_by: Who asked for this run (recorded in the report).
+        requested_by: Who asked for this run (the report's requested_by); default the run's creator in Prefect.
     """
     if bool(to_revision) == bool(backup_id):
         raise ConfigError("give exactly one of to_revision and backup_id")
     env = open_environment(environment, credentials_block, alembic_config, backup_storage)
+    requester = who_asked(requested_by)
+    if not dry_run:
+        env.policy.check_requester(requester)
     # No settings for the journal: a db-rollback killed mid-downgrade is left to the operator, not rolled back.
     with (one_run_per_environment(environment, env.policy.guard_wait_s),
           recovery.in_flight(environment, env.target, env.credentials_block) as journal):
         if to_revision:
-            return _downgrade(env, to_revision, dry_run, requested_by, journal)
-        return _restore(env, backup_id, dry_run, requested_by or getpass.getuser(), journal)
+            return _downgrade(env, to_revision, dry_run, requester, journal)
+        return _restore(env, backup_id, dry_run, requester, journal)
 
 
-def _downgrade(env: Environment, revision: str, dry_run: bool, requested_by: str, journal: recovery.Journal) -> dict:
+def _downgrade(env: Environment, revision: str, dry_run: bool, requested_by: str | None,
+               journal: recovery.Journal) -> dict:
     """The Alembic downgrade to ``revision``, through the pipeline like an upgrade (health checks,
     backup, approval, validate); a dry run only shows its SQL."""
     request = pipeline.Request("downgrade", revision, dry_run=dry_run, backup=True,
-                               **({"operator": requested_by} if requested_by else {}))
-    hooks = pipeline.Hooks(confirm=approval_in_ui(env, request.operator),
-                           run_phase=journal.tracking(phase_runner(env.policy)))
+                               requested_by=requested_by or "unknown")
+    hooks = pipeline.Hooks(confirm=approval_in_ui(env, requested_by),
+                           run_phase=journal.tracking(phase_runner(env.policy)), interrupted=journal.interrupted)
     outcome = pipeline.execute(env.target, env.settings, request, hooks)
     publish(outcome, env.name, flow=FLOW)
     if outcome.error is not None:
@@ -79,13 +91,15 @@ def _downgrade(env: Environment, revision: str, dry_run: bool, requested_by: str
     return outcome.report.as_dict()
 
 
-def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str, journal: recovery.Journal) -> dict:
+def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str | None,
+             journal: recovery.Journal) -> dict:
     """Restore a backup over the database. Like every schema-changing path it leaves a JSON
     report and a summary artifact, refused, failed or done."""
     target, settings, environment = env.target, env.settings, env.name
     report = Report(operation="restore", environment=target.environment, database=target.describe(),
-                    target_revision=backup_id, operator=requested_by, tool_version=__version__)
-    phase = "load"
+                    target_revision=backup_id, operator=getpass.getuser(), requested_by=requested_by or "unknown",
+                    tool_version=__version__)
+    phase, suspended = "load", False
     try:
         storage = settings.storage()
         manifest = catalogue.find(storage, target, backup_id)
@@ -122,12 +136,16 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str,
             lines += ["", f"Restored. Safety backup of the previous state: `{restored.safety_backup.id}`."]
             alerts.rolled_back(environment, report, f"restore of backup {manifest.id}")
         create_markdown_artifact("\n".join(lines), key=f"{artifact_key(environment, FLOW)}-restore")
+    except pipeline.Suspended:  # waiting for approval: the run is not over, and starts again once answered
+        suspended = True
+        raise
     except DbMigrateError as exc:
         report.fail(phase, exc)
         alerts.run_failed(environment, report, f"{phase} failed: {exc}")
         raise
     finally:
-        publish(_written(report, settings), environment, flow=FLOW)
+        if not suspended:
+            publish(_written(report, settings), environment, flow=FLOW)
     data = report.as_dict()
     return {**data["restore"], "dry_run": dry_run, "approval": data["approval"], "report": data}
 

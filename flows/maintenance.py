@@ -16,10 +16,12 @@ from flows.artifacts import BackupProgress, artifact_key, backup_line
 from flows.common import ends_failed_on_error, open_environment, phase_runner
 
 
-def checks_of_a_reachable_database(target, project, backup_dir, timeout: float) -> list[health.Check]:
-    """The health checks; an unreachable database raises its error (ConnectionFailed), which the
-    task retries, rather than a failed check nobody retries."""
-    checks = health.run(target, project, backup_dir, timeout)
+def checks_of_a_reachable_database(target, project, settings) -> list[health.Check]:
+    """The health checks (abandoned scratch databases on the scratch server too); an unreachable
+    database raises its error (ConnectionFailed), which the task retries, rather than a failed check
+    nobody retries."""
+    checks = health.run(target, project, settings.backup_dir, settings.connect_timeout,
+                        scratch_server=settings.scratch_server)
     if checks[0].refusal:
         raise checks[0].refusal
     return checks
@@ -49,8 +51,7 @@ def db_health(environment: str, credentials_block: str | None = None, alembic_co
     env = open_environment(environment, credentials_block, alembic_config)
     run = phase_runner(env.policy)
     project = env.settings.project(env.target)
-    checks = run("health_checks", checks_of_a_reachable_database, env.target, project, env.settings.backup_dir,
-                 env.settings.connect_timeout)
+    checks = run("health_checks", checks_of_a_reachable_database, env.target, project, env.settings)
     if health.passed(checks):
         pending = next((c for c in checks if c.name == "pending_revisions"), None)
         if pending is not None and pending.data.get("pending"):

@@ -18,7 +18,7 @@ from dbmigrate import auto_rollback, pipeline, revisions
 from dbmigrate.errors import MigrationFailed
 from flows import alerts, app_env, recovery
 from flows.artifacts import BackupProgress, publish
-from flows.common import approval_in_ui, ends_failed_on_error, open_environment, phase_runner
+from flows.common import approval_in_ui, ends_failed_on_error, open_environment, phase_runner, who_asked
 from flows.concurrency import one_run_per_environment
 
 
@@ -52,29 +52,32 @@ def db_migrate(
         credentials_block: Name of the DatabaseCredentials block; default the environment name. Never the password.
         backup_storage: Where backups go: s3-bucket/BLOCK or a directory; default DBMIGRATE_BACKUP_STORAGE.
         alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
-        requested_by: Who asked for this run (recorded in the report); default the worker's user.
+        requested_by: Who asked for this run (the report's requested_by); default the run's creator in Prefect.
         dbmigrate_executable: The application environment's own dbmigrate (installed there without Prefect), for an
             application whose pins conflict with Prefect's: the migration runs as that subprocess (flows/app_env.py).
     """
     logger = get_run_logger()
     env = open_environment(environment, credentials_block, alembic_config, backup_storage)
+    requester = who_asked(requested_by)
     if not dry_run:
         env.policy.check(backup)
-    if dbmigrate_executable:
-        with one_run_per_environment(environment, env.policy.guard_wait_s):
-            return app_env.migrate(env, dbmigrate_executable, alembic_config, target_revision, backup, dry_run,
-                                   skip_health_checks, skip_validation, requested_by or getpass.getuser())
+        env.policy.check_requester(requester)
+    if dbmigrate_executable:  # no automatic rollback there: the journal has nothing to undo
+        with (one_run_per_environment(environment, env.policy.guard_wait_s),
+              recovery.in_flight(environment, env.target, env.credentials_block) as journal):
+            return app_env.migrate(env, journal, dbmigrate_executable, alembic_config, target_revision, backup,
+                                   dry_run, skip_health_checks, skip_validation, requester or getpass.getuser())
     request = pipeline.Request(
         operation="upgrade", revision=target_revision, dry_run=dry_run, backup=backup,
         skip_health_checks=skip_health_checks, skip_validation=skip_validation,
         lint_blocking_level=env.policy.lint_blocking_level,
         rehearse=env.policy.rehearse,
-        **({"operator": requested_by} if requested_by else {}),
-        run_url=runtime.flow_run.ui_url,
+        run_url=alerts.flow_run_url(runtime.flow_run.id) or None,
+        requested_by=requester or "unknown",
     )
     progress = BackupProgress(environment)
     hooks = pipeline.Hooks(
-        confirm=approval_in_ui(env, request.operator),
+        confirm=approval_in_ui(env, requester),
         on_progress=progress,
         run_phase=phase_runner(env.policy),
         # the automatic rollback, run as the task "rollback"
@@ -84,7 +87,7 @@ def db_migrate(
     with (one_run_per_environment(environment, env.policy.guard_wait_s),
           recovery.in_flight(environment, env.target, env.credentials_block,
                              env.settings if env.policy.auto_rollback else None) as journal):
-        hooks.run_phase = journal.tracking(hooks.run_phase)
+        hooks.run_phase, hooks.interrupted = journal.tracking(hooks.run_phase), journal.interrupted
         outcome = pipeline.execute(env.target, env.settings, request, hooks)
         # Still in flight: a run cut short while publishing says in its final state where the database is.
         publish(outcome, environment, progress)

@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from uuid import UUID
 
@@ -46,9 +47,9 @@ from sqlalchemy import text
 from blocks import load_target
 from dbmigrate import db, fingerprint, guard, migrate, phases, revisions
 from dbmigrate.catalogue import Manifest
-from dbmigrate.errors import ConnectionFailed, DbMigrateError, first_line
+from dbmigrate.errors import ConnectionFailed, DbMigrateError, MigrationFailed, first_line
 from dbmigrate.migrate import SessionLimits
-from dbmigrate.pipeline import RunPhase
+from dbmigrate.pipeline import RunPhase, Suspended
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 from flows.artifacts import artifact_key  # the concurrency limit's name
@@ -57,7 +58,9 @@ LEASE_S = 300  # the lease Prefect's concurrency() takes, and concurrency.one_ru
 
 # The journal's phases, as the messages name them.
 PHASES = {"holding": "the checks before migrating", "planned": "approval, before migrating", "backup": "the backup",
-          "rehearsal": "the rehearsal on a restored copy", "migrate": "the migration", "rollback": "the automatic rollback", "restore": "the restore"}
+          "rehearsal": "the rehearsal on a restored copy", "migrate": "the migration",
+          "application": "the application's dbmigrate (backup, rehearsal, migration)",
+          "rollback": "the automatic rollback", "restore": "the restore"}
 
 
 def journal_name(environment: str) -> str:
@@ -79,6 +82,9 @@ def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
     rolls back automatically, so a run killed between revisions is downgraded to its start."""
     left = read(environment)
     if left and left.get("flow_run") != runtime.flow_run.id:
+        if _waits_for_approval(left):
+            raise MigrationFailed(f"concurrency failed: another run for {environment} waits for approval: "
+                                  f"'{left.get('name')}' (Suspended); approve, reject or cancel it first")
         get_run_logger().warning("run '%s' was interrupted during %s: %s.", left.get("name"), _phase(left),
                                  database_state(left))
     with _presence(target) as present:
@@ -88,7 +94,21 @@ def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
         except DbMigrateError:
             journal.close()
             raise
+        except Suspended:  # waits for approval with neither the slot nor a process: nothing to free, nobody to find
+            journal.phase("planned", lease=None, present=False)
+            raise
         journal.close()
+
+
+def _waits_for_approval(entry: dict) -> bool:
+    """The journal's run is suspended for approval (it holds no slot and no process while it
+    waits, see flows.common.ask_in_ui) and may still be answered: the environment is its."""
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(entry["flow_run"])).state
+    if state is None or not state.is_paused():
+        return False
+    expires = state.state_details.pause_timeout
+    return expires is None or expires > datetime.now(timezone.utc)
 
 
 def presence_name(flow_run_id: str) -> str:
@@ -131,6 +151,18 @@ class Journal:
     def phase(self, name: str, **fields) -> None:
         self.entry.update(phase=name, **fields)
         self._save()
+
+    def interrupted(self, phase: str, exc: BaseException) -> str | None:
+        """The pipeline's ``interrupted`` hook: the report of a run cut short (cancelled from the
+        UI, its worker gone) says so in the words its final state will have."""
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(UUID(self.entry["flow_run"])).state
+            cancelled = state is not None and (state.is_cancelling() or state.is_cancelled())
+            return interruption(self.entry, "cancelled" if cancelled else f"interrupted ({type(exc).__name__})")
+        except Exception as error:  # the report is still written, with the exception's own words
+            get_run_logger().warning("could not tell where the interrupted run left the database: %s", error)
+            return None
 
     def close(self) -> None:
         """The run ended on its own: nothing for anyone to recover."""
@@ -217,6 +249,12 @@ def free_if_forgotten(entry: dict) -> bool:
                 raise
         client.release_concurrency_slots([artifact_key(entry["environment"])], 1, held_s)
     return True
+
+
+def interruption(entry: dict, how: str) -> str:
+    """``Run cancelled during the migration: database at r1, ...``: the final state's message
+    and the report's error of a run cut short."""
+    return f"Run {how} during {_phase(entry)}: {database_state(entry)}"
 
 
 def database_state(entry: dict) -> str:
@@ -306,11 +344,10 @@ def on_interrupted(flow, flow_run, state) -> None:
     entry = read(environment)
     if not entry or entry.get("flow_run") != str(flow_run.id):
         return  # the run never held the slot, or released it itself
-    where = database_state(entry)
     cancelled = state.is_cancelling() or state.is_cancelled()
     # Prefect's own crash message, first sentence: "Process exited with status code: -9".
     how = "cancelled" if cancelled else f"crashed ({(state.message or 'process died').split('. ')[0]})"
-    final = (Cancelled if cancelled else Crashed)(message=f"Run {how} during {_phase(entry)}: {where}.")
+    final = (Cancelled if cancelled else Crashed)(message=f"{interruption(entry, how)}.")
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(flow_run.id, final, force=True)
     release(entry)

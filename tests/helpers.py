@@ -83,14 +83,16 @@ def one_line_error(stderr: str) -> str:
 
 
 def run_cli(home: Path, *args: str, env: dict | None = None, input: str | None = None,
-            cwd: Path = REPO) -> subprocess.CompletedProcess:
+            cwd: Path = REPO, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess:
     """`python -m dbmigrate ARGS` with ``home`` as DBMIGRATE_HOME, as a user would run it: no
-    traceback, and no password in what it printed or in any report it wrote."""
+    traceback, and no password in what it printed or in any report it wrote. ``stdout``: a file
+    descriptor to print to instead of a pipe the test reads (``result.stdout`` is then "")."""
     environ = {**environ_without_db(), "DBMIGRATE_HOME": str(home), **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "dbmigrate", *args],
-        cwd=cwd, env=environ, input=input or "", capture_output=True, text=True, timeout=240,
+        cwd=cwd, env=environ, input=input or "", stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=240,
     )
+    result.stdout = result.stdout or ""
     assert_no_canary(result.stdout + result.stderr, f"the output of dbmigrate {' '.join(args[:1])}")
     assert "Traceback" not in result.stderr, result.stderr
     for report in reports_in(home):

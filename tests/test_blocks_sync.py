@@ -119,3 +119,56 @@ def test_sync_creates_a_bucket_pair_that_backups_go_to(sync, cli, target, prefec
     assert moved.stdout.splitlines()[:3] == [f"dbmigrate-database-credentials/{name}: unchanged",
                                              f"aws-credentials/{name}-aws: unchanged",
                                              f"s3-bucket/{name}-backups: updated: bucket_folder"]
+
+
+
+@pytest.mark.parametrize("variable, value, problem", [
+    ("DB_HOST", "db.example.com\n", "holds a control character (a newline?)"),
+    ("DB_HOST", "db'.example.com", "holds a quote"),
+    ("DB_HOST", "db.example.com ", "begins or ends with a space"),
+    ("DB_HOST", "db example com", "is not a host name, an IP address or a socket directory"),
+    ("DB_NAME", "x" * 100_000, "is 100000 bytes long: PostgreSQL names are at most 63"),
+    ("DB_NAME", "\u00e9" * 32, "is 64 bytes long: PostgreSQL names are at most 63"),
+    ("DB_USER", "postgres\nroot", "holds a control character (a newline?)"),
+    ("DB_USER", '"postgres"', "holds a quote"),
+], ids=["host newline", "host quote", "host trailing space", "host with spaces", "name of 100000", "name of 64 bytes",
+        "user newline", "user quoted"])
+def test_sync_refuses_a_host_or_name_no_connection_could_use(variable, value, problem, target, prefect_api):
+    from blocks.sync import sync_environment
+    from dbmigrate.errors import ConfigError
+
+    name = "env-" + uuid.uuid4().hex[:8]
+    with pytest.raises(ConfigError) as refused:
+        sync_environment(name, _variables(target, **{variable: value}), alerts=True)
+    assert str(refused.value) == f"{variable} {problem}: nothing was written"
+    with pytest.raises(ValueError):
+        _credentials(name)
+
+
+@pytest.mark.parametrize("environment", ["Staging", "e" * 64])
+def test_sync_refuses_an_environment_prefect_cannot_name_a_block_after(environment, target, prefect_api):
+    from blocks.sync import sync_environment
+    from dbmigrate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^not an environment name: .*it names Prefect blocks: up to 63 lowercase "
+                                          "letters, digits and -"):
+        sync_environment(environment, _variables(target))
+
+
+def test_sync_refuses_an_underscore_in_one_line_before_writing(sync, target):
+    """Prefect's block names allow no '_', though the environment's own name check did."""
+    result = sync("my_env", _variables(target))
+    assert result.returncode == 2
+    assert one_line_error(result.stderr) == ("dbmigrate: error: not an environment name: 'my_env' (it names Prefect "
+                                             "blocks: up to 63 lowercase letters, digits and -)")
+    with pytest.raises(ValueError):
+        _credentials("my_env")
+
+
+def test_sync_takes_a_socket_directory_and_an_ipv6_address(target, prefect_api):
+    from blocks.sync import sync_environment
+
+    for host in ("/var/run/postgresql", "::1"):
+        name = "env-" + uuid.uuid4().hex[:8]
+        sync_environment(name, _variables(target, DB_HOST=host))
+        assert _credentials(name).host == host

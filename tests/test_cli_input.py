@@ -265,6 +265,20 @@ def test_staging_works_as_before(cli, environment, prefect_api, target, at_0005,
 
 
 
+def test_the_requester_may_not_approve_where_the_policy_says_so(cli, environment, prefect_api, target, at_0005):
+    """Item 19 on the command line: the user running it asked for the change."""
+    import getpass
+
+    environment("production", cli_changes_allowed=True, approver_must_differ=True)
+    refused = cli("downgrade", "-r", "0004", "--backup", "--approver", getpass.getuser(), "--env", "production",
+                  env={"PREFECT_API_URL": prefect_api})
+    assert refused.returncode != 0
+    assert one_line_error(refused.stderr) == (
+        f"dbmigrate: error: {getpass.getuser()} asked for this run and may not approve it too: this environment "
+        "requires someone else to approve: nothing was changed"), refused.stderr
+    assert fingerprint_of(target) == at_0005
+
+
 def test_on_a_terminal_the_approver_gives_a_name(environment, prefect_api, target, at_0005, home):
     from tests.pgcluster import environ_without_db
 

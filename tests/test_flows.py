@@ -281,6 +281,44 @@ def test_staging_restores_the_backup_when_the_downgrade_fails(environment, targe
         "the run log survives the project's env.py (stock template: fileConfig)"
 
 
+def test_who_asked_is_recorded_and_may_not_approve_where_the_policy_says_so(environment, target, home, tmp_path):
+    """Item 19: the report names who asked (the GitHub workflow's requested_by), not the worker's
+    user; with approver_must_differ, the requester's own approval is refused saying why, someone
+    else's goes through, and a run that does not say who asked is refused before anything."""
+    import getpass
+
+    name = environment("production", approver_must_differ=True, rehearse=False)
+    ini = str(stock_project(tmp_path, linear(table_step("t1"))))
+    before = fingerprint_of(target)
+    asked = "alice (GitHub Actions run 7)"
+
+    state = run_flow(environment=name, alembic_config=ini)
+    assert state.is_failed() and state.message == (
+        "this environment requires someone other than who asked for a run to approve it: say who asks (requested_by)")
+    assert reports_in(home) == [] and fingerprint_of(target) == before
+
+    seen = {}
+    answer = threading.Thread(target=_resume_when_paused, args=({"decision": "approve", "approver": "Alice"}, seen))
+    answer.start()
+    state = run_flow(environment=name, alembic_config=ini, requested_by=asked)
+    answer.join()
+    assert state.is_failed() and state.message == ("approval failed: Alice asked for this run and may not approve "
+                                                   "it too: this environment requires someone else to approve: "
+                                                   "nothing was changed")
+    assert fingerprint_of(target) == before
+    report = last_report(home)
+    assert (report["requested_by"], report["operator"]) == (asked, getpass.getuser())
+
+    answer = threading.Thread(target=_resume_when_paused, args=({"decision": "approve", "approver": "Bob"}, seen))
+    answer.start()
+    state = run_flow(environment=name, alembic_config=ini, requested_by=asked)
+    answer.join()
+    assert state.is_completed(), state.message
+    report = last_report(home)
+    assert report["requested_by"] == asked and report["approval"]["approver"] == "Bob"
+    assert f"**requested by** {asked}" in artifact("db-migrate-production")
+
+
 def test_production_approval_that_times_out_changes_nothing(environment, target, home, tmp_path):
     ini = str(stock_project(tmp_path, linear(table_step("t1"))))
     before = fingerprint_of(target)
@@ -343,7 +381,7 @@ def test_db_rollback_to_a_revision_dry_run_first_then_approved(environment, targ
     assert fingerprint_of(target).revisions == ("r1",)
     report = last_report(home)
     assert (report["operation"], report["revision_before"], report["revision_after"]) == ("downgrade", "r2", "r1")
-    assert report["operator"] == "carol" and report["backup"]["id"], "a backup of the state before the downgrade"
+    assert report["requested_by"] == "carol" and report["backup"]["id"], "a backup of the state before the downgrade"
     assert report["approval"]["approver"] == "Frank" and report["approval"]["via"] == "prefect-ui"
     assert seen["description"].startswith("## Approve downgrade of production: r2 → r1\n")
     assert "DROP TABLE t2" in seen["description"], "the approver sees the downgrade's SQL"
@@ -483,12 +521,13 @@ def test_a_rollback_that_cannot_reach_the_database_says_so(environment, target, 
     finally:
         sql(target, f"DROP ROLE {role}")
     assert state.is_failed()
-    unknown = "could not read which revisions the database kept: run `dbmigrate status`"  # never a guess
+    # never a guess: r2 is reported because its COMMIT returned (one transaction per revision)
+    unknown = "revisions committed before: r2; could not read which revisions the database kept: run `dbmigrate status`"
     assert state.message.startswith(f"migrate failed: revision r3 failed: division by zero; {unknown}; "
                                     "rollback: rollback could not run: cannot connect to")
     report = last_report(home)
     assert report["error"]["message"] == f"revision r3 failed: division by zero; {unknown}"
-    assert report["migrations_applied"] == []
+    assert [step["revision"] for step in report["migrations_applied"]] == ["r2"]
     assert report["rollback"]["succeeded"] is False and report["revision_after"] is None
     assert fingerprint_of(target).revisions == ("r2",), "nothing pretended to roll back"
 

@@ -11,6 +11,7 @@ environment's concurrency slot free again within seconds, and a next run that wo
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, fill, fingerprint_of, save_environment, sql
+from tests.helpers import REPO, assert_no_canary, fill, fingerprint_of, last_report, save_environment, sql
 from tests.prefect_server import (
     MEMORY_LEASES,
     PrefectServer,
@@ -267,6 +268,11 @@ def test_worker_alone_sigkilled_mid_revision(server, worker, blocks, pg_cluster,
     run = ended(run_id, time.monotonic(), "SIGKILL of the worker alone")
     assert fingerprint_of(target).revisions == ("r3",)
     assert run.state.is_completed() or "database at r3, the target revision" in run.state.message, run.state
+    report = last_report(tmp_path / "worker-home")  # item 30 (c): it agrees with the database
+    assert [step["revision"] for step in report["migrations_applied"]] == ["r2", "r3"], report
+    assert report["revision_after"] == "r3"
+    assert report["status"] == "succeeded" or "database at r3, the target revision" in report["error"]["message"], \
+        report["error"]
     worker.start()
     next_run_completes(server, environment, ini, url)
 
@@ -284,6 +290,11 @@ def test_cancelled_from_the_ui_mid_migration(server, worker, blocks, pg_cluster,
     assert fingerprint_of(target) == before
     assert run.state.is_cancelled(), run.state
     says_in_the_end(run_id, "database at r1, its starting revision: nothing was applied")
+    report = last_report(tmp_path / "worker-home")  # item 27: the report says what the state says
+    assert report["error"] == {"type": "TerminationSignal", "phase": "migrate", "message": (
+        "Run cancelled during the migration: database at r1, its starting revision: nothing was applied")}
+    assert report["migrations_applied"] == [] and report["revision_after"] == "r1"
+    assert report["requested_by"] == "unknown", "not the worker's user: nobody said who asked"
     next_run_completes(server, environment, ini, url)
 
 
@@ -344,37 +355,61 @@ def test_server_with_in_memory_leases_restarted_mid_run(blocks, pg_cluster, db_n
         next_run_completes(memory, environment, ini, url)
 
 
-def test_worker_restarted_while_production_waits_for_approval(server, worker, blocks, target, tmp_path, cli, url):
-    """Stopping the worker kills the run's process without telling Prefect: the run shows
-    Paused and holds the slot. The next run finds its process gone (its presence connection
-    closed), ends it saying the database was not changed, and goes on."""
+def test_a_production_run_waiting_for_approval_survives_its_worker(server, worker, blocks, target, tmp_path, cli,
+                                                                  url):
+    """Item 30 (a, b): a run waiting for approval is suspended and holds no process, so its worker
+    restarted (SIGTERM), then lost with everything it started (SIGKILL), loses nothing; meanwhile the
+    environment stays the waiting run's. Approved, the run starts again on the new worker, reuses
+    the backup and rehearsal it did before it asked, and migrates."""
     from prefect.flow_runs import resume_flow_run
 
-    environment = blocks("production", approval_poll_s=1)
+    environment = blocks("production")
     ini = at_r1(tmp_path, cli, url, slow_s=0)
-    before = fingerprint_of(target)
     run_id = start_run(server, environment, ini)
-    wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")
-    flow_pids = worker.flow_run_pids()
+    wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to wait for approval")
+    wait_for(lambda: not worker.flow_run_pids(), 30, "the waiting run to hold no process")
     worker.stop(signal.SIGTERM)
     worker.start()
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in flow_pids), "the run's process outlived its worker"
-    assert flow_run(run_id).state.is_paused() and active_slots(environment) == 1
+    worker.kill_all()
+    worker.start()
 
-    started = time.monotonic()
-    next_id = start_run(server, environment, ini)
-    wait_for(lambda: flow_run(next_id).state.is_paused(), 120, "the next run to pause for approval")
-    reclaimed = time.monotonic() - started
-    run = flow_run(run_id)
-    print(f"\nworker restarted during approval: the next run paused for approval {reclaimed:.1f}s after it was "
-          f"created; the lost run: {run.state.name}: {run.state.message}")
-    assert run.state.is_crashed(), run.state
-    assert "during approval, before migrating" in run.state.message, run.state.message
-    assert "the database was not changed" in run.state.message
-    assert fingerprint_of(target) == before
-    resume_flow_run(next_id, run_input={"decision": "approve", "approver": "Alice Ops"})
-    assert final(next_id).state.is_completed(), run_log(next_id)
+    other = final(start_run(server, environment, ini), 120)
+    assert other.state.is_failed(), other.state
+    assert "waits for approval: 'production-head' (Suspended)" in other.state.message, other.state.message
+    assert flow_run(run_id).state.is_paused()
+    resume_flow_run(run_id, run_input={"decision": "approve", "approver": "Alice Ops"})
+    run = final(run_id, 180)
+    assert run.state.is_completed(), run_log(run_id)
     assert fingerprint_of(target).revisions == ("r3",)
+    report = last_report(tmp_path / "worker-home")
+    assert report["approval"]["approver"] == "Alice Ops" and report["migrations_applied"]
+    backups = list((tmp_path / "worker-home").rglob("*.dump"))
+    assert len(backups) == 1 and report["rehearsal"]["backup_id"] == report["backup"]["id"], \
+        f"one backup, rehearsed before the approval: {backups}"
+    assert active_slots(environment) == 0
+    for kept in (server.home / "storage").iterdir():  # the backup's and rehearsal's results Prefect kept
+        assert_no_canary(base64.b64decode(json.loads(kept.read_text())["result"]).decode("latin-1"), kept.name)
+
+
+def test_a_run_an_automation_created_records_it_as_who_asked(server, worker, blocks, tmp_path, cli, url):
+    """Item 19: the creator Prefect records for a run (here an automation's, as its run-deployment
+    action sends it) is the report's requested_by."""
+    import uuid
+
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    environment = blocks("staging")
+    ini = at_r1(tmp_path, cli, url, slow_s=0)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"db-migrate/{environment}")
+    created = httpx.post(f"{server.api_url}/deployments/{deployment.id}/create_flow_run",
+                         json={"parameters": {"environment": environment, "alembic_config": ini}},
+                         headers={"Prefect-Automation-ID": str(uuid.uuid4()),
+                                  "Prefect-Automation-Name": base64.b64encode(b"nightly upgrade").decode()})
+    run = final(created.json()["id"], 120)
+    assert run.state.is_completed(), run_log(str(run.id))
+    assert last_report(tmp_path / "worker-home")["requested_by"] == "nightly upgrade (automation)"
 
 
 @pytest.mark.parametrize("auto_rollback", [True, False], ids=["rolls-back", "says-between"])
@@ -452,3 +487,43 @@ def test_db_rollback_cancelled_from_the_ui_mid_downgrade(server, worker, blocks,
     assert run.state.is_cancelled(), run.state
     says_in_the_end(run_id, "during the migration: database at r3, its starting revision: nothing was applied")
     next_run_completes(server, environment, ini, url)
+
+
+def retry_from_the_ui(run_id: str) -> None:
+    """What the Prefect UI's Retry button sends (both UIs): the run Scheduled again, forced."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import AwaitingRetry
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, AwaitingRetry(message="Retry from the UI"), force=True)
+
+
+def paused_or_final(run_id: str):
+    state = flow_run(run_id).state
+    return state if state.is_paused() or state.is_final() else None
+
+
+def test_a_rejected_production_run_retried_from_the_ui_asks_again(server, worker, blocks, target, tmp_path, cli,
+                                                                  url):
+    """Item 17: the retried attempt asks for approval again (its own form), then migrates once
+    approved, and the in-flight journal is gone at the end."""
+    from flows import recovery
+    from prefect.flow_runs import resume_flow_run
+
+    environment = blocks("production", approval_poll_s=1)
+    ini = at_r1(tmp_path, cli, url, slow_s=0)
+    run_id = start_run(server, environment, ini)
+    wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")
+    resume_flow_run(run_id, run_input={"decision": "reject", "approver": "Bob"})
+    assert final(run_id).state.is_failed()
+
+    retry_from_the_ui(run_id)
+    asked = wait_for(lambda: paused_or_final(run_id), 120, "the retried run to ask again or end")
+    assert asked.is_paused(), f"{asked.name}: {asked.message}\n{run_log(run_id)}"
+    assert asked.message.startswith("waiting for approval of r1 → r3 in production"), asked.message
+    resume_flow_run(run_id, run_input={"decision": "approve", "approver": "Alice Ops"})
+    run = final(run_id)
+    assert run.state.is_completed(), run_log(run_id)
+    assert fingerprint_of(target).revisions == ("r3",)
+    assert recovery.read(environment) is None, "the in-flight journal was left behind"
+    assert active_slots(environment) == 0

@@ -13,6 +13,8 @@ TABLE = "op.create_table('{0}', sa.Column('id', sa.Integer, primary_key=True))"
 
 def test_overview_and_history_of_every_environment(cli, pg_cluster, target, prefect_api, home, tmp_path,
                                                    monkeypatch):
+    from prefect.settings import PREFECT_UI_URL
+
     from flows.migrate import db_migrate
 
     monkeypatch.setenv("DBMIGRATE_HOME", str(home))
@@ -41,7 +43,8 @@ def test_overview_and_history_of_every_environment(cli, pg_cluster, target, pref
         assert s["last_run"]["status"] == "succeeded" and s["last_run"]["target_revision"] == "r1"
         assert s["last_good_backup"]["revision"] is None  # taken before r1 was applied
         assert (d["current"], d["pending"], d["last_good_backup"]) == (["r2"], [], None)
-        assert d["last_run"]["status"] == "succeeded" and "/flow-run/" in d["last_run"]["link"]
+        assert d["last_run"]["status"] == "succeeded"
+        assert d["last_run"]["link"] == f"{PREFECT_UI_URL.value()}/runs/flow-run/{state.state_details.flow_run_id}"
         assert g["current"] is None and "127.0.0.1:1" in g["error"] and g["last_run"] is None
 
         text = cli("overview", "--alembic-config", ini, env={"PREFECT_API_URL": prefect_api}).stdout

@@ -258,3 +258,18 @@ def test_restore_into_a_new_database_without_its_dump(where, cli, url, pg_cluste
     assert result.returncode == 2
     assert one_line_error(result.stderr) == f"dbmigrate: error: backup '{manifest['id']}' is damaged (dump missing): choose another one"
     assert set(pg_cluster.databases()) == existing
+
+
+def test_restore_over_the_original_checks_the_row_counts_before_its_commit(cli, url, target, home):
+    """Issue 15 item 28: the manifest says 49 rows, the dump holds 50: rolled back, the original as it was."""
+    fill(target, 50)
+    manifest = backup_via_cli(cli, url)
+    path = home / "backups" / catalogue.manifest_key(manifest["key"])
+    path.write_text(json.dumps({**manifest, "row_counts": {"public.payload": 49}}))
+    sql(target, "DELETE FROM payload WHERE id <= 10; CREATE TABLE added_later (id int)")
+    before = fingerprint_of(target)
+    result = cli("restore", manifest["id"], "--yes", env={"DATABASE_URL": url})
+    assert result.returncode == 1
+    assert one_line_error(result.stderr) == ("dbmigrate: error: restore failed, database left as it was: row counts "
+                                             "after the restore differ from the manifest in public.payload")
+    assert fingerprint_of(target) == before

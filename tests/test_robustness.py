@@ -40,14 +40,14 @@ def wait_for(condition, what: str, timeout: float = 30):
     pytest.fail(f"gave up waiting for {what}")
 
 
-def sleeping_project(tmp_path, first_revision_locks: bool = False):
+def sleeping_project(tmp_path, first_revision_locks: bool = False, transaction_per_migration: bool = False):
     """r1 creates t1; r2 creates t2; r3 (optionally locking t1 first) sleeps 30 s."""
     slow = ("op.execute('LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE'); " if first_revision_locks else "") + SLEEP
     return str(stock_project(tmp_path, linear(
         "op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))",
         "op.create_table('t2', sa.Column('id', sa.Integer, primary_key=True))",
         slow,
-    )))
+    ), transaction_per_migration=transaction_per_migration))
 
 
 # -- item 2: several rows in alembic_version ------------------------------------------------------
@@ -169,6 +169,27 @@ def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
     assert report["revision_after"] is None
     assert any(w.startswith(KEPT_UNKNOWN) for w in report["warnings"])
     assert fingerprint_of(own_target).revisions == ("r1",)
+
+
+def test_server_killed_after_a_revision_committed(own_cluster, own_target, home, tmp_path):
+    """Issue 15 item 25: one transaction per revision; r2's COMMIT returned before the server died in r3."""
+    ini = sleeping_project(tmp_path, transaction_per_migration=True)
+    env = {"DATABASE_URL": libpq_url(own_target)}
+    assert finish(start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
+    proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
+    wait_for(lambda: backends(own_cluster, own_target.database, "SELECT pg_sleep%"), "r3 to run")
+
+    result = _kill_and_restart(own_cluster, proc)
+
+    assert result.returncode == 1
+    error = one_line_error(result.stderr)
+    assert error == (f"dbmigrate: error: revision r3 failed: lost the connection to {own_target.where}: server closed "
+                     f"the connection; revisions committed before: r2; {KEPT_UNKNOWN}")
+    assert "applied:  r2  step 2" in result.stdout
+    report = last_report(home)
+    assert [step["revision"] for step in report["migrations_applied"]] == ["r2"], "its COMMIT returned"
+    assert report["revision_after"] is None
+    assert fingerprint_of(own_target).revisions == ("r2",)
 
 
 def test_server_killed_mid_backup(own_cluster, own_target, home, tmp_path):

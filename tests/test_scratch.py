@@ -132,11 +132,21 @@ def least_privileged(pg_cluster):
     sql(admin, f"DROP ROLE {role}")
 
 
+SCRATCH_ROLE = "scratcher"
+
+
 @pytest.fixture(scope="module")
 def scratch_cluster(tmp_path_factory):
-    """A server of their own for the scratch databases: the production roles do not exist there."""
+    """A server of their own for the scratch databases: the production roles do not exist there;
+    dbmigrate logs in as SCRATCH_ROLE, which may CREATE DATABASE and nothing more."""
     with pgcluster.running(tmp_path_factory.mktemp("scratch-pg")) as cluster:
+        sql(cluster.target("postgres"),
+            f"CREATE ROLE {SCRATCH_ROLE} LOGIN NOSUPERUSER CREATEDB PASSWORD '{CANARY_PASSWORD}'")
         yield cluster
+
+
+def scratch_login(cluster) -> DatabaseTarget:
+    return DatabaseTarget(cluster.url("postgres").set(username=SCRATCH_ROLE), "scratch")
 
 
 ADVICE = ('grant it (ALTER ROLE "{role}" CREATEDB), or give dbmigrate a server of its own for scratch databases '
@@ -173,7 +183,7 @@ def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a
         f"permission denied to create database: {ADVICE.format(role=role)}")
     assert not list((home / "backups").rglob("*.dump")), "an unverified backup is not kept"
 
-    env["DBMIGRATE_SCRATCH_URL"] = libpq_url(scratch_cluster.target("postgres"))
+    env["DBMIGRATE_SCRATCH_URL"] = libpq_url(scratch_login(scratch_cluster))
     drifted = cli("drift", "--alembic-config", ini, env=env)
     assert drifted.returncode == 0 and drifted.stdout.startswith("no drift"), drifted.stderr
     verified = cli("backup", "--verify-restore", "--json", env=env)
@@ -185,6 +195,7 @@ def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a
     assert step["revision"] == "r2" and step["tables_rewritten"] == {"public.t": 50}
     checked = {c["name"]: c for c in report["health_checks"]}["scratch_server"]
     assert checked["status"] == "ok" and checked["data"]["server"] == f"127.0.0.1:{scratch_cluster.port}"
+    assert checked["data"]["role"] == SCRATCH_ROLE  # CREATEDB, not a superuser
     assert scalar(target, "SELECT version_num FROM alembic_version") == "r2"
     assert scratch_databases(scratch_cluster) == [] and scratch_databases(pg_cluster) == []
 
@@ -202,8 +213,8 @@ def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a
 
 def test_the_production_policy_checks_createdb_before_the_backup_and_rehearses_on_its_scratch_server_block(
         prefect_api, least_privileged, scratch_cluster, pg_cluster, home, cli, tmp_path, monkeypatch):
-    from blocks import DatabaseCredentials, EnvironmentPolicy
-    from tests.test_flows import run_flow
+    from blocks import DatabaseCredentials, EnvironmentPolicy, environments
+    from tests.test_flows import run_flow, run_named
 
     monkeypatch.setenv("DBMIGRATE_HOME", str(home))
     target, role = least_privileged, least_privileged.url.username
@@ -221,7 +232,7 @@ def test_the_production_policy_checks_createdb_before_the_backup_and_rehearses_o
     assert not list((home / "backups").rglob("*.dump")), "refused before any backup was written"
     assert fingerprint_of(target) == before and last_report(home)["error"]["phase"] == "health_checks"
 
-    DatabaseCredentials(host="127.0.0.1", port=scratch_cluster.port, database="postgres", username="postgres",
+    DatabaseCredentials(host="127.0.0.1", port=scratch_cluster.port, database="postgres", username=SCRATCH_ROLE,
                         password=CANARY_PASSWORD, sslmode="disable", connect_timeout=5).save(f"{name}-scratch")
     EnvironmentPolicy(**quick, scratch_server=f"{name}-scratch").save(name, overwrite=True)
     state = run_flow(environment=name, alembic_config=ini)
@@ -229,3 +240,41 @@ def test_the_production_policy_checks_createdb_before_the_backup_and_rehearses_o
     report = last_report(home)
     assert [s["revision"] for s in report["rehearsal"]["steps"]] == ["r2"] and report["revision_after"] == "r2"
     assert scratch_databases(scratch_cluster) == [] and scratch_databases(pg_cluster) == []
+
+    # The command line's --env uses the policy's scratch_server too, for every command.
+    env = {"PREFECT_API_URL": prefect_api}
+    drifted = cli("drift", "--env", name, "--alembic-config", ini, env=env)
+    assert drifted.returncode == 0 and drifted.stdout.startswith("no drift"), drifted.stderr
+    verified = cli("backup", "--verify-restore", "--env", name, "--json", env=env)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["verified"], verified.stderr
+
+    # The scratch server's block is no environment of its own.
+    assert name in environments() and f"{name}-scratch" not in environments()
+
+    # A killed run's scratch database on the scratch server: health and db-health name it there.
+    left = db.scratch_database(target, "drift", 10, scratch_login(scratch_cluster)).database
+    try:
+        checked = cli("health", "--env", name, "--alembic-config", ini, "--json", env=env)
+        assert checked.returncode == 0, checked.stderr
+        nightly = run_named("db-health", environment=name, alembic_config=ini, check_drift=False)
+        assert nightly.is_completed(), nightly.message
+        for checks in (json.loads(checked.stdout)["checks"], nightly.result()):
+            found = {c["name"]: c for c in checks}["scratch_databases"]
+            assert found["status"] == "warn", found
+            assert found["data"]["servers"][f"127.0.0.1:{scratch_cluster.port}"] == [left]
+            assert f"{left} on 127.0.0.1:{scratch_cluster.port}" in found["detail"]
+    finally:
+        scratch_cluster.drop_database(left)
+
+
+def test_on_a_scratch_server_without_the_production_role_a_revision_granting_to_it_fails_the_rehearsal(
+        cli, least_privileged, scratch_cluster, tmp_path):
+    """The limit the README states: the production roles are not on the scratch server."""
+    target, role = least_privileged, least_privileged.url.username
+    ini = at_r1_with_rows(tmp_path, cli, target, f'op.execute("GRANT SELECT ON t TO {role}")')
+    env = {"DATABASE_URL": libpq_url(target), "DBMIGRATE_SCRATCH_URL": libpq_url(scratch_login(scratch_cluster))}
+    rehearsed = cli("rehearse", "--alembic-config", ini, env=env)
+    assert rehearsed.returncode == 1, rehearsed.stderr
+    assert f'role "{role}" does not exist' in rehearsed.stdout + rehearsed.stderr
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r1"
+    assert scratch_databases(scratch_cluster) == []

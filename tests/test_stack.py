@@ -78,6 +78,13 @@ def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(st
     # Prefect's database (the key that decrypts the blocks), the logs, the run's backup and report: owner-only.
     assert (stack.home / "prefect" / "prefect.db").exists() and any((stack.home / "backups").rglob("*.json"))
     assert open_to_others(stack.home) == []
+    # the command line, with no --env or URL, looks at the database the demo migrated
+    status = stack.cli("status")
+    assert status.returncode == 0 and status.stderr == "", status.stderr
+    where, *state = status.stdout.splitlines()[:4]
+    assert where.endswith(f":{stack.pg_port}/development (development)"), where
+    assert state == [f"current:  {SAMPLE_HEAD}", f"head:     {SAMPLE_HEAD}", "pending:  0"]
+    assert stack.cli("check").stdout == f"up to date: database at {SAMPLE_HEAD}\n"
 
     pids = stack.pids()
     gone = _watch_exits(pids)
@@ -152,10 +159,15 @@ def test_local_up_refuses_busy_ports_and_starts_nothing(home):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        busy_line = (f"dbmigrate: error: port {port} on 127.0.0.1 is busy: choose another with --prefect-port, or "
+                     "DBMIGRATE_PREFECT_PORT=PORT (make demo PREFECT_PORT=PORT)\n")
         refused = run_cli(home, "local", "up", "--prefect-port", str(port))
-        assert refused.returncode == 2
-        assert refused.stderr == f"dbmigrate: error: port {port} on 127.0.0.1 is busy: choose another with " \
-                                 "--prefect-port\n"
+        assert refused.returncode == 2 and refused.stderr == busy_line
+        by_variable = run_cli(home, "local", "up", env={"DBMIGRATE_PREFECT_PORT": str(port)})
+        assert by_variable.returncode == 2 and by_variable.stderr == busy_line
+        demo = subprocess.run(["make", "demo", f"PREFECT_PORT={port}", f"DBMIGRATE_HOME={home}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert demo.returncode != 0 and busy_line in demo.stderr, demo.stdout + demo.stderr
         assert run_cli(home, "local", "status").returncode == 1
 
         pg = run_cli(home, "local", "start", "--pg-port", str(port))
