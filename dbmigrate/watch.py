@@ -77,7 +77,14 @@ def cancel(run_id: UUID, why: str, say: Say):
     from prefect.states import State
 
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(run_id, State(type=StateType.CANCELLING, message=why))
+        if client.read_flow_run(run_id).state.is_paused():
+            # Suspended for approval: no process runs it, so no cancellation hook will say where the
+            # database is; it was not changed (nothing migrates before the approval).
+            client.set_flow_run_state(run_id, State(type=StateType.CANCELLED, message=(
+                f"Run cancelled during approval, before migrating: the database was not changed ({why})")),
+                force=True)
+        else:
+            client.set_flow_run_state(run_id, State(type=StateType.CANCELLING, message=why))
     say(f"{why}: cancelling flow run {run_id}")
     return follow(run_id, say, timeout_s=CANCEL_WAIT_S)
 

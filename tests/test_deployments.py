@@ -121,7 +121,7 @@ def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(deployed, en
     assert flow_run.name == "staging-head" and "staging" in flow_run.tags
     assert fingerprint_of(target).revisions == ("r1",)
     report = last_report(home)
-    assert report["operator"] == "octocat (GitHub Actions run 1)" and report["backup"]["verified"] is False
+    assert report["requested_by"] == "octocat (GitHub Actions run 1)" and report["backup"]["verified"] is False
 
     # The staging deployment, its parameters overridden to reach production: refused, nothing touched.
     production = environment("production", approval_timeout_s=5)

@@ -116,7 +116,7 @@ def test_the_workflow_step_migrates_staging_and_fetches_the_report(stack, prefec
     report = json.loads((tmp_path / "staging" / "workspace" / job.output("report")).read_text())
     assert (report["status"], report["environment"], report["revision_after"]) == ("succeeded", "staging",
                                                                                   SAMPLE_HEAD)
-    assert report["operator"] == "octocat (GitHub Actions run 4242)"
+    assert report["requested_by"] == "octocat (GitHub Actions run 4242)"
     assert job.summary.startswith("### db-migrate/staging: Completed")
 
 

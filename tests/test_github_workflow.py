@@ -235,7 +235,7 @@ def test_a_good_run_with_an_all_digit_revision(server, staging, target, tmp_path
     assert saved.startswith("migration-reports/"), "where the upload step looks"
     assert fetched in worker_reports(server), "the report as the run wrote it, byte for byte"
     report = json.loads(fetched)
-    assert report["operator"] == "octocat (GitHub Actions run 4242)" and report["revision_after"] == "12"
+    assert report["requested_by"] == "octocat (GitHub Actions run 4242)" and report["revision_after"] == "12"
     summary = job.summary
     assert summary.startswith(f"### {MIGRATE}: Completed")
     assert "` 11 ` → ` 12 ` (target ` 12 `)" in summary and f"{report['duration_s']} s" in summary
@@ -386,7 +386,7 @@ def test_dbmigrate_run_shows_where_to_approve_and_ctrl_c_cancels_the_run(server,
         printed = "".join(lines)
         [run_id] = re.findall(rf"^flow run \S+ \(([0-9a-f-]{{36}})\) of {MIGRATE}: ", printed, re.MULTILINE)
         assert flow_run(run_id).state.is_paused()
-        assert "Paused: waiting for approval of 11 → 13 in staging" in printed
+        assert ": waiting for approval of 11 → 13 in staging" in printed
         assert f"approve or reject it at {server.api_url.removesuffix('/api')}/runs/flow-run/{run_id}" in printed
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=120)
