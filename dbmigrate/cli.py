@@ -929,19 +929,27 @@ def cmd_blocks(args, settings: Settings, database: Database) -> int:
     return 0
 
 
-def _environments(args, database: Database) -> list[DatabaseTarget]:
+def _environments(args, database: Database) -> tuple[list[DatabaseTarget], list[dict]]:
     """overview's environments: every DatabaseCredentials block where a Prefect API is set
-    (PREFECT_API_URL) and no one database is named; else the one database."""
+    (PREFECT_API_URL) and no one database is named; else the one database. A block that cannot be
+    loaded is listed with why, not allowed to hide the others."""
     if args.url or args.env or os.environ.get("DATABASE_URL") or not os.environ.get("PREFECT_API_URL"):
-        return [database()]
+        return [database()], []
     with needs_prefect("dbmigrate overview of every environment"):
         from blocks import environments, load_target, require_api  # imports Prefect: only on this path
     require_api()
-    return [load_target(name) for name in environments()]
+    targets, unloadable = [], []
+    for name in environments():
+        try:
+            targets.append(load_target(name))
+        except ConfigError as exc:
+            unloadable.append(overview.unloadable(name, str(exc)))
+    return targets, unloadable
 
 
 def cmd_overview(args, settings: Settings, database: Database) -> int:
-    states = overview.overview(_environments(args, database), settings)
+    targets, unloadable = _environments(args, database)
+    states = overview.overview(targets, settings) + unloadable
     if args.json:
         _print_json(states)
     else:

@@ -38,6 +38,12 @@ def _runs_of(reports: list[dict], target: DatabaseTarget) -> list[dict]:
             and (r.get("database") or {}).get("name") == target.database]
 
 
+def unloadable(environment: str, why: str) -> dict:
+    """An environment whose block cannot be loaded, in overview's shape."""
+    return {"environment": environment, "database": None, "current": None, "heads": None, "pending": None,
+            "last_run": None, "last_good_backup": None, "error": why}
+
+
 def overview(targets: list[DatabaseTarget], settings: Settings) -> list[dict]:
     """Per environment: its revision, the heads, what is pending, the last run and its outcome,
     the newest restorable backup; a database that cannot be read says why in ``error``."""
@@ -74,7 +80,7 @@ def overview(targets: list[DatabaseTarget], settings: Settings) -> list[dict]:
 def overview_lines(states: list[dict]) -> list[str]:
     lines = []
     for s in states:
-        lines.append(f"{s['environment']}  ({s['database']})")
+        lines.append(f"{s['environment']}  ({s['database'] or 'its block could not be loaded'})")
         if s["error"]:
             lines.append(f"  error:    {s['error']}")
         else:

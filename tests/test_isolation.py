@@ -41,8 +41,10 @@ def test_a_revision_connecting_from_the_environment_reaches_only_the_copy(cli, u
     assert scalar(target, FIXED) == 0 and scratch_databases(target) == []
     # The lint renders the revision offline, which runs its upgrade(): read-only there.
     linted = cli("lint", "--json", "--alembic-config", ini, env=env)
-    assert linted.returncode == 0, linted.stderr
-    assert "read-only transaction" in json.loads(linted.stdout)["revisions"][0]["not_linted"]
+    assert linted.returncode == 1, linted.stderr  # unrendered is unlinted: a finding at the blocking level
+    [revision] = json.loads(linted.stdout)["revisions"]
+    assert "read-only transaction" in revision["not_linted"]
+    assert [finding["rule"] for finding in revision["findings"]] == ["unrenderable"]
     dry_run = cli("upgrade", "--dry-run", "--alembic-config", ini, env=env)
     assert dry_run.returncode == 2 and one_line_error(dry_run.stderr) == (
         "dbmigrate: error: the SQL cannot be rendered offline: cannot execute UPDATE in a read-only transaction")
@@ -186,6 +188,6 @@ def test_the_flow_rehearses_a_data_fix_on_the_copy_and_shows_why_it_has_no_sql(
     page = seen["description"]
     no_sql = "-- the SQL cannot be rendered offline: cannot execute UPDATE in a read-only transaction"
     assert f"```sql\n{readable_sql(no_sql)}\n```" in page  # wrapped to the form's width
-    assert "- `r2` not linted: cannot be rendered offline: cannot execute UPDATE in a read-only transaction" in page
+    assert "not linted: cannot be rendered offline: cannot execute UPDATE in a read-only transaction" in page
     assert "### Rehearsed on a copy restored from backup `" in page
     assert sql(target, "SELECT id, n FROM t WHERE n < 0 ORDER BY id") == FIXED_ONCE
