@@ -515,14 +515,17 @@ def test_a_rejected_production_run_retried_from_the_ui_asks_again(server, worker
     run_id = start_run(server, environment, ini)
     wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")
     resume_flow_run(run_id, run_input={"decision": "reject", "approver": "Bob"})
-    assert final(run_id).state.is_failed()
+    # A suspended run holds no process: answered, it waits for a worker to start it again (seen over 90 s
+    # at the end of the full suite, 38 s in another full run).
+    rejected = final(run_id, timeout=240)
+    assert rejected.state.is_failed(), run_log(run_id)
 
     retry_from_the_ui(run_id)
     asked = wait_for(lambda: paused_or_final(run_id), 120, "the retried run to ask again or end")
     assert asked.is_paused(), f"{asked.name}: {asked.message}\n{run_log(run_id)}"
     assert asked.message.startswith("waiting for approval of r1 → r3 in production"), asked.message
     resume_flow_run(run_id, run_input={"decision": "approve", "approver": "Alice Ops"})
-    run = final(run_id)
+    run = final(run_id, timeout=240)
     assert run.state.is_completed(), run_log(run_id)
     assert fingerprint_of(target).revisions == ("r3",)
     assert recovery.read(environment) is None, "the in-flight journal was left behind"
