@@ -27,6 +27,15 @@ SAMPLE_CONFIG = REPO / "alembic.ini"
 SAMPLE_HEAD = "0006"
 
 
+def documented_commands(page: str, heading: str) -> list[str]:
+    """The commands of the first bash block under ``heading`` of ``page`` (a path from the repository's
+    root: README.md, docs/OPERATORS.md), as written there, so a test runs what users are shown."""
+    text = (REPO / page).read_text()
+    section = text[text.index(f"\n{heading}\n"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    return [line for line in block[:block.index("```")].splitlines() if line.strip()]
+
+
 def assert_no_canary(text: str, where: str) -> None:
     for form in (CANARY_PASSWORD, quote(CANARY_PASSWORD, safe="")):
         assert form not in text, f"the password leaked into {where}"

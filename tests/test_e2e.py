@@ -20,7 +20,7 @@ import pytest
 
 from tests import browser
 from tests.github_actions import Workflow, event_context, run_job, workspace
-from tests.helpers import REPO, SAMPLE_HEAD, fingerprint_of
+from tests.helpers import REPO, SAMPLE_HEAD, documented_commands, fingerprint_of
 from tests.local_stack import alive, running
 from tests.prefect_server import wait_until
 
@@ -72,14 +72,6 @@ def test_an_environment_set_up_from_variables(stack, prefect_api):
     assert (synced_target.host, synced_target.port, synced_target.database) == ("127.0.0.1", stack.pg_port, "staging")
 
 
-def guide_commands(heading: str) -> list[str]:
-    """The commands of the README's bash block under ``heading`` (the operator's guide), as written."""
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index(f"\n{heading}\n"):]
-    block = section[section.index("```bash\n") + len("```bash\n"):]
-    return [line for line in block[:block.index("```")].splitlines() if line.strip()]
-
-
 def run_as_written(stack, command: str) -> subprocess.CompletedProcess:
     """``command`` in bash from the checkout, as an operator runs it after `eval "$(dbmigrate local env)"`."""
     environ = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -92,15 +84,15 @@ def run_as_written(stack, command: str) -> subprocess.CompletedProcess:
 
 
 def test_the_guides_commands_run_as_written(stack, prefect_api):
-    """Steps 4 and 7 of the README's operator's guide, command by command, on the stack's staging."""
+    """Steps 4 and 7 of the operator's guide (docs/OPERATORS.md), command by command, on the stack's staging."""
     staging = stack.target("staging")
-    migrate_to_0005, migrate_to_head = guide_commands("### 4. Run a migration")
+    migrate_to_0005, migrate_to_head = documented_commands("docs/OPERATORS.md", "## 4. Run a migration")
     run_as_written(stack, migrate_to_0005)
     assert fingerprint_of(staging).revisions == ("0005",)
     run_as_written(stack, migrate_to_head)
     assert fingerprint_of(staging).revisions == (SAMPLE_HEAD,)
 
-    roll_back, back_up, list_backups = guide_commands("### 7. Roll back, restore a backup")
+    roll_back, back_up, list_backups = documented_commands("docs/OPERATORS.md", "## 7. Roll back, restore a backup")
     run_as_written(stack, roll_back)
     assert fingerprint_of(staging).revisions == ("0005",)
     run_as_written(stack, back_up)
