@@ -22,9 +22,9 @@ from dbmigrate.target import DRIVER, DatabaseTarget
 
 # Environment names become tags, artifact keys, concurrency-limit names and backup paths.
 ENVIRONMENT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-# Where the UI sends a reader of these blocks: the README's "Environments (Prefect blocks)" section.
+# Where the UI sends a reader of these blocks: docs/ENVIRONMENTS.md, "Environments (Prefect blocks)".
 # The project has no public home yet: set the real repository here when it has one.
-DOCUMENTATION_URL = "https://github.com/dbmigrate/dbmigrate#environments-prefect-blocks"
+DOCUMENTATION_URL = "https://github.com/dbmigrate/dbmigrate/blob/main/docs/ENVIRONMENTS.md#environments-prefect-blocks"
 
 
 class DatabaseCredentials(Block):
@@ -160,7 +160,7 @@ def load_target(name: str) -> DatabaseTarget:
         block = DatabaseCredentials.load(name)
     except ValueError:
         raise ConfigError(
-            f"no DatabaseCredentials block named '{name}' (create one, see README 'Environments')"
+            f"no DatabaseCredentials block named '{name}' (create one, see docs/ENVIRONMENTS.md#environments-prefect-blocks)"
         ) from None
     except Exception as exc:
         if isinstance(exc.__cause__, ValidationError):  # Prefect wraps a document that does not validate

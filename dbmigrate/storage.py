@@ -308,7 +308,7 @@ def open_storage(spec: str | None, home: Path) -> Storage:
             raise ConfigError(
                 f"no S3Bucket block named '{name}': create it (`dbmigrate blocks sync --env ENV --from-env` with "
                 f"BACKUP_BUCKET set, or a prefect-aws S3Bucket block saved as '{name}' in the Prefect UI), or give "
-                "another backup storage (README 'Backups')") from None
+                "another backup storage (see docs/BACKUPS.md#storage)") from None
         except Exception as exc:
             raise ConfigError(f"cannot load S3Bucket block '{name}' from the Prefect API: {first_line(exc)}") from None
         return S3Storage.from_block(block)

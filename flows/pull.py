@@ -38,7 +38,7 @@ def checkout(variable: str = CHECKOUT_VARIABLE) -> Path:
     value = os.environ.get(variable, "").strip()
     if not value:
         raise ConfigError(f"{variable} is not set in the worker's environment: set it to the absolute path of "
-                          f"the checkout of {PROJECT} the flows run from (README 'Deploying')")
+                          f"the checkout of {PROJECT} the flows run from (see docs/PREFECT.md#deploying)")
     directory = Path(value).expanduser()
     if not directory.is_absolute():
         raise ConfigError(f"{variable}={value} is not an absolute path: set it to the absolute path of "

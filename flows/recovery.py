@@ -168,7 +168,7 @@ class Journal:
         """The run ended on its own: nothing for anyone to recover."""
         if free_if_forgotten(self.entry):
             get_run_logger().warning("the Prefect server forgot this run's concurrency lease (restarted with "
-                                     "in-memory lease storage: see README 'Deploying'); freed the %s slot by name",
+                                     "in-memory lease storage: see docs/PREFECT.md#deploying); freed the %s slot by name",
                                      self.environment)
         clear(self.environment, self.entry["flow_run"])
 

@@ -3,7 +3,7 @@ of the orchestration layer failing: processes we can SIGKILL, SIGTERM and restar
 
 The server keeps its SQLite database and its concurrency leases under its own
 PREFECT_HOME, so a restart on the same port finds the runs and the slots they hold;
-leases go to the filesystem lease storage, as README "Deploying" asks of a real server
+leases go to the filesystem lease storage, as docs/PREFECT.md "Deploying" asks of a real server
 (the default keeps them in memory and a restart forgets which run holds a slot).
 """
 
@@ -80,7 +80,7 @@ class PrefectServer:
 
 @dataclass
 class Worker:
-    """`prefect worker start --pool dbmigrate` as README "Deploying" runs it."""
+    """`prefect worker start --pool dbmigrate` as docs/PREFECT.md "Deploying" runs it."""
 
     server: PrefectServer
     environ: dict[str, str]

@@ -153,7 +153,7 @@ def test_a_worker_without_its_checkout_fails_the_run_naming_the_variable(deploye
     wrong = REPO / "flows"  # a directory of the checkout, not the checkout
     cases = [
         (without, ("DBMIGRATE_CHECKOUT is not set in the worker's environment: set it to the absolute path of "
-                   "the checkout of dbmigrate the flows run from (README 'Deploying')")),
+                   "the checkout of dbmigrate the flows run from (see docs/PREFECT.md#deploying)")),
         ({**without, "DBMIGRATE_CHECKOUT": str(wrong)},
          f"DBMIGRATE_CHECKOUT={wrong} is not a checkout of dbmigrate: no readable prefect.yaml there"),
     ]

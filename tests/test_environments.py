@@ -48,7 +48,7 @@ def test_env_errors_are_one_line(cli, staging, url):
     missing = cli("status", "--env", "nope", env=staging)
     assert missing.returncode == 2
     assert missing.stderr.strip() == (
-        "dbmigrate: error: no DatabaseCredentials block named 'nope' (create one, see README 'Environments')"
+        "dbmigrate: error: no DatabaseCredentials block named 'nope' (create one, see docs/ENVIRONMENTS.md#environments-prefect-blocks)"
     )
     both = cli("status", "--env", "staging", env={**staging, "DATABASE_URL": url})
     assert both.returncode == 2 and "DATABASE_URL is also set" in both.stderr
@@ -139,7 +139,7 @@ def test_a_backup_storage_naming_a_missing_block_says_how_to_create_it(cli, stag
                  env={**staging, "DBMIGRATE_BACKUP_STORAGE": "s3-bucket/backups"})
     missing = ("no S3Bucket block named 'backups': create it (`dbmigrate blocks sync --env ENV --from-env` with "
                "BACKUP_BUCKET set, or a prefect-aws S3Bucket block saved as 'backups' in the Prefect UI), or give "
-               "another backup storage (README 'Backups')")
+               "another backup storage (see docs/BACKUPS.md#storage)")
     assert result.returncode == 2 and one_line_error(result.stderr) == f"dbmigrate: error: {missing}"
     assert "upgrade failed in backup: nothing was changed" in result.stdout
     report = last_report(home)

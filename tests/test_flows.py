@@ -193,7 +193,7 @@ def test_unreachable_s3_retries_the_backup_then_fails_before_migrating(environme
 
 def test_a_backup_storage_naming_a_missing_block_fails_the_backup_saying_how_to_create_it(
         environment, target, home, tmp_path, monkeypatch):
-    """The README's worker command before anyone created the block: the run fails in the backup
+    """The worker command of docs/PREFECT.md before anyone created the block: the run fails in the backup
     phase (not the guard's), says how to create the block, and changes and stores nothing."""
     monkeypatch.setenv("DBMIGRATE_BACKUP_STORAGE", "s3-bucket/backups")
     ini = str(stock_project(tmp_path, linear(table_step("t1"))))
@@ -204,7 +204,7 @@ def test_a_backup_storage_naming_a_missing_block_fails_the_backup_saying_how_to_
     assert state.message == (
         "backup failed: no S3Bucket block named 'backups': create it (`dbmigrate blocks sync --env ENV --from-env` "
         "with BACKUP_BUCKET set, or a prefect-aws S3Bucket block saved as 'backups' in the Prefect UI), or give "
-        "another backup storage (README 'Backups')")
+        "another backup storage (see docs/BACKUPS.md#storage)")
     report = last_report(home)
     assert report["error"]["phase"] == "backup" and report["backup"] is None and report["migrations_applied"] == []
     assert fingerprint_of(target) == before

@@ -243,7 +243,7 @@ def test_a_good_run_with_an_all_digit_revision(server, staging, target, tmp_path
 
 
 def test_the_documented_json_forms_send_an_all_digit_revision(server, staging, tmp_path):
-    """README "Running it from Prefect": what `prefect deployment run` needs for such a revision."""
+    """docs/PREFECT.md "Revision ids that look like JSON": what `prefect deployment run` needs for such a revision."""
     staging(approval_required=True)  # the runs wait for an answer: nothing is changed, and they are cancelled
     refused = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", MIGRATE,
                               "--param", "target_revision=12"], env=server.environ(), cwd=REPO,

@@ -12,7 +12,7 @@ from tests.helpers import fingerprint_of, last_report, libpq_url, one_line_error
 from tests.projects import linear, stock_project
 from tests.test_rehearsal import ROWS, TABLE, at_r1_with_rows, scratch_databases
 
-# A data fix on a connection of its own, from the application's URL (the README's shape for DATABASE_URL);
+# A data fix on a connection of its own, from the application's URL (docs/CLI.md's shape for DATABASE_URL);
 # run twice, it shows: the three rows' n go down by 1000 each time.
 OWN_CONNECTION = ('__import__("psycopg").connect(__import__("os").environ["APP_DB_URL"], autocommit=True)'
                   '.execute("UPDATE t SET n = n - 1000 WHERE id <= 3")')

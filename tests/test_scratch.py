@@ -199,7 +199,7 @@ def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a
     assert scalar(target, "SELECT version_num FROM alembic_version") == "r2"
     assert scratch_databases(scratch_cluster) == [] and scratch_databases(pg_cluster) == []
 
-    # The rest of the README's table of what each command needs, for this role.
+    # The rest of docs/SAFETY.md's table of what each command needs, for this role.
     assert cli("health", "--alembic-config", ini, env=env).returncode == 0
     taken = report["backup"]["id"]
     into_new = cli("restore", taken, "--target-db", f"{role}_copy", env=env)
@@ -269,7 +269,7 @@ def test_the_production_policy_checks_createdb_before_the_backup_and_rehearses_o
 
 def test_on_a_scratch_server_without_the_production_role_a_revision_granting_to_it_fails_the_rehearsal(
         cli, least_privileged, scratch_cluster, tmp_path):
-    """The limit the README states: the production roles are not on the scratch server."""
+    """The limit docs/SAFETY.md states: the production roles are not on the scratch server."""
     target, role = least_privileged, least_privileged.url.username
     ini = at_r1_with_rows(tmp_path, cli, target, f'op.execute("GRANT SELECT ON t TO {role}")')
     env = {"DATABASE_URL": libpq_url(target), "DBMIGRATE_SCRATCH_URL": libpq_url(scratch_login(scratch_cluster))}

@@ -18,9 +18,9 @@ def test_this_checkout_is_taken(monkeypatch):
 
 @pytest.mark.parametrize("value, message", [
     (None, "DBMIGRATE_CHECKOUT is not set in the worker's environment: set it to the absolute path of the checkout "
-           "of dbmigrate the flows run from (README 'Deploying')"),
+           "of dbmigrate the flows run from (see docs/PREFECT.md#deploying)"),
     ("", "DBMIGRATE_CHECKOUT is not set in the worker's environment: set it to the absolute path of the checkout "
-         "of dbmigrate the flows run from (README 'Deploying')"),
+         "of dbmigrate the flows run from (see docs/PREFECT.md#deploying)"),
     ("dbmigrate", "DBMIGRATE_CHECKOUT=dbmigrate is not an absolute path: set it to the absolute path of the checkout "
                   "of dbmigrate the flows run from"),
     ("/nonexistent/dbmigrate", "DBMIGRATE_CHECKOUT=/nonexistent/dbmigrate: no such directory on this worker"),
