@@ -160,7 +160,8 @@ def load_target(name: str) -> DatabaseTarget:
         block = DatabaseCredentials.load(name)
     except ValueError:
         raise ConfigError(
-            f"no DatabaseCredentials block named '{name}' (create one, see docs/ENVIRONMENTS.md#environments-prefect-blocks)"
+            f"no DatabaseCredentials block named '{name}' "
+            "(create one, see docs/ENVIRONMENTS.md#environments-prefect-blocks)"
         ) from None
     except Exception as exc:
         if isinstance(exc.__cause__, ValidationError):  # Prefect wraps a document that does not validate

@@ -167,8 +167,8 @@ class Journal:
     def close(self) -> None:
         """The run ended on its own: nothing for anyone to recover."""
         if free_if_forgotten(self.entry):
-            get_run_logger().warning("the Prefect server forgot this run's concurrency lease (restarted with "
-                                     "in-memory lease storage: see docs/PREFECT.md#deploying); freed the %s slot by name",
+            get_run_logger().warning("the Prefect server forgot this run's concurrency lease (restarted with in-memory "
+                                     "lease storage: see docs/PREFECT.md#deploying); freed the %s slot by name",
                                      self.environment)
         clear(self.environment, self.entry["flow_run"])
 

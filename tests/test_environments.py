@@ -48,7 +48,8 @@ def test_env_errors_are_one_line(cli, staging, url):
     missing = cli("status", "--env", "nope", env=staging)
     assert missing.returncode == 2
     assert missing.stderr.strip() == (
-        "dbmigrate: error: no DatabaseCredentials block named 'nope' (create one, see docs/ENVIRONMENTS.md#environments-prefect-blocks)"
+        "dbmigrate: error: no DatabaseCredentials block named 'nope' "
+        "(create one, see docs/ENVIRONMENTS.md#environments-prefect-blocks)"
     )
     both = cli("status", "--env", "staging", env={**staging, "DATABASE_URL": url})
     assert both.returncode == 2 and "DATABASE_URL is also set" in both.stderr
