@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from tests.github_actions import (
     run_job,
     workspace,
 )
-from tests.helpers import REPO, assert_no_canary, fingerprint_of, save_environment, start_cli
+from tests.helpers import REPO, assert_no_canary, documented_commands, fingerprint_of, save_environment, start_cli
 from tests.pgcluster import free_port
 from tests.prefect_server import PrefectServer, Worker, prefect, wait_until
 from tests.projects import linear, stock_project
@@ -249,8 +250,10 @@ def test_the_documented_json_forms_send_an_all_digit_revision(server, staging, t
                               "--param", "target_revision=12"], env=server.environ(), cwd=REPO,
                              capture_output=True, text=True, timeout=120, check=False)
     assert refused.returncode == 1 and "12 is not of type 'string'" in refused.stdout
-    for form in (["--params", '{"target_revision": "12"}'], ["--param", 'target_revision="12"']):
-        out = prefect(server, "deployment", "run", MIGRATE, *form, cwd=REPO)
+    for command in documented_commands("docs/PREFECT.md", "### Revision ids that look like JSON"):
+        argv = shlex.split(command)
+        assert argv[:4] == ["prefect", "deployment", "run", MIGRATE], command
+        out = prefect(server, *argv[1:], cwd=REPO)
         run_id = out.split("UUID: ")[1].split()[0]
         assert flow_run(run_id).parameters["target_revision"] == "12"
         # Cancelled once it waits for approval: a cancel that lands while the worker is still starting
