@@ -3,7 +3,8 @@ one line) before anything connects."""
 
 import pytest
 
-from dbmigrate.cli import MAX_JOBS, MAX_SECONDS, build_parser
+from dbmigrate.cli import build_parser
+from dbmigrate.cli.arguments import MAX_JOBS, MAX_SECONDS
 
 
 def parse(*args: str):
