@@ -197,6 +197,11 @@ def lock_timeout_option(parser, help_text: str) -> None:
                         help=f"{help_text} (default: --env's policy, else {SessionLimits.lock_timeout_s:g}; 0 = none)")
 
 
+# Without --env no policy applies: Policy's limit fields default to the settings' own defaults (a unit test holds
+# them equal), so the options fold into a default Policy either way.
+_DEFAULT_LIMITS = Policy()
+
+
 def settings(args, policy: Policy | None = None) -> Settings:
     """The settings of this command: its options where given; for how a run waits, with --env, the
     environment's policy (the one derivation the flows use too: ``Settings.under_policy``); else
@@ -212,11 +217,7 @@ def settings(args, policy: Policy | None = None) -> Settings:
     )
     given = {field: getattr(args, option) for option, field in LIMIT_OPTIONS.items()
              if getattr(args, option, None) not in (None, ())}
-    return Settings.under_policy(dataclasses.replace(policy or _NO_POLICY, **given), **common)
-
-
-# Without --env no policy applies: its limit fields' defaults are the dataclasses' (Policy reads them there).
-_NO_POLICY = Policy()
+    return Settings.under_policy(dataclasses.replace(policy or _DEFAULT_LIMITS, **given), **common)
 
 
 def _dump(args) -> DumpOptions:
