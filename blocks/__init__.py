@@ -9,15 +9,15 @@ the policy, tags, artifacts and concurrency limit of a run follow the database's
 environment, and a deployment for one environment refuses another's database.
 """
 
-from typing import Literal
+import dataclasses
+from typing import Literal, get_args, get_origin, get_type_hints
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, create_model
 from sqlalchemy.engine import URL
 
-from dbmigrate import policy
 from dbmigrate.errors import ConfigError, first_line
-from dbmigrate.policy import Policy
+from dbmigrate.policy import Policy, for_environment
 from dbmigrate.target import DRIVER, DatabaseTarget
 
 # Environment names become tags, artifact keys, concurrency-limit names and backup paths.
@@ -71,69 +71,27 @@ class DatabaseCredentials(Block):
         )
 
 
-class EnvironmentPolicy(Block):
-    """Overrides of an environment's migration policy (see dbmigrate.policy for the defaults:
-    production strict, development and staging with automatic rollback). Name it after the environment."""
+def _policy_overrides() -> type[BaseModel]:
+    """A field per field of ``Policy``, with its title and description; None (not set): the
+    environment's default. A tuple is shown as a list, the form the UI edits."""
+    types = get_type_hints(Policy)
+    fields = {}
+    for rule in dataclasses.fields(Policy):
+        kind = types[rule.name]
+        kind = list[get_args(kind)[0]] if get_origin(kind) is tuple else kind
+        fields[rule.name] = (kind | None, Field(default=None, **rule.metadata))
+    return create_model("PolicyOverrides", **fields)
+
+
+class EnvironmentPolicy(Block, _policy_overrides()):
+    """Overrides of an environment's migration policy (see dbmigrate.policy for the fields and their
+    defaults: production strict, development and staging with automatic rollback). Name it after the
+    environment."""
 
     _block_type_name = "dbmigrate Environment Policy"
     _block_type_slug = "dbmigrate-environment-policy"
     _description = "What db-migrate requires and allows in one environment."
     _documentation_url = DOCUMENTATION_URL
-
-    backup_required: bool | None = Field(default=None, title="Backup required",
-                                         description="Refuse runs with backup=false.")
-    approval_required: bool | None = Field(default=None, title="Approval required",
-                                           description="Pause for a human's approval in the UI before migrating.")
-    auto_rollback: bool | None = Field(default=None, title="Automatic rollback",
-                                       description="Downgrade (or restore the backup) when migrate or validate fails.")
-    approval_timeout_s: float | None = Field(default=None, title="Approval timeout (s)",
-                                             description="Reject the run if nobody answers within this time.")
-    approval_poll_s: int | None = Field(default=None, title="Approval poll interval (s)",
-                                        description="How often a paused run checks for an answer.")
-    lock_timeout_s: float | None = Field(default=None, title="Lock timeout (s)",
-                                         description="PostgreSQL lock_timeout for migration statements.")
-    statement_timeout_s: float | None = Field(default=None, title="Statement timeout (s)",
-                                              description="PostgreSQL statement_timeout for migration statements; 0 = none.")
-    guard_wait_s: float | None = Field(default=None, title="Wait for a running migration (s)",
-                                       description="How long a second run waits before failing.")
-    transient_retries: int | None = Field(default=None, title="Retries of connecting and uploading",
-                                          description="The migration itself is never retried.")
-    retry_delay_s: float | None = Field(default=None, title="Delay between retries (s)",
-                                        description="Seconds between retries of connecting and uploading.")
-    cli_changes_allowed: bool | None = Field(
-        default=None, title="Schema changes from the command line",
-        description="Allow upgrade, downgrade and restore over the original from `dbmigrate --env`; "
-                    "off, they run only through the db-migrate deployment.")
-    lock_retry_timeouts_s: list[float] | None = Field(
-        default=None, title="Lock retries: lock_timeout of each attempt (s)",
-        description="Lock-safe execution: short lock_timeouts tried in turn, e.g. 0.1, 0.5, 1, 2, 5 (the last "
-                    "repeats); an attempt that times out is rolled back and tried again. Empty: one attempt.")
-    lock_retry_pause_s: float | None = Field(default=None, title="Lock retries: pause between attempts (s)",
-                                             description="Seconds between an attempt that timed out and the next.")
-    lock_retry_total_s: float | None = Field(
-        default=None, title="Lock retries: give up after (s)",
-        description="Then the run fails naming the sessions that held the lock.")
-    lint_blocks: bool | None = Field(
-        default=None, title="Lint findings block the run",
-        description="A squawk finding at or above the lint level stops an upgrade before anything changes; "
-                    "off, findings are recorded and shown only.")
-    lint_level: Literal["warning", "error"] | None = Field(
-        default=None, title="Lint level", description="The lowest squawk level that blocks (warning or error).")
-    rehearse: bool | None = Field(
-        default=None, title="Rehearse on a restored copy",
-        description="Before approval, restore the run's backup into a scratch database and run the revisions "
-                    "there first: a failure there stops the run with the database untouched; the approval page "
-                    "shows each revision's duration and locks.")
-    scratch_server: str | None = Field(
-        default=None, title="Scratch server (credentials block)",
-        description="Name of a DatabaseCredentials block: a server of the same PostgreSQL major version where "
-                    "the rehearsal, drift's replay and verify-restore make their scratch databases (its role needs "
-                    "CREATEDB), so "
-                    "that the database's own role needs no CREATEDB. Empty: beside the database.")
-    approver_must_differ: bool | None = Field(
-        default=None, title="Approver must differ from the requester",
-        description="Refuse an approval given by whoever asked for the run (its requested_by, the GitHub actor, "
-                    "or the run's creator in Prefect); a run that does not say who asked is refused.")
 
 
 def require_api() -> str:
@@ -173,9 +131,9 @@ def load_target(name: str) -> DatabaseTarget:
     return DatabaseTarget(block.url(), block.environment or name)
 
 
-def load_scratch_server(rules: Policy) -> DatabaseTarget | None:
+def load_scratch_server(policy: Policy) -> DatabaseTarget | None:
     """The server the policy's ``scratch_server`` block names, if it names one."""
-    return load_target(rules.scratch_server) if rules.scratch_server else None
+    return load_target(policy.scratch_server) if policy.scratch_server else None
 
 
 def environments() -> list[str]:
@@ -203,9 +161,9 @@ def load_policy(environment: str) -> Policy:
     try:
         block = EnvironmentPolicy.load(environment)
     except ValueError:  # no block of that name: the defaults
-        return policy.for_environment(environment)
+        return for_environment(environment)
     overrides = {k: getattr(block, k) for k in Policy.__dataclass_fields__ if getattr(block, k) is not None}
-    return policy.for_environment(environment, **overrides)
+    return for_environment(environment, **overrides)
 
 
 __all__ = ["DatabaseCredentials", "EnvironmentPolicy", "environments", "load_policy", "load_scratch_server",

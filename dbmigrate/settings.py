@@ -15,6 +15,7 @@ from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import ConfigError
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
+from dbmigrate.policy import Policy
 from dbmigrate.revisions import Project
 from dbmigrate.storage import Storage, local_directory, open_storage
 from dbmigrate.target import DatabaseTarget, parse_url
@@ -61,6 +62,15 @@ class Settings:
                     "storage_spec": os.environ.get(STORAGE_VARIABLE),
                     "scratch_server": _scratch_server()}
         return cls(**{**defaults, **given})
+
+    @classmethod
+    def under_policy(cls, policy: Policy, **overrides) -> Settings:
+        """``from_env`` for a run under an environment's policy: it waits as the policy says (the guard
+        wait, the lock and statement timeouts, the lock-retry schedule). The flows and ``dbmigrate --env``
+        both derive their settings here."""
+        return cls.from_env(guard_wait_s=policy.guard_wait_s,
+                            limits=SessionLimits(policy.lock_timeout_s, policy.statement_timeout_s),
+                            lock_retries=policy.lock_retries(), **overrides)
 
     @property
     def backup_dir(self) -> Path | None:

@@ -26,7 +26,6 @@ from blocks import load_policy, load_scratch_server, load_target
 from dbmigrate import phases, pipeline, private, revisions
 from dbmigrate.errors import (ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, RevisionError,
                               StorageFailed)
-from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import Policy
 from dbmigrate.report import Approval
 from dbmigrate.settings import Settings
@@ -121,13 +120,11 @@ def who_asked(requested_by: str) -> str | None:
     return "the deployment's schedule" if run.auto_scheduled else None
 
 
-def _settings_for(rules: Policy, alembic_config: str | None, backup_storage: str | None) -> Settings:
-    return Settings.from_env(
+def _settings_for(policy: Policy, alembic_config: str | None, backup_storage: str | None) -> Settings:
+    return Settings.under_policy(
+        policy,
         alembic_config=alembic_config,
-        scratch_server=load_scratch_server(rules),
-        guard_wait_s=rules.guard_wait_s,
-        limits=SessionLimits(rules.lock_timeout_s, rules.statement_timeout_s),
-        lock_retries=rules.lock_retries(),
+        scratch_server=load_scratch_server(policy),
         storage_spec=backup_storage,
         project_logging=False,  # the flow-run log is the audit trail: env.py must not shut it down
     )
@@ -170,7 +167,7 @@ def _transient(task_, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), (ConnectionFailed, StorageFailed))
 
 
-def phase_runner(rules: Policy):
+def phase_runner(policy: Policy):
     """Run each pipeline phase as a Prefect task named after it (but those IN_FLOW_PHASES)."""
 
     def run_phase(name: str, fn, *args):
@@ -182,7 +179,7 @@ def phase_runner(rules: Policy):
             options = {"name": name, "persist_result": True,
                        "cache_key_fn": lambda context, parameters: attempt_key(name, depends_on(parameters))}
         if name in TRANSIENT_PHASES:
-            options.update(retries=rules.transient_retries, retry_delay_seconds=rules.retry_delay_s,
+            options.update(retries=policy.transient_retries, retry_delay_seconds=policy.retry_delay_s,
                            retry_condition_fn=_transient)
         return task(fn, **options)(*args)
 
@@ -221,7 +218,7 @@ class SuspendedForApproval(Pause, pipeline.Suspended):
     the process, and the pipeline writes no report (the run is not over)."""
 
 
-def ask_in_ui(rules: Policy, requested_by: str | None, describe) -> Approval:
+def ask_in_ui(policy: Policy, requested_by: str | None, describe) -> Approval:
     """Where the policy asks for it, stop the run until someone approves or rejects in the
     Prefect UI. ``describe()`` (called only then) gives what changes (``0004 → 0006 in
     production``: the paused state's message and the log say it waits for its approval) and the
@@ -231,7 +228,7 @@ def ask_in_ui(rules: Policy, requested_by: str | None, describe) -> Approval:
     process, so a worker restarted or lost meanwhile loses nothing, and once answered it starts
     again on any worker; a run without a deployment (a flow called in-process) pauses in place.
     Where the policy wants the approver to differ from ``requested_by``, their approval is refused."""
-    if not rules.approval_required:
+    if not policy.approval_required:
         return Approval(True, requested_by or "unknown", "policy")
     change, text = describe()
     form = ApprovalForm.with_initial_data(description=text)
@@ -245,18 +242,18 @@ def ask_in_ui(rules: Policy, requested_by: str | None, describe) -> Approval:
 
     try:
         if runtime.deployment.id:
-            answered = suspended_until_answered(form, waiting, rules.approval_timeout_s, change, announce)
+            answered = suspended_until_answered(form, waiting, policy.approval_timeout_s, change, announce)
         else:
             announce()
-            answered = paused_until_answered(form, waiting, rules.approval_timeout_s, rules.approval_poll_s)
+            answered = paused_until_answered(form, waiting, policy.approval_timeout_s, policy.approval_poll_s)
         answer = answered.approval()
     except FlowPauseTimeout:
         take_back_expired_pause()
-        raise ConfirmationRefused(f"nobody approved within {rules.approval_timeout_s:g}s: nothing was changed") from None
+        raise ConfirmationRefused(f"nobody approved within {policy.approval_timeout_s:g}s: nothing was changed") from None
     logger.info("%s by %s%s", "approved" if answer.approved else "rejected", answer.approver,
                 f": {answer.comment}" if answer.comment else "")
-    if answer.approved and (why := rules.refuses_approver(requested_by, answer.approver)):
-        raise ConfirmationRefused(f"{why}: nothing was changed")
+    if answer.approved:
+        policy.check_approver(requested_by, answer.approver)
     return answer
 
 

@@ -251,3 +251,25 @@ def test_with_env_the_environments_policy_sets_the_schedule(cli, environment, pr
     attempts = last_report(home)["lock_attempts"]
     assert [a["lock_timeout_s"] for a in attempts[:2]] == [0.1, 0.2] and attempts[-1]["outcome"] == "succeeded"
     assert {a["outcome"] for a in attempts[:-1]} == {"lock_timeout"}
+
+
+def test_with_env_the_environments_policy_sets_the_lock_timeout_and_an_option_given_wins(
+        cli, environment, prefect_api, target, tmp_path, home):
+    """The policy's lock_timeout_s holds for `upgrade --env` as it does in the flow: a lock held 5 s
+    fails the run at the policy's 1 s, nothing changed; --lock-timeout given outlasts the holder."""
+    ini = project(tmp_path, False, ALTER_T1)
+    name = environment("staging", lock_timeout_s=1)
+    env = {"PREFECT_API_URL": prefect_api}
+    assert cli("upgrade", "-r", "r1", "--env", name, "--yes", "--alembic-config", ini, env=env).returncode == 0
+    before = fingerprint_of(target)
+    with held(target, hold_s=5):
+        refused = cli("upgrade", "--env", name, "--yes", "--alembic-config", ini, env=env)
+    assert refused.returncode == 1, refused.stderr
+    assert "revision r2 failed: canceling statement due to lock timeout" in one_line_error(refused.stderr)
+    report = last_report(home)
+    assert report["error"]["phase"] == "migrate" and report["revision_after"] == "r1"
+    assert fingerprint_of(target) == before
+    with held(target, hold_s=2):
+        waited = cli("upgrade", "--env", name, "--yes", "--lock-timeout", "30", "--alembic-config", ini, env=env)
+    assert waited.returncode == 0, waited.stderr
+    assert scalar(target, "SELECT version_num FROM alembic_version") == "r2"

@@ -3,7 +3,8 @@ one line) before anything connects."""
 
 import pytest
 
-from dbmigrate.cli import MAX_JOBS, MAX_SECONDS, build_parser
+from dbmigrate.cli import build_parser
+from dbmigrate.cli.arguments import MAX_JOBS, MAX_SECONDS
 
 
 def parse(*args: str):
@@ -101,3 +102,35 @@ def test_a_json_report_under_a_file_is_refused(capsys, tmp_path):
 def test_a_json_report_in_a_directory_still_to_be_made_is_taken(tmp_path):
     path = tmp_path / "new" / "dir" / "report.json"
     assert parse("upgrade", "--json-report", str(path)).json_report == path
+
+
+def test_under_an_environments_policy_its_limits_apply_and_each_option_given_wins(monkeypatch):
+    """The command line's settings are derived as the flows' are (Settings.under_policy): the policy's
+    guard wait, timeouts and lock-retry schedule; an option given replaces only its own field."""
+    from dbmigrate.cli.arguments import settings
+    from dbmigrate.lockretry import LockRetries
+    from dbmigrate.policy import for_environment
+    from dbmigrate.settings import Settings
+
+    monkeypatch.delenv("DBMIGRATE_SCRATCH_URL", raising=False)
+    policy = for_environment("staging", guard_wait_s=30, lock_timeout_s=2, statement_timeout_s=600,
+                             lock_retry_timeouts_s=[0.1, 1], lock_retry_total_s=120)
+    flows = Settings.under_policy(policy)
+    assert (flows.guard_wait_s, flows.limits.lock_timeout_s, flows.limits.statement_timeout_s) == (30, 2, 600)
+    assert flows.lock_retries == LockRetries((0.1, 1), LockRetries.pause_s, 120)
+    plain = settings(parse("upgrade"), policy)
+    assert (plain.guard_wait_s, plain.limits, plain.lock_retries) == (flows.guard_wait_s, flows.limits,
+                                                                      flows.lock_retries)
+    given = settings(parse("upgrade", "--lock-timeout", "5", "--guard-wait", "0", "--lock-retry-pause", "0.3"),
+                     policy)
+    assert (given.guard_wait_s, given.limits.lock_timeout_s, given.limits.statement_timeout_s) == (0, 5, 600)
+    assert given.lock_retries == LockRetries((0.1, 1), 0.3, 120)
+
+
+def test_without_env_the_defaults_are_the_dataclasses(monkeypatch):
+    from dbmigrate.cli.arguments import settings
+    from dbmigrate.settings import Settings
+
+    monkeypatch.delenv("DBMIGRATE_SCRATCH_URL", raising=False)
+    for command in (["upgrade"], ["restore", "some-id"], ["backup"], ["status"]):
+        assert settings(parse(*command)) == Settings.from_env(project_logging=False), command

@@ -1,183 +1,36 @@
-"""The local stack: the Prefect side of dbmigrate on this machine, every part on 127.0.0.1 and
-its state under the home (``dbmigrate local up|down|status``):
-
-- the embedded PostgreSQL (:mod:`dbmigrate.local`) on loopback TCP, with one database per
-  environment (``development``, ``staging``, ``production``);
-- a Prefect server (``prefect server start``) whose PREFECT_HOME is ``<home>/prefect``, its API
-  closed to whoever lacks the auth string generated into ``<home>/prefect-auth`` (0600): anyone on
-  the machine reaches 127.0.0.1, and the blocks hold the database's password;
-- the block types and a ``DatabaseCredentials`` block per environment, written by the code
-  ``dbmigrate blocks sync`` runs (:func:`blocks.sync.sync_environment`); the work pool
-  ``dbmigrate``; ``prefect deploy --all`` from the checkout;
-- a process worker of that pool, running the flows from the checkout.
-
-The server and the worker are started detached (a session of their own: Ctrl-C on the terminal
-that ran ``up`` is not theirs), their pid recorded with its start time (a recycled pid is never
-taken for them) and their output in a log beside it. ``down`` stops the worker first (no run
-is left talking to a server that went away), then the server, then PostgreSQL. Prefect is
-imported only inside ``up``: ``status`` and ``down`` never pay for it.
+"""``local up``: every part of the local stack started, or found running, in the order they depend
+on each other: the embedded PostgreSQL with a database per environment, the Prefect server, the
+blocks, the work pool, the deployments, the worker. Prefect is imported here only.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shlex
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dbmigrate import local
 from dbmigrate.errors import ConfigError, needs_prefect
 from dbmigrate.private import generated_secret
+from stack.processes import (POOL, Detached, Say, auth_file, client_environ, exports, prefect_environ, prefect_home,
+                             server, worker)
 
 ENVIRONMENTS = ("development", "staging", "production")
 DEMO_ENVIRONMENT = "development"  # the one `make demo` migrates
-POOL = "dbmigrate"
 PREFECT_PORT = 4200  # Prefect's own default: the address its documentation and habits assume
 PREFECT_PORT_VARIABLE = "DBMIGRATE_PREFECT_PORT"  # what `make demo PREFECT_PORT=...` sets: make passes no option
-# Leases in a file under PREFECT_HOME: a server restart keeps which run holds an environment's slot.
-FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 START_TIMEOUT_S = 120
 # The server streams the runs' log lines out (off by default): `prefect deployment run --watch`
 # then prints them, a failed run's one-line reason and an approval's wait among them.
 LOG_STREAMING = {"PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
                  "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true"}
 
-Say = Callable[[str], None]
-
-
-def prefect_home(home: Path) -> Path:
-    return home.resolve() / "prefect"
-
-
-def auth_file(home: Path) -> Path:
-    return home.resolve() / "prefect-auth"
-
-
-def client_environ(home: Path, api: str) -> dict[str, str]:
-    """What a Prefect client of the stack needs: its API and the server's auth string."""
-    return {"PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": generated_secret(auth_file(home))}
-
-
-def exports(home: Path, api: str) -> list[str]:
-    """The lines that point a shell at the stack (``eval``), the auth string read from its file."""
-    return [f"export PREFECT_API_URL={api}", f'export PREFECT_API_AUTH_STRING="$(cat {shlex.quote(str(auth_file(home)))})"']
-
-
-@dataclass(frozen=True)
-class Detached:
-    """A long-running process of the stack: started in a session of its own, recorded in
-    ``<name>.pid`` (JSON: pid, start time, and what else ``start`` was told), logged to ``<name>.log``."""
-
-    name: str
-    directory: Path
-
-    @property
-    def pidfile(self) -> Path:
-        return self.directory / f"{self.name}.pid"
-
-    @property
-    def log(self) -> Path:
-        return self.directory / f"{self.name}.log"
-
-    def record(self) -> dict | None:
-        """What ``start`` recorded, if the process it names is still that process and alive."""
-        try:
-            record = json.loads(self.pidfile.read_text())
-        except (OSError, ValueError):
-            return None
-        process = _process(record.get("pid"))
-        if process is None or abs(process.create_time() - record.get("started", 0)) > 1:
-            return None
-        return record
-
-    def start(self, argv: list[str], env: dict[str, str], cwd: Path, **facts) -> dict:
-        import psutil
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:  # the child keeps its own descriptor
-            child = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        record = {"pid": child.pid, "started": psutil.Process(child.pid).create_time(), **facts}
-        self.pidfile.write_text(json.dumps(record) + "\n")
-        return record
-
-    def alive(self, record: dict) -> bool:
-        return _process(record["pid"]) is not None
-
-    def stop(self, timeout: float = 30) -> int | None:
-        """SIGTERM to the process and everything it started, SIGKILL to what is left after
-        ``timeout``; the pid it had, or None if it was not running."""
-        import psutil
-
-        record = self.record()
-        self.pidfile.unlink(missing_ok=True)
-        leader = _process(record["pid"]) if record else None
-        if leader is None:
-            return None
-        family = [leader, *leader.children(recursive=True)]
-        for process in family:
-            _signal(process, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while any(_running(p) for p in family) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for process in family:
-            _signal(process, signal.SIGKILL)
-        psutil.wait_procs(family, timeout=5)
-        return record["pid"]
-
-    def last_line(self) -> str:
-        try:
-            return (self.log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
-        except OSError:
-            return "no log"
-
-
-def server(home: Path) -> Detached:
-    return Detached("server", prefect_home(home))
-
-
-def worker(home: Path) -> Detached:
-    return Detached("worker", prefect_home(home))
-
-
-def _process(pid):
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        return process if _running(process) else None
-    except (psutil.Error, TypeError, ValueError):
-        return None
-
-
-def _running(process) -> bool:
-    import psutil
-
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _signal(process, sig: int) -> None:
-    import psutil
-
-    try:
-        process.send_signal(sig)
-    except psutil.Error:
-        pass
-
-
-# --- up -----------------------------------------------------------------------------------
 
 def up(home: Path, checkout: Path, pg_port: int | None = None, prefect_port: int | None = None,
        say: Say = print) -> str:
@@ -238,19 +91,6 @@ def _postgres(home: Path, port: int | None, say: Say) -> local.LocalServer:
     say(f"postgresql: {'already running' if was else 'started'} on {pg.address} (pid {pg.pid}), "
         f"user {local.USER}, password in {local.password_file(home)}")
     return pg
-
-
-def prefect_environ(home: Path, api: str, **extra: str) -> dict[str, str]:
-    """The environment of the stack's Prefect processes."""
-    return {
-        **os.environ,
-        "PREFECT_HOME": str(prefect_home(home)),
-        **client_environ(home, api),
-        "PREFECT_UI_API_URL": api,  # what the browser's UI calls
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
-        **extra,
-    }
 
 
 def _prefect_server(home: Path, port: int, say: Say) -> str:
@@ -380,33 +220,3 @@ def _worker_online(since: datetime) -> bool:
     with get_client(sync_client=True) as client:
         workers = client.read_workers_for_work_pool(POOL)
     return any(w.last_heartbeat_time and w.last_heartbeat_time >= since for w in workers)
-
-
-# --- down, status -------------------------------------------------------------------------
-
-def down(home: Path, say: Say = print) -> None:
-    """Stop the worker, then the server, then PostgreSQL."""
-    for label, part in (("worker", worker(home)), ("prefect server", server(home))):
-        pid = part.stop()
-        say(f"{label}: stopped (pid {pid})" if pid else f"{label}: not running")
-    say("postgresql: stopped" if local.stop(home) else "postgresql: not running")
-
-
-def api_url(home: Path) -> str | None:
-    """The stack's PREFECT_API_URL while its server runs."""
-    record = server(home).record()
-    return f"{record['url']}/api" if record else None
-
-
-def status(home: Path) -> list[str]:
-    """One line per Prefect part, and how to reach the server (the PostgreSQL line is the CLI's own)."""
-    lines = []
-    for label, part in (("prefect server", server(home)), ("worker", worker(home))):
-        record = part.record()
-        where = record and (record["url"] if part.name == "server" else f"pool {POOL}")
-        lines.append(f"{label}: running, pid {record['pid']}, {where} (log {part.log})" if record
-                     else f"{label}: not running")
-    api = api_url(home)
-    if api:
-        lines += [f"UI: {api.removesuffix('/api')}", f"PREFECT_API_URL={api}"]
-    return lines
