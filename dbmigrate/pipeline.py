@@ -201,10 +201,9 @@ class Run:
     def hold_guard(self, plan: Plan) -> None:
         """Step "guard": take the guard for the rest of the run, then make sure the plan still
         holds (the database may have moved while the approver read it)."""
-        self._held.enter_context(guard.hold(self.target, self.request.operation, self.settings.guard_wait_s,
-                                            self.settings.connect_timeout))
-        if phases.plan(self.target, self.project, self.settings, self.request.revision,
-                       self.request.upgrade).current != plan.current:
+        conn = self._held.enter_context(guard.hold(self.target, self.request.operation, self.settings.guard_wait_s,
+                                                   self.settings.connect_timeout))
+        if phases.plan_on(conn, self.project, self.request.revision, self.request.upgrade).current != plan.current:
             raise MigrationFailed("the database changed while waiting for approval: run again")
 
     def back_up(self) -> Manifest:
