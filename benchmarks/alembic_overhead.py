@@ -11,7 +11,10 @@ DATABASE_URL names a server whose role may CREATE DATABASE. The CKAN project is 
 ``alembic init`` env.py with CKAN's installed versions directory as its ``version_locations``,
 as tests/test_drift.py runs it. Target (issue 17): each ratio at most 1.1.
 
-    python benchmarks/alembic_overhead.py [--runs N]
+    python benchmarks/alembic_overhead.py [--runs N] [--before DIR]
+
+``--before DIR``: also time the dbmigrate whose source tree DIR holds (``git archive REF dbmigrate |
+tar -x -C DIR``), in the same interleaved runs, as "(before)".
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 BIN = Path(sys.executable).parent
 TARGET_RATIO = 1.1
@@ -90,6 +94,7 @@ class Server:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--before", type=Path, metavar="DIR", help="an older dbmigrate's source tree, timed too")
     args = parser.parse_args()
     from sqlalchemy.engine import make_url
 
@@ -102,7 +107,7 @@ def main() -> int:
 
         base_url, stop = local.target(home).url, lambda: local.stop(home)
     server = Server(base_url)
-    urls = {side: server.recreate(f"bench_ckan_{side}") for side in ("alembic", "dbmigrate", "status")}
+    urls = {side: server.recreate(f"bench_ckan_{side}") for side in ("alembic", "dbmigrate", "before", "status")}
     projects = {side: ckan_project(work / side, url) for side, url in urls.items()}
     env = {**os.environ, "DBMIGRATE_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("DATABASE_URL", None)
@@ -111,21 +116,29 @@ def main() -> int:
         server.recreate("bench_ckan_alembic")
         return timed([str(BIN / "alembic"), "-c", str(projects["alembic"]), "upgrade", "heads"], env, work)
 
-    def upgrade_dbmigrate() -> tuple[float, float]:
-        server.recreate("bench_ckan_dbmigrate")
-        return timed([str(BIN / "dbmigrate"), "upgrade", "--yes", "-r", "heads", "--alembic-config",
-                      str(projects["dbmigrate"])], {**env, "DATABASE_URL": urls["dbmigrate"]}, work)
+    def upgrade_dbmigrate(side: str, source: dict) -> Callable[[], tuple[float, float]]:
+        def run() -> tuple[float, float]:
+            server.recreate(f"bench_ckan_{side}")
+            return timed([str(BIN / "dbmigrate"), "upgrade", "--yes", "-r", "heads", "--alembic-config",
+                          str(projects["dbmigrate"])], {**env, **source, "DATABASE_URL": urls[side]}, work)
+        return run
 
-    status_env = {**env, "DATABASE_URL": urls["status"]}
+    def status(source: dict) -> Callable[[], tuple[float, float]]:
+        return lambda: timed([str(BIN / "dbmigrate"), "status", "--alembic-config", str(projects["status"])],
+                             {**env, **source, "DATABASE_URL": urls["status"]}, work)
+
     timed([str(BIN / "alembic"), "-c", str(projects["status"]), "upgrade", "heads"], env, work)
-    commands = {
-        "alembic upgrade heads": upgrade_alembic,
-        "dbmigrate upgrade": upgrade_dbmigrate,
-        "alembic current": lambda: timed([str(BIN / "alembic"), "-c", str(projects["status"]), "current"], env, work),
-        "dbmigrate status": lambda: timed([str(BIN / "dbmigrate"), "status", "--alembic-config",
-                                           str(projects["status"])], status_env, work),
-    }
-    baseline_of = {"dbmigrate upgrade": "alembic upgrade heads", "dbmigrate status": "alembic current"}
+    commands = {"alembic upgrade heads": upgrade_alembic, "dbmigrate upgrade": upgrade_dbmigrate("dbmigrate", {})}
+    before = {"PYTHONPATH": str(args.before.resolve())} if args.before else None
+    if before:
+        commands["dbmigrate upgrade (before)"] = upgrade_dbmigrate("before", before)
+    commands |= {"alembic current": lambda: timed([str(BIN / "alembic"), "-c", str(projects["status"]), "current"],
+                                                  env, work),
+                 "dbmigrate status": status({})}
+    if before:
+        commands["dbmigrate status (before)"] = status(before)
+    baseline_of = {name: "alembic upgrade heads" if "upgrade" in name else "alembic current"
+                   for name in commands if name.startswith("dbmigrate")}
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for run in commands.values():  # warm the page cache once
         run()
@@ -143,12 +156,13 @@ def main() -> int:
     for name, pairs in samples.items():
         wall = statistics.median(p[0] for p in pairs)
         cpu = statistics.median(p[1] for p in pairs)
-        line = f"  {name:22} wall {wall * 1000:6.0f} ms   cpu {cpu * 1000:6.0f} ms"
+        line = f"  {name:28} wall {wall * 1000:6.0f} ms   cpu {cpu * 1000:6.0f} ms"
         if base := baseline_of.get(name):
             base_wall = statistics.median(p[0] for p in samples[base])
             base_cpu = statistics.median(p[1] for p in samples[base])
             ratio = wall / base_wall
-            worst = max(worst, ratio)
+            if "(before)" not in name:
+                worst = max(worst, ratio)
             line += (f"   {ratio:4.2f}x {base} (+{(wall - base_wall) * 1000:.0f} ms wall), "
                      f"cpu {cpu / base_cpu:4.2f}x")
         print(line)

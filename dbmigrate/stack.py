@@ -367,7 +367,9 @@ def _worker(home: Path, checkout: Path, api: str, say: Say) -> None:
         return
     since = datetime.now(UTC) - timedelta(seconds=1)
     env = prefect_environ(home, api, DBMIGRATE_CHECKOUT=str(checkout), DBMIGRATE_HOME=str(home))
-    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")  # a local run starts within 2 s (Prefect's default: 10)
+    # A local run is picked up within 1 s (Prefect's default: 10): half a second on average of a no-op run's
+    # fixed cost (benchmarks/run_overhead.py); one cheap query a second on the local server.
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
     record = part.start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process"],
                         env, checkout)
     _wait_for(lambda: _worker_online(since), part, "the worker", record)
