@@ -172,6 +172,7 @@ class Run:
         self.manifest: Manifest | None = None
         self.before: Fingerprint | None = None  # the state the automatic rollback returns to
         self.ran: list[migrate.AppliedStep] = []  # the migration's steps as they ran (committed or not)
+        self.validated_at: str | None = None  # the revision validation found, under the guard, when it passed
         self._held = ExitStack()
 
     def step(self, name: str, fn: Callable[..., T], *args: Any) -> T:
@@ -254,8 +255,8 @@ class Run:
             report.fail(phase, exc, message)
             if isinstance(exc, DbMigrateError):
                 self.outcome.error = exc
-        if self.may_have_changed:
-            report.revision_after = self._revision_after()
+        if self.may_have_changed:  # read back, unless a passed validation just read it
+            report.revision_after = self.validated_at if exc is None and self.validated_at else self._revision_after()
         if self.storage is not None and not isinstance(self.storage, LocalStorage):
             self._copy_report_beside_backups()
         try:
@@ -339,6 +340,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
                                                   plan.invalid_indexes)
             if not health.passed(checks):
                 raise MigrationFailed(f"validation failed: {'; '.join(c.detail for c in checks if c.status == FAIL)}")
+            run.validated_at = revisions.label(sorted(expected))
         report.finish(SUCCEEDED)
     return run.outcome
 
