@@ -152,7 +152,7 @@ def main() -> int:
           f"after {load_after[0]:.1f} {load_after[1]:.1f} {load_after[2]:.1f}")
     print(f"CKAN 2.12's chain ({revision_count(projects['alembic'])} revisions), {args.runs} runs each, interleaved; "
           "medians of whole processes (wall; CPU of the process and its children)")
-    worst = 0.0
+    worst = worst_cpu = 0.0
     for name, pairs in samples.items():
         wall = statistics.median(p[0] for p in pairs)
         cpu = statistics.median(p[1] for p in pairs)
@@ -162,11 +162,15 @@ def main() -> int:
             base_cpu = statistics.median(p[1] for p in samples[base])
             ratio = wall / base_wall
             if "(before)" not in name:
-                worst = max(worst, ratio)
+                worst, worst_cpu = max(worst, ratio), max(worst_cpu, cpu / base_cpu)
             line += (f"   {ratio:4.2f}x {base} (+{(wall - base_wall) * 1000:.0f} ms wall), "
                      f"cpu {cpu / base_cpu:4.2f}x")
         print(line)
-    print(f"target: at most {TARGET_RATIO}x -> {'met' if worst <= TARGET_RATIO else 'NOT met'}")
+    print(f"target: at most {TARGET_RATIO}x (wall) -> {'met' if worst <= TARGET_RATIO else 'NOT met'}; "
+          f"CPU: at most {worst_cpu:.2f}x")
+    if max(load_before[0], load_after[0]) > (os.cpu_count() or 1):
+        print("the load average exceeded the core count: wall times, and their ratios, measure the scheduler "
+              "as much as the commands; the CPU ratios are the steadier figures")
     if stop:
         stop()
     return 0
