@@ -71,6 +71,8 @@ e2e: install-dev browser
 
 bench: install-dev
 	$(BIN)/python benchmarks/cli_latency.py
+	$(BIN)/python benchmarks/alembic_overhead.py
+	$(BIN)/python benchmarks/run_overhead.py
 	$(BIN)/python benchmarks/backup_restore.py
 
 clean:

@@ -51,8 +51,20 @@ def failure_reason(exc: BaseException, timeout: float) -> str:
 
 
 def engine(target: DatabaseTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT, **kwargs) -> Engine:
-    # NullPool: a CLI run opens few connections, and no pooled connection may outlive the command.
-    return create_engine(target.sqlalchemy_url(timeout, DRIVER), poolclass=NullPool, **kwargs)
+    """The process's engine for this URL and these options, made on first use. NullPool: no
+    connection outlives its ``with`` (a run holds none between steps); one engine per URL, so
+    SQLAlchemy reads the server's dialect details once, not on every connection of a run."""
+    url = target.sqlalchemy_url(timeout, DRIVER)
+    key = (url, repr(kwargs))
+    if (made := _engines.get(key)) is None:
+        while len(_engines) >= _ENGINES_KEPT:  # a long-lived process (a test session) meets many databases
+            _engines.pop(next(iter(_engines)), None)
+        made = _engines.setdefault(key, create_engine(url, poolclass=NullPool, **kwargs))
+    return made
+
+
+_ENGINES_KEPT = 32
+_engines: dict[tuple[str, str], Engine] = {}
 
 
 @contextmanager
@@ -65,27 +77,23 @@ def connect(target: DatabaseTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT, **
     lock_wait = libpq_timeout(timeout)
     options = pgoptions(f"-c lock_timeout={lock_wait * 1000}", base=target.query_options)
     kwargs["connect_args"] = {"options": options, **kwargs.get("connect_args", {})}
-    eng = engine(target, timeout, **kwargs)
     try:
+        conn = engine(target, timeout, **kwargs).connect()
+    except DBAPIError as exc:
+        raise ConnectionFailed(target.where, target.redact(failure_reason(exc, timeout))) from None
+    except UnicodeError:  # psycopg resolves names itself; IDNA rejects malformed ones
+        raise ConnectionFailed(target.where, "invalid host name") from None
+    with conn:
         try:
-            conn = eng.connect()
-        except DBAPIError as exc:
-            raise ConnectionFailed(target.where, target.redact(failure_reason(exc, timeout))) from None
-        except UnicodeError:  # psycopg resolves names itself; IDNA rejects malformed ones
-            raise ConnectionFailed(target.where, "invalid host name") from None
-        with conn:
-            try:
-                yield conn
-            except DbMigrateError:
-                raise
-            except Exception as exc:
-                if is_lost(conn):  # whatever failed, the reason is the server going away
-                    raise ConnectionLost(target.where) from None
-                if getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE:
-                    raise LockWaitTimeout(_lock_wait_failure(conn, exc, lock_wait)) from None
-                raise
-    finally:
-        eng.dispose()
+            yield conn
+        except DbMigrateError:
+            raise
+        except Exception as exc:
+            if is_lost(conn):  # whatever failed, the reason is the server going away
+                raise ConnectionLost(target.where) from None
+            if getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE:
+                raise LockWaitTimeout(_lock_wait_failure(conn, exc, lock_wait)) from None
+            raise
 
 
 def is_lost(conn: Connection) -> bool:

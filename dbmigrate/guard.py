@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from dbmigrate import db
 from dbmigrate.errors import GuardBusy
@@ -46,8 +47,9 @@ def _describe_holder(conn) -> str:
 
 
 @contextmanager
-def hold(target: DatabaseTarget, operation: str, wait_s: float, timeout: float) -> Iterator[None]:
-    """Hold the guard; wait up to ``wait_s`` for it, then raise GuardBusy naming the holder."""
+def hold(target: DatabaseTarget, operation: str, wait_s: float, timeout: float) -> Iterator[Connection]:
+    """Hold the guard; wait up to ``wait_s`` for it, then raise GuardBusy naming the holder. Yields
+    the guard's connection (autocommit), which may read the database meanwhile."""
     with db.connect(target, timeout, connect_args={"application_name": holder_name(operation)}) as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT")
         deadline = time.monotonic() + max(0.0, wait_s)
@@ -60,7 +62,7 @@ def hold(target: DatabaseTarget, operation: str, wait_s: float, timeout: float) 
                 )
             time.sleep(POLL_INTERVAL_S)
         try:
-            yield
+            yield conn
         finally:
             _release(conn, params)
 

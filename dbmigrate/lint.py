@@ -156,9 +156,12 @@ def exceptions(path: Path) -> list[Excepted]:
 
 
 def _comments(path: Path) -> Iterator[tuple[int, str]]:
-    """(line, text) of each Python comment in the file: not the text of its strings."""
+    """(line, text) of each Python comment in the file that may be an exception: not the text of its strings."""
+    source = path.read_text()
+    if not _EXCEPTION.search(source):  # most files have none: no need to tokenize them
+        return
     try:
-        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
             if token.type == tokenize.COMMENT:
                 yield token.start[0], token.string
     except (tokenize.TokenError, SyntaxError) as exc:  # Alembic would not load it either
@@ -203,14 +206,14 @@ def lint(project: Project, steps: list[PlannedStep], pg_version: str) -> LintRes
     excepted = {path: exceptions(path) for path in files.values()}
     _check_rules(squawk, excepted)
     results, sql = [], {}
-    with _alembic_quiet():
-        for step in steps:
-            results.append(RevisionLint(step.revision, step.message))
-            try:
-                with _printed_aside(step.revision):
-                    sql[step.revision] = migrate.render_revision(project, step.revision)
-            except Exception as exc:  # env.py or the revision needs a live connection: the lint cannot see its SQL
-                results[-1].not_linted = f"cannot be rendered offline: {first_line(exc)}"
+    with _alembic_quiet(), _printed_aside(", ".join(s.revision for s in steps)):
+        rendered = migrate.render_revisions(project, [s.revision for s in steps])
+    for step in steps:
+        results.append(RevisionLint(step.revision, step.message))
+        if isinstance(rendered[step.revision], Exception):  # env.py or the revision needs a live connection
+            results[-1].not_linted = f"cannot be rendered offline: {first_line(rendered[step.revision])}"
+        else:
+            sql[step.revision] = rendered[step.revision]
     raw = _squawk(squawk, sql, pg_version)
     for result in results:
         allowed = excepted[files[result.revision]]
@@ -245,7 +248,7 @@ def _drop(record: logging.LogRecord) -> bool:
 
 
 @contextmanager
-def _printed_aside(revision: str) -> Iterator[None]:
+def _printed_aside(revisions: str) -> Iterator[None]:
     """What env.py and a revision print while rendered offline (a project's offline branch warns
     `alembic upgrade --sql` users: "All rows in the t table will be deleted") is not what the run
     does: kept out of the run's output, on the debug log only."""
@@ -256,7 +259,7 @@ def _printed_aside(revision: str) -> Iterator[None]:
     finally:
         aside.kept_aside = False
         if aside.printed.getvalue().strip():
-            logging.getLogger(__name__).debug("rendering %s offline printed: %s", revision, aside.printed.getvalue())
+            logging.getLogger(__name__).debug("rendering %s offline printed: %s", revisions, aside.printed.getvalue())
 
 
 class _Aside(io.TextIOBase):

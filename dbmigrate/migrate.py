@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 from alembic import util as alembic_util
 from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationStep
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
@@ -236,6 +237,101 @@ def render_revision(project: Project, revision: str) -> str:
         return [step for step in script._upgrade_revs(revision, below) if step.revision.revision == revision]
 
     return _offline(project, only_this, list(below) or None, revision)
+
+
+def render_revisions(project: Project, revisions: list[str]) -> dict[str, str | Exception]:
+    """What :func:`render_revision` gives for each of ``revisions`` (its SQL, or the exception it
+    raised), with env.py run once per chain instead of once per revision (over a hundred revisions,
+    that is most of the lint's time). In a chain each revision's down_revision is the one before it,
+    so one offline pass renders each revision exactly as alone: from the revision below it, between
+    the pass's prologue and epilogue (env.py's BEGIN and COMMIT)."""
+    rendered: dict[str, str | Exception] = {}
+    for chain in _chains(project, revisions):
+        _render_chain(project, chain, rendered)
+    return rendered
+
+
+def _chains(project: Project, revisions: list[str]) -> Iterator[list[str]]:
+    chain: list[str] = []
+    for revision in revisions:
+        if chain and project.script.get_revision(revision).down_revision != chain[-1]:
+            yield chain
+            chain = []
+        chain.append(revision)
+    if chain:
+        yield chain
+
+
+class _PassFailed(Exception):
+    def __init__(self, failed_at: int, prologue: str, parts: list[str]):
+        # failed_at: the index of the step that raised (-1 or len(chain): env.py, around the steps);
+        # prologue and parts: what the pass wrote before it
+        self.failed_at, self.prologue, self.parts = failed_at, prologue, parts
+
+
+def _render_chain(project: Project, chain: list[str], rendered: dict[str, str | Exception]) -> None:
+    """A revision that raises ends its pass: it is rendered alone (its own error, as before); those
+    before it keep their parts, closed with what env.py writes after the last step (a pass of no
+    step from the revision before it says what that is); the next pass starts after it."""
+    while chain:
+        if len(chain) == 1:
+            rendered[chain[0]] = _alone(project, chain[0])
+            return
+        below = alembic_util.to_tuple(project.script.get_revision(chain[0]).down_revision, default=())
+        try:
+            prologue, parts, epilogue = _one_pass(project, chain, below)
+        except _PassFailed as failed:
+            if not 0 <= failed.failed_at < len(chain):  # env.py itself, around the steps: each alone says how
+                rendered.update((revision, _alone(project, revision)) for revision in chain)
+                return
+            done, failing, chain = chain[:failed.failed_at], chain[failed.failed_at], chain[failed.failed_at + 1:]
+            rendered[failing] = _alone(project, failing)
+            if done:
+                try:
+                    epilogue = _one_pass(project, [], (done[-1],))[2]
+                except _PassFailed:
+                    rendered.update((revision, _alone(project, revision)) for revision in done)
+                    continue
+                rendered.update(zip(done, (failed.prologue + part + epilogue for part in failed.parts)))
+            continue
+        rendered.update(zip(chain, (prologue + part + epilogue for part in parts)))
+        return
+
+
+def _alone(project: Project, revision: str) -> str | Exception:
+    try:
+        return render_revision(project, revision)
+    except Exception as exc:  # a revision can fail with anything offline: the caller says so
+        return exc
+
+
+def _one_pass(project: Project, chain: list[str], below: tuple[str, ...]) -> tuple[str, list[str], str]:
+    """One offline run of env.py over ``chain`` from ``below``: what it wrote before the first step,
+    each step's part, and what it wrote after the last one."""
+    script = project.script
+    buffer = io.StringIO()
+    marks: list[int] = []  # where each step's part starts, and where the last one ends
+    at = -1
+
+    def steps(rev, context):  # a generator: Alembic asks for a step once the one before is written
+        nonlocal at
+        for at, revision in enumerate(chain):
+            marks.append(buffer.tell())
+            yield MigrationStep.upgrade_from_script(script.revision_map, script.get_revision(revision))
+        marks.append(buffer.tell())
+        at = len(chain)
+
+    env = _timed_environment(project, lambda step: None, fn=steps, as_sql=True, starting_rev=list(below) or None,
+                             destination_rev=chain[-1] if chain else below[0], output_buffer=buffer)
+    try:
+        with env:
+            script.run_env()
+    except Exception as exc:
+        text = buffer.getvalue()
+        raise _PassFailed(at, text[:marks[0]] if marks else "",
+                          [text[start:end] for start, end in zip(marks, marks[1:])]) from exc
+    text = buffer.getvalue()
+    return text[:marks[0]], [text[start:end] for start, end in zip(marks, marks[1:])], text[marks[-1]:]
 
 
 def _offline(project: Project, fn, starting_rev, destination_rev: str) -> str:

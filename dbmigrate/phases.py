@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from dbmigrate import db, health, isolation, lockretry, migrate, revisions, schema
@@ -46,6 +47,7 @@ class Plan:
     lint: LintResult | None = None  # the lint of its revisions, once the run has it (approvers read it)
     rehearsal: Rehearsal | None = None  # how the steps ran on a restored copy, for whoever approves them
     invalid_indexes: tuple[str, ...] = ()  # before the run: validation fails only for those it leaves
+    server_version: str | None = None  # PostgreSQL's, as planned: what the lint checks the SQL for
 
     @property
     def revision_before(self) -> str | None:
@@ -71,21 +73,30 @@ def preflight(target: DatabaseTarget, project: Project, settings: Settings, revi
 
 def plan(target: DatabaseTarget, project: Project, settings: Settings, revision: str, upgrade: bool) -> Plan:
     """Read the database's revision and work out the steps; touches nothing."""
-    resolved = project.resolve(revision)
+    project.resolve(revision)  # a bad target is refused before connecting
     with db.connect(target, settings.connect_timeout) as conn:
-        current = revisions.current_revisions(conn)
-        invalid = tuple(schema.invalid_indexes(conn))
+        return plan_on(conn, project, revision, upgrade)
+
+
+def plan_on(conn: Connection, project: Project, revision: str, upgrade: bool) -> Plan:
+    """:func:`plan` on a connection the caller holds (the guard's, when the plan is checked again)."""
+    resolved = project.resolve(revision)
+    current = revisions.current_revisions(conn)
+    invalid = tuple(schema.invalid_indexes(conn))
+    _, version = db.server_version(conn)
     project.require_one_row(current)
     project.require_known(current)
     steps = project.plan_upgrade(current, resolved) if upgrade else project.plan_downgrade(current, resolved)
-    return Plan(current, resolved, steps, upgrade, invalid_indexes=invalid)
+    return Plan(current, resolved, steps, upgrade, invalid_indexes=invalid, server_version=version)
 
 
 def lint(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan,
          blocking_level: str | None) -> LintResult:
     """Lint the plan's revisions for PostgreSQL as the database runs it; changes nothing."""
-    with db.connect(target, settings.connect_timeout) as conn:
-        _, version = db.server_version(conn)
+    version = plan.server_version
+    if version is None:  # a plan made without reading it
+        with db.connect(target, settings.connect_timeout) as conn:
+            _, version = db.server_version(conn)
     with isolation.rendering(target):
         result = linting.lint(project, plan.steps, linting.pg_version(version))
     result.blocking_level = blocking_level

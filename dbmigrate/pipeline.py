@@ -172,6 +172,7 @@ class Run:
         self.manifest: Manifest | None = None
         self.before: Fingerprint | None = None  # the state the automatic rollback returns to
         self.ran: list[migrate.AppliedStep] = []  # the migration's steps as they ran (committed or not)
+        self.validated_at: str | None = None  # the revision validation found, under the guard, when it passed
         self._held = ExitStack()
 
     def step(self, name: str, fn: Callable[..., T], *args: Any) -> T:
@@ -201,10 +202,9 @@ class Run:
     def hold_guard(self, plan: Plan) -> None:
         """Step "guard": take the guard for the rest of the run, then make sure the plan still
         holds (the database may have moved while the approver read it)."""
-        self._held.enter_context(guard.hold(self.target, self.request.operation, self.settings.guard_wait_s,
-                                            self.settings.connect_timeout))
-        if phases.plan(self.target, self.project, self.settings, self.request.revision,
-                       self.request.upgrade).current != plan.current:
+        conn = self._held.enter_context(guard.hold(self.target, self.request.operation, self.settings.guard_wait_s,
+                                                   self.settings.connect_timeout))
+        if phases.plan_on(conn, self.project, self.request.revision, self.request.upgrade).current != plan.current:
             raise MigrationFailed("the database changed while waiting for approval: run again")
 
     def back_up(self) -> Manifest:
@@ -255,8 +255,8 @@ class Run:
             report.fail(phase, exc, message)
             if isinstance(exc, DbMigrateError):
                 self.outcome.error = exc
-        if self.may_have_changed:
-            report.revision_after = self._revision_after()
+        if self.may_have_changed:  # read back, unless a passed validation just read it
+            report.revision_after = self.validated_at if exc is None and self.validated_at else self._revision_after()
         if self.storage is not None and not isinstance(self.storage, LocalStorage):
             self._copy_report_beside_backups()
         try:
@@ -340,6 +340,7 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
                                                   plan.invalid_indexes)
             if not health.passed(checks):
                 raise MigrationFailed(f"validation failed: {'; '.join(c.detail for c in checks if c.status == FAIL)}")
+            run.validated_at = revisions.label(sorted(expected))
         report.finish(SUCCEEDED)
     return run.outcome
 

@@ -206,12 +206,20 @@ def _worker(home: Path, checkout: Path, api: str, say: Say) -> None:
         say(f"worker: already running (pid {record['pid']}), pool {POOL}")
         return
     since = datetime.now(UTC) - timedelta(seconds=1)
-    env = prefect_environ(home, api, DBMIGRATE_CHECKOUT=str(checkout), DBMIGRATE_HOME=str(home))
-    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")  # a local run starts within 2 s (Prefect's default: 10)
+    env = worker_environ(home, checkout, api)
     record = part.start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process"],
                         env, checkout)
     _wait_for(lambda: _worker_online(since), part, "the worker", record)
     say(f"worker: started (pid {record['pid']}), pool {POOL}, runs flows from {checkout} (log {part.log})")
+
+
+def worker_environ(home: Path, checkout: Path, api: str) -> dict[str, str]:
+    """The worker's environment: the stack's, where its flows run from, and how often it asks for runs."""
+    env = prefect_environ(home, api, DBMIGRATE_CHECKOUT=str(checkout), DBMIGRATE_HOME=str(home))
+    # A local run is picked up within 1 s (Prefect's default: 10): half a second on average of a no-op run's
+    # fixed cost (benchmarks/run_overhead.py), for one cheap query a second on the local server.
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
+    return env
 
 
 def _worker_online(since: datetime) -> bool:
