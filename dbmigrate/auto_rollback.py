@@ -51,8 +51,7 @@ def restore_starting_state(
     method, problem = "downgrade", ""
     try:
         project.require_one_row(now.revisions)  # else the downgrade would plan from each row: restore instead
-        plan = phases.Plan(now.revisions, start, project.plan_downgrade(now.revisions, start), upgrade=False)
-        phases.apply(target, project, settings, plan)
+        phases.apply(target, project, settings, phases.planned(project, now.revisions, start, upgrade=False))
     except Exception as exc:  # a downgrade can fail like any migration: fall back to the backup
         problem = f"downgrade failed ({exc}); "
         if backup is None or storage is None:

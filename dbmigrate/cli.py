@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Iterator
 
 from dbmigrate import (__version__, backup, catalogue, db, drift, health, local, overview, phases, pipeline, private,
-                       restore, revisions)
+                       revisions)
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError, needs_prefect
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.lint import LintResult
 from dbmigrate.policy import LINT_LEVELS, Policy
-from dbmigrate.rehearsal import rehearse
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Approval, Rehearsal, Report
+from dbmigrate.restore import RestorePlan
+from dbmigrate.run import REHEARSE, RESTORE
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget, parse_url
 
@@ -687,25 +688,21 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
 
 
 def cmd_rehearse(args, settings: Settings, database: Database) -> int:
-    """Take a backup, rehearse the pending revisions on a copy restored from it; the database is only read."""
+    """Take a backup, rehearse the pending revisions on a copy restored from it (pipeline.rehearse, which
+    writes the report); the database is only read. Under --json, stdout is the rehearsal."""
     target = database()
-    plan = phases.plan(target, settings.project(target), settings, args.revision, True)
-    if not plan.steps:
-        if args.json:
-            _print_json(None)
-        else:
-            print(f"nothing to rehearse: database at {revisions.shown(plan.current)}")
-        return 0
-    health.require_scratch_server(health.REHEARSAL, target, settings.scratch_server, settings.connect_timeout)
-    storage = settings.storage()
-    manifest = backup.take(target, storage, settings.dump, _print_progress, settings.connect_timeout)
-    result = rehearse(target, settings, plan, storage, manifest)
-    if args.json:
-        _print_json(result.as_dict())
-    else:
-        print("\n".join(_rehearsal_lines(result)))
-    result.require()
-    return 0
+    outcome = pipeline.rehearse(target, settings, pipeline.Request(REHEARSE, args.revision),
+                                pipeline.Hooks(on_progress=_print_progress))
+    rehearsal, nothing_to_do = outcome.report.rehearsal, outcome.report.status == NOOP
+    if args.json and (rehearsal or nothing_to_do):
+        _print_json(rehearsal and rehearsal.as_dict())
+    elif not args.json:
+        if rehearsal:
+            print("\n".join(_rehearsal_lines(rehearsal)))
+        elif nothing_to_do:
+            print(f"nothing to rehearse: database at {revisions.shown(outcome.report.revision_before)}")
+        print(f"report:   {outcome.report_path or 'not written (see stderr)'}")
+    return _finish(outcome, target, False)  # stdout has the rehearsal, not the report
 
 
 def _rehearsal_lines(result: Rehearsal) -> list[str]:
@@ -844,30 +841,35 @@ def cmd_backups(args, settings: Settings, database: Database) -> int:
 
 
 def cmd_restore(args, settings: Settings, database: Database) -> int:
+    """A backup restored over the database or into a new one (pipeline.restore, which writes the report)."""
     target = database()
     rules = None if args.target_db else _policy(args, target)  # a new database: nothing existing changes
+    operation = "restore over the database"
     _check_policy(rules, target.environment, "restore over the original", not args.no_safety_backup,
                   "drop --no-safety-backup")
-    storage = settings.storage()
-    manifest = catalogue.find(storage, target, args.backup_id)
-    if args.target_db:
-        result = restore.into_new_database(target, storage, manifest, args.target_db, settings.connect_timeout,
-                                           args.jobs)
-        print(f"restored {manifest.id} into new database {result.database}")
-        return 0
-    approval = _approve(args, rules, target.environment, "restore over the database",
-                        f"restore {target.where} ({target.environment}) from backup {manifest.id} "
-                        f"(revision {revisions.shown(manifest.revision)}):",
-                        "replace the contents of the database with this backup?")
-    approval.require()
-    print(f"restore approved by {approval.approver} ({approval.via})")
-    result = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout, settings.guard_wait_s,
-                                         None if args.no_safety_backup else settings.dump, _print_progress,
-                                         settings.limits.lock_timeout_s)
-    if result.safety_backup:
-        print(f"safety backup of the previous state: {result.safety_backup.id}")
-    print(f"restored {manifest.id} over {target.where}")
-    return 0
+
+    def confirm(plan: RestorePlan) -> Approval:
+        approval = _approve(args, rules, target.environment, operation,
+                            f"restore {target.where} ({target.environment}) from backup {plan.manifest.id} "
+                            f"(revision {revisions.shown(plan.manifest.revision)}):",
+                            "replace the contents of the database with this backup?")
+        if approval.approved:
+            print(f"restore approved by {approval.approver} ({approval.via})")
+        return approval
+
+    request = pipeline.Request(RESTORE, args.backup_id, backup=not args.no_safety_backup,
+                               new_database=args.target_db, jobs=args.jobs)
+    hooks = pipeline.Hooks(confirm=confirm, on_progress=_print_progress,
+                           require_approver=lambda: _require_approver(args, rules, target.environment, operation))
+    outcome = pipeline.restore(target, settings, request, hooks)
+    restored = outcome.report.restore
+    if outcome.error is None:
+        if restored.safety_backup:
+            print(f"safety backup of the previous state: {restored.safety_backup}")
+        print(f"restored {restored.backup_id} "
+              + (f"into new database {restored.new_database}" if restored.new_database else f"over {target.where}"))
+    print(f"report:   {outcome.report_path or 'not written (see stderr)'}")
+    return _finish(outcome, target, False)
 
 
 def cmd_generate(args, settings: Settings, database: Database) -> int:

@@ -27,10 +27,11 @@ from typing import BinaryIO, Callable, Iterator
 
 from sqlalchemy import text
 
-from dbmigrate import backup, db, guard, pgrestore, pgtools
+from dbmigrate import backup, catalogue, db, fingerprint, guard, pgrestore, pgtools
 from dbmigrate.backup import DumpOptions, ProgressFn
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import BackupFailed, BackupUnreadable, ConfigError, RestoreFailed
+from dbmigrate.fingerprint import Fingerprint
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.storage import CHUNK, Storage
 from dbmigrate.target import DatabaseTarget
@@ -45,6 +46,24 @@ LOCK_NOT_AVAILABLE = "55P03"  # the SQLSTATE of a lock_timeout
 class RestoreResult:
     database: str
     safety_backup: Manifest | None
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """A restore before it runs: the backup, the database as it is now, and the tables whose rows
+    differ between them (what a restore over the database changes)."""
+
+    manifest: Manifest
+    before: Fingerprint
+    tables_changing: list[str]
+
+
+def plan(target: DatabaseTarget, storage: Storage, backup_id: str, timeout: float) -> RestorePlan:
+    """Find the backup (ConfigError if there is no valid one) and compare it with the database; touches nothing."""
+    manifest = catalogue.find(storage, target, backup_id)
+    with db.connect(target, timeout) as conn:
+        now = fingerprint.take(conn)
+    return RestorePlan(manifest, now, fingerprint.tables_differing(now.row_counts, manifest.row_counts))
 
 
 def _user_schemas(conn) -> list[str]:

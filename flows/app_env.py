@@ -28,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from dbmigrate import __version__
 from dbmigrate.errors import ConfigError, ConfirmationRefused, MigrationFailed
 from dbmigrate.lint import Excepted, Finding, LintBlocked, LintResult, RevisionLint, blocked_message
+from dbmigrate.phases import Phase
 from dbmigrate.settings import SCRATCH_VARIABLE
 from dbmigrate.storage import S3_PREFIX
 from flows.alerts import flow_run_url
@@ -126,10 +127,10 @@ def migrate(env: Environment, journal: Journal, executable: str, alembic_config:
         last, before = plan["migrations_planned"][-1]["revision"], plan["revision_before"]
         pinned = ["-r", target_revision if target_revision == "heads" else last,
                   "--expect-current", before or "base"]
-        journal.phase("planned", revision_before=before, target=last, upgrade=True)
+        journal.phase(Phase.PLANNED, revision_before=before, target=last, upgrade=True)
         _lint(app, pinned[:2])
         approver = _approver(app, plan, requested_by)
-        journal.phase("application")
+        journal.phase(Phase.APPLICATION)
         report = app.run("upgrade", *pinned, "--approver", approver, *checks, *_policy_options(env, backup, False))
     create_markdown_artifact(f"## db-migrate {env.name}: report\n\nWritten by the application's dbmigrate "
                              f"(`{executable}`).\n\n```json\n{json.dumps(report, indent=2)}\n```\n",

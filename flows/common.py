@@ -27,24 +27,21 @@ from dbmigrate import phases, pipeline, private, revisions
 from dbmigrate.errors import (ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, RevisionError,
                               StorageFailed)
 from dbmigrate.migrate import SessionLimits
+from dbmigrate.phases import Phase
 from dbmigrate.policy import Policy
 from dbmigrate.report import Approval
+from dbmigrate.run import Confirm
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 from flows import alerts
 from flows.artifacts import approval_request, lock_policy_section, rehearsal_section
 
-# Phases that only connect or upload: safe to retry. The migration itself never is.
-TRANSIENT_PHASES = ("health_checks", "backup")
-# Steps that run in the flow itself, not as tasks: the approval pauses the flow run, the
-# guard is held for the rest of the run, and loading the project only reads files.
-IN_FLOW_PHASES = ("load", "approval", "guard")
 # Steps done before the approval that a run suspended for it (see ask_in_ui) does not do again
 # when, answered, it starts again from the beginning: Prefect keeps their results, keyed by the
 # run, its attempt and what each depends on (the backup id and the plan, for the rehearsal).
 RESUMED_PHASES = {
-    "backup": lambda parameters: "",
-    "rehearsal": lambda parameters: (f"{parameters['manifest'].id} {parameters['plan'].current} "
+    Phase.BACKUP: lambda parameters: "",
+    Phase.REHEARSAL: lambda parameters: (f"{parameters['manifest'].id} {parameters['plan'].current} "
                                      f"{parameters['plan'].target}"),
 }
 
@@ -166,22 +163,34 @@ def ends_failed_on_error(body):
     return run
 
 
+def alert_failure(outcome: pipeline.Outcome, environment: str) -> str:
+    """The flows' epilogue of a failed run: its alert, and the line its final state says (the phase,
+    why, and what the automatic rollback did)."""
+    report = outcome.report
+    rolled = f"; rollback: {report.rollback.detail}" if report.rollback else ""
+    failure = f"{report.error.phase} failed: {report.error.message}{rolled}"
+    alerts.run_failed(environment, report, failure)
+    return failure
+
+
 def _transient(task_, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), (ConnectionFailed, StorageFailed))
 
 
 def phase_runner(rules: Policy):
-    """Run each pipeline phase as a Prefect task named after it (but those IN_FLOW_PHASES)."""
+    """Run each pipeline phase as a Prefect task named after it (but those the flow runs itself,
+    :attr:`Phase.in_flow`), retried where it only connects or uploads (:attr:`Phase.retried`)."""
 
-    def run_phase(name: str, fn, *args):
-        if name in IN_FLOW_PHASES:
+    def run_phase(phase: Phase, fn, *args):
+        if phase.in_flow:
             return fn(*args)
+        name = phase.value
         options = {"name": name, "cache_policy": NO_CACHE, "persist_result": False}
-        if name in RESUMED_PHASES and runtime.deployment.id:  # only a deployment's run is suspended
-            depends_on = RESUMED_PHASES[name]
+        if phase in RESUMED_PHASES and runtime.deployment.id:  # only a deployment's run is suspended
+            depends_on = RESUMED_PHASES[phase]
             options = {"name": name, "persist_result": True,
                        "cache_key_fn": lambda context, parameters: attempt_key(name, depends_on(parameters))}
-        if name in TRANSIENT_PHASES:
+        if phase.retried:
             options.update(retries=rules.transient_retries, retry_delay_seconds=rules.retry_delay_s,
                            retry_condition_fn=_transient)
         return task(fn, **options)(*args)
@@ -310,13 +319,13 @@ def paused_until_answered(form: type[ApprovalForm], message: str, timeout_s: flo
     raise FlowPauseTimeout("the run was paused and never resumed")
 
 
-def approval_in_ui(env: Environment, requested_by: str | None) -> pipeline.Confirm:
+def approval_in_ui(env: Environment, requested_by: str | None) -> Confirm:
     """The pipeline's confirm hook: the approver sees the revisions the run goes through, the
     one it reaches, and their SQL."""
 
     def describe(plan: phases.Plan) -> tuple[str, str]:
         project = env.settings.project(env.target)
-        reached = revisions.shown(sorted(phases.expected_revisions(project, plan)))
+        reached = revisions.shown(plan.expected)
         try:
             sql = phases.render_sql(env.target, project, plan)
         except RevisionError as exc:  # the approver still sees the revisions and the rehearsal

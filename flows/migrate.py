@@ -18,7 +18,7 @@ from dbmigrate import auto_rollback, pipeline, revisions
 from dbmigrate.errors import MigrationFailed
 from flows import alerts, app_env, recovery
 from flows.artifacts import BackupProgress, publish
-from flows.common import approval_in_ui, ends_failed_on_error, open_environment, phase_runner, who_asked
+from flows.common import alert_failure, approval_in_ui, ends_failed_on_error, open_environment, phase_runner, who_asked
 from flows.concurrency import one_run_per_environment
 
 
@@ -93,10 +93,7 @@ def db_migrate(
         publish(outcome, environment, progress)
     report = outcome.report
     if outcome.error is not None:
-        rolled = f"; rollback: {report.rollback.detail}" if report.rollback else ""
-        failure = f"{report.error.phase} failed: {report.error.message}{rolled}"
-        alerts.run_failed(environment, report, failure)
-        raise MigrationFailed(failure)
+        raise MigrationFailed(alert_failure(outcome, environment))
     logger.info("%s: %s -> %s (%s)", report.status, revisions.shown(report.revision_before),
                 revisions.shown(report.revision_after), outcome.report_path)
     return report.as_dict()

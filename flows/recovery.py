@@ -45,22 +45,18 @@ from prefect.variables import Variable
 from sqlalchemy import text
 
 from blocks import load_target
-from dbmigrate import db, fingerprint, guard, migrate, phases, revisions
+from dbmigrate import db, fingerprint, guard, migrate, revisions
 from dbmigrate.catalogue import Manifest
+from dbmigrate.phases import Phase, Plan
+from dbmigrate.restore import RestorePlan
 from dbmigrate.errors import ConnectionFailed, DbMigrateError, MigrationFailed, first_line
 from dbmigrate.migrate import SessionLimits
-from dbmigrate.pipeline import RunPhase, Suspended
+from dbmigrate.run import RunPhase, Suspended
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 from flows.artifacts import artifact_key  # the concurrency limit's name
 
 LEASE_S = 300  # the lease Prefect's concurrency() takes, and concurrency.one_run_per_environment with it
-
-# The journal's phases, as the messages name them.
-PHASES = {"holding": "the checks before migrating", "planned": "approval, before migrating", "backup": "the backup",
-          "rehearsal": "the rehearsal on a restored copy", "migrate": "the migration",
-          "application": "the application's dbmigrate (backup, rehearsal, migration)",
-          "rollback": "the automatic rollback", "restore": "the restore"}
 
 
 def journal_name(environment: str) -> str:
@@ -95,7 +91,7 @@ def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
             journal.close()
             raise
         except Suspended:  # waits for approval with neither the slot nor a process: nothing to free, nobody to find
-            journal.phase("planned", lease=None, present=False)
+            journal.phase(Phase.PLANNED, lease=None, present=False)
             raise
         journal.close()
 
@@ -138,7 +134,7 @@ class Journal:
         self.environment = environment
         self.entry = {"flow_run": runtime.flow_run.id, "name": runtime.flow_run.name, "environment": environment,
                       "lease": _held_lease(), "since": time.time(),
-                      "credentials_block": credentials_block, "present": present, "phase": "holding",
+                      "credentials_block": credentials_block, "present": present, "phase": Phase.HOLDING.value,
                       "revision_before": None, "target": None, "undo": undo and _undo(undo)}
         self._save()
 
@@ -148,8 +144,8 @@ class Journal:
         except Exception as exc:  # the API away for a moment must not stop a migration; the journal is a record
             get_run_logger().warning("could not record this run's phase (%s) in Prefect: %s", self.entry["phase"], exc)
 
-    def phase(self, name: str, **fields) -> None:
-        self.entry.update(phase=name, **fields)
+    def phase(self, name: Phase, **fields) -> None:
+        self.entry.update(phase=name.value, **fields)
         self._save()
 
     def interrupted(self, phase: str, exc: BaseException) -> str | None:
@@ -174,25 +170,28 @@ class Journal:
 
     def tracking(self, run_phase: RunPhase) -> RunPhase:
         """``run_phase`` that keeps the journal's phase and plan current."""
+        planned: list[RestorePlan] = []  # a restore's plan, for its step RESTORE
 
-        def run(name: str, fn, *args):
-            if name in PHASES:
-                self.phase(name)
-            result = run_phase(name, fn, *args)
-            if name == "plan":
-                project = args[1]  # phases.plan(target, project, settings, revision, upgrade)
-                goal = phases.expected_revisions(project, result)
-                self.phase("planned", revision_before=result.revision_before, target=",".join(sorted(goal)) or None,
-                           upgrade=result.upgrade)
-            elif name == "rehearsal":  # the approval comes next, and the copy, not the database, was changed
-                self.phase("planned")
+        def run(phase: Phase, fn, *args):
+            if phase == Phase.RESTORE and planned:
+                self.restoring(planned[-1].before, planned[-1].manifest)
+            elif phase.words:
+                self.phase(phase)
+            result = run_phase(phase, fn, *args)
+            if phase == Phase.PLAN and isinstance(result, Plan):
+                self.phase(Phase.PLANNED, revision_before=result.revision_before,
+                           target=",".join(result.expected) or None, upgrade=result.upgrade)
+            elif phase == Phase.PLAN:
+                planned.append(result)
+            elif phase == Phase.REHEARSAL:  # the approval comes next, and the copy, not the database, was changed
+                self.phase(Phase.PLANNED)
             return result
 
         return run
 
     def restoring(self, before: fingerprint.Fingerprint, manifest: Manifest) -> None:
         """The restore over the original is about to start: record what tells afterwards whether it committed."""
-        self.phase("restore", revision_before=",".join(before.revisions) or None, target=manifest.revision,
+        self.phase(Phase.RESTORE, revision_before=",".join(before.revisions) or None, target=manifest.revision,
                    backup=manifest.id, rows_before=_digest(before.row_counts), rows_backup=_digest(manifest.row_counts))
 
 
@@ -216,7 +215,7 @@ def _held_lease() -> str | None:
 
 
 def _phase(entry: dict) -> str:
-    return PHASES.get(entry.get("phase"), str(entry.get("phase")))
+    return Phase(entry.get("phase")).words
 
 
 def clear(environment: str, flow_run_id: str) -> None:
@@ -260,14 +259,14 @@ def interruption(entry: dict, how: str) -> str:
 def database_state(entry: dict) -> str:
     """Where the interrupted run left the database, in words an operator acts on."""
     start, goal = entry.get("revision_before"), entry.get("target")
-    if entry.get("phase") in ("holding", "planned"):
+    if entry.get("phase") in (Phase.HOLDING, Phase.PLANNED):
         return f"the database was not changed (interrupted before migrating, at {start or 'its starting revision'})"
     try:
         target = load_target(entry["credentials_block"])
         with guard.hold(target, "recovery", 0, db.DEFAULT_CONNECT_TIMEOUT):
             _end_orphans(target)
             with db.connect(target) as conn:
-                if entry.get("phase") == "restore":
+                if entry.get("phase") == Phase.RESTORE:
                     return _restore_state(entry, revisions.current_label(conn), fingerprint.row_counts(conn))
                 now = revisions.current_label(conn)
             if now not in (start, goal) and entry.get("undo"):

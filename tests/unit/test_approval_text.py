@@ -65,7 +65,7 @@ def test_the_approval_form_shows_the_lint_before_the_sql():
         RevisionLint("r3", "data", not_linted="cannot be rendered offline: no connection"),
         RevisionLint("r4", "column"),
     ], blocking_level=None)
-    plan = Plan((), "r4", [PlannedStep(r.revision, r.message) for r in lint.revisions], True, lint)
+    plan = Plan((), "r4", [PlannedStep(r.revision, r.message) for r in lint.revisions], True, ("r4",), lint)
     text = approval_request(parse_url("postgresql://u@h/db", "staging"), plan, "r4", "SELECT 1;")
     section = text[text.index("### Lint"):text.index("The SQL")]
     assert section == (
