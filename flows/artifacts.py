@@ -24,9 +24,14 @@ from dbmigrate.report import BackupSummary, Rehearsal, Report
 from dbmigrate.settings import Settings
 
 
+def name_part(environment: str) -> str:
+    """The environment in a Prefect name: artifact keys allow lowercase letters, digits and dashes
+    only, Variable names letters, digits, dashes and underscores."""
+    return "".join(c if c.isalnum() else "-" for c in environment.lower())
+
+
 def artifact_key(environment: str, flow: str = "db-migrate") -> str:
-    # Artifact keys allow lowercase letters, digits and dashes only.
-    return f"{flow}-" + "".join(c if c.isalnum() else "-" for c in environment.lower())
+    return f"{flow}-{name_part(environment)}"
 
 
 def how_to_approve(to: str) -> str:

@@ -24,7 +24,6 @@ from flows.common import (
     phase_runner,
     who_asked,
 )
-from flows.concurrency import one_run_per_environment
 
 
 FLOW = "db-rollback"
@@ -62,8 +61,7 @@ def db_rollback(
     if not dry_run:
         env.policy.check_requester(requester)
     # No settings for the journal: a db-rollback killed mid-downgrade is left to the operator, not rolled back.
-    with (one_run_per_environment(environment, env.policy.guard_wait_s),
-          recovery.in_flight(environment, env.target, env.credentials_block) as journal):
+    with recovery.holding(env) as journal:
         if to_revision:
             return _downgrade(env, to_revision, dry_run, requester, journal)
         return _restore(env, backup_id, dry_run, requester, journal)

@@ -189,7 +189,7 @@ def test_the_flow_rehearses_production_and_shows_it_on_the_approval_page(environ
     state = run_flow(environment=name, alembic_config=ini)
     approver.join()
     assert state.is_completed(), state.message
-    assert seen["journal"]["phase"] == "planned", "waiting for approval after the rehearsal: the database untouched"
+    assert seen["journal"].phase == "planned", "waiting for approval after the rehearsal: the database untouched"
 
     page = seen["description"]
     assert "### Rehearsed on a copy restored from backup `" in page
