@@ -36,9 +36,9 @@ from pathlib import Path
 
 from dbmigrate import local
 from dbmigrate.errors import ConfigError, needs_prefect
+from dbmigrate.policy import ENVIRONMENTS
 from dbmigrate.private import generated_secret
 
-ENVIRONMENTS = ("development", "staging", "production")
 DEMO_ENVIRONMENT = "development"  # the one `make demo` migrates
 POOL = "dbmigrate"
 PREFECT_PORT = 4200  # Prefect's own default: the address its documentation and habits assume

@@ -1,6 +1,6 @@
 """What every flow shares: opening the environment a run may change (:func:`open_environment`,
 its first call), the pipeline's phases as Prefect tasks (:func:`phase_runner`), approval in the
-Prefect UI (:func:`ask_in_ui`), and expected failures ending the run Failed with their one-line
+Prefect UI (:func:`approval_in_ui`), and expected failures ending the run Failed with their one-line
 message (:func:`ends_failed_on_error`)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dbmigrate.target import DatabaseTarget
 from flows import alerts
 from flows.artifacts import approval_request, lock_policy_section, rehearsal_section
 
-# Steps done before the approval that a run suspended for it (see ask_in_ui) does not do again
+# Steps done before the approval that a run suspended for it (see approval_in_ui) does not do again
 # when, answered, it starts again from the beginning: Prefect keeps their results, keyed by the
 # run, its attempt and what each depends on (the backup id and the plan, for the rehearsal).
 RESUMED_PHASES = {
@@ -230,16 +230,22 @@ class SuspendedForApproval(Pause, pipeline.Suspended):
     the process, and the pipeline writes no report (the run is not over)."""
 
 
-def ask_in_ui(rules: Policy, requested_by: str | None, describe) -> Approval:
-    """Where the policy asks for it, stop the run until someone approves or rejects in the
-    Prefect UI. ``describe()`` (called only then) gives what changes (``0004 → 0006 in
-    production``: the paused state's message and the log say it waits for its approval) and the
-    markdown the approver reads in the form. The log records the answer.
+def approval_in_ui(env: Environment, requested_by: str | None, describe=None) -> Confirm:
+    """The pipeline's confirm hook: where the policy asks for it, stop the run until someone approves
+    or rejects in the Prefect UI. ``describe(plan)`` (called only then; default :func:`migration_change`,
+    the revisions the run goes through, the one it reaches and their SQL) gives what changes
+    (``0004 → 0006 in production``: the paused state's message and the log say it waits for its
+    approval) and the markdown the approver reads in the form. The log records the answer.
 
     A deployment's run is suspended (:func:`suspended_until_answered`): it waits holding no
     process, so a worker restarted or lost meanwhile loses nothing, and once answered it starts
     again on any worker; a run without a deployment (a flow called in-process) pauses in place.
     Where the policy wants the approver to differ from ``requested_by``, their approval is refused."""
+    describe = describe or functools.partial(migration_change, env)
+    return lambda plan: _ask(env.policy, requested_by, lambda: describe(plan))
+
+
+def _ask(rules: Policy, requested_by: str | None, describe) -> Approval:
     if not rules.approval_required:
         return Approval(True, requested_by or "unknown", "policy")
     change, text = describe()
@@ -319,22 +325,18 @@ def paused_until_answered(form: type[ApprovalForm], message: str, timeout_s: flo
     raise FlowPauseTimeout("the run was paused and never resumed")
 
 
-def approval_in_ui(env: Environment, requested_by: str | None) -> Confirm:
-    """The pipeline's confirm hook: the approver sees the revisions the run goes through, the
-    one it reaches, and their SQL."""
-
-    def describe(plan: phases.Plan) -> tuple[str, str]:
-        project = env.settings.project(env.target)
-        reached = revisions.shown(plan.expected)
-        try:
-            sql = phases.render_sql(env.target, project, plan)
-        except RevisionError as exc:  # the approver still sees the revisions and the rehearsal
-            sql = f"-- {exc}"
-        return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
-                approval_request(env.target, plan, reached, sql, rehearsal_section(plan.rehearsal),
-                                 lock_policy_section(env.settings)))
-
-    return lambda plan: ask_in_ui(env.policy, requested_by, lambda: describe(plan))
+def migration_change(env: Environment, plan: phases.Plan) -> tuple[str, str]:
+    """What a migration's approver is asked: the revisions the run goes through, the one it
+    reaches, their SQL, the rehearsal and the lock policy."""
+    project = env.settings.project(env.target)
+    reached = revisions.shown(plan.expected)
+    try:
+        sql = phases.render_sql(env.target, project, plan)
+    except RevisionError as exc:  # the approver still sees the revisions and the rehearsal
+        sql = f"-- {exc}"
+    return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
+            approval_request(env.target, plan, reached, sql, rehearsal_section(plan.rehearsal),
+                             lock_policy_section(env.settings)))
 
 
 def take_back_expired_pause() -> None:

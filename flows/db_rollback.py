@@ -18,7 +18,6 @@ from flows.common import (
     Environment,
     alert_failure,
     approval_in_ui,
-    ask_in_ui,
     ends_failed_on_error,
     open_environment,
     phase_runner,
@@ -83,7 +82,7 @@ def _downgrade(env: Environment, revision: str, dry_run: bool, requested_by: str
         alerts.rolled_back(env.name, outcome.report, f"downgrade to {revision}")
     if outcome.sql is not None:
         create_markdown_artifact(f"## db-rollback {env.name}: dry run\n\n```sql\n{outcome.sql}\n```",
-                                 key=f"{artifact_key(env.name, FLOW)}-sql")
+                                 key=artifact_key(env.name, FLOW, "sql"))
     return outcome.report.as_dict()
 
 
@@ -94,13 +93,12 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str 
     and a summary artifact, refused, failed or done."""
     request = pipeline.Request(RESTORE, backup_id, dry_run=dry_run, backup=True, requested_by=requested_by or "unknown")
 
-    def confirm(plan: RestorePlan):
-        return ask_in_ui(env.policy, requested_by, lambda: (
-            f"the restore of backup {plan.manifest.id} over {env.name}",
-            "\n".join([*_restore_lines(env.name, plan, dry_run), "", how_to_approve(
-                "replace the database with this backup (a backup of its current state is taken first)")])))
+    def describe(plan: RestorePlan) -> tuple[str, str]:
+        return (f"the restore of backup {plan.manifest.id} over {env.name}",
+                "\n".join([*_restore_lines(env.name, plan, dry_run), "", how_to_approve(
+                    "replace the database with this backup (a backup of its current state is taken first)")]))
 
-    hooks = pipeline.Hooks(confirm=confirm, run_phase=journal.tracking(phase_runner(env.policy)),
+    hooks = pipeline.Hooks(confirm=approval_in_ui(env, requested_by, describe), run_phase=journal.tracking(phase_runner(env.policy)),
                            interrupted=journal.interrupted)
     outcome = pipeline.restore(env.target, env.settings, request, hooks)
     publish(outcome, env.name, flow=FLOW)
@@ -113,7 +111,7 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str 
         lines += ["", f"Approved by {report.approval.approver} ({report.approval.via}).", "",
                   f"Restored. Safety backup of the previous state: `{report.restore.safety_backup}`."]
         alerts.rolled_back(env.name, report, f"restore of backup {report.restore.backup_id}")
-    create_markdown_artifact("\n".join(lines), key=f"{artifact_key(env.name, FLOW)}-restore")
+    create_markdown_artifact("\n".join(lines), key=artifact_key(env.name, FLOW, "restore"))
     data = report.as_dict()
     return {**data["restore"], "dry_run": dry_run, "approval": data["approval"], "report": data}
 

@@ -60,7 +60,7 @@ def db_health(environment: str, credentials_block: str | None = None, alembic_co
         if check_drift:
             checks.append(run(Phase.DRIFT, drift.check, env.target, env.settings))
             alerts.drift_found(environment, checks)
-    create_markdown_artifact(health_markdown(environment, checks), key=f"{artifact_key(environment)}-health")
+    create_markdown_artifact(health_markdown(environment, checks), key=artifact_key(environment, kind="health"))
     failed = [c for c in checks if c.status == health.FAIL]
     if failed:
         raise HealthFailed("health failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
@@ -93,6 +93,6 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
     create_markdown_artifact(
         f"## db-backup {environment}\n\nBackup {backup_line(BackupSummary.of(manifest))}; "
         f"sha256 `{manifest.sha256}`.\n\nPruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
-        key=f"{artifact_key(environment)}-backup-summary",
+        key=artifact_key(environment, kind="backup-summary"),
     )
     return asdict(BackupSummary.of(manifest))

@@ -96,7 +96,7 @@ def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
 
 def _waits_for_approval(entry: InFlight) -> bool:
     """The journal's run is suspended for approval (it holds no slot and no process while it
-    waits, see flows.common.ask_in_ui) and may still be answered: the environment is its."""
+    waits, see flows.common.approval_in_ui) and may still be answered: the environment is its."""
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(UUID(entry.flow_run)).state
     if state is None or not state.is_paused():
