@@ -41,7 +41,7 @@ def how_to_approve(to: str) -> str:
     return f"Choose **approve** to {to}, or **reject**, and give your **name**. Nothing changes until then."
 
 
-def approval_request(target, plan: phases.Plan, reached: str, sql: str, *sections: str) -> str:
+def approval_page(target, plan: phases.Plan, reached: str, sql: str, *sections: str) -> str:
     """The approval form's text, with ``sections`` (markdown) before how to answer. The form is a
     narrow dialog that clips wide tables and code (Prefect's v1 UI) and hides ``<details>`` (v2):
     revisions as a list, the SQL wrapped."""

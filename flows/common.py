@@ -34,7 +34,7 @@ from dbmigrate.run import Confirm
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 from flows import alerts
-from flows.artifacts import approval_request, lock_policy_section, rehearsal_section
+from flows.artifacts import approval_page, lock_policy_section, rehearsal_section
 
 # Steps done before the approval that a run suspended for it (see approval_in_ui) does not do again
 # when, answered, it starts again from the beginning: Prefect keeps their results, keyed by the
@@ -335,7 +335,7 @@ def migration_change(env: Environment, plan: phases.Plan) -> tuple[str, str]:
     except RevisionError as exc:  # the approver still sees the revisions and the rehearsal
         sql = f"-- {exc}"
     return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
-            approval_request(env.target, plan, reached, sql, rehearsal_section(plan.rehearsal),
+            approval_page(env.target, plan, reached, sql, rehearsal_section(plan.rehearsal),
                              lock_policy_section(env.settings)))
 
 
