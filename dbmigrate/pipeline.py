@@ -123,14 +123,11 @@ def restore(target: DatabaseTarget, settings: Settings, request: Request, hooks:
     with run:
         storage = run.storage = run.step(Phase.LOAD, settings.storage)  # an S3 one has the report copied there too
         plan = run.outcome.plan = run.step(Phase.PLAN, restoring.plan, target, storage, request.revision,
-                                           settings.connect_timeout)
+                                           settings.connect_timeout, not request.new_database)
         manifest = plan.manifest
         report.target_revision = manifest.revision or "base"
-        report.revision_before = report.revision_after = revisions.label(plan.before.revisions)
-        if request.new_database:
-            report.restore = RestoreSummary(manifest.id, sorted(manifest.row_counts), new_database=request.new_database)
-        else:
-            report.restore = RestoreSummary(manifest.id, plan.tables_changing)
+        report.revision_before = report.revision_after = revisions.label(plan.revisions_now)
+        report.restore = RestoreSummary(manifest.id, plan.tables_changing, new_database=request.new_database)
         if request.dry_run:
             report.finish(DRY_RUN)
             return run.outcome

@@ -118,9 +118,9 @@ def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str 
 
 def _restore_lines(environment: str, plan: RestorePlan, dry_run: bool) -> list[str]:
     """The restore's markdown: the revision it goes to, and the tables whose rows it changes."""
-    manifest, now = plan.manifest, plan.before.row_counts
+    manifest, now = plan.manifest, plan.row_counts_now
     return [f"## db-rollback {environment}: {'dry run' if dry_run else 'restore'} of backup `{manifest.id}`", "",
-            f"Revision `{revisions.shown(revisions.label(plan.before.revisions))}` → "
+            f"Revision `{revisions.shown(revisions.label(plan.revisions_now))}` → "
             f"`{revisions.shown(manifest.revision)}`.", "",
             "| table | rows now | rows in the backup |", "|---|---|---|",
             *(f"| {t} | {now.get(t, '-')} | {manifest.row_counts.get(t, '-')} |" for t in plan.tables_changing)]

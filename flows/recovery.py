@@ -35,9 +35,7 @@ from sqlalchemy import text
 
 from blocks import load_target
 from dbmigrate import db, interruption
-from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import ConnectionFailed, DbMigrateError, MigrationFailed
-from dbmigrate.fingerprint import Fingerprint
 from dbmigrate.interruption import InFlight, Undo
 from dbmigrate.phases import Phase, Plan
 from dbmigrate.restore import RestorePlan
@@ -171,7 +169,7 @@ class Journal:
 
         def run(phase: Phase, fn, *args):
             if phase == Phase.RESTORE and planned:
-                self.restoring(planned[-1].before, planned[-1].manifest)
+                self.restoring(planned[-1])
             elif phase.words:
                 self.phase(phase)
             result = run_phase(phase, fn, *args)
@@ -186,10 +184,11 @@ class Journal:
 
         return run
 
-    def restoring(self, before: Fingerprint, manifest: Manifest) -> None:
+    def restoring(self, plan: RestorePlan) -> None:
         """The restore over the original is about to start: record what tells afterwards whether it committed."""
-        self.phase(Phase.RESTORE, revision_before=",".join(before.revisions) or None, target=manifest.revision,
-                   backup=manifest.id, rows_before=interruption.digest(before.row_counts),
+        manifest = plan.manifest
+        self.phase(Phase.RESTORE, revision_before=",".join(plan.revisions_now) or None, target=manifest.revision,
+                   backup=manifest.id, rows_before=interruption.digest(plan.row_counts_now),
                    rows_backup=interruption.digest(manifest.row_counts))
 
 
