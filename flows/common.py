@@ -42,7 +42,7 @@ from flows.artifacts import approval_page, lock_policy_section, rehearsal_sectio
 RESUMED_PHASES = {
     Phase.BACKUP: lambda parameters: "",
     Phase.REHEARSAL: lambda parameters: (f"{parameters['manifest'].id} {parameters['plan'].current} "
-                                     f"{parameters['plan'].target}"),
+                                         f"{parameters['plan'].target}"),
 }
 
 
@@ -336,7 +336,7 @@ def migration_change(env: Environment, plan: phases.Plan) -> tuple[str, str]:
         sql = f"-- {exc}"
     return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
             approval_page(env.target, plan, reached, sql, rehearsal_section(plan.rehearsal),
-                             lock_policy_section(env.settings)))
+                          lock_policy_section(env.settings)))
 
 
 def take_back_expired_pause() -> None:
