@@ -12,8 +12,7 @@ checked against the fingerprint taken before the migration.
 
 from __future__ import annotations
 
-
-from dbmigrate import db, fingerprint, phases, restore
+from dbmigrate import db, fingerprint, phases, restore, revisions
 from dbmigrate.catalogue import Manifest
 from dbmigrate.fingerprint import Fingerprint
 from dbmigrate.report import AutoRollbackResult
@@ -50,9 +49,7 @@ def restore_starting_state(
     start = before.revisions[0] if before.revisions else "base"
     method, problem = "downgrade", ""
     try:
-        project.require_one_row(now.revisions)  # else the downgrade would plan from each row: restore instead
-        plan = phases.Plan(now.revisions, start, project.plan_downgrade(now.revisions, start), upgrade=False)
-        phases.apply(target, project, settings, plan)
+        downgrade_to(target, project, settings, start)
     except Exception as exc:  # a downgrade can fail like any migration: fall back to the backup
         problem = f"downgrade failed ({exc}); "
         if backup is None or storage is None:
@@ -73,6 +70,19 @@ def restore_starting_state(
         else f"database differs from before the run: {_difference(before, after)}"
     )
     return AutoRollbackResult(True, method, succeeded, label(after.revisions), detail)
+
+
+def downgrade_to(target: DatabaseTarget, project: Project, settings: Settings, start: str) -> str | None:
+    """Downgrade the database from where it is to the revision ``start`` ("base": none); the revision
+    it is at then. Several version rows are refused (RevisionError): the downgrade would plan from each.
+    The automatic rollback's first choice, and what recovery does to a run killed between revisions
+    (:mod:`dbmigrate.interruption`)."""
+    with db.connect(target, settings.connect_timeout) as conn:
+        now = revisions.current_revisions(conn)
+    project.require_one_row(now)
+    phases.apply(target, project, settings, phases.planned(project, now, start, upgrade=False))
+    with db.connect(target, settings.connect_timeout) as conn:
+        return revisions.current_label(conn)
 
 
 def _difference(before: Fingerprint, after: Fingerprint) -> str:

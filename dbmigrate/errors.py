@@ -109,6 +109,24 @@ class MigrationFailed(DbMigrateError):
     exit_code = 1
 
 
+class HealthFailed(DbMigrateError):
+    """A health check failed: before a run (nothing was changed), or in db-health."""
+
+    exit_code = 1
+
+
+class ValidationFailed(DbMigrateError):
+    """The checks after a migration failed: the database is not where the run was to leave it."""
+
+    exit_code = 1
+
+
+class DatabaseMoved(DbMigrateError):
+    """The database is not at the revision the approved plan started from: nothing was changed."""
+
+    exit_code = 1
+
+
 class RehearsalFailed(MigrationFailed):
     """A revision failed on the restored copy: the real database was never touched."""
 

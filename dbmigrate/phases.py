@@ -1,5 +1,5 @@
-"""The phases of a run, each a plain function over a few objects: the health checks
-before it, the plan, applying it, and the checks after it.
+"""The phases of a run: their names (:class:`Phase`), and each a plain function over a few
+objects: the health checks before it, the plan, applying it, and the checks after it.
 
 :mod:`dbmigrate.pipeline` runs them in order; the automatic rollback
 (:mod:`dbmigrate.auto_rollback`) reuses :func:`apply` to downgrade.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Callable
 
 from sqlalchemy import text
@@ -21,8 +22,8 @@ from dbmigrate import lint as linting
 from dbmigrate.errors import (
     ConnectionLost,
     DbMigrateError,
+    HealthFailed,
     LockRetriesExhausted,
-    MigrationFailed,
     RevisionError,
     StepFailed,
     first_line,
@@ -36,6 +37,54 @@ from dbmigrate.revisions import PlannedStep, Project
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 
+CHANGES, RETRIED, IN_FLOW = "changes the database", "may be retried", "runs in the flow"
+
+
+class Phase(StrEnum):
+    """Where a run is: each step by the name reports, Prefect tasks and the in-flight journal use
+    (a ``str``, so the JSON keeps its strings), the words a message names it with, and what it may do.
+    ``HOLDING``, ``PLANNED`` and ``APPLICATION`` are where the in-flight journal (flows/recovery.py)
+    finds a run between steps: before its plan, waiting for approval, inside the application's dbmigrate."""
+
+    def __new__(cls, value: str, words: str | None = None, *traits: str) -> Phase:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.words, member.traits = words, frozenset(traits)
+        return member
+
+    LOAD = "load", None, IN_FLOW  # only reads the project's files
+    HEALTH_CHECKS = "health_checks", None, RETRIED  # connects: retried when it could not
+    PLAN = "plan"
+    LINT = "lint"
+    APPROVAL = "approval", None, IN_FLOW  # the flow pauses for it
+    GUARD = "guard", None, IN_FLOW  # held by the flow for the rest of the run
+    BACKUP = "backup", "the backup", RETRIED  # connects and uploads: retried when it could not
+    REHEARSAL = "rehearsal", "the rehearsal on a restored copy"
+    MIGRATE = "migrate", "the migration", CHANGES
+    VALIDATE = "validate"
+    ROLLBACK = "rollback", "the automatic rollback", CHANGES
+    RESTORE = "restore", "the restore", CHANGES
+    DRIFT = "drift"  # db-health's replay of the migrations on a scratch copy
+    HOLDING = "holding", "the checks before migrating"
+    PLANNED = "planned", "approval, before migrating"
+    APPLICATION = "application", "the application's dbmigrate (backup, rehearsal, migration)"
+
+    @property
+    def changes_database(self) -> bool:
+        """After this step the database may no longer be as the run found it."""
+        return CHANGES in self.traits
+
+    @property
+    def retried(self) -> bool:
+        """The step only connects or uploads: safe to run again when that failed. A migration never is."""
+        return RETRIED in self.traits
+
+    @property
+    def in_flow(self) -> bool:
+        """The Prefect flow runs this step itself, not as a task."""
+        return IN_FLOW in self.traits
+
+
 @dataclass(frozen=True)
 class Plan:
     """From which revision(s), to which, through which steps, and in which direction."""
@@ -44,6 +93,7 @@ class Plan:
     target: str
     steps: list[PlannedStep]
     upgrade: bool
+    expected: tuple[str, ...] = ()  # the revision(s) the database is at once the steps have run
     lint: LintResult | None = None  # the lint of its revisions, once the run has it (approvers read it)
     rehearsal: Rehearsal | None = None  # how the steps ran on a restored copy, for whoever approves them
     invalid_indexes: tuple[str, ...] = ()  # before the run: validation fails only for those it leaves
@@ -58,7 +108,7 @@ def preflight(target: DatabaseTarget, project: Project, settings: Settings, revi
               upgrade: bool = True, scratch_for: str | None = None) -> list[Check]:
     """Health checks (for a run to ``revision``, up or down; with ``scratch_for``, whether it can make
     its scratch database: see :func:`health.run`); raises the refusal of a failed check that has one
-    (ConnectionFailed when the database cannot be reached), else MigrationFailed naming every failed
+    (ConnectionFailed when the database cannot be reached), else HealthFailed naming every failed
     check."""
     checks = health.run(target, project, settings.backup_dir, settings.connect_timeout, revision, upgrade,
                         scratch_for, settings.scratch_server)
@@ -67,7 +117,7 @@ def preflight(target: DatabaseTarget, project: Project, settings: Settings, revi
     if refusal := next((c.refusal for c in failed if c.refusal), None):
         raise refusal
     if failed:
-        raise MigrationFailed("health checks failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
+        raise HealthFailed("health checks failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
     return checks
 
 
@@ -86,8 +136,15 @@ def plan_on(conn: Connection, project: Project, revision: str, upgrade: bool) ->
     _, version = db.server_version(conn)
     project.require_one_row(current)
     project.require_known(current)
-    steps = project.plan_upgrade(current, resolved) if upgrade else project.plan_downgrade(current, resolved)
-    return Plan(current, resolved, steps, upgrade, invalid_indexes=invalid, server_version=version)
+    return planned(project, current, resolved, upgrade, invalid, version)
+
+
+def planned(project: Project, current: tuple[str, ...], target: str, upgrade: bool,
+            invalid_indexes: tuple[str, ...] = (), server_version: str | None = None) -> Plan:
+    """The plan from ``current`` to the resolved revision ``target``, with the revision(s) it ends at."""
+    steps = project.plan_upgrade(current, target) if upgrade else project.plan_downgrade(current, target)
+    return Plan(current, target, steps, upgrade, _expected_revisions(project, current, target, steps, upgrade),
+                invalid_indexes=invalid_indexes, server_version=server_version)
 
 
 def lint(target: DatabaseTarget, project: Project, settings: Settings, plan: Plan,
@@ -115,15 +172,16 @@ def render_sql(target: DatabaseTarget, project: Project, plan: Plan) -> str:
             raise RevisionError(f"the SQL cannot be rendered offline: {target.redact(first_line(exc))}") from None
 
 
-def expected_revisions(project: Project, plan: Plan) -> set[str]:
-    """The revision(s) the database must be at once the plan has run."""
-    if not plan.steps:
-        return set(plan.current)
-    last = project.script.get_revision(plan.steps[-1].revision)
-    if plan.upgrade:
-        return set(project.heads) if plan.target == "heads" else {last.revision}
+def _expected_revisions(project: Project, current: tuple[str, ...], target: str, steps: list[PlannedStep],
+                        upgrade: bool) -> tuple[str, ...]:
+    """The revision(s) the database must be at once ``steps`` have run, sorted."""
+    if not steps:
+        return tuple(sorted(current))
+    last = project.script.get_revision(steps[-1].revision)
+    if upgrade:
+        return tuple(sorted(project.heads)) if target == "heads" else (last.revision,)
     below = last.down_revision
-    return set(below) if isinstance(below, tuple) else ({below} if below else set())
+    return tuple(sorted(below)) if isinstance(below, tuple) else ((below,) if below else ())
 
 
 @dataclass

@@ -1,314 +1,55 @@
-"""One run of the pipeline: load -> health checks -> plan -> lint (upgrades) -> approval -> guard ->
-backup -> migrate -> validate -> report, and the automatic rollback when migrate or validate fails.
-A rehearsed run backs up and rehearses before the approval: load -> health checks -> plan -> lint ->
-backup -> rehearsal -> approval -> guard -> migrate -> validate -> report.
+"""The operations that change a database, or back it up to rehearse a change, each read top to
+bottom through a :class:`~dbmigrate.run.Run` (which owns the report, the phase, the guard and how
+the run ends), so that every one leaves the same report:
 
-:func:`execute` is that sequence, read top to bottom. :class:`Run` owns what its steps
-share: the report, the phase the run is in, whether the database may have been changed,
-and the guard. Every step goes through ``hooks.run_phase`` under its phase name: the
-command line calls the step's function as it is, the Prefect flow runs it as a task
-named after the phase (see :class:`Hooks`).
+- :func:`execute`, an upgrade or downgrade: load -> health checks -> plan -> lint (upgrades) ->
+  approval -> guard -> backup -> migrate -> validate -> report, and the automatic rollback when
+  migrate or validate fails. A rehearsed run backs up and rehearses before the approval: load ->
+  health checks -> plan -> lint -> backup -> rehearsal -> approval -> guard -> migrate -> validate.
+- :func:`rehearse`: load -> plan -> backup -> rehearsal -> report; the database is only read.
+- :func:`restore`: plan (the backup against the database) -> approval -> restore (under the guard,
+  after a safety backup) -> report; or into a new database: plan -> restore -> report.
+
+Every step goes through ``hooks.run_phase`` under its :class:`~dbmigrate.phases.Phase`: the command
+line calls the step's function as it is, the Prefect flow runs it as a task named after the
+phase (see :class:`~dbmigrate.run.Hooks`).
 """
 
 from __future__ import annotations
 
-import getpass
-from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Callable, Protocol, Self, TypeVar
+from dataclasses import replace
 
-from dbmigrate import (__version__, backup, catalogue, db, fingerprint, guard, health, migrate, phases, rehearsal,
-                      revisions)
-from dbmigrate import lint as linting
-from dbmigrate.catalogue import Manifest
-from dbmigrate.errors import (
-    DbMigrateError,
-    MigrationFailed,
-    ReportNotWritten,
-    StepFailed,
-)
+from dbmigrate import db, fingerprint, health, phases, rehearsal, restore as restoring, revisions
+from dbmigrate.errors import DatabaseMoved, ValidationFailed
 from dbmigrate.fingerprint import Fingerprint
 from dbmigrate.health import FAIL
-from dbmigrate.phases import Plan
-from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Approval, AutoRollbackResult, BackupSummary, Report
-from dbmigrate.revisions import Project
+from dbmigrate.phases import Phase
+from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, BackupSummary, RestoreSummary
+from dbmigrate.run import Hooks, Outcome, Request, Run, Suspended
 from dbmigrate.settings import Settings
-from dbmigrate.storage import LocalStorage, Storage
 from dbmigrate.target import DatabaseTarget
 
-T = TypeVar("T")
-
-# The steps after which the database may no longer be as the run found it.
-CHANGING_PHASES = ("migrate",)
-
-
-@dataclass(frozen=True)
-class Request:
-    operation: str  # "upgrade" | "downgrade"
-    revision: str
-    dry_run: bool = False
-    backup: bool = False
-    skip_health_checks: bool = False
-    skip_validation: bool = False
-    json_report: Path | None = None
-    operator: str = field(default_factory=getpass.getuser)
-    requested_by: str | None = None  # who asked, where not the operator (the flows: see flows.common.who_asked)
-    lint_blocking_level: str | None = None  # lint findings from this level stop the run (Policy); None: they warn
-    rehearse: bool = False  # run the revisions on a copy restored from the run's backup first (implies backup)
-    run_url: str | None = None  # the Prefect flow run's page, recorded in the report (history's link)
-    expect_current: str | None = None  # refuse unless the database is at this revision ("base": none) when planned
-
-    @property
-    def upgrade(self) -> bool:
-        return self.operation == "upgrade"
-
-
-@dataclass
-class Outcome:
-    report: Report
-    report_path: Path | None  # None: the report could not be written (see report_error)
-    error: DbMigrateError | None = None
-    sql: str | None = None
-    report_error: ReportNotWritten | None = None
-
-
-class Suspended(BaseException):
-    """Raised by a hook to stop the run here, to be started again from the beginning later (the
-    Prefect flow waiting for approval with no process of its own): not an end, so no report."""
-
-
-class Confirm(Protocol):
-    """Ask whoever approves the change; an Approval that says no stops the run, nothing changed."""
-
-    def __call__(self, plan: Plan, /) -> Approval: ...
-
-
-class Progress(Protocol):
-    """Told how the backup is going: bytes written so far, bytes per second."""
-
-    def __call__(self, size: int, rate: float, /) -> None: ...
-
-
-class RunPhase(Protocol):
-    """Run one step: ``run_phase(name, fn, *args)`` returns ``fn(*args)``, however it runs it."""
-
-    def __call__(self, name: str, fn: Callable[..., T], /, *args: Any) -> T: ...
-
-
-class Interrupted(Protocol):
-    """The report's words for a run cut short from outside (a signal, Ctrl-C, the Prefect flow
-    cancelled): what stopped it during ``phase`` and where the database is; None: the exception's own."""
-
-    def __call__(self, phase: str, exc: BaseException, /) -> str | None: ...
-
-
-class AutoRollback(Protocol):
-    """Put the database back where the run found it (:func:`dbmigrate.auto_rollback.restore_starting_state`):
-    ``before`` is its state then, ``backup`` the backup this run took, if any, in ``storage``."""
-
-    def __call__(self, target: DatabaseTarget, project: Project, settings: Settings, before: Fingerprint,
-                 backup: Manifest | None, storage: Storage | None, /) -> AutoRollbackResult: ...
-
-
-def _no_questions(plan: Plan) -> Approval:
-    return Approval(True, getpass.getuser(), "--yes")
-
-
-def _someone_can_approve() -> None:
-    """The default: confirm always has someone to ask (the flows pause for the UI)."""
-
-
-def _call(name: str, fn: Callable[..., T], *args: Any) -> T:
-    return fn(*args)
-
-
-@dataclass
-class Hooks:
-    """How a caller takes part in a run. The command line asks on the terminal; the Prefect
-    flow pauses for approval, runs each step as a task, and rolls back automatically."""
-
-    confirm: Confirm = _no_questions
-    # Raises ConfirmationRefused when confirm could only refuse (no terminal, no approver given): the run
-    # stops before its backup and rehearsal.
-    require_approver: Callable[[], None] = _someone_can_approve
-    on_progress: Progress | None = None
-    run_phase: RunPhase = _call
-    auto_rollback: AutoRollback | None = None  # run_phase runs it as the step "rollback"
-    interrupted: Interrupted | None = None
-
-
-class Run:
-    """What the steps of one run share, and how the run ends.
-
-    :meth:`step` names the phase and runs the step through ``hooks.run_phase``. The guard is a
-    step too: :meth:`hold_guard` takes it and the run keeps it (not the step) until the run
-    ends, so the backup, the migration and any automatic rollback all happen under it.
-
-    As a context manager the run ends itself: after a failure in a step that may have changed
-    the database, the automatic rollback runs (still holding the guard); then the guard is
-    released, the failure recorded in the report under the phase it happened in, and the report
-    written. An expected failure (a DbMigrateError) ends there, in the outcome; anything else
-    (a bug, Ctrl-C) is recorded too and goes on up.
-    """
-
-    def __init__(self, target: DatabaseTarget, settings: Settings, request: Request, hooks: Hooks):
-        self.target, self.settings, self.request, self.hooks = target, settings, request, hooks
-        self.report = Report(
-            operation=request.operation,
-            environment=target.environment,
-            database=target.describe(),
-            target_revision=request.revision,
-            operator=request.operator,
-            requested_by=request.requested_by or request.operator,
-            tool_version=__version__,
-            run_url=request.run_url,
-        )
-        self.outcome = Outcome(self.report, None)
-        self.phase = "load"
-        self.may_have_changed = False
-        self.project: Project | None = None
-        self.storage: Storage | None = None
-        self.manifest: Manifest | None = None
-        self.before: Fingerprint | None = None  # the state the automatic rollback returns to
-        self.ran: list[migrate.AppliedStep] = []  # the migration's steps as they ran (committed or not)
-        self.validated_at: str | None = None  # the revision validation found, under the guard, when it passed
-        self._held = ExitStack()
-
-    def step(self, name: str, fn: Callable[..., T], *args: Any) -> T:
-        self.phase = name
-        self.may_have_changed = self.may_have_changed or name in CHANGING_PHASES
-        return self.hooks.run_phase(name, fn, *args)
-
-    def require_approver(self) -> None:
-        """Before anything is done for a change nobody could approve: under the phase "approval"."""
-        self.phase = "approval"
-        self.hooks.require_approver()
-
-    def approve(self, plan: Plan) -> None:
-        """Step "approval": refuse the run unless whoever approves says yes."""
-        self.report.approval = self.hooks.confirm(plan)
-        self.report.approval.require()
-
-    def lint(self, plan: Plan) -> Plan:
-        """Step "lint": the report records the findings; those at or above the blocking level stop
-        the run here, before anything changes. The plan goes on with them for the approver."""
-        result = self.report.lint = phases.lint(self.target, self.project, self.settings, plan,
-                                                self.request.lint_blocking_level)
-        if result.blocking():
-            raise linting.LintBlocked(linting.blocked_message(result, self.target.environment))
-        return replace(plan, lint=result)
-
-    def hold_guard(self, plan: Plan) -> None:
-        """Step "guard": take the guard for the rest of the run, then make sure the plan still
-        holds (the database may have moved while the approver read it)."""
-        conn = self._held.enter_context(guard.hold(self.target, self.request.operation, self.settings.guard_wait_s,
-                                                   self.settings.connect_timeout))
-        if phases.plan_on(conn, self.project, self.request.revision, self.request.upgrade).current != plan.current:
-            raise MigrationFailed("the database changed while waiting for approval: run again")
-
-    def back_up(self) -> Manifest:
-        """Step "backup". The report is copied beside the backups (S3) however the run ends."""
-        self.phase = "backup"  # opening the storage is part of it (a step a resumed flow reuses does not)
-        self.storage = self.settings.storage()
-        self.manifest = self.step("backup", backup.take, self.target, self.storage, self.settings.dump,
-                                  self.hooks.on_progress, self.settings.connect_timeout, self.settings.scratch_server)
-        return self.manifest
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind, exc: BaseException | None, traceback) -> bool:
-        if isinstance(exc, Suspended):
-            self._held.close()
-            return False
-        failed_in = self.phase  # the step that failed, not the automatic rollback after it
-        if isinstance(exc, StepFailed):
-            self.report.migrations_applied, self.report.lock_attempts = exc.applied, exc.attempts
-        try:
-            with self._held:
-                if isinstance(exc, DbMigrateError) and self.may_have_changed and self.hooks.auto_rollback:
-                    self._auto_rollback()
-        except BaseException as late:  # a bug in the rollback, Ctrl-C, the guard's release: that ended the run
-            self._end(failed_in, late)
-            raise
-        self._end(failed_in, exc)
-        return isinstance(exc, DbMigrateError)
-
-    def _auto_rollback(self) -> None:
-        """Step "rollback"; if it cannot even run (the database went away), the report says so
-        without hiding the failure that called for it."""
-        try:
-            result = self.step("rollback", self.hooks.auto_rollback, self.target, self.project, self.settings,
-                               self.before, self.manifest, self.storage)
-            self.report.rollback = result
-        except DbMigrateError as exc:
-            self.report.rollback = AutoRollbackResult.could_not_run(self.target.redact(str(exc)))
-
-    def _end(self, phase: str, exc: BaseException | None) -> None:
-        report = self.report
-        if exc is not None:
-            message = self.target.redact(str(exc))
-            if not isinstance(exc, Exception):  # cut short from outside: not a failure of the run's own
-                self._record_kept(phase)
-                message = (self.hooks.interrupted and self.hooks.interrupted(phase, exc)) or message
-            report.fail(phase, exc, message)
-            if isinstance(exc, DbMigrateError):
-                self.outcome.error = exc
-        if self.may_have_changed:  # read back, unless a passed validation just read it
-            report.revision_after = self.validated_at if exc is None and self.validated_at else self._revision_after()
-        if self.storage is not None and not isinstance(self.storage, LocalStorage):
-            self._copy_report_beside_backups()
-        try:
-            self.outcome.report_path = report.write(self.settings.reports_dir, self.request.json_report)
-        except ReportNotWritten as unwritten:  # the run's own outcome (perhaps a committed migration) still stands
-            self.outcome.report_path, self.outcome.report_error = unwritten.written, unwritten
-
-    def _record_kept(self, phase: str) -> None:
-        """A migration cut short may still have committed (all of it, or a revision per transaction):
-        the report lists what the database kept of the steps that ran."""
-        if phase == "migrate" and self.ran:
-            try:
-                self.report.migrations_applied = phases.kept_steps(self.target, self.settings, self.ran)
-            except DbMigrateError:  # revision_after then says the database could not be read
-                pass
-
-    def _revision_after(self) -> str | None:
-        """The revision the run left; None, and the report says why, when the database cannot say."""
-        try:
-            return phases.current_revision(self.target, self.settings)
-        except DbMigrateError as exc:
-            self.report.revision_after_unknown = self.target.redact(str(exc))
-            return None
-
-    def _copy_report_beside_backups(self) -> None:
-        """Keep the audit record with the backups in S3 too; the local copy is written regardless."""
-        key = f"reports/{catalogue.prefix(self.target)}{self.report.file_name()}"
-        try:
-            self.storage.write_text(key, self.report.to_json())
-            self.report.copies.append(self.storage.location(key))
-        except Exception as exc:  # the storage may be what failed the run
-            self.report.warnings.append(f"could not copy this report to {self.storage.location(key)}: "
-                                        f"{type(exc).__name__}")
+__all__ = ["Hooks", "Outcome", "Request", "Suspended", "execute", "rehearse", "restore"]
 
 
 def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks: Hooks | None = None) -> Outcome:
-    """The whole run. Never raises for expected failures: the outcome carries the
-    error, and the report is always written."""
+    """An upgrade or a downgrade, the whole run. Never raises for expected failures: the outcome
+    carries the error, and the report is always written."""
     hooks = hooks or Hooks()
     run = Run(target, settings, request, hooks)
     report = run.report
     with run:
-        project = run.project = run.step("load", settings.project, target)
+        project = run.project = run.step(Phase.LOAD, settings.project, target)
         if not request.skip_health_checks:
-            report.health_checks = run.step("health_checks", phases.preflight, target, project, settings,
+            report.health_checks = run.step(Phase.HEALTH_CHECKS, phases.preflight, target, project, settings,
                                             request.revision, request.upgrade,
                                             health.REHEARSAL if request.rehearse else None)
-        plan = run.step("plan", phases.plan, target, project, settings, request.revision, request.upgrade)
+        plan = run.outcome.plan = run.step(Phase.PLAN, phases.plan, target, project, settings, request.revision,
+                                           request.upgrade)
         report.revision_before = report.revision_after = plan.revision_before
         if request.expect_current is not None and (plan.revision_before or "base") != request.expect_current:
-            raise MigrationFailed(f"the database is at {revisions.shown(plan.revision_before)}, not at "
-                                  f"{request.expect_current} where the approved plan started: nothing was changed")
+            raise DatabaseMoved(f"the database is at {revisions.shown(plan.revision_before)}, not at "
+                                f"{request.expect_current} where the approved plan started: nothing was changed")
         report.migrations_planned = plan.steps
         if not plan.steps:
             report.finish(NOOP)
@@ -319,28 +60,90 @@ def execute(target: DatabaseTarget, settings: Settings, request: Request, hooks:
             return run.outcome
         run.require_approver()
         if plan.upgrade:
-            plan = run.step("lint", run.lint, plan)
+            plan = run.step(Phase.LINT, run.lint, plan)
         if request.rehearse:  # before the approval, so that whoever approves sees how it went
-            report.backup = BackupSummary.of(run.back_up())
-            report.rehearsal = run.step("rehearsal", rehearsal.rehearse, target, settings, plan, run.storage,
-                                        run.manifest)
-            report.rehearsal.require()
-            plan = replace(plan, rehearsal=report.rehearsal)
-        run.step("approval", run.approve, plan)
-        run.step("guard", run.hold_guard, plan)
+            plan = _rehearsed(run, plan)
+        run.step(Phase.APPROVAL, run.approve, plan)
+        run.step(Phase.GUARD, run.hold_guard, plan)
         if request.backup and not request.rehearse:
             report.backup = BackupSummary.of(run.back_up())
         if hooks.auto_rollback:  # as late as possible: what the automatic rollback must return to
             run.before = _fingerprint(target, settings)
-        applied = run.step("migrate", phases.apply, target, project, settings, plan, run.ran.append)
+        applied = run.step(Phase.MIGRATE, phases.apply, target, project, settings, plan, run.ran.append)
         report.migrations_applied, report.lock_attempts = applied.steps, applied.attempts
         if not request.skip_validation:
-            expected = phases.expected_revisions(project, plan)
-            checks = report.validation = run.step("validate", phases.validate, target, project, settings, expected,
-                                                  plan.invalid_indexes)
+            checks = report.validation = run.step(Phase.VALIDATE, phases.validate, target, project, settings,
+                                                  set(plan.expected), plan.invalid_indexes)
             if not health.passed(checks):
-                raise MigrationFailed(f"validation failed: {'; '.join(c.detail for c in checks if c.status == FAIL)}")
-            run.validated_at = revisions.label(sorted(expected))
+                raise ValidationFailed(f"validation failed: {'; '.join(c.detail for c in checks if c.status == FAIL)}")
+            run.validated_at = revisions.label(sorted(plan.expected))
+        report.finish(SUCCEEDED)
+    return run.outcome
+
+
+def rehearse(target: DatabaseTarget, settings: Settings, request: Request, hooks: Hooks | None = None) -> Outcome:
+    """The pending revisions up to ``request.revision`` rehearsed on a copy restored from a new
+    backup (``dbmigrate rehearse``); the database is only read. The report has the backup and the
+    rehearsal; a revision that failed on the copy fails the run (RehearsalFailed)."""
+    run = Run(target, settings, request, replace(hooks or Hooks(), auto_rollback=None))
+    report = run.report
+    with run:
+        project = run.project = run.step(Phase.LOAD, settings.project, target)
+        plan = run.outcome.plan = run.step(Phase.PLAN, phases.plan, target, project, settings, request.revision,
+                                           True)
+        report.revision_before = report.revision_after = plan.revision_before
+        report.migrations_planned = plan.steps
+        if not plan.steps:
+            report.finish(NOOP)
+            return run.outcome
+        run.step(Phase.HEALTH_CHECKS, health.require_scratch_server, health.REHEARSAL, target,
+                 settings.scratch_server, settings.connect_timeout)
+        _rehearsed(run, plan)
+        report.finish(SUCCEEDED)
+    return run.outcome
+
+
+def _rehearsed(run: Run, plan: phases.Plan) -> phases.Plan:
+    """Back up, then rehearse ``plan`` on a copy restored from that backup: the plan with how it went
+    (for whoever approves it), or RehearsalFailed."""
+    report = run.report
+    report.backup = BackupSummary.of(run.back_up())
+    report.rehearsal = run.step(Phase.REHEARSAL, rehearsal.rehearse, run.target, run.settings, plan, run.storage,
+                                run.manifest)
+    report.rehearsal.require()
+    return replace(plan, rehearsal=report.rehearsal)
+
+
+def restore(target: DatabaseTarget, settings: Settings, request: Request, hooks: Hooks | None = None) -> Outcome:
+    """The backup ``request.revision`` restored over the database (approved, under the guard, after a
+    safety backup where ``request.backup``), or into the new database ``request.new_database``,
+    which changes nothing that exists. The report's ``restore`` says which backup, the tables whose
+    rows change and the safety backup. ``request.dry_run``: only the plan."""
+    run = Run(target, settings, request, replace(hooks or Hooks(), auto_rollback=None))
+    report = run.report
+    with run:
+        storage = run.storage = run.step(Phase.LOAD, settings.storage)  # an S3 one has the report copied there too
+        plan = run.outcome.plan = run.step(Phase.PLAN, restoring.plan, target, storage, request.revision,
+                                           settings.connect_timeout, not request.new_database)
+        manifest = plan.manifest
+        report.target_revision = manifest.revision or "base"
+        report.revision_before = report.revision_after = revisions.label(plan.revisions_now)
+        report.restore = RestoreSummary(manifest.id, plan.tables_changing, new_database=request.new_database)
+        if request.dry_run:
+            report.finish(DRY_RUN)
+            return run.outcome
+        if request.new_database:
+            run.step(Phase.RESTORE, restoring.into_new_database, target, storage, manifest, request.new_database,
+                     settings.connect_timeout, request.jobs)
+            report.finish(SUCCEEDED)
+            return run.outcome
+        run.require_approver()
+        run.step(Phase.APPROVAL, run.approve, plan)
+        # The guard and the safety backup are the restore's own: it checks the stored backup before either.
+        restored = run.step(Phase.RESTORE, restoring.replace_with_backup, target, storage, manifest,
+                            settings.connect_timeout, settings.guard_wait_s, settings.dump if request.backup else None,
+                            run.hooks.on_progress, settings.limits.lock_timeout_s)
+        report.restore.safety_backup = restored.safety_backup and restored.safety_backup.id
         report.finish(SUCCEEDED)
     return run.outcome
 

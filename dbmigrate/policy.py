@@ -131,6 +131,8 @@ def same_person(requested_by: str, approver: str) -> bool:
 STRICT = Policy()
 RELAXED = Policy(backup_required=False, approval_required=False, auto_rollback=True, cli_changes_allowed=True,
                  lint_blocks=False, rehearse=False)
+# The environments a project deploys (a deployment of each flow, a database of the local stack each).
+ENVIRONMENTS = ("development", "staging", "production")
 DEFAULTS = {"production": STRICT, "staging": RELAXED, "development": RELAXED, "local": RELAXED}
 
 

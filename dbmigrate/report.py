@@ -1,4 +1,4 @@
-"""The JSON audit record of one upgrade, downgrade or restore over the original.
+"""The JSON audit record of one run: an upgrade, a downgrade, a rehearsal or a restore.
 
 A :class:`Report` holds what the run produced as the objects it produced (checks, steps,
 the approval, the automatic rollback's result...); :meth:`Report.as_dict` turns them into
@@ -68,11 +68,18 @@ class BackupSummary:
 
 @dataclass
 class RestoreSummary:
-    """A restore from a backup over the database (the db-rollback flow)."""
+    """A restore from a backup over the database, or into a new one."""
 
     backup_id: str
-    tables_changing: list[str]
+    tables_changing: list[str]  # over the database: those whose rows differ from the backup's
     safety_backup: str | None = None  # the id of the backup of the state it replaced
+    new_database: str | None = None  # restored into this new database, the database itself untouched
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        if self.new_database is None:
+            del data["new_database"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,7 @@ class Rehearsal:
 
 @dataclass
 class Report:
-    operation: str  # upgrade | downgrade | restore
+    operation: str  # upgrade | downgrade | rehearse | restore
     environment: str
     database: dict
     target_revision: str

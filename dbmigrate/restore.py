@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from sqlalchemy import text
 
-from dbmigrate import backup, db, guard, pgrestore, pgtools
+from dbmigrate import backup, catalogue, db, fingerprint, guard, pgrestore, pgtools, revisions
 from dbmigrate.backup import DumpOptions, ProgressFn
 from dbmigrate.catalogue import Manifest
 from dbmigrate.errors import BackupFailed, BackupUnreadable, ConfigError, RestoreFailed
@@ -45,6 +45,30 @@ LOCK_NOT_AVAILABLE = "55P03"  # the SQLSTATE of a lock_timeout
 class RestoreResult:
     database: str
     safety_backup: Manifest | None
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """A restore before it runs: the backup, the database's revision(s) and row counts now, and the
+    tables the restore writes (over the database: those whose rows differ from the backup's)."""
+
+    manifest: Manifest
+    revisions_now: tuple[str, ...]
+    row_counts_now: dict[str, int]  # into a new database: not read (counting every table costs)
+    tables_changing: list[str]
+
+
+def plan(target: DatabaseTarget, storage: Storage, backup_id: str, timeout: float,
+         over_original: bool = True) -> RestorePlan:
+    """Find the backup (ConfigError if there is no valid one) and, for a restore over the database,
+    compare it with the database; touches nothing."""
+    manifest = catalogue.find(storage, target, backup_id)
+    with db.connect(target, timeout) as conn:
+        now = revisions.current_revisions(conn)
+        if not over_original:
+            return RestorePlan(manifest, now, {}, sorted(manifest.row_counts))
+        counts = fingerprint.row_counts(conn)
+    return RestorePlan(manifest, now, counts, fingerprint.tables_differing(counts, manifest.row_counts))
 
 
 def _user_schemas(conn) -> list[str]:

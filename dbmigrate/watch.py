@@ -15,6 +15,7 @@ from collections.abc import Callable
 from uuid import UUID
 
 from dbmigrate.errors import ConfigError
+from dbmigrate.phases import Phase
 
 POLL_S = 1.0
 CANCEL_WAIT_S = 90.0  # for the worker to stop the run and its hook to say where the database is
@@ -81,7 +82,7 @@ def cancel(run_id: UUID, why: str, say: Say):
             # Suspended for approval: no process runs it, so no cancellation hook will say where the
             # database is; it was not changed (nothing migrates before the approval).
             client.set_flow_run_state(run_id, State(type=StateType.CANCELLED, message=(
-                f"Run cancelled during approval, before migrating: the database was not changed ({why})")),
+                f"Run cancelled during {Phase.PLANNED.words}: the database was not changed ({why})")),
                 force=True)
         else:
             client.set_flow_run_state(run_id, State(type=StateType.CANCELLING, message=why))

@@ -17,6 +17,7 @@ from prefect.utilities.urls import url_for
 from blocks.alerts import resource_id
 from dbmigrate import revisions
 from dbmigrate.health import FAIL, Check
+from dbmigrate.phases import Phase
 from dbmigrate.report import Report
 
 FAILED = "dbmigrate.run.failed"
@@ -81,7 +82,7 @@ def rolled_back(environment: str, report: Report, how: str) -> None:
 
 def approval_waiting(change: str, waiting: str) -> None:
     """The run pauses until someone approves ``change`` in the UI."""
-    emit(APPROVAL_WAITING, _parameter("environment"), change, "approval", waiting)
+    emit(APPROVAL_WAITING, _parameter("environment"), change, Phase.APPROVAL.value, waiting)
 
 
 def drift_found(environment: str, checks: list[Check]) -> None:

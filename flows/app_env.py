@@ -28,11 +28,12 @@ from prefect.artifacts import create_markdown_artifact
 from dbmigrate import __version__
 from dbmigrate.errors import ConfigError, ConfirmationRefused, MigrationFailed
 from dbmigrate.lint import Excepted, Finding, LintBlocked, LintResult, RevisionLint, blocked_message
+from dbmigrate.phases import Phase
 from dbmigrate.settings import SCRATCH_VARIABLE
 from dbmigrate.storage import S3_PREFIX
 from flows.alerts import flow_run_url
-from flows.artifacts import report_key
-from flows.common import Environment, ask_in_ui
+from flows.artifacts import artifact_key
+from flows.common import Environment, approval_in_ui
 from flows.recovery import Journal
 
 TIMEOUT_S = 24 * 3600  # the subprocess's own limits (guard wait, lock timeouts, approval) end it sooner
@@ -126,14 +127,14 @@ def migrate(env: Environment, journal: Journal, executable: str, alembic_config:
         last, before = plan["migrations_planned"][-1]["revision"], plan["revision_before"]
         pinned = ["-r", target_revision if target_revision == "heads" else last,
                   "--expect-current", before or "base"]
-        journal.phase("planned", revision_before=before, target=last, upgrade=True)
+        journal.phase(Phase.PLANNED, revision_before=before, target=last, upgrade=True)
         _lint(app, pinned[:2])
         approver = _approver(app, plan, requested_by)
-        journal.phase("application")
+        journal.phase(Phase.APPLICATION)
         report = app.run("upgrade", *pinned, "--approver", approver, *checks, *_policy_options(env, backup, False))
     create_markdown_artifact(f"## db-migrate {env.name}: report\n\nWritten by the application's dbmigrate "
                              f"(`{executable}`).\n\n```json\n{json.dumps(report, indent=2)}\n```\n",
-                             key=report_key(env.name, "db-migrate"), description=f"db-migrate {env.name}: the JSON report")
+                             key=artifact_key(env.name, kind="report"), description=f"db-migrate {env.name}: the JSON report")
     if report.get("error"):
         raise MigrationFailed(f"{report['error']['phase']} failed: {report['error']['message']}")
     return report
@@ -182,13 +183,13 @@ def _approver(app: ApplicationDbmigrate, plan: dict, requested_by: str) -> str:
     if not app.env.policy.approval_required:
         return requested_by
 
-    def describe() -> tuple[str, str]:
+    def describe(plan: dict) -> tuple[str, str]:
         steps = "".join(f"- `{step['revision']}` {step['message']}\n" for step in plan["migrations_planned"])
         last = plan["migrations_planned"][-1]["revision"]
         change = f"{plan['revision_before'] or 'base'} → {last} in {app.env.target.environment}"
         return change, f"### {change}\n\n{steps}\n```sql\n{plan['sql']}\n```\n"
 
-    answer = ask_in_ui(app.env.policy, requested_by, describe)
+    answer = approval_in_ui(app.env, requested_by, describe)(plan)
     if not answer.approved:
         raise ConfirmationRefused(f"rejected by {answer.approver}: nothing was changed")
     return answer.approver

@@ -24,9 +24,16 @@ from dbmigrate.report import BackupSummary, Rehearsal, Report
 from dbmigrate.settings import Settings
 
 
-def artifact_key(environment: str, flow: str = "db-migrate") -> str:
-    # Artifact keys allow lowercase letters, digits and dashes only.
-    return f"{flow}-" + "".join(c if c.isalnum() else "-" for c in environment.lower())
+def name_part(environment: str) -> str:
+    """The environment in a Prefect name: artifact keys allow lowercase letters, digits and dashes
+    only, Variable names letters, digits, dashes and underscores."""
+    return "".join(c if c.isalnum() else "-" for c in environment.lower())
+
+
+def artifact_key(environment: str, flow: str = "db-migrate", kind: str = "") -> str:
+    """Every artifact's key: ``db-migrate-production`` (the run's summary), ``...-report``,
+    ``...-lint``, ``db-rollback-production-restore``... (the GitHub workflow reads the report's)."""
+    return f"{flow}-{name_part(environment)}" + (f"-{kind}" if kind else "")
 
 
 def how_to_approve(to: str) -> str:
@@ -34,7 +41,7 @@ def how_to_approve(to: str) -> str:
     return f"Choose **approve** to {to}, or **reject**, and give your **name**. Nothing changes until then."
 
 
-def approval_request(target, plan: phases.Plan, reached: str, sql: str, *sections: str) -> str:
+def approval_page(target, plan: phases.Plan, reached: str, sql: str, *sections: str) -> str:
     """The approval form's text, with ``sections`` (markdown) before how to answer. The form is a
     narrow dialog that clips wide tables and code (Prefect's v1 UI) and hides ``<details>`` (v2):
     revisions as a list, the SQL wrapped."""
@@ -87,7 +94,7 @@ def lint_markdown(lint: LintResult | None) -> str:
 def publish_lint(lint: LintResult | None, environment: str) -> None:
     """The lint artifact, ``db-migrate-<environment>-lint``: what the last upgrade's lint found."""
     if lint is not None:
-        create_markdown_artifact(lint_markdown(lint), key=f"{artifact_key(environment)}-lint",
+        create_markdown_artifact(lint_markdown(lint), key=artifact_key(environment, kind="lint"),
                                  description=f"db-migrate {environment}: lint of the pending revisions")
 
 
@@ -147,7 +154,7 @@ class BackupProgress:
         # The final size is unknown while pg_dump streams: show motion, never a false 100%.
         progress = min(95.0, 100.0 * (1 - 1 / (1 + size / (256 * 2**20))))
         if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(progress, key=f"{artifact_key(self.environment)}-backup",
+            self.artifact_id = create_progress_artifact(progress, key=artifact_key(self.environment, kind="backup"),
                                                         description=description)
         elif time.monotonic() - self.last >= 2:
             update_progress_artifact(self.artifact_id, progress, description=description)
@@ -218,13 +225,9 @@ def stored_at(location: str | Path) -> str:
     return f"{socket.gethostname()}:{Path(location).absolute()}"
 
 
-def report_key(environment: str, flow: str) -> str:
-    return f"{artifact_key(environment, flow)}-report"
-
-
 def report_link(environment: str, flow: str) -> str:
     """The run's report artifact (``<flow>-<environment>-report``), linked in the UI where its address is known."""
-    key = report_key(environment, flow)
+    key = artifact_key(environment, flow, "report")
     ui = PREFECT_UI_URL.value()
     return f"[{key}]({ui}/artifacts/key/{key})" if ui else f"`{key}`"
 
@@ -244,7 +247,7 @@ def report_markdown(outcome: pipeline.Outcome, flow: str = "db-migrate") -> str:
 
 
 def publish_report(outcome: pipeline.Outcome, environment: str, flow: str = "db-migrate") -> None:
-    create_markdown_artifact(report_markdown(outcome, flow), key=report_key(environment, flow),
+    create_markdown_artifact(report_markdown(outcome, flow), key=artifact_key(environment, flow, "report"),
                              description=f"{flow} {environment}: the JSON report")
 
 
@@ -256,22 +259,22 @@ def publish(outcome: pipeline.Outcome, environment: str, progress: BackupProgres
         progress.done()
     publish_report(outcome, environment, flow)
     publish_lint(outcome.report.lint, environment)
-    key = artifact_key(environment, flow)
     report = outcome.report
-    create_markdown_artifact(summary_markdown(outcome, flow), key=key, description=f"{flow} {environment}")
+    create_markdown_artifact(summary_markdown(outcome, flow), key=artifact_key(environment, flow),
+                             description=f"{flow} {environment}")
     rows = ([m.as_dict() for m in report.migrations_applied]
             or [{**m.as_dict(), "duration_s": None} for m in report.migrations_planned])
-    publish_lock_attempts(report, key)
+    publish_lock_attempts(report, environment, flow)
     if rows:  # a restore, or a run refused before planning, has no revisions to show
         create_table_artifact(
             [{"revision": m["revision"], "message": m["message"], "duration_s": m["duration_s"],
               "applied": bool(report.migrations_applied)} for m in rows],
-            key=f"{key}-revisions",
+            key=artifact_key(environment, flow, "revisions"),
             description=f"Revisions {'applied' if report.migrations_applied else 'planned, not applied'}",
         )
 
 
-def publish_lock_attempts(report: Report, key: str) -> None:
+def publish_lock_attempts(report: Report, environment: str, flow: str) -> None:
     """Every attempt under the lock-retry schedule: its lock_timeout, wait, outcome and whom it waited for."""
     if not report.lock_attempts:
         return
@@ -279,6 +282,6 @@ def publish_lock_attempts(report: Report, key: str) -> None:
         [{"attempt": a.number, "lock_timeout_s": a.lock_timeout_s, "waited_s": round(a.waited_s, 3),
           "outcome": a.outcome, "blocked_by": "; ".join(b.describe() for b in a.blockers) or "-"}
          for a in report.lock_attempts],
-        key=f"{key}-lock-attempts",
+        key=artifact_key(environment, flow, "lock-attempts"),
         description=f"Lock attempts: {len(report.lock_attempts)}, {report.lock_attempts[-1].outcome} at the last",
     )

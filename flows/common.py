@@ -1,6 +1,6 @@
 """What every flow shares: opening the environment a run may change (:func:`open_environment`,
 its first call), the pipeline's phases as Prefect tasks (:func:`phase_runner`), approval in the
-Prefect UI (:func:`ask_in_ui`), and expected failures ending the run Failed with their one-line
+Prefect UI (:func:`approval_in_ui`), and expected failures ending the run Failed with their one-line
 message (:func:`ends_failed_on_error`)."""
 
 from __future__ import annotations
@@ -26,25 +26,22 @@ from blocks import load_policy, load_scratch_server, load_target
 from dbmigrate import phases, pipeline, private, revisions
 from dbmigrate.errors import (ConfigError, ConfirmationRefused, ConnectionFailed, DbMigrateError, RevisionError,
                               StorageFailed)
+from dbmigrate.phases import Phase
 from dbmigrate.policy import Policy
 from dbmigrate.report import Approval
+from dbmigrate.run import Confirm
 from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 from flows import alerts
-from flows.artifacts import approval_request, lock_policy_section, rehearsal_section
+from flows.artifacts import approval_page, lock_policy_section, rehearsal_section
 
-# Phases that only connect or upload: safe to retry. The migration itself never is.
-TRANSIENT_PHASES = ("health_checks", "backup")
-# Steps that run in the flow itself, not as tasks: the approval pauses the flow run, the
-# guard is held for the rest of the run, and loading the project only reads files.
-IN_FLOW_PHASES = ("load", "approval", "guard")
-# Steps done before the approval that a run suspended for it (see ask_in_ui) does not do again
+# Steps done before the approval that a run suspended for it (see approval_in_ui) does not do again
 # when, answered, it starts again from the beginning: Prefect keeps their results, keyed by the
 # run, its attempt and what each depends on (the backup id and the plan, for the rehearsal).
 RESUMED_PHASES = {
-    "backup": lambda parameters: "",
-    "rehearsal": lambda parameters: (f"{parameters['manifest'].id} {parameters['plan'].current} "
-                                     f"{parameters['plan'].target}"),
+    Phase.BACKUP: lambda parameters: "",
+    Phase.REHEARSAL: lambda parameters: (f"{parameters['manifest'].id} {parameters['plan'].current} "
+                                         f"{parameters['plan'].target}"),
 }
 
 
@@ -163,22 +160,34 @@ def ends_failed_on_error(body):
     return run
 
 
+def alert_failure(outcome: pipeline.Outcome, environment: str) -> str:
+    """The flows' epilogue of a failed run: its alert, and the line its final state says (the phase,
+    why, and what the automatic rollback did)."""
+    report = outcome.report
+    rolled = f"; rollback: {report.rollback.detail}" if report.rollback else ""
+    failure = f"{report.error.phase} failed: {report.error.message}{rolled}"
+    alerts.run_failed(environment, report, failure)
+    return failure
+
+
 def _transient(task_, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), (ConnectionFailed, StorageFailed))
 
 
 def phase_runner(policy: Policy):
-    """Run each pipeline phase as a Prefect task named after it (but those IN_FLOW_PHASES)."""
+    """Run each pipeline phase as a Prefect task named after it (but those the flow runs itself,
+    :attr:`Phase.in_flow`), retried where it only connects or uploads (:attr:`Phase.retried`)."""
 
-    def run_phase(name: str, fn, *args):
-        if name in IN_FLOW_PHASES:
+    def run_phase(phase: Phase, fn, *args):
+        if phase.in_flow:
             return fn(*args)
+        name = phase.value
         options = {"name": name, "cache_policy": NO_CACHE, "persist_result": False}
-        if name in RESUMED_PHASES and runtime.deployment.id:  # only a deployment's run is suspended
-            depends_on = RESUMED_PHASES[name]
+        if phase in RESUMED_PHASES and runtime.deployment.id:  # only a deployment's run is suspended
+            depends_on = RESUMED_PHASES[phase]
             options = {"name": name, "persist_result": True,
                        "cache_key_fn": lambda context, parameters: attempt_key(name, depends_on(parameters))}
-        if name in TRANSIENT_PHASES:
+        if phase.retried:
             options.update(retries=policy.transient_retries, retry_delay_seconds=policy.retry_delay_s,
                            retry_condition_fn=_transient)
         return task(fn, **options)(*args)
@@ -218,16 +227,22 @@ class SuspendedForApproval(Pause, pipeline.Suspended):
     the process, and the pipeline writes no report (the run is not over)."""
 
 
-def ask_in_ui(policy: Policy, requested_by: str | None, describe) -> Approval:
-    """Where the policy asks for it, stop the run until someone approves or rejects in the
-    Prefect UI. ``describe()`` (called only then) gives what changes (``0004 → 0006 in
-    production``: the paused state's message and the log say it waits for its approval) and the
-    markdown the approver reads in the form. The log records the answer.
+def approval_in_ui(env: Environment, requested_by: str | None, describe=None) -> Confirm:
+    """The pipeline's confirm hook: where the policy asks for it, stop the run until someone approves
+    or rejects in the Prefect UI. ``describe(plan)`` (called only then; default :func:`migration_change`,
+    the revisions the run goes through, the one it reaches and their SQL) gives what changes
+    (``0004 → 0006 in production``: the paused state's message and the log say it waits for its
+    approval) and the markdown the approver reads in the form. The log records the answer.
 
     A deployment's run is suspended (:func:`suspended_until_answered`): it waits holding no
     process, so a worker restarted or lost meanwhile loses nothing, and once answered it starts
     again on any worker; a run without a deployment (a flow called in-process) pauses in place.
     Where the policy wants the approver to differ from ``requested_by``, their approval is refused."""
+    describe = describe or functools.partial(migration_change, env)
+    return lambda plan: _ask(env.policy, requested_by, lambda: describe(plan))
+
+
+def _ask(policy: Policy, requested_by: str | None, describe) -> Approval:
     if not policy.approval_required:
         return Approval(True, requested_by or "unknown", "policy")
     change, text = describe()
@@ -307,22 +322,18 @@ def paused_until_answered(form: type[ApprovalForm], message: str, timeout_s: flo
     raise FlowPauseTimeout("the run was paused and never resumed")
 
 
-def approval_in_ui(env: Environment, requested_by: str | None) -> pipeline.Confirm:
-    """The pipeline's confirm hook: the approver sees the revisions the run goes through, the
-    one it reaches, and their SQL."""
-
-    def describe(plan: phases.Plan) -> tuple[str, str]:
-        project = env.settings.project(env.target)
-        reached = revisions.shown(sorted(phases.expected_revisions(project, plan)))
-        try:
-            sql = phases.render_sql(env.target, project, plan)
-        except RevisionError as exc:  # the approver still sees the revisions and the rehearsal
-            sql = f"-- {exc}"
-        return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
-                approval_request(env.target, plan, reached, sql, rehearsal_section(plan.rehearsal),
-                                 lock_policy_section(env.settings)))
-
-    return lambda plan: ask_in_ui(env.policy, requested_by, lambda: describe(plan))
+def migration_change(env: Environment, plan: phases.Plan) -> tuple[str, str]:
+    """What a migration's approver is asked: the revisions the run goes through, the one it
+    reaches, their SQL, the rehearsal and the lock policy."""
+    project = env.settings.project(env.target)
+    reached = revisions.shown(plan.expected)
+    try:
+        sql = phases.render_sql(env.target, project, plan)
+    except RevisionError as exc:  # the approver still sees the revisions and the rehearsal
+        sql = f"-- {exc}"
+    return (f"{revisions.shown(plan.revision_before)} → {reached} in {env.target.environment}",
+            approval_page(env.target, plan, reached, sql, rehearsal_section(plan.rehearsal),
+                          lock_policy_section(env.settings)))
 
 
 def take_back_expired_pause() -> None:

@@ -5,26 +5,24 @@ failed db-migrate run (:mod:`dbmigrate.auto_rollback`)."""
 
 from __future__ import annotations
 
-import getpass
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from dbmigrate import __version__, catalogue, db, fingerprint, pipeline, restore, revisions
-from dbmigrate.errors import ConfigError, DbMigrateError, MigrationFailed, ReportNotWritten
-from dbmigrate.report import DRY_RUN, SUCCEEDED, Report, RestoreSummary
+from dbmigrate import pipeline, revisions
+from dbmigrate.errors import ConfigError, MigrationFailed
+from dbmigrate.restore import RestorePlan
+from dbmigrate.run import DOWNGRADE, RESTORE
 from flows import alerts, recovery
 from flows.artifacts import artifact_key, how_to_approve, publish
 from flows.common import (
     Environment,
+    alert_failure,
     approval_in_ui,
-    ask_in_ui,
     ends_failed_on_error,
     open_environment,
     phase_runner,
     who_asked,
 )
-from flows.concurrency import one_run_per_environment
 
 
 FLOW = "db-rollback"
@@ -62,8 +60,7 @@ def db_rollback(
     if not dry_run:
         env.policy.check_requester(requester)
     # No settings for the journal: a db-rollback killed mid-downgrade is left to the operator, not rolled back.
-    with (one_run_per_environment(environment, env.policy.guard_wait_s),
-          recovery.in_flight(environment, env.target, env.credentials_block) as journal):
+    with recovery.holding(env) as journal:
         if to_revision:
             return _downgrade(env, to_revision, dry_run, requester, journal)
         return _restore(env, backup_id, dry_run, requester, journal)
@@ -73,85 +70,57 @@ def _downgrade(env: Environment, revision: str, dry_run: bool, requested_by: str
                journal: recovery.Journal) -> dict:
     """The Alembic downgrade to ``revision``, through the pipeline like an upgrade (health checks,
     backup, approval, validate); a dry run only shows its SQL."""
-    request = pipeline.Request("downgrade", revision, dry_run=dry_run, backup=True,
+    request = pipeline.Request(DOWNGRADE, revision, dry_run=dry_run, backup=True,
                                requested_by=requested_by or "unknown")
     hooks = pipeline.Hooks(confirm=approval_in_ui(env, requested_by),
                            run_phase=journal.tracking(phase_runner(env.policy)), interrupted=journal.interrupted)
     outcome = pipeline.execute(env.target, env.settings, request, hooks)
     publish(outcome, env.name, flow=FLOW)
     if outcome.error is not None:
-        failure = f"{outcome.report.error.phase} failed: {outcome.report.error.message}"
-        alerts.run_failed(env.name, outcome.report, failure)
-        raise MigrationFailed(failure)
+        raise MigrationFailed(alert_failure(outcome, env.name))
     if not dry_run:
         alerts.rolled_back(env.name, outcome.report, f"downgrade to {revision}")
     if outcome.sql is not None:
         create_markdown_artifact(f"## db-rollback {env.name}: dry run\n\n```sql\n{outcome.sql}\n```",
-                                 key=f"{artifact_key(env.name, FLOW)}-sql")
+                                 key=artifact_key(env.name, FLOW, "sql"))
     return outcome.report.as_dict()
 
 
 def _restore(env: Environment, backup_id: str, dry_run: bool, requested_by: str | None,
              journal: recovery.Journal) -> dict:
-    """Restore a backup over the database. Like every schema-changing path it leaves a JSON
-    report and a summary artifact, refused, failed or done."""
-    target, settings, environment = env.target, env.settings, env.name
-    report = Report(operation="restore", environment=target.environment, database=target.describe(),
-                    target_revision=backup_id, operator=getpass.getuser(), requested_by=requested_by or "unknown",
-                    tool_version=__version__)
-    phase, suspended = "load", False
-    try:
-        storage = settings.storage()
-        manifest = catalogue.find(storage, target, backup_id)
-        with db.connect(target, settings.connect_timeout) as conn:
-            now = fingerprint.take(conn)
-        changes = fingerprint.tables_differing(now.row_counts, manifest.row_counts)
-        report.target_revision = manifest.revision or "base"
-        report.revision_before = report.revision_after = revisions.label(now.revisions)
-        report.restore = RestoreSummary(manifest.id, changes)
-        lines = [f"## db-rollback {environment}: {'dry run' if dry_run else 'restore'} of backup `{manifest.id}`", "",
-                 f"Revision `{revisions.shown(report.revision_before)}` → `{revisions.shown(manifest.revision)}`.",
-                 "",
-                 "| table | rows now | rows in the backup |", "|---|---|---|"]
-        lines += [f"| {t} | {now.row_counts.get(t, '-')} | {manifest.row_counts.get(t, '-')} |" for t in changes]
-        if dry_run:
-            report.finish(DRY_RUN)
-        else:
-            phase = "approval"
-            approval = ask_in_ui(env.policy, requested_by, lambda: (
-                f"the restore of backup {manifest.id} over {environment}",
-                "\n".join([*lines, "", how_to_approve("replace the database with this backup (a backup of its "
-                                                       "current state is taken first)")])))
-            report.approval = approval
-            approval.require("restore")
-            lines += ["", f"Approved by {approval.approver} ({approval.via})."]
-            phase = "restore"
-            journal.restoring(now, manifest)
-            restored = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout,
-                                                   settings.guard_wait_s, settings.dump,
-                                                   lock_timeout_s=settings.limits.lock_timeout_s)
-            report.restore.safety_backup = restored.safety_backup.id
-            report.revision_after = manifest.revision
-            report.finish(SUCCEEDED)
-            lines += ["", f"Restored. Safety backup of the previous state: `{restored.safety_backup.id}`."]
-            alerts.rolled_back(environment, report, f"restore of backup {manifest.id}")
-        create_markdown_artifact("\n".join(lines), key=f"{artifact_key(environment, FLOW)}-restore")
-    except pipeline.Suspended:  # waiting for approval: the run is not over, and starts again once answered
-        suspended = True
-        raise
-    except DbMigrateError as exc:
-        report.fail(phase, exc)
-        alerts.run_failed(environment, report, f"{phase} failed: {exc}")
-        raise
-    finally:
-        if not suspended:
-            publish(_written(report, settings), environment, flow=FLOW)
+    """Restore a backup over the database through the pipeline (:func:`dbmigrate.pipeline.restore`),
+    after a backup of its current state; like every schema-changing path it leaves a JSON report
+    and a summary artifact, refused, failed or done."""
+    request = pipeline.Request(RESTORE, backup_id, dry_run=dry_run, backup=True, requested_by=requested_by or "unknown")
+
+    def describe(plan: RestorePlan) -> tuple[str, str]:
+        return (f"the restore of backup {plan.manifest.id} over {env.name}",
+                "\n".join([*_restore_lines(env.name, plan, dry_run), "", how_to_approve(
+                    "replace the database with this backup (a backup of its current state is taken first)")]))
+
+    hooks = pipeline.Hooks(confirm=approval_in_ui(env, requested_by, describe), run_phase=journal.tracking(phase_runner(env.policy)),
+                           interrupted=journal.interrupted)
+    outcome = pipeline.restore(env.target, env.settings, request, hooks)
+    publish(outcome, env.name, flow=FLOW)
+    report = outcome.report
+    if outcome.error is not None:
+        alert_failure(outcome, env.name)
+        raise outcome.error
+    lines = _restore_lines(env.name, outcome.plan, dry_run)
+    if not dry_run:
+        lines += ["", f"Approved by {report.approval.approver} ({report.approval.via}).", "",
+                  f"Restored. Safety backup of the previous state: `{report.restore.safety_backup}`."]
+        alerts.rolled_back(env.name, report, f"restore of backup {report.restore.backup_id}")
+    create_markdown_artifact("\n".join(lines), key=artifact_key(env.name, FLOW, "restore"))
     data = report.as_dict()
     return {**data["restore"], "dry_run": dry_run, "approval": data["approval"], "report": data}
 
 
-def _written(report: Report, settings) -> pipeline.Outcome:
-    try:
-        return pipeline.Outcome(report, report.write(settings.reports_dir))
-    except ReportNotWritten as exc:  # the restore's own outcome stands; the summary says where the report is not
-        return pipeline.Outcome(report, exc.written, report_error=exc)
+def _restore_lines(environment: str, plan: RestorePlan, dry_run: bool) -> list[str]:
+    """The restore's markdown: the revision it goes to, and the tables whose rows it changes."""
+    manifest, now = plan.manifest, plan.row_counts_now
+    return [f"## db-rollback {environment}: {'dry run' if dry_run else 'restore'} of backup `{manifest.id}`", "",
+            f"Revision `{revisions.shown(revisions.label(plan.revisions_now))}` → "
+            f"`{revisions.shown(manifest.revision)}`.", "",
+            "| table | rows now | rows in the backup |", "|---|---|---|",
+            *(f"| {t} | {now.get(t, '-')} | {manifest.row_counts.get(t, '-')} |" for t in plan.tables_changing)]

@@ -9,7 +9,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from dbmigrate import backup, catalogue, drift, health
 from dbmigrate.backup import DumpOptions
-from dbmigrate.errors import MigrationFailed
+from dbmigrate.errors import HealthFailed
+from dbmigrate.phases import Phase
 from dbmigrate.report import BackupSummary
 from flows import alerts
 from flows.artifacts import BackupProgress, artifact_key, backup_line
@@ -51,18 +52,18 @@ def db_health(environment: str, credentials_block: str | None = None, alembic_co
     env = open_environment(environment, credentials_block, alembic_config)
     run = phase_runner(env.policy)
     project = env.settings.project(env.target)
-    checks = run("health_checks", checks_of_a_reachable_database, env.target, project, env.settings)
+    checks = run(Phase.HEALTH_CHECKS, checks_of_a_reachable_database, env.target, project, env.settings)
     if health.passed(checks):
         pending = next((c for c in checks if c.name == "pending_revisions"), None)
         if pending is not None and pending.data.get("pending"):
             pending.status = health.WARN  # not at head: worth a look, not an outage
         if check_drift:
-            checks.append(run("drift", drift.check, env.target, env.settings))
+            checks.append(run(Phase.DRIFT, drift.check, env.target, env.settings))
             alerts.drift_found(environment, checks)
-    create_markdown_artifact(health_markdown(environment, checks), key=f"{artifact_key(environment)}-health")
+    create_markdown_artifact(health_markdown(environment, checks), key=artifact_key(environment, kind="health"))
     failed = [c for c in checks if c.status == health.FAIL]
     if failed:
-        raise MigrationFailed("health failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
+        raise HealthFailed("health failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
     get_run_logger().info("%s healthy: %s", environment, ", ".join(f"{c.name} {c.status}" for c in checks))
     return [c.as_dict() for c in checks]
 
@@ -84,7 +85,7 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
     env = open_environment(environment, credentials_block, backup_storage=backup_storage)
     storage = env.settings.storage()
     progress = BackupProgress(environment)
-    manifest = phase_runner(env.policy)("backup", backup.take, env.target, storage,
+    manifest = phase_runner(env.policy)(Phase.BACKUP, backup.take, env.target, storage,
                                         DumpOptions(verify_restore=verify_restore), progress,
                                         env.settings.connect_timeout, env.settings.scratch_server)
     progress.done()
@@ -92,6 +93,6 @@ def db_backup(environment: str, credentials_block: str | None = None, backup_sto
     create_markdown_artifact(
         f"## db-backup {environment}\n\nBackup {backup_line(BackupSummary.of(manifest))}; "
         f"sha256 `{manifest.sha256}`.\n\nPruned: {', '.join(m.id for m in pruned) or 'nothing'}.",
-        key=f"{artifact_key(environment)}-backup-summary",
+        key=artifact_key(environment, kind="backup-summary"),
     )
     return asdict(BackupSummary.of(manifest))

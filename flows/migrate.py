@@ -18,8 +18,7 @@ from dbmigrate import auto_rollback, pipeline, revisions
 from dbmigrate.errors import MigrationFailed
 from flows import alerts, app_env, recovery
 from flows.artifacts import BackupProgress, publish
-from flows.common import approval_in_ui, ends_failed_on_error, open_environment, phase_runner, who_asked
-from flows.concurrency import one_run_per_environment
+from flows.common import alert_failure, approval_in_ui, ends_failed_on_error, open_environment, phase_runner, who_asked
 
 
 @flow(name="db-migrate", flow_run_name="{environment}-{target_revision}",
@@ -63,8 +62,7 @@ def db_migrate(
         env.policy.check(backup)
         env.policy.check_requester(requester)
     if dbmigrate_executable:  # no automatic rollback there: the journal has nothing to undo
-        with (one_run_per_environment(environment, env.policy.guard_wait_s),
-              recovery.in_flight(environment, env.target, env.credentials_block) as journal):
+        with recovery.holding(env) as journal:
             return app_env.migrate(env, journal, dbmigrate_executable, alembic_config, target_revision, backup,
                                    dry_run, skip_health_checks, skip_validation, requester or getpass.getuser())
     request = pipeline.Request(
@@ -84,19 +82,14 @@ def db_migrate(
         auto_rollback=auto_rollback.restore_starting_state if env.policy.auto_rollback else None,
     )
     logger.info("%s %s: %s to %s", environment, env.target.where, "dry run" if dry_run else "upgrade", target_revision)
-    with (one_run_per_environment(environment, env.policy.guard_wait_s),
-          recovery.in_flight(environment, env.target, env.credentials_block,
-                             env.settings if env.policy.auto_rollback else None) as journal):
+    with recovery.holding(env, env.settings if env.policy.auto_rollback else None) as journal:
         hooks.run_phase, hooks.interrupted = journal.tracking(hooks.run_phase), journal.interrupted
         outcome = pipeline.execute(env.target, env.settings, request, hooks)
         # Still in flight: a run cut short while publishing says in its final state where the database is.
         publish(outcome, environment, progress)
     report = outcome.report
     if outcome.error is not None:
-        rolled = f"; rollback: {report.rollback.detail}" if report.rollback else ""
-        failure = f"{report.error.phase} failed: {report.error.message}{rolled}"
-        alerts.run_failed(environment, report, failure)
-        raise MigrationFailed(failure)
+        raise MigrationFailed(alert_failure(outcome, environment))
     logger.info("%s: %s -> %s (%s)", report.status, revisions.shown(report.revision_before),
                 revisions.shown(report.revision_after), outcome.report_path)
     return report.as_dict()

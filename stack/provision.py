@@ -17,11 +17,11 @@ from pathlib import Path
 
 from dbmigrate import local
 from dbmigrate.errors import ConfigError, needs_prefect
+from dbmigrate.policy import ENVIRONMENTS
 from dbmigrate.private import generated_secret
 from stack.processes import (POOL, Detached, Say, auth_file, client_environ, exports, prefect_environ, prefect_home,
                              server, worker)
 
-ENVIRONMENTS = ("development", "staging", "production")
 DEMO_ENVIRONMENT = "development"  # the one `make demo` migrates
 PREFECT_PORT = 4200  # Prefect's own default: the address its documentation and habits assume
 PREFECT_PORT_VARIABLE = "DBMIGRATE_PREFECT_PORT"  # what `make demo PREFECT_PORT=...` sets: make passes no option

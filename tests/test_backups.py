@@ -12,7 +12,7 @@ from dbmigrate import backup, catalogue, db, restore
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import BackupUnreadable, ConfigError, DumpFailed, RestoreFailed, StorageFailed
 from dbmigrate.storage import LocalStorage
-from tests.helpers import fill, fingerprint_of, session, sql
+from tests.helpers import fill, fingerprint_of, last_report, reports_in, scalar, session, sql
 
 
 def stamp(target, revision: str) -> None:
@@ -308,6 +308,40 @@ def test_restore_command_takes_a_safety_backup_first(cli, url, target, taken_by_
     assert "safety backup of the previous state" in restored.stdout
     listed = json.loads(cli("backups", "list", "--json", env={"DATABASE_URL": url}).stdout)
     assert [m["row_counts"] for m in listed] == [{"public.payload": 0}, {"public.payload": 50}]
+
+
+def test_a_restore_from_the_command_line_leaves_the_report_the_flow_leaves(cli, url, target, home, taken_by_cli):
+    """Issue 16 item 1: a restore over the database, one into a new database and one refused each leave
+    the report of the db-rollback flow's restore (tests/test_flows.py), through the same pipeline."""
+    env = {"DATABASE_URL": url}
+    sql(target, "DELETE FROM payload WHERE id <= 10")
+    restored = cli("restore", taken_by_cli["id"], "--yes", env=env)
+    assert restored.returncode == 0, restored.stderr
+    over = last_report(home)
+    assert f"report:   {reports_in(home)[-1]}" in restored.stdout
+    safety = json.loads(cli("backups", "list", "--json", env=env).stdout)[0]
+    assert safety["row_counts"] == {"public.payload": 40}
+    assert (over["operation"], over["status"], over["error"], over["target_revision"]) == ("restore", "succeeded",
+                                                                                            None, "base")
+    assert over["restore"] == {"backup_id": taken_by_cli["id"], "tables_changing": ["public.payload"],
+                               "safety_backup": safety["id"]}
+    assert (over["approval"]["approved"], over["approval"]["via"]) == (True, "--yes")
+    assert over["database"]["name"] == target.database
+
+    copy = target.database + "_report"
+    into = cli("restore", taken_by_cli["id"], "--target-db", copy, env=env)
+    assert into.returncode == 0, into.stderr
+    new = last_report(home)
+    assert (new["operation"], new["status"], new["approval"]) == ("restore", "succeeded", None)
+    assert new["restore"] == {"backup_id": taken_by_cli["id"], "tables_changing": ["public.payload"],
+                              "safety_backup": None, "new_database": copy}
+    assert scalar(target.with_database(copy), "SELECT count(*) FROM payload") == 50
+    db.drop_database(target, copy, 5)
+
+    refused = cli("restore", taken_by_cli["id"], env=env)
+    assert refused.returncode == 2
+    assert (last_report(home)["status"], last_report(home)["error"]["phase"]) == ("failed", "approval")
+    assert len(reports_in(home)) == 3
 
 
 def test_restore_command_refuses_an_unknown_backup(cli, url, taken_by_cli):

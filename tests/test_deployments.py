@@ -11,6 +11,7 @@ import pytest
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
+from dbmigrate.policy import ENVIRONMENTS
 from tests.helpers import (
     REPO,
     assert_no_canary,
@@ -25,7 +26,6 @@ from tests.projects import linear, stock_project
 CREATE_T1 = "op.create_table('t1', sa.Column('id', sa.Integer))"
 
 
-ENVIRONMENTS = ("development", "staging", "production")
 # The UI lists deployments by name: the suffix tells an environment's four apart at a glance.
 SUFFIXES = {"db-migrate": "", "db-rollback": "-rollback", "db-health": "-health", "db-backup": "-backup"}
 

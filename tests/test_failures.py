@@ -240,3 +240,12 @@ def test_two_concurrent_upgrades_exactly_one_migrates(url, target, home, tmp_pat
     reports = [json.loads(p.read_text()) for p in reports_in(home)]
     assert [r["status"] for r in reports].count("succeeded") == 1
     assert fingerprint_of(target).revisions == ("r1",)
+
+
+def test_a_database_no_longer_where_the_approved_plan_started_fails_as_such(untouched):
+    """Issue 16 item 7: the report names this failure by its own type (DatabaseMoved), not MigrationFailed."""
+    error = untouched.refuse("upgrade", "--yes", "--expect-current", "0001", code=1)
+    assert error == ("dbmigrate: error: the database is at 0003, not at 0001 where the approved plan started: "
+                     "nothing was changed")
+    report = json.loads(reports_in(untouched.home)[-1].read_text())
+    assert (report["error"]["type"], report["error"]["phase"]) == ("DatabaseMoved", "plan")

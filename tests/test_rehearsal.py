@@ -55,6 +55,26 @@ def test_a_revision_that_fails_only_on_real_data_fails_the_rehearsal(cli, url, t
     assert fingerprint_of(target) == before and scratch_databases(target) == []
 
 
+def test_dbmigrate_rehearse_leaves_the_report_of_a_run(cli, url, target, home, tmp_path):
+    """Issue 16 item 1: `dbmigrate rehearse` goes through the pipeline: its report has the backup and the
+    rehearsal it printed, the database left at its revision; one failing on the copy, a failed report."""
+    ini = at_r1_with_rows(tmp_path, cli, url, target, WIDEN, NOT_NULL)
+    rehearsed = cli("rehearse", "--json", "-r", "r2", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert rehearsed.returncode == 0, rehearsed.stderr
+    report = last_report(home)
+    assert (report["operation"], report["status"], report["revision_before"], report["revision_after"]) == \
+        ("rehearse", "succeeded", "r1", "r1")
+    assert report["rehearsal"] == json.loads(rehearsed.stdout)
+    assert report["backup"]["id"] == report["rehearsal"]["backup_id"]
+    assert [m["revision"] for m in report["migrations_planned"]] == ["r2"] and report["migrations_applied"] == []
+
+    failed = cli("rehearse", "--alembic-config", ini, env={"DATABASE_URL": url})
+    assert failed.returncode == 1 and "revision r3 failed" in one_line_error(failed.stderr)
+    report = last_report(home)
+    assert (report["operation"], report["status"], report["error"]["phase"]) == ("rehearse", "failed", "rehearsal")
+    assert report["rehearsal"]["failed"].startswith("revision r3 failed") and report["revision_after"] == "r1"
+
+
 def test_an_env_py_that_connects_elsewhere_is_refused_before_its_first_statement(cli, url, target, home, tmp_path):
     """An env.py with a URL of its own would migrate the real database in the name of the rehearsal."""
     ini = at_r1_with_rows(tmp_path, cli, url, target, WIDEN,
@@ -169,7 +189,7 @@ def test_the_flow_rehearses_production_and_shows_it_on_the_approval_page(environ
     state = run_flow(environment=name, alembic_config=ini)
     approver.join()
     assert state.is_completed(), state.message
-    assert seen["journal"]["phase"] == "planned", "waiting for approval after the rehearsal: the database untouched"
+    assert seen["journal"].phase == "planned", "waiting for approval after the rehearsal: the database untouched"
 
     page = seen["description"]
     assert "### Rehearsed on a copy restored from backup `" in page

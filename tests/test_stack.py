@@ -14,11 +14,11 @@ import time
 import psycopg
 import pytest
 
+from dbmigrate.policy import ENVIRONMENTS
 from tests.helpers import REPO, SAMPLE_HEAD, open_to_others, reports_in, run_cli
 from tests.local_stack import Stack, alive
 from tests.prefect_server import PREFECT
 
-ENVIRONMENTS = ("development", "staging", "production")
 
 
 def test_local_up_runs_the_stack_and_the_main_job_then_down_stops_it_in_order(stack):

@@ -6,11 +6,14 @@ import dataclasses
 import sys
 from datetime import datetime, timezone
 
-from dbmigrate import backup, catalogue, health, restore, revisions
+from dbmigrate import backup, catalogue, health, pipeline, revisions
 from dbmigrate.cli import arguments
 from dbmigrate.cli.environment import Database
-from dbmigrate.cli.migrate import approve
-from dbmigrate.cli.render import print_json, print_progress
+from dbmigrate.cli.migrate import approve, require_approver
+from dbmigrate.cli.render import finish, print_json, print_progress
+from dbmigrate.report import Approval
+from dbmigrate.restore import RestorePlan
+from dbmigrate.run import RESTORE
 from dbmigrate.settings import Settings
 
 
@@ -83,31 +86,36 @@ def cmd_backups(args, settings: Settings, database: Database) -> int:
 
 
 def cmd_restore(args, settings: Settings, database: Database) -> int:
+    """A backup restored over the database or into a new one (pipeline.restore, which writes the report)."""
     target = database()
     policy = None if args.target_db else database.policy()  # a new database: nothing existing changes
+    operation = "restore over the database"
     if policy is not None:
         policy.check_command_line(target.environment, "restore over the original", not args.no_safety_backup,
                                   "drop --no-safety-backup")
-    storage = settings.storage()
-    manifest = catalogue.find(storage, target, args.backup_id)
-    if args.target_db:
-        result = restore.into_new_database(target, storage, manifest, args.target_db, settings.connect_timeout,
-                                           args.jobs)
-        print(f"restored {manifest.id} into new database {result.database}")
-        return 0
-    approval = approve(args, policy, target.environment, "restore over the database",
-                       f"restore {target.where} ({target.environment}) from backup {manifest.id} "
-                       f"(revision {revisions.shown(manifest.revision)}):",
-                       "replace the contents of the database with this backup?")
-    approval.require()
-    print(f"restore approved by {approval.approver} ({approval.via})")
-    result = restore.replace_with_backup(target, storage, manifest, settings.connect_timeout, settings.guard_wait_s,
-                                         None if args.no_safety_backup else settings.dump, print_progress,
-                                         settings.limits.lock_timeout_s)
-    if result.safety_backup:
-        print(f"safety backup of the previous state: {result.safety_backup.id}")
-    print(f"restored {manifest.id} over {target.where}")
-    return 0
+
+    def confirm(plan: RestorePlan) -> Approval:
+        approval = approve(args, policy, target.environment, operation,
+                           f"restore {target.where} ({target.environment}) from backup {plan.manifest.id} "
+                           f"(revision {revisions.shown(plan.manifest.revision)}):",
+                           "replace the contents of the database with this backup?")
+        if approval.approved:
+            print(f"restore approved by {approval.approver} ({approval.via})")
+        return approval
+
+    request = pipeline.Request(RESTORE, args.backup_id, backup=not args.no_safety_backup,
+                               new_database=args.target_db, jobs=args.jobs)
+    hooks = pipeline.Hooks(confirm=confirm, on_progress=print_progress,
+                           require_approver=lambda: require_approver(args, policy, target.environment, operation))
+    outcome = pipeline.restore(target, settings, request, hooks)
+    restored = outcome.report.restore
+    if outcome.error is None:
+        if restored.safety_backup:
+            print(f"safety backup of the previous state: {restored.safety_backup}")
+        print(f"restored {restored.backup_id} "
+              + (f"into new database {restored.new_database}" if restored.new_database else f"over {target.where}"))
+    print(f"report:   {outcome.report_path or 'not written (see stderr)'}")
+    return finish(outcome, target, False)
 
 
 def _age(created) -> str:

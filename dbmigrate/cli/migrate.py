@@ -7,7 +7,7 @@ import getpass
 import os
 import sys
 
-from dbmigrate import backup, health, phases, pipeline, revisions
+from dbmigrate import phases, pipeline, revisions
 from dbmigrate.cli import arguments
 from dbmigrate.cli.environment import Database
 from dbmigrate.cli.render import finish, print_json, print_outcome, print_progress, rehearsal_lines
@@ -15,8 +15,8 @@ from dbmigrate.errors import ConfirmationRefused
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import LINT_LEVELS, Policy
-from dbmigrate.rehearsal import rehearse
-from dbmigrate.report import Approval
+from dbmigrate.report import NOOP, Approval
+from dbmigrate.run import REHEARSE
 from dbmigrate.settings import Settings
 
 
@@ -140,25 +140,21 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
 
 
 def cmd_rehearse(args, settings: Settings, database: Database) -> int:
-    """Take a backup, rehearse the pending revisions on a copy restored from it; the database is only read."""
+    """Take a backup, rehearse the pending revisions on a copy restored from it (pipeline.rehearse, which
+    writes the report); the database is only read. Under --json, stdout is the rehearsal."""
     target = database()
-    plan = phases.plan(target, settings.project(target), settings, args.revision, True)
-    if not plan.steps:
-        if args.json:
-            print_json(None)
-        else:
-            print(f"nothing to rehearse: database at {revisions.shown(plan.current)}")
-        return 0
-    health.require_scratch_server(health.REHEARSAL, target, settings.scratch_server, settings.connect_timeout)
-    storage = settings.storage()
-    manifest = backup.take(target, storage, settings.dump, print_progress, settings.connect_timeout)
-    result = rehearse(target, settings, plan, storage, manifest)
-    if args.json:
-        print_json(result.as_dict())
-    else:
-        print("\n".join(rehearsal_lines(result)))
-    result.require()
-    return 0
+    outcome = pipeline.rehearse(target, settings, pipeline.Request(REHEARSE, args.revision),
+                                pipeline.Hooks(on_progress=print_progress))
+    rehearsal, nothing_to_do = outcome.report.rehearsal, outcome.report.status == NOOP
+    if args.json and (rehearsal or nothing_to_do):
+        print_json(rehearsal and rehearsal.as_dict())
+    elif not args.json:
+        if rehearsal:
+            print("\n".join(rehearsal_lines(rehearsal)))
+        elif nothing_to_do:
+            print(f"nothing to rehearse: database at {revisions.shown(outcome.report.revision_before)}")
+        print(f"report:   {outcome.report_path or 'not written (see stderr)'}")
+    return finish(outcome, target, False)  # stdout has the rehearsal, not the report
 
 
 # --- the approval on the terminal ---------------------------------------------------------

@@ -56,7 +56,7 @@ def test_the_approval_form_shows_the_lint_before_the_sql():
     from dbmigrate.phases import Plan
     from dbmigrate.revisions import PlannedStep
     from dbmigrate.target import parse_url
-    from flows.artifacts import approval_request
+    from flows.artifacts import approval_page
 
     lint = LintResult("16.4", [
         RevisionLint("r1", "table", excepted=[Excepted("ban-drop-column", "nobody reads it", 3, 1)]),
@@ -65,8 +65,8 @@ def test_the_approval_form_shows_the_lint_before_the_sql():
         RevisionLint("r3", "data", not_linted="cannot be rendered offline: no connection"),
         RevisionLint("r4", "column"),
     ], blocking_level=None)
-    plan = Plan((), "r4", [PlannedStep(r.revision, r.message) for r in lint.revisions], True, lint)
-    text = approval_request(parse_url("postgresql://u@h/db", "staging"), plan, "r4", "SELECT 1;")
+    plan = Plan((), "r4", [PlannedStep(r.revision, r.message) for r in lint.revisions], True, ("r4",), lint)
+    text = approval_page(parse_url("postgresql://u@h/db", "staging"), plan, "r4", "SELECT 1;")
     section = text[text.index("### Lint"):text.index("The SQL")]
     assert section == (
         "### Lint (squawk, PostgreSQL 16.4, findings warn only)\n\n"
