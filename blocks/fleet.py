@@ -10,11 +10,12 @@ credentials block (``credentials``: host, user, password) with the database name
 
 from __future__ import annotations
 
-from pydantic import Field
 from prefect.blocks.core import Block
+from prefect.client.schemas.objects import BlockDocument
+from pydantic import Field, ValidationError
 from sqlalchemy import text
 
-from blocks import DOCUMENTATION_URL, ENVIRONMENT_NAME, DatabaseCredentials, load_target
+from blocks import DOCUMENTATION_URL, ENVIRONMENT_NAME, DatabaseCredentials, load_target, target_of
 from dbmigrate import db
 from dbmigrate.errors import ConfigError, DbMigrateError, first_line
 from dbmigrate.fleet import Member, require_distinct
@@ -87,10 +88,12 @@ def load_fleet(environment: str, name: str | None = None) -> list[Member]:
     database named twice, a query selecting nobody."""
     block = load_fleet_block(environment, name)
     label = name or fleet_block_name(environment)
-    members = _members(block, label)
+    # One API call for every credentials block: a fleet of 100 member blocks is not 100 loads.
+    documents = _credentials_documents(secrets=bool(block.members))
+    members = _members(block, label, documents)
     if not members:
         raise ConfigError(f"fleet '{label}' has no member")
-    foreign = _other_environments_databases(environment)
+    foreign = _other_environments_databases(environment, documents)
     for member in members:
         if other := foreign.get(_location(member.target)):
             raise ConfigError(f"the {environment} fleet refuses member '{member.name}': it is the {other} "
@@ -99,19 +102,41 @@ def load_fleet(environment: str, name: str | None = None) -> list[Member]:
     return _canary_first(members, block.canary, label)
 
 
-def _members(block: DatabaseFleet, label: str) -> list[Member]:
+def _members(block: DatabaseFleet, label: str, documents: dict[str, BlockDocument]) -> list[Member]:
     sources = [field for field in ("members", "databases", "query") if getattr(block, field)]
     if len(sources) != 1 or (block.members and block.credentials) or (not block.members and not block.credentials):
         raise ConfigError(f"fleet '{label}' must give either members (credentials block names), or credentials "
                           "with databases or with query")
     if block.members:
-        return [Member(name, _of_environment(load_target(name), block.environment, name)) for name in block.members]
+        return [Member(name, _of_environment(_target(documents, name), block.environment, name))
+                for name in block.members]
     server = _of_environment(load_target(block.credentials), block.environment, block.credentials)
     names = block.databases or _selected(server, block.query, label)
     for database in names:
-        if problem := _unusable_name(database):
+        if problem := unusable_database_name(database):
             raise ConfigError(f"fleet '{label}': database name {database!r} {problem}")
     return [Member(database, server.with_database(database)) for database in names]
+
+
+def _credentials_documents(secrets: bool) -> dict[str, BlockDocument]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        documents = client.read_block_documents_by_type(DatabaseCredentials.get_block_type_slug(),
+                                                        include_secrets=secrets)
+    return {document.name: document for document in documents if document.name and not document.is_anonymous}
+
+
+def _target(documents: dict[str, BlockDocument], name: str) -> DatabaseTarget:
+    if name not in documents:
+        raise ConfigError(f"no DatabaseCredentials block named '{name}' (a member of the fleet)")
+    try:
+        block = DatabaseCredentials._from_block_document(documents[name])
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise ConfigError(f"DatabaseCredentials block '{name}' is invalid: "
+                          f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+    return target_of(block, name)
 
 
 def _of_environment(target: DatabaseTarget, environment: str, block: str) -> DatabaseTarget:
@@ -141,7 +166,7 @@ def _selected(server: DatabaseTarget, query: str, label: str) -> list[str]:
     return names
 
 
-def _unusable_name(name: str) -> str | None:
+def unusable_database_name(name: str) -> str | None:
     if not name or not name.isprintable():
         return "is empty or holds a control character"
     if "?" in name:  # SQLAlchemy's URL string would read the rest as connection options
@@ -154,18 +179,15 @@ def _location(target: DatabaseTarget) -> tuple[str, int, str]:
     return target.host, target.port, target.database
 
 
-def _other_environments_databases(environment: str) -> dict[tuple[str, int, str], str]:
+def _other_environments_databases(environment: str, documents: dict[str, BlockDocument]
+                                  ) -> dict[tuple[str, int, str], str]:
     """host, port, database -> environment, of every credentials block of another environment:
     a fleet may not reach into another environment's database, even through its own credentials."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        documents = client.read_block_documents_by_type(DatabaseCredentials.get_block_type_slug(),
-                                                        include_secrets=False)
     found = {}
-    for document in documents:
-        data, owner = document.data, document.data.get("environment") or document.name
-        if owner and owner != environment and data.get("host") and data.get("database"):
+    for name, document in documents.items():
+        data = document.data
+        owner = data.get("environment") or name
+        if owner != environment and data.get("host") and data.get("database"):
             found[(data["host"], int(data.get("port") or 5432), data["database"])] = owner
     return found
 
@@ -178,4 +200,4 @@ def _canary_first(members: list[Member], canary: list[str], label: str) -> list[
     return first + [member for member in members if member.name not in set(canary)]
 
 
-__all__ = ["DatabaseFleet", "fleet_block_name", "load_fleet", "load_fleet_block"]
+__all__ = ["DatabaseFleet", "fleet_block_name", "load_fleet", "load_fleet_block", "unusable_database_name"]

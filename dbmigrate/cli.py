@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from dbmigrate import (__version__, backup, catalogue, db, drift, health, local, overview, phases, pipeline, private,
-                       restore, revisions)
+from dbmigrate import (__version__, backup, catalogue, db, drift, fleet_cli, health, local, overview, phases, pipeline,
+                       private, restore, revisions)
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, RevisionError, needs_prefect
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
@@ -48,8 +48,9 @@ SYNC_VARIABLES = """\
 variables: DB_HOST, DB_NAME, DB_USER, DB_PASSWORD (required), DB_PORT (default 5432),
 DB_SSLMODE (default prefer); BACKUP_BUCKET, BACKUP_BUCKET_FOLDER, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL (S3-compatible stores);
-ALERT_WEBHOOK_URL (JSON subject/body), ALERT_SLACK_WEBHOOK_URL (a Slack incoming webhook): alerts.
-Needs PREFECT_API_URL."""
+ALERT_WEBHOOK_URL (JSON subject/body), ALERT_SLACK_WEBHOOK_URL (a Slack incoming webhook): alerts;
+FLEET_MEMBERS (credentials blocks), FLEET_DATABASES (on DB_HOST) or FLEET_QUERY (SQL selecting them),
+FLEET_CANARY, FLEET_SKIP_UNREACHABLE: the DatabaseFleet block NAME-fleet. Needs PREFECT_API_URL."""
 
 MAX_SECONDS = 2_147_483  # PostgreSQL keeps its timeouts as int milliseconds: about 24.8 days
 MAX_DAYS = 36_500
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--autogenerate", action="store_true", help="compare models with the database")
     generate.add_argument("--rev-id", help="revision id to use instead of a random one")
 
+    fleet_cli.add_parser(sub, common)
+
     local_cmd = sub.add_parser("local", help="the embedded local PostgreSQL, and the local Prefect stack")
     local_sub = local_cmd.add_subparsers(dest="local_command", required=True, metavar="ACTION")
     for name, text in (
@@ -339,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "up":
             action.add_argument("--prefect-port", type=_port, metavar="PORT",
                                 help="the Prefect server's port on 127.0.0.1 (default 4200)")
+            action.add_argument("--fleet", type=_positive_int, metavar="N",
+                                help="also N tenant databases per environment, at the sample schema with some rows, "
+                                     "and each environment's DatabaseFleet block selecting them (docs/FLEETS.md)")
 
     run_cmd = sub.add_parser(
         "run", help="run the db-migrate deployment of an environment on its Prefect worker, from this terminal",
@@ -885,7 +891,7 @@ def cmd_local(args, settings: Settings, database: Database) -> int:
     home, say = settings.home, functools.partial(print, flush=True)
     action = args.local_command
     if action == "up":
-        stack.up(home, Path.cwd(), args.pg_port, args.prefect_port, say)
+        stack.up(home, Path.cwd(), args.pg_port, args.prefect_port, say, fleet=args.fleet)
     elif action == "down":
         stack.down(home, say)
     elif action == "env":
@@ -967,6 +973,15 @@ def cmd_history(args, settings: Settings, database: Database) -> int:
     return 0
 
 
+def cmd_fleet(args, settings: Settings, database: Database) -> int:
+    result = fleet_cli.status(args, settings)
+    if args.json:
+        _print_json(result)
+    else:
+        print("\n".join(fleet_cli.status_lines(result)))
+    return 0
+
+
 def cmd_run(args, settings: Settings, database: Database) -> int:
     with needs_prefect("dbmigrate run"):
         from dbmigrate import watch  # the Prefect client: only for `run`
@@ -978,7 +993,8 @@ HANDLERS = {"health": cmd_health, "status": cmd_status, "heads": cmd_heads, "che
             "drift": cmd_drift,
             "upgrade": cmd_migrate, "downgrade": cmd_migrate, "rehearse": cmd_rehearse, "generate": cmd_generate,
             "backup": cmd_backup, "backups": cmd_backups, "restore": cmd_restore, "local": cmd_local,
-            "blocks": cmd_blocks, "run": cmd_run, "overview": cmd_overview, "history": cmd_history}
+            "blocks": cmd_blocks, "run": cmd_run, "overview": cmd_overview, "history": cmd_history,
+            "fleet": cmd_fleet}
 
 
 # The commands that make scratch databases (upgrade and downgrade: their backup's verify-restore, the

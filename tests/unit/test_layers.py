@@ -20,7 +20,8 @@ LAYERS = {
     "dbmigrate.restore": 2, "dbmigrate.drift": 2, "dbmigrate.settings": 2, "dbmigrate.report": 2,
     "dbmigrate.lint": 2, "dbmigrate.overview": 2, "dbmigrate.fleet": 2,
     "dbmigrate.phases": 3, "dbmigrate.auto_rollback": 3, "dbmigrate.rehearsal": 3, "dbmigrate.pipeline": 3,
-    "dbmigrate.cli": 4, "dbmigrate.__main__": 4, "dbmigrate.stack": 4, "dbmigrate.watch": 4, "blocks": 4, "blocks.sync": 4,
+    "dbmigrate.cli": 4, "dbmigrate.__main__": 4, "dbmigrate.stack": 4, "dbmigrate.fleet_cli": 4,
+    "dbmigrate.fleet_local": 4, "dbmigrate.watch": 4, "blocks": 4, "blocks.sync": 4,
     "blocks.alerts": 4, "blocks.fleet": 4,
 }
 
