@@ -188,3 +188,42 @@ def _project():
     from dbmigrate import revisions
 
     return revisions.load(str(SAMPLE_CONFIG))
+
+
+def test_blocks_sync_writes_the_fleet_block_from_variables(cli, api_env, env_name, target):
+    from blocks.fleet import load_fleet_block
+
+    server = {"DB_HOST": "127.0.0.1", "DB_PORT": str(target.port), "DB_NAME": target.database, "DB_USER": "postgres",
+              "DB_PASSWORD": CANARY_PASSWORD, "DB_SSLMODE": "disable", **api_env}
+
+    def sync(**variables):
+        return cli("blocks", "sync", "--env", env_name, "--from-env", env={**server, **variables})
+
+    listed = sync(FLEET_DATABASES='["tenant,a", "tenant b"]', FLEET_CANARY="tenant b")
+    assert listed.returncode == 0, listed.stderr
+    assert f"dbmigrate-database-fleet/{env_name}-fleet: created" in listed.stdout.splitlines()
+    block = load_fleet_block(env_name)
+    assert (block.credentials, block.databases, block.query, block.canary) == (
+        env_name, ["tenant,a", "tenant b"], None, ["tenant b"])
+
+    query = r"select datname from pg_database where datname like 'tenant\_%'"
+    moved = sync(FLEET_QUERY=query, FLEET_SKIP_UNREACHABLE="true")
+    assert f"dbmigrate-database-fleet/{env_name}-fleet: updated: databases, query, canary, skip_unreachable" \
+        in moved.stdout.splitlines()
+    block = load_fleet_block(env_name)
+    assert (block.databases, block.query, block.canary, block.skip_unreachable) == (None, query, [], True)
+    again = sync(FLEET_QUERY=query, FLEET_SKIP_UNREACHABLE="true")
+    assert f"dbmigrate-database-fleet/{env_name}-fleet: unchanged" in again.stdout.splitlines()
+
+    for variables, error in (
+            ({"FLEET_CANARY": "a"}, "FLEET_CANARY needs one of FLEET_MEMBERS, FLEET_DATABASES, FLEET_QUERY: "
+                                    "nothing was written"),
+            ({"FLEET_DATABASES": "a", "FLEET_QUERY": query},
+             "give one of FLEET_MEMBERS, FLEET_DATABASES, FLEET_QUERY, not FLEET_DATABASES and FLEET_QUERY: "
+             "nothing was written"),
+            ({"FLEET_DATABASES": '["a", 1]'}, "FLEET_DATABASES is not a JSON array of strings: nothing was written"),
+            ({"FLEET_SKIP_UNREACHABLE": "maybe", "FLEET_QUERY": query},
+             "FLEET_SKIP_UNREACHABLE: Input should be a valid boolean, unable to interpret input")):
+        refused = sync(**variables)
+        assert refused.returncode == 2 and one_line_error(refused.stderr) == f"dbmigrate: error: {error}"
+    assert load_fleet_block(env_name).query == query
