@@ -29,6 +29,9 @@ pytestmark = pytest.mark.slow  # the tests stream registers the marker (issue 16
 ENVIRONMENTS = ("development", "production")
 FLOWS = ("db-migrate-fleet", "db-migrate-fleet-batch")
 TENANT_ROWS = 200
+# r2 sleeps in PostgreSQL for the seconds the database's setting dbmigrate_test.sleep says (none: 0).
+SLEEP = ("op.execute(\"SELECT pg_sleep(coalesce(nullif(current_setting('dbmigrate_test.sleep', true), '')::float, "
+         "0))\")")
 
 
 @contextmanager
@@ -74,7 +77,7 @@ def project(tmp_path_factory) -> str:
         ("op.execute('CREATE TABLE account (id int PRIMARY KEY, balance int NOT NULL)'); "
          f"op.execute('INSERT INTO account SELECT g, g FROM generate_series(1, {TENANT_ROWS}) g')",
          "op.drop_table('account')"),
-        ("op.create_table('audit', sa.Column('id', sa.Integer))", "op.drop_table('audit')"),
+        (f"{SLEEP}; op.create_table('audit', sa.Column('id', sa.Integer))", "op.drop_table('audit')"),
         ("op.create_check_constraint('balance_not_negative', 'account', 'balance >= 0')",
          "op.drop_constraint('balance_not_negative', 'account')"),
     )
@@ -106,6 +109,15 @@ class Tenants:
     def revision(self, name: str) -> str | None:
         rows = sql(self.target(name), "SELECT version_num FROM alembic_version")
         return rows[0][0] if rows else None
+
+    def slow(self, seconds: float) -> None:
+        """Each tenant's r2 takes ``seconds`` from now on."""
+        with self.pg_cluster.admin() as conn:
+            for name in self.names:
+                conn.execute(f"ALTER DATABASE \"{name}\" SET dbmigrate_test.sleep = '{seconds:g}'")
+
+    def at(self, revision: str) -> list[str]:
+        return [name for name in self.names if self.revision(name) == revision]
 
     def drop(self) -> None:
         for name in self.names:
@@ -226,5 +238,110 @@ def test_a_member_failing_on_its_data_stops_the_fleet_within_its_wave(server, wo
         assert_no_canary(json.dumps(report), "the fleet report")
         children = batch_runs(run_id)
         assert len(children) <= 10 and all(f"fleet-run:{run_id}" in child.tags for child in children)
+    finally:
+        tenants.drop()
+
+
+def parent_process(workers: list[Worker], run_id: str) -> int:
+    """The flow-run process of ``run_id`` (the worker starts it with PREFECT__FLOW_RUN_ID set)."""
+    import psutil
+
+    for worker in workers:
+        for pid in worker.flow_run_pids():
+            try:
+                if psutil.Process(pid).environ().get("PREFECT__FLOW_RUN_ID") == run_id:
+                    return pid
+            except psutil.Error:
+                continue
+    return 0
+
+
+def migrated_records(environment: str, name: str) -> int:
+    """How many times the run history records ``name`` migrated (every version of its member record)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.fleet_batch import member_key
+
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[member_key(environment, name)])))
+    return sum(json.loads(v.data)[0]["status"] == "migrated" for v in versions)
+
+
+def test_the_fleet_run_sigkilled_mid_wave_then_run_again_migrates_each_member_once(server, workers, pg_cluster,
+                                                                                 cli, project):
+    """12 members, waves of 4, C=2, one member per batch run, each member's r2 taking 3 s. The parent's
+    process is SIGKILLed once 3 members are at r3; its batch runs go on. A new fleet run waits for
+    those still running instead of starting them again, leaves the finished ones (unchanged) and
+    migrates the rest: every member at r3, each in exactly one batch run and migrated once in the
+    run history."""
+    tenants = Tenants(pg_cluster, cli, project, 12, "resumed")
+    try:
+        tenants.slow(3)
+        save_fleet(pg_cluster, "development", tenants.names)
+        params = {"canary": 1, "wave_size": 4, "max_in_flight": 2, "per_server": 2, "members_per_run": 1}
+        first = start_fleet("development", project, **params)
+        wait_until(lambda: len(tenants.at("r3")) >= 3, 300, "3 members at r3", 0.5)
+        pid = wait_until(lambda: parent_process(workers, first), 30, "the fleet run's process")
+        os.kill(pid, signal.SIGKILL)
+        killed = final(first, 120)
+        assert killed.state.is_crashed(), killed.state
+        done_before = set(tenants.at("r3"))
+        assert len(done_before) < 12
+
+        second = start_fleet("development", project, **params)
+        run = final(second, 600)
+        assert run.state.is_completed(), run.state
+        assert tenants.at("r3") == tenants.names
+        children = batch_runs()
+        for name in tenants.names:
+            holding = [child for child in children if f"member:{name}" in child.tags]
+            assert len(holding) == 1, f"{name} in {[c.name for c in holding]}"
+            assert migrated_records("development", name) == 1, name
+        assert any(f"fleet-run:{second}" in child.tags for child in children), "the second run migrated some"
+        home = Path(workers[0].environ["DBMIGRATE_HOME"])
+        rows = {row["member"]: row for row in fleet_report(home)["members"]}
+        assert {name for name, row in rows.items() if row["status"] == "unchanged"} <= done_before
+        assert all(row["status"] in ("migrated", "unchanged") for row in rows.values()), rows
+    finally:
+        tenants.drop()
+
+
+def test_a_production_fleet_pauses_once_after_its_canary_and_a_rejection_leaves_the_rest(server, workers, pg_cluster,
+                                                                                       cli, project):
+    """Production: the canary is migrated (backup, rehearsal), then the fleet waits for one approval
+    showing the canary's outcome and the wave plan; rejected, no other member is touched and the
+    report says the canary stays migrated."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    from tests.helpers import fingerprint_of
+
+    tenants = Tenants(pg_cluster, cli, project, 4, "prod")
+    try:
+        save_fleet(pg_cluster, "production", tenants.names)
+        untouched = {name: fingerprint_of(tenants.target(name)) for name in tenants.names[1:]}
+        run_id = start_fleet("production", project, canary=1, wave_size=2, requested_by="ci")
+        paused = wait_until(lambda: (state := flow_run(run_id).state).is_paused() and state, 300,
+                            "the fleet to wait for approval", 1)
+        assert paused.message.startswith("waiting for approval of the production fleet to head (4 members)"), \
+            paused.message
+        assert tenants.revision("prod_001") == "r3" and tenants.at("r1") == tenants.names[1:]
+        resume_flow_run(run_id, run_input={"decision": "reject", "approver": "Bob"})
+        run = final(run_id, 300)
+        assert run.state.is_failed(), run.state
+        assert "rejected by Bob: the other members were not started, the canary stays migrated" in run.state.message
+        with get_client(sync_client=True) as client:
+            states = client.read_flow_run_states(run_id)
+        assert sum(state.is_paused() for state in states) == 1, [state.name for state in states]
+        for name, before in untouched.items():
+            assert fingerprint_of(tenants.target(name)) == before, name
+        home = Path(workers[0].environ["DBMIGRATE_HOME"])
+        report = fleet_report(home)
+        rows = {row["member"]: row for row in report["members"]}
+        assert rows["prod_001"]["status"] == "migrated" and rows["prod_001"]["backup"], rows["prod_001"]
+        assert all(rows[name]["status"] == "not started" for name in tenants.names[1:]), rows
+        assert report["approval"]["decision"] == "rejected" and report["approval"]["approver"] == "Bob"
     finally:
         tenants.drop()
