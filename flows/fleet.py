@@ -44,7 +44,7 @@ from dbmigrate.fleet import Member, MemberState, admit, fleet_status, plan_waves
 from dbmigrate.settings import Settings
 from flows import alerts
 from flows.common import _settings_for, ask_in_ui, deployed_environment, ends_failed_on_error, tag_run, who_asked
-from flows.fleet_batch import (FAILED, MIGRATED, NOT_STARTED, ROLLED_BACK, RUNNING, UNCHANGED, fleet_limit,
+from flows.fleet_batch import (FAILED, NOT_STARTED, ROLLED_BACK, RUNNING, UNCHANGED, fleet_limit,
                                fleet_run_tag, fleet_tag, forget_stop, member_tag, read_records, server_limit, stop,
                                stopped)
 from flows.fleet_report import FleetReport
@@ -120,7 +120,7 @@ class Fleet:
         self.environment, self.members, self.report, self.batches = environment, members, report, batches
         self.by_name = {member.name: member for member in members}
         self.max_in_flight, self.members_per_run, self.settings = max_in_flight, members_per_run, settings
-        self.logger = get_run_logger()
+        self.polls = 0  # of the batch runs' states: one request each (with the stop check: two)
 
     def run(self, names: list[str], label: str) -> None:
         """Migrate ``names`` in batches, at most C batches in flight; return when none is, the first
@@ -139,6 +139,7 @@ class Fleet:
                         self.report.set(name, {"status": NOT_STARTED, "message": f"the fleet stopped: {why}"})
                 queue.clear()
             ended = self.batches.ended()
+            self.polls += 1
             if ended:
                 self.collect(ended)
             elif self.batches.in_flight:
@@ -324,7 +325,7 @@ def db_migrate_fleet(
     if error:
         alerts.emit(alerts.FAILED, environment, f"→ {target_revision}", "fleet", error)
         raise MigrationFailed(f"fleet stopped: {error}")
-    logger.info("%s (%s)", report.summary(), path)
+    logger.info("%s (%s); %d polls of the batch runs' states", report.summary(), path, fleet.polls)
     return report.as_dict()
 
 

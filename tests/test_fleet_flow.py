@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, assert_no_canary, libpq_url, reports_in, sql
+from tests.helpers import REPO, assert_no_canary, libpq_url, sql
 from tests.pgcluster import CANARY_PASSWORD
 from tests.prefect_server import PrefectServer, Worker, prefect, wait_until
 from tests.projects import linear, stock_project
