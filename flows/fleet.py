@@ -305,7 +305,7 @@ def db_migrate_fleet(
             names = [m.name for m in wave if m.name in todo]
             if stopped(fleet_run) or not names:
                 continue
-            if trouble := server_trouble(list(wave)):
+            if trouble := server_trouble([m for m in wave if m.name in todo]):
                 _gate_pause(trouble, number, policy, requester, environment)
             fleet.run(names, f"w{number}")
             report.publish(f"wave {number} of {len(waves.waves)}")

@@ -238,7 +238,7 @@ def migrate_member(job: FleetJob, member: Member) -> dict:
                   if report.rehearsal else None, message=message)
 
 
-@flow(name="db-migrate-fleet-batch", flow_run_name="{environment}-fleet-batch")
+@flow(name="db-migrate-fleet-batch")  # the fleet names each run when it creates it: <env>-fleet-w3-2
 @ends_failed_on_error
 def db_migrate_fleet_batch(
     environment: str,
