@@ -44,7 +44,7 @@ from prefect.variables import Variable
 from blocks import load_policy
 from blocks.fleet import load_fleet
 from dbmigrate import auto_rollback, pipeline, private, revisions
-from dbmigrate.errors import ConfigError, MigrationFailed
+from dbmigrate.errors import ConfigError, DbMigrateError, MigrationFailed
 from dbmigrate.fleet import Member
 from dbmigrate.policy import Policy
 from dbmigrate.report import NOOP, SUCCEEDED, Approval
@@ -136,8 +136,8 @@ def member_slots(environment: str, server: str, fleet_run: str) -> Iterator[None
         yield
 
 
-class FleetStopped(Exception):
-    """The fleet run stopped while this member waited for a slot: it does not start."""
+class FleetStopped(DbMigrateError):
+    """The fleet run stopped while this member waited for its slots: it does not start."""
 
 
 # --- member records ---------------------------------------------------------------------------------
@@ -288,7 +288,8 @@ def db_migrate_fleet_batch(
             results.append(record(environment, member, NOT_STARTED, message=f"the fleet stopped: {why}"))
             continue
         try:
-            result = task(lambda: migrate_member(job, member), name="member", task_run_name=name,
+            # task_run_name as a callable: a name is not a format string (it may hold braces)
+            result = task(lambda: migrate_member(job, member), name="member", task_run_name=lambda: name,
                           cache_policy=NO_CACHE, persist_result=False)()
         except FleetStopped as exc:
             result = record(environment, member, NOT_STARTED, message=f"the fleet stopped: {exc}")

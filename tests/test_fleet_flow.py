@@ -320,7 +320,9 @@ def test_a_production_fleet_pauses_once_after_its_canary_and_a_rejection_leaves_
 
     tenants = Tenants(pg_cluster, cli, project, 4, "prod")
     try:
-        save_fleet(pg_cluster, "production", tenants.names)
+        # r3's CHECK constraint without NOT VALID is a lint finding production blocks on (the fleet lints once,
+        # before anything runs, and stops: seen); here the finding is reviewed and accepted
+        save_fleet(pg_cluster, "production", tenants.names, lint_blocks=False)
         untouched = {name: fingerprint_of(tenants.target(name)) for name in tenants.names[1:]}
         run_id = start_fleet("production", project, canary=1, wave_size=2, requested_by="ci")
         paused = wait_until(lambda: (state := flow_run(run_id).state).is_paused() and state, 300,
