@@ -80,6 +80,12 @@ def test_a_member_named_with_quotes_and_spaces_is_read_and_shown(cli, api_env, e
     assert shown.returncode == 0 and any(line.startswith(HOSTILE) and "0004  2 pending" in line
                                          for line in shown.stdout.splitlines())
 
+    # a '?' would be read as the start of connection options: refused, in one line
+    save_fleet(env_name, credentials=env_name, databases=["tenant?host=elsewhere"])
+    with pytest.raises(ConfigError, match=r"^fleet '[a-z0-9-]+-fleet': database name 'tenant\?host=elsewhere' holds a "
+                                          r"'\?', which dbmigrate cannot pass in a connection URL$"):
+        load_fleet(env_name)
+
 
 def test_a_query_selecting_no_database_stops_in_one_line(cli, api_env, env_name, target):
     save_environment(target, env_name)
