@@ -126,9 +126,13 @@ def _members(block: DatabaseFleet, label: str, documents: dict[str, BlockDocumen
 def _credentials_documents() -> dict[str, BlockDocument]:
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
-        documents = client.read_block_documents_by_type(DatabaseCredentials.get_block_type_slug(),
-                                                        include_secrets=True)
+    try:
+        with get_client(sync_client=True) as client:
+            documents = client.read_block_documents_by_type(DatabaseCredentials.get_block_type_slug(),
+                                                            include_secrets=True)
+    except Exception as exc:  # the API is down, or no credentials block type was ever registered: one line
+        raise ConfigError(f"cannot read the DatabaseCredentials blocks: {type(exc).__name__}: "
+                          f"{first_line(exc)}") from None
     return {document.name: document for document in documents if document.name and not document.is_anonymous}
 
 
