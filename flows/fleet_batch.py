@@ -13,10 +13,11 @@ parallelism is its runs, on as many workers as there are.
 While it runs, each member holds two Prefect global concurrency limits, the fleet's
 (``fleet-<env>``, C) and its server's (``fleet-<env>-server-<host>-<port>``, H), so two fleets at
 once respect them too. Before it starts, it checks that the fleet was not stopped: the first member
-that fails stops its fleet run (a Prefect variable), and no member starts after that.
+that fails stops its fleet run (a Prefect variable), and no member starts after that. Members are
+not linted one by one: the fleet lints its one project once, before any member runs.
 
 Each member's outcome is a keyed table artifact, its **member record** (``fleet-<env>-member-...``),
-written when it starts, once planned (where it starts from) and when it ends: the parent reads
+written once planned (where it starts from) and when it ends: the parent reads
 them all in one call, and the next fleet run reads where a member cut short was left.
 """
 
@@ -207,9 +208,10 @@ def migrate_member(job: FleetJob, member: Member) -> dict:
         if why := stopped(job.fleet_run):  # stopped while this member waited for its slots
             raise FleetStopped(why)
         started = time.time()
-        record(environment, member, RUNNING, started_at=started, message="started")
 
         def run_phase(name, fn, *args):
+            if name == "lint":  # the fleet linted its one project once, before any member (flows.fleet)
+                return args[0]
             result = fn(*args)
             if name == "plan" and result.steps:  # where it starts: what the next run reads if this one is cut short
                 record(environment, member, RUNNING, started_at=started,
