@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-import psycopg
-
 from dbmigrate import db, revisions
 from dbmigrate.errors import ConfigError, DbMigrateError, first_line
 from dbmigrate.revisions import VERSION_TABLE, Project
@@ -114,8 +112,8 @@ def member_state(member: Member, project: Project, timeout_s: float = db.DEFAULT
         current = read_revisions(member.target, timeout_s)
     except _Unreachable as exc:
         return MemberState(**base, reachable=False, why=member.target.redact(str(exc)))
-    except psycopg.Error as exc:
-        return MemberState(**base, reachable=True, why=member.target.redact(first_line(exc)))
+    except _Unreadable as exc:
+        return MemberState(**base, reachable=True, why=member.target.redact(str(exc)))
     try:
         project.require_known(current)
         project.require_one_row(current)
@@ -129,11 +127,17 @@ class _Unreachable(Exception):
     """The member's server could not be reached: why, as db.failure_reason words it."""
 
 
+class _Unreadable(Exception):
+    """Connected, but its version table could not be read (a permission, a timeout): the server's line."""
+
+
 def read_revisions(target: DatabaseTarget, timeout_s: float) -> tuple[str, ...]:
     """The revision(s) stamped in ``target``, in one statement after the connection: a plain psycopg
     session, not db.connect's SQLAlchemy engine, whose first connection asks the server half a
     dozen questions (a fleet of 100 is read in a third of the time). Every wait is bounded:
     connecting, and the statement (lock_timeout and statement_timeout), by ``timeout_s``."""
+    import psycopg  # here: every command line registers `fleet`, few run it
+
     env = target.libpq_env()
     wait_ms = libpq_timeout(timeout_s) * 1000
     parameters = {name: env[variable] for variable, name in LIBPQ_PARAMETERS.items() if variable in env}
@@ -148,6 +152,8 @@ def read_revisions(target: DatabaseTarget, timeout_s: float) -> tuple[str, ...]:
             return tuple(sorted(row[0] for row in conn.execute(f"SELECT version_num FROM {VERSION_TABLE}")))
         except psycopg.errors.UndefinedTable:
             return ()
+        except psycopg.Error as exc:
+            raise _Unreadable(first_line(exc)) from None
 
 
 def fleet_status(members: Sequence[Member], project: Project, jobs: int = DEFAULT_JOBS,
