@@ -159,11 +159,10 @@ def read_records(environment: str, names: list[str]) -> dict[str, dict]:
     keys = {member_key(environment, name): name for name in names}
     found: dict[str, dict] = {}
     with get_client(sync_client=True) as client:
-        batch = list(keys)
-        for start in range(0, len(batch), 200):
-            collections = client.read_latest_artifacts(
-                artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=batch[start:start + 200])),
-                limit=200)
+        every = list(keys)
+        for start in range(0, len(every), 200):
+            wanted = ArtifactCollectionFilterKey(any_=every[start:start + 200])
+            collections = client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(key=wanted), limit=200)
             for collection in collections:
                 [row] = json.loads(collection.data) if isinstance(collection.data, str) else collection.data
                 found[keys[collection.key]] = row
