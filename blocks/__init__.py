@@ -128,6 +128,11 @@ def load_target(name: str) -> DatabaseTarget:
             raise ConfigError(f"DatabaseCredentials block '{name}' is invalid: {field}: {error['msg']}") from None
         # the API is down or unreachable: say so, in one line
         raise ConfigError(f"cannot load block '{name}' from the Prefect API: {type(exc).__name__}: {exc}") from None
+    return target_of(block, name)
+
+
+def target_of(block: DatabaseCredentials, name: str) -> DatabaseTarget:
+    """The database of the credentials block saved as ``name``, in the environment it records (else its name)."""
     return DatabaseTarget(block.url(), block.environment or name)
 
 
@@ -167,4 +172,4 @@ def load_policy(environment: str) -> Policy:
 
 
 __all__ = ["DatabaseCredentials", "EnvironmentPolicy", "environments", "load_policy", "load_scratch_server",
-           "load_target", "require_api"]
+           "load_target", "require_api", "target_of"]

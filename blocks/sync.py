@@ -11,7 +11,11 @@ a host or name with a control character, a quote or an outer space, a name over 
   ``S3Bucket`` block ``<env>-backups`` with its ``AwsCredentials`` ``<env>-aws``; a run uses it
   with ``backup_storage=s3-bucket/<env>-backups`` (or DBMIGRATE_BACKUP_STORAGE on the worker);
 - with ``alerts`` (``blocks sync``), ``ALERT_WEBHOOK_URL`` and ``ALERT_SLACK_WEBHOOK_URL``: notification
-  blocks and the environment's automations (:mod:`blocks.alerts`).
+  blocks and the environment's automations (:mod:`blocks.alerts`);
+- one of ``FLEET_MEMBERS`` (credentials block names), ``FLEET_DATABASES`` (database names on the server
+  of ``DB_*``) or ``FLEET_QUERY`` (SQL selecting them there when the fleet runs), with ``FLEET_CANARY``
+  and ``FLEET_SKIP_UNREACHABLE``: the ``DatabaseFleet`` block ``<env>-fleet`` (:mod:`blocks.fleet`). A
+  list is comma-separated, or a JSON array (for a name holding a comma).
 
 A block that exists gets only the fields the variables set, and only where they differ: fields
 set in the UI are kept, and a re-run that changes nothing writes nothing.
@@ -19,6 +23,7 @@ set in the UI are kept, and a re-run that changes nothing writes nothing.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from blocks import ENVIRONMENT_NAME, DatabaseCredentials, EnvironmentPolicy, req
 from blocks.alerts import VARIABLES as ALERT_VARIABLES
 from blocks.alerts import sync_automations
 from blocks.alerts import wanted_blocks as alert_blocks
+from blocks.fleet import DatabaseFleet, fleet_block_name, unusable_database_name
 from dbmigrate.errors import ConfigError
 
 # variable -> field of the block it sets (a dotted field is one inside a nested model)
@@ -43,6 +49,9 @@ AWS = {"AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_s
        "AWS_SESSION_TOKEN": "aws_session_token", "AWS_REGION": "region_name",
        "AWS_ENDPOINT_URL": "aws_client_parameters.endpoint_url"}
 KEY_PAIR = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+FLEET = {"FLEET_MEMBERS": "members", "FLEET_DATABASES": "databases", "FLEET_QUERY": "query",
+         "FLEET_CANARY": "canary", "FLEET_SKIP_UNREACHABLE": "skip_unreachable"}
+FLEET_SOURCES = ("FLEET_MEMBERS", "FLEET_DATABASES", "FLEET_QUERY")
 # The environment names the blocks: Prefect's block names allow lowercase letters, digits and dashes.
 BLOCK_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 # A host name, an IPv4 or IPv6 address, or a socket directory (libpq's host=/path).
@@ -103,6 +112,7 @@ def sync_environment(environment: str, variables: Mapping[str, str], alerts: boo
 def register_types(s3: bool = False) -> None:
     DatabaseCredentials.register_type_and_schema()
     EnvironmentPolicy.register_type_and_schema()
+    DatabaseFleet.register_type_and_schema()
     if s3:
         from prefect_aws import AwsCredentials, S3Bucket
 
@@ -131,9 +141,52 @@ def _wanted(environment: str, given: dict[str, str]) -> list[_Wanted]:
                               "(the worker's own AWS credentials)")
         wanted += [_Wanted(AwsCredentials, f"{environment}-aws", _fields(AWS, given)),
                    _Wanted(S3Bucket, f"{environment}-backups", _fields(BUCKET, given))]
+    if fleet := _fleet_fields(environment, given):
+        wanted.append(_Wanted(DatabaseFleet, fleet_block_name(environment), fleet))
     for block in wanted:
         _validated(block.cls, block.fields)
     return wanted
+
+
+def _fleet_fields(environment: str, given: dict[str, str]) -> dict | None:
+    """The fleet block's fields, every source among them (the ones not given emptied: a fleet moved
+    from a list to a query must not keep the list), or None where no FLEET_ variable is set."""
+    sources = [name for name in FLEET_SOURCES if name in given]
+    if not sources:
+        if others := [name for name in FLEET if name in given]:
+            raise ConfigError(f"{', '.join(others)} need{'s' if len(others) == 1 else ''} one of "
+                              f"{', '.join(FLEET_SOURCES)}: nothing was written")
+        return None
+    if len(sources) > 1:
+        raise ConfigError(f"give one of {', '.join(FLEET_SOURCES)}, not {' and '.join(sources)}: nothing was written")
+    fields = {"environment": environment, "members": None, "credentials": environment, "databases": None,
+              "query": None, "canary": _names("FLEET_CANARY", given.get("FLEET_CANARY", ""))}
+    source = sources[0]
+    if source == "FLEET_QUERY":
+        fields["query"] = given[source]
+    else:
+        fields[FLEET[source]] = _names(source, given[source])
+        if source == "FLEET_MEMBERS":
+            fields["credentials"] = None
+        for database in fields["databases"] or []:
+            if problem := unusable_database_name(database):
+                raise ConfigError(f"FLEET_DATABASES: a name {problem}: nothing was written")
+    if "FLEET_SKIP_UNREACHABLE" in given:
+        fields["skip_unreachable"] = given["FLEET_SKIP_UNREACHABLE"]
+    return fields
+
+
+def _names(variable: str, value: str) -> list[str]:
+    """A list variable: a JSON array of strings, else comma-separated (spaces around a name dropped)."""
+    if value.lstrip().startswith("["):
+        try:
+            names = json.loads(value)
+        except ValueError:
+            names = None
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ConfigError(f"{variable} is not a JSON array of strings: nothing was written")
+        return names
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def _unusable(name: str, value: str) -> str | None:
@@ -166,7 +219,7 @@ def _validated(cls: type[Block], fields: dict) -> Block:
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(str(part) for part in error["loc"])
-        names = {f: v for mapping in (DATABASE, BUCKET, AWS) for v, f in mapping.items()}
+        names = {f: v for mapping in (DATABASE, BUCKET, AWS, FLEET) for v, f in mapping.items()}
         raise ConfigError(f"{names.get(field, field)}: {error['msg']}") from None
 
 

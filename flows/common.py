@@ -68,7 +68,7 @@ def open_environment(environment: str, credentials_block: str | None = None, ale
     target = _database_for(environment, block)
     tag_run(environment)
     policy = load_policy(target.environment)
-    return Environment(environment, block, target, policy, _settings_for(policy, alembic_config, backup_storage))
+    return Environment(environment, block, target, policy, settings_for(policy, alembic_config, backup_storage))
 
 
 def _database_for(environment: str, block: str) -> DatabaseTarget:
@@ -117,7 +117,7 @@ def who_asked(requested_by: str) -> str | None:
     return "the deployment's schedule" if run.auto_scheduled else None
 
 
-def _settings_for(policy: Policy, alembic_config: str | None, backup_storage: str | None) -> Settings:
+def settings_for(policy: Policy, alembic_config: str | None, backup_storage: str | None) -> Settings:
     return Settings.under_policy(
         policy,
         alembic_config=alembic_config,
@@ -239,10 +239,10 @@ def approval_in_ui(env: Environment, requested_by: str | None, describe=None) ->
     again on any worker; a run without a deployment (a flow called in-process) pauses in place.
     Where the policy wants the approver to differ from ``requested_by``, their approval is refused."""
     describe = describe or functools.partial(migration_change, env)
-    return lambda plan: _ask(env.policy, requested_by, lambda: describe(plan))
+    return lambda plan: ask_approval(env.policy, requested_by, lambda: describe(plan))
 
 
-def _ask(policy: Policy, requested_by: str | None, describe) -> Approval:
+def ask_approval(policy: Policy, requested_by: str | None, describe) -> Approval:
     if not policy.approval_required:
         return Approval(True, requested_by or "unknown", "policy")
     change, text = describe()

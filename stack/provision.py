@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dbmigrate import local
+from stack import tenants
 from dbmigrate.errors import ConfigError, needs_prefect
 from dbmigrate.policy import ENVIRONMENTS
 from dbmigrate.private import generated_secret
@@ -33,8 +34,9 @@ LOG_STREAMING = {"PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
 
 
 def up(home: Path, checkout: Path, pg_port: int | None = None, prefect_port: int | None = None,
-       say: Say = print) -> str:
-    """Start (or find running) every part; the PREFECT_API_URL of the stack."""
+       say: Say = print, fleet: int | None = None) -> str:
+    """Start (or find running) every part; the PREFECT_API_URL of the stack. ``fleet``: that many
+    tenant databases per environment too, and each environment's fleet block (:mod:`stack.tenants`)."""
     home, checkout = home.resolve(), checkout.resolve()
     if not (checkout / "prefect.yaml").is_file():
         raise ConfigError(f"no prefect.yaml in {checkout}: run `dbmigrate local up` from a checkout of the repository")
@@ -45,10 +47,12 @@ def up(home: Path, checkout: Path, pg_port: int | None = None, prefect_port: int
     created = [name for name in ENVIRONMENTS if local.ensure_database(pg, name)]
     local.record_default_database(home, DEMO_ENVIRONMENT)  # the command line looks where `make demo` migrates
     say(f"databases: {', '.join(ENVIRONMENTS)}" + (f" (created {', '.join(created)})" if created else ""))
+    if fleet:
+        say(tenants.ensure_tenants(pg, checkout, ENVIRONMENTS, fleet))
     ui = _prefect_server(home, port, say)
     api = f"{ui}/api"
     with _talking_to(home, api):
-        _blocks(home, pg, say)
+        _blocks(home, pg, say, fleet)
         _work_pool(say)
         _deploy(home, checkout, api, say)
         _worker(home, checkout, api, say)
@@ -138,14 +142,16 @@ def _talking_to(home: Path, api: str) -> Iterator[None]:
         yield
 
 
-def _blocks(home: Path, pg: local.LocalServer, say: Say) -> None:
-    """A DatabaseCredentials block per environment, as `dbmigrate blocks sync --from-env` writes them."""
+def _blocks(home: Path, pg: local.LocalServer, say: Say, fleet: int | None) -> None:
+    """A DatabaseCredentials block per environment (and with ``fleet`` its DatabaseFleet block selecting
+    its tenants), as `dbmigrate blocks sync --from-env` writes them."""
     from blocks.sync import sync_environment
 
     secret = local.password(home)
     for name in ENVIRONMENTS:
         variables = {"DB_HOST": local.HOST, "DB_PORT": str(pg.port), "DB_NAME": name, "DB_USER": local.USER,
-                     "DB_PASSWORD": secret, "DB_SSLMODE": "disable"}
+                     "DB_PASSWORD": secret, "DB_SSLMODE": "disable",
+                     **({"FLEET_QUERY": tenants.selecting_query(name)} if fleet else {})}
         for synced in sync_environment(name, variables):
             say(f"block {synced}")
 

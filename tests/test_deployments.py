@@ -27,7 +27,8 @@ CREATE_T1 = "op.create_table('t1', sa.Column('id', sa.Integer))"
 
 
 # The UI lists deployments by name: the suffix tells an environment's four apart at a glance.
-SUFFIXES = {"db-migrate": "", "db-rollback": "-rollback", "db-health": "-health", "db-backup": "-backup"}
+SUFFIXES = {"db-migrate": "", "db-rollback": "-rollback", "db-health": "-health", "db-backup": "-backup",
+            "db-migrate-fleet": "", "db-migrate-fleet-batch": ""}
 
 
 def deployments() -> list[dict]:

@@ -20,11 +20,11 @@ import sys
 import threading
 
 from dbmigrate import __version__, private
-from dbmigrate.cli import arguments, backups, environment, inspect, local, migrate
+from dbmigrate.cli import arguments, backups, environment, fleet, inspect, local, migrate
 from dbmigrate.cli.render import json_alone_on_stdout
 from dbmigrate.errors import DbMigrateError
 
-AREAS = (inspect, migrate, backups, local)
+AREAS = (inspect, migrate, backups, fleet, local)
 
 
 def build_parser() -> argparse.ArgumentParser:

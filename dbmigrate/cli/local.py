@@ -19,8 +19,9 @@ SYNC_VARIABLES = """\
 variables: DB_HOST, DB_NAME, DB_USER, DB_PASSWORD (required), DB_PORT (default 5432),
 DB_SSLMODE (default prefer); BACKUP_BUCKET, BACKUP_BUCKET_FOLDER, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL (S3-compatible stores);
-ALERT_WEBHOOK_URL (JSON subject/body), ALERT_SLACK_WEBHOOK_URL (a Slack incoming webhook): alerts.
-Needs PREFECT_API_URL."""
+ALERT_WEBHOOK_URL (JSON subject/body), ALERT_SLACK_WEBHOOK_URL (a Slack incoming webhook): alerts;
+FLEET_MEMBERS (credentials blocks), FLEET_DATABASES (on DB_HOST) or FLEET_QUERY (SQL selecting them),
+FLEET_CANARY, FLEET_SKIP_UNREACHABLE: the DatabaseFleet block NAME-fleet. Needs PREFECT_API_URL."""
 
 LOCAL_ACTIONS = (
     ("start", "start the embedded PostgreSQL (commands start it on first use anyway)"),
@@ -54,6 +55,9 @@ def register(commands: arguments.Commands) -> None:
         if name == "up":
             action.add_argument("--prefect-port", type=arguments.port, metavar="PORT",
                                 help="the Prefect server's port on 127.0.0.1 (default 4200)")
+            action.add_argument("--fleet", type=arguments.positive_int, metavar="N",
+                                help="also N tenant databases per environment, at the sample schema with some rows, "
+                                     "and each environment's DatabaseFleet block selecting them (docs/FLEETS.md)")
 
     run = commands.subparsers.add_parser(
         "run", help="run the db-migrate deployment of an environment on its Prefect worker, from this terminal",
@@ -102,7 +106,7 @@ def cmd_local(args, settings: Settings, database: Database) -> int:
     from stack import processes, provision  # the local stack: only for `local up|down|env|status`
 
     if action == "up":
-        provision.up(home, Path.cwd(), args.pg_port, args.prefect_port, say)
+        provision.up(home, Path.cwd(), args.pg_port, args.prefect_port, say, fleet=args.fleet)
     elif action == "down":
         processes.down(home, say)
     elif action == "env":

@@ -46,5 +46,6 @@ def test_another_project_or_a_checkout_without_its_flows_is_refused(tmp_path, mo
     shutil.copy(REPO / "prefect.yaml", tmp_path)
     (tmp_path / "flows").mkdir()
     shutil.copy(REPO / "flows" / "migrate.py", tmp_path / "flows")
-    with pytest.raises(ConfigError, match="dbmigrate: flows/db_rollback.py, flows/maintenance.py missing$"):
+    missing = "flows/db_rollback.py, flows/fleet.py, flows/fleet_batch.py, flows/maintenance.py"
+    with pytest.raises(ConfigError, match=f"dbmigrate: {missing} missing$"):
         checkout()

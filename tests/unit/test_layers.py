@@ -18,13 +18,13 @@ LAYERS = {
     "dbmigrate.policy": 1,
     "dbmigrate.health": 2, "dbmigrate.backup": 2, "dbmigrate.catalogue": 2, "dbmigrate.pgrestore": 2,
     "dbmigrate.restore": 2, "dbmigrate.drift": 2, "dbmigrate.settings": 2, "dbmigrate.report": 2,
-    "dbmigrate.lint": 2, "dbmigrate.overview": 2,
+    "dbmigrate.lint": 2, "dbmigrate.overview": 2, "dbmigrate.fleet": 2,
     "dbmigrate.phases": 3, "dbmigrate.auto_rollback": 3, "dbmigrate.rehearsal": 3, "dbmigrate.run": 3,
     "dbmigrate.pipeline": 3, "dbmigrate.interruption": 3,
     "dbmigrate.cli": 4, "dbmigrate.cli.arguments": 4, "dbmigrate.cli.environment": 4, "dbmigrate.cli.render": 4,
     "dbmigrate.cli.inspect": 4, "dbmigrate.cli.migrate": 4, "dbmigrate.cli.backups": 4, "dbmigrate.cli.local": 4,
-    "dbmigrate.__main__": 4, "dbmigrate.watch": 4, "blocks": 4, "blocks.sync": 4, "blocks.alerts": 4,
-    "stack": 4, "stack.processes": 4, "stack.provision": 4,
+    "dbmigrate.cli.fleet": 4, "dbmigrate.__main__": 4, "dbmigrate.watch": 4, "blocks": 4, "blocks.sync": 4,
+    "blocks.alerts": 4, "blocks.fleet": 4, "stack": 4, "stack.processes": 4, "stack.provision": 4, "stack.tenants": 4,
 }
 
 
@@ -95,14 +95,15 @@ def test_no_import_cycles():
 
 def test_dbmigrate_imports_prefect_only_lazily_where_documented():
     """The plain CLI stays fast: Prefect only for s3-bucket/ storage, --env and `blocks sync` (through
-    blocks), `local up|down|env|status` (the stack) and `run` (the watch)."""
+    blocks), `local up|down|env|status` (the stack), `run` (the watch) and `fleet status` (its block)."""
     for name in (m for m in MODULES if m.startswith("dbmigrate")):
         uses = {k: top for k, top in imports(name).items()
                 if k.split(".")[0] in ("prefect", "prefect_aws", "blocks", "flows", "stack")}
         assert not any(uses.values()), f"{name} imports {uses} at module level"
         if uses:
             assert name in ("dbmigrate.storage", "dbmigrate.cli.environment", "dbmigrate.cli.inspect",
-                            "dbmigrate.cli.local", "dbmigrate.watch"), f"{name} imports {sorted(uses)}"
+                            "dbmigrate.cli.local", "dbmigrate.cli.fleet", "dbmigrate.watch"), \
+                f"{name} imports {sorted(uses)}"
 
 
 FLOW_MODULES = ("flows.migrate", "flows.db_rollback", "flows.maintenance")
