@@ -5,6 +5,8 @@
 #                 db-migrate/development --watch`: its outcome, its report, and the UI address where the run
 #                 history and artifacts are
 #   make test   - install with the dev extras and run the whole test suite against real servers
+# make check runs the fast tier (pytest -m "not slow": pure logic and in-process runs against the session's
+# PostgreSQL, S3 and Prefect API) in a few minutes; make test runs every test, on TEST_WORKERS xdist workers.
 # make e2e runs only the end-to-end test (tests/test_e2e.py: the local stack, the GitHub workflow's step,
 # an approval in the Prefect UI in headless Chromium, a scheduled run); its screenshots go to screenshots/.
 # make down stops the local stack (worker, Prefect server, PostgreSQL); make clean stops it and removes it all.
@@ -18,7 +20,11 @@ ifdef PREFECT_PORT
 export DBMIGRATE_PREFECT_PORT := $(PREFECT_PORT)
 endif
 
-.PHONY: demo down test e2e browser jq install install-dev bench clean
+# xdist workers: the tests mostly wait on servers, so more workers than cores pay (measured on 2 cores)
+TEST_WORKERS ?= 3
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+
+.PHONY: demo down check test e2e browser jq install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,8 +69,11 @@ jq:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; } || \
 	  echo "no jq here: the tests of the GitHub workflow's steps will fail"
 
+check: install-dev jq
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_PARALLEL)
+
 test: install-dev browser jq
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 e2e: install-dev browser
 	$(BIN)/python -m pytest tests/test_e2e.py
