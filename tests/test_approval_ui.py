@@ -16,7 +16,7 @@ import socket
 import pytest
 
 from tests.browser import SCREENSHOTS, approve_in_ui, require_browser, show_artifact
-from tests.helpers import SAMPLE_CONFIG, fingerprint_of, libpq_url, reports_in, save_environment
+from tests.helpers import SAMPLE_CONFIG, fingerprint_of, reports_in, sample_at, save_environment
 from tests.prefect_server import PrefectServer
 from tests.test_orchestration import deployed, final, flow_run, run_log, start_run, wait_for, working
 
@@ -38,9 +38,9 @@ def worker(server, tmp_path):
 
 
 @pytest.fixture
-def paused(server, worker, target, cli, tmp_path):
+def paused(server, worker, target, pg_cluster, tmp_path):
     """A production run of the sample project from 0004 (to head, 0006), paused for approval."""
-    assert cli("upgrade", "-r", "0004", "--yes", env={"DATABASE_URL": libpq_url(target)}).returncode == 0
+    sample_at(pg_cluster, "0004", target.database)
     environment = save_environment(target, "production", approval_poll_s=1)
     run_id = start_run(server, environment, str(SAMPLE_CONFIG))
     wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")

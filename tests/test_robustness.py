@@ -18,7 +18,7 @@ from dbmigrate.report import KEPT_UNKNOWN
 from dbmigrate.settings import Settings
 from tests import pgcluster
 from tests.helpers import (SAMPLE_CONFIG, assert_no_canary, fingerprint_of, finish, last_report, libpq_url,
-                           one_line_error, recording_pg_dump, session, sql, start_cli)
+                           one_line_error, recording_pg_dump, sample_at, session, sql, start_cli)
 from tests.pgcluster import CANARY_PASSWORD
 from tests.projects import linear, stock_project
 
@@ -58,9 +58,9 @@ SEVERAL_ROWS = ("alembic_version holds 2 rows: 0003, 0005 (0003 is an ancestor o
 
 
 @pytest.fixture
-def two_rows(cli, url, target):
+def two_rows(pg_cluster, target):
     """The sample project at 0005 with a second row, 0003, in alembic_version: the state then."""
-    assert cli("upgrade", "-r", "0005", "--yes", env={"DATABASE_URL": url}).returncode == 0
+    sample_at(pg_cluster, "0005", target.database)
     sql(target, "INSERT INTO alembic_version VALUES ('0003')")
     return fingerprint_of(target)
 
@@ -295,8 +295,8 @@ def test_sigkill_mid_revision_the_orphaned_statement_ends_soon(cli, url, target,
 
 
 @pytest.mark.parametrize("args", [["status"], ["upgrade", "--yes", "--lock-timeout", "1"]])
-def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url, target, home):
-    assert cli("upgrade", "-r", "0001", "--yes", env={"DATABASE_URL": url}).returncode == 0
+def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url, target, home, pg_cluster):
+    sample_at(pg_cluster, "0001", target.database)
     before = fingerprint_of(target)
     with session(target) as blocker:
         blocker.execute("SET application_name = 'the-blocker'")
