@@ -56,7 +56,7 @@ demo: install
 down:
 	$(BIN)/dbmigrate local down
 
-# Debian's Chromium, for the tests that drive the Prefect UI (tests/browser.py). Where it cannot be
+# Debian's Chromium, for the tests that drive the Prefect UI (tests/support/browser.py). Where it cannot be
 # installed (not root, no apt-get) those tests are skipped, saying why.
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \

@@ -31,7 +31,7 @@ from pathlib import Path
 import psycopg
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # for tests.pgcluster / tests.conftest helpers
+sys.path.insert(0, str(REPO))  # the checkout's dbmigrate, installed or not
 
 from dbmigrate import local, pgtools  # noqa: E402
 from dbmigrate.backup import compression_for  # noqa: E402

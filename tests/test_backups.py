@@ -12,7 +12,7 @@ from dbmigrate import backup, catalogue, db, restore
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import BackupUnreadable, ConfigError, DumpFailed, RestoreFailed, StorageFailed
 from dbmigrate.storage import LocalStorage
-from tests.helpers import fill, fingerprint_of, session, sql
+from tests.support.helpers import fill, fingerprint_of, session, sql
 
 
 def stamp(target, revision: str) -> None:
@@ -177,8 +177,8 @@ def test_s3_endpoint_going_away_mid_upload(target):
     from moto.server import ThreadedMotoServer
 
     from dbmigrate.storage import S3Storage
-    from tests.helpers import s3_bucket_block
-    from tests.pgcluster import free_port
+    from tests.support.helpers import s3_bucket_block
+    from tests.support.pgcluster import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

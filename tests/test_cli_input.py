@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 
-from tests.helpers import (Untouched, fingerprint_of, last_report, one_line_error, reports_in, run_on_a_terminal,
-                           sample_at, scalar, sql, stderr_lines)
-from tests.projects import linear, stock_project
+from tests.support.helpers import (Untouched, fingerprint_of, last_report, one_line_error, reports_in, run_on_a_terminal,
+                                   sample_at, scalar, sql, stderr_lines)
+from tests.support.projects import linear, stock_project
 
 
 @pytest.fixture
@@ -280,7 +280,7 @@ def test_the_requester_may_not_approve_where_the_policy_says_so(cli, environment
 
 
 def test_on_a_terminal_the_approver_gives_a_name(environment, prefect_api, target, at_0005, home):
-    from tests.pgcluster import environ_without_db
+    from tests.support.pgcluster import environ_without_db
 
     environment("production", cli_changes_allowed=True)
     env = {**environ_without_db(), "PREFECT_API_URL": prefect_api, "DBMIGRATE_HOME": str(home)}

@@ -11,16 +11,20 @@ import pytest
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
-from tests.helpers import (
+from tests.support.helpers import (
     REPO,
     assert_no_canary,
     fingerprint_of,
     last_report,
     reports_in,
     save_environment,
+    wait_until,
 )
-from tests.prefect_server import PrefectServer, prefect, wait_until
-from tests.projects import linear, stock_project
+from tests.support.prefect_server import PrefectServer, prefect
+from tests.support.projects import linear, stock_project
+
+# Its own Prefect servers (the tests that use them are slow): one worker runs the module (--dist loadgroup).
+pytestmark = [pytest.mark.xdist_group("prefect-server-deployments")]
 
 CREATE_T1 = "op.create_table('t1', sa.Column('id', sa.Integer))"
 
@@ -98,6 +102,7 @@ def log_of(flow_run_id) -> list[str]:
         return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
 
 
+@pytest.mark.slow
 def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(deployed, environment, target, home, tmp_path):
     """`prefect deploy --all` from prefect.yaml, `prefect deployment run` as the GitHub workflow calls it,
     and a process worker of the `dbmigrate` pool running the flow from this checkout."""
@@ -138,6 +143,7 @@ def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(deployed, en
     assert not [line for line in logs if "Traceback" in line or "unexpected exception" in line], logs
 
 
+@pytest.mark.slow
 def test_a_worker_without_its_checkout_fails_the_run_naming_the_variable(deployed, environment, target, home,
                                                                         tmp_path):
     """DBMIGRATE_CHECKOUT unset, or naming a directory that is not the checkout: the run ends Failed
@@ -169,6 +175,7 @@ def test_a_worker_without_its_checkout_fails_the_run_naming_the_variable(deploye
     assert fingerprint_of(target) == before and not reports_in(home)
 
 
+@pytest.mark.slow
 def test_the_scheduler_creates_the_nightly_runs_and_a_worker_runs_one(target, tmp_path):
     """A real `prefect server start` from this project's environment (SQLAlchemy 2.0: on 2.1 the
     scheduler fails every loop with "Can't evaluate bulk DML statement" and no run is ever created),

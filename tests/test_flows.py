@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from tests.helpers import assert_no_canary, fingerprint_of, last_report, open_to_others, reports_in, sql
-from tests.pgcluster import CANARY_PASSWORD, free_port
-from tests.projects import BEST_EFFORT_INDEX, DUPLICATES, linear, stock_project
+from tests.support.helpers import assert_no_canary, fingerprint_of, last_report, open_to_others, reports_in, sql
+from tests.support.pgcluster import CANARY_PASSWORD, free_port
+from tests.support.projects import BEST_EFFORT_INDEX, DUPLICATES, linear, stock_project
 
 CREATE = "op.create_table('{0}', sa.Column('id', sa.Integer, primary_key=True))"
 DROP = "op.drop_table('{0}')"
@@ -172,7 +172,7 @@ def test_unreachable_s3_retries_the_backup_then_fails_before_migrating(environme
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from tests.helpers import s3_bucket_block
+    from tests.support.helpers import s3_bucket_block
 
     dead = s3_bucket_block(f"http://127.0.0.1:{free_port()}", "gone", client_config={"retries": {"max_attempts": 1}})
     dead.save("dead-bucket", overwrite=True)
@@ -232,7 +232,7 @@ def test_the_canary_password_appears_nowhere(environment, target, home, tmp_path
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter
 
-    from tests.helpers import recording_pg_dump
+    from tests.support.helpers import recording_pg_dump
 
     shim_dir, argv_log = recording_pg_dump(target, tmp_path)
     ini = str(stock_project(tmp_path / "project", linear(table_step("t1"))))
@@ -478,7 +478,7 @@ def test_db_backup_to_an_s3_bucket_block_prunes_but_keeps_the_newest_verified(en
     from dbmigrate import catalogue
     from dbmigrate.storage import S3Storage
     from dbmigrate.target import DatabaseTarget
-    from tests.helpers import s3_bucket_block
+    from tests.support.helpers import s3_bucket_block
 
     block = s3_bucket_block(s3_endpoint, "nightly-" + uuid.uuid4().hex[:8], "db")
     storage = S3Storage.from_block(block)
@@ -647,7 +647,7 @@ def run_in_engine_process(prefect_api: str, entrypoint: str, **parameters):
     from prefect.client.orchestration import get_client
     from prefect.flows import load_flow_from_entrypoint
 
-    from tests.helpers import REPO
+    from tests.support.helpers import REPO
 
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(load_flow_from_entrypoint(str(REPO / entrypoint)), parameters=parameters)
@@ -761,7 +761,7 @@ def test_the_report_artifact_holds_the_whole_report_and_where_it_is(environment,
     import uuid
 
     from dbmigrate.storage import S3Storage
-    from tests.helpers import s3_bucket_block
+    from tests.support.helpers import s3_bucket_block
 
     def fetch(flow_run_id, key: str) -> str:
         from prefect.client.orchestration import get_client
@@ -804,7 +804,7 @@ def test_lock_retries_of_the_policy_wait_out_a_held_lock_and_show_every_attempt(
                                                                                   tmp_path):
     """The EnvironmentPolicy's schedule: the approval form says how locks are taken, the run
     waits out a table held for 2 s in short attempts, and the report and the artifact list them."""
-    from tests.helpers import held
+    from tests.support.helpers import held
 
     # No backup, no automatic rollback: pg_dump and the fingerprint would queue behind the held lock themselves.
     name = environment("staging", approval_required=True, auto_rollback=False, lock_retry_timeouts_s=[0.1, 0.2, 0.5],

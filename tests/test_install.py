@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, assert_no_canary, fingerprint_of, last_report, one_line_error, scalar, sql
-from tests.pgcluster import environ_without_db
-from tests.prefect_server import wait_until
-from tests.projects import linear, stock_project
-from tests.test_scratch import scratch_databases
+from tests.support.helpers import (REPO, assert_no_canary, fingerprint_of, last_report, one_line_error, scalar,
+                                   scratch_databases, sql, wait_until)
+from tests.support.pgcluster import environ_without_db
+from tests.support.projects import linear, stock_project
+
+# The application's virtualenv, built once: one worker runs the module (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("application-venv")]
 
 TABLE = "op.create_table('t', sa.Column('id', sa.Integer, primary_key=True))"
 EXTRA = "pip install 'dbmigrate[prefect]'"

@@ -8,9 +8,9 @@ import pytest
 
 from dbmigrate import drift
 from dbmigrate.settings import Settings
-from tests.helpers import fingerprint_of, last_report, libpq_url, one_line_error, reports_in, scalar, sql
-from tests.projects import linear, stock_project
-from tests.test_rehearsal import ROWS, TABLE, at_r1_with_rows, scratch_databases
+from tests.support.helpers import (fingerprint_of, last_report, libpq_url, one_line_error, reports_in, scalar,
+                                   scratch_databases, sql)
+from tests.support.projects import ROWS, TABLE, at_r1_with_rows, linear, stock_project
 
 # A data fix on a connection of its own, from the application's URL (the README's shape for DATABASE_URL);
 # run twice, it shows: the three rows' n go down by 1000 each time.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import fingerprint_of, last_report, one_line_error, sql
-from tests.projects import linear, stock_project
+from tests.support.helpers import fingerprint_of, last_report, one_line_error, sql
+from tests.support.projects import linear, stock_project
 
 TABLE = "op.create_table('t', sa.Column('a', sa.Integer))"
 INDEX = "op.create_index('ix_t_a', 't', ['a'])"

@@ -4,7 +4,7 @@ and 20), on the command line and in the flows."""
 
 import pytest
 
-from tests.helpers import Untouched, fingerprint_of, last_report, sample_at
+from tests.support.helpers import Untouched, fingerprint_of, last_report, sample_at
 
 
 @pytest.fixture(scope="module")

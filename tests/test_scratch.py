@@ -10,10 +10,11 @@ import pytest
 
 from dbmigrate import db
 from dbmigrate.target import DatabaseTarget
-from tests import pgcluster
-from tests.helpers import fill, fingerprint_of, last_report, libpq_url, one_line_error, reports_in, scalar, sql
-from tests.pgcluster import CANARY_PASSWORD
-from tests.projects import linear, stock_project
+from tests.support import pgcluster
+from tests.support.helpers import (fill, fingerprint_of, last_report, libpq_url, one_line_error, reports_in, scalar,
+                                   scratch_databases, sql)
+from tests.support.pgcluster import CANARY_PASSWORD
+from tests.support.projects import linear, stock_project
 
 TABLE = "op.create_table('t', sa.Column('id', sa.Integer, primary_key=True), sa.Column('n', sa.Integer))"
 WIDEN = "op.alter_column('t', 'n', type_=sa.BigInteger)"
@@ -26,10 +27,6 @@ def at_r1_with_rows(tmp_path, cli, target, *steps) -> str:
                env={"DATABASE_URL": libpq_url(target)}).returncode == 0
     sql(target, "INSERT INTO t SELECT g, g FROM generate_series(1, 50) g")
     return ini
-
-
-def scratch_databases(cluster) -> list[str]:
-    return [name for name in cluster.databases() if name.startswith(db.SCRATCH_PREFIX)]
 
 
 # --- item 5: health names only the tool's own leftovers -----------------------------------

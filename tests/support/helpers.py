@@ -20,9 +20,9 @@ import psycopg
 
 from dbmigrate import db, fingerprint
 from dbmigrate.target import DatabaseTarget
-from tests.pgcluster import CANARY_PASSWORD, environ_without_db
+from tests.support.pgcluster import CANARY_PASSWORD, PgCluster, environ_without_db
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_CONFIG = REPO / "alembic.ini"
 SAMPLE_HEAD = "0006"
 
@@ -66,6 +66,16 @@ def fill(target: DatabaseTarget, rows: int) -> None:
     sql(target, "CREATE TABLE payload (id bigint PRIMARY KEY, body text, doc jsonb)")
     sql(target, "INSERT INTO payload SELECT g, md5(random()::text) || md5(random()::text) || md5(random()::text), "
                 "jsonb_build_object('n', random(), 'tag', md5(g::text)) FROM generate_series(1, %s) g", rows)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
+    """``condition()``'s first true value, asked every ``interval`` seconds for up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # --- running dbmigrate -----------------------------------------------------------------
@@ -126,7 +136,6 @@ def _run_in_process(argv: list[str], environ: dict, input: str, cwd: Path) -> su
     too); and afterwards what main() changes for the rest of a process put back: the umask, signal
     handlers, logging (Alembic's fileConfig), sys.path, the environment, the working directory."""
     import io
-    import logging
     import signal
     import tempfile
 
@@ -278,6 +287,32 @@ def open_to_others(root: Path) -> list[str]:
             if not path.is_symlink() and mode & 0o077:
                 found.append(f"{path.relative_to(root)} {mode:o}")
     return found
+
+
+def scratch_databases(server) -> list[str]:
+    """The scratch databases dbmigrate made (db.SCRATCH_PREFIX) on ``server``: a PgCluster, or a
+    DatabaseTarget on it."""
+    where = server.target("postgres") if isinstance(server, PgCluster) else server
+    return [name for (name,) in sql(where, "SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                                    db.SCRATCH_PREFIX)]
+
+
+# A COPY that lasts: a restore or a replay of LONG_COPY_ROWS rows (fill) is still in IN_COPY (over
+# pg_stat_activity) when a test acts.
+LONG_COPY_ROWS = 300_000
+IN_COPY = "state = 'active' AND query LIKE 'COPY %%FROM stdin%%'"
+
+
+def backend(pg_cluster, database: str, condition: str) -> int | None:
+    """A backend of ``database`` matching ``condition`` (SQL over pg_stat_activity), once there is one."""
+    rows = sql(pg_cluster.target("postgres"), "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+               f"AND pid <> pg_backend_pid() AND {condition}", database)
+    return rows[0][0] if rows else None
+
+
+def sleeping_backend(pg_cluster, database: str) -> int | None:
+    """The backend running a slow revision's pg_sleep, once it is running."""
+    return backend(pg_cluster, database, "query LIKE '%%pg_sleep%%'")
 
 
 def reports_in(home: Path) -> list[Path]:

@@ -13,8 +13,8 @@ import psutil
 from sqlalchemy.engine import URL
 
 from dbmigrate.target import DRIVER, DatabaseTarget
-from tests.helpers import run_cli
-from tests.pgcluster import free_port
+from tests.support.helpers import run_cli
+from tests.support.pgcluster import free_port
 
 
 class Stack:
@@ -24,7 +24,8 @@ class Stack:
         self.outputs: list[str] = []
 
     def cli(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        result = run_cli(self.home, *args, env=env)
+        """dbmigrate as a process: `local up` leaves processes behind, and the rest talk to the stack's API."""
+        result = run_cli(self.home, *args, env=env, process=True)
         self.outputs.append(result.stdout + result.stderr)
         return result
 
@@ -90,7 +91,7 @@ def running(home: Path) -> Iterator[Stack]:
         except (OSError, ValueError):
             pids = {}
         try:
-            run_cli(home, "local", "down")
+            run_cli(home, "local", "down", process=True)
         finally:
             for pid in pids.values():  # whatever down could not stop
                 if alive(pid):
