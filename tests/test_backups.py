@@ -158,9 +158,10 @@ def test_disk_full_removes_the_partial_file(target, tmp_path):
 
 
 def pg_dump_processes():
+    """This process's pg_dump children: other xdist workers (and anything else on the machine) run their own."""
     import psutil
 
-    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "pg_dump"]
+    return [p for p in psutil.Process().children(recursive=True) if p.name() == "pg_dump"]
 
 
 def test_missing_bucket_fails_before_anything_is_stored(s3_storage, target):

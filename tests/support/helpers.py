@@ -134,7 +134,8 @@ def _run_in_process(argv: list[str], environ: dict, input: str, cwd: Path) -> su
     """`dbmigrate.cli.main(argv)` as the process would run it: ``environ`` as os.environ, ``cwd``, ``input``
     on stdin, stdout and stderr captured at the file descriptors (a subprocess of env.py writes there
     too); and afterwards what main() changes for the rest of a process put back: the umask, signal
-    handlers, logging (Alembic's fileConfig), sys.path, the environment, the working directory."""
+    handlers, logging (Alembic's fileConfig), sys.path, the environment, the working directory. As in a
+    new process, boto3's default session (and the credentials it found) starts afresh."""
     import io
     import signal
     import tempfile
@@ -147,6 +148,8 @@ def _run_in_process(argv: list[str], environ: dict, input: str, cwd: Path) -> su
     saved_signals = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     saved_logging = _logging_state()
     saved_streams = sys.stdin, sys.stdout, sys.stderr
+    if "boto3" in sys.modules:  # a process starts without boto3's default session, which caches credentials
+        sys.modules["boto3"].DEFAULT_SESSION = None
     for stream in saved_streams[1:]:
         stream.flush()
     saved_fds = {fd: os.dup(fd) for fd in (0, 1, 2)}
