@@ -409,6 +409,7 @@ def test_a_schema_migrated_by_its_own_role_has_no_drift_for_the_superuser(target
         assert drift.find(target, settings).findings == []
 
 
+@pytest.mark.slow  # CKAN's 110 revisions, then their replay
 def test_a_real_projects_chain_run_as_shipped_by_its_own_role_has_no_drift(target, tmp_path, db_name):
     """CKAN's Alembic chain (110 revisions, from the ckan package the dev extra pins) run as shipped by
     the role that owns CKAN's database, as CKAN's install guide sets it up; drift, run by the superuser,
