@@ -129,7 +129,7 @@ def test_production_through_the_applications_dbmigrate_is_linted_approved_in_the
     from prefect.flow_runs import resume_flow_run
 
     from flows.migrate import db_migrate
-    from tests.test_flows import _wait_for_approval_form
+    from tests.support.flows import wait_for_approval_form
 
     name = environment("production")
     executable, argv_log = wrapped(app_venv, tmp_path, newer=True)
@@ -149,7 +149,7 @@ def test_production_through_the_applications_dbmigrate_is_linted_approved_in_the
     seen = {}
 
     def approve_once_r2_is_deployed():
-        _wait_for_approval_form(seen)
+        wait_for_approval_form(seen)
         later.rename(r2)
         resume_flow_run(seen["run"].id, run_input={"decision": "approve", "approver": "Alice"})
 
@@ -189,7 +189,7 @@ def test_the_applications_dbmigrate_rehearses_on_the_policys_scratch_server_its_
         app_venv, environment, pg_cluster, tmp_path):
     from blocks import DatabaseCredentials
     from flows.migrate import db_migrate
-    from tests.test_flows import run_logs
+    from tests.support.flows import run_logs
 
     role, password = f"scratch_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     sql(pg_cluster.target("postgres"), f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'")

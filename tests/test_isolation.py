@@ -167,7 +167,7 @@ def test_the_flow_rehearses_a_data_fix_on_the_copy_and_shows_why_it_has_no_sql(
     from prefect.flow_runs import resume_flow_run
 
     from flows.artifacts import readable_sql
-    from tests.test_flows import _wait_for_approval_form, run_flow
+    from tests.support.flows import run_flow, wait_for_approval_form
 
     ini = at_r1_with_rows(tmp_path, cli, url, target, OWN_CONNECTION)
     monkeypatch.setenv("APP_DB_URL", url)
@@ -175,7 +175,7 @@ def test_the_flow_rehearses_a_data_fix_on_the_copy_and_shows_why_it_has_no_sql(
     seen = {}
 
     def approve() -> None:
-        _wait_for_approval_form(seen)
+        wait_for_approval_form(seen)
         seen["fixed_before_approval"] = scalar(target, FIXED)
         resume_flow_run(seen["run"].id, run_input={"decision": "approve", "approver": "Ann"})
 

@@ -139,14 +139,14 @@ def test_the_flow_rehearses_production_and_shows_it_on_the_approval_page(environ
     from prefect.flow_runs import resume_flow_run
 
     from flows import recovery
-    from tests.test_flows import _wait_for_approval_form, run_flow
+    from tests.support.flows import run_flow, wait_for_approval_form
 
     ini = at_r1_with_rows(tmp_path, cli, url, target, WIDEN)
     name = environment("production", lint_blocks=False)  # the lint would stop it first
     seen = {}
 
     def approve() -> None:
-        _wait_for_approval_form(seen)
+        wait_for_approval_form(seen)
         seen["journal"] = recovery.read(name)  # what the worker would say of this run, were it lost now
         resume_flow_run(seen["run"].id, run_input={"decision": "approve", "approver": "Ann"})
 
@@ -170,7 +170,7 @@ def test_the_flow_rehearses_production_and_shows_it_on_the_approval_page(environ
 
 def test_a_production_run_whose_rehearsal_fails_asks_nobody_and_changes_nothing(environment, target, home,
                                                                                  tmp_path, cli, url):
-    from tests.test_flows import artifact, run_flow
+    from tests.support.flows import artifact, run_flow
 
     ini = at_r1_with_rows(tmp_path, cli, url, target, NOT_NULL)
     before = fingerprint_of(target)

@@ -211,7 +211,7 @@ def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a
 def test_the_production_policy_checks_createdb_before_the_backup_and_rehearses_on_its_scratch_server_block(
         prefect_api, least_privileged, scratch_cluster, pg_cluster, home, cli, tmp_path, monkeypatch):
     from blocks import DatabaseCredentials, EnvironmentPolicy, environments
-    from tests.test_flows import run_flow, run_named
+    from tests.support.flows import run_flow, run_named
 
     monkeypatch.setenv("DBMIGRATE_HOME", str(home))
     target, role = least_privileged, least_privileged.url.username

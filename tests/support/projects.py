@@ -143,3 +143,12 @@ def at_r1_with_rows(tmp_path, cli, url, target, *steps, transaction_per_migratio
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
     sql(target, "INSERT INTO t SELECT g, g FROM generate_series(1, %s) g", ROWS)
     return ini
+
+
+# A table per revision, created up and dropped down: table_step("t1") is such a revision's pair of bodies.
+CREATE = "op.create_table('{0}', sa.Column('id', sa.Integer, primary_key=True))"
+DROP = "op.drop_table('{0}')"
+
+
+def table_step(name: str) -> tuple[str, str]:
+    return CREATE.format(name), DROP.format(name)
