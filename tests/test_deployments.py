@@ -20,7 +20,7 @@ from tests.support.helpers import (
     save_environment,
     wait_until,
 )
-from tests.support.prefect_server import PrefectServer, prefect
+from tests.support.prefect_server import PrefectServer, client_pointed_at, prefect
 from tests.support.projects import linear, stock_project
 
 # Its own Prefect servers (the tests that use them are slow): one worker runs the module (--dist loadgroup).
@@ -183,7 +183,6 @@ def test_the_scheduler_creates_the_nightly_runs_and_a_worker_runs_one(target, tm
     `prefect deploy`) create its nightly runs; a run the scheduler makes due now, a worker completes."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.schedules import IntervalSchedule
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     home = tmp_path / "prefect-home"
     home.mkdir()
@@ -191,7 +190,7 @@ def test_the_scheduler_creates_the_nightly_runs_and_a_worker_runs_one(target, tm
     worker = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(tmp_path / "state"))
     server.start()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with client_pointed_at(server.api_url):
             prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", cwd=REPO)
             prefect(server, "deploy", "--name", "development-health", cwd=REPO)
             save_environment(target, "development")

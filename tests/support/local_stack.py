@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL
 from dbmigrate.target import DRIVER, DatabaseTarget
 from tests.support.helpers import run_cli
 from tests.support.pgcluster import free_port
+from tests.support.prefect_server import client_pointed_at
 
 
 class Stack:
@@ -51,11 +52,10 @@ class Stack:
     @contextmanager
     def talking_to(self) -> Iterator[None]:
         """This process's Prefect client pointed at the stack."""
-        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING
 
         env = self.client_env
-        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"],
-                                         PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}):
+        with client_pointed_at(env["PREFECT_API_URL"], **{PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}):
             yield
 
     @property

@@ -164,14 +164,35 @@ DEPLOYMENTS = ("development", "staging", "production", "staging-rollback")
 
 
 @contextmanager
+def client_pointed_at(api_url: str, **settings):
+    """This process's Prefect client pointed at another API for a while (``settings``: more Prefect
+    settings, by their objects). Prefect keeps one events worker and one log worker per process, bound
+    to the API that was current when they started: both are drained and dropped on the way in and out,
+    so none outlives its server (a later test's flow would send its task runs there) or follows the
+    harness in."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    def drain() -> None:
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
+
+    drain()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url, **settings}):
+            yield
+    finally:
+        drain()
+
+
+@contextmanager
 def deployed(server: PrefectServer):
     """The server started, with the dbmigrate pool and prefect.yaml's deployments the tests run;
     the test's Prefect client pointed at it."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     server.start()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with client_pointed_at(server.api_url):
             prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
             prefect(server, "deploy", *(f"--name={name}" for name in DEPLOYMENTS), cwd=REPO)
             yield server
