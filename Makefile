@@ -20,9 +20,9 @@ ifdef PREFECT_PORT
 export DBMIGRATE_PREFECT_PORT := $(PREFECT_PORT)
 endif
 
-# xdist workers: the tests mostly wait on servers, so more workers than cores pay: on 2 cores (loaded by
-# other jobs) the whole suite took 24.5 min with -n 4, against 33 min on one; -n 3 lost the slot-timing
-# assertions of test_orchestration there. TEST_WORKERS=N to change it.
+# xdist workers: the tests mostly wait on servers, so more workers than cores pay: on this 2-core machine,
+# while other jobs loaded it (load 12), the whole suite took 24.5 min with -n 4 (serially, on CI: 33 min).
+# TEST_WORKERS=N to change it.
 TEST_WORKERS ?= 4
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
 
