@@ -31,7 +31,7 @@ from pathlib import Path
 import psycopg
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # for tests.pgcluster / tests.conftest helpers
+sys.path.insert(0, str(REPO))  # the checkout's dbmigrate, installed or not
 
 from dbmigrate import local, pgtools  # noqa: E402
 from dbmigrate.backup import compression_for  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> int:
 
     from moto.server import ThreadedMotoServer
 
-    from tests.pgcluster import free_port
+    from dbmigrate.local import free_port
 
     work = Path(tempfile.mkdtemp(prefix="dbmigrate-bench-"))
     home = work / "home"
@@ -208,12 +208,15 @@ def dbmigrate_s3_block(endpoint: str, env: dict) -> tuple[float, int]:
     """A backup to S3 through a prefect-aws S3Bucket block built in-process (no Prefect API
     needed), as the flows take it: the same streaming code plus `import prefect_aws`."""
     script = (
-        "import sys, os\n"
-        "sys.path.insert(0, os.getcwd())\n"
-        "from tests.conftest import s3_bucket_block\n"
+        "import os\n"
+        "from prefect_aws import AwsCredentials, S3Bucket\n"
+        "from prefect_aws.client_parameters import AwsClientParameters\n"
         "from dbmigrate import backup, target\n"
         "from dbmigrate.storage import S3Storage\n"
-        f"storage = S3Storage.from_block(s3_bucket_block({endpoint!r}, 'bench', 'block'))\n"
+        "credentials = AwsCredentials(aws_access_key_id='bench', aws_secret_access_key='bench', "
+        f"region_name='us-east-1', aws_client_parameters=AwsClientParameters(endpoint_url={endpoint!r}))\n"
+        "block = S3Bucket(bucket_name='bench', credentials=credentials, bucket_folder='block')\n"
+        "storage = S3Storage.from_block(block)\n"
         "t = target.parse_url(os.environ['DATABASE_URL'], 'bench')\n"
         "backup.take(t, storage)\n" + PEAK_RSS
     )

@@ -1,6 +1,6 @@
 """The fixtures: a real PostgreSQL on loopback, a fresh database per test, and a `cli`
-runner that executes the installed command line and checks every output for the canary
-password. Plain helpers are in tests/helpers.py."""
+runner that runs the command line (in this process, or as `python -m dbmigrate`) and checks
+every output for the canary password. What else the tests share is in tests/support/."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dbmigrate.target import DatabaseTarget
-from tests import local_stack, pgcluster
-from tests.helpers import libpq_url, run_cli, s3_bucket_block, save_environment
+from tests.support import local_stack, pgcluster
+from tests.support.helpers import libpq_url, run_cli, s3_bucket_block, save_environment
 
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
@@ -49,7 +49,8 @@ def home(tmp_path) -> Path:
 
 @pytest.fixture
 def cli(home):
-    """Run `python -m dbmigrate ARGS` from the repository root, as a user would (run_cli)."""
+    """Run `dbmigrate ARGS` from the repository root, as a user would (run_cli: in this process unless
+    the test asks for a process)."""
     return functools.partial(run_cli, home)
 
 

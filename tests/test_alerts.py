@@ -19,10 +19,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.helpers import REPO, assert_no_canary, fingerprint_of, save_environment, sql
-from tests.pgcluster import CANARY_PASSWORD
-from tests.prefect_server import PrefectServer, Worker, prefect, wait_until
-from tests.projects import linear, stock_project
+from tests.support.helpers import (REPO, assert_no_canary, fingerprint_of, save_environment, sleeping_backend, sql,
+                                   wait_until)
+from tests.support.pgcluster import CANARY_PASSWORD
+from tests.support.prefect_server import PrefectServer, Worker, final, prefect
+from tests.support.projects import linear, stock_project
+
+# Its own Prefect server: one worker runs the module (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect-server-alerts")]
 
 ENV = "staging"  # prefect.yaml's deployment db-migrate/staging runs the crashed run
 TOKEN = "hook-" + uuid.uuid4().hex  # the webhook URL's secret part: never printed, never in a message
@@ -83,7 +87,7 @@ def alerts(tmp_path_factory, pg_cluster):
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.helpers import run_cli
+    from tests.support.helpers import run_cli
 
     server = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
     listener = Listener()
@@ -302,8 +306,6 @@ def test_a_crashed_run_alerts(alerts, target, tmp_path, pg_cluster, db_name):
     """The flow-run process SIGKILLed mid-revision: it emits nothing, Prefect's Crashed events alert, twice for a
     run that held the environment (Prefect's crash, then flows.recovery's final state naming the phase)."""
     from prefect.client.orchestration import get_client
-
-    from tests.test_orchestration import final, sleeping_backend
 
     ini = str(stock_project(tmp_path, linear(f"{SLEEP}; op.create_table('t1', sa.Column('id', sa.Integer))")))
     save_environment(target, ENV)

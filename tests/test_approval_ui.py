@@ -1,12 +1,12 @@
 """Approval as the approver sees it: a production db-migrate run from the deployment,
 on a real `prefect server start` and a process worker, paused for approval and answered
-in the Prefect UI in headless Chromium (tests/browser.py), once in each of Prefect's UIs.
+in the Prefect UI in headless Chromium (tests/support/browser.py), once in each of Prefect's UIs.
 
 What is checked is what a person sees: the paused run's state message, the form's fields
 (required or not), its text (the revision reached, each revision, the SQL, nothing cut
 off), then what the answer did: the database, the run's final state, the log line naming
 who answered, the report's approval and the summary artifact. Screenshots of each step
-are left in tests/browser.SCREENSHOTS (``screenshots/`` by default) for a reviewer."""
+are left in tests/support/browser.SCREENSHOTS (``screenshots/`` by default) for a reviewer."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import socket
 
 import pytest
 
-from tests.browser import SCREENSHOTS, approve_in_ui, require_browser, show_artifact
-from tests.helpers import SAMPLE_CONFIG, fingerprint_of, libpq_url, reports_in, save_environment
-from tests.prefect_server import PrefectServer
-from tests.test_orchestration import deployed, final, flow_run, run_log, start_run, wait_for, working
+from tests.support.browser import SCREENSHOTS, approve_in_ui, require_browser, show_artifact
+from tests.support.helpers import SAMPLE_CONFIG, fingerprint_of, reports_in, sample_at, save_environment, wait_until
+from tests.support.prefect_server import PrefectServer, deployed, final, flow_run, run_log, start_run, working
+
+# Its own Prefect server and a browser: one worker runs the module (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect-server-approval-ui")]
 
 WAITING = ("waiting for approval of 0004 → 0006 in production: click Resume on this run in the Prefect UI, "
            "choose approve or reject, give your name")
@@ -38,12 +40,12 @@ def worker(server, tmp_path):
 
 
 @pytest.fixture
-def paused(server, worker, target, cli, tmp_path):
+def paused(server, worker, target, pg_cluster, tmp_path):
     """A production run of the sample project from 0004 (to head, 0006), paused for approval."""
-    assert cli("upgrade", "-r", "0004", "--yes", env={"DATABASE_URL": libpq_url(target)}).returncode == 0
+    sample_at(pg_cluster, "0004", target.database)
     environment = save_environment(target, "production", approval_poll_s=1)
     run_id = start_run(server, environment, str(SAMPLE_CONFIG))
-    wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")
+    wait_until(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")
     return run_id
 
 
@@ -53,7 +55,7 @@ def ui_address(server: PrefectServer) -> str:
 
 def logs_say(run_id: str, *messages: str) -> bool:
     """The run's log holds these lines (once the flow-run process has sent its last logs)."""
-    return wait_for(lambda: set(messages) <= {line.split(" ", 1)[1] for line in run_log(run_id).splitlines()}, 30,
+    return wait_until(lambda: set(messages) <= {line.split(" ", 1)[1] for line in run_log(run_id).splitlines()}, 30,
                     f"the log lines {messages}")
 
 

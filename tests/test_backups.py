@@ -12,7 +12,7 @@ from dbmigrate import backup, catalogue, db, restore
 from dbmigrate.backup import DumpOptions
 from dbmigrate.errors import BackupUnreadable, ConfigError, DumpFailed, RestoreFailed, StorageFailed
 from dbmigrate.storage import LocalStorage
-from tests.helpers import fill, fingerprint_of, last_report, reports_in, scalar, session, sql
+from tests.support.helpers import fill, fingerprint_of, last_report, reports_in, scalar, session, sql
 
 
 def stamp(target, revision: str) -> None:
@@ -158,9 +158,10 @@ def test_disk_full_removes_the_partial_file(target, tmp_path):
 
 
 def pg_dump_processes():
+    """This process's pg_dump children: other xdist workers (and anything else on the machine) run their own."""
     import psutil
 
-    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "pg_dump"]
+    return [p for p in psutil.Process().children(recursive=True) if p.name() == "pg_dump"]
 
 
 def test_missing_bucket_fails_before_anything_is_stored(s3_storage, target):
@@ -177,8 +178,8 @@ def test_s3_endpoint_going_away_mid_upload(target):
     from moto.server import ThreadedMotoServer
 
     from dbmigrate.storage import S3Storage
-    from tests.helpers import s3_bucket_block
-    from tests.pgcluster import free_port
+    from tests.support.helpers import s3_bucket_block
+    from tests.support.pgcluster import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from tests.helpers import one_line_error
-from tests.pgcluster import CANARY_PASSWORD
+from tests.support.helpers import one_line_error
+from tests.support.pgcluster import CANARY_PASSWORD
 
 AWS_SECRET = "aws-" + CANARY_PASSWORD  # holds the canary: the cli fixture fails on any output showing it
 
@@ -85,7 +85,7 @@ def test_sync_creates_a_bucket_pair_that_backups_go_to(sync, cli, target, prefec
     s3-bucket/<env>-backups by a run; a second sync finds all three unchanged."""
     from prefect_aws import S3Bucket
 
-    from tests.helpers import s3_bucket_block
+    from tests.support.helpers import s3_bucket_block
 
     name = "env-" + uuid.uuid4().hex[:8]
     bucket = "sync-" + uuid.uuid4().hex[:8]

@@ -16,8 +16,8 @@ from dbmigrate import backup, catalogue
 from dbmigrate.errors import ConfigError
 from dbmigrate.storage import LocalStorage
 from dbmigrate.target import DatabaseTarget
-from tests.helpers import one_line_error, sql
-from tests.pgcluster import free_port
+from tests.support.helpers import one_line_error, sql
+from tests.support.pgcluster import free_port
 
 
 def small_table(target, rows: int = 20) -> None:

@@ -9,14 +9,14 @@ import uuid
 
 import pytest
 
-from tests.helpers import (Untouched, fingerprint_of, last_report, one_line_error, reports_in, run_on_a_terminal,
-                           scalar, sql, stderr_lines)
-from tests.projects import linear, stock_project
+from tests.support.helpers import (Untouched, fingerprint_of, last_report, one_line_error, reports_in, run_on_a_terminal,
+                                   sample_at, scalar, sql, stderr_lines)
+from tests.support.projects import linear, stock_project
 
 
 @pytest.fixture
-def at_0002(cli, url, target):
-    assert cli("upgrade", "-r", "0002", "--yes", env={"DATABASE_URL": url}).returncode == 0
+def at_0002(pg_cluster, target):
+    sample_at(pg_cluster, "0002", target.database)
     return fingerprint_of(target)
 
 
@@ -189,8 +189,8 @@ def test_an_unreadable_table_is_named_by_the_backup(cli, target, home):
 # --- item 5: the environment's policy on the command line --------------------------------
 
 @pytest.fixture
-def at_0005(cli, url, target):
-    assert cli("upgrade", "-r", "0005", "--yes", env={"DATABASE_URL": url}).returncode == 0
+def at_0005(pg_cluster, target):
+    sample_at(pg_cluster, "0005", target.database)
     return fingerprint_of(target)
 
 
@@ -280,7 +280,7 @@ def test_the_requester_may_not_approve_where_the_policy_says_so(cli, environment
 
 
 def test_on_a_terminal_the_approver_gives_a_name(environment, prefect_api, target, at_0005, home):
-    from tests.pgcluster import environ_without_db
+    from tests.support.pgcluster import environ_without_db
 
     environment("production", cli_changes_allowed=True)
     env = {**environ_without_db(), "PREFECT_API_URL": prefect_api, "DBMIGRATE_HOME": str(home)}

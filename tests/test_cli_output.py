@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.helpers import sql, stderr_lines
+from tests.support.helpers import sql, stderr_lines
 
 
 @pytest.mark.parametrize("args", [["status", "--json"], ["status"], ["heads", "--json"], ["local", "status"]],

@@ -12,16 +12,20 @@ import yaml
 from prefect.flows import load_flow_from_entrypoint
 
 from dbmigrate.policy import ENVIRONMENTS
-from tests.helpers import (
+from tests.support.helpers import (
     REPO,
     assert_no_canary,
     fingerprint_of,
     last_report,
     reports_in,
     save_environment,
+    wait_until,
 )
-from tests.prefect_server import PrefectServer, prefect, wait_until
-from tests.projects import linear, stock_project
+from tests.support.prefect_server import PrefectServer, client_pointed_at, prefect
+from tests.support.projects import linear, stock_project
+
+# Its own Prefect servers (the tests that use them are slow): one worker runs the module (--dist loadgroup).
+pytestmark = [pytest.mark.xdist_group("prefect-server-deployments")]
 
 CREATE_T1 = "op.create_table('t1', sa.Column('id', sa.Integer))"
 
@@ -99,6 +103,7 @@ def log_of(flow_run_id) -> list[str]:
         return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
 
 
+@pytest.mark.slow
 def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(deployed, environment, target, home, tmp_path):
     """`prefect deploy --all` from prefect.yaml, `prefect deployment run` as the GitHub workflow calls it,
     and a process worker of the `dbmigrate` pool running the flow from this checkout."""
@@ -139,6 +144,7 @@ def test_deploy_all_then_a_worker_runs_what_github_actions_triggers(deployed, en
     assert not [line for line in logs if "Traceback" in line or "unexpected exception" in line], logs
 
 
+@pytest.mark.slow
 def test_a_worker_without_its_checkout_fails_the_run_naming_the_variable(deployed, environment, target, home,
                                                                         tmp_path):
     """DBMIGRATE_CHECKOUT unset, or naming a directory that is not the checkout: the run ends Failed
@@ -170,6 +176,7 @@ def test_a_worker_without_its_checkout_fails_the_run_naming_the_variable(deploye
     assert fingerprint_of(target) == before and not reports_in(home)
 
 
+@pytest.mark.slow
 def test_the_scheduler_creates_the_nightly_runs_and_a_worker_runs_one(target, tmp_path):
     """A real `prefect server start` from this project's environment (SQLAlchemy 2.0: on 2.1 the
     scheduler fails every loop with "Can't evaluate bulk DML statement" and no run is ever created),
@@ -177,7 +184,6 @@ def test_the_scheduler_creates_the_nightly_runs_and_a_worker_runs_one(target, tm
     `prefect deploy`) create its nightly runs; a run the scheduler makes due now, a worker completes."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.schedules import IntervalSchedule
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     home = tmp_path / "prefect-home"
     home.mkdir()
@@ -185,7 +191,7 @@ def test_the_scheduler_creates_the_nightly_runs_and_a_worker_runs_one(target, tm
     worker = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(tmp_path / "state"))
     server.start()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with client_pointed_at(server.api_url):
             prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", cwd=REPO)
             prefect(server, "deploy", "--name", "development-health", cwd=REPO)
             save_environment(target, "development")

@@ -7,8 +7,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.helpers import fingerprint_of, one_line_error, scalar, sql
-from tests.projects import (
+from tests.support.helpers import fingerprint_of, one_line_error, scalar, sql
+from tests.support.projects import (
     BEST_EFFORT_INDEX,
     DUPLICATES,
     PSYCOPG2_FROM_DATABASE_URL,
@@ -243,7 +243,7 @@ def test_health_warns_of_an_invalid_index_naming_its_table(cli, url, target):
 
 
 def test_a_run_that_leaves_an_invalid_index_fails_its_validation(cli, url, target, tmp_path, home):
-    from tests.helpers import last_report
+    from tests.support.helpers import last_report
 
     ini = str(stock_project(tmp_path, linear(DUPLICATES, BEST_EFFORT_INDEX)))
     result = cli("upgrade", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url})
@@ -257,7 +257,7 @@ def test_a_run_that_leaves_an_invalid_index_fails_its_validation(cli, url, targe
 
 
 def test_an_invalid_index_from_before_the_run_does_not_fail_it(cli, url, target, tmp_path, home):
-    from tests.helpers import last_report
+    from tests.support.helpers import last_report
 
     ini = str(stock_project(tmp_path, linear(DUPLICATES, "pass")))
     env = {"DATABASE_URL": url}
@@ -271,7 +271,7 @@ def test_an_invalid_index_from_before_the_run_does_not_fail_it(cli, url, target,
 
 
 def test_an_unreachable_database_is_one_line_and_exit_2(cli):
-    from tests.pgcluster import free_port
+    from tests.support.pgcluster import free_port
 
     failed = cli("drift", "--json", "--timeout", "2",
                  env={"DATABASE_URL": f"postgresql://postgres:x@127.0.0.1:{free_port()}/nowhere"})
@@ -310,7 +310,7 @@ def own_role(target, name: str):
     """A login role that owns ``target``'s database, as an application's install guide sets it up, and
     ``target`` as that role; roles are the cluster's: it is dropped at the end."""
     from dbmigrate.target import DatabaseTarget
-    from tests.pgcluster import CANARY_PASSWORD
+    from tests.support.pgcluster import CANARY_PASSWORD
 
     sql(target, f"CREATE ROLE {name} LOGIN PASSWORD '{CANARY_PASSWORD}'; "
                 f"ALTER DATABASE {target.database} OWNER TO {name}")
@@ -409,6 +409,7 @@ def test_a_schema_migrated_by_its_own_role_has_no_drift_for_the_superuser(target
         assert drift.find(target, settings).findings == []
 
 
+@pytest.mark.slow  # CKAN's 110 revisions, then their replay
 def test_a_real_projects_chain_run_as_shipped_by_its_own_role_has_no_drift(target, tmp_path, db_name):
     """CKAN's Alembic chain (110 revisions, from the ckan package the dev extra pins) run as shipped by
     the role that owns CKAN's database, as CKAN's install guide sets it up; drift, run by the superuser,

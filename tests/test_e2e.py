@@ -4,7 +4,7 @@ set up from variables (`blocks sync --from-env`); the guide's commands as writte
 fails; a production run approved through the Prefect UI in headless Chromium; a db-health run
 created by the server's scheduler and completed by the worker; everything stopped, worker first.
 The tests run in order on one stack. Screenshots of the approval form and the run's summary go to
-screenshots/ (tests/browser.py)."""
+screenshots/ (tests/support/browser.py)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests import browser
-from tests.github_actions import Workflow, event_context, run_job, workspace
-from tests.helpers import REPO, SAMPLE_HEAD, documented_commands, fingerprint_of
-from tests.local_stack import alive, running
-from tests.prefect_server import wait_until
+from tests.support import browser
+from tests.support.github_actions import Workflow, event_context, run_job, workspace
+from tests.support.helpers import REPO, SAMPLE_HEAD, documented_commands, fingerprint_of, wait_until
+from tests.support.local_stack import alive, running
+
+# One local stack at a time: the e2e tests and test_stack run on one worker (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local-stack")]
 
 WORKFLOW = Workflow(REPO / ".github" / "workflows" / "db-migrate.yml")
 APPROVER = "Grace Hopper"

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, fingerprint_of, last_report, one_line_error
-from tests.pgcluster import CANARY_PASSWORD, environ_without_db, free_port
+from tests.support.helpers import REPO, fingerprint_of, last_report, one_line_error
+from tests.support.pgcluster import CANARY_PASSWORD, environ_without_db, free_port
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_a_block_can_name_the_embedded_servers_socket(cli, prefect_api, home):
 
 
 def test_backups_to_an_s3_bucket_block(cli, staging, s3_endpoint, target, home):
-    from tests.helpers import s3_bucket_block
+    from tests.support.helpers import s3_bucket_block
 
     block = s3_bucket_block(s3_endpoint, "staging-backups", "dbmigrate")
     block.credentials.get_s3_client().create_bucket(Bucket="staging-backups")

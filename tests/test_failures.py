@@ -9,9 +9,9 @@ import time
 import pytest
 
 from dbmigrate import guard
-from tests.helpers import Untouched, fingerprint_of, last_report, one_line_error, reports_in, session, sql
-from tests.pgcluster import CANARY_PASSWORD, free_port
-from tests.projects import linear, stock_project
+from tests.support.helpers import Untouched, fingerprint_of, last_report, one_line_error, reports_in, session, sql
+from tests.support.pgcluster import CANARY_PASSWORD, free_port
+from tests.support.projects import linear, stock_project
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +222,8 @@ def test_two_concurrent_upgrades_exactly_one_migrates(url, target, home, tmp_pat
     import subprocess
     import sys
 
-    from tests.helpers import REPO
-    from tests.pgcluster import environ_without_db
+    from tests.support.helpers import REPO
+    from tests.support.pgcluster import environ_without_db
 
     ini = str(stock_project(tmp_path, linear(
         "op.execute('SELECT pg_sleep(3)'); op.create_table('t1', sa.Column('id', sa.Integer, primary_key=True))",

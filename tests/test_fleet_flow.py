@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, assert_no_canary, libpq_url, sql
-from tests.pgcluster import CANARY_PASSWORD
-from tests.prefect_server import PrefectServer, Worker, prefect, wait_until
-from tests.projects import linear, stock_project
+from tests.support.helpers import REPO, assert_no_canary, libpq_url, sql, wait_until
+from tests.support.pgcluster import CANARY_PASSWORD
+from tests.support.prefect_server import PrefectServer, Worker, prefect
+from tests.support.projects import linear, stock_project
 
-pytestmark = pytest.mark.slow  # the tests stream registers the marker (issue 16)
+# Its own Prefect server and workers: one xdist worker runs the module (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect-server-fleet")]
 
 ENVIRONMENTS = ("development", "production")
 FLOWS = ("db-migrate-fleet", "db-migrate-fleet-batch")
@@ -316,7 +317,7 @@ def test_a_production_fleet_pauses_once_after_its_canary_and_a_rejection_leaves_
     from prefect.client.orchestration import get_client
     from prefect.flow_runs import resume_flow_run
 
-    from tests.helpers import fingerprint_of
+    from tests.support.helpers import fingerprint_of
 
     tenants = Tenants(pg_cluster, cli, project, 4, "prod")
     try:

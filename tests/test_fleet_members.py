@@ -11,8 +11,8 @@ import pytest
 
 from dbmigrate import fleet
 from dbmigrate.errors import ConfigError
-from tests.helpers import SAMPLE_CONFIG, SAMPLE_HEAD, libpq_url, one_line_error, save_environment, scalar, sql
-from tests.pgcluster import CANARY_PASSWORD, free_port
+from tests.support.helpers import SAMPLE_CONFIG, SAMPLE_HEAD, libpq_url, one_line_error, save_environment, scalar, sql
+from tests.support.pgcluster import CANARY_PASSWORD, free_port
 
 HOSTILE = 'te"nant \'one\'; drop  x'
 
@@ -236,6 +236,7 @@ def test_blocks_sync_writes_the_fleet_block_from_variables(cli, api_env, env_nam
 
 
 @pytest.mark.slow  # the local stack: `prefect server start`, deployments, a worker
+@pytest.mark.xdist_group("local-stack")  # one local stack at a time (tests/test_e2e.py, tests/test_stack.py)
 def test_local_up_fleet_makes_each_environments_tenants_and_fleet_block(stack):
     up = ["local", "up", "--pg-port", str(stack.pg_port), "--prefect-port", str(stack.prefect_port), "--fleet", "2"]
     first = stack.cli(*up)

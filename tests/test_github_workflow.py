@@ -1,5 +1,5 @@
 """The GitHub workflow (.github/workflows/db-migrate.yml): valid for GitHub, and its own shell
-steps, run as the runner runs them (tests/github_actions.py), against a real `prefect server
+steps, run as the runner runs them (tests/support/github_actions.py), against a real `prefect server
 start` and a process worker running prefect.yaml's deployments. The steps use Prefect's own
 commands (`prefect deployment run`, `prefect flow-run watch|cancel|logs`, `prefect api`) and jq:
 hostile inputs arrive as typed and execute nothing, a good run writes its summary and fetches its
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.github_actions import (
+from tests.support.github_actions import (
     Workflow,
     condition,
     event_context,
@@ -30,11 +30,14 @@ from tests.github_actions import (
     run_job,
     workspace,
 )
-from tests.helpers import REPO, assert_no_canary, documented_commands, fingerprint_of, save_environment, start_cli
-from tests.pgcluster import free_port
-from tests.prefect_server import PrefectServer, Worker, prefect, wait_until
-from tests.projects import linear, stock_project
-from tests.test_orchestration import deployed
+from tests.support.helpers import (REPO, assert_no_canary, documented_commands, fingerprint_of, save_environment, start_cli,
+                                   wait_until)
+from tests.support.pgcluster import free_port
+from tests.support.prefect_server import PrefectServer, Worker, deployed, prefect
+from tests.support.projects import linear, stock_project
+
+# Its own Prefect server (the tests that use it are slow): one worker runs the module (--dist loadgroup).
+pytestmark = [pytest.mark.xdist_group("prefect-server-github-workflow")]
 
 WORKFLOW = Workflow(REPO / ".github" / "workflows" / "db-migrate.yml")
 ENVIRONMENT = "staging"
@@ -108,6 +111,7 @@ def test_the_workflow_runs_deployments_and_parameters_that_exist():
     ("workflow_dispatch", "staging", {}, {"PREFECT_API_URL": "http://127.0.0.1:{port}/api"},
      "Could not connect to API at: http://127.0.0.1:{port}/api"),
 ], ids=["unknown environment", "not a boolean", "not a revision", "no API URL", "API unreachable"])
+@pytest.mark.slow
 def test_bad_input_is_refused_in_one_line_before_any_run(event, environment, inputs, secrets, says, server, tmp_path):
     """Refused by jq, by our one check or by `prefect deployment run` itself: no run, one line saying why."""
     port = free_port()
@@ -201,6 +205,7 @@ def worker_reports(server) -> list[str]:
     return [p.read_text() for p in (server.worker_home / "reports").glob("*.json")]
 
 
+@pytest.mark.slow
 def test_a_hostile_revision_arrives_as_typed_and_executes_nothing(server, staging, target, tmp_path):
     staging()
     marker = tmp_path / "pwned"
@@ -221,6 +226,7 @@ def test_a_hostile_revision_arrives_as_typed_and_executes_nothing(server, stagin
     assert job.output("rollback_to") is None, "nothing changed: nothing to roll back"
 
 
+@pytest.mark.slow
 def test_a_good_run_with_an_all_digit_revision(server, staging, target, tmp_path):
     """`12` reaches the flow as the string "12" (`--param target_revision=12` would send the number);
     the step summary tells the story and the report uploaded is the one the run wrote."""
@@ -243,6 +249,7 @@ def test_a_good_run_with_an_all_digit_revision(server, staging, target, tmp_path
     assert f"]({server.api_url.removesuffix('/api')}/runs/flow-run/{run.id})" in summary, "a link to the run"
 
 
+@pytest.mark.slow
 def test_the_documented_json_forms_send_an_all_digit_revision(server, staging, tmp_path):
     """docs/PREFECT.md "Revision ids that look like JSON": what `prefect deployment run` needs for such a revision."""
     staging(approval_required=True)  # the runs wait for an answer: nothing is changed, and they are cancelled
@@ -263,6 +270,7 @@ def test_the_documented_json_forms_send_an_all_digit_revision(server, staging, t
         wait_until(lambda run_id=run_id: flow_run(run_id).state.is_final(), 90, "the run to be cancelled")
 
 
+@pytest.mark.slow
 def test_a_failed_migration_says_why_and_the_rollback_job_takes_it_back(server, staging, target, tmp_path):
     staging(auto_rollback=False)  # the flow leaves the database where the failure left it
     before = fingerprint_of(target)
@@ -295,6 +303,7 @@ def test_a_failed_migration_says_why_and_the_rollback_job_takes_it_back(server, 
     assert job.output("report").startswith("rollback-reports/")
 
 
+@pytest.mark.slow
 def test_production_without_a_backup_is_refused_by_the_flow(server, target, tmp_path):
     """The workflow does not repeat the policy: the run says why, naming the rule, and changes nothing."""
     save_environment(target, "production")
@@ -307,6 +316,7 @@ def test_production_without_a_backup_is_refused_by_the_flow(server, target, tmp_
     assert fingerprint_of(target) == before
 
 
+@pytest.mark.slow
 def test_the_job_cancelled_cancels_the_run(server, staging, target, tmp_path):
     """GitHub signals the running step when the job is cancelled or times out (SIGINT, then
     SIGTERM), then runs the steps whose `if:` says cancelled(): the Prefect run is cancelled, not
@@ -335,6 +345,7 @@ def test_the_job_cancelled_cancels_the_run(server, staging, target, tmp_path):
     assert fingerprint_of(target) == before
 
 
+@pytest.mark.slow
 def test_a_run_still_going_when_the_wait_ends_is_cancelled(server, staging, target, tmp_path):
     """The wait's own timeout (WATCH_TIMEOUT, shortened here to about the time a worker takes to
     start a run): the run is cancelled, started or not, and the job fails saying so. (The policy
@@ -354,6 +365,7 @@ def test_a_run_still_going_when_the_wait_ends_is_cancelled(server, staging, targ
 
 # --- the operator's terminal: `dbmigrate run --env E --watch` --------------------------------
 
+@pytest.mark.slow
 def test_dbmigrate_run_says_why_a_run_failed(server, staging, target, cli):
     """What `prefect deployment run --watch` never prints (it ends `Flow run finished in state
     'Failed'.`): the final state's message, the one-line reason."""
@@ -376,6 +388,7 @@ def test_dbmigrate_run_says_why_a_run_failed(server, staging, target, cli):
                               "`prefect deploy --all` from the checkout\n")
 
 
+@pytest.mark.slow
 def test_dbmigrate_run_shows_where_to_approve_and_ctrl_c_cancels_the_run(server, staging, target, home):
     staging(approval_required=True)
     before = fingerprint_of(target)

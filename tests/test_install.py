@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, assert_no_canary, fingerprint_of, last_report, one_line_error, scalar, sql
-from tests.pgcluster import environ_without_db
-from tests.prefect_server import wait_until
-from tests.projects import linear, stock_project
-from tests.test_scratch import scratch_databases
+from tests.support.helpers import (REPO, assert_no_canary, fingerprint_of, last_report, one_line_error, scalar,
+                                   scratch_databases, sql, wait_until)
+from tests.support.pgcluster import environ_without_db
+from tests.support.projects import linear, stock_project
+
+# The application's virtualenv, built once: one worker runs the module (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("application-venv")]
 
 TABLE = "op.create_table('t', sa.Column('id', sa.Integer, primary_key=True))"
 EXTRA = "pip install 'dbmigrate[prefect]'"
@@ -127,7 +129,7 @@ def test_production_through_the_applications_dbmigrate_is_linted_approved_in_the
     from prefect.flow_runs import resume_flow_run
 
     from flows.migrate import db_migrate
-    from tests.test_flows import _wait_for_approval_form
+    from tests.support.flows import wait_for_approval_form
 
     name = environment("production")
     executable, argv_log = wrapped(app_venv, tmp_path, newer=True)
@@ -147,7 +149,7 @@ def test_production_through_the_applications_dbmigrate_is_linted_approved_in_the
     seen = {}
 
     def approve_once_r2_is_deployed():
-        _wait_for_approval_form(seen)
+        wait_for_approval_form(seen)
         later.rename(r2)
         resume_flow_run(seen["run"].id, run_input={"decision": "approve", "approver": "Alice"})
 
@@ -187,7 +189,7 @@ def test_the_applications_dbmigrate_rehearses_on_the_policys_scratch_server_its_
         app_venv, environment, pg_cluster, tmp_path):
     from blocks import DatabaseCredentials
     from flows.migrate import db_migrate
-    from tests.test_flows import run_logs
+    from tests.support.flows import run_logs
 
     role, password = f"scratch_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     sql(pg_cluster.target("postgres"), f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'")

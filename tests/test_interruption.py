@@ -6,8 +6,8 @@ from dbmigrate import fingerprint, interruption
 from dbmigrate.interruption import InFlight, Undo
 from dbmigrate.phases import Phase
 from dbmigrate.settings import Settings
-from tests.helpers import fingerprint_of, sql
-from tests.projects import linear, stock_project
+from tests.support.helpers import fingerprint_of, sql
+from tests.support.projects import linear, stock_project
 
 
 def table(name: str) -> tuple[str, str]:

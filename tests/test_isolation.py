@@ -8,9 +8,9 @@ import pytest
 
 from dbmigrate import drift
 from dbmigrate.settings import Settings
-from tests.helpers import fingerprint_of, last_report, libpq_url, one_line_error, reports_in, scalar, sql
-from tests.projects import linear, stock_project
-from tests.test_rehearsal import ROWS, TABLE, at_r1_with_rows, scratch_databases
+from tests.support.helpers import (fingerprint_of, last_report, libpq_url, one_line_error, reports_in, scalar,
+                                   scratch_databases, sql)
+from tests.support.projects import ROWS, TABLE, at_r1_with_rows, linear, stock_project
 
 # A data fix on a connection of its own, from the application's URL (docs/CLI.md's shape for DATABASE_URL);
 # run twice, it shows: the three rows' n go down by 1000 each time.
@@ -167,7 +167,7 @@ def test_the_flow_rehearses_a_data_fix_on_the_copy_and_shows_why_it_has_no_sql(
     from prefect.flow_runs import resume_flow_run
 
     from flows.artifacts import readable_sql
-    from tests.test_flows import _wait_for_approval_form, run_flow
+    from tests.support.flows import run_flow, wait_for_approval_form
 
     ini = at_r1_with_rows(tmp_path, cli, url, target, OWN_CONNECTION)
     monkeypatch.setenv("APP_DB_URL", url)
@@ -175,7 +175,7 @@ def test_the_flow_rehearses_a_data_fix_on_the_copy_and_shows_why_it_has_no_sql(
     seen = {}
 
     def approve() -> None:
-        _wait_for_approval_form(seen)
+        wait_for_approval_form(seen)
         seen["fixed_before_approval"] = scalar(target, FIXED)
         resume_flow_run(seen["run"].id, run_input={"decision": "approve", "approver": "Ann"})
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import fingerprint_of, last_report, one_line_error, sql
-from tests.projects import linear, stock_project
+from tests.support.helpers import fingerprint_of, last_report, one_line_error, sql
+from tests.support.projects import linear, stock_project
 
 TABLE = "op.create_table('t', sa.Column('a', sa.Integer))"
 INDEX = "op.create_index('ix_t_a', 't', ['a'])"
@@ -249,7 +249,7 @@ def test_staging_only_warns_and_records_the_findings(cli, environment, prefect_a
 
 
 def test_the_flow_blocks_in_production_and_publishes_the_lint(environment, target, home, tmp_path):
-    from tests.test_flows import _resume_when_paused, artifact, run_flow
+    from tests.support.flows import artifact, resume_when_paused, run_flow
 
     state = run_flow(environment=environment("production"), alembic_config=index_project(tmp_path / "blocked"))
     assert state.is_failed()
@@ -261,7 +261,7 @@ def test_the_flow_blocks_in_production_and_publishes_the_lint(environment, targe
     assert "- `r2` **require-concurrent-index-creation** (warning), SQL line 5:" in shown
 
     seen = {}
-    approver = threading.Thread(target=_resume_when_paused, args=({"decision": "approve", "approver": "Ann"}, seen))
+    approver = threading.Thread(target=resume_when_paused, args=({"decision": "approve", "approver": "Ann"}, seen))
     approver.start()
     state = run_flow(environment="production", alembic_config=index_project(tmp_path / "allowed", ALLOW))
     approver.join()

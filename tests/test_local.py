@@ -4,7 +4,7 @@ import json
 import os
 import stat
 
-from tests.helpers import SAMPLE_HEAD, open_to_others
+from tests.support.helpers import SAMPLE_HEAD, open_to_others
 
 
 def started(home) -> str:

@@ -8,7 +8,7 @@ import time
 import psycopg
 import pytest
 
-from tests.helpers import (
+from tests.support.helpers import (
     application,
     finish,
     fingerprint_of,
@@ -20,7 +20,7 @@ from tests.helpers import (
     sql,
     start_cli,
 )
-from tests.projects import PSYCOPG2_FROM_CONFIG, linear, stock_project
+from tests.support.projects import PSYCOPG2_FROM_CONFIG, linear, stock_project
 
 SCHEDULE = ["--lock-retries", "0.1,0.2,0.5", "--lock-retry-pause", "0.3"]
 LARGEST_LOCK_TIMEOUT = 0.5

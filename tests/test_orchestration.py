@@ -16,64 +16,37 @@ import json
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, assert_no_canary, fill, fingerprint_of, last_report, save_environment, sql
-from tests.prefect_server import (
+from tests.support.helpers import (IN_COPY, LONG_COPY_ROWS, REPO, assert_no_canary, backend, fill, fingerprint_of,
+                                   last_report, save_environment, sleeping_backend, sql, wait_until)
+from tests.support.prefect_server import (
     MEMORY_LEASES,
     PrefectServer,
     Worker,
+    deployed,
+    final,
+    flow_run,
     prefect,
-    wait_until,
+    run_log,
+    start_run,
+    working,
 )
-from tests.projects import linear, stock_project
-from tests.test_restore_safety import IN_COPY, ROWS
+from tests.support.projects import linear, stock_project
+
+# Its own Prefect server, its workers killed and restarted: one worker runs the module (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect-server-orchestration")]
 
 SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)
 FREE_WITHIN_S = 10  # how soon the environment's slot must be free again
-
-
-# The deployments of prefect.yaml these tests run. Not the scheduled ones (db-health, db-backup): the
-# server's scheduler would give the worker their nightly runs to pick up when a test runs at that hour.
-DEPLOYMENTS = ("development", "staging", "production", "staging-rollback")
-
-
-@contextmanager
-def deployed(server: PrefectServer):
-    """The server started, with the dbmigrate pool and prefect.yaml's deployments the tests run;
-    the test's Prefect client pointed at it."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    server.start()
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
-            prefect(server, "deploy", *(f"--name={name}" for name in DEPLOYMENTS), cwd=REPO)
-            yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with deployed(PrefectServer(tmp_path_factory.mktemp("prefect-home"))) as server:
         yield server
-
-
-@contextmanager
-def working(server: PrefectServer, tmp_path: Path):
-    state = tmp_path / "worker-home"
-    state.mkdir(exist_ok=True)
-    environ = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(state))
-    worker = Worker(server, environ, tmp_path / "worker.log")
-    worker.start()
-    try:
-        yield worker
-    finally:
-        worker.kill_all()
 
 
 @pytest.fixture
@@ -116,56 +89,6 @@ def go_slow(url: str, seconds: float) -> None:
     sql(url, f"ALTER DATABASE \"{database}\" SET dbmigrate_test.sleep = '{seconds:g}'")
 
 
-def start_run(server, environment: str, ini: str, flow: str = "db-migrate", **params) -> str:
-    """A run of prefect.yaml's deployment of ``flow`` for ``environment`` (db-migrate/staging,
-    db-rollback/staging-rollback, ...)."""
-    from prefect.client.orchestration import get_client
-
-    name = environment if flow == "db-migrate" else f"{environment}-{flow.removeprefix('db-')}"
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(f"{flow}/{name}")
-        run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"environment": environment, "alembic_config": ini, **params})
-    return str(run.id)
-
-
-def flow_run(run_id: str):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(run_id)
-
-
-wait_for = wait_until
-
-
-def backend(pg_cluster, database: str, condition: str) -> int | None:
-    """A backend of ``database`` matching ``condition`` (SQL over pg_stat_activity), once there is one."""
-    rows = sql(pg_cluster.target("postgres"), "SELECT pid FROM pg_stat_activity WHERE datname = %s "
-               f"AND pid <> pg_backend_pid() AND {condition}", database)
-    return rows[0][0] if rows else None
-
-
-def sleeping_backend(pg_cluster, database: str) -> int | None:
-    """The backend running the slow revision's pg_sleep, once it is running."""
-    return backend(pg_cluster, database, "query LIKE '%%pg_sleep%%'")
-
-
-def final(run_id: str, timeout: float = 90):
-    return wait_for(lambda: (r := flow_run(run_id)).state.is_final() and r, timeout,
-                    f"flow run {run_id} to end")
-
-
-def run_log(run_id: str) -> str:
-    """The run's log as the UI shows it (for failure messages)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-    return "\n".join(f"{log.level} {log.message[:400]}" for log in logs)
-
-
 def active_slots(environment: str) -> int:
     from prefect.client.orchestration import get_client
 
@@ -176,7 +99,7 @@ def active_slots(environment: str) -> int:
 def slot_free_after(environment: str, timeout: float = 360) -> float:
     """Seconds until the environment's slot is free (measured, so the report can say)."""
     start = time.monotonic()
-    wait_for(lambda: active_slots(environment) == 0, timeout, f"the {environment} slot to be free", 0.5)
+    wait_until(lambda: active_slots(environment) == 0, timeout, f"the {environment} slot to be free", 0.5)
     return time.monotonic() - start
 
 
@@ -208,7 +131,7 @@ def test_flow_run_process_sigkilled_mid_revision(server, worker, blocks, pg_clus
     before = fingerprint_of(target)
     started = time.monotonic()
     run_id = start_run(server, environment, ini)
-    wait_for(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow revision to start")
+    wait_until(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow revision to start")
     [pid] = worker.flow_run_pids()[-1:]
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
@@ -226,7 +149,7 @@ def test_flow_run_process_sigkilled_mid_revision(server, worker, blocks, pg_clus
 def migrating(server, pg_cluster, db_name, environment: str, ini: str) -> str:
     """Start a run and wait until it is inside the slow revision."""
     run_id = start_run(server, environment, ini)
-    wait_for(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow revision to start")
+    wait_until(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow revision to start")
     return run_id
 
 
@@ -263,7 +186,7 @@ def test_worker_alone_sigkilled_mid_revision(server, worker, blocks, pg_cluster,
     ini = at_r1(tmp_path, cli, url, slow_s=10)
     run_id = migrating(server, pg_cluster, db_name, environment, ini)
     worker.stop(signal.SIGKILL)
-    wait_for(lambda: not sleeping_backend(pg_cluster, db_name), 60, "the slow revision to end")
+    wait_until(lambda: not sleeping_backend(pg_cluster, db_name), 60, "the slow revision to end")
 
     run = ended(run_id, time.monotonic(), "SIGKILL of the worker alone")
     assert fingerprint_of(target).revisions == ("r3",)
@@ -366,8 +289,8 @@ def test_a_production_run_waiting_for_approval_survives_its_worker(server, worke
     environment = blocks("production")
     ini = at_r1(tmp_path, cli, url, slow_s=0)
     run_id = start_run(server, environment, ini)
-    wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to wait for approval")
-    wait_for(lambda: not worker.flow_run_pids(), 30, "the waiting run to hold no process")
+    wait_until(lambda: flow_run(run_id).state.is_paused(), 120, "the run to wait for approval")
+    wait_until(lambda: not worker.flow_run_pids(), 30, "the waiting run to hold no process")
     worker.stop(signal.SIGTERM)
     worker.start()
     worker.kill_all()
@@ -451,7 +374,7 @@ def test_db_rollback_sigkilled_mid_restore(server, worker, blocks, pg_cluster, d
     backup has the revision the database has now)."""
     environment = blocks("staging")
     ini = at_r1(tmp_path, cli, url, slow_s=0)
-    fill(target, ROWS)
+    fill(target, LONG_COPY_ROWS)
     storage = str(tmp_path / "backups")
     taken = cli("backup", "--json", "--env", environment, "--storage", storage,
                 env={"PREFECT_API_URL": server.api_url})
@@ -460,7 +383,7 @@ def test_db_rollback_sigkilled_mid_restore(server, worker, blocks, pg_cluster, d
     before = fingerprint_of(target)
     run_id = start_run(server, environment, ini, flow="db-rollback", backup_id=json.loads(taken.stdout)["id"],
                        dry_run=False, backup_storage=storage)
-    wait_for(lambda: backend(pg_cluster, db_name, IN_COPY), 120, "the restore's COPY", 0.05)
+    wait_until(lambda: backend(pg_cluster, db_name, IN_COPY), 120, "the restore's COPY", 0.05)
     os.kill(feeding(worker, "psql"), signal.SIGKILL)
 
     run = ended(run_id, time.monotonic(), "SIGKILL of a db-rollback mid-restore")
@@ -479,7 +402,7 @@ def test_db_rollback_cancelled_from_the_ui_mid_downgrade(server, worker, blocks,
     go_slow(url, SLOW_S)
     before = fingerprint_of(target)
     run_id = start_run(server, environment, ini, flow="db-rollback", to_revision="r1", dry_run=False)
-    wait_for(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow downgrade to start")
+    wait_until(lambda: sleeping_backend(pg_cluster, db_name), 120, "the slow downgrade to start")
     prefect(server, "flow-run", "cancel", run_id, cwd=REPO)
 
     run = ended(run_id, time.monotonic(), "db-rollback cancelled mid-downgrade")
@@ -513,7 +436,7 @@ def test_a_rejected_production_run_retried_from_the_ui_asks_again(server, worker
     environment = blocks("production", approval_poll_s=1)
     ini = at_r1(tmp_path, cli, url, slow_s=0)
     run_id = start_run(server, environment, ini)
-    wait_for(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")
+    wait_until(lambda: flow_run(run_id).state.is_paused(), 120, "the run to pause for approval")
     resume_flow_run(run_id, run_input={"decision": "reject", "approver": "Bob"})
     # A suspended run holds no process: answered, it waits for a worker to start it again (seen over 90 s
     # at the end of the full suite, 38 s in another full run).
@@ -521,7 +444,7 @@ def test_a_rejected_production_run_retried_from_the_ui_asks_again(server, worker
     assert rejected.state.is_failed(), run_log(run_id)
 
     retry_from_the_ui(run_id)
-    asked = wait_for(lambda: paused_or_final(run_id), 120, "the retried run to ask again or end")
+    asked = wait_until(lambda: paused_or_final(run_id), 120, "the retried run to ask again or end")
     assert asked.is_paused(), f"{asked.name}: {asked.message}\n{run_log(run_id)}"
     assert asked.message.startswith("waiting for approval of r1 → r3 in production"), asked.message
     resume_flow_run(run_id, run_input={"decision": "approve", "approver": "Alice Ops"})

@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from tests.helpers import scalar, sql
-from tests.projects import CHATTY_NOISE, OFFLINE_WARNING, chatty_project
+from tests.support.helpers import scalar, sql
+from tests.support.projects import CHATTY_NOISE, OFFLINE_WARNING, chatty_project
 
 
 @pytest.fixture
 def chatty(cli, url, tmp_path) -> dict:
-    """The options of a chatty project (tests/projects.py) whose database is at r1, t holding a row."""
+    """The options of a chatty project (tests/support/projects.py) whose database is at r1, t holding a row."""
     ini = str(chatty_project(tmp_path))
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0

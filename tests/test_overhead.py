@@ -7,8 +7,8 @@ from pathlib import Path
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
-from tests.helpers import scalar
-from tests.projects import linear, stock_project
+from tests.support.helpers import scalar
+from tests.support.projects import linear, stock_project
 
 TABLE = "op.create_table('t{n}', sa.Column('a', sa.Integer))"
 INDEX = "op.create_index('ix_t{n}_a', 't{n}', ['a'])"

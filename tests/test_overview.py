@@ -5,8 +5,8 @@ against real PostgreSQL databases, their Prefect blocks and the reports of real 
 import json
 import uuid
 
-from tests.helpers import libpq_url, save_environment
-from tests.projects import linear, stock_project
+from tests.support.helpers import libpq_url, save_environment
+from tests.support.projects import linear, stock_project
 
 TABLE = "op.create_table('{0}', sa.Column('id', sa.Integer, primary_key=True))"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shlex
 
-from tests.helpers import SAMPLE_HEAD, documented_commands, fingerprint_of, last_report, run_cli
+from tests.support.helpers import SAMPLE_HEAD, documented_commands, fingerprint_of, last_report, run_cli
 
 
 def test_the_readmes_five_lines_run_as_written(home, target, url):

@@ -8,27 +8,13 @@ import time
 
 import pytest
 
-from tests.helpers import fingerprint_of, finish, last_report, one_line_error, scalar, sql, start_cli
-from tests.projects import PSYCOPG2_FROM_CONFIG, PSYCOPG2_FROM_DATABASE_URL, linear, stock_project
+from tests.support.helpers import (fingerprint_of, finish, last_report, one_line_error, scalar, scratch_databases, sql,
+                                   start_cli)
+from tests.support.projects import PSYCOPG2_FROM_CONFIG, PSYCOPG2_FROM_DATABASE_URL, ROWS, at_r1_with_rows
 
-TABLE = "op.create_table('t', sa.Column('id', sa.Integer, primary_key=True), sa.Column('n', sa.Integer))"
 NOT_NULL = "op.add_column('t', sa.Column('c', sa.Integer, nullable=False))"
 WIDEN = "op.alter_column('t', 'n', type_=sa.BigInteger)"  # a new type: the table is rewritten
 BACKFILL = "op.execute('UPDATE t SET n = n + 1')"
-ROWS = 500
-
-
-def scratch_databases(target) -> list[str]:
-    return [name for (name,) in sql(target, "SELECT datname FROM pg_database WHERE datname LIKE 'dbmigrate\\_%'")]
-
-
-def at_r1_with_rows(tmp_path, cli, url, target, *steps, transaction_per_migration=False, engine=None) -> str:
-    """A stock project whose database is at r1, the table t holding ROWS rows."""
-    ini = str(stock_project(tmp_path, linear(TABLE, *steps), transaction_per_migration=transaction_per_migration,
-                            engine=engine))
-    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
-    sql(target, "INSERT INTO t SELECT g, g FROM generate_series(1, %s) g", ROWS)
-    return ini
 
 
 def test_a_revision_that_fails_only_on_real_data_fails_the_rehearsal(cli, url, target, home, tmp_path):
@@ -173,14 +159,14 @@ def test_the_flow_rehearses_production_and_shows_it_on_the_approval_page(environ
     from prefect.flow_runs import resume_flow_run
 
     from flows import recovery
-    from tests.test_flows import _wait_for_approval_form, run_flow
+    from tests.support.flows import run_flow, wait_for_approval_form
 
     ini = at_r1_with_rows(tmp_path, cli, url, target, WIDEN)
     name = environment("production", lint_blocks=False)  # the lint would stop it first
     seen = {}
 
     def approve() -> None:
-        _wait_for_approval_form(seen)
+        wait_for_approval_form(seen)
         seen["journal"] = recovery.read(name)  # what the worker would say of this run, were it lost now
         resume_flow_run(seen["run"].id, run_input={"decision": "approve", "approver": "Ann"})
 
@@ -204,7 +190,7 @@ def test_the_flow_rehearses_production_and_shows_it_on_the_approval_page(environ
 
 def test_a_production_run_whose_rehearsal_fails_asks_nobody_and_changes_nothing(environment, target, home,
                                                                                  tmp_path, cli, url):
-    from tests.test_flows import artifact, run_flow
+    from tests.support.flows import artifact, run_flow
 
     ini = at_r1_with_rows(tmp_path, cli, url, target, NOT_NULL)
     before = fingerprint_of(target)

@@ -16,27 +16,21 @@ from dbmigrate import auto_rollback, backup, catalogue, db, pgrestore, restore
 from dbmigrate.errors import RestoreFailed
 from dbmigrate.settings import Settings
 from dbmigrate.storage import LocalStorage, S3Storage
-from tests.helpers import fill, fingerprint_of, finish, one_line_error, scalar, session, sql, start_cli
-from tests.projects import linear, stock_project
-
-ROWS = 300_000  # enough for the COPY of the replay to last a while
+from tests.support.helpers import (IN_COPY, LONG_COPY_ROWS, fill, fingerprint_of, finish, one_line_error, scalar,
+                                   session, sql, start_cli, wait_until)
+from tests.support.projects import linear, stock_project
 
 
 def wait_for(pg_cluster, database: str, condition: str, proc: subprocess.Popen | None = None) -> None:
     """Until a session of ``database`` matches ``condition`` (SQL over pg_stat_activity)."""
-    deadline = time.monotonic() + 60
+    def matched(conn) -> bool:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"dbmigrate ended first: {proc.stderr.read()}")
+        return bool(conn.execute(f"SELECT 1 FROM pg_stat_activity WHERE datname = %s AND {condition}",
+                                 (database,)).fetchone())
+
     with session(pg_cluster.target("postgres")) as conn:
-        while time.monotonic() < deadline:
-            if conn.execute(f"SELECT 1 FROM pg_stat_activity WHERE datname = %s AND {condition}",
-                            (database,)).fetchone():
-                return
-            if proc is not None and proc.poll() is not None:
-                raise AssertionError(f"dbmigrate ended first: {proc.stderr.read()}")
-            time.sleep(0.01)
-    raise AssertionError(f"no session of {database} came to {condition}")
-
-
-IN_COPY = "state = 'active' AND query LIKE 'COPY %%FROM stdin%%'"
+        wait_until(lambda: matched(conn), 60, f"a session of {database} to come to {condition}", 0.01)
 
 
 def tool(parent_pid: int, name: str) -> psutil.Process:
@@ -59,7 +53,7 @@ def local_storage(tmp_path):
 @pytest.fixture
 def big_backup(cli, url, target):
     """A backup of a large table, then the database changed: (manifest, the state now)."""
-    fill(target, ROWS)
+    fill(target, LONG_COPY_ROWS)
     manifest = backup_via_cli(cli, url)
     sql(target, "DELETE FROM payload WHERE id % 3 = 0; CREATE TABLE added_later (id int)")
     return manifest, fingerprint_of(target)
@@ -133,7 +127,7 @@ def test_automatic_rollback_whose_restore_is_killed_reports_failure(cli, url, pg
     """Item 1c: the automatic rollback falls back to the backup (the downgrade fails) and
     pg_restore dies mid-COPY: the rollback says it failed, and nothing is half-restored."""
     ini = str(stock_project(tmp_path, linear(
-        f"op.execute('CREATE TABLE t1 AS SELECT g AS id, md5(g::text) AS body FROM generate_series(1, {ROWS}) g')",
+        f"op.execute('CREATE TABLE t1 AS SELECT g AS id, md5(g::text) AS body FROM generate_series(1, {LONG_COPY_ROWS}) g')",
         ("op.create_table('t2', sa.Column('id', sa.Integer, primary_key=True))", "op.execute('SELECT 1/0')"),
     )))
     env = {"DATABASE_URL": url}

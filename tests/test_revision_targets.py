@@ -4,7 +4,7 @@ and 20), on the command line and in the flows."""
 
 import pytest
 
-from tests.helpers import Untouched, fingerprint_of, last_report
+from tests.support.helpers import Untouched, fingerprint_of, last_report, sample_at
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,10 @@ def test_upgrading_to_the_revision_the_database_is_at_still_has_nothing_to_do(at
     assert result.returncode == 0 and "had nothing to do: database already at 0005" in result.stdout
 
 
-def test_the_flow_to_a_revision_below_the_database_ends_failed(environment, target, cli, url):
+def test_the_flow_to_a_revision_below_the_database_ends_failed(environment, target, pg_cluster):
     from flows.migrate import db_migrate
 
-    assert cli("upgrade", "-r", "0005", "--yes", env={"DATABASE_URL": url}).returncode == 0
+    sample_at(pg_cluster, "0005", target.database)
     before = fingerprint_of(target)
     state = db_migrate(environment=environment("staging"), target_revision="0003", return_state=True)
     assert state.is_failed()

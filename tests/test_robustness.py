@@ -16,11 +16,12 @@ import pytest
 from dbmigrate import auto_rollback
 from dbmigrate.report import KEPT_UNKNOWN
 from dbmigrate.settings import Settings
-from tests import pgcluster
-from tests.helpers import (SAMPLE_CONFIG, assert_no_canary, fingerprint_of, finish, last_report, libpq_url,
-                           one_line_error, recording_pg_dump, session, sql, start_cli)
-from tests.pgcluster import CANARY_PASSWORD
-from tests.projects import linear, stock_project
+from tests.support import pgcluster
+from tests.support.helpers import (SAMPLE_CONFIG, assert_no_canary, fingerprint_of, finish, last_report, libpq_url,
+                                   one_line_error, recording_pg_dump, sample_at, session, sql, start_cli,
+                                   wait_until)
+from tests.support.pgcluster import CANARY_PASSWORD
+from tests.support.projects import linear, stock_project
 
 SLEEP = "op.execute('SELECT pg_sleep(30)')"
 
@@ -29,15 +30,6 @@ def backends(cluster, database: str, query_like: str) -> list[tuple]:
     """Active backends of ``database`` running a statement like ``query_like``."""
     return sql(cluster.target("postgres"), "SELECT pid, application_name FROM pg_stat_activity WHERE datname = %s "
                "AND query LIKE %s AND state = 'active' AND pid <> pg_backend_pid()", database, query_like)
-
-
-def wait_for(condition, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"gave up waiting for {what}")
 
 
 def sleeping_project(tmp_path, first_revision_locks: bool = False, transaction_per_migration: bool = False):
@@ -58,9 +50,9 @@ SEVERAL_ROWS = ("alembic_version holds 2 rows: 0003, 0005 (0003 is an ancestor o
 
 
 @pytest.fixture
-def two_rows(cli, url, target):
+def two_rows(pg_cluster, target):
     """The sample project at 0005 with a second row, 0003, in alembic_version: the state then."""
-    assert cli("upgrade", "-r", "0005", "--yes", env={"DATABASE_URL": url}).returncode == 0
+    sample_at(pg_cluster, "0005", target.database)
     sql(target, "INSERT INTO alembic_version VALUES ('0003')")
     return fingerprint_of(target)
 
@@ -155,7 +147,7 @@ def test_server_killed_mid_migration(own_cluster, own_target, home, tmp_path):
     env = {"DATABASE_URL": libpq_url(own_target)}
     assert finish(start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
     proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
-    wait_for(lambda: backends(own_cluster, own_target.database, "SELECT pg_sleep%"), "r3 to run")
+    wait_until(lambda: backends(own_cluster, own_target.database, "SELECT pg_sleep%"), 30, "r3 to run", 0.1)
 
     result = _kill_and_restart(own_cluster, proc)
 
@@ -177,7 +169,7 @@ def test_server_killed_after_a_revision_committed(own_cluster, own_target, home,
     env = {"DATABASE_URL": libpq_url(own_target)}
     assert finish(start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
     proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
-    wait_for(lambda: backends(own_cluster, own_target.database, "SELECT pg_sleep%"), "r3 to run")
+    wait_until(lambda: backends(own_cluster, own_target.database, "SELECT pg_sleep%"), 30, "r3 to run", 0.1)
 
     result = _kill_and_restart(own_cluster, proc)
 
@@ -200,7 +192,7 @@ def test_server_killed_mid_backup(own_cluster, own_target, home, tmp_path):
     blocker.execute("BEGIN")
     blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")  # pg_dump waits here, mid-backup
     proc = start_cli(home, "upgrade", "--backup", "--yes", "--alembic-config", ini, env=env)
-    wait_for(lambda: backends(own_cluster, own_target.database, "LOCK TABLE %"), "pg_dump to run")
+    wait_until(lambda: backends(own_cluster, own_target.database, "LOCK TABLE %"), 30, "pg_dump to run", 0.1)
     result = _kill_and_restart(own_cluster, proc)
     blocker.close()
 
@@ -223,7 +215,7 @@ def test_server_killed_mid_restore(own_cluster, own_target, home, tmp_path):
     reader.execute("BEGIN")
     reader.execute("SELECT * FROM t1")  # the restore's DROP SCHEMA waits behind this, mid-restore
     proc = start_cli(home, "restore", backup_id, "--yes", "--no-safety-backup", env=env)
-    wait_for(lambda: backends(own_cluster, own_target.database, "DROP SCHEMA%"), "the restore to run")
+    wait_until(lambda: backends(own_cluster, own_target.database, "DROP SCHEMA%"), 30, "the restore to run", 0.1)
     result = _kill_and_restart(own_cluster, proc)
     reader.close()
 
@@ -242,7 +234,7 @@ def test_sigterm_mid_revision_cancels_the_statement_and_writes_the_report(cli, u
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
     before = fingerprint_of(target)
     proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
-    wait_for(lambda: backends(pg_cluster, target.database, "SELECT pg_sleep%"), "r3 to run")
+    wait_until(lambda: backends(pg_cluster, target.database, "SELECT pg_sleep%"), 30, "r3 to run", 0.1)
 
     proc.send_signal(signal.SIGTERM)
     result = finish(proc, timeout=10)
@@ -266,13 +258,13 @@ def test_sigterm_mid_backup_leaves_no_partial_dump(cli, url, target, pg_cluster,
         blocker.execute("BEGIN")
         blocker.execute("LOCK TABLE t1 IN ACCESS EXCLUSIVE MODE")  # pg_dump waits here, its file open
         proc = start_cli(home, "backup", env={"DATABASE_URL": url})
-        wait_for(lambda: list((home / "backups").rglob("*.dump")), "the dump file to be created")
-        wait_for(lambda: backends(pg_cluster, target.database, "LOCK TABLE %"), "pg_dump to run")
+        wait_until(lambda: list((home / "backups").rglob("*.dump")), 30, "the dump file to be created", 0.1)
+        wait_until(lambda: backends(pg_cluster, target.database, "LOCK TABLE %"), 30, "pg_dump to run", 0.1)
         proc.send_signal(signal.SIGTERM)
         result = finish(proc, timeout=10)
     assert result.returncode == 143 and result.stderr.strip() == "dbmigrate: terminated"
     assert not [p for p in (home / "backups").rglob("*") if p.is_file()], "no partial dump, no manifest"
-    wait_for(lambda: not backends(pg_cluster, target.database, "%"), "pg_dump and the row count to end", timeout=5)
+    wait_until(lambda: not backends(pg_cluster, target.database, "%"), 5, "pg_dump and the row count to end", 0.1)
 
 
 def test_sigkill_mid_revision_the_orphaned_statement_ends_soon(cli, url, target, pg_cluster, home, tmp_path):
@@ -280,13 +272,13 @@ def test_sigkill_mid_revision_the_orphaned_statement_ends_soon(cli, url, target,
     env = {"DATABASE_URL": url}
     assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env).returncode == 0
     proc = start_cli(home, "upgrade", "--yes", "--alembic-config", ini, env=env)
-    wait_for(lambda: backends(pg_cluster, target.database, "SELECT pg_sleep%"), "r3 to run")
+    wait_until(lambda: backends(pg_cluster, target.database, "SELECT pg_sleep%"), 30, "r3 to run", 0.1)
 
     proc.kill()
     proc.wait()
     killed = time.monotonic()
-    wait_for(lambda: not backends(pg_cluster, target.database, "%pg_sleep%"), "the orphaned statement to end",
-             timeout=5)
+    wait_until(lambda: not backends(pg_cluster, target.database, "%pg_sleep%"), 5, "the orphaned statement to end",
+               0.1)
     assert time.monotonic() - killed < 4
     assert fingerprint_of(target).revisions == ("r1",)
 
@@ -295,8 +287,8 @@ def test_sigkill_mid_revision_the_orphaned_statement_ends_soon(cli, url, target,
 
 
 @pytest.mark.parametrize("args", [["status"], ["upgrade", "--yes", "--lock-timeout", "1"]])
-def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url, target, home):
-    assert cli("upgrade", "-r", "0001", "--yes", env={"DATABASE_URL": url}).returncode == 0
+def test_a_lock_on_the_version_table_is_waited_for_a_bounded_time(args, cli, url, target, home, pg_cluster):
+    sample_at(pg_cluster, "0001", target.database)
     before = fingerprint_of(target)
     with session(target) as blocker:
         blocker.execute("SET application_name = 'the-blocker'")

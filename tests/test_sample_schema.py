@@ -11,7 +11,7 @@ from pytest_alembic.tests import (  # noqa: F401  (collected as tests here)
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from tests.helpers import SAMPLE_CONFIG
+from tests.support.helpers import SAMPLE_CONFIG
 
 
 @pytest.fixture

@@ -10,10 +10,11 @@ import pytest
 
 from dbmigrate import db
 from dbmigrate.target import DatabaseTarget
-from tests import pgcluster
-from tests.helpers import fill, fingerprint_of, last_report, libpq_url, one_line_error, reports_in, scalar, sql
-from tests.pgcluster import CANARY_PASSWORD
-from tests.projects import linear, stock_project
+from tests.support import pgcluster
+from tests.support.helpers import (fill, fingerprint_of, last_report, libpq_url, one_line_error, reports_in, scalar,
+                                   scratch_databases, sql)
+from tests.support.pgcluster import CANARY_PASSWORD
+from tests.support.projects import linear, stock_project
 
 TABLE = "op.create_table('t', sa.Column('id', sa.Integer, primary_key=True), sa.Column('n', sa.Integer))"
 WIDEN = "op.alter_column('t', 'n', type_=sa.BigInteger)"
@@ -26,10 +27,6 @@ def at_r1_with_rows(tmp_path, cli, target, *steps) -> str:
                env={"DATABASE_URL": libpq_url(target)}).returncode == 0
     sql(target, "INSERT INTO t SELECT g, g FROM generate_series(1, 50) g")
     return ini
-
-
-def scratch_databases(cluster) -> list[str]:
-    return [name for name in cluster.databases() if name.startswith(db.SCRATCH_PREFIX)]
 
 
 # --- item 5: health names only the tool's own leftovers -----------------------------------
@@ -214,7 +211,7 @@ def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a
 def test_the_production_policy_checks_createdb_before_the_backup_and_rehearses_on_its_scratch_server_block(
         prefect_api, least_privileged, scratch_cluster, pg_cluster, home, cli, tmp_path, monkeypatch):
     from blocks import DatabaseCredentials, EnvironmentPolicy, environments
-    from tests.test_flows import run_flow, run_named
+    from tests.support.flows import run_flow, run_named
 
     monkeypatch.setenv("DBMIGRATE_HOME", str(home))
     target, role = least_privileged, least_privileged.url.username

@@ -15,9 +15,12 @@ import psycopg
 import pytest
 
 from dbmigrate.policy import ENVIRONMENTS
-from tests.helpers import REPO, SAMPLE_HEAD, open_to_others, reports_in, run_cli
-from tests.local_stack import Stack, alive
-from tests.prefect_server import PREFECT
+from tests.support.helpers import REPO, SAMPLE_HEAD, open_to_others, reports_in, run_cli
+from tests.support.local_stack import Stack, alive
+from tests.support.prefect_server import PREFECT
+
+# One local stack at a time: the e2e tests and test_stack run on one worker (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local-stack")]
 
 
 
@@ -173,23 +176,23 @@ def test_local_up_refuses_busy_ports_and_starts_nothing(home):
         port = busy.getsockname()[1]
         busy_line = (f"dbmigrate: error: port {port} on 127.0.0.1 is busy: choose another with --prefect-port, or "
                      "DBMIGRATE_PREFECT_PORT=PORT (make demo PREFECT_PORT=PORT)\n")
-        refused = run_cli(home, "local", "up", "--prefect-port", str(port))
+        refused = run_cli(home, "local", "up", "--prefect-port", str(port), process=True)
         assert refused.returncode == 2 and refused.stderr == busy_line
-        by_variable = run_cli(home, "local", "up", env={"DBMIGRATE_PREFECT_PORT": str(port)})
+        by_variable = run_cli(home, "local", "up", env={"DBMIGRATE_PREFECT_PORT": str(port)}, process=True)
         assert by_variable.returncode == 2 and by_variable.stderr == busy_line
         demo = subprocess.run(["make", "demo", f"PREFECT_PORT={port}", f"DBMIGRATE_HOME={home}"], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert demo.returncode != 0 and busy_line in demo.stderr, demo.stdout + demo.stderr
-        assert run_cli(home, "local", "status").returncode == 1
+        assert run_cli(home, "local", "status", process=True).returncode == 1
 
-        pg = run_cli(home, "local", "start", "--pg-port", str(port))
+        pg = run_cli(home, "local", "start", "--pg-port", str(port), process=True)
         assert pg.returncode == 2
         assert pg.stderr == f"dbmigrate: error: port {port} on 127.0.0.1 is busy: choose another with --pg-port\n"
-        assert run_cli(home, "local", "status").returncode == 1
+        assert run_cli(home, "local", "status", process=True).returncode == 1
 
 
 def test_local_up_needs_a_checkout(home, tmp_path):
-    elsewhere = run_cli(home, "local", "up", cwd=tmp_path)
+    elsewhere = run_cli(home, "local", "up", cwd=tmp_path, process=True)
     assert elsewhere.returncode == 2
     assert elsewhere.stderr == (f"dbmigrate: error: no prefect.yaml in {tmp_path.resolve()}: run `dbmigrate local up` "
                                 "from a checkout of the repository\n")

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from dbmigrate import guard, pgtools
-from tests.helpers import (
+from tests.support.helpers import (
     SAMPLE_HEAD,
     fingerprint_of,
     last_report,
@@ -18,7 +18,7 @@ from tests.helpers import (
     session,
     sql,
 )
-from tests.projects import PSYCOPG2_FROM_CONFIG, PSYCOPG2_FROM_DATABASE_URL, linear, stock_project
+from tests.support.projects import PSYCOPG2_FROM_CONFIG, PSYCOPG2_FROM_DATABASE_URL, linear, stock_project
 
 ALL = ["0001", "0002", "0003", "0004", "0005", "0006"]
 
@@ -138,8 +138,8 @@ def test_without_yes_and_without_a_terminal_it_refuses(cli, url, target):
 
 def test_confirmation_on_a_terminal(url, target, home):
     """A real pseudo-terminal: 'n' changes nothing, 'y' migrates."""
-    from tests.helpers import run_on_a_terminal
-    from tests.pgcluster import environ_without_db
+    from tests.support.helpers import run_on_a_terminal
+    from tests.support.pgcluster import environ_without_db
 
     def run_answering(answer: str) -> tuple[int, str]:
         env = {**environ_without_db(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home)}
@@ -157,7 +157,7 @@ def test_confirmation_on_a_terminal(url, target, home):
 
 def test_pg_dump_gets_the_password_through_its_environment_not_argv(cli, url, target, tmp_path):
     """A pass-through pg_dump on PG_BIN_DIR records what the real one received."""
-    from tests.helpers import recording_pg_dump
+    from tests.support.helpers import recording_pg_dump
 
     shim_dir, log = recording_pg_dump(target, tmp_path)
     result = cli("upgrade", "--backup", "--yes", env={"DATABASE_URL": url, "PG_BIN_DIR": str(shim_dir)})
@@ -166,13 +166,13 @@ def test_pg_dump_gets_the_password_through_its_environment_not_argv(cli, url, ta
     [dump_call] = [line for line in recorded.splitlines() if "--format=custom" in line]
     assert "--no-password" in dump_call
     assert "password: from environment" in recorded
-    from tests.helpers import assert_no_canary
+    from tests.support.helpers import assert_no_canary
 
     assert_no_canary(recorded, "pg_dump's command line")
 
 
 def test_generate_creates_a_revision_file(cli, tmp_path, url):
-    from tests.projects import linear, stock_project
+    from tests.support.projects import linear, stock_project
 
     ini = str(stock_project(tmp_path, linear("pass")))
     result = cli("generate", "-m", "add invoices", "--rev-id", "r2", "--alembic-config", ini)
@@ -188,8 +188,8 @@ def test_plain_commands_do_not_import_prefect(url, home):
     """status/check/health/heads/lint/drift must stay fast: Prefect costs seconds to import."""
     import sys
 
-    from tests.helpers import REPO
-    from tests.pgcluster import environ_without_db
+    from tests.support.helpers import REPO
+    from tests.support.pgcluster import environ_without_db
 
     probe = (
         "import sys; from dbmigrate.cli import main\n"

@@ -6,7 +6,7 @@ import json
 from dbmigrate.errors import DatabaseMoved, HealthFailed, MigrationFailed, ValidationFailed
 from dbmigrate.phases import Phase, planned
 from dbmigrate.revisions import load
-from tests.projects import linear, stock_project
+from tests.support.projects import linear, stock_project
 
 
 def test_each_phase_knows_what_it_may_do_and_keeps_the_reports_string():

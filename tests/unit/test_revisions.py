@@ -4,8 +4,8 @@ import pytest
 
 from dbmigrate import revisions
 from dbmigrate.errors import RevisionError
-from tests.helpers import SAMPLE_CONFIG, SAMPLE_HEAD
-from tests.projects import linear, stock_project
+from tests.support.helpers import SAMPLE_CONFIG, SAMPLE_HEAD
+from tests.support.projects import linear, stock_project
 
 SAMPLE = ["0001", "0002", "0003", "0004", "0005", "0006"]
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from tests.support.helpers import sql
+
 REVISION = '''"""{message}"""
 from alembic import op
 import sqlalchemy as sa
@@ -127,3 +129,26 @@ def chatty_project(base: Path) -> Path:
     env_py = base / "migrations" / "env.py"
     env_py.write_text(CHATTY_ENV + env_py.read_text())
     return ini
+
+
+# A table t with ROWS rows, its project at r1: where the rehearsal's and the isolation's tests start.
+TABLE = "op.create_table('t', sa.Column('id', sa.Integer, primary_key=True), sa.Column('n', sa.Integer))"
+ROWS = 500
+
+
+def at_r1_with_rows(tmp_path, cli, url, target, *steps, transaction_per_migration=False, engine=None) -> str:
+    """A stock project (TABLE, then ``steps``) whose database is at r1, the table t holding ROWS rows."""
+    ini = str(stock_project(tmp_path, linear(TABLE, *steps), transaction_per_migration=transaction_per_migration,
+                            engine=engine))
+    assert cli("upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env={"DATABASE_URL": url}).returncode == 0
+    sql(target, "INSERT INTO t SELECT g, g FROM generate_series(1, %s) g", ROWS)
+    return ini
+
+
+# A table per revision, created up and dropped down: table_step("t1") is such a revision's pair of bodies.
+CREATE = "op.create_table('{0}', sa.Column('id', sa.Integer, primary_key=True))"
+DROP = "op.drop_table('{0}')"
+
+
+def table_step(name: str) -> tuple[str, str]:
+    return CREATE.format(name), DROP.format(name)

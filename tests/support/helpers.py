@@ -20,9 +20,9 @@ import psycopg
 
 from dbmigrate import db, fingerprint
 from dbmigrate.target import DatabaseTarget
-from tests.pgcluster import CANARY_PASSWORD, environ_without_db
+from tests.support.pgcluster import CANARY_PASSWORD, PgCluster, environ_without_db
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_CONFIG = REPO / "alembic.ini"
 SAMPLE_HEAD = "0006"
 
@@ -77,6 +77,16 @@ def fill(target: DatabaseTarget, rows: int) -> None:
                 "jsonb_build_object('n', random(), 'tag', md5(g::text)) FROM generate_series(1, %s) g", rows)
 
 
+def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
+    """``condition()``'s first true value, asked every ``interval`` seconds for up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 # --- running dbmigrate -----------------------------------------------------------------
 
 def stderr_lines(stderr: str) -> list[str]:
@@ -92,21 +102,124 @@ def one_line_error(stderr: str) -> str:
 
 
 def run_cli(home: Path, *args: str, env: dict | None = None, input: str | None = None,
-            cwd: Path = REPO, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess:
-    """`python -m dbmigrate ARGS` with ``home`` as DBMIGRATE_HOME, as a user would run it: no
-    traceback, and no password in what it printed or in any report it wrote. ``stdout``: a file
+            cwd: Path = REPO, stdout: int = subprocess.PIPE, process: bool = False) -> subprocess.CompletedProcess:
+    """`dbmigrate ARGS` with ``home`` as DBMIGRATE_HOME, as a user would run it: no traceback, and
+    no password in what it printed or in any report it wrote. In this process (`cli.main(argv)`,
+    its file descriptors 0-2 redirected), unless ``process`` asks for `python -m dbmigrate` (a test
+    about the process itself: signals, terminals, exit, import cost, inheritance) or the call needs
+    one (``stdout`` a file descriptor, ``env`` naming another Prefect API). ``stdout``: a file
     descriptor to print to instead of a pipe the test reads (``result.stdout`` is then "")."""
     environ = {**environ_without_db(), "DBMIGRATE_HOME": str(home), **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "dbmigrate", *args],
-        cwd=cwd, env=environ, input=input or "", stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=240,
-    )
-    result.stdout = result.stdout or ""
-    assert_no_canary(result.stdout + result.stderr, f"the output of dbmigrate {' '.join(args[:1])}")
+    if process or stdout != subprocess.PIPE or not _prefect_settings_in_force(env or {}):
+        result = subprocess.run(
+            [sys.executable, "-m", "dbmigrate", *args],
+            cwd=cwd, env=environ, input=input or "", stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=240,
+        )
+        result.stdout = result.stdout or ""
+    else:
+        result = _run_in_process(list(args), environ, input or "", cwd)
     assert "Traceback" not in result.stderr, result.stderr
+    assert_no_canary(result.stdout + result.stderr, f"the output of dbmigrate {' '.join(args[:1])}")
     for report in reports_in(home):
         assert_no_canary(report.read_text(), str(report))
     return result
+
+
+def _prefect_settings_in_force(env: dict) -> bool:
+    """Whether this process's Prefect settings are those ``env`` asks for: Prefect reads its settings
+    once per process (the harness's context wins over the environment), so a call that names another
+    API, or any other Prefect setting, runs as a process."""
+    prefect_variables = {name for name in env if name.startswith("PREFECT_")}
+    if not prefect_variables:
+        return True
+    if prefect_variables != {"PREFECT_API_URL"}:
+        return False
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() == env["PREFECT_API_URL"]
+
+
+def _run_in_process(argv: list[str], environ: dict, input: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`dbmigrate.cli.main(argv)` as the process would run it: ``environ`` as os.environ, ``cwd``, ``input``
+    on stdin, stdout and stderr captured at the file descriptors (a subprocess of env.py writes there
+    too); and afterwards what main() changes for the rest of a process put back: the umask, signal
+    handlers, logging (Alembic's fileConfig), sys.path, the environment, the working directory. As in a
+    new process, boto3's default session (and the credentials it found) starts afresh."""
+    import io
+    import signal
+    import tempfile
+
+    from dbmigrate.cli import main
+
+    saved_environ, saved_cwd, saved_path = dict(os.environ), os.getcwd(), list(sys.path)
+    saved_umask = os.umask(0o022)
+    os.umask(saved_umask)
+    saved_signals = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    saved_logging = _logging_state()
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    if "boto3" in sys.modules:  # a process starts without boto3's default session, which caches credentials
+        sys.modules["boto3"].DEFAULT_SESSION = None
+    for stream in saved_streams[1:]:
+        stream.flush()
+    saved_fds = {fd: os.dup(fd) for fd in (0, 1, 2)}
+    with tempfile.TemporaryFile("w+") as stdin, tempfile.TemporaryFile("w+") as out, \
+            tempfile.TemporaryFile("w+") as err:
+        stdin.write(input)
+        stdin.flush()
+        stdin.seek(0)
+        for fd, file in ((0, stdin), (1, out), (2, err)):
+            os.dup2(file.fileno(), fd)
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse: usage errors (2), --help (0)
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdin, sys.stdout, sys.stderr = saved_streams
+            for fd, saved in saved_fds.items():
+                os.dup2(saved, fd)
+                os.close(saved)
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_environ)
+            sys.path[:] = saved_path
+            os.umask(saved_umask)
+            for number, handler in saved_signals.items():
+                signal.signal(number, handler)
+            _restore_logging(saved_logging)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(["dbmigrate", *argv], code, out.read(), err.read())
+
+
+def _logging_state() -> dict:
+    import logging
+
+    loggers = [logging.root, *(logger for logger in logging.root.manager.loggerDict.values()
+                               if isinstance(logger, logging.Logger))]
+    return {logger: (logger.level, list(logger.handlers), logger.disabled, logger.propagate) for logger in loggers}
+
+
+def _restore_logging(state: dict) -> None:
+    import logging
+
+    for logger in [logging.root, *logging.root.manager.loggerDict.values()]:
+        if not isinstance(logger, logging.Logger):
+            continue
+        level, handlers, disabled, propagate = state.get(logger, (logging.NOTSET, [], False, True))
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.disabled, logger.propagate = disabled, propagate
 
 
 def start_cli(home: Path, *args: str, env: dict) -> subprocess.Popen:
@@ -188,6 +301,32 @@ def open_to_others(root: Path) -> list[str]:
     return found
 
 
+def scratch_databases(server) -> list[str]:
+    """The scratch databases dbmigrate made (db.SCRATCH_PREFIX) on ``server``: a PgCluster, or a
+    DatabaseTarget on it."""
+    where = server.target("postgres") if isinstance(server, PgCluster) else server
+    return [name for (name,) in sql(where, "SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                                    db.SCRATCH_PREFIX)]
+
+
+# A COPY that lasts: a restore or a replay of LONG_COPY_ROWS rows (fill) is still in IN_COPY (over
+# pg_stat_activity) when a test acts.
+LONG_COPY_ROWS = 300_000
+IN_COPY = "state = 'active' AND query LIKE 'COPY %%FROM stdin%%'"
+
+
+def backend(pg_cluster, database: str, condition: str) -> int | None:
+    """A backend of ``database`` matching ``condition`` (SQL over pg_stat_activity), once there is one."""
+    rows = sql(pg_cluster.target("postgres"), "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+               f"AND pid <> pg_backend_pid() AND {condition}", database)
+    return rows[0][0] if rows else None
+
+
+def sleeping_backend(pg_cluster, database: str) -> int | None:
+    """The backend running a slow revision's pg_sleep, once it is running."""
+    return backend(pg_cluster, database, "query LIKE '%%pg_sleep%%'")
+
+
 def reports_in(home: Path) -> list[Path]:
     return sorted((home / "reports").glob("*.json"))
 
@@ -196,23 +335,42 @@ def last_report(home: Path) -> dict:
     return json.loads(reports_in(home)[-1].read_text())
 
 
-class Untouched:
-    """A database migrated to a revision, shared by a module's cases that must each leave it as it
-    was: every ``refuse`` checks the exit code and the fingerprint, so no case can affect the next."""
+_sample_templates: dict[tuple[int, str], str] = {}  # (cluster port, revision): its template database
 
-    def __init__(self, target: DatabaseTarget, home: Path, revision: str):
-        self.target, self.home = target, home
-        result = self.run("upgrade", "-r", revision, "--yes")
+
+def sample_at(pg_cluster, revision: str, database: str | None = None) -> str:
+    """A database of ``pg_cluster`` with the sample project at ``revision`` (``database``: that one,
+    dropped and made again), copied from a template database that `dbmigrate upgrade` brought to
+    the revision once per session: a copy takes a fraction of a migration."""
+    key = (pg_cluster.port, revision)
+    if key not in _sample_templates:
+        template = pg_cluster.create_database()
+        home = pg_cluster.data_dir.parent / f"template-{revision}"
+        home.mkdir()
+        result = run_cli(home, "upgrade", "-r", revision, "--yes",
+                         env={"DATABASE_URL": libpq_url(pg_cluster.target(template))})
         assert result.returncode == 0, result.stderr
+        _sample_templates[key] = template
+    if database:
+        pg_cluster.drop_database(database)
+    return pg_cluster.create_database(template=_sample_templates[key], name=database)
+
+
+class Untouched:
+    """A database at a revision, shared by a module's cases that must each leave it as it was:
+    every ``refuse`` checks the exit code and the fingerprint, so no case can affect the next."""
+
+    def __init__(self, target: DatabaseTarget, home: Path):
+        self.target, self.home = target, home
         self.fingerprint, self.reports = fingerprint_of(target), reports_in(home)
 
     @classmethod
     @contextmanager
     def at(cls, revision: str, pg_cluster, home: Path) -> Iterator[Untouched]:
-        """A new database of ``pg_cluster`` at ``revision``, dropped afterwards."""
-        target = pg_cluster.target(pg_cluster.create_database())
+        """A new database of ``pg_cluster`` with the sample project at ``revision``, dropped afterwards."""
+        target = pg_cluster.target(sample_at(pg_cluster, revision))
         try:
-            yield cls(target, home, revision)
+            yield cls(target, home)
         finally:
             pg_cluster.drop_database(target.database)
 

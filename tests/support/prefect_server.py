@@ -14,12 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from tests.pgcluster import free_port
+from tests.support.helpers import REPO, wait_until
+from tests.support.pgcluster import free_port
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
@@ -126,15 +128,6 @@ class Worker:
         self.process = None
 
 
-def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _process(pid: int):
     import psutil
 
@@ -163,3 +156,92 @@ def prefect(server: PrefectServer, *args: str, cwd: Path, env: dict[str, str] | 
                             capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, f"prefect {' '.join(args)}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
     return result.stdout
+
+
+# The deployments of prefect.yaml these tests run. Not the scheduled ones (db-health, db-backup): the
+# server's scheduler would give the worker their nightly runs to pick up when a test runs at that hour.
+DEPLOYMENTS = ("development", "staging", "production", "staging-rollback")
+
+
+@contextmanager
+def client_pointed_at(api_url: str, **settings):
+    """This process's Prefect client pointed at another API for a while (``settings``: more Prefect
+    settings, by their objects). Prefect keeps one events worker and one log worker per process, bound
+    to the API that was current when they started: both are drained and dropped on the way in and out,
+    so none outlives its server (a later test's flow would send its task runs there) or follows the
+    harness in."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    def drain() -> None:
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
+
+    drain()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url, **settings}):
+            yield
+    finally:
+        drain()
+
+
+@contextmanager
+def deployed(server: PrefectServer):
+    """The server started, with the dbmigrate pool and prefect.yaml's deployments the tests run;
+    the test's Prefect client pointed at it."""
+    server.start()
+    try:
+        with client_pointed_at(server.api_url):
+            prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
+            prefect(server, "deploy", *(f"--name={name}" for name in DEPLOYMENTS), cwd=REPO)
+            yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def working(server: PrefectServer, tmp_path: Path):
+    state = tmp_path / "worker-home"
+    state.mkdir(exist_ok=True)
+    environ = server.environ(DBMIGRATE_CHECKOUT=str(REPO), PYTHONPATH=str(REPO), DBMIGRATE_HOME=str(state))
+    worker = Worker(server, environ, tmp_path / "worker.log")
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.kill_all()
+
+
+def start_run(server, environment: str, ini: str, flow: str = "db-migrate", **params) -> str:
+    """A run of prefect.yaml's deployment of ``flow`` for ``environment`` (db-migrate/staging,
+    db-rollback/staging-rollback, ...)."""
+    from prefect.client.orchestration import get_client
+
+    name = environment if flow == "db-migrate" else f"{environment}-{flow.removeprefix('db-')}"
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"{flow}/{name}")
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"environment": environment, "alembic_config": ini, **params})
+    return str(run.id)
+
+
+def flow_run(run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id)
+
+
+def final(run_id: str, timeout: float = 90):
+    return wait_until(lambda: (r := flow_run(run_id)).state.is_final() and r, timeout, f"flow run {run_id} to end")
+
+
+def run_log(run_id: str) -> str:
+    """The run's log as the UI shows it (for failure messages)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return "\n".join(f"{log.level} {log.message[:400]}" for log in logs)

@@ -52,10 +52,11 @@ class PgCluster:
             autocommit=True,
         )
 
-    def create_database(self) -> str:
-        name = "t_" + uuid.uuid4().hex[:12]
+    def create_database(self, template: str | None = None, name: str | None = None) -> str:
+        """A new database (named ``name``, else a fresh name), a copy of ``template`` if given."""
+        name = name or "t_" + uuid.uuid4().hex[:12]
         with self.admin() as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         return name
 
     def databases(self) -> list[str]:

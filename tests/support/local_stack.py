@@ -13,8 +13,9 @@ import psutil
 from sqlalchemy.engine import URL
 
 from dbmigrate.target import DRIVER, DatabaseTarget
-from tests.helpers import run_cli
-from tests.pgcluster import free_port
+from tests.support.helpers import run_cli
+from tests.support.pgcluster import free_port
+from tests.support.prefect_server import client_pointed_at
 
 
 class Stack:
@@ -24,7 +25,8 @@ class Stack:
         self.outputs: list[str] = []
 
     def cli(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        result = run_cli(self.home, *args, env=env)
+        """dbmigrate as a process: `local up` leaves processes behind, and the rest talk to the stack's API."""
+        result = run_cli(self.home, *args, env=env, process=True)
         self.outputs.append(result.stdout + result.stderr)
         return result
 
@@ -50,11 +52,10 @@ class Stack:
     @contextmanager
     def talking_to(self) -> Iterator[None]:
         """This process's Prefect client pointed at the stack."""
-        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING
 
         env = self.client_env
-        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"],
-                                         PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}):
+        with client_pointed_at(env["PREFECT_API_URL"], **{PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}):
             yield
 
     @property
@@ -90,7 +91,7 @@ def running(home: Path) -> Iterator[Stack]:
         except (OSError, ValueError):
             pids = {}
         try:
-            run_cli(home, "local", "down")
+            run_cli(home, "local", "down", process=True)
         finally:
             for pid in pids.values():  # whatever down could not stop
                 if alive(pid):

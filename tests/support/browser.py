@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.support.helpers import REPO
 
 CHROMIUM = os.environ.get("DBMIGRATE_CHROMIUM", "/usr/bin/chromium")
 # No sandbox (containers, root), and nothing that would reach the internet.

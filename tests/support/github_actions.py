@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers import REPO
+from tests.support.helpers import REPO
 
 EXPRESSION = re.compile(r"\$\{\{(.*?)\}\}", re.DOTALL)
 STATUS_FUNCTIONS = ("success", "failure", "always", "cancelled")

@@ -1,0 +1,37 @@
+"""The tests' own layout (issue 16): test modules share code only through tests/support, never by
+importing one another, and the benchmarks, which run without the test suite, import nothing from tests/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def imported(path: Path) -> set[str]:
+    """Every module ``path`` imports (lazy imports included), and every name it imports from one."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def is_test_module(name: str) -> bool:
+    return name.startswith("tests.") and any(part.startswith("test_") for part in name.split("."))
+
+
+def test_no_module_of_the_tests_imports_a_test_module():
+    offenders = {f"{path.relative_to(REPO)}: {name}"
+                 for path in (REPO / "tests").rglob("*.py") for name in imported(path) if is_test_module(name)}
+    assert sorted(offenders) == [], "move what they share to tests/support"
+
+
+def test_the_benchmarks_import_nothing_from_the_tests():
+    offenders = {f"{path.relative_to(REPO)}: {name}"
+                 for path in (REPO / "benchmarks").rglob("*.py") for name in imported(path)
+                 if name == "tests" or name.startswith("tests.")}
+    assert sorted(offenders) == []
