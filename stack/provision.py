@@ -211,12 +211,21 @@ def _worker(home: Path, checkout: Path, api: str, say: Say) -> None:
     if record is not None:
         say(f"worker: already running (pid {record['pid']}), pool {POOL}")
         return
-    since = datetime.now(UTC) - timedelta(seconds=1)
-    env = worker_environ(home, checkout, api)
-    record = part.start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process"],
-                        env, checkout)
-    _wait_for(lambda: _worker_online(since), part, "the worker", record)
+    record = start_worker(part, home, checkout, api)
     say(f"worker: started (pid {record['pid']}), pool {POOL}, runs flows from {checkout} (log {part.log})")
+
+
+def start_worker(part: Detached, home: Path, checkout: Path, api: str, name: str | None = None,
+                 limit: int | None = None) -> dict:
+    """A process worker of the pool started as ``part`` (the stack's own, or one more beside it:
+    benchmarks/fleet.py's), once the server has heard from it; what ``start`` recorded. ``name``: the
+    worker's (Prefect's default is a random one), waited for by name; ``limit``: its ``--limit``."""
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
+            *(["--name", name] if name else []), *(["--limit", str(limit)] if limit else [])]
+    record = part.start(argv, worker_environ(home, checkout, api), checkout)
+    _wait_for(lambda: _worker_online(since, name), part, f"the worker {name or ''}".strip(), record)
+    return record
 
 
 def worker_environ(home: Path, checkout: Path, api: str) -> dict[str, str]:
@@ -228,9 +237,9 @@ def worker_environ(home: Path, checkout: Path, api: str) -> dict[str, str]:
     return env
 
 
-def _worker_online(since: datetime) -> bool:
+def _worker_online(since: datetime, name: str | None = None) -> bool:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         workers = client.read_workers_for_work_pool(POOL)
-    return any(w.last_heartbeat_time and w.last_heartbeat_time >= since for w in workers)
+    return any(w.last_heartbeat_time and w.last_heartbeat_time >= since and name in (None, w.name) for w in workers)
