@@ -62,23 +62,34 @@ def one_run_per_environment(environment: str, wait_s: float, reclaim: Callable[[
     slots were held, which overshoots any short wait."""
     limit = ensure_concurrency_limit(environment)
     deadline = time.monotonic() + wait_s
+
+    def denied() -> float:
+        if reclaim(environment):
+            return 0
+        if time.monotonic() >= deadline:
+            raise MigrationFailed(f"concurrency failed: another run for {environment} holds {limit}: "
+                                  f"{holders(environment)}")
+        return 1
+
+    with slots(limit, denied):
+        yield
+
+
+@contextmanager
+def slots(names: str | list[str], denied: Callable[[], float]) -> Iterator[None]:
+    """Hold a slot of each global concurrency limit in ``names`` (all or none), asking one request at a
+    time (see :func:`one_run_per_environment`); each time the server says no, ``denied()`` raises to
+    give up or says how many seconds to wait before asking again."""
     with ExitStack() as held:
         while True:
             try:
-                held.enter_context(concurrency(limit, occupy=1, max_retries=0, strict=True,
+                held.enter_context(concurrency(names, occupy=1, max_retries=0, strict=True,
                                                raise_on_lease_renewal_failure=False))
                 break
             except ConcurrencySlotAcquisitionError as exc:
-                denied = isinstance(exc.__cause__, HTTPStatusError) and exc.__cause__.response.status_code == 423
-                if not denied:
+                if not (isinstance(exc.__cause__, HTTPStatusError) and exc.__cause__.response.status_code == 423):
                     raise MigrationFailed(f"concurrency failed: {exc}") from None
-                if reclaim(environment):
-                    continue
-                if time.monotonic() >= deadline:
-                    raise MigrationFailed(
-                        f"concurrency failed: another run for {environment} holds {limit}: {holders(environment)}"
-                    ) from None
-                time.sleep(1)
+            time.sleep(denied())
         yield
 
 

@@ -43,7 +43,7 @@ from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, M
 from dbmigrate.fleet import Member, MemberState, admit, fleet_status, plan_waves
 from dbmigrate.settings import Settings
 from flows import alerts
-from flows.common import settings_for, ask_approval, deployed_environment, ends_failed_on_error, tag_run, who_asked
+from flows.common import ask_approval, deployed_environment, ends_failed_on_error, settings_for, tag_run, who_asked
 from flows.fleet_batch import (FAILED, NOT_STARTED, ROLLED_BACK, RUNNING, UNCHANGED, fleet_limit,
                                fleet_run_tag, fleet_tag, forget_stop, member_tag, read_records, server_limit, stop,
                                stopped)

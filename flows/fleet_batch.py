@@ -27,31 +27,29 @@ import hashlib
 import json
 import re
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from httpx import HTTPStatusError
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
-from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-from prefect.concurrency.sync import concurrency
 from prefect.states import Failed
 from prefect.variables import Variable
 
 from blocks import load_policy
 from blocks.fleet import load_fleet
 from dbmigrate import auto_rollback, pipeline, private, revisions
-from dbmigrate.errors import ConfigError, DbMigrateError, MigrationFailed
+from dbmigrate.errors import ConfigError, DbMigrateError
 from dbmigrate.fleet import Member
 from dbmigrate.policy import Policy
 from dbmigrate.report import NOOP, SUCCEEDED, Approval
 from dbmigrate.settings import Settings
 from flows.alerts import flow_run_url
-from flows.common import settings_for, deployed_environment, ends_failed_on_error
+from flows.concurrency import slots
+from flows.common import deployed_environment, ends_failed_on_error, settings_for
 
 # A member's status, as the member record and the fleet's report class it.
 RUNNING, MIGRATED, FAILED, ROLLED_BACK, UNCHANGED, NOT_STARTED = (
@@ -121,19 +119,12 @@ def member_slots(environment: str, server: str, fleet_run: str) -> Iterator[None
     """Hold a slot of the fleet's cap and of the member's server's cap (both or none), asking
     every SLOT_POLL_S (one request each: Prefect's own timed wait abandons requests the server may
     still grant, see flows.concurrency); a fleet run stopped meanwhile raises FleetStopped."""
-    names = [fleet_limit(environment), server_limit(environment, server)]
-    with ExitStack() as held:
-        while True:
-            try:
-                held.enter_context(concurrency(names, occupy=1, max_retries=0, strict=True,
-                                               raise_on_lease_renewal_failure=False))
-                break
-            except ConcurrencySlotAcquisitionError as exc:
-                if not (isinstance(exc.__cause__, HTTPStatusError) and exc.__cause__.response.status_code == 423):
-                    raise MigrationFailed(f"concurrency failed: {exc}") from None
-                if why := stopped(fleet_run):
-                    raise FleetStopped(why) from None
-                time.sleep(SLOT_POLL_S)
+    def denied() -> float:
+        if why := stopped(fleet_run):
+            raise FleetStopped(why)
+        return SLOT_POLL_S
+
+    with slots([fleet_limit(environment), server_limit(environment, server)], denied):
         yield
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.helpers import REPO, assert_no_canary, libpq_url, sql, wait_until
 from tests.support.pgcluster import CANARY_PASSWORD
-from tests.support.prefect_server import PrefectServer, Worker, prefect
+from tests.support.prefect_server import PrefectServer, Worker, final, flow_run, prefect, start_run
 from tests.support.projects import linear, stock_project
 
 # Its own Prefect server and workers: one xdist worker runs the module (--dist loadgroup).
@@ -140,24 +140,7 @@ def save_fleet(pg_cluster, environment: str, names: list[str], **policy) -> None
 
 
 def start_fleet(environment: str, ini: str, **params) -> str:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(f"db-migrate-fleet/{environment}")
-        run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"environment": environment, "alembic_config": ini, **params})
-    return str(run.id)
-
-
-def flow_run(run_id: str):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(run_id)
-
-
-def final(run_id: str, timeout: float):
-    return wait_until(lambda: (r := flow_run(run_id)).state.is_final() and r, timeout, f"flow run {run_id} to end", 1)
+    return start_run(None, environment, ini, flow="db-migrate-fleet", **params)
 
 
 def batch_runs(fleet_run: str | None = None) -> list:

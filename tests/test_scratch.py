@@ -169,9 +169,9 @@ def test_without_createdb_a_rehearsal_is_refused_before_the_backup_and_runs_on_a
         assert one_line_error(refused.stderr) == refusal_of(role, pg_cluster.port, "the rehearsal")
         assert not list((home / "backups").rglob("*.dump")), "refused before any backup was written"
         assert fingerprint_of(target) == before
-    report = last_report(home)
-    assert len(reports_in(home)) == reports + 1 and report["error"]["phase"] == "health_checks"
-    assert report["backup"] is None
+    report = last_report(home)  # each refusal leaves its report: the upgrade's and the rehearsal's
+    assert len(reports_in(home)) == reports + 2 and report["error"]["phase"] == "health_checks"
+    assert report["operation"] == "rehearse" and report["backup"] is None
     drift_refused = cli("drift", "--alembic-config", ini, env=env)
     assert drift_refused.returncode == 2
     assert one_line_error(drift_refused.stderr) == refusal_of(role, pg_cluster.port, "drift's replay")

@@ -161,12 +161,12 @@ def test_the_worker_asks_for_runs_every_second_unless_told_otherwise(home, monke
     """A run waits for the worker's next query: the stack's worker asks every second (Prefect's default
     is 10 s, the stack's was 2 s), half a second of a run's fixed cost on average; an operator's own
     PREFECT_WORKER_QUERY_SECONDS wins."""
-    from dbmigrate import stack
+    from stack import provision
 
     monkeypatch.delenv("PREFECT_WORKER_QUERY_SECONDS", raising=False)
-    assert stack.worker_environ(home, REPO, "http://127.0.0.1:9/api")["PREFECT_WORKER_QUERY_SECONDS"] == "1"
+    assert provision.worker_environ(home, REPO, "http://127.0.0.1:9/api")["PREFECT_WORKER_QUERY_SECONDS"] == "1"
     monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "5")
-    assert stack.worker_environ(home, REPO, "http://127.0.0.1:9/api")["PREFECT_WORKER_QUERY_SECONDS"] == "5"
+    assert provision.worker_environ(home, REPO, "http://127.0.0.1:9/api")["PREFECT_WORKER_QUERY_SECONDS"] == "5"
 
 
 def test_local_up_refuses_busy_ports_and_starts_nothing(home):

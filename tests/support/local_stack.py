@@ -55,7 +55,7 @@ class Stack:
         from prefect.settings import PREFECT_API_AUTH_STRING
 
         env = self.client_env
-        with client_pointed_at(env["PREFECT_API_URL"], **{PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}):
+        with client_pointed_at(env["PREFECT_API_URL"], {PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}):
             yield
 
     @property

@@ -164,9 +164,9 @@ DEPLOYMENTS = ("development", "staging", "production", "staging-rollback")
 
 
 @contextmanager
-def client_pointed_at(api_url: str, **settings):
+def client_pointed_at(api_url: str, settings: dict | None = None):
     """This process's Prefect client pointed at another API for a while (``settings``: more Prefect
-    settings, by their objects). Prefect keeps one events worker and one log worker per process, bound
+    settings, keyed by their objects). Prefect keeps one events worker and one log worker per process, bound
     to the API that was current when they started: both are drained and dropped on the way in and out,
     so none outlives its server (a later test's flow would send its task runs there) or follows the
     harness in."""
@@ -180,7 +180,7 @@ def client_pointed_at(api_url: str, **settings):
 
     drain()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url, **settings}):
+        with temporary_settings(updates={PREFECT_API_URL: api_url, **(settings or {})}):
             yield
     finally:
         drain()
@@ -215,10 +215,10 @@ def working(server: PrefectServer, tmp_path: Path):
 
 def start_run(server, environment: str, ini: str, flow: str = "db-migrate", **params) -> str:
     """A run of prefect.yaml's deployment of ``flow`` for ``environment`` (db-migrate/staging,
-    db-rollback/staging-rollback, ...)."""
+    db-migrate-fleet/staging, db-rollback/staging-rollback, ...)."""
     from prefect.client.orchestration import get_client
 
-    name = environment if flow == "db-migrate" else f"{environment}-{flow.removeprefix('db-')}"
+    name = environment if flow.startswith("db-migrate") else f"{environment}-{flow.removeprefix('db-')}"
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(f"{flow}/{name}")
         run = client.create_flow_run_from_deployment(
