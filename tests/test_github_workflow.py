@@ -176,11 +176,12 @@ def staging(server, target, cli, url, project):
     return lambda **policy: save_environment(target, ENVIRONMENT, **policy)
 
 
-def job_run(server, tmp_path: Path, job: str, context: dict, name: str = "job", interrupt=None, **changed_env: str):
+def job_run(server, tmp_path: Path, job: str, context: dict, name: str = "job", interrupt=None,
+            tools: Path | None = None, **changed_env: str):
     """The job's steps, in a workspace of its own (what the steps write stays there)."""
     secrets = {"PREFECT_API_URL": server.api_url, "PREFECT_API_KEY": ""}
     run = run_job(WORKFLOW, job, {**context, "secrets": secrets}, workspace(tmp_path / name), tmp_path / name,
-                  interrupt=interrupt, **changed_env)
+                  interrupt=interrupt, tools=tools, **changed_env)
     print(run.stdout)
     assert_no_canary(run.stdout + run.summary, "the job's output")
     return run
@@ -247,6 +248,28 @@ def test_a_good_run_with_an_all_digit_revision(server, staging, target, tmp_path
     assert summary.startswith(f"### {MIGRATE}: Completed")
     assert "` 11 ` → ` 12 ` (target ` 12 `)" in summary and f"{report['duration_s']} s" in summary
     assert f"]({server.api_url.removesuffix('/api')}/runs/flow-run/{run.id})" in summary, "a link to the run"
+
+
+@pytest.mark.slow
+def test_a_watch_that_misses_the_runs_last_event_does_not_hold_the_job(server, staging, target, tmp_path):
+    """Prefect's `flow-run watch` follows the event stream only; one that never sees the final
+    event (PrefectHQ/prefect#19989; a job once hung here for 240 s) must not hold the job until
+    WATCH_TIMEOUT: the run's state, polled beside it, ends the wait and decides the exit code."""
+    staging()
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "prefect").write_text(
+        "#!/bin/bash\n"
+        "if [ \"$1 $2\" = 'flow-run watch' ]; then exec sleep 600; fi  # the event that never comes\n"
+        f"exec {Path(sys.executable).parent / 'prefect'} \"$@\"\n")
+    (tools / "prefect").chmod(0o755)
+
+    job = job_run(server, tmp_path, "migrate", event_context(ENVIRONMENT, target_revision="12"), tools=tools)
+
+    assert job.status == "success" and list(job.results) == ["start", "run", "report"], job.stdout
+    assert flow_run(job.output("flow_run_id")).state.is_completed()
+    assert fingerprint_of(target).revisions == ("12",)
+    assert job.output("timed_out") is None, "the run ended: nothing to cancel"
 
 
 @pytest.mark.slow

@@ -40,7 +40,10 @@ from tests.support.projects import linear, stock_project
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect-server-orchestration")]
 
 SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)
-FREE_WITHIN_S = 10  # how soon the environment's slot must be free again
+# How soon the environment's slot must be free again: well under the revision's sleep and the
+# slot's 5-minute lease, so a pass proves the run was stopped and its slot freed, not waited out.
+# The seconds it took are printed (a figure, not a timed test): 0.5-15 s seen, with the machine's load.
+FREE_WITHIN_S = 30
 
 
 @pytest.fixture(scope="module")

@@ -184,11 +184,12 @@ class StepRun:
 
 
 def start_step(workflow: Workflow, job_name: str, step_id: str, context: dict, workspace: Path,
-               workdir: Path, **changed_env: str) -> StepRun:
+               workdir: Path, tools: Path | None = None, **changed_env: str) -> StepRun:
     """Start the step with the environment GitHub gives it: the workflow's, job's and step's
     ``env:`` rendered against ``context``, the runner's own variables, and a PATH whose
     ``python`` is this one (the job's setup-python). Nothing else of this process's environment;
-    ``changed_env`` replaces values the workflow sets (a shorter timeout, say)."""
+    ``changed_env`` replaces values the workflow sets (a shorter timeout, say); ``tools``, a directory
+    whose commands are found first (a fault injected into one of them)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "home").mkdir(exist_ok=True)
     for name in ("github_output", "step_summary"):
@@ -196,7 +197,7 @@ def start_step(workflow: Workflow, job_name: str, step_id: str, context: dict, w
     job = workflow.job(job_name)
     step = workflow.step(job_name, step_id)
     env = {
-        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "PATH": ":".join([*([str(tools)] if tools else []), str(Path(sys.executable).parent), "/usr/bin", "/bin"]),
         "HOME": str(workdir / "home"),
         "LANG": "C.UTF-8",
         "CI": "true",
@@ -247,7 +248,7 @@ class JobRun:
 
 
 def run_job(workflow: Workflow, job_name: str, context: dict, workspace: Path, workdir: Path, timeout: float = 240,
-            interrupt=None, **changed_env: str) -> JobRun:
+            interrupt=None, tools: Path | None = None, **changed_env: str) -> JobRun:
     """The job's `run:` steps that have an id (not the setup ones), each in ``workdir/<id>`` with its
     own $GITHUB_OUTPUT and $GITHUB_STEP_SUMMARY. ``interrupt(step_id, step, steps)``, called as each
     step starts with the outputs of those before it, returns True once it has signalled the step as
@@ -259,7 +260,8 @@ def run_job(workflow: Workflow, job_name: str, context: dict, workspace: Path, w
         step_context = {**context, "steps": {name: {"outputs": run.outputs} for name, run in steps.items()}}
         if not condition(step.get("if", "success()"), step_context, status):
             continue
-        run = start_step(workflow, job_name, step["id"], step_context, workspace, workdir / step["id"], **changed_env)
+        run = start_step(workflow, job_name, step["id"], step_context, workspace, workdir / step["id"], tools,
+                         **changed_env)
         cancelled = bool(interrupt and interrupt(step["id"], run, step_context["steps"]))
         steps[step["id"]], results[step["id"]] = run, run.finish(timeout)
         if cancelled:
