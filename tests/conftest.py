@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dbmigrate.target import DatabaseTarget
-from tests.support import local_stack, pgcluster
+from tests.support import pgcluster
 from tests.support.helpers import libpq_url, run_cli, s3_bucket_block, save_environment
 
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -99,10 +99,3 @@ def pytest_collection_modifyitems(items):
     """The unit layer (tests/unit: no servers, about a second) runs first: a broken rule shows
     at once, not after the servers have started."""
     items.sort(key=lambda item: not item.nodeid.startswith("tests/unit/"))
-
-
-@pytest.fixture
-def stack(home):
-    """The local stack on fresh ports under the test's home, stopped at the end whatever happened."""
-    with local_stack.running(home) as stack:
-        yield stack

@@ -60,7 +60,7 @@ def logs_say(run_id: str, *messages: str) -> bool:
 
 
 def report_of(tmp_path) -> dict:
-    """The worker's report of the run (its DBMIGRATE_HOME is tests.test_orchestration.working's)."""
+    """The worker's report of the run (its DBMIGRATE_HOME is tests.support.prefect_server.working's)."""
     [report] = reports_in(tmp_path / "worker-home")
     return json.loads(report.read_text())
 

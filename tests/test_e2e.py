@@ -1,29 +1,39 @@
-"""End to end, as an operator runs it (`make e2e`): the local stack on fresh ports; an environment
+"""End to end, as an operator runs it (`make e2e`), on one local stack: `dbmigrate local up` on
+fresh ports (what it starts and prints, owner-only files, an API closed to other users, up again
+changing nothing), the demo job with Prefect's own `prefect deployment run --watch`; an environment
 set up from variables (`blocks sync --from-env`); the guide's commands as written (`dbmigrate run
 --watch` among them); the GitHub workflow's own steps running db-migrate/staging, and a target that
 fails; a production run approved through the Prefect UI in headless Chromium; a db-health run
-created by the server's scheduler and completed by the worker; everything stopped, worker first.
+created by the server's scheduler and completed by the worker; `local up --fleet` adding tenant
+databases; everything stopped, worker first, and no output holding the stack's password.
 The tests run in order on one stack. Screenshots of the approval form and the run's summary go to
 screenshots/ (tests/support/browser.py)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from dbmigrate.policy import ENVIRONMENTS
 from tests.support import browser
 from tests.support.github_actions import Workflow, event_context, run_job, workspace
-from tests.support.helpers import REPO, SAMPLE_HEAD, documented_commands, fingerprint_of, wait_until
-from tests.support.local_stack import alive, running
+from tests.support.helpers import (REPO, SAMPLE_HEAD, documented_commands, fingerprint_of, open_to_others,
+                                   reports_in, scalar, wait_until)
+from tests.support.local_stack import Stack, alive, running
+from tests.support.prefect_server import PREFECT
 
-# One local stack at a time: the e2e tests and test_stack run on one worker (--dist loadgroup).
+# One local stack at a time (test_stack's refusals start parts of one): one worker (--dist loadgroup).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local-stack")]
 
 WORKFLOW = Workflow(REPO / ".github" / "workflows" / "db-migrate.yml")
@@ -33,10 +43,13 @@ APPROVER = "Grace Hopper"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """`dbmigrate local up` on fresh ports, its scheduler looking every second (a due run is
-    created at once rather than within Prefect's default minute)."""
+    created at once rather than within Prefect's default minute); the first up's output and time
+    kept for the first test."""
     with running(tmp_path_factory.mktemp("home")) as stack:
-        up = stack.up(PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1")
-        assert up.returncode == 0, up.stdout + up.stderr
+        started = time.monotonic()
+        stack.first_up = stack.up(PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1")
+        stack.first_up_s = time.monotonic() - started
+        assert stack.first_up.returncode == 0, stack.first_up.stdout + stack.first_up.stderr
         yield stack
 
 
@@ -53,6 +66,120 @@ def workflow_job(stack, tmp_path, name: str, **inputs):
     job = run_job(WORKFLOW, "migrate", context, workspace(tmp_path / name), tmp_path / name, timeout=300)
     stack.outputs += [job.stdout, job.summary]
     return job
+
+
+def test_local_up_starts_the_stack_on_fresh_ports_and_up_again_changes_nothing(stack):
+    first = stack.first_up
+    print(f"first local up: {stack.first_up_s:.1f}s")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"export PREFECT_API_URL={stack.api}" in first.stdout.splitlines()
+    assert f"UI:  http://127.0.0.1:{stack.prefect_port}  (runs, their logs and artifacts)" in first.stdout
+
+    password_file = stack.home / "local-password"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    for database in ENVIRONMENTS:
+        with psycopg.connect(host="127.0.0.1", port=stack.pg_port, user="postgres", password=stack.password,
+                             dbname=database) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == (database,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(host="127.0.0.1", port=stack.pg_port, user="postgres", password="wrong", dbname="staging")
+
+    status = stack.cli("local", "status")
+    assert status.returncode == 0
+    assert status.stdout.startswith("running: pid ")
+    for line in (f"tcp: 127.0.0.1:{stack.pg_port}, user postgres, password in {password_file}",
+                 f"UI: http://127.0.0.1:{stack.prefect_port}", f"PREFECT_API_URL={stack.api}"):
+        assert line in status.stdout.splitlines()
+    assert f"prefect server: running, pid {stack.pids()['server']}, http://127.0.0.1:{stack.prefect_port}" \
+        in status.stdout
+    assert f"worker: running, pid {stack.pids()['worker']}, pool dbmigrate" in status.stdout
+
+    _blocks_reach_their_databases(stack)
+    auth_file = stack.home / "prefect-auth"
+    assert stack.cli("local", "env").stdout == (f"export PREFECT_API_URL={stack.api}\n"
+                                                f'export PREFECT_API_AUTH_STRING="$(cat {auth_file})"\n')
+    assert stat.S_IMODE(auth_file.stat().st_mode) == 0o600
+    _the_api_refuses_whoever_lacks_the_auth_string(stack)
+
+    second = stack.up()
+    assert second.returncode == 0, second.stderr
+    for part in ("postgresql: already running", "prefect server: already running", "worker: already running",
+                 "work pool dbmigrate: exists", "deployments: up to date"):
+        assert part in second.stdout
+    assert [line for line in second.stdout.splitlines() if line.startswith("block ")] == [
+        f"block dbmigrate-database-credentials/{name}: unchanged" for name in ENVIRONMENTS]
+
+
+def _blocks_reach_their_databases(stack: Stack) -> None:
+    """load_target works for each environment's block, over TCP with the generated password."""
+    from blocks import load_target
+    from dbmigrate import db
+
+    with stack.talking_to():
+        for name in ENVIRONMENTS:
+            target = load_target(name)
+            assert (target.environment, target.host, target.port) == (name, "127.0.0.1", stack.pg_port)
+            with db.connect(target) as conn:
+                assert conn.exec_driver_sql("SELECT current_database()").scalar() == name
+
+
+def _the_api_refuses_whoever_lacks_the_auth_string(stack: Stack) -> None:
+    """Another user of the machine reaches 127.0.0.1: without the auth string the blocks' secrets
+    (the database's password) stay closed; the health check stays open."""
+    import httpx
+
+    filter_secrets = f"{stack.api}/block_documents/filter"
+    anonymous = httpx.post(filter_secrets, json={"include_secrets": True}, timeout=10)
+    assert anonymous.status_code == 401 and stack.password not in anonymous.text
+    wrong = httpx.post(filter_secrets, json={"include_secrets": True}, auth=("wrong", ""), timeout=10)
+    assert wrong.status_code == 401
+    assert httpx.get(f"{stack.api}/health", timeout=10).status_code == 200
+    owner = httpx.post(filter_secrets, json={"include_secrets": True}, timeout=10,
+                       headers={"Authorization": "Basic " + base64.b64encode(
+                           stack.client_env["PREFECT_API_AUTH_STRING"].encode()).decode()})
+    assert owner.status_code == 200 and stack.password in owner.text
+
+
+def _watch_exits(pids: dict[str, int]) -> dict[str, float]:
+    """When each process disappears, watched from now on in the background."""
+    gone: dict[str, float] = {}
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while len(gone) < len(pids) and time.monotonic() < deadline:
+            for name, pid in pids.items():
+                if name not in gone and not alive(pid):
+                    gone[name] = time.monotonic()
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return gone
+
+
+def test_the_demo_job_runs_with_prefects_own_command(stack):
+    """What `make demo` runs: db-migrate/development, watched by `prefect deployment run --watch`."""
+    run = subprocess.run([PREFECT, "deployment", "run", "db-migrate/development", "--watch"], cwd=REPO,
+                         env={**os.environ, **stack.client_env}, capture_output=True, text=True, timeout=300,
+                         check=False)
+    stack.outputs.append(run.stdout + run.stderr)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Flow run finished successfully in 'Completed'." in run.stdout
+    report = json.loads(reports_in(stack.home)[-1].read_text())
+    assert (report["environment"], report["status"], report["revision_after"]) == (
+        "development", "succeeded", SAMPLE_HEAD)
+    with psycopg.connect(host="127.0.0.1", port=stack.pg_port, user="postgres", password=stack.password,
+                         dbname="development") as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(SAMPLE_HEAD,)]
+    # Prefect's database (the key that decrypts the blocks), the logs, the run's backup and report: owner-only.
+    assert (stack.home / "prefect" / "prefect.db").exists() and any((stack.home / "backups").rglob("*.json"))
+    assert open_to_others(stack.home) == []
+    # the command line, with no --env or URL, looks at the database the demo migrated
+    status = stack.cli("status")
+    assert status.returncode == 0 and status.stderr == "", status.stderr
+    where, *state = status.stdout.splitlines()[:4]
+    assert where.endswith(f":{stack.pg_port}/development (development)"), where
+    assert state == [f"current:  {SAMPLE_HEAD}", f"head:     {SAMPLE_HEAD}", "pending:  0"]
+    assert stack.cli("check").stdout == f"up to date: database at {SAMPLE_HEAD}\n"
 
 
 def test_an_environment_set_up_from_variables(stack, prefect_api):
@@ -183,12 +310,49 @@ def test_the_scheduler_creates_a_health_run_and_the_worker_completes_it(stack, p
     assert run.state.is_completed(), run.state
 
 
-def test_down_stops_everything_worker_first(stack):
-    pids = stack.pids()
-    down = stack.cli("local", "down")
+def test_local_up_fleet_adds_each_environments_tenants_and_fleet_block(stack):
+    first = stack.up("--fleet", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert ("fleet: 2 tenant databases per environment (tenant_001…, staging_tenant_001…, production_tenant_001…), "
+            "6 created from fleet_template at revision 0004") in first.stdout.splitlines()
+    assert "block dbmigrate-database-fleet/staging-fleet: created" in first.stdout.splitlines()
 
+    status = stack.cli("fleet", "status", "--env", "development", "--json", env=stack.client_env)
+    assert status.returncode == 0, status.stderr
+    result = json.loads(status.stdout)
+    assert [(row["name"], row["revision"], row["pending"]) for row in result["members"]] == [
+        ("tenant_001", "0004", 2), ("tenant_002", "0004", 2)]
+    assert result["summary"] == "2 databases: 2 at 0004"
+    staging = stack.cli("fleet", "status", "--env", "staging", env=stack.client_env)
+    assert [line.split()[0] for line in staging.stdout.splitlines()[:-1]] == ["staging_tenant_001",
+                                                                              "staging_tenant_002"]
+    assert scalar(stack.target("production_tenant_002"), "SELECT count(*) FROM cost_records") == 500
+
+    second = stack.up("--fleet", "2")
+    assert second.returncode == 0, second.stderr
+    assert ("fleet: 2 tenant databases per environment, all there (tenant_001…, staging_tenant_001…, "
+            "production_tenant_001…)") in second.stdout.splitlines()
+
+
+def test_down_stops_everything_worker_first(stack):
+    """Then `local status` says nothing runs, `local env` refuses, and no output, log or report holds
+    the stack's password."""
+    pids = stack.pids()
+    gone = _watch_exits(pids)
+    down = stack.cli("local", "down")
     assert down.returncode == 0, down.stderr
-    assert [line.split(":")[0] for line in down.stdout.splitlines()] == ["worker", "prefect server", "postgresql"]
-    assert not any(alive(pid) for pid in pids.values()), pids
-    for output in [*stack.outputs, stack.logs()]:
-        assert stack.password not in output
+    assert down.stdout.splitlines() == [f"worker: stopped (pid {pids['worker']})",
+                                        f"prefect server: stopped (pid {pids['server']})", "postgresql: stopped"]
+    time.sleep(0.3)
+    assert gone["worker"] < gone["server"] < gone["postgresql"], gone
+    after = stack.cli("local", "status")
+    assert after.returncode == 1
+    assert after.stdout.splitlines() == [f"not running (data directory {stack.home.resolve() / 'pgdata'})",
+                                         "prefect server: not running", "worker: not running"]
+    no_env = stack.cli("local", "env")
+    assert no_env.returncode == 2 and no_env.stderr.startswith("dbmigrate: error: the local Prefect server is not "
+                                                               "running")
+
+    secret = stack.password
+    for where in [*stack.outputs, stack.logs(), *(p.read_text() for p in reports_in(stack.home))]:
+        assert secret not in where

@@ -233,30 +233,3 @@ def test_blocks_sync_writes_the_fleet_block_from_variables(cli, api_env, env_nam
         refused = sync(**variables)
         assert refused.returncode == 2 and one_line_error(refused.stderr) == f"dbmigrate: error: {error}"
     assert load_fleet_block(env_name).query == query
-
-
-@pytest.mark.slow  # the local stack: `prefect server start`, deployments, a worker
-@pytest.mark.xdist_group("local-stack")  # one local stack at a time (tests/test_e2e.py, tests/test_stack.py)
-def test_local_up_fleet_makes_each_environments_tenants_and_fleet_block(stack):
-    up = ["local", "up", "--pg-port", str(stack.pg_port), "--prefect-port", str(stack.prefect_port), "--fleet", "2"]
-    first = stack.cli(*up)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert ("fleet: 2 tenant databases per environment (tenant_001…, staging_tenant_001…, production_tenant_001…), "
-            "6 created from fleet_template at revision 0004") in first.stdout.splitlines()
-    assert "block dbmigrate-database-fleet/staging-fleet: created" in first.stdout.splitlines()
-
-    status = stack.cli("fleet", "status", "--env", "development", "--json", env=stack.client_env)
-    assert status.returncode == 0, status.stderr
-    result = json.loads(status.stdout)
-    assert [(row["name"], row["revision"], row["pending"]) for row in result["members"]] == [
-        ("tenant_001", "0004", 2), ("tenant_002", "0004", 2)]
-    assert result["summary"] == "2 databases: 2 at 0004"
-    staging = stack.cli("fleet", "status", "--env", "staging", env=stack.client_env)
-    assert [line.split()[0] for line in staging.stdout.splitlines()[:-1]] == ["staging_tenant_001",
-                                                                              "staging_tenant_002"]
-    assert scalar(stack.target("production_tenant_002"), "SELECT count(*) FROM cost_records") == 500
-
-    second = stack.cli(*up)
-    assert second.returncode == 0, second.stderr
-    assert ("fleet: 2 tenant databases per environment, all there (tenant_001…, staging_tenant_001…, "
-            "production_tenant_001…)") in second.stdout.splitlines()

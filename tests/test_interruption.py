@@ -1,6 +1,6 @@
 """Where a run cut short left the database, and putting it back (dbmigrate.interruption): plain code,
 against the real PostgreSQL, without Prefect (issue 16 item 2). The flows' side, the worker's hook and
-the next run reading the in-flight journal, is in tests/test_orchestration.py."""
+the next run reading the in-flight journal, is in tests/orchestration/."""
 
 from dbmigrate import fingerprint, interruption
 from dbmigrate.interruption import InFlight, Undo

@@ -30,9 +30,9 @@ class Stack:
         self.outputs.append(result.stdout + result.stderr)
         return result
 
-    def up(self, **env: str) -> subprocess.CompletedProcess:
+    def up(self, *options: str, **env: str) -> subprocess.CompletedProcess:
         return self.cli("local", "up", "--pg-port", str(self.pg_port), "--prefect-port", str(self.prefect_port),
-                        env=env)
+                        *options, env=env)
 
     @property
     def ui(self) -> str:

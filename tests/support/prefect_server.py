@@ -37,6 +37,9 @@ def prefect_environ(home: Path, api_url: str, lease_storage: str = FILESYSTEM_LE
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": lease_storage,
+        # Workers ask for runs every 2 s, not Prefect's 10: a run a test starts is picked up at once,
+        # for a few requests a second on a machine the suite keeps busy.
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
         **extra,
     }
 
