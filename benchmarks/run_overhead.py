@@ -65,18 +65,19 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    from dbmigrate import local, stack
+    from dbmigrate import local
+    from stack import processes, provision
 
     home = Path(tempfile.mkdtemp(prefix="dbmigrate-run-bench-"))
     prefect_port = local.free_port()
     # This process's Prefect client reads its settings once, at its first import (stack.up's): set them first.
-    os.environ.update(stack.client_environ(home, f"http://{local.HOST}:{prefect_port}/api"))
-    stack.up(home, REPO, local.free_port(), prefect_port, say=lambda line: None)
+    os.environ.update(processes.client_environ(home, f"http://{local.HOST}:{prefect_port}/api"))
+    provision.up(home, REPO, local.free_port(), prefect_port, say=lambda line: None)
     try:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
-            deployments = {"empty flow": deploy_empty_flow(client, stack.POOL),
+            deployments = {"empty flow": deploy_empty_flow(client, processes.POOL),
                            "db-migrate (no-op)": "db-migrate/development"}
             for deployment in deployments.values():  # the first db-migrate run migrates; then none has work
                 one_run(client, deployment)
@@ -87,7 +88,7 @@ def main() -> int:
                     samples[name].append(one_run(client, deployment))
             load_after = os.getloadavg()
     finally:
-        stack.down(home, say=lambda line: None)
+        processes.down(home, say=lambda line: None)
     query = os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "the stack's default")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average "
           f"(1, 5, 15 min) before {' '.join(f'{x:.1f}' for x in load_before)}, "
