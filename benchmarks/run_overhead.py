@@ -1,6 +1,7 @@
 """The fixed cost of one deployment run on the local stack: a no-op `db-migrate/development` (the
 database already at head) against an empty flow deployed to the same work pool with the same
-pull step, on the same worker, interleaved, medians.
+pull step, on the same worker; and the empty flow on a pool as Prefect creates one (no command: a
+workspace supervisor process starts the engine) on a worker of its own; interleaved, medians.
 
 Each run's states, as the Prefect server recorded them, split its time from creation to its final
 state into: pick-up (created -> Pending: the worker's polling), start (Pending -> Running: the
@@ -17,6 +18,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,15 +27,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 TARGET_S = 4.0
+DEFAULT_POOL = "prefect-default"
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
-def deploy_empty_flow(client, pool: str) -> str:
+def deploy_empty_flow(client, pool: str, name: str = "empty") -> str:
     flow_id = client.create_flow_from_name("benchmark-empty")
-    client.create_deployment(flow_id, "empty", work_pool_name=pool, work_queue_name="default",
+    client.create_deployment(flow_id, name, work_pool_name=pool, work_queue_name="default",
                              entrypoint="benchmarks/empty_flow.py:empty",
                              pull_steps=[{"flows.pull.set_checkout_directory": {"variable": "DBMIGRATE_CHECKOUT"}}])
-    return "benchmark-empty/empty"
+    return f"benchmark-empty/{name}"
+
+
+def prefects_default_pool(client, home: Path, api: str) -> subprocess.Popen:
+    """A second pool as Prefect creates one (no command: each run starts a workspace supervisor,
+    which starts the engine), the empty flow deployed to it, and a worker of it like the stack's."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    from stack import provision
+
+    client.create_work_pool(WorkPoolCreate(name=DEFAULT_POOL, type="process",
+                                           base_job_template=ProcessWorker.get_default_base_job_template()))
+    deploy_empty_flow(client, DEFAULT_POOL, "empty-supervised")
+    return subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", DEFAULT_POOL],
+                            env=provision.worker_environ(home, REPO, api), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def one_run(client, deployment: str) -> dict[str, float]:
@@ -77,7 +96,9 @@ def main() -> int:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
+            supervised = prefects_default_pool(client, home, os.environ["PREFECT_API_URL"])
             deployments = {"empty flow": deploy_empty_flow(client, processes.POOL),
+                           "empty, supervisor": "benchmark-empty/empty-supervised",
                            "db-migrate (no-op)": "db-migrate/development"}
             for deployment in deployments.values():  # the first db-migrate run migrates; then none has work
                 one_run(client, deployment)
@@ -88,6 +109,8 @@ def main() -> int:
                     samples[name].append(one_run(client, deployment))
             load_after = os.getloadavg()
     finally:
+        if "supervised" in locals():
+            supervised.kill()
         processes.down(home, say=lambda line: None)
     query = os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "the stack's default")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average "
@@ -101,6 +124,8 @@ def main() -> int:
     for name, median in medians.items():
         print(f"  {name:20}" + "".join(f"{median[part]:18.2f}" for part in parts))
     total, floor = medians["db-migrate (no-op)"]["created -> final"], medians["empty flow"]["created -> final"]
+    print(f"Prefect's default start (a workspace supervisor, then the engine) / the stack's pool (the engine "
+          f"directly): {medians['empty, supervisor']['created -> final'] / floor:.2f}x")
     print(f"db-migrate no-op / empty flow: {total / floor:.2f}x; the flow's own part: "
           f"{medians['db-migrate (no-op)']['flow'] - medians['empty flow']['flow']:.2f} s more")
     print(f"target: a no-op run's creation -> final state at most {TARGET_S:g} s (quiet machine) -> "

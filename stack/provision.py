@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -156,11 +157,22 @@ def _blocks(home: Path, pg: local.LocalServer, say: Say, fleet: int | None) -> N
             say(f"block {synced}")
 
 
+def engine_job_template(python: str = sys.executable) -> dict:
+    """The process pool's job template, its runs started as ``python -m prefect.engine``. Left
+    unset, Prefect 3.8's process worker starts a workspace supervisor that then starts the engine:
+    two Python processes importing Prefect per run, where one does (the engine runs the pull step
+    itself). docs/PREFECT.md#deploying shows the same for a pool of one's own."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["command"]["default"] = f"{shlex.quote(python)} -m prefect.engine"
+    return template
+
+
 def _work_pool(say: Say) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
-    from prefect.workers.process import ProcessWorker
 
     with get_client(sync_client=True) as client:
         try:
@@ -168,8 +180,7 @@ def _work_pool(say: Say) -> None:
             say(f"work pool {POOL}: exists")
             return
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=POOL, type="process",
-                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            client.create_work_pool(WorkPoolCreate(name=POOL, type="process", base_job_template=engine_job_template()))
     say(f"work pool {POOL}: created (process)")
 
 

@@ -22,7 +22,7 @@ import pytest
 from tests.support.helpers import (REPO, assert_no_canary, fingerprint_of, save_environment, sleeping_backend, sql,
                                    wait_until)
 from tests.support.pgcluster import CANARY_PASSWORD
-from tests.support.prefect_server import PrefectServer, Worker, final, prefect
+from tests.support.prefect_server import PrefectServer, Worker, final, pool_and_deployments
 from tests.support.projects import linear, stock_project
 
 # Its own Prefect server: one worker runs the module (--dist loadgroup).
@@ -105,8 +105,7 @@ def alerts(tmp_path_factory, pg_cluster):
                 assert TOKEN not in result.stdout + result.stderr
                 return result
 
-            prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
-            prefect(server, "deploy", f"--name={ENV}", cwd=REPO)
+            pool_and_deployments(server, f"--name={ENV}")
             created = sync(ENV, ALERT_WEBHOOK_URL=f"{listener.url}/hooks/{TOKEN}",
                            ALERT_SLACK_WEBHOOK_URL=f"{listener.url}/slack/{TOKEN}")
             assert created.returncode == 0, created.stderr

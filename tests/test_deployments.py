@@ -15,13 +15,14 @@ from dbmigrate.policy import ENVIRONMENTS
 from tests.support.helpers import (
     REPO,
     assert_no_canary,
+    documented_commands,
     fingerprint_of,
     last_report,
     reports_in,
     save_environment,
     wait_until,
 )
-from tests.support.prefect_server import PrefectServer, client_pointed_at, prefect
+from tests.support.prefect_server import PrefectServer, client_pointed_at, pool_and_deployments, prefect
 from tests.support.projects import linear, stock_project
 
 # Its own Prefect servers (the tests that use them are slow): one worker runs the module (--dist loadgroup).
@@ -77,12 +78,23 @@ def prefect_cli(env: dict[str, str], *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_api) -> dict[str, str]:
-    """The `dbmigrate` pool and every deployment of prefect.yaml (`prefect deploy --all`) on the
-    test harness's API; the environment a worker beside this checkout runs with."""
+def deployed(prefect_api, tmp_path_factory) -> dict[str, str]:
+    """The `dbmigrate` pool as docs/PREFECT.md#deploying creates it (its commands as written, the
+    project's Python first on PATH) and every deployment of prefect.yaml (`prefect deploy --all`) on
+    the test harness's API; the environment a worker beside this checkout runs with."""
+    from prefect.client.orchestration import get_client
+
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "DBMIGRATE_CHECKOUT": str(REPO),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    prefect_cli(env, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite")
+    shell = {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for command in (line for line in documented_commands("docs/PREFECT.md", "## Deploying")
+                    if line.startswith("prefect work-pool")):
+        done = subprocess.run(["bash", "-eo", "pipefail", "-c", command], cwd=tmp_path_factory.mktemp("pool"),
+                              env=shell, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, command + done.stdout + done.stderr
+    with get_client(sync_client=True) as client:
+        template = client.read_work_pool("dbmigrate").base_job_template
+    assert template["variables"]["properties"]["command"]["default"] == f"{sys.executable} -m prefect.engine"
     prefect_cli(env, "deploy", "--all")
     return env
 
@@ -192,8 +204,7 @@ def test_the_scheduler_creates_the_nightly_runs_and_a_worker_runs_one(target, tm
     server.start()
     try:
         with client_pointed_at(server.api_url):
-            prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", cwd=REPO)
-            prefect(server, "deploy", "--name", "development-health", cwd=REPO)
+            pool_and_deployments(server, "--name", "development-health")
             save_environment(target, "development")
             with get_client(sync_client=True) as client:
                 deployment = client.read_deployment_by_name("db-health/development-health")

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.helpers import REPO, assert_no_canary, libpq_url, sql, wait_until
 from tests.support.pgcluster import CANARY_PASSWORD
-from tests.support.prefect_server import PrefectServer, Worker, final, flow_run, prefect, start_run
+from tests.support.prefect_server import PrefectServer, Worker, final, flow_run, pool_and_deployments, start_run
 from tests.support.projects import linear, stock_project
 
 # Its own Prefect server and workers: one xdist worker runs the module (--dist loadgroup).
@@ -42,8 +42,7 @@ def deployed(server: PrefectServer):
     server.start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
-            prefect(server, "deploy", *(f"--name={flow}/{env}" for flow in FLOWS for env in ENVIRONMENTS), cwd=REPO)
+            pool_and_deployments(server, *(f"--name={flow}/{env}" for flow in FLOWS for env in ENVIRONMENTS))
             yield server
     finally:
         server.stop()

@@ -196,11 +196,25 @@ def deployed(server: PrefectServer):
     server.start()
     try:
         with client_pointed_at(server.api_url):
-            prefect(server, "work-pool", "create", "dbmigrate", "--type", "process", "--overwrite", cwd=REPO)
-            prefect(server, "deploy", *(f"--name={name}" for name in DEPLOYMENTS), cwd=REPO)
+            pool_and_deployments(server, *(f"--name={name}" for name in DEPLOYMENTS))
             yield server
     finally:
         server.stop()
+
+
+def pool_and_deployments(server: PrefectServer, *deploy: str) -> None:
+    """The `dbmigrate` work pool as the local stack makes it (its runs started as `python -m
+    prefect.engine`: docs/PREFECT.md#deploying), then `prefect deploy DEPLOY...` from this checkout;
+    this process's client pointed at ``server``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from stack.provision import engine_job_template
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="dbmigrate", type="process",
+                                               base_job_template=engine_job_template()), overwrite=True)
+    prefect(server, "deploy", *deploy, cwd=REPO)
 
 
 @contextmanager
