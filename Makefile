@@ -7,8 +7,9 @@
 #   make test   - install with the dev extras and run the whole test suite against real servers
 # make check runs the fast tier (pytest -m "not slow": pure logic and in-process runs against the session's
 # PostgreSQL, S3 and Prefect API) in a few minutes; make test runs every test, on TEST_WORKERS xdist workers.
-# make e2e runs only the end-to-end test (tests/test_e2e.py: the local stack, the GitHub workflow's step,
-# an approval in the Prefect UI in headless Chromium, a scheduled run); its screenshots go to screenshots/.
+# make e2e runs only the end-to-end test (tests/test_e2e.py: local up, the demo job, the GitHub workflow's step,
+# an approval in the Prefect UI in headless Chromium, a scheduled run, local up --fleet, local down);
+# its screenshots go to screenshots/.
 # make down stops the local stack (worker, Prefect server, PostgreSQL); make clean stops it and removes it all.
 PYTHON ?= python3
 VENV := .venv

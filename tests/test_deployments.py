@@ -87,9 +87,10 @@ def deployed(prefect_api, tmp_path_factory) -> dict[str, str]:
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "DBMIGRATE_CHECKOUT": str(REPO),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     shell = {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    where = tmp_path_factory.mktemp("pool")
     for command in (line for line in documented_commands("docs/PREFECT.md", "## Deploying")
                     if line.startswith("prefect work-pool")):
-        done = subprocess.run(["bash", "-eo", "pipefail", "-c", command], cwd=tmp_path_factory.mktemp("pool"),
+        done = subprocess.run(["bash", "-eo", "pipefail", "-c", command], cwd=where,
                               env=shell, capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0, command + done.stdout + done.stderr
     with get_client(sync_client=True) as client:

@@ -85,7 +85,9 @@ class PrefectServer:
 
 @dataclass
 class Worker:
-    """`prefect worker start --pool dbmigrate` as docs/PREFECT.md "Deploying" runs it."""
+    """`prefect worker start --pool dbmigrate` as docs/PREFECT.md "Deploying" runs it: no `--limit`
+    (Prefect 3.8's worker with one exits when a run it has not let go of yet is scheduled again, as
+    a retry from the UI right after the run failed does)."""
 
     server: PrefectServer
     environ: dict[str, str]
@@ -95,7 +97,7 @@ class Worker:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", "dbmigrate", "--type", "process", "--limit", "4"],
+                [PREFECT, "worker", "start", "--pool", "dbmigrate", "--type", "process"],
                 env=self.environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
