@@ -335,3 +335,65 @@ def test_a_production_fleet_pauses_once_after_its_canary_and_a_rejection_leaves_
         assert report["approval"]["decision"] == "rejected" and report["approval"]["approver"] == "Bob"
     finally:
         tenants.drop()
+
+
+def kill_worker_of(workers: list[Worker], run_id: str, spare: str) -> Worker:
+    """SIGKILL the worker running ``run_id`` and its flow-run processes, as a lost machine would. The
+    flow-run process of ``spare`` (the fleet's own run) is left alive should it share that worker:
+    the fleet outliving its batch's machine is what is tested."""
+    import psutil
+
+    pid = wait_until(lambda: parent_process(workers, run_id), 60, "the batch run's process")
+    [worker] = [w for w in workers if pid in w.flow_run_pids()]
+    if parent_process([worker], spare) == 0:
+        worker.kill_all()
+        return worker
+    doomed = [worker.process.pid, pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    for each in doomed:
+        os.kill(each, signal.SIGKILL)
+    worker.process.wait(30)
+    worker.process = None
+    return worker
+
+
+def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the_fleet(server, workers, pg_cluster,
+                                                                                     cli, project):
+    """3 members, canary 1, r2 taking 20 s. Once the canary is inside r2, its batch run's worker is
+    SIGKILLed with the batch's process: nobody reports, Prefect shows the batch Running. The fleet sees
+    its presence gone, says where the database is (r1: r2's transaction died with it), sets the batch
+    Crashed saying so and ends Failed naming the member, well before r2 would have ended; the others
+    are not started and untouched."""
+    tenants = Tenants(pg_cluster, cli, project, 3, "lost")
+    killed = None
+    try:
+        tenants.slow(20)
+        save_fleet(pg_cluster, "development", tenants.names)
+        run_id = start_fleet("development", project, canary=1, wave_size=2, max_in_flight=1, members_per_run=1)
+        canary = tenants.names[0]
+        wait_until(lambda: sql(tenants.target(canary), "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                               "'SELECT pg_sleep%' AND datname = current_database()")[0][0] > 0, 300,
+                   "the canary inside r2", 0.5)
+        [batch] = batch_runs(run_id)
+        killed = kill_worker_of(workers, str(batch.id), run_id)
+        since = time.monotonic()
+        run = final(run_id, 60)
+        took = time.monotonic() - since
+        assert run.state.is_failed(), run.state
+        assert f"member failed: {canary}" in run.state.message, run.state.message
+        assert took < 20, f"the fleet took {took:.0f} s after the kill"
+
+        [batch] = batch_runs(run_id)
+        assert batch.state.is_crashed(), batch.state
+        assert batch.state.message.startswith("Run lost during the migration (its process and worker are gone): "
+                                              f"member '{canary}': database at r1, its starting revision: "
+                                              "nothing was applied"), batch.state.message
+        assert tenants.at("r1") == tenants.names
+        home = Path(workers[0].environ["DBMIGRATE_HOME"])
+        rows = {row["member"]: row for row in fleet_report(home)["members"]}
+        assert rows[canary]["status"] == "failed" and rows[canary]["revision_after"] == "r1", rows[canary]
+        assert "its run was lost" in rows[canary]["message"], rows[canary]
+        assert all(rows[name]["status"] == "not started" for name in tenants.names[1:]), rows
+    finally:
+        if killed is not None:
+            killed.start()
+        tenants.drop()
