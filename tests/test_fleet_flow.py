@@ -357,25 +357,33 @@ def kill_worker_of(workers: list[Worker], run_id: str, spare: str) -> Worker:
 
 
 def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the_fleet(server, workers, pg_cluster,
-                                                                                     cli, project):
-    """3 members, canary 1, r2 taking 20 s. Once the canary is inside r2, its batch run's worker is
-    SIGKILLed with the batch's process: nobody reports, Prefect shows the batch Running. The fleet sees
-    its presence gone, says where the database is (r1: r2's transaction died with it), sets the batch
-    Crashed saying so and ends Failed naming the member, well before r2 would have ended; the others
-    are not started and untouched."""
-    tenants = Tenants(pg_cluster, cli, project, 3, "lost")
+                                                                                     cli, tmp_path):
+    """3 members, canary 1, a project whose r3 takes 20 s (r2 committed before it, a transaction per
+    revision). Once the canary is inside r3, its batch run's worker is SIGKILLed with the batch's process:
+    nobody reports, Prefect shows the batch Running. The fleet sees the member's presence gone, rolls the
+    database left at r2 back to r1 (development's policy, as a single database's), sets the batch Crashed
+    saying so and ends Failed naming the member, well before r3 would have ended; the others are not
+    started and untouched."""
+    ini = str(stock_project(tmp_path, linear(
+        ("op.execute('CREATE TABLE account (id int PRIMARY KEY, balance int NOT NULL)')", "op.drop_table('account')"),
+        ("op.create_table('audit', sa.Column('id', sa.Integer))", "op.drop_table('audit')"),
+        (f"{SLEEP}; op.create_check_constraint('balance_not_negative', 'account', 'balance >= 0')",
+         "op.drop_constraint('balance_not_negative', 'account')"),
+    ), transaction_per_migration=True))
+    tenants = Tenants(pg_cluster, cli, ini, 3, "lost")
     killed = None
     try:
         tenants.slow(20)
         save_fleet(pg_cluster, "development", tenants.names)
-        run_id = start_fleet("development", project, canary=1, wave_size=2, max_in_flight=1, members_per_run=1)
+        run_id = start_fleet("development", ini, canary=1, wave_size=2, max_in_flight=1, members_per_run=1)
         canary = tenants.names[0]
         wait_until(lambda: sql(tenants.target(canary), "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
                                "'SELECT pg_sleep%' AND datname = current_database()")[0][0] > 0, 300,
-                   "the canary inside r2", 0.5)
+                   "the canary inside r3", 0.5)
+        assert tenants.revision(canary) == "r2"
         [batch] = batch_runs(run_id)
-        killed = kill_worker_of(workers, str(batch.id), run_id)
         since = time.monotonic()
+        killed = kill_worker_of(workers, str(batch.id), run_id)
         run = final(run_id, 60)
         took = time.monotonic() - since
         assert run.state.is_failed(), run.state
@@ -384,9 +392,10 @@ def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the
 
         [batch] = batch_runs(run_id)
         assert batch.state.is_crashed(), batch.state
-        assert batch.state.message.startswith("Run lost during the migration (its process and worker are gone): "
-                                              f"member '{canary}': database at r1, its starting revision: "
-                                              "nothing was applied"), batch.state.message
+        assert batch.state.message == ("Run lost during the migration (its process and worker are gone): "
+                                       f"member '{canary}': database left at r2, between the starting revision r1 "
+                                       "and the target r3; rolled back automatically to r1, its starting revision."), \
+            batch.state.message
         assert tenants.at("r1") == tenants.names
         home = Path(workers[0].environ["DBMIGRATE_HOME"])
         rows = {row["member"]: row for row in fleet_report(home)["members"]}
