@@ -47,9 +47,8 @@ from dbmigrate.fleet import Member
 from dbmigrate.policy import Policy
 from dbmigrate.report import NOOP, SUCCEEDED, Approval
 from dbmigrate.settings import Settings
-from flows import recovery
+from flows import concurrency, recovery
 from flows.alerts import flow_run_url
-from flows.concurrency import slots
 from flows.common import deployed_environment, ends_failed_on_error, settings_for
 
 # A member's status, as the member record and the fleet's report class it.
@@ -125,7 +124,7 @@ def member_slots(environment: str, server: str, fleet_run: str) -> Iterator[None
             raise FleetStopped(why)
         return SLOT_POLL_S
 
-    with slots([fleet_limit(environment), server_limit(environment, server)], denied):
+    with concurrency.slots([fleet_limit(environment), server_limit(environment, server)], denied):
         yield
 
 
@@ -202,13 +201,14 @@ def migrate_member(job: FleetJob, member: Member) -> dict:
         if why := stopped(job.fleet_run):  # stopped while this member waited for its slots
             raise FleetStopped(why)
         started = time.time()
+        lease = concurrency.held_lease()  # of the member's slots: freed by the fleet should this run be lost
 
         def run_phase(name, fn, *args):
             if name == "lint":  # the fleet linted its one project once, before any member (flows.fleet)
                 return args[0]
             result = fn(*args)
             if name == "plan" and result.steps:  # where it starts: what the next run reads if this one is cut short
-                record(environment, member, RUNNING, started_at=started, present=present,
+                record(environment, member, RUNNING, started_at=started, present=present, lease=lease,
                        revision_before=revisions.shown(result.revision_before),
                        target=result.steps[-1].revision, message="migrating")
             return result

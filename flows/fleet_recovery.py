@@ -9,7 +9,8 @@ there (one query per server). A member RUNNING whose presence is gone, still so 
 look, is in a lost run: the fleet says where its database is and applies the single-database
 recovery (:func:`dbmigrate.interruption.where_left`: a database left between revisions is
 downgraded to its starting revision where the policy rolls back automatically), sets the run
-Crashed with that message, and stops.
+Crashed with that message, frees the member's slots of the fleet's caps (its record keeps their
+lease), and stops.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ def recover(environment: str, run_id: str, names: list[str], members: dict[str, 
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(UUID(run_id), Crashed(message=f"Run lost during the migration (its process and "
                                                                 f"worker are gone): {message}."), force=True)
+        for name in names:  # the member's slots of the fleet's caps, which its lease would hold 5 minutes more
+            if (row := records.get(name)) and row.get("child_run") == run_id and row["status"] == RUNNING \
+                    and row.get("lease"):
+                client.release_concurrency_slots_with_lease(UUID(row["lease"]))
     return rows
 
 

@@ -362,8 +362,10 @@ def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the
     revision). Once the canary is inside r3, its batch run's worker is SIGKILLed with the batch's process:
     nobody reports, Prefect shows the batch Running. The fleet sees the member's presence gone, rolls the
     database left at r2 back to r1 (development's policy, as a single database's), sets the batch Crashed
-    saying so and ends Failed naming the member, well before r3 would have ended; the others are not
-    started and untouched."""
+    saying so, frees its slots and ends Failed naming the member, well before r3 would have ended; the
+    others are not started and untouched."""
+    from prefect.client.orchestration import get_client
+
     ini = str(stock_project(tmp_path, linear(
         ("op.execute('CREATE TABLE account (id int PRIMARY KEY, balance int NOT NULL)')", "op.drop_table('account')"),
         ("op.create_table('audit', sa.Column('id', sa.Integer))", "op.drop_table('audit')"),
@@ -402,6 +404,8 @@ def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the
         assert rows[canary]["status"] == "failed" and rows[canary]["revision_after"] == "r1", rows[canary]
         assert "its run was lost" in rows[canary]["message"], rows[canary]
         assert all(rows[name]["status"] == "not started" for name in tenants.names[1:]), rows
+        with get_client(sync_client=True) as client:  # the lost member's slots freed: a rerun need not wait 5 min
+            assert client.read_global_concurrency_limit_by_name("fleet-development").active_slots == 0
     finally:
         if killed is not None:
             killed.start()
