@@ -10,7 +10,8 @@ why there), created with ``run_deployment`` and an idempotency key (this run, th
 revision), so a retried or resumed run of this flow gets the same runs back instead of new ones;
 never more than C at once, their states read in one request per poll. The first failure stops
 the fleet: no member starts after it, those running finish, and this run ends Failed naming the
-failed members and where every member is.
+failed members and where every member is. A batch run lost with its worker (nobody reports: Prefect
+shows it Running) is found by its member's presence connection (:mod:`flows.fleet_recovery`).
 
 Resumable: a new run of the same fleet reads each member's database and record first. Members at
 the target are unchanged; members of a previous run's batch still running are waited for, not
@@ -122,7 +123,7 @@ class Fleet:
         self.by_name = {member.name: member for member in members}
         self.max_in_flight, self.members_per_run, self.settings = max_in_flight, members_per_run, settings
         self.undo = undo  # the policy rolls back automatically: a member a lost run left between revisions is put back
-        self.polls = 0  # of the batch runs' states: one request each (with the stop check: two)
+        self.polls = 0  # of the batch runs' states: one request each (with the stop check and the records: three)
 
     def run(self, names: list[str], label: str) -> None:
         """Migrate ``names`` in batches, at most C batches in flight; return when none is, the first

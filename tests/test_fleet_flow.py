@@ -337,29 +337,27 @@ def test_a_production_fleet_pauses_once_after_its_canary_and_a_rejection_leaves_
         tenants.drop()
 
 
-def kill_worker_of(workers: list[Worker], run_id: str, spare: str) -> Worker:
-    """SIGKILL the worker running ``run_id`` and its flow-run processes, as a lost machine would. The
-    flow-run process of ``spare`` (the fleet's own run) is left alive should it share that worker:
-    the fleet outliving its batch's machine is what is tested."""
-    import psutil
-
-    pid = wait_until(lambda: parent_process(workers, run_id), 60, "the batch run's process")
-    [worker] = [w for w in workers if pid in w.flow_run_pids()]
-    if parent_process([worker], spare) == 0:
-        worker.kill_all()
-        return worker
-    doomed = [worker.process.pid, pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
-    for each in doomed:
-        os.kill(each, signal.SIGKILL)
-    worker.process.wait(30)
-    worker.process = None
-    return worker
+@contextmanager
+def one_run_each(workers: list[Worker]):
+    """The workers restarted to take one flow run each: a fleet's parent and its one batch run land
+    on different workers."""
+    for worker in workers:
+        worker.stop()
+        worker.limit = 1
+        worker.start()
+    try:
+        yield
+    finally:
+        for worker in workers:
+            worker.kill_all()  # with a fleet run the test left hanging, if any
+            worker.limit = 4
+            worker.start()
 
 
 def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the_fleet(server, workers, pg_cluster,
                                                                                      cli, tmp_path):
     """3 members, canary 1, a project whose r3 takes 20 s (r2 committed before it, a transaction per
-    revision). Once the canary is inside r3, its batch run's worker is SIGKILLed with the batch's process:
+    revision). Once the canary is inside r3, its batch run's worker is SIGKILLed with its flow-run processes:
     nobody reports, Prefect shows the batch Running. The fleet sees the member's presence gone, rolls the
     database left at r2 back to r1 (development's policy, as a single database's), sets the batch Crashed
     saying so, frees its slots and ends Failed naming the member, well before r3 would have ended; the
@@ -373,21 +371,23 @@ def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the
          "op.drop_constraint('balance_not_negative', 'account')"),
     ), transaction_per_migration=True))
     tenants = Tenants(pg_cluster, cli, ini, 3, "lost")
-    killed = None
     try:
         tenants.slow(20)
         save_fleet(pg_cluster, "development", tenants.names)
-        run_id = start_fleet("development", ini, canary=1, wave_size=2, max_in_flight=1, members_per_run=1)
-        canary = tenants.names[0]
-        wait_until(lambda: sql(tenants.target(canary), "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
-                               "'SELECT pg_sleep%' AND datname = current_database()")[0][0] > 0, 300,
-                   "the canary inside r3", 0.5)
-        assert tenants.revision(canary) == "r2"
-        [batch] = batch_runs(run_id)
-        since = time.monotonic()
-        killed = kill_worker_of(workers, str(batch.id), run_id)
-        run = final(run_id, 60)
-        took = time.monotonic() - since
+        with one_run_each(workers):
+            run_id = start_fleet("development", ini, canary=1, wave_size=2, max_in_flight=1, members_per_run=1)
+            canary = tenants.names[0]
+            wait_until(lambda: sql(tenants.target(canary), "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                                   "'SELECT pg_sleep%' AND datname = current_database()")[0][0] > 0, 300,
+                       "the canary inside r3", 0.5)
+            assert tenants.revision(canary) == "r2"
+            [batch] = batch_runs(run_id)
+            pid = wait_until(lambda: parent_process(workers, str(batch.id)), 60, "the batch run's process")
+            [worker] = [w for w in workers if pid in w.flow_run_pids()]
+            since = time.monotonic()
+            worker.kill_all()  # a lost machine: the worker and its flow-run processes, SIGKILLed
+            run = final(run_id, 60)
+            took = time.monotonic() - since
         assert run.state.is_failed(), run.state
         assert f"member failed: {canary}" in run.state.message, run.state.message
         assert took < 20, f"the fleet took {took:.0f} s after the kill"
@@ -407,6 +407,4 @@ def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the
         with get_client(sync_client=True) as client:  # the lost member's slots freed: a rerun need not wait 5 min
             assert client.read_global_concurrency_limit_by_name("fleet-development").active_slots == 0
     finally:
-        if killed is not None:
-            killed.start()
         tenants.drop()

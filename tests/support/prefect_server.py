@@ -91,11 +91,12 @@ class Worker:
     environ: dict[str, str]
     log: Path
     process: subprocess.Popen | None = None
+    limit: int = 4  # flow runs at once
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", "dbmigrate", "--type", "process", "--limit", "4"],
+                [PREFECT, "worker", "start", "--pool", "dbmigrate", "--type", "process", "--limit", str(self.limit)],
                 env=self.environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
