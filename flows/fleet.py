@@ -10,7 +10,8 @@ why there), created with ``run_deployment`` and an idempotency key (this run, th
 revision), so a retried or resumed run of this flow gets the same runs back instead of new ones;
 never more than C at once, their states read in one request per poll. The first failure stops
 the fleet: no member starts after it, those running finish, and this run ends Failed naming the
-failed members and where every member is.
+failed members and where every member is. A batch run lost with its worker (nobody reports: Prefect
+shows it Running) is found by its member's presence connection (:mod:`flows.fleet_recovery`).
 
 Resumable: a new run of the same fleet reads each member's database and record first. Members at
 the target are unchanged; members of a previous run's batch still running are waited for, not
@@ -41,8 +42,9 @@ from blocks.fleet import load_fleet, load_fleet_block
 from dbmigrate import db, phases, private, revisions
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, MigrationFailed
 from dbmigrate.fleet import Member, MemberState, admit, fleet_status, plan_waves
+from dbmigrate.interruption import Undo
 from dbmigrate.settings import Settings
-from flows import alerts
+from flows import alerts, fleet_recovery
 from flows.common import ask_approval, deployed_environment, ends_failed_on_error, settings_for, tag_run, who_asked
 from flows.fleet_batch import (FAILED, NOT_STARTED, ROLLED_BACK, RUNNING, UNCHANGED, fleet_limit,
                                fleet_run_tag, fleet_tag, forget_stop, member_tag, read_records, server_limit, stop,
@@ -116,11 +118,12 @@ class Fleet:
     """One run of the fleet: its members, report and batches."""
 
     def __init__(self, environment: str, members: list[Member], report: FleetReport, batches: Batches,
-                 max_in_flight: int, members_per_run: int, settings: Settings):
+                 max_in_flight: int, members_per_run: int, settings: Settings, undo: Undo | None = None):
         self.environment, self.members, self.report, self.batches = environment, members, report, batches
         self.by_name = {member.name: member for member in members}
         self.max_in_flight, self.members_per_run, self.settings = max_in_flight, members_per_run, settings
-        self.polls = 0  # of the batch runs' states: one request each (with the stop check: two)
+        self.undo = undo  # the policy rolls back automatically: a member a lost run left between revisions is put back
+        self.polls = 0  # of the batch runs' states: one request each (with the stop check and the records: three)
 
     def run(self, names: list[str], label: str) -> None:
         """Migrate ``names`` in batches, at most C batches in flight; return when none is, the first
@@ -142,6 +145,8 @@ class Fleet:
             self.polls += 1
             if ended:
                 self.collect(ended)
+            elif lost := fleet_recovery.lost_batches(self.environment, self.batches.in_flight, self.by_name):
+                self.recover(lost)
             elif self.batches.in_flight:
                 time.sleep(POLL_S)
 
@@ -167,6 +172,17 @@ class Fleet:
                                            "message": f"its run ended {state.name} before it started"})
                     if not state.is_completed():
                         stop(self.batches.fleet_run, f"batch run ended {state.name}: {state.message}")
+
+    def recover(self, lost: list[str]) -> None:
+        """Batch runs whose process is gone with a member in flight (:mod:`flows.fleet_recovery`)."""
+        for run_id in lost:
+            rows = fleet_recovery.recover(self.environment, run_id, self.batches.in_flight.pop(run_id), self.by_name,
+                                          self.undo)
+            for name, row in rows.items():
+                self.report.set(name, {**row, "revision_after": self.where(name)} if row["status"] == FAILED else row)
+            failed = [name for name, row in rows.items() if row["status"] == FAILED]
+            stop(self.batches.fleet_run, f"member{'s' if len(failed) > 1 else ''} "
+                                         f"{', '.join(repr(name) for name in failed)}: its run was lost")
 
     def where(self, name: str) -> str:
         member = self.by_name[name]
@@ -283,7 +299,8 @@ def db_migrate_fleet(
                   "approval_comment": ("the fleet's canary: the fleet asks its approval after it"
                                        if policy.approval_required else "the policy asks no approval")}
     batches = Batches(environment, parameters)
-    fleet = Fleet(environment, members, report, batches, max_in_flight, members_per_run, settings)
+    fleet = Fleet(environment, members, report, batches, max_in_flight, members_per_run, settings,
+                  Undo.of(settings) if policy.auto_rollback else None)
 
     states = fleet_status(members, project, jobs=per_server)
     admit(states, skip_unreachable)

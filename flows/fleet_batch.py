@@ -47,8 +47,8 @@ from dbmigrate.fleet import Member
 from dbmigrate.policy import Policy
 from dbmigrate.report import NOOP, SUCCEEDED, Approval
 from dbmigrate.settings import Settings
+from flows import concurrency, recovery
 from flows.alerts import flow_run_url
-from flows.concurrency import slots
 from flows.common import deployed_environment, ends_failed_on_error, settings_for
 
 # A member's status, as the member record and the fleet's report class it.
@@ -124,7 +124,7 @@ def member_slots(environment: str, server: str, fleet_run: str) -> Iterator[None
             raise FleetStopped(why)
         return SLOT_POLL_S
 
-    with slots([fleet_limit(environment), server_limit(environment, server)], denied):
+    with concurrency.slots([fleet_limit(environment), server_limit(environment, server)], denied):
         yield
 
 
@@ -192,19 +192,23 @@ def outcome_status(outcome: pipeline.Outcome) -> str:
 
 
 def migrate_member(job: FleetJob, member: Member) -> dict:
-    """The member through the single-database pipeline, holding its slots; its final record."""
+    """The member through the single-database pipeline, holding its slots and, on its server, the
+    batch run's presence connection (:func:`flows.recovery.presence`) until its final record is
+    written: a record saying RUNNING without the presence is a batch run lost with its process
+    (:mod:`flows.fleet_recovery`). Its final record."""
     environment = job.environment
-    with member_slots(environment, member.server, job.fleet_run):
+    with member_slots(environment, member.server, job.fleet_run), recovery.presence(member.target) as present:
         if why := stopped(job.fleet_run):  # stopped while this member waited for its slots
             raise FleetStopped(why)
         started = time.time()
+        lease = concurrency.held_lease()  # of the member's slots: freed by the fleet should this run be lost
 
         def run_phase(name, fn, *args):
             if name == "lint":  # the fleet linted its one project once, before any member (flows.fleet)
                 return args[0]
             result = fn(*args)
             if name == "plan" and result.steps:  # where it starts: what the next run reads if this one is cut short
-                record(environment, member, RUNNING, started_at=started,
+                record(environment, member, RUNNING, started_at=started, present=present, lease=lease,
                        revision_before=revisions.shown(result.revision_before),
                        target=result.steps[-1].revision, message="migrating")
             return result
@@ -212,16 +216,19 @@ def migrate_member(job: FleetJob, member: Member) -> dict:
         hooks = pipeline.Hooks(
             confirm=lambda plan: job.approval, run_phase=run_phase,
             auto_rollback=auto_rollback.restore_starting_state if job.policy.auto_rollback else None)
-        outcome = pipeline.execute(member.target, job.settings, job.request(), hooks)
+        return _final_record(environment, member, pipeline.execute(member.target, job.settings, job.request(), hooks),
+                             started)
+
+
+def _final_record(environment: str, member: Member, outcome: pipeline.Outcome, started: float) -> dict:
     report = outcome.report
-    status = outcome_status(outcome)
     message = ""
     if report.error:
         message = f"{report.error.phase} failed: {report.error.message}"
         if report.rollback:
             message += f"; rollback: {report.rollback.detail}"
     planned = report.migrations_planned
-    return record(environment, member, status, revision_before=revisions.shown(report.revision_before),
+    return record(environment, member, outcome_status(outcome), revision_before=revisions.shown(report.revision_before),
                   revision_after=revisions.shown(report.revision_after),
                   target=planned[-1].revision if planned else revisions.shown(report.revision_after),
                   started_at=started, finished_at=time.time(), duration_s=round(time.time() - started, 2),

@@ -79,7 +79,7 @@ def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
                                   f"'{left.name}' (Suspended); approve, reject or cancel it first")
         get_run_logger().warning("run '%s' was interrupted during %s: %s.", left.name, left.phase.words,
                                  database_state(left))
-    with _presence(target) as present:
+    with presence(target) as present:
         journal = Journal(environment, credentials_block, present, undo)
         try:
             yield journal
@@ -108,10 +108,11 @@ def presence_name(flow_run_id: str) -> str:
 
 
 @contextmanager
-def _presence(target: DatabaseTarget) -> Iterator[bool]:
-    """An idle connection named after the run, held while the run holds the slot: PostgreSQL
-    drops it the moment the process dies, however it dies, so anyone can tell a run that
-    is waiting (for approval, say) from one whose process is gone."""
+def presence(target: DatabaseTarget) -> Iterator[bool]:
+    """An idle connection named after the run, held while the run holds the slot (a fleet's
+    batch run: while it migrates a member): PostgreSQL drops it the moment the process dies,
+    however it dies, so anyone can tell a run that is waiting (for approval, say) from one
+    whose process is gone (:func:`present`)."""
     with ExitStack() as held:
         try:
             held.enter_context(db.connect(target, connect_args={"application_name": presence_name(runtime.flow_run.id)}))
@@ -281,15 +282,22 @@ def reclaim(environment: str) -> bool:
 
 
 def _gone(entry: InFlight) -> bool:
-    """The run's presence connection is gone: its process died (see :func:`_presence`)."""
+    """The run's presence connection is gone: its process died (see :func:`presence`)."""
     if not entry.present:
         return False
     try:
-        with db.connect(load_target(entry.credentials_block)) as conn:
-            return conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
-                                {"name": presence_name(entry.flow_run)}).scalar_one() == 0
+        return not present(load_target(entry.credentials_block), [entry.flow_run])
     except DbMigrateError:
         return False
+
+
+def present(target: DatabaseTarget, flow_run_ids: list[str]) -> set[str]:
+    """Those of the runs whose presence connection is on ``target``'s server (one query)."""
+    names = {presence_name(run_id): run_id for run_id in flow_run_ids}
+    with db.connect(target) as conn:
+        found = conn.execute(text("SELECT DISTINCT application_name FROM pg_stat_activity "
+                                  "WHERE application_name = ANY(:names)"), {"names": list(names)}).scalars()
+        return {names[name] for name in found}
 
 
 if __name__ == "__main__":  # the watcher _say_again_once_overwritten starts: RUN_ID MESSAGE

@@ -334,3 +334,76 @@ def test_a_production_fleet_pauses_once_after_its_canary_and_a_rejection_leaves_
         assert report["approval"]["decision"] == "rejected" and report["approval"]["approver"] == "Bob"
     finally:
         tenants.drop()
+
+
+@contextmanager
+def one_run_each(workers: list[Worker]):
+    """The workers restarted to take one flow run each: a fleet's parent and its one batch run land
+    on different workers."""
+    for worker in workers:
+        worker.stop()
+        worker.limit = 1
+        worker.start()
+    try:
+        yield
+    finally:
+        for worker in workers:
+            worker.kill_all()  # with a fleet run the test left hanging, if any
+            worker.limit = None
+            worker.start()
+
+
+def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the_fleet(server, workers, pg_cluster,
+                                                                                     cli, tmp_path):
+    """3 members, canary 1, a project whose r3 takes 20 s (r2 committed before it, a transaction per
+    revision). Once the canary is inside r3, its batch run's worker is SIGKILLed with its flow-run processes:
+    nobody reports, Prefect shows the batch Running. The fleet sees the member's presence gone, rolls the
+    database left at r2 back to r1 (development's policy, as a single database's), sets the batch Crashed
+    saying so, frees its slots and ends Failed naming the member, well before r3 would have ended; the
+    others are not started and untouched."""
+    from prefect.client.orchestration import get_client
+
+    ini = str(stock_project(tmp_path, linear(
+        ("op.execute('CREATE TABLE account (id int PRIMARY KEY, balance int NOT NULL)')", "op.drop_table('account')"),
+        ("op.create_table('audit', sa.Column('id', sa.Integer))", "op.drop_table('audit')"),
+        (f"{SLEEP}; op.create_check_constraint('balance_not_negative', 'account', 'balance >= 0')",
+         "op.drop_constraint('balance_not_negative', 'account')"),
+    ), transaction_per_migration=True))
+    tenants = Tenants(pg_cluster, cli, ini, 3, "lost")
+    try:
+        tenants.slow(20)
+        save_fleet(pg_cluster, "development", tenants.names)
+        with one_run_each(workers):
+            run_id = start_fleet("development", ini, canary=1, wave_size=2, max_in_flight=1, members_per_run=1)
+            canary = tenants.names[0]
+            wait_until(lambda: sql(tenants.target(canary), "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                                   "'SELECT pg_sleep%' AND datname = current_database()")[0][0] > 0, 300,
+                       "the canary inside r3", 0.5)
+            assert tenants.revision(canary) == "r2"
+            [batch] = batch_runs(run_id)
+            pid = wait_until(lambda: parent_process(workers, str(batch.id)), 60, "the batch run's process")
+            [worker] = [w for w in workers if pid in w.flow_run_pids()]
+            since = time.monotonic()
+            worker.kill_all()  # a lost machine: the worker and its flow-run processes, SIGKILLed
+            run = final(run_id, 60)
+            took = time.monotonic() - since
+        assert run.state.is_failed(), run.state
+        assert f"member failed: {canary}" in run.state.message, run.state.message
+        assert took < 20, f"the fleet took {took:.0f} s after the kill"
+
+        [batch] = batch_runs(run_id)
+        assert batch.state.is_crashed(), batch.state
+        assert batch.state.message == ("Run lost during the migration (its process and worker are gone): "
+                                       f"member '{canary}': database left at r2, between the starting revision r1 "
+                                       "and the target r3; rolled back automatically to r1, its starting revision."), \
+            batch.state.message
+        assert tenants.at("r1") == tenants.names
+        home = Path(workers[0].environ["DBMIGRATE_HOME"])
+        rows = {row["member"]: row for row in fleet_report(home)["members"]}
+        assert rows[canary]["status"] == "failed" and rows[canary]["revision_after"] == "r1", rows[canary]
+        assert "its run was lost" in rows[canary]["message"], rows[canary]
+        assert all(rows[name]["status"] == "not started" for name in tenants.names[1:]), rows
+        with get_client(sync_client=True) as client:  # the lost member's slots freed: a rerun need not wait 5 min
+            assert client.read_global_concurrency_limit_by_name("fleet-development").active_slots == 0
+    finally:
+        tenants.drop()

@@ -93,11 +93,13 @@ class Worker:
     environ: dict[str, str]
     log: Path
     process: subprocess.Popen | None = None
+    limit: int | None = None  # its --limit: flow runs at once (a test placing runs on workers)
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", "dbmigrate", "--type", "process"],
+                [PREFECT, "worker", "start", "--pool", "dbmigrate", "--type", "process",
+                 *(["--limit", str(self.limit)] if self.limit else [])],
                 env=self.environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
