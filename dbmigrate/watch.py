@@ -10,8 +10,11 @@ flow's cancellation hook says where the database is)."""
 from __future__ import annotations
 
 import getpass
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from uuid import UUID
 
 from dbmigrate.errors import ConfigError
@@ -51,14 +54,16 @@ def link(run) -> str:
     return url_for(run) or f"flow run {run.id} (no UI address known: set PREFECT_UI_URL)"
 
 
-def follow(run_id: UUID, say: Say, poll_s: float = POLL_S, timeout_s: float | None = None):
+def follow(run_id: UUID, say: Say, poll_s: float = POLL_S, timeout_s: float | None = None,
+           interrupted: list[int] | None = None):
     """Print each state the run enters, with its message, until it ends (or ``timeout_s``
-    passed); while it waits for approval, where to give it. The run as last read."""
+    passed, or a signal is in ``interrupted``); while it waits for approval, where to give it.
+    The run as last read."""
     from prefect.client.orchestration import get_client
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     seen = None
-    while True:
+    while not interrupted:
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(run_id)
         if (run.state.name, run.state.message) != seen:
@@ -69,6 +74,25 @@ def follow(run_id: UUID, say: Say, poll_s: float = POLL_S, timeout_s: float | No
         if run.state.is_final() or (deadline is not None and time.monotonic() >= deadline):
             return run
         time.sleep(poll_s)
+    return None
+
+
+@contextmanager
+def signals_noted() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM noted while a run is followed, then delivered again on the way out.
+    Raised where they land, inside Prefect's client (a request, its event loop's thread), they
+    could leave the command hanging after Ctrl-C; ``follow`` looks at the list between polls."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only there can a handler be installed
+        yield noted
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield noted
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cancel(run_id: UUID, why: str, say: Say):
@@ -99,9 +123,13 @@ def run(environment: str, revision: str, dry_run: bool, watch: bool, say: Say) -
         say(f"cancel it with: prefect flow-run cancel {flow_run.id}")
         return 0
     say("Ctrl-C cancels it")
-    try:
-        finished = follow(flow_run.id, say)
-    except KeyboardInterrupt:
-        cancel(flow_run.id, "interrupted from the terminal that started it", say)
-        raise
+    with signals_noted() as interrupted:
+        finished = follow(flow_run.id, say, interrupted=interrupted)
+    if interrupted:
+        try:
+            signal.raise_signal(interrupted[0])  # the command's own handling: KeyboardInterrupt, or SIGTERM's
+        except KeyboardInterrupt:
+            cancel(flow_run.id, "interrupted from the terminal that started it", say)
+            raise
+        finished = follow(flow_run.id, say)  # the signal is ignored where this runs: follow on
     return 0 if finished.state.is_completed() else 1
