@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 TARGET_S = 4.0
-DEFAULT_POOL = "prefect-default"
+DEFAULT_POOL = "supervised"  # (a name starting with "prefect" is reserved)
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
