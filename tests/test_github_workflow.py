@@ -264,7 +264,8 @@ def test_a_watch_that_misses_the_runs_last_event_does_not_hold_the_job(server, s
         f"exec {Path(sys.executable).parent / 'prefect'} \"$@\"\n")
     (tools / "prefect").chmod(0o755)
 
-    job = job_run(server, tmp_path, "migrate", event_context(ENVIRONMENT, target_revision="12"), tools=tools)
+    job = job_run(server, tmp_path, "migrate", event_context(ENVIRONMENT, target_revision="12"), tools=tools,
+                  STATE_POLL_S="5")
 
     assert job.status == "success" and list(job.results) == ["start", "run", "report"], job.stdout
     assert flow_run(job.output("flow_run_id")).state.is_completed()

@@ -96,6 +96,8 @@ def approve_in_ui(ui_url: str, flow_run_id: str, approver: str, comment: str = "
         shots.append(screenshots / f"{name}-{ui}-{what}.png")
         page.screenshot(path=str(shots[-1]), full_page=True)
 
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     driver = _V1 if ui == "v1" else _V2
     with browser_page(ui_url, auth) as page:
         page.goto(f"{ui_url.rstrip('/')}{driver.prefix}/runs/flow-run/{flow_run_id}")
@@ -112,7 +114,12 @@ def approve_in_ui(ui_url: str, flow_run_id: str, approver: str, comment: str = "
             driver.text_field(page, dialog, "Comment").fill(comment)
         shot(page, "3-filled")
         driver.submit(dialog)
-        dialog.wait_for(state="hidden")
+        try:
+            dialog.wait_for(state="hidden", timeout=20_000)
+        except PlaywrightTimeout:  # under load Prefect's SQLite may answer "database is locked": an operator sends it again
+            shot(page, "3-not-sent")
+            driver.submit(dialog)
+            dialog.wait_for(state="hidden")
         shot(page, "4-sent")
     return seen
 
