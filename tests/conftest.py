@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dbmigrate.target import DatabaseTarget
-from tests.support import pgcluster
+from tests.support import pgcluster, prefect_server
 from tests.support.helpers import libpq_url, run_cli, s3_bucket_block, save_environment
 
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -93,6 +93,14 @@ def environment(prefect_api, target, home, monkeypatch):
     """save_environment against the test harness's API, with DBMIGRATE_HOME the test's."""
     monkeypatch.setenv("DBMIGRATE_HOME", str(home))
     return lambda name, **options: save_environment(target, name, **options)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_home_template(tmp_path_factory):
+    """Where the tests' Prefect servers find the home they start from (prefect_server.HOME_TEMPLATE):
+    beside the xdist workers' base directories, so the session makes it once."""
+    root = tmp_path_factory.getbasetemp()
+    prefect_server.HOME_TEMPLATE = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "prefect-home"
 
 
 def pytest_collection_modifyitems(items):

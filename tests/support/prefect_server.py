@@ -59,7 +59,9 @@ class PrefectServer:
     def environ(self, **extra: str) -> dict[str, str]:
         return prefect_environ(self.home, self.api_url, self.lease_storage, **{**self.settings, **extra})
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 120, from_template: bool = True) -> None:
+        if from_template and HOME_TEMPLATE is not None and not (self.home / "prefect.db").exists():
+            _copy_template(self.home)
         with open(self.home / "server.log", "ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
                 [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
@@ -81,6 +83,35 @@ class PrefectServer:
             return
         _end(self.process, sig)
         self.process = None
+
+
+# A new server's home starts as a copy of one a server has set up already (Prefect's database
+# migrated, its block types registered): that set-up is about 6 of the 10 s of CPU a first
+# `prefect server start` takes. Made once per test session, shared by its xdist workers
+# (tests/conftest.py says where).
+HOME_TEMPLATE: Path | None = None
+_SET_UP = ("prefect.db", "memo_store.toml")  # all a first start leaves in its home besides its log
+
+
+def _copy_template(home: Path) -> None:
+    import fcntl
+    import shutil
+    import sqlite3
+
+    with open(HOME_TEMPLATE.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one xdist worker makes it, the others wait
+        if not (HOME_TEMPLATE / "prefect.db").exists():
+            making = HOME_TEMPLATE.with_suffix(".making")
+            shutil.rmtree(making, ignore_errors=True)
+            making.mkdir(parents=True)
+            server = PrefectServer(making)
+            server.start(from_template=False)
+            server.stop()
+            with sqlite3.connect(making / "prefect.db") as db:  # all of it in the one file copied
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            making.rename(HOME_TEMPLATE)
+    for name in _SET_UP:
+        shutil.copy2(HOME_TEMPLATE / name, home / name)
 
 
 @dataclass
