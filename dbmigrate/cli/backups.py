@@ -6,14 +6,12 @@ import dataclasses
 import sys
 from datetime import datetime, timezone
 
-from dbmigrate import backup, catalogue, health, pipeline, revisions
+from dbmigrate import backup, catalogue, revisions
 from dbmigrate.cli import arguments
 from dbmigrate.cli.environment import Database
 from dbmigrate.cli.migrate import approve, require_approver
 from dbmigrate.cli.render import finish, print_json, print_progress
 from dbmigrate.report import Approval
-from dbmigrate.restore import RestorePlan
-from dbmigrate.run import RESTORE
 from dbmigrate.settings import Settings
 
 
@@ -87,6 +85,10 @@ def cmd_backups(args, settings: Settings, database: Database) -> int:
 
 def cmd_restore(args, settings: Settings, database: Database) -> int:
     """A backup restored over the database or into a new one (pipeline.restore, which writes the report)."""
+    from dbmigrate import pipeline  # here: the read-only commands do without it (docs/BENCHMARKS.md)
+    from dbmigrate.restore import RestorePlan
+    from dbmigrate.run import RESTORE
+
     target = database()
     policy = None if args.target_db else database.policy()  # a new database: nothing existing changes
     operation = "restore over the database"
@@ -127,8 +129,10 @@ def _age(created) -> str:
 
 
 def _manifest_line(listed: catalogue.Listed) -> str:
+    from dbmigrate.health import human_bytes
+
     m = listed.manifest
-    return (f"{m.id:32} {health.human_bytes(m.size_bytes):>10}  {revisions.shown(m.revision):12} {_age(m.created):>5}  "
+    return (f"{m.id:32} {human_bytes(m.size_bytes):>10}  {revisions.shown(m.revision):12} {_age(m.created):>5}  "
             f"{listed.status.upper() if listed.damage else listed.status:8}  {'; '.join(_what_we_know(listed))}")
 
 

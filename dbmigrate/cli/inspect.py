@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from dbmigrate import db, drift, health, overview, phases, revisions
+from dbmigrate import db, revisions
 from dbmigrate.cli import arguments
 from dbmigrate.cli.environment import Database
 from dbmigrate.cli.render import lint_lines, print_json
@@ -39,6 +39,8 @@ def register(commands: arguments.Commands) -> None:
 
 
 def cmd_health(args, settings: Settings, database: Database) -> int:
+    from dbmigrate import health
+
     target = database()
     project = settings.project(target)
     checks = health.run(target, project, settings.backup_dir, settings.connect_timeout,
@@ -99,6 +101,8 @@ def cmd_check(args, settings: Settings, database: Database) -> int:
 
 
 def cmd_drift(args, settings: Settings, database: Database) -> int:
+    from dbmigrate import drift
+
     target = database()
     found = drift.find(target, settings)
     if args.json:
@@ -114,6 +118,8 @@ def cmd_drift(args, settings: Settings, database: Database) -> int:
 
 
 def cmd_lint(args, settings: Settings, database: Database) -> int:
+    from dbmigrate import phases
+
     target = database()
     policy = database.policy()
     project = settings.project(target)
@@ -144,6 +150,8 @@ def cmd_heads(args, settings: Settings, database: Database) -> int:
 
 
 def _environments(args, database: Database) -> tuple[list[DatabaseTarget], list[dict]]:
+    from dbmigrate import overview
+
     """overview's environments: every DatabaseCredentials block where a Prefect API is set
     (PREFECT_API_URL) and no one database is named; else the one database. A block that cannot be
     loaded is listed with why, not allowed to hide the others."""
@@ -162,6 +170,8 @@ def _environments(args, database: Database) -> tuple[list[DatabaseTarget], list[
 
 
 def cmd_overview(args, settings: Settings, database: Database) -> int:
+    from dbmigrate import overview
+
     targets, unloadable = _environments(args, database)
     states = overview.overview(targets, settings) + unloadable
     if args.json:
@@ -172,6 +182,8 @@ def cmd_overview(args, settings: Settings, database: Database) -> int:
 
 
 def cmd_history(args, settings: Settings, database: Database) -> int:
+    from dbmigrate import overview
+
     changes = overview.history(settings.reports_dir, args.env)
     if args.json:
         print_json(changes)

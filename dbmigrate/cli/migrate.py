@@ -6,8 +6,9 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from dbmigrate import phases, pipeline, revisions
+from dbmigrate import revisions
 from dbmigrate.cli import arguments
 from dbmigrate.cli.environment import Database
 from dbmigrate.cli.render import finish, print_json, print_outcome, print_progress, rehearsal_lines
@@ -16,8 +17,10 @@ from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import LINT_LEVELS, Policy
 from dbmigrate.report import NOOP, Approval
-from dbmigrate.run import REHEARSE
 from dbmigrate.settings import Settings
+
+if TYPE_CHECKING:
+    from dbmigrate import phases
 
 
 def register(commands: arguments.Commands) -> None:
@@ -98,6 +101,8 @@ def _upgrade_options(parser) -> None:
 
 
 def cmd_migrate(args, settings: Settings, database: Database) -> int:
+    from dbmigrate import pipeline  # here: the read-only commands do without it (docs/BENCHMARKS.md)
+
     target = database()
     policy = database.policy()
     rehearsed = getattr(args, "rehearse", False) or (args.command == "upgrade" and policy is not None
@@ -142,6 +147,9 @@ def cmd_migrate(args, settings: Settings, database: Database) -> int:
 def cmd_rehearse(args, settings: Settings, database: Database) -> int:
     """Take a backup, rehearse the pending revisions on a copy restored from it (pipeline.rehearse, which
     writes the report); the database is only read. Under --json, stdout is the rehearsal."""
+    from dbmigrate import pipeline
+    from dbmigrate.run import REHEARSE
+
     target = database()
     outcome = pipeline.rehearse(target, settings, pipeline.Request(REHEARSE, args.revision),
                                 pipeline.Hooks(on_progress=print_progress))

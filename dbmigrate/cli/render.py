@@ -7,12 +7,15 @@ import contextlib
 import json
 import os
 import sys
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from dbmigrate import health, pipeline, revisions
-from dbmigrate.lint import LintResult
+from dbmigrate import revisions
 from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Rehearsal, Report
 from dbmigrate.target import DatabaseTarget
+
+if TYPE_CHECKING:  # the read-only commands print without importing the pipeline (docs/BENCHMARKS.md)
+    from dbmigrate import pipeline
+    from dbmigrate.lint import LintResult
 
 _json_stdout = None  # under --json, while the command runs: the real stdout (fd 1 points at stderr meanwhile)
 
@@ -44,6 +47,8 @@ def json_alone_on_stdout(as_json: bool) -> Iterator[None]:
 
 
 def print_progress(size: int, rate: float) -> None:
+    from dbmigrate import health
+
     print(f"backup: {health.human_bytes(size)} written, {health.human_bytes(rate)}/s", file=sys.stderr, flush=True)
 
 
