@@ -12,14 +12,15 @@ converts the rows, 0006), and they are dropped and copied afresh from the templa
 The fleet: the development policy (automatic rollback; backups on), canary 1, waves of --wave-size,
 C = 8, H = 8 (one server). Target on this 2-core machine: the fleet with two workers at most 0.5x the loop.
 
-    python benchmarks/fleet.py [--tenants 100] [--workers 1,2,3] [--wave-size 25] [--members-per-run 0]
+    python benchmarks/fleet.py [--tenants 100] [--workers 1,2,3] [--wave-size 25] [--lanes 0]
                                [--query-seconds 2] [--skip-loop] [--keep]
 
 Printed: the loop's wall time and per member; per worker count, the fleet's wall time (its run's
 creation to its final state), the ratio to the loop, the members' own time (the pipeline's, summed
-from their reports), the orchestration cost per member (the batch runs' time beyond their members',
-per member), the parent run's time, and its API requests per minute (its polls: two requests each,
-plus three per batch run created and two per wave; the poll count from its own log line).
+from their reports), the lanes (db-migrate-fleet-batch runs) and the orchestration cost per member (the
+lanes' time beyond their members', per member), the parent run's time, and its API requests per minute
+(its polls: two requests each, plus three per lane started, one per lane and wave, and two per wave; the
+poll count from its own log line).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def shell_loop(home: Path, pg: local.LocalServer, names: list[str], loop_home: P
     return time.perf_counter() - started
 
 
-def fleet_run(wave_size: int, members_per_run: int, members: int) -> dict:
+def fleet_run(wave_size: int, lanes: int, members: int) -> dict:
     """One db-migrate-fleet/development run to its end: its figures."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags, LogFilter, LogFilterFlowRunId
@@ -88,7 +89,7 @@ def fleet_run(wave_size: int, members_per_run: int, members: int) -> dict:
         deployment = client.read_deployment_by_name("db-migrate-fleet/development")
         run = client.create_flow_run_from_deployment(deployment.id, parameters={
             "environment": ENVIRONMENT, "wave_size": wave_size, "max_in_flight": 8, "per_server": 8,
-            "members_per_run": members_per_run})
+            "lanes": lanes})
         deadline = time.monotonic() + 3600
         while not (run := client.read_flow_run(run.id)).state.is_final():
             if time.monotonic() > deadline:
@@ -96,22 +97,22 @@ def fleet_run(wave_size: int, members_per_run: int, members: int) -> dict:
             time.sleep(1)
         assert run.state.is_completed(), f"{run.state.name}: {run.state.message}"
         wall = (run.state.timestamp - run.created).total_seconds()
-        batches = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        lane_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             tags=FlowRunFilterTags(all_=[f"fleet-run:{run.id}"])))
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=20,
                                 sort=LogSort.TIMESTAMP_DESC)
-    polls = next((int(m.group(1)) for log in logs if (m := re.search(r"(\d+) polls of the batch runs", log.message))),
+    polls = next((int(m.group(1)) for log in logs if (m := re.search(r"(\d+) polls of the lanes", log.message))),
                  0)
     waves = 1 + -(-(members - 1) // wave_size)  # the canary's, then the rest's
-    requests = 2 * polls + 3 * len(batches) + 2 * waves
+    requests = 2 * polls + 3 * len(lane_runs) + (len(lane_runs) + 2) * waves
     parent_s = run.total_run_time.total_seconds()
-    batch_s = sum(b.total_run_time.total_seconds() for b in batches)
-    return {"wall_s": wall, "batches": len(batches), "parent_run_s": parent_s, "batch_run_s": batch_s,
+    lanes_s = sum(lane.total_run_time.total_seconds() for lane in lane_runs)
+    return {"wall_s": wall, "lanes": len(lane_runs), "parent_run_s": parent_s, "lanes_run_s": lanes_s,
             "requests_per_min": requests / (parent_s / 60) if parent_s else 0.0}
 
 
 def reports(home: Path) -> set[Path]:
-    """The single-database reports the batches wrote (the workers' DBMIGRATE_HOME is the stack's)."""
+    """The single-database reports the lanes wrote (the workers' DBMIGRATE_HOME is the stack's)."""
     return set((home / "reports").glob("2*.json"))
 
 
@@ -126,7 +127,7 @@ def main() -> int:
     parser.add_argument("--workers", default="1,2,3", help="worker counts to run the fleet with, e.g. 2 or 1,2,3")
     parser.add_argument("--wave-size", type=int, default=25)
     parser.add_argument("--query-seconds", default="2", help="the workers' PREFECT_WORKER_QUERY_SECONDS (Prefect: 10)")
-    parser.add_argument("--members-per-run", type=int, default=0, help="members per batch run (0: a wave over C runs)")
+    parser.add_argument("--lanes", type=int, default=0, help="the fleet's lanes (0: one per worker online)")
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--keep", action="store_true", help="leave the stack running and its home in place")
     args = parser.parse_args()
@@ -135,7 +136,7 @@ def main() -> int:
     os.environ.pop("DATABASE_URL", None)
     os.environ["PREFECT_WORKER_QUERY_SECONDS"] = args.query_seconds  # the workers' environment starts from ours
     print(f"# {platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.tenants} tenants, "
-          f"waves of {args.wave_size}, C=8, H=8, {args.members_per_run or 'auto'} members per batch run, "
+          f"waves of {args.wave_size}, C=8, H=8, {args.lanes or 'one per worker'} lanes, "
           f"worker query interval {args.query_seconds} s")
     pg_port, prefect_port = local.free_port(), local.free_port()
     with ExitStack() as stack, open(base / "local-up.log", "w") as up_log:
@@ -166,15 +167,15 @@ def main() -> int:
             try:
                 for part in workers:
                     provision.start_worker(part, home, REPO, api, name=part.name, limit=WORKER_LIMIT)
-                figures = fleet_run(args.wave_size, args.members_per_run, len(names))
+                figures = fleet_run(args.wave_size, args.lanes, len(names))
             finally:
                 for part in workers:
                     part.stop(timeout=10)
             own = member_seconds(reports(home) - before)
-            cost = (figures["batch_run_s"] - own) / len(names)
+            cost = (figures["lanes_run_s"] - own) / len(names)
             ratio = f", {figures['wall_s'] / loop_s:.2f}x the loop (target <= {TARGET_RATIO})" if loop_s else ""
-            print(f"fleet, {count} worker(s): {figures['wall_s']:.1f} s{ratio}; {figures['batches']} batch runs; "
-                  f"members' own time {own:.1f} s; batch runs' time beyond their members' {cost:.2f} s per member; "
+            print(f"fleet, {count} worker(s): {figures['wall_s']:.1f} s{ratio}; {figures['lanes']} lanes; "
+                  f"members' own time {own:.1f} s; lanes' time beyond their members' {cost:.2f} s per member; "
                   f"parent run {figures['parent_run_s']:.0f} s, ~{figures['requests_per_min']:.0f} API requests/min")
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)

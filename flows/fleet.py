@@ -5,55 +5,43 @@ Resolve the members -> where each one stands (in parallel) -> lint once -> the *
 **approval** where the policy asks for it (one pause for the fleet, showing the canary's outcome)
 -> the **waves**, at most C members in flight and H per server -> the fleet report.
 
-Members run in db-migrate-fleet-batch runs (:mod:`flows.fleet_batch`, several members each, see
-why there), created with ``run_deployment`` and an idempotency key (this run, the members, the
-revision), so a retried or resumed run of this flow gets the same runs back instead of new ones;
-never more than C at once, their states read in one request per poll. The first failure stops
-the fleet: no member starts after it, those running finish, and this run ends Failed naming the
-failed members and where every member is. A batch run lost with its worker (nobody reports: Prefect
-shows it Running) is found by its member's presence connection (:mod:`flows.fleet_recovery`).
+Members run in lanes (:mod:`flows.fleet_lanes`): at most L long-lived db-migrate-fleet-batch runs
+(:mod:`flows.fleet_batch`) for the whole fleet, one per worker by default, never more than C, each
+given its share of every wave through a Prefect variable, so a run's fixed cost is paid once per
+lane, not per wave; their states read in one request per poll. The first failure stops the fleet:
+no member starts after it, those running finish, and this run ends Failed naming the failed members
+and where every member is. A lane lost with its worker (nobody reports: Prefect shows it Running)
+is found by its member's presence connection (:mod:`flows.fleet_recovery`).
 
 Resumable: a new run of the same fleet reads each member's database and record first. Members at
-the target are unchanged; members of a previous run's batch still running are waited for, not
-started again; a member whose record says it was cut short mid-migration and whose database is
+the target are unchanged; members assigned to a previous run's lanes still running are waited for,
+not started again; a member whose record says it was cut short mid-migration and whose database is
 neither where it started nor at the target is left alone (an operator decides), and named.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
-import time
-from collections import deque
 
 from prefect import flow, get_run_logger, runtime
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId,
-                                            FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags)
-from prefect.client.schemas.objects import StateType
-from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from sqlalchemy import text
 
 from blocks import load_policy
 from blocks.fleet import load_fleet, load_fleet_block
-from dbmigrate import db, phases, private, revisions
+from dbmigrate import db, phases, private
 from dbmigrate.errors import ConfigError, ConfirmationRefused, DbMigrateError, MigrationFailed
 from dbmigrate.fleet import Member, MemberState, admit, fleet_status, plan_waves
 from dbmigrate.interruption import Undo
-from dbmigrate.settings import Settings
-from flows import alerts, fleet_recovery
+from flows import alerts
 from flows.common import ask_approval, deployed_environment, ends_failed_on_error, settings_for, tag_run, who_asked
-from flows.fleet_batch import (FAILED, NOT_STARTED, ROLLED_BACK, RUNNING, UNCHANGED, fleet_limit,
-                               fleet_run_tag, fleet_tag, forget_stop, member_tag, read_records, server_limit, stop,
-                               stopped)
+from flows.fleet_batch import (FAILED, NOT_STARTED, ROLLED_BACK, RUNNING, UNCHANGED, fleet_limit, forget_stop,
+                               read_records, server_limit, stop, stopped)
+from flows.fleet_lanes import Lanes, lane_count
 from flows.fleet_report import FleetReport
 
-POLL_S = 1.0  # how often the fleet reads its batches' states (one request) and whether it was stopped
-BATCH_FLOW = "db-migrate-fleet-batch"
-ACTIVE = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 # A server at the gate with fewer free connections than this share of max_connections pauses the
 # fleet: each member in flight holds several sessions, and the applications need theirs.
 HEADROOM = 0.2
@@ -70,126 +58,6 @@ def ensure_limits(environment: str, max_in_flight: int, per_server: int, servers
                     client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
             except ObjectNotFound:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-
-
-class Batches:
-    """The fleet's batch runs in flight (this run's, and a previous run's it waits for)."""
-
-    def __init__(self, environment: str, parameters: dict):
-        self.environment, self.parameters = environment, parameters
-        self.fleet_run = runtime.flow_run.id
-        self.in_flight: dict[str, list[str]] = {}  # flow run id -> its members
-
-    def start(self, names: list[str], label: str) -> None:
-        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-        run = run_deployment(
-            f"{BATCH_FLOW}/{self.environment}", timeout=0, flow_run_name=f"{self.environment}-fleet-{label}",
-            parameters={**self.parameters, "members": names},
-            tags=[fleet_tag(self.environment), fleet_run_tag(self.fleet_run), self.environment,
-                  *(member_tag(name) for name in names)],
-            idempotency_key=f"{self.fleet_run}-{self.parameters['target_revision']}-{digest}")
-        self.in_flight[str(run.id)] = names
-
-    def adopt_running(self) -> list[str]:
-        """A previous run's batches still going (its parent killed, say): waited for, not started
-        again. The members they hold."""
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=[BATCH_FLOW])),
-                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[fleet_tag(self.environment)]),
-                                              state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE))))
-        held = []
-        for run in runs:
-            if fleet_run_tag(self.fleet_run) not in run.tags:
-                self.in_flight[str(run.id)] = run.parameters.get("members", [])
-                held += self.in_flight[str(run.id)]
-        return held
-
-    def ended(self) -> dict[str, object]:
-        """The batches that ended since the last call (one request), by id, with their final state."""
-        if not self.in_flight:
-            return {}
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(self.in_flight))))
-        return {str(run.id): run.state for run in runs if run.state is not None and run.state.is_final()}
-
-
-class Fleet:
-    """One run of the fleet: its members, report and batches."""
-
-    def __init__(self, environment: str, members: list[Member], report: FleetReport, batches: Batches,
-                 max_in_flight: int, members_per_run: int, settings: Settings, undo: Undo | None = None):
-        self.environment, self.members, self.report, self.batches = environment, members, report, batches
-        self.by_name = {member.name: member for member in members}
-        self.max_in_flight, self.members_per_run, self.settings = max_in_flight, members_per_run, settings
-        self.undo = undo  # the policy rolls back automatically: a member a lost run left between revisions is put back
-        self.polls = 0  # of the batch runs' states: one request each (with the stop check and the records: three)
-
-    def run(self, names: list[str], label: str) -> None:
-        """Migrate ``names`` in batches, at most C batches in flight; return when none is, the first
-        failure having stopped the rest."""
-        size = self.members_per_run or max(1, math.ceil(len(names) / self.max_in_flight))
-        queue = deque(names[start:start + size] for start in range(0, len(names), size))
-        number = 0
-        while queue or self.batches.in_flight:
-            why = stopped(self.batches.fleet_run)
-            while queue and not why and len(self.batches.in_flight) < self.max_in_flight:
-                number += 1
-                self.batches.start(queue.popleft(), f"{label}-{number}")
-            if why:
-                for batch in queue:
-                    for name in batch:
-                        self.report.set(name, {"status": NOT_STARTED, "message": f"the fleet stopped: {why}"})
-                queue.clear()
-            ended = self.batches.ended()
-            self.polls += 1
-            if ended:
-                self.collect(ended)
-            elif lost := fleet_recovery.lost_batches(self.environment, self.batches.in_flight, self.by_name):
-                self.recover(lost)
-            elif self.batches.in_flight:
-                time.sleep(POLL_S)
-
-    def collect(self, ended: dict) -> None:
-        """The members of ended batches, from their records; a member whose batch ended without
-        its final record (the batch crashed, or was cancelled) is failed, with where its database is."""
-        names = [name for run_id in ended for name in self.batches.in_flight[run_id]]
-        records = read_records(self.environment, names)
-        for run_id, state in ended.items():
-            for name in self.batches.in_flight.pop(run_id):
-                row = records.get(name)
-                if row and row.get("child_run") == run_id and row["status"] != RUNNING:
-                    self.report.set(name, row)
-                elif row and row.get("child_run") == run_id:  # cut short while it ran
-                    where = self.where(name)
-                    self.report.set(name, {**row, "status": FAILED, "revision_after": where,
-                                           "message": f"its run ended {state.name} while it ran: database at "
-                                                      f"{where} (from {row.get('revision_before') or '?'} to "
-                                                      f"{row.get('target') or '?'})"})
-                    stop(self.batches.fleet_run, f"member '{name}': its run ended {state.name}")
-                else:
-                    self.report.set(name, {"status": NOT_STARTED,
-                                           "message": f"its run ended {state.name} before it started"})
-                    if not state.is_completed():
-                        stop(self.batches.fleet_run, f"batch run ended {state.name}: {state.message}")
-
-    def recover(self, lost: list[str]) -> None:
-        """Batch runs whose process is gone with a member in flight (:mod:`flows.fleet_recovery`)."""
-        for run_id in lost:
-            rows = fleet_recovery.recover(self.environment, run_id, self.batches.in_flight.pop(run_id), self.by_name,
-                                          self.undo)
-            for name, row in rows.items():
-                self.report.set(name, {**row, "revision_after": self.where(name)} if row["status"] == FAILED else row)
-            failed = [name for name, row in rows.items() if row["status"] == FAILED]
-            stop(self.batches.fleet_run, f"member{'s' if len(failed) > 1 else ''} "
-                                         f"{', '.join(repr(name) for name in failed)}: its run was lost")
-
-    def where(self, name: str) -> str:
-        member = self.by_name[name]
-        try:
-            return revisions.shown(phases.current_revision(member.target, self.settings))
-        except DbMigrateError as exc:
-            return f"unknown ({exc})"
 
 
 def server_trouble(members: list[Member]) -> str | None:
@@ -250,7 +118,7 @@ def db_migrate_fleet(
     wave_size: int = 10,
     max_in_flight: int = 8,
     per_server: int = 4,
-    members_per_run: int = 0,
+    lanes: int = 0,
     backup: bool = True,
     alembic_config: str | None = None,
     backup_storage: str | None = None,
@@ -264,9 +132,9 @@ def db_migrate_fleet(
         fleet_block: The DatabaseFleet block's name; default '<environment>-fleet'.
         canary: How many members (the fleet's first) go first, alone; production asks its approval after them.
         wave_size: Members per wave; every member of a wave passed validation before the next wave starts.
-        max_in_flight: C, the most members migrating at once (and batch runs scheduled or running).
+        max_in_flight: C, the most members migrating at once (and lanes).
         per_server: H, the most members migrating at once on one PostgreSQL server (host:port).
-        members_per_run: Members per batch run (migrated one after the other in it); 0: a wave spread over C runs.
+        lanes: L, the most lanes (runs migrating members one after the other); 0: one per worker online, at most C.
         backup: Back each member up first. Production refuses false.
         alembic_config: Path of alembic.ini; default ALEMBIC_CONFIG or ./alembic.ini.
         backup_storage: Where backups go: s3-bucket/BLOCK or a directory; default DBMIGRATE_BACKUP_STORAGE.
@@ -276,8 +144,8 @@ def db_migrate_fleet(
     deployed = deployed_environment()
     if deployed and deployed != environment:
         raise ConfigError(f"deployment for {deployed} refuses the {environment} fleet")
-    if max_in_flight < 1 or per_server < 1 or members_per_run < 0:
-        raise ConfigError("max_in_flight and per_server must be at least 1, members_per_run at least 0")
+    if max_in_flight < 1 or per_server < 1 or lanes < 0:
+        raise ConfigError("max_in_flight and per_server must be at least 1, lanes at least 0")
     logger = get_run_logger()
     members = load_fleet(environment, fleet_block)
     skip_unreachable = load_fleet_block(environment, fleet_block).skip_unreachable
@@ -298,36 +166,44 @@ def db_migrate_fleet(
                   "backup_storage": backup_storage, "requested_by": requester or "",
                   "approval_comment": ("the fleet's canary: the fleet asks its approval after it"
                                        if policy.approval_required else "the policy asks no approval")}
-    batches = Batches(environment, parameters)
-    fleet = Fleet(environment, members, report, batches, max_in_flight, members_per_run, settings,
+    fleet = Lanes(environment, parameters, lane_count(environment, lanes, max_in_flight), report, members, settings,
                   Undo.of(settings) if policy.auto_rollback else None)
 
     states = fleet_status(members, project, jobs=per_server)
     admit(states, skip_unreachable)
-    elsewhere = set(batches.adopt_running())
+    elsewhere = set(fleet.adopt_running())
     todo = set(_to_migrate([s for s in states if s.name not in elsewhere], read_records(environment, fleet.by_name),
                            report, target_revision, fleet_run, project))
     if elsewhere:
         logger.info("waiting for %d member(s) a previous fleet run is still migrating", len(elsewhere))
-        fleet.run([], "previous")
+        fleet.wait()
     _lint_once(members, todo, project, settings, policy, target_revision)
 
     try:
-        fleet.run([m.name for m in waves.canary if m.name in todo], "canary")
+        canary = [m.name for m in waves.canary if m.name in todo]
+        approval_after_canary = policy.approval_required and bool(todo - set(canary))
+        if canary:  # the lanes the first wave needs start with it, unless an approval comes between
+            fleet.start(1 if approval_after_canary else len(todo))
+            fleet.run(canary)
         report.publish("canary")
-        if not stopped(fleet_run) and policy.approval_required and todo - {m.name for m in waves.canary}:
+        if not stopped(fleet_run) and approval_after_canary:
+            fleet.finish()  # no lane holds a worker through the approval
             approval = _fleet_approval(report, waves, policy, requester, environment, target_revision)
-            batches.parameters.update(approved_by=approval.approver, approval_comment=approval.comment)
+            fleet.parameters.update(approved_by=approval.approver, approval_comment=approval.comment)
         for number, wave in enumerate(waves.waves, 1):
             names = [m.name for m in wave if m.name in todo]
             if stopped(fleet_run) or not names:
                 continue
             if trouble := server_trouble([m for m in wave if m.name in todo]):
+                fleet.finish()
                 _gate_pause(trouble, number, policy, requester, environment)
-            fleet.run(names, f"w{number}")
+            fleet.run(names)
             report.publish(f"wave {number} of {len(waves.waves)}")
     except ConfirmationRefused as refused:
         stop(fleet_run, str(refused))
+    finally:
+        fleet.finish()
+        fleet.forget()
     why = stopped(fleet_run)
     forget_stop(fleet_run)
     for name in report.named(NOT_STARTED):
@@ -342,7 +218,7 @@ def db_migrate_fleet(
     if error:
         alerts.emit(alerts.FAILED, environment, f"→ {target_revision}", "fleet", error)
         raise MigrationFailed(f"fleet stopped: {error}")
-    logger.info("%s (%s); %d polls of the batch runs' states", report.summary(), path, fleet.polls)
+    logger.info("%s (%s); %d polls of the lanes' states", report.summary(), path, fleet.polls)
     return report.as_dict()
 
 

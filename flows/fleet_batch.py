@@ -1,14 +1,20 @@
-"""The db-migrate-fleet-batch flow: a few members of a fleet, migrated one after the other in one
-flow run, each member its own task running the single-database pipeline
-(:func:`dbmigrate.pipeline.execute`: health checks, backup and rehearsal per policy, migrate,
-validate, the automatic rollback per policy). The db-migrate-fleet flow (:mod:`flows.fleet`) starts
-these runs, at most C at once.
+"""The db-migrate-fleet-batch flow: a **lane** of a fleet run, a long-lived flow run that migrates
+the members the db-migrate-fleet parent (:mod:`flows.fleet`, :mod:`flows.fleet_lanes`) assigns
+it, wave after wave, one after the other, each member its own task running the single-database
+pipeline (:func:`dbmigrate.pipeline.execute`: health checks, backup and rehearsal per policy,
+migrate, validate, the automatic rollback per policy).
 
-Why several members per run: a deployment run pays a fixed cost (the worker's pick-up, a new
-Python process importing Prefect, the pull step: about 5 s and 2-4 s of CPU) that a member
-migrated in-process does not. Why one after the other inside a run: Alembic's ``op`` and
+Why long-lived: a deployment run pays a fixed cost (the worker's pick-up, a new Python process
+importing Prefect, the pull step, loading the blocks: about 13 s on 2 cores) that a member migrated
+in-process does not (about 0.5 s). Why one after the other inside a lane: Alembic's ``op`` and
 ``context`` are module globals, so two migrations in one process would share them; the fleet's
-parallelism is its runs, on as many workers as there are.
+parallelism is its lanes, on as many workers as there are.
+
+Work reaches a lane through a Prefect variable of its own (``dbmigrate-fleet-<fleet run>-lane-<n>``):
+a sequence number and the members, or done. The lane reads it every LANE_POLL_S while idle and ends
+when told it is done, when its fleet run stopped or is over (its parent's run final), or after
+LANE_IDLE_S with nothing assigned: a parent killed with its worker stays Running in Prefect for
+ever, and its lanes must not hold workers as long.
 
 While it runs, each member holds two Prefect global concurrency limits, the fleet's
 (``fleet-<env>``, C) and its server's (``fleet-<env>-server-<host>-<port>``, H), so two fleets at
@@ -17,8 +23,8 @@ that fails stops its fleet run (a Prefect variable), and no member starts after 
 not linted one by one: the fleet lints its one project once, before any member runs.
 
 Each member's outcome is a keyed table artifact, its **member record** (``fleet-<env>-member-...``),
-written once planned (where it starts from) and when it ends: the parent reads
-them all in one call, and the next fleet run reads where a member cut short was left.
+written once planned (where it starts from) and when it ends, naming the lane (``child_run``): the
+parent reads them all in one call, and the next fleet run reads where a member cut short was left.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
+from uuid import UUID
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_table_artifact
@@ -55,6 +62,9 @@ from flows.common import deployed_environment, ends_failed_on_error, settings_fo
 RUNNING, MIGRATED, FAILED, ROLLED_BACK, UNCHANGED, NOT_STARTED = (
     "running", "migrated", "failed", "rolled back", "unchanged", "not started")
 SLOT_POLL_S = 0.5  # how often a member waiting for a slot asks again (and checks that the fleet goes on)
+LANE_POLL_S = 0.5  # how often an idle lane reads its variable
+LANE_CHECK_S = 5.0  # how often an idle lane asks whether its fleet run stopped or is over
+LANE_IDLE_S = 60.0  # an idle lane given nothing for this long ends
 
 
 def _slug(text: str) -> str:
@@ -67,10 +77,6 @@ def fleet_tag(environment: str) -> str:
 
 def fleet_run_tag(fleet_run: str) -> str:
     return f"fleet-run:{fleet_run}"
-
-
-def member_tag(name: str) -> str:
-    return f"member:{name}"
 
 
 def fleet_limit(environment: str) -> str:
@@ -110,6 +116,32 @@ def stop(fleet_run: str, why: str) -> None:
 
 def forget_stop(fleet_run: str) -> None:
     Variable.unset(_stop_variable(fleet_run))
+
+
+# --- a lane's work ------------------------------------------------------------------------------------
+
+def _lane_variable(fleet_run: str, lane: int) -> str:
+    return f"dbmigrate-fleet-{fleet_run}-lane-{lane}"
+
+
+def assign(fleet_run: str, lane: int, seq: int, members: list[str]) -> None:
+    """The lane's next members (``seq`` above its last assignment's)."""
+    Variable.set(_lane_variable(fleet_run, lane), {"seq": seq, "members": members}, overwrite=True)
+
+
+def release(fleet_run: str, lane: int) -> None:
+    """The lane ends once its members are done."""
+    Variable.set(_lane_variable(fleet_run, lane), {"done": True}, overwrite=True)
+
+
+def assigned(fleet_run: str, lane: int) -> dict:
+    """The lane's latest assignment ({"seq", "members"}), {"done": True}, or {} when none."""
+    value = Variable.get(_lane_variable(fleet_run, lane), default=None)
+    return value if isinstance(value, dict) else {}
+
+
+def forget_lane(fleet_run: str, lane: int) -> None:
+    Variable.unset(_lane_variable(fleet_run, lane))
 
 
 # --- the caps ---------------------------------------------------------------------------------------
@@ -164,7 +196,7 @@ def read_records(environment: str, names: list[str]) -> dict[str, dict]:
 
 @dataclass(frozen=True)
 class FleetJob:
-    """What every member of a batch shares: the environment's policy and settings, the revision,
+    """What every member of a lane shares: the environment's policy and settings, the revision,
     who asked for the fleet and who approved it."""
 
     environment: str
@@ -192,32 +224,41 @@ def outcome_status(outcome: pipeline.Outcome) -> str:
 
 
 def migrate_member(job: FleetJob, member: Member) -> dict:
-    """The member through the single-database pipeline, holding its slots and, on its server, the
-    batch run's presence connection (:func:`flows.recovery.presence`) until its final record is
-    written: a record saying RUNNING without the presence is a batch run lost with its process
-    (:mod:`flows.fleet_recovery`). Its final record."""
-    environment = job.environment
-    with member_slots(environment, member.server, job.fleet_run), recovery.presence(member.target) as present:
+    """The member through the single-database pipeline (a task named after it), holding its slots
+    and, on its server, the lane's presence connection (:func:`flows.recovery.presence`) until its
+    final record is written: a record saying RUNNING without the presence is a lane lost with its
+    process (:mod:`flows.fleet_recovery`). Its final record.
+
+    The slots are taken here, in the lane's flow, not in the member's task: Prefect 3.8's
+    lease-based acquisition waited about 2 s each time inside a task run after the first
+    (measured: 0.02 s in the flow), four times a member's own pipeline time."""
+    with member_slots(job.environment, member.server, job.fleet_run), recovery.presence(member.target) as present:
         if why := stopped(job.fleet_run):  # stopped while this member waited for its slots
             raise FleetStopped(why)
-        started = time.time()
-        lease = concurrency.held_lease()  # of the member's slots: freed by the fleet should this run be lost
+        lease = concurrency.held_lease()  # of the member's slots: freed by the fleet should this lane be lost
+        # task_run_name as a callable: a name is not a format string (it may hold braces)
+        return task(lambda: _pipeline(job, member, present, lease), name="member", task_run_name=lambda: member.name,
+                    cache_policy=NO_CACHE, persist_result=False)()
 
-        def run_phase(name, fn, *args):
-            if name == "lint":  # the fleet linted its one project once, before any member (flows.fleet)
-                return args[0]
-            result = fn(*args)
-            if name == "plan" and result.steps:  # where it starts: what the next run reads if this one is cut short
-                record(environment, member, RUNNING, started_at=started, present=present, lease=lease,
-                       revision_before=revisions.shown(result.revision_before),
-                       target=result.steps[-1].revision, message="migrating")
-            return result
 
-        hooks = pipeline.Hooks(
-            confirm=lambda plan: job.approval, run_phase=run_phase,
-            auto_rollback=auto_rollback.restore_starting_state if job.policy.auto_rollback else None)
-        return _final_record(environment, member, pipeline.execute(member.target, job.settings, job.request(), hooks),
-                             started)
+def _pipeline(job: FleetJob, member: Member, present: bool, lease: str | None) -> dict:
+    environment, started = job.environment, time.time()
+
+    def run_phase(name, fn, *args):
+        if name == "lint":  # the fleet linted its one project once, before any member (flows.fleet)
+            return args[0]
+        result = fn(*args)
+        if name == "plan" and result.steps:  # where it starts: what the next run reads if this one is cut short
+            record(environment, member, RUNNING, started_at=started, present=present, lease=lease,
+                   revision_before=revisions.shown(result.revision_before),
+                   target=result.steps[-1].revision, message="migrating")
+        return result
+
+    hooks = pipeline.Hooks(
+        confirm=lambda plan: job.approval, run_phase=run_phase,
+        auto_rollback=auto_rollback.restore_starting_state if job.policy.auto_rollback else None)
+    return _final_record(environment, member, pipeline.execute(member.target, job.settings, job.request(), hooks),
+                         started)
 
 
 def _final_record(environment: str, member: Member, outcome: pipeline.Outcome, started: float) -> dict:
@@ -237,12 +278,12 @@ def _final_record(environment: str, member: Member, outcome: pipeline.Outcome, s
                   if report.rehearsal else None, message=message)
 
 
-@flow(name="db-migrate-fleet-batch")  # the fleet names each run when it creates it: <env>-fleet-w3-2
+@flow(name="db-migrate-fleet-batch")  # the fleet names each lane when it creates it: <env>-fleet-lane-2
 @ends_failed_on_error
 def db_migrate_fleet_batch(
     environment: str,
     fleet_run: str,
-    members: list[str],
+    lane: int,
     target_revision: str = "head",
     backup: bool = True,
     fleet_block: str | None = None,
@@ -252,12 +293,13 @@ def db_migrate_fleet_batch(
     approved_by: str = "",
     approval_comment: str = "",
 ) -> list[dict] | Failed:
-    """Migrate ``members`` of the environment's fleet one after the other; started by db-migrate-fleet.
+    """A lane of the environment's fleet run: the members assigned to it migrated one after the
+    other, until told it is done; started by db-migrate-fleet.
 
     Args:
         environment: The deployment's environment; every member is a database of it.
-        fleet_run: The db-migrate-fleet run this batch belongs to (its id).
-        members: The members' names, in order.
+        fleet_run: The db-migrate-fleet run this lane belongs to (its id).
+        lane: The lane's number in its fleet run (its variable's).
         target_revision: Alembic revision to migrate to; 'head' for the latest.
         backup: Back each member up first (the fleet's policy checked it).
         fleet_block: The DatabaseFleet block's name; default '<environment>-fleet'.
@@ -279,7 +321,35 @@ def db_migrate_fleet_batch(
                    settings_for(policy, alembic_config, backup_storage), requested_by or "unknown", approval, backup)
     logger = get_run_logger()
     results: list[dict] = []
-    for name in members:
+    last_seq, idle_since, checked = 0, time.monotonic(), time.monotonic()
+    while True:
+        work = assigned(fleet_run, lane)
+        if work.get("done"):
+            break
+        if work.get("seq", 0) > last_seq:
+            last_seq = work["seq"]
+            results += _migrate(job, fleet, work.get("members", []), logger)
+            idle_since = time.monotonic()
+            continue
+        if time.monotonic() - idle_since > LANE_IDLE_S:
+            logger.info("nothing assigned for %g s: the lane ends", LANE_IDLE_S)
+            break
+        if time.monotonic() - checked > LANE_CHECK_S:
+            checked = time.monotonic()
+            if why := _fleet_over(fleet_run):
+                logger.info("the lane ends: %s", why)
+                break
+        time.sleep(LANE_POLL_S)
+    failed = [r["member"] for r in results if r["status"] in (FAILED, ROLLED_BACK)]
+    if failed:  # a state, not an exception: the fleet's run alerts once for the fleet, not each lane
+        return Failed(message=f"member{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}")
+    return results
+
+
+def _migrate(job: FleetJob, fleet: dict[str, Member], names: list[str], logger) -> list[dict]:
+    """One assignment's members, one after the other: their final records."""
+    environment, fleet_run, results = job.environment, job.fleet_run, []
+    for name in names:
         member = fleet.get(name)
         if member is None:
             raise ConfigError(f"'{name}' is no longer a member of the {environment} fleet")
@@ -287,9 +357,7 @@ def db_migrate_fleet_batch(
             results.append(record(environment, member, NOT_STARTED, message=f"the fleet stopped: {why}"))
             continue
         try:
-            # task_run_name as a callable: a name is not a format string (it may hold braces)
-            result = task(lambda: migrate_member(job, member), name="member", task_run_name=lambda: name,
-                          cache_policy=NO_CACHE, persist_result=False)()
+            result = migrate_member(job, member)
         except FleetStopped as exc:
             result = record(environment, member, NOT_STARTED, message=f"the fleet stopped: {exc}")
         logger.info("%s: %s (%s -> %s) %s", name, result["status"], result["revision_before"],
@@ -297,7 +365,13 @@ def db_migrate_fleet_batch(
         if result["status"] in (FAILED, ROLLED_BACK):
             stop(fleet_run, f"member '{name}' failed")
         results.append(result)
-    failed = [r["member"] for r in results if r["status"] in (FAILED, ROLLED_BACK)]
-    if failed:  # a state, not an exception: the fleet's run alerts once for the fleet, not each batch
-        return Failed(message=f"member{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}")
     return results
+
+
+def _fleet_over(fleet_run: str) -> str | None:
+    """Why the lane's fleet run gives it no more work: stopped, or its parent's run over."""
+    if why := stopped(fleet_run):
+        return f"the fleet stopped: {why}"
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(fleet_run)).state
+    return f"its fleet run is {state.name}" if state is not None and state.is_final() else None

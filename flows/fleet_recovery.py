@@ -1,16 +1,16 @@
-"""A fleet's batch run lost with a member in flight: its worker SIGKILLed with its flow-run
+"""A fleet's lane lost with a member in flight: its worker SIGKILLed with its flow-run
 processes (a lost machine), nobody reports, and Prefect shows the run Running for ever.
 
-The member in flight holds a presence connection named after its batch run on its server
+The member in flight holds a presence connection named after its lane's run on its server
 (:func:`flows.recovery.presence`, as a single-database run does) from before its record says
 RUNNING until after its final record. The fleet, at each poll, reads its in-flight members'
 records (one request) and, for those RUNNING, asks each of their servers which presences are
 there (one query per server). A member RUNNING whose presence is gone, still so on a second
-look, is in a lost run: the fleet says where its database is and applies the single-database
+look, is in a lost lane: the fleet says where its database is and applies the single-database
 recovery (:func:`dbmigrate.interruption.where_left`: a database left between revisions is
 downgraded to its starting revision where the policy rolls back automatically), sets the run
 Crashed with that message, frees the member's slots of the fleet's caps (its record keeps their
-lease), and stops.
+lease), classes the rest of the lane's assignment not started, and stops.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from flows import recovery
 from flows.fleet_batch import FAILED, NOT_STARTED, RUNNING, read_records
 
 
-def lost_batches(environment: str, in_flight: dict[str, list[str]], members: dict[str, Member]) -> list[str]:
-    """The batch runs in flight whose member in progress lost its presence: their process is gone."""
-    suspects = _migrating_without_presence(environment, in_flight, members)
+def lost_lanes(environment: str, in_flight: dict[str, list[str]], members: dict[str, Member],
+               records: dict[str, dict]) -> list[str]:
+    """The lanes (run id -> members pending) whose member in progress lost its presence: their
+    process is gone. ``records``: the pending members' records, as the fleet's poll read them."""
+    suspects = _migrating_without_presence(in_flight, members, records)
     if not suspects:
         return []
     # A second look: a member that just ended wrote its final record before closing its presence.
@@ -46,15 +48,14 @@ def lost_batches(environment: str, in_flight: dict[str, list[str]], members: dic
 
 
 def _migrating(records: dict[str, dict], in_flight: dict[str, list[str]]) -> dict[str, str]:
-    """Members whose record says a batch run in flight is migrating them (holding a presence): their run ids."""
+    """Members whose record says a lane in flight is migrating them (holding a presence): their run ids."""
     return {name: row["child_run"] for name, row in records.items()
             if row["status"] == RUNNING and row.get("present") and name in in_flight.get(row.get("child_run"), [])}
 
 
-def _migrating_without_presence(environment: str, in_flight: dict[str, list[str]],
-                                members: dict[str, Member]) -> dict[str, str]:
-    migrating = _migrating(read_records(environment, [name for names in in_flight.values() for name in names]),
-                           in_flight)
+def _migrating_without_presence(in_flight: dict[str, list[str]], members: dict[str, Member],
+                                records: dict[str, dict]) -> dict[str, str]:
+    migrating = _migrating(records, in_flight)
     by_server: dict[str, list[str]] = defaultdict(list)
     for name in migrating:
         by_server[members[name].server].append(name)
@@ -70,7 +71,7 @@ def _migrating_without_presence(environment: str, in_flight: dict[str, list[str]
 
 def recover(environment: str, run_id: str, names: list[str], members: dict[str, Member],
             undo: Undo | None) -> dict[str, dict]:
-    """The lost run's members, as the fleet's report classes them, where each database is said
+    """The lost lane's members pending, as the fleet's report classes them, where each database is said
     (and, with ``undo``, one left between revisions put back); the run set Crashed saying so."""
     records = read_records(environment, names)
     rows, said = {}, []

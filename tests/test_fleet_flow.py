@@ -192,8 +192,7 @@ def test_a_member_failing_on_its_data_stops_the_fleet_within_its_wave(server, wo
         sql(tenants.target("tenant_012"), "UPDATE account SET balance = -1 WHERE id = 7")
         save_fleet(pg_cluster, "development", tenants.names)
         with Sampler(pg_cluster, "tenant") as sampler:
-            run_id = start_fleet("development", project, canary=1, wave_size=5, max_in_flight=4, per_server=2,
-                                 members_per_run=2)
+            run_id = start_fleet("development", project, canary=1, wave_size=5, max_in_flight=4, per_server=2)
             run = final(run_id, 600)
         assert run.state.is_failed(), run.state
         assert "member failed: tenant_012" in run.state.message, run.state.message
@@ -237,8 +236,9 @@ def parent_process(workers: list[Worker], run_id: str) -> int:
     return 0
 
 
-def migrated_records(environment: str, name: str) -> int:
-    """How many times the run history records ``name`` migrated (every version of its member record)."""
+def migrations(environment: str, name: str) -> list[dict]:
+    """Each time the run history records ``name`` migrated (the versions of its member record saying
+    so, each naming its lane, ``child_run``, and its fleet run)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -247,21 +247,21 @@ def migrated_records(environment: str, name: str) -> int:
     with get_client(sync_client=True) as client:
         versions = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[member_key(environment, name)])))
-    return sum(json.loads(v.data)[0]["status"] == "migrated" for v in versions)
+    return [row for v in versions if (row := json.loads(v.data)[0])["status"] == "migrated"]
 
 
 def test_the_fleet_run_sigkilled_mid_wave_then_run_again_migrates_each_member_once(server, workers, pg_cluster,
                                                                                  cli, project):
-    """8 members, waves of 4, C=2, one member per batch run, each member's r2 taking 3 s. The parent's
-    process is SIGKILLed once 2 members are at r3 (mid first wave); its batch runs go on. A new fleet
-    run waits for those still running instead of starting them again, leaves the ones the first run
-    migrated (unchanged) and migrates the rest: every member at r3, each in exactly one batch run and
-    migrated once in the run history."""
+    """8 members, waves of 4, C=2 (two lanes), each member's r2 taking 3 s. The parent's process is
+    SIGKILLed once 2 members are at r3 (mid first wave); its lanes go on with what they were given. A
+    new fleet run waits for those instead of starting them again, leaves the ones the first run
+    migrated (unchanged) and migrates the rest: every member at r3, migrated once in the run history,
+    by one lane of one of the two fleet runs."""
     tenants = Tenants(pg_cluster, cli, project, 8, "resumed")
     try:
         tenants.slow(3)
         save_fleet(pg_cluster, "development", tenants.names)
-        params = {"canary": 1, "wave_size": 4, "max_in_flight": 2, "per_server": 2, "members_per_run": 1}
+        params = {"canary": 1, "wave_size": 4, "max_in_flight": 2, "per_server": 2}
         first = start_fleet("development", project, **params)
         wait_until(lambda: len(tenants.at("r3")) >= 2, 300, "2 members at r3", 0.5)
         pid = wait_until(lambda: parent_process(workers, first), 30, "the fleet run's process")
@@ -275,16 +275,16 @@ def test_the_fleet_run_sigkilled_mid_wave_then_run_again_migrates_each_member_on
         run = final(second, 600)
         assert run.state.is_completed(), run.state
         assert tenants.at("r3") == tenants.names
-        children = batch_runs()
+        lanes = {str(child.id) for child in batch_runs(first) + batch_runs(second)}
+        by_first = set()
         for name in tenants.names:
-            holding = [child for child in children if f"member:{name}" in child.tags]
-            assert len(holding) == 1, f"{name} in {[c.name for c in holding]}"
-            assert migrated_records("development", name) == 1, name
-        assert any(f"fleet-run:{second}" in child.tags for child in children), "the second run migrated some"
-        # A batch run still going when the parent died finishes on its own: the second run finds
-        # its member at r3 (unchanged) or waits for it. Either way the first run migrated it.
-        by_first = {name for name in tenants.names
-                    if any(f"member:{name}" in child.tags for child in batch_runs(first))}
+            [migrated] = migrations("development", name)
+            assert migrated["child_run"] in lanes and migrated["fleet_run"] in (first, second), migrated
+            if migrated["fleet_run"] == first:
+                by_first.add(name)
+        assert batch_runs(second), "the second run migrated some"
+        # A lane still going when the parent died finishes what it was given: the second run finds
+        # its members at r3 (unchanged) or waits for them. Either way the first run migrated them.
         assert done_before <= by_first
         home = Path(workers[0].environ["DBMIGRATE_HOME"])
         rows = {row["member"]: row for row in fleet_report(home)["members"]}
@@ -336,6 +336,27 @@ def test_a_production_fleet_pauses_once_after_its_canary_and_a_rejection_leaves_
         tenants.drop()
 
 
+def test_a_fleet_of_small_waves_runs_in_one_lane_per_worker(server, workers, pg_cluster, cli, project):
+    """13 members, canary 1, waves of 3 (five waves), C=4, two workers online: the fleet runs in at
+    most two db-migrate-fleet-batch runs (lanes) in all, not a run per wave and lane (a run costs
+    seconds of fixed time, a member a fraction of one), and every member is migrated once."""
+    tenants = Tenants(pg_cluster, cli, project, 13, "laned")
+    try:
+        save_fleet(pg_cluster, "development", tenants.names)
+        run_id = start_fleet("development", project, canary=1, wave_size=3, max_in_flight=4, per_server=2)
+        run = final(run_id, 600)
+        assert run.state.is_completed(), run.state
+        assert tenants.at("r3") == tenants.names
+        lanes = batch_runs(run_id)
+        assert len(lanes) <= 2, [lane.name for lane in lanes]
+        assert all(lane.state.is_completed() for lane in lanes), [(lane.name, lane.state.name) for lane in lanes]
+        for name in tenants.names:
+            [migrated] = migrations("development", name)
+            assert migrated["fleet_run"] == run_id and migrated["child_run"] in {str(lane.id) for lane in lanes}
+    finally:
+        tenants.drop()
+
+
 @contextmanager
 def one_run_each(workers: list[Worker]):
     """The workers restarted to take one flow run each: a fleet's parent and its one batch run land
@@ -374,7 +395,7 @@ def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the
         tenants.slow(20)
         save_fleet(pg_cluster, "development", tenants.names)
         with one_run_each(workers):
-            run_id = start_fleet("development", ini, canary=1, wave_size=2, max_in_flight=1, members_per_run=1)
+            run_id = start_fleet("development", ini, canary=1, wave_size=2, max_in_flight=1)
             canary = tenants.names[0]
             wait_until(lambda: sql(tenants.target(canary), "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
                                    "'SELECT pg_sleep%' AND datname = current_database()")[0][0] > 0, 300,
