@@ -18,8 +18,6 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.helpers import REPO
-
 EXPRESSION = re.compile(r"\$\{\{(.*?)\}\}", re.DOTALL)
 STATUS_FUNCTIONS = ("success", "failure", "always", "cancelled")
 
