@@ -25,7 +25,8 @@ endif
 # while other jobs loaded it (load 12), the whole suite took 24.5 min with -n 4 (serially, on CI: 33 min).
 # TEST_WORKERS=N to change it.
 TEST_WORKERS ?= 4
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+# --no-loadscope-reorder: the work goes out in the order tests/conftest.py gives it (the longest groups first)
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 .PHONY: demo down check test e2e browser jq install install-dev bench clean
 

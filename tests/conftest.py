@@ -103,7 +103,28 @@ def prefect_home_template(tmp_path_factory):
     prefect_server.HOME_TEMPLATE = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "prefect-home"
 
 
+# The xdist groups (each a module or two owning a server), by the wall time they took, heaviest first
+# (2026-12-06). With `--no-loadscope-reorder` xdist hands the work units out in collection order, the
+# next to whichever worker has two tests or fewer left: the longest start first and the run does not end
+# on a long group started late (xdist's own order, by test count, started the orchestration server's
+# and the fleet's sixth and eighth).
+GROUPS_HEAVIEST_FIRST = (
+    "local-stack", "prefect-server-github-workflow", "prefect-server-orchestration-server",
+    "prefect-server-orchestration-processes", "prefect-server-fleet", "prefect-server-alerts",
+    "prefect-server-deployments", "prefect-server-approval-ui", "application-venv",
+)
+
+
 def pytest_collection_modifyitems(items):
-    """The unit layer (tests/unit: no servers, about a second) runs first: a broken rule shows
-    at once, not after the servers have started."""
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/unit/"))
+    """Run alone, the unit layer (tests/unit: no servers, about a second) runs first: a broken rule
+    shows at once, not after the servers have started. On xdist workers, the groups go first,
+    heaviest first (GROUPS_HEAVIEST_FIRST), then every test on its own."""
+    def group(item) -> str | None:
+        marker = item.get_closest_marker("xdist_group")
+        return marker.args[0] if marker else None
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        order = {name: index for index, name in enumerate(GROUPS_HEAVIEST_FIRST)}
+        items.sort(key=lambda item: order.get(group(item), len(order)))
+    else:
+        items.sort(key=lambda item: not item.nodeid.startswith("tests/unit/"))

@@ -54,3 +54,15 @@ def test_what_the_benchmarks_import_from_the_project_exists():
                 if not module or not hasattr(importlib.import_module(module), attribute):
                     missing.append(f"{path.name}: {name}")
     assert missing == []
+
+
+def test_every_xdist_group_has_its_place_in_the_order_the_groups_run():
+    """tests/conftest.py pairs the heavy groups with light ones by their order: a new group is placed there."""
+    from tests.conftest import GROUPS_HEAVIEST_FIRST
+
+    used = set()
+    for path in (REPO / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "xdist_group":
+                used.add(node.args[0].value)
+    assert used and sorted(used - set(GROUPS_HEAVIEST_FIRST)) == []
