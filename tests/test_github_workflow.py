@@ -230,7 +230,8 @@ def test_a_hostile_revision_arrives_as_typed_and_executes_nothing(server, stagin
 @pytest.mark.slow
 def test_a_good_run_with_an_all_digit_revision(server, staging, target, tmp_path):
     """`12` reaches the flow as the string "12" (`--param target_revision=12` would send the number);
-    the step summary tells the story and the report uploaded is the one the run wrote."""
+    the wait ends with the run; the step summary tells the story and the report uploaded is the one
+    the run wrote."""
     staging()
     job = finished(server, tmp_path, "migrate", event_context(ENVIRONMENT, target_revision="12"))
 
@@ -238,6 +239,9 @@ def test_a_good_run_with_an_all_digit_revision(server, staging, target, tmp_path
     run = flow_run(job.output("flow_run_id"))
     assert run.parameters["target_revision"] == "12" and run.state.is_completed()
     assert fingerprint_of(target).revisions == ("12",)
+    # the wait ends with the run, not a state poll (STATE_POLL_S) later: once, the poll's sleep held it
+    waited = job.steps["run"].ended_at - run.end_time.timestamp()
+    assert waited < 20, f"the wait step ended {waited:.0f} s after the run"
     saved = job.output("report")
     fetched = (tmp_path / "job" / "workspace" / saved).read_text()
     assert saved.startswith("migration-reports/"), "where the upload step looks"

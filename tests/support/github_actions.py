@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,7 @@ class StepRun:
 
     process: subprocess.Popen
     workdir: Path
+    ended_at: float = 0.0  # time.time() when the step's output closed
 
     def finish(self, timeout: float) -> subprocess.CompletedProcess:
         try:
@@ -170,6 +172,7 @@ class StepRun:
         except subprocess.TimeoutExpired:  # as the runner does in the end: the step's whole process tree
             os.killpg(self.process.pid, signal.SIGKILL)
             raise
+        self.ended_at = time.time()
         return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, "")
 
     @property
