@@ -60,8 +60,10 @@ def ensure_limits(environment: str, max_in_flight: int, per_server: int, servers
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
 
 
-def server_trouble(members: list[Member]) -> str | None:
-    """The gate before a wave: each server of the wave answers and has connection headroom."""
+def server_trouble(members: list[Member]) -> tuple[str, str] | None:
+    """The gate before a wave: each server of the wave answers and has connection headroom. Trouble
+    is (what, why): ``what`` names the server and the kind of trouble, and stays the same while it
+    lasts (an approval is asked once for it); ``why`` has the figures."""
     for server in sorted({m.server for m in members}):
         member = next(m for m in members if m.server == server)
         try:
@@ -69,9 +71,11 @@ def server_trouble(members: list[Member]) -> str | None:
                 used, most = conn.execute(text("SELECT count(*), current_setting('max_connections')::int "
                                                "FROM pg_stat_activity")).one()
         except DbMigrateError as exc:
-            return f"server {server} unreachable: {exc}"
+            return f"server {server} unreachable", str(exc)
         if most - used < HEADROOM * most:
-            return f"server {server} has {most - used} free connections of {most}"
+            return (f"server {server} short of free connections",
+                    f"{most - used} free connections of {most}, under the {HEADROOM:.0%} the fleet leaves "
+                    "to the applications")
     return None
 
 
@@ -263,12 +267,14 @@ def _fleet_approval(report: FleetReport, waves, policy, requester, environment: 
     return answer
 
 
-def _gate_pause(trouble: str, number: int, policy, requester, environment: str) -> None:
+def _gate_pause(trouble: tuple[str, str], number: int, policy, requester, environment: str) -> None:
     """The fleet pauses before wave ``number`` saying why; approve to go on, reject to stop."""
+    what, why = trouble
+    get_run_logger().warning("the fleet pauses before wave %d: %s: %s", number, what, why)
     rules = dataclasses.replace(policy, approval_required=True, approver_must_differ=False)
     answer = ask_approval(rules, requester, lambda: (
-        f"wave {number} of the {environment} fleet: {trouble}",
-        f"## The {environment} fleet paused before wave {number}\n\n{trouble}.\n\nChoose **approve** to go on, "
-        "or **reject** to stop the fleet here, and give your **name**."))
+        f"wave {number} of the {environment} fleet: {what}",
+        f"## The {environment} fleet paused before wave {number}\n\n{what}: {why}.\n\nChoose **approve** to "
+        "go on, or **reject** to stop the fleet here, and give your **name**."))
     if not answer.approved:
-        raise ConfirmationRefused(f"paused before wave {number} ({trouble}) and rejected by {answer.approver}")
+        raise ConfirmationRefused(f"paused before wave {number} ({what}: {why}) and rejected by {answer.approver}")

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,11 +24,13 @@ from tests.support.helpers import REPO, assert_no_canary, libpq_url, sql, wait_u
 from tests.support.pgcluster import CANARY_PASSWORD
 from tests.support.prefect_server import PrefectServer, Worker, final, flow_run, pool_and_deployments, start_run
 from tests.support.projects import linear, stock_project
+from tests.support.webhooks import Listener
 
 # Its own Prefect server and workers: one xdist worker runs the module (--dist loadgroup).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect-server-fleet")]
 
 ENVIRONMENTS = ("development", "production")
+HOOK = "/hooks/fleet-" + uuid.uuid4().hex  # the webhook URL's path: a secret, never in a message
 FLOWS = ("db-migrate-fleet", "db-migrate-fleet-batch")
 TENANT_ROWS = 200
 # r2 sleeps in PostgreSQL for the seconds the database's setting dbmigrate_test.sleep says (none: 0).
@@ -67,6 +70,34 @@ def workers(server, tmp_path_factory):
     finally:
         for worker in started:
             worker.kill_all()
+
+
+@pytest.fixture(scope="module")
+def alerts(server, pg_cluster, tmp_path_factory):
+    """A webhook listener on loopback and each environment's alerts set up by `blocks sync`, as an
+    operator does it: the fleet's alerts go through the same automations as a single database's."""
+    from tests.support.helpers import run_cli
+
+    listener = Listener()
+    home = tmp_path_factory.mktemp("sync-home")
+    try:
+        for environment in ENVIRONMENTS:
+            synced = run_cli(home, "blocks", "sync", "--env", environment, "--from-env", env={
+                **server.environ(), "DB_HOST": "127.0.0.1", "DB_PORT": str(pg_cluster.port), "DB_NAME": "postgres",
+                "DB_USER": "postgres", "DB_PASSWORD": CANARY_PASSWORD, "DB_SSLMODE": "disable",
+                "ALERT_WEBHOOK_URL": listener.url + HOOK})
+            assert synced.returncode == 0, synced.stderr
+        yield listener
+    finally:
+        listener.server.shutdown()
+
+
+def alerted(listener: Listener, environment: str, subject: str, run_id: str, says: str) -> str:
+    """The alert's text, delivered for the fleet run ``run_id``, with no secret in it."""
+    delivery = listener.wait_for(HOOK, f"dbmigrate {environment}: {subject}", run_id, says)
+    assert_no_canary(json.dumps(delivery.json), f"the fleet's {subject} alert")
+    assert HOOK not in json.dumps(delivery.json)
+    return delivery.text
 
 
 @pytest.fixture(scope="module")
@@ -182,42 +213,43 @@ class Sampler:
 
 
 def test_a_member_failing_on_its_data_stops_the_fleet_within_its_wave(server, workers, pg_cluster, cli, project,
-                                                                      tmp_path_factory):
-    """20 members (the count is not what is tested), canary 1, waves of 5, C=4, H=2; member 12 (wave
-    3) has a row its r2 refuses. No member starts after its failure (5 s), no later wave starts, the
-    members in flight finish, development rolls member 12 back, the report classes all 20, and at
-    most H=2 tenant databases had a session of the fleet at any moment."""
-    tenants = Tenants(pg_cluster, cli, project, 20, "tenant")
+                                                                      alerts):
+    """100 members, canary 1, waves of 10, C=4, H=2; member 37 (wave 4) has a row its r3 refuses.
+    No member starts after its failure (5 s), no later wave starts, the members in flight finish,
+    development rolls member 37 back, the report classes all 100, and at most H=2 tenant databases
+    had a session of the fleet at any moment."""
+    tenants = Tenants(pg_cluster, cli, project, 100, "tenant")
     try:
-        sql(tenants.target("tenant_012"), "UPDATE account SET balance = -1 WHERE id = 7")
+        sql(tenants.target("tenant_037"), "UPDATE account SET balance = -1 WHERE id = 7")
         save_fleet(pg_cluster, "development", tenants.names)
         with Sampler(pg_cluster, "tenant") as sampler:
-            run_id = start_fleet("development", project, canary=1, wave_size=5, max_in_flight=4, per_server=2)
+            run_id = start_fleet("development", project, canary=1, wave_size=10, max_in_flight=4, per_server=2)
             run = final(run_id, 600)
         assert run.state.is_failed(), run.state
-        assert "member failed: tenant_012" in run.state.message, run.state.message
+        assert "member failed: tenant_037" in run.state.message, run.state.message
         assert sampler.most <= 2, f"{sampler.most} tenant databases at once with per_server=2"
 
         home = Path(workers[0].environ["DBMIGRATE_HOME"])
         report = fleet_report(home)
         rows = {row["member"]: row for row in report["members"]}
-        assert list(rows) == tenants.names and sum(report["counts"].values()) == 20, report["counts"]
-        failed = rows["tenant_012"]
-        assert failed["status"] == "rolled back" and tenants.revision("tenant_012") == "r1", failed
+        assert list(rows) == tenants.names and sum(report["counts"].values()) == 100, report["counts"]
+        failed = rows["tenant_037"]
+        assert failed["status"] == "rolled back" and tenants.revision("tenant_037") == "r1", failed
         assert "balance_not_negative" in failed["message"] and failed["revision_after"] == "r1", failed
         assert "rollback: database back at the starting revision" in failed["message"], failed
-        for name in tenants.names[:6]:  # the canary and wave 1
+        for name in tenants.names[:31]:  # the canary and waves 1-3
             assert rows[name]["status"] == "migrated" and tenants.revision(name) == "r3", rows[name]
-        for name in tenants.names[16:]:  # wave 4: never started
+        for name in tenants.names[41:]:  # waves 5-10: never started
             assert rows[name]["status"] == "not started" and tenants.revision(name) == "r1", rows[name]
         for name, row in rows.items():  # nobody started more than 5 s after the failure, and the database agrees
             if row["started_at"]:
                 assert row["started_at"] <= failed["finished_at"] + 5 or row["status"] == "not started", row
             assert tenants.revision(name) == ("r3" if row["status"] == "migrated" else "r1"), row
-        assert report["status"] == "failed" and "tenant_012" in report["error"]
+        assert report["status"] == "failed" and "tenant_037" in report["error"]
         assert_no_canary(json.dumps(report), "the fleet report")
+        assert "member failed: tenant_037" in alerted(alerts, "development", "run failed", run_id, "tenant_037")
         children = batch_runs(run_id)
-        assert len(children) <= 10 and all(f"fleet-run:{run_id}" in child.tags for child in children)
+        assert len(children) <= 4 and all(f"fleet-run:{run_id}" in child.tags for child in children)
     finally:
         tenants.drop()
 
@@ -296,7 +328,7 @@ def test_the_fleet_run_sigkilled_mid_wave_then_run_again_migrates_each_member_on
 
 
 def test_a_production_fleet_pauses_once_after_its_canary_and_a_rejection_leaves_the_rest(server, workers, pg_cluster,
-                                                                                       cli, project):
+                                                                                       cli, project, alerts):
     """Production: the canary is migrated (backup, rehearsal), then the fleet waits for one approval
     showing the canary's outcome and the wave plan; rejected, no other member is touched and the
     report says the canary stays migrated."""
@@ -317,6 +349,7 @@ def test_a_production_fleet_pauses_once_after_its_canary_and_a_rejection_leaves_
         assert paused.message.startswith("waiting for approval of the production fleet to head (4 members)"), \
             paused.message
         assert tenants.revision("prod_001") == "r3" and tenants.at("r1") == tenants.names[1:]
+        alerted(alerts, "production", "waiting for approval", run_id, "the production fleet to head (4 members)")
         resume_flow_run(run_id, run_input={"decision": "reject", "approver": "Bob"})
         run = final(run_id, 300)
         assert run.state.is_failed(), run.state
@@ -333,6 +366,43 @@ def test_a_production_fleet_pauses_once_after_its_canary_and_a_rejection_leaves_
         assert all(rows[name]["status"] == "not started" for name in tenants.names[1:]), rows
         assert report["approval"]["decision"] == "rejected" and report["approval"]["approver"] == "Bob"
     finally:
+        tenants.drop()
+
+
+def test_a_server_short_of_connections_at_a_gate_pauses_the_fleet_until_approved(server, workers, pg_cluster, cli,
+                                                                                project, alerts):
+    """3 members, canary 1, a wave of 2. The server is left with fewer than 20% of its connections
+    free (sessions the test holds): the canary migrates, then the fleet pauses before wave 1, its
+    state message and alert saying which server and why, wave 1 untouched. The sessions let go and
+    the pause approved, the fleet migrates the rest."""
+    import psycopg
+    from prefect.flow_runs import resume_flow_run
+
+    tenants = Tenants(pg_cluster, cli, project, 3, "gated")
+    held = []
+    try:
+        save_fleet(pg_cluster, "development", tenants.names)
+        with pg_cluster.admin() as conn:
+            [(used, most)] = conn.execute("SELECT count(*), current_setting('max_connections')::int "
+                                          "FROM pg_stat_activity").fetchall()
+        # 15 left free: enough for the canary's sessions, under the gate's 20% of max_connections
+        held = [psycopg.connect(libpq_url(tenants.target("gated_003"))) for _ in range(most - used - 15)]
+        run_id = start_fleet("development", project, canary=1, wave_size=2, per_server=2)
+        paused = wait_until(lambda: (state := flow_run(run_id).state).is_paused() and state, 300,
+                            "the fleet to pause at the gate before wave 1", 1)
+        why = f"wave 1 of the development fleet: server 127.0.0.1:{pg_cluster.port} short of free connections"
+        assert paused.message.startswith(f"waiting for approval of {why}"), paused.message
+        assert tenants.revision("gated_001") == "r3" and tenants.at("r1") == tenants.names[1:]
+        alerted(alerts, "development", "waiting for approval", run_id, why)
+        for session in held:
+            session.close()
+        resume_flow_run(run_id, run_input={"decision": "approve", "approver": "Alice"})
+        run = final(run_id, 300)
+        assert run.state.is_completed(), run.state
+        assert tenants.at("r3") == tenants.names
+    finally:
+        for session in held:
+            session.close()
         tenants.drop()
 
 
