@@ -109,9 +109,9 @@ def prefect_home_template(tmp_path_factory):
 # on a long group started late (xdist's own order, by test count, started the orchestration server's
 # and the fleet's sixth and eighth).
 GROUPS_HEAVIEST_FIRST = (
-    "local-stack", "prefect-server-github-workflow", "prefect-server-orchestration-server",
-    "prefect-server-orchestration-processes", "prefect-server-fleet", "prefect-server-alerts",
-    "prefect-server-deployments", "prefect-server-approval-ui", "application-venv",
+    "prefect-server-fleet", "local-stack", "prefect-server-orchestration-processes",
+    "prefect-server-orchestration-server", "prefect-server-github-workflow", "prefect-server-deployments",
+    "prefect-server-approval-ui", "application-venv", "prefect-server-alerts",
 )
 
 

@@ -209,6 +209,7 @@ def start_step(workflow: Workflow, job_name: str, step_id: str, context: dict, w
         "GITHUB_WORKSPACE": str(workspace),
         "GITHUB_OUTPUT": str(workdir / "github_output"),
         "GITHUB_STEP_SUMMARY": str(workdir / "step_summary"),
+        "RUNNER_TEMP": str(runner_temp(workdir.parent)),
     }
     for scope in (workflow.data, job, step):
         env.update({name: render(value, context) for name, value in scope.get("env", {}).items()})
@@ -270,6 +271,12 @@ def run_job(workflow: Workflow, job_name: str, context: dict, workspace: Path, w
         elif results[step["id"]].returncode != 0 and status == "success":
             status = "failure"
     return JobRun(steps, results, status)
+
+
+def runner_temp(directory: Path) -> Path:
+    """$RUNNER_TEMP: the job's temporary directory, shared by its steps (GitHub empties it per job)."""
+    (directory / "runner-temp").mkdir(parents=True, exist_ok=True)
+    return directory / "runner-temp"
 
 
 def workspace(directory: Path) -> Path:
