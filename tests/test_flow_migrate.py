@@ -89,18 +89,29 @@ def test_a_backup_storage_naming_a_missing_block_fails_the_backup_saying_how_to_
 
 
 def test_two_concurrent_runs_exactly_one_migrates(environment, target, home, tmp_path):
+    """A second run started while the first is inside its migration (held there until the test
+    lets go of a lock, not for a time that a loaded machine may outlast) is refused, saying another
+    run holds the database; the first then migrates."""
+    import psycopg
+
+    from tests.support.helpers import libpq_url, wait_until
+
     name = environment("staging")
-    ini = str(stock_project(tmp_path, linear(("op.execute('SELECT pg_sleep(3)'); " + CREATE.format("t1"), "pass"))))
+    held = ("DO $$ BEGIN WHILE NOT pg_try_advisory_lock_shared(4242) LOOP PERFORM pg_sleep(0.05); END LOOP; "
+            "END $$")
+    ini = str(stock_project(tmp_path, linear((f"op.execute({held!r}); " + CREATE.format("t1"), "pass"))))
     states = []
-    runs = [threading.Thread(target=lambda: states.append(run_flow(environment=name, alembic_config=ini)))
-            for _ in range(2)]
-    for run in runs:
-        run.start()
-    for run in runs:
-        run.join()
-    assert sorted(s.is_completed() for s in states) == [False, True]
-    loser = next(s for s in states if s.is_failed())
-    assert "another" in loser.message and ("holds" in loser.message)
+    first = threading.Thread(target=lambda: states.append(run_flow(environment=name, alembic_config=ini)))
+    with psycopg.connect(libpq_url(target), autocommit=True) as lock:
+        lock.execute("SELECT pg_advisory_lock(4242)")
+        first.start()
+        wait_until(lambda: sql(target, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'DO $$%' "
+                                       "AND pid <> pg_backend_pid()")[0][0], 120, "the first run inside r1", 0.2)
+        second = run_flow(environment=name, alembic_config=ini)
+    first.join()
+    assert second.is_failed() and "another" in second.message and "holds" in second.message, second.message
+    [state] = states
+    assert state.is_completed(), state.message
     assert fingerprint_of(target).revisions == ("r1",)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import REPO
+from tests.support.helpers import REPO, wait_until
 
 CHROMIUM = os.environ.get("DBMIGRATE_CHROMIUM", "/usr/bin/chromium")
 # No sandbox (containers, root), and nothing that would reach the internet.
@@ -81,6 +81,10 @@ _CLIPPED = """(root) => [...root.querySelectorAll('pre, table')].flatMap(el => {
     return boxes.some(b => b.scrollWidth > b.clientWidth + 1) ? [el.innerText.slice(0, 60)] : [];
 })"""
 
+# A code block's text comes after the rest of the form (the UI highlights it once its language is
+# loaded): under load, read at once, the form's SQL was once empty.
+_CODE_SHOWN = """(root) => [...root.querySelectorAll('pre, .p-code-highlight')].every(el => el.textContent.trim() !== '')"""
+
 
 def approve_in_ui(ui_url: str, flow_run_id: str, approver: str, comment: str = "", *, decision: str = "approve",
                   ui: str = "v1", screenshots: Path = SCREENSHOTS, name: str = "approval",
@@ -105,6 +109,7 @@ def approve_in_ui(ui_url: str, flow_run_id: str, approver: str, comment: str = "
         shot(page, "1-paused")
         dialog = driver.open_form(page)
         description = driver.description(dialog)
+        wait_until(lambda: description.evaluate(_CODE_SHOWN), 30, "the form's code blocks shown", 0.2)
         seen = SeenForm(state_message, description.inner_text(), dialog.locator("label").all_inner_texts(),
                         description.evaluate(_CLIPPED), shots)
         shot(page, "2-form")
