@@ -17,30 +17,6 @@ from tests.support.helpers import libpq_url, run_cli, s3_bucket_block, save_envi
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
-def _one_ca_bundle() -> str:
-    """A CA file holding one certificate, the first of certifi's bundle, removed when this process ends
-    (the xdist workers inherit the variable, so the first pytest process's file serves all)."""
-    import atexit
-    import re
-    import tempfile
-
-    import certifi
-
-    first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", Path(certifi.where()).read_text(),
-                      re.DOTALL)
-    with tempfile.NamedTemporaryFile("w", prefix="dbmigrate-tests-", suffix=".pem", delete=False) as bundle:
-        bundle.write(first.group(0))
-    atexit.register(os.unlink, bundle.name)
-    return bundle.name
-
-
-# Prefect builds a TLS context for every API client it makes, https or not, from certifi's 140-odd CAs:
-# about 21 ms of CPU each, paid thousands of times a run by the tests and the servers' workers, flow runs
-# and CLI processes they start. Every API here is http on loopback: one CA changes nothing else.
-if "PREFECT_API_SSL_CERT_FILE" not in os.environ:
-    os.environ["PREFECT_API_SSL_CERT_FILE"] = _one_ca_bundle()
-
-
 @pytest.fixture(scope="session")
 def pg_cluster(tmp_path_factory):
     with pgcluster.running(tmp_path_factory.mktemp("pg")) as cluster:
