@@ -31,7 +31,7 @@ from tests.support.github_actions import Workflow, event_context, run_job, works
 from tests.support.helpers import (REPO, SAMPLE_HEAD, documented_commands, fingerprint_of, open_to_others,
                                    reports_in, scalar, wait_until)
 from tests.support.local_stack import Stack, alive, running
-from tests.support.prefect_server import PREFECT, api
+from tests.support.prefect_server import PREFECT
 
 # One local stack at a time (test_stack's refusals start parts of one): one worker (--dist loadgroup).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local-stack")]
@@ -253,10 +253,12 @@ def test_a_target_that_fails_exits_non_zero_saying_why_and_changes_nothing(stack
 
 
 def paused_run(deployment: str):
+    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    wanted = api().read_deployment_by_name(deployment)
-    runs = api().read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[wanted.id])))
+    with get_client(sync_client=True) as client:
+        wanted = client.read_deployment_by_name(deployment)
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[wanted.id])))
     return next((run for run in runs if run.state and run.state.is_paused()), None)
 
 
@@ -298,7 +300,9 @@ def test_the_scheduler_creates_a_health_run_and_the_worker_completes_it(stack, p
             (IntervalSchedule(interval=timedelta(days=1), anchor_date=due), True)])
 
     def ran():
-        runs = api().read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
         return next((r for r in runs if r.expected_start_time <= due and r.state.is_final()), None)
 
     run = wait_until(ran, 180, "the scheduled db-health run to be created and to end")

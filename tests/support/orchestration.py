@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from tests.support.helpers import sql, sleeping_backend, wait_until
-from tests.support.prefect_server import api, final, flow_run, start_run
+from tests.support.prefect_server import final, flow_run, start_run
 from tests.support.projects import linear, stock_project
 
 SLOW_S = 60  # the revision being interrupted sleeps this long in PostgreSQL (see slow_project)
@@ -46,7 +46,10 @@ def go_slow(url: str, seconds: float) -> None:
 
 
 def active_slots(environment: str) -> int:
-    return api().read_global_concurrency_limit_by_name(f"db-migrate-{environment}").active_slots
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(f"db-migrate-{environment}").active_slots
 
 
 def slot_free_after(environment: str, timeout: float = 360) -> float:
@@ -88,8 +91,11 @@ def says_in_the_end(run_id: str, says: str) -> None:
     """The worker marks a cancelled run Cancelled with its own message after our hook set
     ours (Prefect's cancellation: kill, hooks, then its final state): once the worker's
     message is in the history, ours must be back as the last word."""
+    from prefect.client.orchestration import get_client
+
     def settled() -> bool:
-        messages = [state.message or "" for state in api().read_flow_run_states(run_id)]
+        with get_client(sync_client=True) as client:
+            messages = [state.message or "" for state in client.read_flow_run_states(run_id)]
         worker_spoke = any("cancelled successfully" in message for message in messages)
         return worker_spoke and says in messages[-1]
 

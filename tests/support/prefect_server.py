@@ -278,24 +278,11 @@ def start_run(server, environment: str, ini: str, flow: str = "db-migrate", **pa
     return str(run.id)
 
 
-_CLIENTS: dict[tuple, object] = {}
-
-
-def api():
-    """This process's Prefect client for the API in force (its URL and credentials), made once. Every
-    new client costs about 25 ms of CPU (Prefect loads certifi's CA bundle for each, http or not):
-    the tests' polls, a few a second while a run goes on, spent more on that than on asking."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
-
-    key = (PREFECT_API_URL.value(), PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value())
-    if key not in _CLIENTS:
-        _CLIENTS[key] = get_client(sync_client=True).__enter__()
-    return _CLIENTS[key]
-
-
 def flow_run(run_id: str):
-    return api().read_flow_run(run_id)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id)
 
 
 def final(run_id: str, timeout: float = 90):
