@@ -85,9 +85,13 @@ def test_worker_alone_sigkilled_mid_revision(server, worker, blocks, pg_cluster,
     worker.stop(signal.SIGKILL)
     wait_until(lambda: not sleeping_backend(pg_cluster, db_name), 60, "the slow revision to end")
 
-    run = ended(run_id, time.monotonic(), "SIGKILL of the worker alone")
+    ended(run_id, time.monotonic(), "SIGKILL of the worker alone")
     assert fingerprint_of(target).revisions == ("r3",)
-    assert run.state.is_completed() or "database at r3, the target revision" in run.state.message, run.state
+    # The process exits on the broken pipe at its next log line: its slot is freed on the way out, before
+    # its crash hook replaces Prefect's "aborted by Python system exit call" with ours (about 0.2 s later).
+    wait_until(lambda: (state := flow_run(run_id).state).is_completed() or
+               "database at r3, the target revision" in state.message, 30,
+               "the run's final state to say where the database is")
     report = last_report(tmp_path / "worker-home")  # item 30 (c): it agrees with the database
     assert [step["revision"] for step in report["migrations_applied"]] == ["r2", "r3"], report
     assert report["revision_after"] == "r3"
