@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+import psycopg
 from sqlalchemy import text
 
 from dbmigrate import db, fingerprint, pgtools, revisions
@@ -144,7 +145,7 @@ def take(
             else:
                 size, sha256 = _dump_stream(command, storage, key, target, options, on_progress)
         except BaseException as exc:
-            conn.connection.dbapi_connection.cancel_safe()  # stop counting rows for a backup that failed
+            _stop_counting(conn)
             counter.join()
             # pg_dump could not import the snapshot because a count that failed first (a table this
             # role cannot read) aborted the snapshot's transaction: that failure is the cause.
@@ -172,6 +173,15 @@ def take(
         storage.delete(key)  # a dump without its manifest is never listed: do not keep it either
         raise
     return manifest
+
+
+def _stop_counting(conn) -> None:
+    """Cancel the row count still running beside a backup that failed. A server gone away (often
+    why the backup failed) has nothing running, and saying so must not hide the backup's error."""
+    try:
+        conn.connection.dbapi_connection.cancel_safe()
+    except psycopg.Error:
+        pass
 
 
 def _counting_failed(exc: BaseException) -> BackupFailed:

@@ -83,16 +83,27 @@ def connect(target: DatabaseTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT, **
         raise ConnectionFailed(target.where, target.redact(failure_reason(exc, timeout))) from None
     except UnicodeError:  # psycopg resolves names itself; IDNA rejects malformed ones
         raise ConnectionFailed(target.where, "invalid host name") from None
-    with conn:
-        try:
-            yield conn
-        except DbMigrateError:
-            raise
-        except Exception as exc:
-            if is_lost(conn):  # whatever failed, the reason is the server going away
-                raise ConnectionLost(target.where) from None
-            if getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE:
-                raise LockWaitTimeout(_lock_wait_failure(conn, exc, lock_wait)) from None
+    try:
+        yield conn
+    except DbMigrateError:
+        raise
+    except Exception as exc:
+        if is_lost(conn):  # whatever failed, the reason is the server going away
+            raise ConnectionLost(target.where) from None
+        if getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise LockWaitTimeout(_lock_wait_failure(conn, exc, lock_wait)) from None
+        raise
+    finally:
+        _close(conn)
+
+
+def _close(conn: Connection) -> None:
+    """Close, rolling back what is open. A connection the server dropped has nothing left to roll
+    back: failing to is no news, and must not hide the error that ended the session."""
+    try:
+        conn.close()
+    except DBAPIError:
+        if not is_lost(conn):
             raise
 
 

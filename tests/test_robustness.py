@@ -205,6 +205,40 @@ def test_server_killed_mid_backup(own_cluster, own_target, home, tmp_path):
     assert fingerprint_of(own_target).revisions == ("r1",)
 
 
+def test_a_session_the_server_dropped_ends_with_the_error_that_ended_it(pg_cluster, target):
+    """Closing a session rolls back what is open; on a connection the server dropped that fails,
+    and must not hide the error that ended the session (the server killed mid-backup once ended
+    in a traceback of that rollback)."""
+    from sqlalchemy import text
+
+    from dbmigrate import db
+    from dbmigrate.errors import DumpFailed
+
+    with pytest.raises(DumpFailed, match="server closed the connection"):
+        with db.connect(target) as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()  # a transaction is open
+            with pg_cluster.admin() as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            raise DumpFailed("server closed the connection unexpectedly")
+
+
+def test_a_failed_backup_stops_its_row_count_quietly_when_the_server_is_gone(own_cluster, own_target):
+    """The row count beside a backup is cancelled when the backup fails; with the server gone (why it
+    failed) the cancel cannot connect, which must not replace the backup's error (it once did, as a
+    traceback)."""
+    from sqlalchemy import text
+
+    from dbmigrate import backup, db
+
+    with db.connect(own_target) as conn:
+        conn.execute(text("SELECT 1"))
+        own_cluster._pg_ctl("-m", "immediate", "stop")
+        try:
+            backup._stop_counting(conn)
+        finally:
+            own_cluster.start()
+
+
 def test_server_killed_mid_restore(own_cluster, own_target, home, tmp_path):
     ini = sleeping_project(tmp_path)
     env = {"DATABASE_URL": libpq_url(own_target)}
