@@ -187,21 +187,25 @@ def fleet_report(home: Path) -> dict:
 
 
 class Sampler:
-    """pg_stat_activity sampled every 50 ms while the fleet runs: the most tenant databases with
-    a session of the fleet at once (the caps are per member: a member is a database)."""
+    """pg_stat_activity sampled every 200 ms while the fleet runs: the most tenant databases with
+    a session of the fleet at once (the caps are per member: a member is a database). A database
+    counts when two samples in a row see it: a member's work holds its sessions for seconds, while
+    the backend of a session just closed lingers a moment under load (a third database was seen once
+    in a single sample of a fleet that kept its cap)."""
 
     def __init__(self, pg_cluster, prefix: str):
         self.pg_cluster, self.prefix, self.most, self.done = pg_cluster, prefix, 0, threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        seen: set[str] = set()
         with self.pg_cluster.admin() as conn:
             while not self.done.is_set():
-                [(busy,)] = conn.execute("SELECT count(DISTINCT datname) FROM pg_stat_activity "
-                                         "WHERE datname LIKE %s AND pid <> pg_backend_pid()",
-                                         (f"{self.prefix}\\_%",)).fetchall()
-                self.most = max(self.most, busy)
-                time.sleep(0.05)
+                now = {name for (name,) in conn.execute("SELECT DISTINCT datname FROM pg_stat_activity "
+                                                        "WHERE datname LIKE %s AND pid <> pg_backend_pid()",
+                                                        (f"{self.prefix}\\_%",))}
+                self.most, seen = max(self.most, len(now & seen)), now
+                time.sleep(0.2)
 
     def __enter__(self) -> Sampler:
         self.thread.start()
@@ -227,7 +231,7 @@ def test_a_member_failing_on_its_data_stops_the_fleet_within_its_wave(server, wo
             run = final(run_id, 600)
         assert run.state.is_failed(), run.state
         assert "member failed: tenant_037" in run.state.message, run.state.message
-        assert sampler.most <= 2, f"{sampler.most} tenant databases at once with per_server=2"
+        assert 1 <= sampler.most <= 2, f"{sampler.most} tenant databases at once with per_server=2"
 
         home = Path(workers[0].environ["DBMIGRATE_HOME"])
         report = fleet_report(home)
