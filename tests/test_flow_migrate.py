@@ -6,10 +6,12 @@ import json
 import os
 import threading
 
+import psycopg
 import pytest
 
 from tests.support.flows import artifact, artifacts_of, resume_when_paused, run_flow, run_logs, run_named, task_runs_of
-from tests.support.helpers import assert_no_canary, fingerprint_of, last_report, open_to_others, reports_in, sql
+from tests.support.helpers import (assert_no_canary, fingerprint_of, last_report, libpq_url, open_to_others,
+                                   reports_in, sql, wait_until)
 from tests.support.pgcluster import free_port
 from tests.support.projects import BEST_EFFORT_INDEX, CREATE, DUPLICATES, linear, stock_project, table_step
 
@@ -92,10 +94,6 @@ def test_two_concurrent_runs_exactly_one_migrates(environment, target, home, tmp
     """A second run started while the first is inside its migration (held there until the test
     lets go of a lock, not for a time that a loaded machine may outlast) is refused, saying another
     run holds the database; the first then migrates."""
-    import psycopg
-
-    from tests.support.helpers import libpq_url, wait_until
-
     name = environment("staging")
     held = ("DO $$ BEGIN WHILE NOT pg_try_advisory_lock_shared(4242) LOOP PERFORM pg_sleep(0.05); END LOOP; "
             "END $$")

@@ -12,8 +12,10 @@ import time
 from urllib.parse import quote
 
 import pytest
+from sqlalchemy import text
 
-from dbmigrate import auto_rollback
+from dbmigrate import auto_rollback, backup, db
+from dbmigrate.errors import DumpFailed
 from dbmigrate.report import KEPT_UNKNOWN
 from dbmigrate.settings import Settings
 from tests.support import pgcluster
@@ -209,11 +211,6 @@ def test_a_session_the_server_dropped_ends_with_the_error_that_ended_it(pg_clust
     """Closing a session rolls back what is open; on a connection the server dropped that fails,
     and must not hide the error that ended the session (the server killed mid-backup once ended
     in a traceback of that rollback)."""
-    from sqlalchemy import text
-
-    from dbmigrate import db
-    from dbmigrate.errors import DumpFailed
-
     with pytest.raises(DumpFailed, match="server closed the connection"):
         with db.connect(target) as conn:
             pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()  # a transaction is open
@@ -226,10 +223,6 @@ def test_a_failed_backup_stops_its_row_count_quietly_when_the_server_is_gone(own
     """The row count beside a backup is cancelled when the backup fails; with the server gone (why it
     failed) the cancel cannot connect, which must not replace the backup's error (it once did, as a
     traceback)."""
-    from sqlalchemy import text
-
-    from dbmigrate import backup, db
-
     with db.connect(own_target) as conn:
         conn.execute(text("SELECT 1"))
         own_cluster._pg_ctl("-m", "immediate", "stop")
@@ -243,8 +236,8 @@ def test_server_killed_mid_restore(own_cluster, own_target, home, tmp_path):
     ini = sleeping_project(tmp_path)
     env = {"DATABASE_URL": libpq_url(own_target)}
     assert finish(start_cli(home, "upgrade", "-r", "r1", "--yes", "--alembic-config", ini, env=env)).returncode == 0
-    backup = finish(start_cli(home, "backup", "--json", env=env))
-    backup_id = json.loads(backup.stdout)["id"]
+    taken = finish(start_cli(home, "backup", "--json", env=env))
+    backup_id = json.loads(taken.stdout)["id"]
     reader = own_cluster.admin(own_target.database)  # dies with the server: no commit on the way out
     reader.execute("BEGIN")
     reader.execute("SELECT * FROM t1")  # the restore's DROP SCHEMA waits behind this, mid-restore
