@@ -17,6 +17,11 @@ from tests.support.helpers import libpq_url, run_cli, s3_bucket_block, save_envi
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pgserver_system_user():
+    pgcluster.add_system_user_once()
+
+
 @pytest.fixture(scope="session")
 def pg_cluster(tmp_path_factory):
     with pgcluster.running(tmp_path_factory.mktemp("pg")) as cluster:

