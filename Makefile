@@ -35,12 +35,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The project's own bytecode, compiled once: an editable install leaves it to the first import, and where
+# PYTHONDONTWRITEBYTECODE is set (as on our CI machines) every process that imports the flows compiled
+# them again (0.05-0.1 s of CPU each). make check and make test compile what changed since.
+COMPILE := $(BIN)/python -m compileall -q -j 0 dbmigrate flows blocks stack alembic tests benchmarks
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[prefect]'
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[prefect,dev]'
+	$(COMPILE)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -75,9 +82,11 @@ jq:
 	  echo "no jq here: the tests of the GitHub workflow's steps will fail"
 
 check: install-dev jq
+	$(COMPILE)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_PARALLEL)
 
 test: install-dev browser jq
+	$(COMPILE)
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 e2e: install-dev browser
