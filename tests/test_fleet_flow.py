@@ -257,6 +257,8 @@ def test_a_member_failing_on_its_data_stops_the_fleet_within_its_wave(server, wo
         lanes = batch_runs(run_id)
         assert len(lanes) <= 2, [lane.name for lane in lanes]
         assert all(f"fleet-run:{run_id}" in lane.tags for lane in lanes)
+        assert all(lane.state.is_completed() or lane.state.message == "member failed: tenant_037" for lane in lanes), \
+            [(lane.name, lane.state.name, lane.state.message) for lane in lanes]
         for name in tenants.names[:31]:
             [migrated] = migrations("development", name)
             assert migrated["fleet_run"] == run_id and migrated["child_run"] in {str(lane.id) for lane in lanes}
