@@ -33,7 +33,7 @@ from tests.support.github_actions import (
 from tests.support.helpers import (REPO, assert_no_canary, documented_commands, fingerprint_of, save_environment, start_cli,
                                    wait_until)
 from tests.support.pgcluster import free_port
-from tests.support.prefect_server import PrefectServer, Worker, deployed, prefect
+from tests.support.prefect_server import PrefectServer, Worker, deployed, flow_run, prefect
 from tests.support.projects import linear, stock_project
 
 # Its own Prefect server (the tests that use it are slow): one worker runs the module (--dist loadgroup).
@@ -192,13 +192,6 @@ def finished(server, tmp_path: Path, job: str, context: dict, name: str = "job")
     assert "Traceback" not in run.stdout
     assert list(run.results) == ["start", "run", "report"], "no cancel: the job was not cancelled"
     return run
-
-
-def flow_run(run_id: str):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(run_id)
 
 
 def worker_reports(server) -> list[str]:
