@@ -21,7 +21,7 @@ import pytest
 from tests.support.helpers import (REPO, assert_no_canary, fingerprint_of, save_environment, sleeping_backend, sql,
                                    wait_until)
 from tests.support.pgcluster import CANARY_PASSWORD
-from tests.support.prefect_server import PrefectServer, Worker, final, pool_and_deployments
+from tests.support.prefect_server import PrefectServer, Worker, final
 from tests.support.projects import linear, stock_project
 from tests.support.webhooks import Listener
 
@@ -66,7 +66,6 @@ def alerts(tmp_path_factory, pg_cluster):
                 assert TOKEN not in result.stdout + result.stderr
                 return result
 
-            pool_and_deployments(server, f"--name={ENV}")
             created = sync(ENV, ALERT_WEBHOOK_URL=f"{listener.url}/hooks/{TOKEN}",
                            ALERT_SLACK_WEBHOOK_URL=f"{listener.url}/slack/{TOKEN}")
             assert created.returncode == 0, created.stderr

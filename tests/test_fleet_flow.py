@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.helpers import REPO, assert_no_canary, libpq_url, sql, wait_until
 from tests.support.pgcluster import CANARY_PASSWORD
-from tests.support.prefect_server import PrefectServer, Worker, final, flow_run, pool_and_deployments, start_run
+from tests.support.prefect_server import PrefectServer, Worker, deployed, final, flow_run, start_run
 from tests.support.projects import linear, stock_project
 from tests.support.webhooks import Listener
 
@@ -31,24 +31,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect-server-fleet")]
 
 ENVIRONMENTS = ("development", "production")
 HOOK = "/hooks/fleet-" + uuid.uuid4().hex  # the webhook URL's path: a secret, never in a message
-FLOWS = ("db-migrate-fleet", "db-migrate-fleet-batch")
 TENANT_ROWS = 200
 # r2 sleeps in PostgreSQL for the seconds the database's setting dbmigrate_test.sleep says (none: 0).
 SLEEP = ("op.execute(\"SELECT pg_sleep(coalesce(nullif(current_setting('dbmigrate_test.sleep', true), '')::float, "
          "0))\")")
-
-
-@contextmanager
-def deployed(server: PrefectServer):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    server.start()
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            pool_and_deployments(server, *(f"--name={flow}/{env}" for flow in FLOWS for env in ENVIRONMENTS))
-            yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -86,8 +86,9 @@ class PrefectServer:
 
 
 # A new server's home starts as a copy of one a server has set up already (Prefect's database
-# migrated, its block types registered): that set-up is about 6 of the 10 s of CPU a first
-# `prefect server start` takes. Made once per test session, shared by its xdist workers
+# migrated, its block types registered: about 6 of the 10 s of CPU a first `prefect server start`
+# takes), with the `dbmigrate` pool and prefect.yaml's deployments the tests run (DEPLOYMENTS:
+# `prefect deploy`, about 5 s of CPU more). Made once per test session, shared by its xdist workers
 # (tests/conftest.py says where).
 HOME_TEMPLATE: Path | None = None
 _SET_UP = ("prefect.db", "memo_store.toml")  # all a first start leaves in its home besides its log
@@ -106,7 +107,11 @@ def _copy_template(home: Path) -> None:
             making.mkdir(parents=True)
             server = PrefectServer(making)
             server.start(from_template=False)
-            server.stop()
+            try:
+                with client_pointed_at(server.api_url):
+                    pool_and_deployments(server, *(f"--name={name}" for name in DEPLOYMENTS))
+            finally:
+                server.stop()
             with sqlite3.connect(making / "prefect.db") as db:  # all of it in the one file copied
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             making.rename(HOME_TEMPLATE)
@@ -196,8 +201,10 @@ def prefect(server: PrefectServer, *args: str, cwd: Path, env: dict[str, str] | 
     return result.stdout
 
 
-# The deployments of prefect.yaml these tests run. Not the scheduled ones (db-health, db-backup): the
-# server's scheduler would give the worker their nightly runs to pick up when a test runs at that hour.
+# The deployments of prefect.yaml these tests run (each name: db-migrate's, db-migrate-fleet's and
+# db-migrate-fleet-batch's), in every server's home from the start. Not the scheduled ones (db-health,
+# db-backup): the server's scheduler would give the worker their nightly runs to pick up when a test runs
+# at that hour.
 DEPLOYMENTS = ("development", "staging", "production", "staging-rollback")
 
 
@@ -226,12 +233,11 @@ def client_pointed_at(api_url: str, settings: dict | None = None):
 
 @contextmanager
 def deployed(server: PrefectServer):
-    """The server started, with the dbmigrate pool and prefect.yaml's deployments the tests run;
-    the test's Prefect client pointed at it."""
+    """The server started from the template's home (the dbmigrate pool and prefect.yaml's DEPLOYMENTS
+    there already); the test's Prefect client pointed at it."""
     server.start()
     try:
         with client_pointed_at(server.api_url):
-            pool_and_deployments(server, *(f"--name={name}" for name in DEPLOYMENTS))
             yield server
     finally:
         server.stop()
