@@ -110,17 +110,17 @@ def test_a_run_an_automation_created_records_it_as_who_asked(server, worker, blo
     action sends it) is the report's requested_by."""
     import uuid
 
-    import httpx
     from prefect.client.orchestration import get_client
 
     environment = blocks("staging")
     ini = at_r1(tmp_path, cli, url, slow_s=0)
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as client:  # its requests retried and its errors said as Prefect's are
         deployment = client.read_deployment_by_name(f"db-migrate/{environment}")
-    created = httpx.post(f"{server.api_url}/deployments/{deployment.id}/create_flow_run",
-                         json={"parameters": {"environment": environment, "alembic_config": ini}},
-                         headers={"Prefect-Automation-ID": str(uuid.uuid4()),
-                                  "Prefect-Automation-Name": base64.b64encode(b"nightly upgrade").decode()})
+        created = client.request(
+            "POST", "/deployments/{id}/create_flow_run", path_params={"id": deployment.id},
+            json={"parameters": {"environment": environment, "alembic_config": ini}},
+            headers={"Prefect-Automation-ID": str(uuid.uuid4()),
+                     "Prefect-Automation-Name": base64.b64encode(b"nightly upgrade").decode()})
     run = final(created.json()["id"], 120)
     assert run.state.is_completed(), run_log(str(run.id))
     assert last_report(tmp_path / "worker-home")["requested_by"] == "nightly upgrade (automation)"
