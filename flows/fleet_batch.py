@@ -16,10 +16,12 @@ when told it is done, when its fleet run stopped or is over (its parent's run fi
 LANE_IDLE_S with nothing assigned: a parent killed with its worker stays Running in Prefect for
 ever, and its lanes must not hold workers as long.
 
-While it runs, each member holds two Prefect global concurrency limits, the fleet's
-(``fleet-<env>``, C) and its server's (``fleet-<env>-server-<host>-<port>``, H), so two fleets at
-once respect them too. Before it starts, it checks that the fleet was not stopped: the first member
-that fails stops its fleet run (a Prefect variable), and no member starts after that. Members are
+While it migrates, a lane holds a slot of two Prefect global concurrency limits, the fleet's
+(``fleet-<env>``, C) and its member's server's (``fleet-<env>-server-<host>-<port>``, H), so two
+fleets at once respect them too; it keeps them from one member to the next of its assignment on the
+same server and gives them back when the assignment is done. Before a member starts, the lane checks
+that the fleet was not stopped: the first member that fails stops its fleet run (a Prefect
+variable), and no member starts after that. Members are
 not linted one by one: the fleet lints its one project once, before any member runs.
 
 Each member's outcome is a keyed table artifact, its **member record** (``fleet-<env>-member-...``),
@@ -33,7 +35,7 @@ import hashlib
 import json
 import re
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 from uuid import UUID
@@ -223,19 +225,40 @@ def outcome_status(outcome: pipeline.Outcome) -> str:
     return ROLLED_BACK if rollback is not None and rollback.succeeded else FAILED
 
 
-def migrate_member(job: FleetJob, member: Member) -> dict:
-    """The member through the single-database pipeline (a task named after it), holding its slots
-    and, on its server, the lane's presence connection (:func:`flows.recovery.presence`) until its
-    final record is written: a record saying RUNNING without the presence is a lane lost with its
-    process (:mod:`flows.fleet_recovery`). Its final record.
+class LaneSlots:
+    """The lane's slots of the fleet's cap and of one server's cap (:func:`member_slots`), kept from
+    one member to the next on the same server (taking and giving them back each time cost 0.54 s of a
+    member's 1.1 s in a lane on a busy server, docs/FLEETS.md), in the lane's flow: Prefect 3.8's
+    lease-based acquisition waited about 2 s each time inside a task run after the first."""
 
-    The slots are taken here, in the lane's flow, not in the member's task: Prefect 3.8's
-    lease-based acquisition waited about 2 s each time inside a task run after the first
-    (measured: 0.02 s in the flow), four times a member's own pipeline time."""
-    with member_slots(job.environment, member.server, job.fleet_run), recovery.presence(member.target) as present:
+    def __init__(self, job: FleetJob):
+        self.job = job
+        self.server: str | None = None
+        self.lease: str | None = None
+        self._held = ExitStack()
+
+    def hold_for(self, member: Member) -> str | None:
+        """The slots for ``member`` held (raises FleetStopped if the fleet stops while it waits); their lease."""
+        if member.server != self.server:
+            self.give_back()
+            self._held.enter_context(member_slots(self.job.environment, member.server, self.job.fleet_run))
+            self.server, self.lease = member.server, concurrency.held_lease()
+        return self.lease
+
+    def give_back(self) -> None:
+        self._held.close()
+        self.server = self.lease = None
+
+
+def migrate_member(job: FleetJob, member: Member, slots: LaneSlots) -> dict:
+    """The member through the single-database pipeline (a task named after it), its slots held by
+    ``slots`` and, on its server, the lane's presence connection (:func:`flows.recovery.presence`)
+    until its final record is written: a record saying RUNNING without the presence is a lane lost
+    with its process (:mod:`flows.fleet_recovery`). Its final record."""
+    lease = slots.hold_for(member)  # freed by the fleet should this lane be lost
+    with recovery.presence(member.target) as present:
         if why := stopped(job.fleet_run):  # stopped while this member waited for its slots
             raise FleetStopped(why)
-        lease = concurrency.held_lease()  # of the member's slots: freed by the fleet should this lane be lost
         # task_run_name as a callable: a name is not a format string (it may hold braces)
         return task(lambda: _pipeline(job, member, present, lease), name="member", task_run_name=lambda: member.name,
                     cache_policy=NO_CACHE, persist_result=False)()
@@ -349,22 +372,27 @@ def db_migrate_fleet_batch(
 def _migrate(job: FleetJob, fleet: dict[str, Member], names: list[str], logger) -> list[dict]:
     """One assignment's members, one after the other: their final records."""
     environment, fleet_run, results = job.environment, job.fleet_run, []
-    for name in names:
-        member = fleet.get(name)
-        if member is None:
-            raise ConfigError(f"'{name}' is no longer a member of the {environment} fleet")
-        if why := stopped(fleet_run):
-            results.append(record(environment, member, NOT_STARTED, message=f"the fleet stopped: {why}"))
-            continue
-        try:
-            result = migrate_member(job, member)
-        except FleetStopped as exc:
-            result = record(environment, member, NOT_STARTED, message=f"the fleet stopped: {exc}")
-        logger.info("%s: %s (%s -> %s) %s", name, result["status"], result["revision_before"],
-                    result["revision_after"], result["message"])
-        if result["status"] in (FAILED, ROLLED_BACK):
-            stop(fleet_run, f"member '{name}' failed")
-        results.append(result)
+    slots = LaneSlots(job)
+    try:
+        for name in names:
+            member = fleet.get(name)
+            if member is None:
+                raise ConfigError(f"'{name}' is no longer a member of the {environment} fleet")
+            if why := stopped(fleet_run):
+                results.append(record(environment, member, NOT_STARTED, message=f"the fleet stopped: {why}"))
+                continue
+            try:
+                result = migrate_member(job, member, slots)
+            except FleetStopped as exc:
+                result = record(environment, member, NOT_STARTED, message=f"the fleet stopped: {exc}")
+            logger.info("%s: %s (%s -> %s) %s", name, result["status"], result["revision_before"],
+                        result["revision_after"], result["message"])
+            if result["status"] in (FAILED, ROLLED_BACK):
+                stop(fleet_run, f"member '{name}' failed")
+                slots.give_back()  # no member of this fleet run starts after this one
+            results.append(result)
+    finally:
+        slots.give_back()
     return results
 
 
