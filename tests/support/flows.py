@@ -54,10 +54,15 @@ def run_logs(state) -> str:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
 
-    APILogWorker.drain_all(timeout=10)  # logs reach the API in batches
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    return "\n".join(log.message for log in logs)
+    def read() -> str:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        return "\n".join(log.message for log in logs)
+
+    # Logs reach the API in batches; under the suite's load a drain can end (timeout) before the last
+    # batch is sent (seen once in make check: none of a run's logs there yet). Every run logs something.
+    APILogWorker.drain_all(timeout=10)
+    return wait_until(read, 30, "the run's logs to reach the API")
 
 
 def artifact(key: str) -> str:
