@@ -204,48 +204,48 @@ class Sampler:
 
 def test_a_member_failing_on_its_data_stops_the_fleet_within_its_wave(server, workers, pg_cluster, cli, project,
                                                                       alerts):
-    """100 members, canary 1, waves of 10, C=4, H=2, two workers online; member 37 (wave 4) has a row
+    """40 members, canary 1, waves of 5, C=4, H=2, two workers online; member 19 (wave 4) has a row
     its r3 refuses. No member starts after its failure (5 s), no later wave starts, the members in flight
-    finish, development rolls member 37 back, the report classes all 100, and at most H=2 tenant
+    finish, development rolls member 19 back, the report classes all 40, and at most H=2 tenant
     databases had a session of the fleet at any moment. The waves ran in at most two
     db-migrate-fleet-batch runs (a lane per worker, not a run per wave and lane: a run costs seconds of
     fixed time, a member a fraction of one), each member migrated once, by one of them."""
-    tenants = Tenants(pg_cluster, cli, project, 100, "tenant")
+    tenants = Tenants(pg_cluster, cli, project, 40, "tenant")
     try:
-        sql(tenants.target("tenant_037"), "UPDATE account SET balance = -1 WHERE id = 7")
+        sql(tenants.target("tenant_019"), "UPDATE account SET balance = -1 WHERE id = 7")
         save_fleet(pg_cluster, "development", tenants.names)
         with Sampler(pg_cluster, "tenant") as sampler:
-            run_id = start_fleet("development", project, canary=1, wave_size=10, max_in_flight=4, per_server=2)
+            run_id = start_fleet("development", project, canary=1, wave_size=5, max_in_flight=4, per_server=2)
             run = final(run_id, 600)
         assert run.state.is_failed(), run.state
-        assert "member failed: tenant_037" in run.state.message, run.state.message
+        assert "member failed: tenant_019" in run.state.message, run.state.message
         assert 1 <= sampler.most <= 2, f"{sampler.most} tenant databases at once with per_server=2"
 
         home = Path(workers[0].environ["DBMIGRATE_HOME"])
         report = fleet_report(home)
         rows = {row["member"]: row for row in report["members"]}
-        assert list(rows) == tenants.names and sum(report["counts"].values()) == 100, report["counts"]
-        failed = rows["tenant_037"]
-        assert failed["status"] == "rolled back" and tenants.revision("tenant_037") == "r1", failed
+        assert list(rows) == tenants.names and sum(report["counts"].values()) == 40, report["counts"]
+        failed = rows["tenant_019"]
+        assert failed["status"] == "rolled back" and tenants.revision("tenant_019") == "r1", failed
         assert "balance_not_negative" in failed["message"] and failed["revision_after"] == "r1", failed
         assert "rollback: database back at the starting revision" in failed["message"], failed
-        for name in tenants.names[:31]:  # the canary and waves 1-3
+        for name in tenants.names[:16]:  # the canary and waves 1-3
             assert rows[name]["status"] == "migrated" and tenants.revision(name) == "r3", rows[name]
-        for name in tenants.names[41:]:  # waves 5-10: never started
+        for name in tenants.names[21:]:  # waves 5-8: never started
             assert rows[name]["status"] == "not started" and tenants.revision(name) == "r1", rows[name]
         for name, row in rows.items():  # nobody started more than 5 s after the failure, and the database agrees
             if row["started_at"]:
                 assert row["started_at"] <= failed["finished_at"] + 5 or row["status"] == "not started", row
             assert tenants.revision(name) == ("r3" if row["status"] == "migrated" else "r1"), row
-        assert report["status"] == "failed" and "tenant_037" in report["error"]
+        assert report["status"] == "failed" and "tenant_019" in report["error"]
         assert_no_canary(json.dumps(report), "the fleet report")
-        assert "member failed: tenant_037" in alerted(alerts, "development", "run failed", run_id, "tenant_037")
+        assert "member failed: tenant_019" in alerted(alerts, "development", "run failed", run_id, "tenant_019")
         lanes = batch_runs(run_id)
         assert len(lanes) <= 2, [lane.name for lane in lanes]
         assert all(f"fleet-run:{run_id}" in lane.tags for lane in lanes)
-        assert all(lane.state.is_completed() or lane.state.message == "member failed: tenant_037" for lane in lanes), \
+        assert all(lane.state.is_completed() or lane.state.message == "member failed: tenant_019" for lane in lanes), \
             [(lane.name, lane.state.name, lane.state.message) for lane in lanes]
-        for name in tenants.names[:31]:
+        for name in tenants.names[:16]:
             [migrated] = migrations("development", name)
             assert migrated["fleet_run"] == run_id and migrated["child_run"] in {str(lane.id) for lane in lanes}
     finally:

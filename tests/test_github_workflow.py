@@ -30,8 +30,8 @@ from tests.support.github_actions import (
     run_job,
     workspace,
 )
-from tests.support.helpers import (REPO, assert_no_canary, documented_commands, fingerprint_of, save_environment, start_cli,
-                                   wait_until)
+from tests.support.helpers import (REPO, assert_no_canary, assert_takes, documented_commands, fingerprint_of,
+                                   save_environment, start_cli, wait_until)
 from tests.support.pgcluster import free_port
 from tests.support.prefect_server import PrefectServer, Worker, deployed, flow_run, prefect
 from tests.support.projects import linear, stock_project
@@ -350,6 +350,7 @@ def test_the_job_cancelled_cancels_the_run(server, staging, target, tmp_path):
             return False
         run_id = stopped["run_id"] = steps["start"]["outputs"]["flow_run_id"]
         wait_until(lambda: flow_run(run_id).state.is_paused(), 120, "the run to wait for approval")
+        assert_takes(step.process.pid, signal.SIGINT)
         os.killpg(step.process.pid, signal.SIGINT)  # the step's processes, as the runner ends them
         return True
 
@@ -425,6 +426,7 @@ def test_dbmigrate_run_shows_where_to_approve_and_ctrl_c_cancels_the_run(server,
         assert flow_run(run_id).state.is_paused()
         assert ": waiting for approval of 11 → 13 in staging" in printed
         assert f"approve or reject it at {server.api_url.removesuffix('/api')}/runs/flow-run/{run_id}" in printed
+        assert_takes(process.pid, signal.SIGINT)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=120)
     finally:

@@ -222,6 +222,22 @@ def _restore_logging(state: dict) -> None:
         logger.disabled, logger.propagate = disabled, propagate
 
 
+def assert_takes(pid: int, number: int) -> None:
+    """The process ``pid`` neither blocks nor ignores signal ``number`` (it inherits both from
+    whoever started it): a test about to play a terminal's Ctrl-C or a runner's signal checks first,
+    so a child that cannot receive it fails here, saying so, not as a run that never reacted (a full
+    run once saw two such children of one xdist worker, minutes apart)."""
+
+    def masks(of: int | str) -> dict[str, int]:
+        lines = Path(f"/proc/{of}/status").read_text().splitlines()
+        return {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in lines) if k in ("SigBlk", "SigIgn")}
+
+    child, ours = masks(pid), masks("self")
+    bit = 1 << (number - 1)
+    assert not (child["SigBlk"] | child["SigIgn"]) & bit, \
+        f"process {pid} cannot receive signal {number}: {child} (the test process: {ours}; one bit per signal)"
+
+
 def start_cli(home: Path, *args: str, env: dict) -> subprocess.Popen:
     """`python -m dbmigrate ARGS` in the background, for tests that act while it runs."""
     return subprocess.Popen(
