@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from prefect import get_run_logger, runtime
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId,
                                             FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags)
-from prefect.client.schemas.objects import StateType, WorkerStatus
+from prefect.client.schemas.objects import StateType, Worker, WorkerStatus
 from prefect.deployments import run_deployment
 
 from dbmigrate import phases, revisions
@@ -42,6 +43,7 @@ from flows.fleet_report import FleetReport
 
 POLL_S = 1.0  # how often the parent reads its lanes' states and the wave's records (a request each)
 BATCH_FLOW = "db-migrate-fleet-batch"
+HEARTBEAT_S = 30  # a worker's heartbeat when it does not say (Prefect's PREFECT_WORKER_HEARTBEAT_SECONDS)
 ACTIVE = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 
 
@@ -50,8 +52,19 @@ def lane_count(environment: str, lanes: int, max_in_flight: int) -> int:
     if not lanes:
         with get_client(sync_client=True) as client:
             pool = client.read_deployment_by_name(f"{BATCH_FLOW}/{environment}").work_pool_name
-            lanes = sum(worker.status == WorkerStatus.ONLINE for worker in client.read_workers_for_work_pool(pool))
+            now = datetime.now(timezone.utc)
+            lanes = sum(alive(worker, now) for worker in client.read_workers_for_work_pool(pool))
     return max(1, min(lanes, max_in_flight))
+
+
+def alive(worker: Worker, now: datetime) -> bool:
+    """Online and heard from within one and a half heartbeats. Prefect lists a worker that died as
+    online until the server's foreman notices three missed heartbeats (90 s by default): a fleet
+    started meanwhile made lanes for workers gone, and they waited for a worker to run them."""
+    if worker.status != WorkerStatus.ONLINE or worker.last_heartbeat_time is None:
+        return False
+    interval = worker.heartbeat_interval_seconds or HEARTBEAT_S
+    return (now - worker.last_heartbeat_time).total_seconds() <= 1.5 * interval
 
 
 @dataclass

@@ -50,3 +50,28 @@ def test_an_unreachable_member_stops_the_fleet_unless_it_skips_such():
                                           "connection refused$"):
         admit(states, skip_unreachable=False)
     assert admit(states, skip_unreachable=True) == (["a"], [states[1]])
+
+
+def test_a_worker_counts_for_a_lane_while_its_heartbeats_arrive():
+    """`lanes=0`: one lane per worker alive. Prefect lists a dead worker online for up to three missed
+    heartbeats; one not heard from for over one and a half is not counted (a fleet started right after
+    a worker died made a lane for it, which waited for a worker)."""
+    from datetime import datetime, timedelta, timezone
+    from uuid import uuid4
+
+    from prefect.client.schemas.objects import Worker, WorkerStatus
+
+    from flows.fleet_lanes import alive
+
+    now = datetime.now(timezone.utc)
+
+    def worker(status=WorkerStatus.ONLINE, heard_s_ago: float | None = 10, interval: int | None = 30) -> Worker:
+        heard = None if heard_s_ago is None else now - timedelta(seconds=heard_s_ago)
+        return Worker(name="w", work_pool_id=uuid4(), status=status, last_heartbeat_time=heard,
+                      heartbeat_interval_seconds=interval)
+
+    assert alive(worker(), now) and alive(worker(heard_s_ago=44), now)
+    assert not alive(worker(heard_s_ago=46), now), "listed online, silent for 46 s of a 30 s heartbeat"
+    assert alive(worker(heard_s_ago=80, interval=60), now) and not alive(worker(heard_s_ago=95, interval=60), now)
+    assert alive(worker(heard_s_ago=40, interval=None), now), "Prefect's default heartbeat, 30 s"
+    assert not alive(worker(status=WorkerStatus.OFFLINE), now) and not alive(worker(heard_s_ago=None), now)
