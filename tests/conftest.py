@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,15 @@ from tests.support import pgcluster, prefect_server
 from tests.support.helpers import libpq_url, run_cli, s3_bucket_block, save_environment
 
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+# A suite started in the background of a shell without job control (`make test &` in a script, or a
+# tool that runs commands so) inherits SIGINT and SIGQUIT ignored, and so would every process it starts:
+# the tests that play a terminal's Ctrl-C or a runner's cancel (tests/test_github_workflow.py) then
+# waited minutes for processes that could not hear it. Their processes start as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -225,8 +225,8 @@ def _restore_logging(state: dict) -> None:
 def assert_takes(pid: int, number: int) -> None:
     """The process ``pid`` neither blocks nor ignores signal ``number`` (it inherits both from
     whoever started it): a test about to play a terminal's Ctrl-C or a runner's signal checks first,
-    so a child that cannot receive it fails here, saying so, not as a run that never reacted (a full
-    run once saw two such children of one xdist worker, minutes apart)."""
+    so a child that cannot receive it fails here, saying so, not as a run that never reacted (as when
+    the suite was started in a shell's background, before tests/conftest.py put SIGINT back)."""
 
     def masks(of: int | str) -> dict[str, int]:
         lines = Path(f"/proc/{of}/status").read_text().splitlines()
