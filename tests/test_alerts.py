@@ -61,8 +61,9 @@ def alerts(tmp_path_factory, pg_cluster):
                 given = {"DB_HOST": "127.0.0.1", "DB_PORT": str(pg_cluster.port), "DB_NAME": database,
                          "DB_USER": "postgres", "DB_PASSWORD": CANARY_PASSWORD, "DB_SSLMODE": "disable",
                          **variables}
+                # in this process (its client points at the server): only the API differs from the harness
                 result = run_cli(home, "blocks", "sync", "--env", environment, "--from-env",
-                                 env={**server.environ(), **given})
+                                 env={"PREFECT_API_URL": server.api_url, **given})
                 assert TOKEN not in result.stdout + result.stderr
                 return result
 

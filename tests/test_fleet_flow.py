@@ -68,9 +68,10 @@ def alerts(server, pg_cluster, tmp_path_factory):
     home = tmp_path_factory.mktemp("sync-home")
     try:
         for environment in ENVIRONMENTS:
+            # in this process: its client points at the server, the only setting the call names
             synced = run_cli(home, "blocks", "sync", "--env", environment, "--from-env", env={
-                **server.environ(), "DB_HOST": "127.0.0.1", "DB_PORT": str(pg_cluster.port), "DB_NAME": "postgres",
-                "DB_USER": "postgres", "DB_PASSWORD": CANARY_PASSWORD, "DB_SSLMODE": "disable",
+                "PREFECT_API_URL": server.api_url, "DB_HOST": "127.0.0.1", "DB_PORT": str(pg_cluster.port),
+                "DB_NAME": "postgres", "DB_USER": "postgres", "DB_PASSWORD": CANARY_PASSWORD, "DB_SSLMODE": "disable",
                 "ALERT_WEBHOOK_URL": listener.url + HOOK})
             assert synced.returncode == 0, synced.stderr
         yield listener
