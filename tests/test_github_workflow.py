@@ -393,7 +393,8 @@ def test_dbmigrate_run_says_why_a_run_failed(server, staging, target, cli):
     'Failed'.`): the final state's message, the one-line reason."""
     staging()
     before = fingerprint_of(target)
-    result = cli("run", "--env", ENVIRONMENT, "--revision", "nope", "--watch", env=server.environ())
+    api = {"PREFECT_API_URL": server.api_url}  # the only setting named: in this process, whose client points there
+    result = cli("run", "--env", ENVIRONMENT, "--revision", "nope", "--watch", env=api)
     print(result.stdout, result.stderr)
 
     assert result.returncode == 1
@@ -404,7 +405,7 @@ def test_dbmigrate_run_says_why_a_run_failed(server, staging, target, cli):
     assert run.parameters["target_revision"] == "nope" and "(dbmigrate run)" in run.parameters["requested_by"]
     assert fingerprint_of(target) == before
 
-    refused = cli("run", "--env", "nowhere", "--watch", env=server.environ())
+    refused = cli("run", "--env", "nowhere", "--watch", env=api)
     assert (refused.returncode, refused.stdout) == (2, "")
     assert refused.stderr == (f"dbmigrate: error: no deployment db-migrate/nowhere on {server.api_url}: "
                               "`prefect deploy --all` from the checkout\n")
