@@ -58,7 +58,7 @@ from dbmigrate.report import NOOP, SUCCEEDED, Approval
 from dbmigrate.settings import Settings
 from flows import concurrency, recovery
 from flows.alerts import flow_run_url
-from flows.common import deployed_environment, ends_failed_on_error, settings_for
+from flows.common import deployed_environment, ends_failed_on_error, put_variable, settings_for
 
 # A member's status, as the member record and the fleet's report class it.
 RUNNING, MIGRATED, FAILED, ROLLED_BACK, UNCHANGED, NOT_STARTED = (
@@ -128,12 +128,12 @@ def _lane_variable(fleet_run: str, lane: int) -> str:
 
 def assign(fleet_run: str, lane: int, seq: int, members: list[str]) -> None:
     """The lane's next members (``seq`` above its last assignment's)."""
-    Variable.set(_lane_variable(fleet_run, lane), {"seq": seq, "members": members}, overwrite=True)
+    put_variable(_lane_variable(fleet_run, lane), {"seq": seq, "members": members})
 
 
 def release(fleet_run: str, lane: int) -> None:
     """The lane ends once its members are done."""
-    Variable.set(_lane_variable(fleet_run, lane), {"done": True}, overwrite=True)
+    put_variable(_lane_variable(fleet_run, lane), {"done": True})
 
 
 def assigned(fleet_run: str, lane: int) -> dict:

@@ -44,7 +44,7 @@ from dbmigrate.settings import Settings
 from dbmigrate.target import DatabaseTarget
 from flows import concurrency
 from flows.artifacts import name_part
-from flows.common import Environment
+from flows.common import Environment, put_variable
 
 
 def journal_name(environment: str) -> str:
@@ -135,7 +135,7 @@ class Journal:
 
     def _save(self) -> None:
         try:
-            Variable.set(journal_name(self.environment), self.entry.as_dict(), overwrite=True)
+            put_variable(journal_name(self.environment), self.entry.as_dict())
         except Exception as exc:  # the API away for a moment must not stop a migration; the journal is a record
             get_run_logger().warning("could not record this run's phase (%s) in Prefect: %s", self.entry.phase, exc)
 
@@ -174,7 +174,7 @@ class Journal:
             elif phase.words:
                 self.phase(phase)
             result = run_phase(phase, fn, *args)
-            if phase == Phase.PLAN and isinstance(result, Plan):
+            if phase == Phase.PLAN and isinstance(result, Plan) and result.steps:  # else nothing will change
                 self.phase(Phase.PLANNED, revision_before=result.revision_before,
                            target=",".join(result.expected) or None, upgrade=result.upgrade)
             elif phase == Phase.PLAN:
