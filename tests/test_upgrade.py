@@ -205,6 +205,34 @@ def test_plain_commands_do_not_import_prefect(url, home):
     assert "PREFECT-MODULES: []" in result.stdout
 
 
+def test_status_imports_and_builds_only_what_it_uses(url, home):
+    """The read-only start stays near Alembic's (docs/BENCHMARKS.md): `status` neither imports the
+    pipeline or the report nor builds another command's parser, and every command is still listed."""
+    import sys
+
+    from tests.support.helpers import REPO
+    from tests.support.pgcluster import environ_without_db
+
+    probe = (
+        "import argparse, sys; from dbmigrate.cli import build_parser, main\n"
+        "every = sorted(build_parser()._subparsers._group_actions[0].choices)\n"
+        "built = []; add = argparse._SubParsersAction.add_parser\n"
+        "def counting(self, name, **kw):\n"
+        "    built.append((name, len(kw.get('parents', ()))))\n"
+        "    return add(self, name, **kw)\n"
+        "argparse._SubParsersAction.add_parser = counting\n"
+        "code = main(['status'])\n"
+        "loaded = sorted(m for m in ('dbmigrate.pipeline', 'dbmigrate.report', 'dbmigrate.lint') if m in sys.modules)\n"
+        "print('CODE', code, 'LOADED', loaded, 'FULL', [n for n, parents in built if parents])\n"
+        "print('ALL LISTED', sorted(n for n, _ in built) == every, len(every))\n"
+    )
+    env = {**environ_without_db(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home)}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "CODE 0 LOADED [] FULL ['status']" in result.stdout, result.stdout
+    assert "ALL LISTED True" in result.stdout, result.stdout  # `dbmigrate --help` and a mistyped command list them
+
+
 # -- psycopg2: URLs naming it, and projects whose env.py builds a psycopg2 engine ---------------------
 
 # r1 records, in the database, which driver the project's env.py migrates with and the lock_timeout its

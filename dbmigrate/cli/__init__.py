@@ -27,7 +27,8 @@ from dbmigrate.errors import DbMigrateError
 AREAS = (inspect, migrate, backups, fleet, local)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or (``command``) of that one in full and the others by name."""
     parser = arguments.Parser(
         prog="dbmigrate",
         description="Safe PostgreSQL migrations with Alembic: health checks, backup, migrate, validate, report.",
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dbmigrate {__version__}")
     commands = arguments.Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
-                                  arguments.common_options())
+                                  arguments.common_options(), command)
     for area in AREAS:
         area.register(commands)
     return parser
@@ -76,7 +77,8 @@ def _reader_gone() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread():  # only there can a handler be installed
         previous = signal.signal(signal.SIGTERM, _terminate)

@@ -156,13 +156,17 @@ def common_options() -> argparse.ArgumentParser:
 
 
 class Commands:
-    """The subcommands being registered: each area adds its own beside its handlers."""
+    """The subcommands being registered: each area adds its own beside its handlers. With ``wanted``
+    (the command being run) only that one is built in full; the others are listed by name and help,
+    so the top-level help and a mistyped command's choices stay whole."""
 
-    def __init__(self, subparsers, common: argparse.ArgumentParser):
-        self.subparsers, self.common = subparsers, common
+    def __init__(self, subparsers, common: argparse.ArgumentParser, wanted: str | None = None):
+        self.subparsers, self.common, self.wanted = subparsers, common, wanted
 
     def add(self, name: str, help_text: str, handler) -> argparse.ArgumentParser:
         """A command that works on a database (the common options), run by ``handler(args, settings, database)``."""
+        if not self.builds(name):
+            return self._listed(name, help_text)
         parser = self.subparsers.add_parser(name, parents=[self.common], help=help_text, description=help_text,
                                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.set_defaults(handler=handler)
@@ -170,9 +174,29 @@ class Commands:
 
     def add_group(self, name: str, help_text: str, handler, dest: str):
         """A command of several actions (``backups list``): its subparsers, ``args.<dest>`` the action."""
+        if not self.builds(name):
+            self._listed(name, help_text)
+            return _Unbuilt()
         parser = self.subparsers.add_parser(name, help=help_text)
         parser.set_defaults(handler=handler)
         return parser.add_subparsers(dest=dest, required=True, metavar="ACTION")
+
+    def builds(self, name: str) -> bool:
+        return self.wanted in (None, name)
+
+    def _listed(self, name: str, help_text: str) -> argparse.ArgumentParser:
+        """A command not being run: its name and help only (building every command in full took about 7 ms,
+        a fifth of what the command line adds to Alembic's start: docs/BENCHMARKS.md); what an area adds
+        to it is thrown away."""
+        self.subparsers.add_parser(name, help=help_text)
+        return argparse.ArgumentParser(add_help=False)
+
+
+class _Unbuilt:
+    """The actions of a command not being run (:meth:`Commands.add_group`): made and thrown away."""
+
+    def add_parser(self, name: str, **options) -> argparse.ArgumentParser:
+        return argparse.ArgumentParser(add_help=False)
 
 
 def dump_options(parser: argparse.ArgumentParser) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import sys
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from dbmigrate import backup, catalogue, revisions
 from dbmigrate.cli import arguments
 from dbmigrate.cli.environment import Database
 from dbmigrate.cli.migrate import approve, require_approver
 from dbmigrate.cli.render import finish, print_json, print_progress
-from dbmigrate.report import Approval
 from dbmigrate.settings import Settings
+
+if TYPE_CHECKING:
+    from dbmigrate.report import Approval
 
 
 def register(commands: arguments.Commands) -> None:

@@ -16,11 +16,11 @@ from dbmigrate.errors import ConfirmationRefused
 from dbmigrate.lockretry import LockRetries
 from dbmigrate.migrate import SessionLimits
 from dbmigrate.policy import LINT_LEVELS, Policy
-from dbmigrate.report import NOOP, Approval
 from dbmigrate.settings import Settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the report's module is imported by the commands that make one (docs/BENCHMARKS.md)
     from dbmigrate import phases
+    from dbmigrate.report import Approval
 
 
 def register(commands: arguments.Commands) -> None:
@@ -153,6 +153,8 @@ def cmd_rehearse(args, settings: Settings, database: Database) -> int:
     target = database()
     outcome = pipeline.rehearse(target, settings, pipeline.Request(REHEARSE, args.revision),
                                 pipeline.Hooks(on_progress=print_progress))
+    from dbmigrate.report import NOOP
+
     rehearsal, nothing_to_do = outcome.report.rehearsal, outcome.report.status == NOOP
     if args.json and (rehearsal or nothing_to_do):
         print_json(rehearsal and rehearsal.as_dict())
@@ -172,6 +174,8 @@ def approve(args, policy: Policy | None, environment: str, operation: str, plan_
     """Who approved this change: --approver NAME; --yes where the policy asks no approval;
     otherwise the operator on the terminal, by name where the policy requires an approval.
     On the command line the requester is the user running it (the report's operator)."""
+    from dbmigrate.report import Approval
+
     by_name = policy is not None and policy.approval_required
     if args.approver:
         return _not_the_requester(policy, Approval(True, args.approver, "--approver"))

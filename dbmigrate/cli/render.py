@@ -10,12 +10,12 @@ import sys
 from typing import TYPE_CHECKING, Iterator
 
 from dbmigrate import revisions
-from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED, Rehearsal, Report
 from dbmigrate.target import DatabaseTarget
 
-if TYPE_CHECKING:  # the read-only commands print without importing the pipeline (docs/BENCHMARKS.md)
+if TYPE_CHECKING:  # the read-only commands print without importing the pipeline or the report (docs/BENCHMARKS.md)
     from dbmigrate import pipeline
     from dbmigrate.lint import LintResult
+    from dbmigrate.report import Rehearsal, Report
 
 _json_stdout = None  # under --json, while the command runs: the real stdout (fd 1 points at stderr meanwhile)
 
@@ -85,6 +85,8 @@ def finish(outcome: pipeline.Outcome, target: DatabaseTarget, as_json: bool) -> 
 
 
 def summary(report: Report) -> str:
+    from dbmigrate.report import DRY_RUN, NOOP, SUCCEEDED
+
     before = revisions.shown(report.revision_before)
     if report.status == NOOP:
         return f"had nothing to do: database already at {before}"
