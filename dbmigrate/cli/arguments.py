@@ -165,7 +165,7 @@ class Commands:
 
     def add(self, name: str, help_text: str, handler) -> argparse.ArgumentParser:
         """A command that works on a database (the common options), run by ``handler(args, settings, database)``."""
-        if not self.builds(name):
+        if not self._builds(name):
             return self._listed(name, help_text)
         parser = self.subparsers.add_parser(name, parents=[self.common], help=help_text, description=help_text,
                                             epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,29 +174,29 @@ class Commands:
 
     def add_group(self, name: str, help_text: str, handler, dest: str):
         """A command of several actions (``backups list``): its subparsers, ``args.<dest>`` the action."""
-        if not self.builds(name):
-            self._listed(name, help_text)
-            return _Unbuilt()
+        if not self._builds(name):
+            return self._listed(name, help_text)
         parser = self.subparsers.add_parser(name, help=help_text)
         parser.set_defaults(handler=handler)
         return parser.add_subparsers(dest=dest, required=True, metavar="ACTION")
 
-    def builds(self, name: str) -> bool:
+    def _builds(self, name: str) -> bool:
         return self.wanted in (None, name)
 
-    def _listed(self, name: str, help_text: str) -> argparse.ArgumentParser:
-        """A command not being run: its name and help only (building every command in full took about 7 ms,
-        a fifth of what the command line adds to Alembic's start: docs/BENCHMARKS.md); what an area adds
-        to it is thrown away."""
+    def _listed(self, name: str, help_text: str) -> _Unbuilt:
+        """A command not being run: listed by its name and help; what its area adds to it is dropped."""
         self.subparsers.add_parser(name, help=help_text)
-        return argparse.ArgumentParser(add_help=False)
+        return _Unbuilt()
 
 
 class _Unbuilt:
-    """The actions of a command not being run (:meth:`Commands.add_group`): made and thrown away."""
+    """The parser of a command not being run, as its area sees it: every option added to it, group
+    and action, is taken and dropped. Building each command's parser took about 8 ms, a fifth of what
+    the command line adds to Alembic's start (docs/BENCHMARKS.md), mostly argparse asking gettext
+    for translations of its own words, a few file lookups per parser."""
 
-    def add_parser(self, name: str, **options) -> argparse.ArgumentParser:
-        return argparse.ArgumentParser(add_help=False)
+    def __getattr__(self, name: str):
+        return lambda *args, **options: self
 
 
 def dump_options(parser: argparse.ArgumentParser) -> None:
