@@ -184,13 +184,21 @@ def test_generate_creates_a_revision_file(cli, tmp_path, url):
     assert heads.stdout.startswith("r2 (head)  add invoices")
 
 
-def test_plain_commands_do_not_import_prefect(url, home):
-    """status/check/health/heads/lint/drift must stay fast: Prefect costs seconds to import."""
+def fresh_python(probe: str, url: str, home) -> str:
+    """``probe`` run by a fresh Python (what it imports is the question) against ``url``: its stdout."""
     import sys
 
     from tests.support.helpers import REPO
     from tests.support.pgcluster import environ_without_db
 
+    env = {**environ_without_db(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home)}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_plain_commands_do_not_import_prefect(url, home):
+    """status/check/health/heads/lint/drift must stay fast: Prefect costs seconds to import."""
     probe = (
         "import sys; from dbmigrate.cli import main\n"
         "for command in (['status'], ['check'], ['health'], ['heads'], ['upgrade', '--dry-run'], ['lint'], "
@@ -199,20 +207,12 @@ def test_plain_commands_do_not_import_prefect(url, home):
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'prefect_aws', 'blocks'))\n"
         "print('PREFECT-MODULES:', loaded)\n"
     )
-    env = {**environ_without_db(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home)}
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "PREFECT-MODULES: []" in result.stdout
+    assert "PREFECT-MODULES: []" in fresh_python(probe, url, home)
 
 
 def test_status_imports_and_builds_only_what_it_uses(url, home):
     """The read-only start stays near Alembic's (docs/BENCHMARKS.md): `status` neither imports the
     pipeline or the report nor builds another command's parser, and every command is still listed."""
-    import sys
-
-    from tests.support.helpers import REPO
-    from tests.support.pgcluster import environ_without_db
-
     probe = (
         "import argparse, sys; from dbmigrate.cli import build_parser, main\n"
         "every = sorted(build_parser()._subparsers._group_actions[0].choices)\n"
@@ -226,11 +226,9 @@ def test_status_imports_and_builds_only_what_it_uses(url, home):
         "print('CODE', code, 'LOADED', loaded, 'FULL', [n for n, parents in built if parents])\n"
         "print('ALL LISTED', sorted(n for n, _ in built) == every, len(every))\n"
     )
-    env = {**environ_without_db(), "DATABASE_URL": url, "DBMIGRATE_HOME": str(home)}
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "CODE 0 LOADED [] FULL ['status']" in result.stdout, result.stdout
-    assert "ALL LISTED True" in result.stdout, result.stdout  # `dbmigrate --help` and a mistyped command list them
+    out = fresh_python(probe, url, home)
+    assert "CODE 0 LOADED [] FULL ['status']" in out, out
+    assert "ALL LISTED True" in out, out  # `dbmigrate --help` and a mistyped command list them
 
 
 # -- psycopg2: URLs naming it, and projects whose env.py builds a psycopg2 engine ---------------------
