@@ -148,13 +148,12 @@ def cmd_rehearse(args, settings: Settings, database: Database) -> int:
     """Take a backup, rehearse the pending revisions on a copy restored from it (pipeline.rehearse, which
     writes the report); the database is only read. Under --json, stdout is the rehearsal."""
     from dbmigrate import pipeline
+    from dbmigrate.report import NOOP
     from dbmigrate.run import REHEARSE
 
     target = database()
     outcome = pipeline.rehearse(target, settings, pipeline.Request(REHEARSE, args.revision),
                                 pipeline.Hooks(on_progress=print_progress))
-    from dbmigrate.report import NOOP
-
     rehearsal, nothing_to_do = outcome.report.rehearsal, outcome.report.status == NOOP
     if args.json and (rehearsal or nothing_to_do):
         print_json(rehearsal and rehearsal.as_dict())
