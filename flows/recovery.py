@@ -174,9 +174,10 @@ class Journal:
             elif phase.words:
                 self.phase(phase)
             result = run_phase(phase, fn, *args)
-            if phase == Phase.PLAN and isinstance(result, Plan) and result.steps:  # else nothing will change
-                self.phase(Phase.PLANNED, revision_before=result.revision_before,
-                           target=",".join(result.expected) or None, upgrade=result.upgrade)
+            if phase == Phase.PLAN and isinstance(result, Plan):
+                if result.steps:  # else nothing will change: the journal stays as it is
+                    self.phase(Phase.PLANNED, revision_before=result.revision_before,
+                               target=",".join(result.expected) or None, upgrade=result.upgrade)
             elif phase == Phase.PLAN:
                 planned.append(result)
             elif phase == Phase.REHEARSAL:  # the approval comes next, and the copy, not the database, was changed

@@ -172,6 +172,14 @@ class Commands:
         parser.set_defaults(handler=handler)
         return parser
 
+    def add_plain(self, name: str, help_text: str, description: str, handler) -> argparse.ArgumentParser:
+        """A command that works on no database (no common options), run by ``handler(args, settings, database)``."""
+        if not self._builds(name):
+            return self._listed(name, help_text)
+        parser = self.subparsers.add_parser(name, help=help_text, description=description)
+        parser.set_defaults(handler=handler)
+        return parser
+
     def add_group(self, name: str, help_text: str, handler, dest: str):
         """A command of several actions (``backups list``): its subparsers, ``args.<dest>`` the action."""
         if not self._builds(name):

@@ -59,13 +59,11 @@ def register(commands: arguments.Commands) -> None:
                                 help="also N tenant databases per environment, at the sample schema with some rows, "
                                      "and each environment's DatabaseFleet block selecting them (docs/FLEETS.md)")
 
-    run = commands.subparsers.add_parser(
-        "run", help="run the db-migrate deployment of an environment on its Prefect worker, from this terminal",
-        description="Start a run of the deployment db-migrate/ENV on the Prefect server PREFECT_API_URL names; "
-                    "with --watch, print each state it enters with its message (a failed run's says why), the "
-                    "link to approve it while it waits, and exit 0 when it completed, 1 when not. Ctrl-C "
-                    "cancels the run.")
-    run.set_defaults(handler=cmd_run)
+    run = commands.add_plain(
+        "run", "run the db-migrate deployment of an environment on its Prefect worker, from this terminal",
+        "Start a run of the deployment db-migrate/ENV on the Prefect server PREFECT_API_URL names; with --watch, "
+        "print each state it enters with its message (a failed run's says why), the link to approve it while it "
+        "waits, and exit 0 when it completed, 1 when not. Ctrl-C cancels the run.", cmd_run)
     run.add_argument("--env", required=True, metavar="ENV", help="the environment: its db-migrate/ENV deployment")
     run.add_argument("-r", "--revision", default="head", help="the revision to migrate to (default head)")
     run.add_argument("--dry-run", action="store_true", help="only show the SQL of the pending revisions")
