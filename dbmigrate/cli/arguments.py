@@ -199,7 +199,7 @@ class Commands:
 
 class _Unbuilt:
     """The parser of a command not being run, as its area sees it: every option added to it, group
-    and action, is taken and dropped. Building each command's parser took about 8 ms, a fifth of what
+    and action, is taken and dropped. Building every command's parser took about 8 ms, a fifth of what
     the command line adds to Alembic's start (docs/BENCHMARKS.md), mostly argparse asking gettext
     for translations of its own words, a few file lookups per parser."""
 
