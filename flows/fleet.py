@@ -37,7 +37,7 @@ from dbmigrate.fleet import Member, MemberState, admit, fleet_status, plan_waves
 from dbmigrate.interruption import Undo
 from flows import alerts
 from flows.common import ask_approval, deployed_environment, ends_failed_on_error, settings_for, tag_run, who_asked
-from flows.fleet_batch import (FAILED, NOT_STARTED, ROLLED_BACK, RUNNING, UNCHANGED, fleet_limit, forget_stop,
+from flows.fleet_state import (FAILED, NOT_STARTED, ROLLED_BACK, RUNNING, UNCHANGED, fleet_limit, forget_stop,
                                read_records, server_limit, stop, stopped)
 from flows.fleet_lanes import Lanes, lane_count
 from flows.fleet_report import FleetReport

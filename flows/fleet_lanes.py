@@ -10,7 +10,7 @@ default, never more than C.
 
 A lane is created with ``run_deployment`` and an idempotency key (the fleet run, the revision, the
 lane's number), so a resumed parent gets its lanes back; one already over is passed by. Its work
-reaches it through a Prefect variable (:func:`flows.fleet_batch.assign`). Per wave the parent
+reaches it through a Prefect variable (:func:`flows.fleet_state.assign`). Per wave the parent
 splits the members over its lanes, then polls (one request for the lanes' states, one for the wave's
 member records) until every member has its final record or its lane ended; a lane lost with its
 worker is found by its member's presence (:mod:`flows.fleet_recovery`). Before a pause that may last
@@ -37,7 +37,7 @@ from dbmigrate.fleet import Member
 from dbmigrate.interruption import Undo
 from dbmigrate.settings import Settings
 from flows import fleet_recovery
-from flows.fleet_batch import (FAILED, LANE_IDLE_S, NOT_STARTED, RUNNING, assign, assigned, fleet_run_tag, fleet_tag,
+from flows.fleet_state import (FAILED, LANE_IDLE_S, NOT_STARTED, RUNNING, assign, assigned, fleet_run_tag, fleet_tag,
                                forget_lane, read_records, release, stop, stopped)
 from flows.fleet_report import FleetReport
 

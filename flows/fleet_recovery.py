@@ -28,7 +28,7 @@ from dbmigrate.fleet import Member
 from dbmigrate.interruption import InFlight, Undo
 from dbmigrate.phases import Phase
 from flows import recovery
-from flows.fleet_batch import FAILED, NOT_STARTED, RUNNING, read_records
+from flows.fleet_state import FAILED, NOT_STARTED, RUNNING, read_records
 
 
 def lost_lanes(environment: str, in_flight: dict[str, list[str]], members: dict[str, Member],

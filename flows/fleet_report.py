@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from dbmigrate.fleet import Member
 from flows.artifacts import artifact_key
-from flows.fleet_batch import FAILED, MIGRATED, NOT_STARTED, ROLLED_BACK, UNCHANGED
+from flows.fleet_state import FAILED, MIGRATED, NOT_STARTED, ROLLED_BACK, UNCHANGED
 
 FLOW = "db-migrate-fleet"
 CLASSES = (MIGRATED, FAILED, ROLLED_BACK, UNCHANGED, NOT_STARTED)

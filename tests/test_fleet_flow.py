@@ -273,7 +273,7 @@ def migrations(environment: str, name: str) -> list[dict]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.fleet_batch import member_key
+    from flows.fleet_state import member_key
 
     with get_client(sync_client=True) as client:
         versions = client.read_artifacts(artifact_filter=ArtifactFilter(
