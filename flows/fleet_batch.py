@@ -32,6 +32,8 @@ parent reads them all in one call, and the next fleet run reads where a member c
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.states import Failed
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from blocks import load_policy
 from blocks.fleet import load_fleet
@@ -54,8 +58,8 @@ from dbmigrate.settings import Settings
 from flows import concurrency, recovery
 from flows.alerts import flow_run_url
 from flows.common import deployed_environment, ends_failed_on_error, settings_for
-from flows.fleet_state import (FAILED, LANE_IDLE_S, MIGRATED, NOT_STARTED, ROLLED_BACK, RUNNING, UNCHANGED, assigned,
-                               fleet_limit, record, server_limit, stop, stopped)
+from flows.fleet_state import (FAILED, LANE_IDLE_S, MIGRATED, NOT_STARTED, PRESENCE_CHECK_S, ROLLED_BACK, RUNNING,
+                               UNCHANGED, assigned, fleet_limit, record, server_limit, stop, stopped)
 
 SLOT_POLL_S = 0.5  # how often a member waiting for a slot asks again (and checks that the fleet goes on)
 LANE_POLL_S = 0.5  # how often an idle lane reads its variable
@@ -138,21 +142,72 @@ class LaneSlots:
         self.server = self.lease = None
 
 
-def migrate_member(job: FleetJob, member: Member, slots: LaneSlots) -> dict:
+class LanePresence:
+    """The lane's presence connection (:func:`flows.recovery.presence`), from its first member to its
+    end, idle between waves too, on the database of the member it migrates or last migrated. It moves
+    make-before-break (the next member's opened before the last one's is closed; kept where it was
+    should the next one fail to open), and a thread of its own checks it every PRESENCE_CHECK_S and
+    opens it again should its server have dropped it (a restart): a lane alive is never long without
+    one, so the fleet tells a lane lost with its process, at work or idle, from one at work or
+    waiting for it (:mod:`flows.fleet_recovery`). The member records say where it is (``presence``)."""
+
+    def __init__(self):
+        self.member: Member | None = None  # on whose database it is
+        self._conn: Connection | None = None
+        self._held = ExitStack()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        # the run's context copied: the presence is named after the run, and its warnings go to its log
+        self._checker = threading.Thread(target=contextvars.copy_context().run, args=(self._check,), daemon=True)
+        self._checker.start()
+
+    def move_to(self, member: Member) -> str | None:
+        """Held on ``member``'s database, or where it was should that fail: whose database that is."""
+        with self._lock:
+            self._open(member)
+            return self.member.name if self.member else None
+
+    def _open(self, member: Member) -> None:
+        held = ExitStack()
+        conn = held.enter_context(recovery.presence(member.target))
+        if conn is None:
+            held.close()
+            return
+        self._held.close()
+        self._held, self._conn, self.member = held, conn, member
+
+    def _check(self) -> None:
+        while not self._closed.wait(PRESENCE_CHECK_S):
+            with self._lock:
+                if self._conn is None or self._closed.is_set():
+                    continue
+                try:
+                    self._conn.execute(text("SELECT 1"))
+                    self._conn.rollback()  # not left idle in a transaction
+                except SQLAlchemyError:  # dropped by its server: opened again
+                    self._open(self.member)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            self._held.close()
+            self._conn = self.member = None
+        self._checker.join()
+
+
+def migrate_member(job: FleetJob, member: Member, slots: LaneSlots, presence: LanePresence) -> dict:
     """The member through the single-database pipeline (a task named after it), its slots held by
-    ``slots`` and, on its server, the lane's presence connection (:func:`flows.recovery.presence`)
-    until its final record is written: a record saying RUNNING without the presence is a lane lost
-    with its process (:mod:`flows.fleet_recovery`). Its final record."""
+    ``slots``, the lane's presence moved to its database. Its final record."""
     lease = slots.hold_for(member)  # freed by the fleet should this lane be lost
-    with recovery.presence(member.target) as present:
-        if why := stopped(job.fleet_run):  # stopped while this member waited for its slots
-            raise FleetStopped(why)
-        # task_run_name as a callable: a name is not a format string (it may hold braces)
-        return task(lambda: _pipeline(job, member, present, lease), name="member", task_run_name=lambda: member.name,
-                    cache_policy=NO_CACHE, persist_result=False)()
+    present = presence.move_to(member)
+    if why := stopped(job.fleet_run):  # stopped while this member waited for its slots
+        raise FleetStopped(why)
+    # task_run_name as a callable: a name is not a format string (it may hold braces)
+    return task(lambda: _pipeline(job, member, present, lease), name="member", task_run_name=lambda: member.name,
+                cache_policy=NO_CACHE, persist_result=False)()
 
 
-def _pipeline(job: FleetJob, member: Member, present: bool, lease: str | None) -> dict:
+def _pipeline(job: FleetJob, member: Member, presence: str | None, lease: str | None) -> dict:
     environment, started = job.environment, time.time()
 
     def run_phase(name, fn, *args):
@@ -160,7 +215,7 @@ def _pipeline(job: FleetJob, member: Member, present: bool, lease: str | None) -
             return args[0]
         result = fn(*args)
         if name == "plan" and result.steps:  # where it starts: what the next run reads if this one is cut short
-            record(environment, member, RUNNING, started_at=started, present=present, lease=lease,
+            record(environment, member, RUNNING, started_at=started, presence=presence, lease=lease,
                    revision_before=revisions.shown(result.revision_before),
                    target=result.steps[-1].revision, message="migrating")
         return result
@@ -169,10 +224,11 @@ def _pipeline(job: FleetJob, member: Member, present: bool, lease: str | None) -
         confirm=lambda plan: job.approval, run_phase=run_phase,
         auto_rollback=auto_rollback.restore_starting_state if job.policy.auto_rollback else None)
     return _final_record(environment, member, pipeline.execute(member.target, job.settings, job.request(), hooks),
-                         started)
+                         started, presence)
 
 
-def _final_record(environment: str, member: Member, outcome: pipeline.Outcome, started: float) -> dict:
+def _final_record(environment: str, member: Member, outcome: pipeline.Outcome, started: float,
+                  presence: str | None) -> dict:
     report = outcome.report
     message = ""
     if report.error:
@@ -186,7 +242,7 @@ def _final_record(environment: str, member: Member, outcome: pipeline.Outcome, s
                   started_at=started, finished_at=time.time(), duration_s=round(time.time() - started, 2),
                   backup=report.backup.id if report.backup else None,
                   rehearsal=[[s.revision, round(s.duration_s, 3)] for s in report.rehearsal.steps]
-                  if report.rehearsal else None, message=message)
+                  if report.rehearsal else None, presence=presence, message=message)
 
 
 @flow(name="db-migrate-fleet-batch")  # the fleet names each lane when it creates it: <env>-fleet-lane-2
@@ -233,31 +289,35 @@ def db_migrate_fleet_batch(
     logger = get_run_logger()
     results: list[dict] = []
     last_seq, idle_since, checked = 0, time.monotonic(), time.monotonic()
-    while True:
-        work = assigned(fleet_run, lane)
-        if work.get("done"):
-            break
-        if work.get("seq", 0) > last_seq:
-            last_seq = work["seq"]
-            results += _migrate(job, fleet, work.get("members", []), logger)
-            idle_since = time.monotonic()
-            continue
-        if time.monotonic() - idle_since > LANE_IDLE_S:
-            logger.info("nothing assigned for %g s: the lane ends", LANE_IDLE_S)
-            break
-        if time.monotonic() - checked > LANE_CHECK_S:
-            checked = time.monotonic()
-            if why := _fleet_over(fleet_run):
-                logger.info("the lane ends: %s", why)
+    presence = LanePresence()
+    try:
+        while True:
+            work = assigned(fleet_run, lane)
+            if work.get("done"):
                 break
-        time.sleep(LANE_POLL_S)
+            if work.get("seq", 0) > last_seq:
+                last_seq = work["seq"]
+                results += _migrate(job, fleet, work.get("members", []), logger, presence)
+                idle_since = time.monotonic()
+                continue
+            if time.monotonic() - idle_since > LANE_IDLE_S:
+                logger.info("nothing assigned for %g s: the lane ends", LANE_IDLE_S)
+                break
+            if time.monotonic() - checked > LANE_CHECK_S:
+                checked = time.monotonic()
+                if why := _fleet_over(fleet_run):
+                    logger.info("the lane ends: %s", why)
+                    break
+            time.sleep(LANE_POLL_S)
+    finally:
+        presence.close()
     failed = [r["member"] for r in results if r["status"] in (FAILED, ROLLED_BACK)]
     if failed:  # a state, not an exception: the fleet's run alerts once for the fleet, not each lane
         return Failed(message=f"member{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}")
     return results
 
 
-def _migrate(job: FleetJob, fleet: dict[str, Member], names: list[str], logger) -> list[dict]:
+def _migrate(job: FleetJob, fleet: dict[str, Member], names: list[str], logger, presence: LanePresence) -> list[dict]:
     """One assignment's members, one after the other: their final records."""
     environment, fleet_run, results = job.environment, job.fleet_run, []
     slots = LaneSlots(job)
@@ -270,7 +330,7 @@ def _migrate(job: FleetJob, fleet: dict[str, Member], names: list[str], logger) 
                 results.append(record(environment, member, NOT_STARTED, message=f"the fleet stopped: {why}"))
                 continue
             try:
-                result = migrate_member(job, member, slots)
+                result = migrate_member(job, member, slots, presence)
             except FleetStopped as exc:
                 result = record(environment, member, NOT_STARTED, message=f"the fleet stopped: {exc}")
             logger.info("%s: %s (%s -> %s) %s", name, result["status"], result["revision_before"],

@@ -13,7 +13,7 @@ lane's number), so a resumed parent gets its lanes back; one already over is pas
 reaches it through a Prefect variable (:func:`flows.fleet_state.assign`). Per wave the parent
 splits the members over its lanes, then polls (one request for the lanes' states, one for the wave's
 member records) until every member has its final record or its lane ended; a lane lost with its
-worker is found by its member's presence (:mod:`flows.fleet_recovery`). Before a pause that may last
+worker, at work or idle, is found by its presence connection (:mod:`flows.fleet_recovery`). Before a pause that may last
 and at the end, the lanes are told they are done and waited for: none holds a worker through an
 approval.
 """
@@ -75,6 +75,8 @@ class Lane:
     seq: int = 0  # of its latest assignment
     pending: list[str] = field(default_factory=list)  # assigned members without their final record yet
     ended: bool = False
+    presence: str | None = None  # the member on whose database its records last said its presence is
+    absent_since: float | None = None  # when its presence was first found gone, while it stays so
 
 
 class Lanes:
@@ -160,7 +162,10 @@ class Lanes:
             for lane in busy:
                 for name in list(lane.pending):
                     row = records.get(name)
-                    if row and row.get("child_run") == lane.run_id and row["status"] != RUNNING:
+                    if not row or row.get("child_run") != lane.run_id:
+                        continue
+                    lane.presence = row.get("presence")
+                    if row["status"] != RUNNING:
                         self.report.set(name, row)
                         lane.pending.remove(name)
                         progressed = True
@@ -175,9 +180,7 @@ class Lanes:
                 for name in self.queue:
                     self.report.set(name, {"status": NOT_STARTED, "message": f"the fleet stopped: {why}"})
                 self.queue = []
-            in_flight = {lane.run_id: lane.pending for lane in busy if not lane.ended}
-            if not progressed and (lost := fleet_recovery.lost_lanes(self.environment, in_flight, self.by_name,
-                                                                     records)):
+            if not progressed and (lost := self._lost(busy, states)):
                 self.recover(lost)
             elif not self.queue and any(lane.pending for lane in self.lanes.values()):
                 time.sleep(POLL_S)
@@ -187,6 +190,25 @@ class Lanes:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=list({lane.run_id for lane in lanes}))))
         return {str(run.id): run.state for run in runs}
+
+    def _lost(self, busy: list[Lane], states: dict) -> list[str]:
+        """The lanes waited for whose presence has been gone LOST_AFTER_S, their run not over
+        (:mod:`flows.fleet_recovery`). A lane is looked for where its records last said its presence
+        is and on its next member's server (where it moves it); one that never said is not."""
+        watched = {lane.run_id: [lane.presence, lane.pending[0]] for lane in busy
+                   if lane.presence and lane.pending and not lane.ended}
+        gone = fleet_recovery.absent(watched, self.by_name) if watched else set()
+        now, lost = time.monotonic(), []
+        for run_id in watched:
+            lane = self.lanes[run_id]
+            if run_id not in gone:
+                lane.absent_since = None
+            elif lane.absent_since is None:
+                lane.absent_since = now
+            elif now - lane.absent_since >= fleet_recovery.LOST_AFTER_S and \
+                    (state := states.get(run_id)) is not None and not state.is_final():
+                lost.append(run_id)
+        return lost
 
     def _ended(self, lane: Lane, state, records: dict) -> list[str]:
         """A lane over with members pending, from their records: a member cut short while it ran is
@@ -223,8 +245,9 @@ class Lanes:
             for name, row in rows.items():
                 self.report.set(name, {**row, "revision_after": self.where(name)} if row["status"] == FAILED else row)
             failed = [name for name, row in rows.items() if row["status"] == FAILED]
-            stop(self.fleet_run, f"member{'s' if len(failed) > 1 else ''} "
-                                 f"{', '.join(repr(name) for name in failed)}: its run was lost")
+            stop(self.fleet_run, f"member{'s' if len(failed) > 1 else ''} {', '.join(repr(name) for name in failed)}: "
+                                 f"its run was lost" if failed else
+                                 f"lane {lane.number} was lost between members (its process and worker are gone)")
 
     def finish(self) -> None:
         """Every live lane told it is done and waited for (while a lane's idle timeout lasts: one

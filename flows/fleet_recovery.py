@@ -1,16 +1,16 @@
-"""A fleet's lane lost with a member in flight: its worker SIGKILLed with its flow-run
-processes (a lost machine), nobody reports, and Prefect shows the run Running for ever.
+"""A fleet's lane lost with its process: its worker SIGKILLed with its flow-run processes (a
+lost machine), nobody reports, and Prefect shows the run Running for ever.
 
-The member in flight holds a presence connection named after its lane's run on its server
-(:func:`flows.recovery.presence`, as a single-database run does) from before its record says
-RUNNING until after its final record. The fleet, at each poll, reads its in-flight members'
-records (one request) and, for those RUNNING, asks each of their servers which presences are
-there (one query per server). A member RUNNING whose presence is gone, still so on a second
-look, is in a lost lane: the fleet says where its database is and applies the single-database
-recovery (:func:`dbmigrate.interruption.where_left`: a database left between revisions is
-downgraded to its starting revision where the policy rolls back automatically), sets the run
-Crashed with that message, frees the member's slots of the fleet's caps (its record keeps their
-lease), classes the rest of the lane's assignment not started, and stops.
+A lane holds a presence connection named after its run (:class:`flows.fleet_batch.LanePresence`)
+from its first member to its end, idle too, on the database of the member it migrates or last
+migrated, moved make-before-break, and its member records say where it is. The fleet, at each poll,
+asks the servers where each lane it waits for should have it (its last record's and its next
+member's: one query per server). A lane without it there for LOST_AFTER_S, its run not over, is
+lost: the fleet says where its member in flight, if any, left its database and applies the
+single-database recovery (:func:`dbmigrate.interruption.where_left`: a database left between
+revisions is downgraded to its starting revision where the policy rolls back automatically), sets
+the run Crashed with that message, frees the member's slots of the fleet's caps (its record keeps
+their lease), classes the rest of the lane's assignment not started, and stops.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections import defaultdict
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import Crashed
 
 from dbmigrate import interruption
@@ -28,45 +27,28 @@ from dbmigrate.fleet import Member
 from dbmigrate.interruption import InFlight, Undo
 from dbmigrate.phases import Phase
 from flows import recovery
-from flows.fleet_state import FAILED, NOT_STARTED, RUNNING, read_records
+from flows.fleet_state import FAILED, NOT_STARTED, PRESENCE_CHECK_S, RUNNING, read_records
+
+# A presence gone this long is a lane lost: twice as long as the lane takes to open it again should
+# its server have dropped it (a restart), so a lane alive is not taken for a lost one.
+LOST_AFTER_S = 2 * PRESENCE_CHECK_S
 
 
-def lost_lanes(environment: str, in_flight: dict[str, list[str]], members: dict[str, Member],
-               records: dict[str, dict]) -> list[str]:
-    """The lanes (run id -> members pending) whose member in progress lost its presence: their
-    process is gone. ``records``: the pending members' records, as the fleet's poll read them."""
-    suspects = _migrating_without_presence(in_flight, members, records)
-    if not suspects:
-        return []
-    # A second look: a member that just ended wrote its final record before closing its presence.
-    again = _migrating(read_records(environment, list(suspects)), in_flight)
-    if not again:
-        return []
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(set(again.values())))))
-    return [str(run.id) for run in runs if run.state is not None and not run.state.is_final()]
-
-
-def _migrating(records: dict[str, dict], in_flight: dict[str, list[str]]) -> dict[str, str]:
-    """Members whose record says a lane in flight is migrating them (holding a presence): their run ids."""
-    return {name: row["child_run"] for name, row in records.items()
-            if row["status"] == RUNNING and row.get("present") and name in in_flight.get(row.get("child_run"), [])}
-
-
-def _migrating_without_presence(in_flight: dict[str, list[str]], members: dict[str, Member],
-                                records: dict[str, dict]) -> dict[str, str]:
-    migrating = _migrating(records, in_flight)
-    by_server: dict[str, list[str]] = defaultdict(list)
-    for name in migrating:
-        by_server[members[name].server].append(name)
-    gone = {}
-    for names in by_server.values():
+def absent(watched: dict[str, list[str]], members: dict[str, Member]) -> set[str]:
+    """Of the lanes watched (run id -> members on whose servers its presence should be) those whose
+    presence is on none of them: one query per server; a server that cannot tell vouches for its lanes."""
+    by_server: dict[str, set[str]] = defaultdict(set)
+    for run_id, names in watched.items():
+        for name in names:
+            by_server[members[name].server].add(run_id)
+    target = {members[name].server: members[name].target for names in watched.values() for name in names}
+    there: set[str] = set()
+    for server, run_ids in by_server.items():
         try:
-            there = recovery.present(members[names[0]].target, [migrating[name] for name in names])
+            there |= recovery.present(target[server], list(run_ids))
         except DbMigrateError:  # the server cannot tell: not a reason to call a run lost
-            continue
-        gone.update({name: migrating[name] for name in names if migrating[name] not in there})
-    return gone
+            there |= run_ids
+    return set(watched) - there
 
 
 def recover(environment: str, run_id: str, names: list[str], members: dict[str, Member],
@@ -86,10 +68,11 @@ def recover(environment: str, run_id: str, names: list[str], members: dict[str, 
             said.append(f"member '{name}': {where}")
         else:
             rows[name] = {"status": NOT_STARTED, "message": "its run was lost before it started"}
-    message = "; ".join(said) or "no member had started"
+    when = "during the migration" if said else "between members"
+    message = "; ".join(said) or f"not started: {', '.join(repr(name) for name in names)}"
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(UUID(run_id), Crashed(message=f"Run lost during the migration (its process and "
-                                                                f"worker are gone): {message}."), force=True)
+        client.set_flow_run_state(UUID(run_id), Crashed(message=f"Run lost {when} (its process and worker are "
+                                                                f"gone): {message}."), force=True)
         for name in names:  # the member's slots of the fleet's caps, which its lease would hold 5 minutes more
             if (row := records.get(name)) and row.get("child_run") == run_id and row["status"] == RUNNING \
                     and row.get("lease"):

@@ -24,6 +24,7 @@ from flows.common import put_variable
 RUNNING, MIGRATED, FAILED, ROLLED_BACK, UNCHANGED, NOT_STARTED = (
     "running", "migrated", "failed", "rolled back", "unchanged", "not started")
 LANE_IDLE_S = 60.0  # an idle lane given nothing for this long ends
+PRESENCE_CHECK_S = 5.0  # how often a lane checks its presence connection (the fleet allows it twice as long)
 
 
 def _slug(text: str) -> str:

@@ -31,7 +31,7 @@ from prefect import get_run_logger, runtime
 from prefect.client.orchestration import get_client
 from prefect.states import Cancelled, Crashed
 from prefect.variables import Variable
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from blocks import load_target
 from dbmigrate import db, interruption
@@ -80,7 +80,7 @@ def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
         get_run_logger().warning("run '%s' was interrupted during %s: %s.", left.name, left.phase.words,
                                  database_state(left))
     with presence(target) as present:
-        journal = Journal(environment, credentials_block, present, undo)
+        journal = Journal(environment, credentials_block, present is not None, undo)
         try:
             yield journal
         except DbMigrateError:
@@ -108,20 +108,21 @@ def presence_name(flow_run_id: str) -> str:
 
 
 @contextmanager
-def presence(target: DatabaseTarget) -> Iterator[bool]:
+def presence(target: DatabaseTarget) -> Iterator[Connection | None]:
     """An idle connection named after the run, held while the run holds the slot (a fleet's
-    batch run: while it migrates a member): PostgreSQL drops it the moment the process dies,
+    lane: from its first member to its end): PostgreSQL drops it the moment the process dies,
     however it dies, so anyone can tell a run that is waiting (for approval, say) from one
-    whose process is gone (:func:`present`)."""
+    whose process is gone (:func:`present`). None when the server cannot be reached."""
     with ExitStack() as held:
         try:
-            held.enter_context(db.connect(target, connect_args={"application_name": presence_name(runtime.flow_run.id)}))
+            conn = held.enter_context(db.connect(target, connect_args={
+                "application_name": presence_name(runtime.flow_run.id)}))
         except ConnectionFailed as exc:  # the health checks say so (and retry); this run just cannot be vouched for
             get_run_logger().warning("no presence connection (%s): should this run die, its slot frees only when "
                                      "its lease lapses", exc)
-            yield False
+            yield None
             return
-        yield True
+        yield conn
 
 
 class Journal:

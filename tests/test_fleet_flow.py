@@ -476,3 +476,62 @@ def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the
             assert client.read_global_concurrency_limit_by_name("fleet-development").active_slots == 0
     finally:
         tenants.drop()
+
+
+def presences(pg_cluster, run_id: str) -> list[int]:
+    """The server processes of the run's presence connections (flows.recovery.presence_name)."""
+    with pg_cluster.admin() as conn:
+        return [pid for (pid,) in conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                                               (f"dbmigrate run {run_id}",))]
+
+
+def test_a_lane_lost_while_idle_between_waves_is_found_and_stops_the_fleet(server, workers, pg_cluster, cli, project):
+    """4 members, canary 1, waves of 2, two lanes; three workers taking one run each (the parent and
+    each lane alone on one). In wave 1, lane 2's member takes 20 s (its r2); lane 1 ends its own and
+    waits, idle, keeping its presence connection (opened again when the server drops it); then its
+    worker is SIGKILLed with its process: nobody reports, Prefect shows it Running. Wave 2 gives lane 1 the last member: the fleet finds the lane's presence gone (it keeps
+    one while idle), sets it Crashed saying it was lost between members, classes the member it never
+    started `not started` (at r1, untouched) and ends Failed, instead of waiting for it for ever."""
+    tenants = Tenants(pg_cluster, cli, project, 4, "idle")
+    canary, quick, slow, last = tenants.names
+    extra = Worker(server, workers[0].environ, workers[0].log.with_name("worker-3.log"), limit=1)
+    try:
+        with pg_cluster.admin() as conn:
+            conn.execute(f"ALTER DATABASE \"{slow}\" SET dbmigrate_test.sleep = '20'")
+        save_fleet(pg_cluster, "development", tenants.names)
+        with one_run_each(workers):
+            extra.start()
+            run_id = start_fleet("development", project, canary=1, wave_size=2, max_in_flight=2, per_server=2)
+            wait_until(lambda: migrations("development", quick), 300, f"{quick} migrated", 0.5)
+            assert tenants.revision(slow) != "r3", "the slow member is still migrating"
+            [lane] = [run for run in batch_runs(run_id) if run.name == "development-fleet-lane-1"]
+            everyone = [*workers, extra]
+            pid = wait_until(lambda: parent_process(everyone, str(lane.id)), 30, "lane 1's process")
+            [worker] = [w for w in everyone if pid in w.flow_run_pids()]
+            # Its presence dropped by the server (as a restart would): the lane opens it again well
+            # within the 10 s after which the fleet would take it for lost.
+            [before] = presences(pg_cluster, str(lane.id))
+            with pg_cluster.admin() as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (before,))
+            wait_until(lambda: presences(pg_cluster, str(lane.id)) not in ([], [before]), 7, "its presence again", 0.2)
+            worker.kill_all()  # a lost machine, while its lane waits for the next wave
+            wait_until(lambda: tenants.revision(slow) == "r3", 60, f"{slow} at r3", 0.5)
+            since = time.monotonic()
+            run = final(run_id, 60)
+            took = time.monotonic() - since
+        assert run.state.is_failed(), run.state
+        assert "lane 1 was lost between members" in run.state.message, run.state.message
+        assert took < 30, f"the fleet took {took:.0f} s after the last wave started"
+        [lost] = [run for run in batch_runs(run_id) if run.name == "development-fleet-lane-1"]
+        assert lost.state.is_crashed(), lost.state
+        assert lost.state.message == ("Run lost between members (its process and worker are gone): "
+                                      f"not started: '{last}'."), lost.state.message
+        assert tenants.at("r3") == [canary, quick, slow] and tenants.revision(last) == "r1"
+        home = Path(workers[0].environ["DBMIGRATE_HOME"])
+        rows = {row["member"]: row for row in fleet_report(home)["members"]}
+        assert rows[last]["status"] == "not started", rows[last]
+        assert "its run was lost before it started" in rows[last]["message"], rows[last]
+        assert all(rows[name]["status"] == "migrated" for name in (canary, quick, slow)), rows
+    finally:
+        extra.kill_all()
+        tenants.drop()
