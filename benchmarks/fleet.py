@@ -6,7 +6,8 @@ a fresh home on free ports: the embedded PostgreSQL with N tenant databases per 
 (stack.tenants: copies of one database at the sample schema's 0004 with some rows), a real
 `prefect server start`, the blocks (the development fleet selects tenant_001...), prefect.yaml's
 deployments. Its own worker is stopped; each fleet run gets --workers process workers of the pool
-(`--limit 4`, started as the stack starts its worker: ``stack.provision.start_worker``). The loop
+(`--limit 4`, started as the stack starts its worker: ``stack.provision.start_worker``) and as many
+lanes unless --lanes says otherwise. The loop
 runs first, before the Prefect server starts; each run migrates the tenants to the head (0005
 converts the rows, 0006), and they are dropped and copied afresh from the template before the next.
 The fleet: the development policy (automatic rollback; backups on), canary 1, waves of --wave-size,
@@ -20,7 +21,8 @@ creation to its final state), the ratio to the loop, the members' own time (the 
 from their reports), the lanes (db-migrate-fleet-batch runs) and the orchestration cost per member (the
 lanes' time beyond their members', per member), the parent run's time, and its API requests per minute
 (its polls: two requests each, plus three per lane started, one per lane and wave, and two per wave; the
-poll count from its own log line).
+poll count from its own log line), and how many of the Prefect server's writes timed out on SQLite's
+lock meanwhile (the server's log): one such lock held 60 s stalls every lane's writes as long.
 """
 
 from __future__ import annotations
@@ -111,6 +113,16 @@ def fleet_run(wave_size: int, lanes: int, members: int) -> dict:
             "requests_per_min": requests / (parent_s / 60) if parent_s else 0.0}
 
 
+def sqlite_lock_timeouts(server_log: Path, offset: int) -> int:
+    """The Prefect server's writes that failed "database is locked" since ``offset``: each waited
+    SQLite's busy timeout (60 s) for a lock another of the server's transactions held, and the API's
+    writes stalled behind it meanwhile (PrefectHQ/prefect#10188)."""
+    with open(server_log, "rb") as log:
+        log.seek(offset)
+        return sum(line.startswith(b"sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) database is locked")
+                   for line in log)
+
+
 def reports(home: Path) -> set[Path]:
     """The single-database reports the lanes wrote (the workers' DBMIGRATE_HOME is the stack's)."""
     return set((home / "reports").glob("2*.json"))
@@ -127,7 +139,9 @@ def main() -> int:
     parser.add_argument("--workers", default="1,2,3", help="worker counts to run the fleet with, e.g. 2 or 1,2,3")
     parser.add_argument("--wave-size", type=int, default=25)
     parser.add_argument("--query-seconds", default="2", help="the workers' PREFECT_WORKER_QUERY_SECONDS (Prefect: 10)")
-    parser.add_argument("--lanes", type=int, default=0, help="the fleet's lanes (0: one per worker online)")
+    parser.add_argument("--lanes", type=int, default=0,
+                        help="the fleet's lanes (default: one per worker started for the run; the fleet's own default, "
+                             "one per worker heard from within 45 s, would count those of the run before)")
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--keep", action="store_true", help="leave the stack running and its home in place")
     args = parser.parse_args()
@@ -136,7 +150,7 @@ def main() -> int:
     os.environ.pop("DATABASE_URL", None)
     os.environ["PREFECT_WORKER_QUERY_SECONDS"] = args.query_seconds  # the workers' environment starts from ours
     print(f"# {platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.tenants} tenants, "
-          f"waves of {args.wave_size}, C=8, H=8, {args.lanes or 'one per worker'} lanes, "
+          f"waves of {args.wave_size}, C=8, H=8, {args.lanes or 'one per worker started'} lanes, "
           f"worker query interval {args.query_seconds} s")
     pg_port, prefect_port = local.free_port(), local.free_port()
     with ExitStack() as stack, open(base / "local-up.log", "w") as up_log:
@@ -164,10 +178,12 @@ def main() -> int:
             before = reports(home)
             workers = [processes.Detached(f"bench-worker-{count}-{n}", processes.prefect_home(home))
                        for n in range(1, count + 1)]
+            server_log = processes.prefect_home(home) / "server.log"
+            logged = server_log.stat().st_size
             try:
                 for part in workers:
                     provision.start_worker(part, home, REPO, api, name=part.name, limit=WORKER_LIMIT)
-                figures = fleet_run(args.wave_size, args.lanes, len(names))
+                figures = fleet_run(args.wave_size, args.lanes or count, len(names))
             finally:
                 for part in workers:
                     part.stop(timeout=10)
@@ -176,7 +192,9 @@ def main() -> int:
             ratio = f", {figures['wall_s'] / loop_s:.2f}x the loop (target <= {TARGET_RATIO})" if loop_s else ""
             print(f"fleet, {count} worker(s): {figures['wall_s']:.1f} s{ratio}; {figures['lanes']} lanes; "
                   f"members' own time {own:.1f} s; lanes' time beyond their members' {cost:.2f} s per member; "
-                  f"parent run {figures['parent_run_s']:.0f} s, ~{figures['requests_per_min']:.0f} API requests/min")
+                  f"parent run {figures['parent_run_s']:.0f} s, ~{figures['requests_per_min']:.0f} API requests/min; "
+                  f"Prefect server writes timed out on SQLite's lock (60 s): "
+                  f"{sqlite_lock_timeouts(server_log, logged)}")
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return 0

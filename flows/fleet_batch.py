@@ -50,7 +50,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from blocks import load_policy
 from blocks.fleet import load_fleet
 from dbmigrate import auto_rollback, pipeline, private, revisions
-from dbmigrate.errors import ConfigError, DbMigrateError
+from dbmigrate.errors import ConfigError, ConnectionFailed, DbMigrateError
 from dbmigrate.fleet import Member
 from dbmigrate.policy import Policy
 from dbmigrate.report import NOOP, SUCCEEDED, Approval
@@ -143,18 +143,21 @@ class LaneSlots:
 
 
 class LanePresence:
-    """The lane's presence connection (:func:`flows.recovery.presence`), from its first member to its
-    end, idle between waves too, on the database of the member it migrates or last migrated. It moves
-    make-before-break (the next member's opened before the last one's is closed; kept where it was
-    should the next one fail to open), and a thread of its own checks it every PRESENCE_CHECK_S and
-    opens it again should its server have dropped it (a restart): a lane alive is never long without
-    one, so the fleet tells a lane lost with its process, at work or idle, from one at work or
-    waiting for it (:mod:`flows.fleet_recovery`). The member records say where it is (``presence``)."""
+    """The lane's presence connection (:func:`flows.recovery.presence_connection`), from its first
+    member to its end, idle between waves too, on the database of the member it migrates or last
+    migrated. It moves make-before-break (the next member's opened before the last one's is closed;
+    kept where it was should the next one fail to open), and a thread of its own checks it every
+    PRESENCE_CHECK_S and opens it again should its server have dropped it (a restart; every second
+    while that fails): a lane alive is never long without one, so the fleet tells a lane lost with its
+    process, at work or idle, from one at work or waiting for it (:mod:`flows.fleet_recovery`). The
+    member records say where it is (``presence``)."""
 
     def __init__(self):
         self.member: Member | None = None  # on whose database it is
+        self._wanted: Member | None = None  # where it was last asked to be
         self._conn: Connection | None = None
         self._held = ExitStack()
+        self._failing = False  # said once per outage, not at every attempt
         self._lock = threading.Lock()
         self._closed = threading.Event()
         # the run's context copied: the presence is named after the run, and its warnings go to its log
@@ -164,28 +167,46 @@ class LanePresence:
     def move_to(self, member: Member) -> str | None:
         """Held on ``member``'s database, or where it was should that fail: whose database that is."""
         with self._lock:
+            self._wanted = member
             self._open(member)
             return self.member.name if self.member else None
 
-    def _open(self, member: Member) -> None:
+    def _open(self, member: Member) -> bool:
         held = ExitStack()
-        conn = held.enter_context(recovery.presence(member.target))
-        if conn is None:
-            held.close()
-            return
-        self._held.close()
-        self._held, self._conn, self.member = held, conn, member
+        try:
+            conn = held.enter_context(recovery.presence_connection(member.target))
+        except ConnectionFailed as exc:
+            if not self._failing:
+                get_run_logger().warning("no presence connection on %s (%s): should this lane's process die now, "
+                                         "the fleet cannot tell", member.server, exc)
+            self._failing = True
+            return False
+        self._failing = False
+        previous, self._held, self._conn, self.member = self._held, held, conn, member
+        previous.close()
+        return True
 
     def _check(self) -> None:
-        while not self._closed.wait(PRESENCE_CHECK_S):
+        wait = PRESENCE_CHECK_S
+        while not self._closed.wait(wait):
             with self._lock:
-                if self._conn is None or self._closed.is_set():
-                    continue
                 try:
-                    self._conn.execute(text("SELECT 1"))
-                    self._conn.rollback()  # not left idle in a transaction
-                except SQLAlchemyError:  # dropped by its server: opened again
-                    self._open(self.member)
+                    wait = PRESENCE_CHECK_S if self._closed.is_set() or self._kept() else 1.0
+                except Exception:  # the thread outlives any surprise: without it a live lane would look lost
+                    get_run_logger().exception("checking the lane's presence connection failed")
+                    wait = 1.0
+
+    def _kept(self) -> bool:
+        """Its connection answers, or was opened again (where it was, or where it was last asked to be)."""
+        if self._conn is not None:
+            try:
+                self._conn.execute(text("SELECT 1"))
+                self._conn.rollback()  # not left idle in a transaction
+                return True
+            except SQLAlchemyError:  # dropped by its server
+                pass
+        member = self.member or self._wanted
+        return member is None or self._open(member)
 
     def close(self) -> None:
         self._closed.set()
@@ -224,11 +245,13 @@ def _pipeline(job: FleetJob, member: Member, presence: str | None, lease: str | 
         confirm=lambda plan: job.approval, run_phase=run_phase,
         auto_rollback=auto_rollback.restore_starting_state if job.policy.auto_rollback else None)
     return _final_record(environment, member, pipeline.execute(member.target, job.settings, job.request(), hooks),
-                         started, presence)
+                         started, presence=presence, lease=lease)
 
 
 def _final_record(environment: str, member: Member, outcome: pipeline.Outcome, started: float,
-                  presence: str | None) -> dict:
+                  presence: str | None, lease: str | None) -> dict:
+    """The member's final record, saying where the lane's presence is and the lease of the slots it
+    holds (a lane lost before its next member's record has them freed, :mod:`flows.fleet_recovery`)."""
     report = outcome.report
     message = ""
     if report.error:
@@ -242,7 +265,7 @@ def _final_record(environment: str, member: Member, outcome: pipeline.Outcome, s
                   started_at=started, finished_at=time.time(), duration_s=round(time.time() - started, 2),
                   backup=report.backup.id if report.backup else None,
                   rehearsal=[[s.revision, round(s.duration_s, 3)] for s in report.rehearsal.steps]
-                  if report.rehearsal else None, presence=presence, message=message)
+                  if report.rehearsal else None, presence=presence, lease=lease, message=message)
 
 
 @flow(name="db-migrate-fleet-batch")  # the fleet names each lane when it creates it: <env>-fleet-lane-2

@@ -76,7 +76,8 @@ class Lane:
     pending: list[str] = field(default_factory=list)  # assigned members without their final record yet
     ended: bool = False
     presence: str | None = None  # the member on whose database its records last said its presence is
-    absent_since: float | None = None  # when its presence was first found gone, while it stays so
+    lease: str | None = None  # of the slots its records last said it holds
+    absent_since: float | None = None  # since when its presence has been gone at every look
 
 
 class Lanes:
@@ -158,21 +159,19 @@ class Lanes:
             states = self._states([*busy, *self.live()])
             records = read_records(self.environment, [name for lane in busy for name in lane.pending])
             self.polls += 1
-            progressed = False
             for lane in busy:
                 for name in list(lane.pending):
                     row = records.get(name)
                     if not row or row.get("child_run") != lane.run_id:
                         continue
-                    lane.presence = row.get("presence")
+                    # a record written as the fleet stopped says neither: the lane kept both
+                    lane.presence, lane.lease = row.get("presence") or lane.presence, row.get("lease") or lane.lease
                     if row["status"] != RUNNING:
                         self.report.set(name, row)
                         lane.pending.remove(name)
-                        progressed = True
                 state = states.get(lane.run_id)
                 if state is not None and state.is_final():
                     self.queue += self._ended(lane, state, records)
-                    progressed = True
             for lane in self.live():  # idle lanes end too (their idle timeout): given no more work
                 if (state := states.get(lane.run_id)) is not None and state.is_final():
                     lane.ended = True
@@ -180,7 +179,7 @@ class Lanes:
                 for name in self.queue:
                     self.report.set(name, {"status": NOT_STARTED, "message": f"the fleet stopped: {why}"})
                 self.queue = []
-            if not progressed and (lost := self._lost(busy, states)):
+            if lost := self._lost(busy, states):
                 self.recover(lost)
             elif not self.queue and any(lane.pending for lane in self.lanes.values()):
                 time.sleep(POLL_S)
@@ -191,23 +190,23 @@ class Lanes:
                 id=FlowRunFilterId(any_=list({lane.run_id for lane in lanes}))))
         return {str(run.id): run.state for run in runs}
 
-    def _lost(self, busy: list[Lane], states: dict) -> list[str]:
-        """The lanes waited for whose presence has been gone LOST_AFTER_S, their run not over
-        (:mod:`flows.fleet_recovery`). A lane is looked for where its records last said its presence
-        is and on its next member's server (where it moves it); one that never said is not."""
-        watched = {lane.run_id: [lane.presence, lane.pending[0]] for lane in busy
-                   if lane.presence and lane.pending and not lane.ended}
+    def _lost(self, lanes: list[Lane], states: dict) -> list[str]:
+        """Of ``lanes`` (looked at each poll), those whose presence has been gone at every look for
+        LOST_AFTER_S, their run not over (:mod:`flows.fleet_recovery`). A lane is looked for where its
+        records last said its presence is and on its next member's server (where it moves it next);
+        one that never said is not looked for."""
+        watched = {lane.run_id: where for lane in lanes if lane.presence and not lane.ended
+                   and (where := [name for name in (lane.presence, *lane.pending[:1]) if name in self.by_name])}
         gone = fleet_recovery.absent(watched, self.by_name) if watched else set()
         now, lost = time.monotonic(), []
-        for run_id in watched:
-            lane = self.lanes[run_id]
-            if run_id not in gone:
+        for lane in self.lanes.values():
+            if lane.run_id not in gone:
                 lane.absent_since = None
             elif lane.absent_since is None:
                 lane.absent_since = now
             elif now - lane.absent_since >= fleet_recovery.LOST_AFTER_S and \
-                    (state := states.get(run_id)) is not None and not state.is_final():
-                lost.append(run_id)
+                    (state := states.get(lane.run_id)) is not None and not state.is_final():
+                lost.append(lane.run_id)
         return lost
 
     def _ended(self, lane: Lane, state, records: dict) -> list[str]:
@@ -235,13 +234,14 @@ class Lanes:
         return again
 
     def recover(self, lost: list[str]) -> None:
-        """Lanes whose process is gone with a member in flight (:mod:`flows.fleet_recovery`): the
-        member recovered, the rest of the lane's assignment not started, the fleet stopped."""
+        """Lanes whose process is gone (:mod:`flows.fleet_recovery`): a member in flight recovered,
+        the rest of the lane's assignment not started, the fleet stopped."""
         for run_id in lost:
             lane = self.lanes[run_id]
-            lane.ended = True
-            pending, lane.pending = lane.pending, []
-            rows = fleet_recovery.recover(self.environment, run_id, pending, self.by_name, self.undo)
+            rows = fleet_recovery.recover(self.environment, run_id, lane.pending, self.by_name, self.undo, lane.lease)
+            if rows is None:  # it ended just now: the next poll reads how
+                continue
+            lane.ended, lane.pending = True, []
             for name, row in rows.items():
                 self.report.set(name, {**row, "revision_after": self.where(name)} if row["status"] == FAILED else row)
             failed = [name for name, row in rows.items() if row["status"] == FAILED]
@@ -250,8 +250,9 @@ class Lanes:
                                  f"lane {lane.number} was lost between members (its process and worker are gone)")
 
     def finish(self) -> None:
-        """Every live lane told it is done and waited for (while a lane's idle timeout lasts: one
-        never picked up, or lost while idle, is left to its own end)."""
+        """Every live lane told it is done and waited for, while a lane's idle timeout lasts (a lane
+        told done ends within a second or two). Then one whose presence is gone is set Crashed (lost
+        after its last member: the fleet's outcome stands); one never picked up is left to its own end."""
         live = self.live()
         for lane in live:
             release(self.fleet_run, lane.number)
@@ -262,11 +263,15 @@ class Lanes:
                 lane.ended = (state := states.get(lane.run_id)) is not None and state.is_final()
             if live := [lane for lane in live if not lane.ended]:
                 time.sleep(POLL_S)
-        if live:
+        gone = fleet_recovery.absent({lane.run_id: [lane.presence] for lane in live if lane.presence in self.by_name},
+                                     self.by_name)
+        for lane in live:
+            lane.ended = True
+            if lane.run_id in gone:
+                fleet_recovery.recover(self.environment, lane.run_id, [], self.by_name, None, lane.lease)
+        if live := [lane for lane in live if lane.run_id not in gone]:
             get_run_logger().warning("lane(s) %s did not end when told to: left to their idle timeout",
                                      ", ".join(str(lane.number) for lane in live))
-            for lane in live:
-                lane.ended = True
 
     def forget(self) -> None:
         """This run's lane variables, unset."""

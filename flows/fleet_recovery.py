@@ -52,9 +52,15 @@ def absent(watched: dict[str, list[str]], members: dict[str, Member]) -> set[str
 
 
 def recover(environment: str, run_id: str, names: list[str], members: dict[str, Member],
-            undo: Undo | None) -> dict[str, dict]:
+            undo: Undo | None, lease: str | None) -> dict[str, dict] | None:
     """The lost lane's members pending, as the fleet's report classes them, where each database is said
-    (and, with ``undo``, one left between revisions put back); the run set Crashed saying so."""
+    (and, with ``undo``, one left between revisions put back); the run set Crashed saying so, the
+    slots its records name freed (``lease``: its latest record's before these). None, nothing done,
+    when its run turns out to be over (it ended just now: the fleet's next poll reads how)."""
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(run_id)).state
+    if state is None or state.is_final():
+        return None
     records = read_records(environment, names)
     rows, said = {}, []
     for name in names:
@@ -68,15 +74,17 @@ def recover(environment: str, run_id: str, names: list[str], members: dict[str, 
             said.append(f"member '{name}': {where}")
         else:
             rows[name] = {"status": NOT_STARTED, "message": "its run was lost before it started"}
+    not_started = [repr(name) for name, row in rows.items() if row["status"] == NOT_STARTED]
     when = "during the migration" if said else "between members"
-    message = "; ".join(said) or f"not started: {', '.join(repr(name) for name in names)}"
+    message = "; ".join(said) or (f"not started: {', '.join(not_started)}" if not_started
+                                  else "it had nothing left to do")
+    leases = {row["lease"] for name in names if (row := records.get(name)) and row.get("child_run") == run_id
+              and row.get("lease")} | ({lease} if lease else set())
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(UUID(run_id), Crashed(message=f"Run lost {when} (its process and worker are "
                                                                 f"gone): {message}."), force=True)
-        for name in names:  # the member's slots of the fleet's caps, which its lease would hold 5 minutes more
-            if (row := records.get(name)) and row.get("child_run") == run_id and row["status"] == RUNNING \
-                    and row.get("lease"):
-                client.release_concurrency_slots_with_lease(UUID(row["lease"]))
+        for lease in leases:  # the slots of the fleet's caps it held, for 5 minutes more; one given back is a no-op
+            client.release_concurrency_slots_with_lease(UUID(lease))
     return rows
 
 

@@ -32,6 +32,7 @@ from prefect.client.orchestration import get_client
 from prefect.states import Cancelled, Crashed
 from prefect.variables import Variable
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 from blocks import load_target
 from dbmigrate import db, interruption
@@ -80,7 +81,7 @@ def in_flight(environment: str, target: DatabaseTarget, credentials_block: str,
         get_run_logger().warning("run '%s' was interrupted during %s: %s.", left.name, left.phase.words,
                                  database_state(left))
     with presence(target) as present:
-        journal = Journal(environment, credentials_block, present is not None, undo)
+        journal = Journal(environment, credentials_block, present, undo)
         try:
             yield journal
         except DbMigrateError:
@@ -107,22 +108,43 @@ def presence_name(flow_run_id: str) -> str:
     return f"dbmigrate run {flow_run_id}"
 
 
+# A presence whose machine vanished (no FIN, no RST: power or network gone) is dropped within about
+# 25 s by the server's keepalives rather than the operating system's two hours, and the process's own
+# checks of it (a fleet's lane) give up as soon on a server gone.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+              "tcp_user_timeout": 25000}
+SERVER_KEEPALIVES = ("SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; "
+                     "SET tcp_user_timeout = 25000")
+
+
 @contextmanager
-def presence(target: DatabaseTarget) -> Iterator[Connection | None]:
-    """An idle connection named after the run, held while the run holds the slot (a fleet's
-    lane: from its first member to its end): PostgreSQL drops it the moment the process dies,
-    however it dies, so anyone can tell a run that is waiting (for approval, say) from one
-    whose process is gone (:func:`present`). None when the server cannot be reached."""
+def presence_connection(target: DatabaseTarget) -> Iterator[Connection]:
+    """An idle connection named after the run: PostgreSQL drops it the moment the process dies,
+    however it dies, so anyone can tell a run that is waiting (for approval, say) from one whose
+    process is gone (:func:`present`). ConnectionFailed when the server cannot be reached."""
+    named = {"application_name": presence_name(runtime.flow_run.id), **KEEPALIVES}
+    with db.connect(target, connect_args=named) as conn:
+        try:
+            conn.exec_driver_sql(SERVER_KEEPALIVES)
+            conn.commit()
+        except DBAPIError:  # a server without them (before PostgreSQL 12): its operating system's keepalives
+            conn.rollback()
+        yield conn
+
+
+@contextmanager
+def presence(target: DatabaseTarget) -> Iterator[bool]:
+    """The run's presence connection (:func:`presence_connection`) held while the run holds the
+    slot; False, said in the log, when the server cannot be reached."""
     with ExitStack() as held:
         try:
-            conn = held.enter_context(db.connect(target, connect_args={
-                "application_name": presence_name(runtime.flow_run.id)}))
+            held.enter_context(presence_connection(target))
         except ConnectionFailed as exc:  # the health checks say so (and retry); this run just cannot be vouched for
             get_run_logger().warning("no presence connection (%s): should this run die, its slot frees only when "
                                      "its lease lapses", exc)
-            yield None
+            yield False
             return
-        yield conn
+        yield True
 
 
 class Journal:

@@ -489,9 +489,10 @@ def test_a_lane_lost_while_idle_between_waves_is_found_and_stops_the_fleet(serve
     """4 members, canary 1, waves of 2, two lanes; three workers taking one run each (the parent and
     each lane alone on one). In wave 1, lane 2's member takes 20 s (its r2); lane 1 ends its own and
     waits, idle, keeping its presence connection (opened again when the server drops it); then its
-    worker is SIGKILLed with its process: nobody reports, Prefect shows it Running. Wave 2 gives lane 1 the last member: the fleet finds the lane's presence gone (it keeps
-    one while idle), sets it Crashed saying it was lost between members, classes the member it never
-    started `not started` (at r1, untouched) and ends Failed, instead of waiting for it for ever."""
+    worker is SIGKILLed with its process: nobody reports, Prefect shows it Running. Wave 2 gives lane
+    1 the last member: the fleet finds the lane's presence gone, sets it Crashed saying it was lost
+    between members, classes the member it never started `not started` (at r1, untouched) and ends
+    Failed, instead of waiting for it for ever."""
     tenants = Tenants(pg_cluster, cli, project, 4, "idle")
     canary, quick, slow, last = tenants.names
     extra = Worker(server, workers[0].environ, workers[0].log.with_name("worker-3.log"), limit=1)
