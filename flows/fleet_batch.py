@@ -164,12 +164,16 @@ class LanePresence:
         self._checker = threading.Thread(target=contextvars.copy_context().run, args=(self._check,), daemon=True)
         self._checker.start()
 
-    def move_to(self, member: Member) -> str | None:
-        """Held on ``member``'s database, or where it was should that fail: whose database that is."""
+    def move_to(self, member: Member) -> None:
+        """Held on ``member``'s database, or where it was should that fail (the checker tries again)."""
         with self._lock:
             self._wanted = member
             self._open(member)
-            return self.member.name if self.member else None
+
+    def where(self) -> str | None:
+        """The member on whose database it is now, as a record says it."""
+        member = self.member
+        return member.name if member else None
 
     def _open(self, member: Member) -> bool:
         held = ExitStack()
@@ -220,15 +224,15 @@ def migrate_member(job: FleetJob, member: Member, slots: LaneSlots, presence: La
     """The member through the single-database pipeline (a task named after it), its slots held by
     ``slots``, the lane's presence moved to its database. Its final record."""
     lease = slots.hold_for(member)  # freed by the fleet should this lane be lost
-    present = presence.move_to(member)
+    presence.move_to(member)
     if why := stopped(job.fleet_run):  # stopped while this member waited for its slots
         raise FleetStopped(why)
     # task_run_name as a callable: a name is not a format string (it may hold braces)
-    return task(lambda: _pipeline(job, member, present, lease), name="member", task_run_name=lambda: member.name,
+    return task(lambda: _pipeline(job, member, presence, lease), name="member", task_run_name=lambda: member.name,
                 cache_policy=NO_CACHE, persist_result=False)()
 
 
-def _pipeline(job: FleetJob, member: Member, presence: str | None, lease: str | None) -> dict:
+def _pipeline(job: FleetJob, member: Member, presence: LanePresence, lease: str | None) -> dict:
     environment, started = job.environment, time.time()
 
     def run_phase(name, fn, *args):
@@ -236,7 +240,7 @@ def _pipeline(job: FleetJob, member: Member, presence: str | None, lease: str | 
             return args[0]
         result = fn(*args)
         if name == "plan" and result.steps:  # where it starts: what the next run reads if this one is cut short
-            record(environment, member, RUNNING, started_at=started, presence=presence, lease=lease,
+            record(environment, member, RUNNING, started_at=started, presence=presence.where(), lease=lease,
                    revision_before=revisions.shown(result.revision_before),
                    target=result.steps[-1].revision, message="migrating")
         return result
@@ -245,7 +249,7 @@ def _pipeline(job: FleetJob, member: Member, presence: str | None, lease: str | 
         confirm=lambda plan: job.approval, run_phase=run_phase,
         auto_rollback=auto_rollback.restore_starting_state if job.policy.auto_rollback else None)
     return _final_record(environment, member, pipeline.execute(member.target, job.settings, job.request(), hooks),
-                         started, presence=presence, lease=lease)
+                         started, presence=presence.where(), lease=lease)
 
 
 def _final_record(environment: str, member: Member, outcome: pipeline.Outcome, started: float,
