@@ -5,12 +5,12 @@ A lane holds a presence connection named after its run (:class:`flows.fleet_batc
 from its first member to its end, idle too, on the database of the member it migrates or last
 migrated, moved make-before-break, and its member records say where it is. The fleet, at each poll,
 asks the servers where each lane it waits for should have it (its last record's and its next
-member's: one query per server). A lane without it there for LOST_AFTER_S, its run not over, is
-lost: the fleet says where its member in flight, if any, left its database and applies the
+member's: one query per server). A lane absent at every look for LOST_AFTER_S, its run not over,
+is lost: the fleet says where its member in flight, if any, left its database and applies the
 single-database recovery (:func:`dbmigrate.interruption.where_left`: a database left between
 revisions is downgraded to its starting revision where the policy rolls back automatically), sets
-the run Crashed with that message, frees the member's slots of the fleet's caps (its record keeps
-their lease), classes the rest of the lane's assignment not started, and stops.
+the run Crashed with that message, frees the slots of the fleet's caps its records name (by their
+lease), classes the rest of the lane's assignment not started, and stops.
 """
 
 from __future__ import annotations
