@@ -165,7 +165,8 @@ class LanePresence:
         self._checker.start()
 
     def move_to(self, member: Member) -> None:
-        """Held on ``member``'s database, or where it was should that fail (the checker tries again)."""
+        """Held on ``member``'s database, or where it was should that fail (with none yet, the checker
+        tries ``member``'s again)."""
         with self._lock:
             self._wanted = member
             self._open(member)
