@@ -21,13 +21,13 @@ While it migrates, a lane holds a slot of two Prefect global concurrency limits,
 fleets at once respect them too; it keeps them from one member to the next of its assignment on the
 same server and gives them back when the assignment is done. Before a member starts, the lane checks
 that the fleet was not stopped: the first member that fails stops its fleet run (a Prefect
-variable), and no member starts after that. Members are
-not linted one by one: the fleet lints its one project once, before any member runs.
+variable), and no member starts after that. Members are not linted one by one: the fleet lints its
+one project once, before any member runs.
 
 Each member's outcome is a keyed table artifact, its **member record** (``fleet-<env>-member-...``,
-:mod:`flows.fleet_state`),
-written once planned (where it starts from) and when it ends, naming the lane (``child_run``): the
-parent reads them all in one call, and the next fleet run reads where a member cut short was left.
+:mod:`flows.fleet_state`), written once planned (where it starts from) and when it ends, naming the
+lane (``child_run``) and where the lane's presence connection is (:class:`LanePresence`): the parent
+reads them all in one call, and the next fleet run reads where a member cut short was left.
 """
 
 from __future__ import annotations
