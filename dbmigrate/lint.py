@@ -28,6 +28,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import sysconfig
 import tempfile
 import tokenize
@@ -98,6 +99,7 @@ class LintResult:
     revisions: list[RevisionLint]
     rules_off: tuple[str, ...] = RULES_OFF
     blocking_level: str | None = None  # None: findings only warn in this environment
+    duration_s: float | None = None  # rendering and squawk: it grows with the revisions linted
 
     def findings(self, level: str = LEVELS[0]) -> list[tuple[str, Finding]]:
         """(revision, finding) at or above ``level``."""
@@ -201,6 +203,7 @@ def _run(squawk: Path, args: list[str], cwd: str | None = None) -> subprocess.Co
 
 def lint(project: Project, steps: list[PlannedStep], pg_version: str) -> LintResult:
     """Lint the upgrade of each of ``steps``; raises ConfigError for a malformed exception."""
+    started = time.monotonic()
     squawk = squawk_binary()
     files = {s.revision: Path(project.script.get_revision(s.revision).path) for s in steps}
     excepted = {path: exceptions(path) for path in files.values()}
@@ -221,7 +224,7 @@ def lint(project: Project, steps: list[PlannedStep], pg_version: str) -> LintRes
             _unrenderable(result, allowed)
         else:
             _sort(result, raw.get(result.revision, []), sql[result.revision], allowed)
-    return LintResult(pg_version, results)
+    return LintResult(pg_version, results, duration_s=round(time.monotonic() - started, 3))
 
 
 def _unrenderable(result: RevisionLint, allowed: list[Excepted]) -> None:

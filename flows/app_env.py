@@ -165,7 +165,7 @@ def _lint(app: ApplicationDbmigrate, revision: list[str]) -> None:
         result = LintResult(found["pg_version"], [
             RevisionLint(r["revision"], r["message"], [_known(Finding, f) for f in r["findings"]],
                          [_known(Excepted, e) for e in r["excepted"]], r["not_linted"]) for r in found["revisions"]],
-            tuple(found["rules_off"]), level)
+            tuple(found["rules_off"]), level, found.get("duration_s"))
     except (KeyError, TypeError):
         raise ConfigError(f"the application's dbmigrate ({app.executable}) wrote a lint this worker's dbmigrate "
                           f"{__version__} cannot read: install the same version of dbmigrate in both") from None

@@ -96,6 +96,7 @@ def test_an_upgrade_opens_fewer_sessions_and_still_runs_every_check(target, tmp_
     assert all(c["status"] == "ok" for c in report["health_checks"])
     assert [r["revision"] for r in report["lint"]["revisions"]] == ["0001", "0002", "0003", "0004", "0005", "0006"]
     assert report["lint"]["pg_version"] == lint.pg_version(scalar(target, "SHOW server_version"))
+    assert 0 < report["lint"]["duration_s"] < report["duration_s"]
     assert [c["name"] for c in report["validation"]] == ["database_answers", "invalid_indexes", "revision"]
     assert len(report["migrations_applied"]) == 6
     assert opened == [target.database] * 5
