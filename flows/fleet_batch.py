@@ -26,14 +26,12 @@ one project once, before any member runs.
 
 Each member's outcome is a keyed table artifact, its **member record** (``fleet-<env>-member-...``,
 :mod:`flows.fleet_state`), written once planned (where it starts from) and when it ends, naming the
-lane (``child_run``) and where the lane's presence connection is (:class:`LanePresence`): the parent
+lane (``child_run``) and where the lane's presence connection is (:mod:`flows.fleet_presence`): the parent
 reads them all in one call, and the next fleet run reads where a member cut short was left.
 """
 
 from __future__ import annotations
 
-import contextvars
-import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -44,21 +42,20 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.states import Failed
-from sqlalchemy import Connection, text
-from sqlalchemy.exc import SQLAlchemyError
 
 from blocks import load_policy
 from blocks.fleet import load_fleet
 from dbmigrate import auto_rollback, pipeline, private, revisions
-from dbmigrate.errors import ConfigError, ConnectionFailed, DbMigrateError
+from dbmigrate.errors import ConfigError, DbMigrateError
 from dbmigrate.fleet import Member
 from dbmigrate.policy import Policy
 from dbmigrate.report import NOOP, SUCCEEDED, Approval
 from dbmigrate.settings import Settings
-from flows import concurrency, recovery
+from flows import concurrency
 from flows.alerts import flow_run_url
 from flows.common import deployed_environment, ends_failed_on_error, settings_for
-from flows.fleet_state import (FAILED, LANE_IDLE_S, MIGRATED, NOT_STARTED, PRESENCE_CHECK_S, ROLLED_BACK, RUNNING,
+from flows.fleet_presence import LanePresence
+from flows.fleet_state import (FAILED, LANE_IDLE_S, MIGRATED, NOT_STARTED, ROLLED_BACK, RUNNING,
                                UNCHANGED, assigned, fleet_limit, record, server_limit, stop, stopped)
 
 SLOT_POLL_S = 0.5  # how often a member waiting for a slot asks again (and checks that the fleet goes on)
@@ -142,90 +139,12 @@ class LaneSlots:
         self.server = self.lease = None
 
 
-class LanePresence:
-    """The lane's presence connection (:func:`flows.recovery.presence_connection`), from its first
-    member to its end, idle between waves too, on the database of the member it migrates or last
-    migrated. It moves make-before-break (the next member's opened before the last one's is closed;
-    kept where it was should the next one fail to open), and a thread of its own checks it every
-    PRESENCE_CHECK_S and opens it again should its server have dropped it (a restart; every second
-    while that fails): a lane alive is never long without one, so the fleet tells a lane lost with its
-    process, at work or idle, from one at work or waiting for it (:mod:`flows.fleet_recovery`). The
-    member records say where it is (``presence``)."""
-
-    def __init__(self):
-        self.member: Member | None = None  # on whose database it is
-        self._wanted: Member | None = None  # where it was last asked to be
-        self._conn: Connection | None = None
-        self._held = ExitStack()
-        self._failing = False  # said once per outage, not at every attempt
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        # the run's context copied: the presence is named after the run, and its warnings go to its log
-        self._checker = threading.Thread(target=contextvars.copy_context().run, args=(self._check,), daemon=True)
-        self._checker.start()
-
-    def move_to(self, member: Member) -> None:
-        """Held on ``member``'s database, or where it was should that fail (with none yet, the checker
-        tries ``member``'s again)."""
-        with self._lock:
-            self._wanted = member
-            self._open(member)
-
-    def where(self) -> str | None:
-        """The member on whose database it is now, as a record says it."""
-        member = self.member
-        return member.name if member else None
-
-    def _open(self, member: Member) -> bool:
-        held = ExitStack()
-        try:
-            conn = held.enter_context(recovery.presence_connection(member.target))
-        except ConnectionFailed as exc:
-            if not self._failing:
-                get_run_logger().warning("no presence connection on %s (%s): should this lane's process die now, "
-                                         "the fleet cannot tell", member.server, exc)
-            self._failing = True
-            return False
-        self._failing = False
-        previous, self._held, self._conn, self.member = self._held, held, conn, member
-        previous.close()
-        return True
-
-    def _check(self) -> None:
-        wait = PRESENCE_CHECK_S
-        while not self._closed.wait(wait):
-            with self._lock:
-                try:
-                    wait = PRESENCE_CHECK_S if self._closed.is_set() or self._kept() else 1.0
-                except Exception:  # the thread outlives any surprise: without it a live lane would look lost
-                    get_run_logger().exception("checking the lane's presence connection failed")
-                    wait = 1.0
-
-    def _kept(self) -> bool:
-        """Its connection answers, or was opened again (where it was, or where it was last asked to be)."""
-        if self._conn is not None:
-            try:
-                self._conn.execute(text("SELECT 1"))
-                self._conn.rollback()  # not left idle in a transaction
-                return True
-            except SQLAlchemyError:  # dropped by its server
-                pass
-        member = self.member or self._wanted
-        return member is None or self._open(member)
-
-    def close(self) -> None:
-        self._closed.set()
-        with self._lock:
-            self._held.close()
-            self._conn = self.member = None
-        self._checker.join()
-
-
 def migrate_member(job: FleetJob, member: Member, slots: LaneSlots, presence: LanePresence) -> dict:
     """The member through the single-database pipeline (a task named after it), its slots held by
-    ``slots``, the lane's presence moved to its database. Its final record."""
-    lease = slots.hold_for(member)  # freed by the fleet should this lane be lost
+    ``slots``, the lane's presence moved to its server first (the fleet sees a lane waiting for the
+    slots). Its final record."""
     presence.move_to(member)
+    lease = slots.hold_for(member)  # freed by the fleet should this lane be lost
     if why := stopped(job.fleet_run):  # stopped while this member waited for its slots
         raise FleetStopped(why)
     # task_run_name as a callable: a name is not a format string (it may hold braces)

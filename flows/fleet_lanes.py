@@ -13,7 +13,8 @@ lane's number), so a resumed parent gets its lanes back; one already over is pas
 reaches it through a Prefect variable (:func:`flows.fleet_state.assign`). Per wave the parent
 splits the members over its lanes, then polls (one request for the lanes' states, one for the wave's
 member records) until every member has its final record or its lane ended; a lane lost with its
-worker, at work or idle, is found by its presence connection (:mod:`flows.fleet_recovery`). Before a
+worker, at work, waiting for a slot or idle, is found by its presence connection
+(:mod:`flows.fleet_recovery`). Before a
 pause that may last and at the end, the lanes are told they are done and waited for: none holds a
 worker through an approval.
 """
@@ -75,9 +76,11 @@ class Lane:
     seq: int = 0  # of its latest assignment
     pending: list[str] = field(default_factory=list)  # assigned members without their final record yet
     ended: bool = False
-    presence: str | None = None  # the member on whose database its records last said its presence is
+    presence: str | None = None  # the member on whose server its presence was last said or seen to be
     lease: str | None = None  # of the slots its records last said it holds
     absent_since: float | None = None  # since when its presence has been gone at every look
+    assigned_at: float = 0.0  # when it was given its latest assignment (time.time())
+    recorded: bool = False  # a record of one of its members was read: it had taken a member
 
 
 class Lanes:
@@ -145,7 +148,7 @@ class Lanes:
         for index, lane in enumerate(idle):
             if share := self.queue[index::len(idle)]:
                 lane.seq += 1
-                lane.pending = list(share)
+                lane.pending, lane.assigned_at = list(share), time.time()
                 assign(self.fleet_run, lane.number, lane.seq, share)
         if idle:
             self.queue = []
@@ -166,6 +169,7 @@ class Lanes:
                         continue
                     # a record written as the fleet stopped says neither: the lane kept both
                     lane.presence, lane.lease = row.get("presence") or lane.presence, row.get("lease") or lane.lease
+                    lane.recorded = True
                     if row["status"] != RUNNING:
                         self.report.set(name, row)
                         lane.pending.remove(name)
@@ -193,19 +197,25 @@ class Lanes:
     def _lost(self, lanes: list[Lane], states: dict) -> list[str]:
         """Of ``lanes`` (looked at each poll), those whose presence has been gone at every look for
         LOST_AFTER_S, their run not over (:mod:`flows.fleet_recovery`). A lane is looked for where its
-        records last said its presence is and on its next member's server (where it moves it next);
-        one that never said is not looked for."""
-        watched = {lane.run_id: where for lane in lanes if lane.presence and not lane.ended
+        presence was last said or seen to be and on its next member's server (where it moves it next),
+        from the moment its run is Running; one never seen yet is lost only once it has had
+        FIRST_PRESENCE_S to open it (:func:`flows.fleet_recovery.first_look_over`)."""
+        watched = {lane.run_id: where for lane in lanes if not lane.ended
+                   and (lane.presence or ((state := states.get(lane.run_id)) is not None and state.is_running()))
                    and (where := [name for name in (lane.presence, *lane.pending[:1]) if name in self.by_name])}
         gone = fleet_recovery.absent(watched, self.by_name) if watched else set()
         now, lost = time.monotonic(), []
         for lane in self.lanes.values():
+            state = states.get(lane.run_id)
             if lane.run_id not in gone:
                 lane.absent_since = None
+                if lane.run_id in watched and lane.presence is None:
+                    lane.presence = lane.pending[0]  # seen where its first member is: it has started
             elif lane.absent_since is None:
                 lane.absent_since = now
-            elif now - lane.absent_since >= fleet_recovery.LOST_AFTER_S and \
-                    (state := states.get(lane.run_id)) is not None and not state.is_final():
+            elif now - lane.absent_since >= fleet_recovery.LOST_AFTER_S and state is not None \
+                    and not state.is_final() and (lane.presence or fleet_recovery.first_look_over(lane.assigned_at,
+                                                                                                  state)):
                 lost.append(lane.run_id)
         return lost
 
@@ -238,7 +248,8 @@ class Lanes:
         the rest of the lane's assignment not started, the fleet stopped."""
         for run_id in lost:
             lane = self.lanes[run_id]
-            rows = fleet_recovery.recover(self.environment, run_id, lane.pending, self.by_name, self.undo, lane.lease)
+            rows = fleet_recovery.recover(self.environment, run_id, lane.pending, self.by_name, self.undo, lane.lease,
+                                          first=not lane.recorded)
             if rows is None:  # it ended just now: the next poll reads how
                 continue
             lane.ended, lane.pending = True, []
@@ -247,7 +258,8 @@ class Lanes:
             failed = [name for name, row in rows.items() if row["status"] == FAILED]
             stop(self.fleet_run, f"member{'s' if len(failed) > 1 else ''} {', '.join(repr(name) for name in failed)}: "
                                  f"its run was lost" if failed else
-                                 f"lane {lane.number} was lost between members (its process and worker are gone)")
+                                 f"lane {lane.number} was lost {fleet_recovery.when_lost(not lane.recorded)} "
+                                 "(its process and worker are gone)")
 
     def finish(self) -> None:
         """Every live lane told it is done and waited for, while a lane's idle timeout lasts (a lane

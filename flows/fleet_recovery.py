@@ -1,12 +1,13 @@
 """A fleet's lane lost with its process: its worker SIGKILLed with its flow-run processes (a
 lost machine), nobody reports, and Prefect shows the run Running for ever.
 
-A lane holds a presence connection named after its run (:class:`flows.fleet_batch.LanePresence`)
-from its first member to its end, idle too, on the database of the member it migrates or last
-migrated, moved make-before-break, and its member records say where it is. The fleet, at each poll,
-asks the servers where each lane it waits for should have it (its last record's and its next
-member's: one query per server). A lane absent at every look for LOST_AFTER_S, its run not over,
-is lost: the fleet says where its member in flight, if any, left its database and applies the
+A lane holds a presence connection named after its run (:mod:`flows.fleet_presence`) from the
+moment it takes its first member to its end, waiting for a slot and idle too, on the server of the
+member it migrates, waits for or last migrated, moved make-before-break, and its member records say
+where it is. The fleet, at each poll, asks the servers where each lane it waits for should have it
+(where it was last said or seen to be, and its next member's server: one query per server), from
+the moment the lane's run is Running. A lane absent at every look for LOST_AFTER_S, its run not over,
+is lost (one never seen yet, once it has had FIRST_PRESENCE_S to open it): the fleet says where its member in flight, if any, left its database and applies the
 single-database recovery (:func:`dbmigrate.interruption.where_left`: a database left between
 revisions is downgraded to its starting revision where the policy rolls back automatically), sets
 the run Crashed with that message, frees the slots of the fleet's caps its records name (by their
@@ -15,10 +16,12 @@ lease), classes the rest of the lane's assignment not started, and stops.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
 from prefect.states import Crashed
 
 from dbmigrate import interruption
@@ -32,6 +35,21 @@ from flows.fleet_state import FAILED, NOT_STARTED, PRESENCE_CHECK_S, RUNNING, re
 # A presence gone this long is a lane lost: twice as long as the lane takes to open it again should
 # its server have dropped it (a restart), so a lane alive is not taken for a lost one.
 LOST_AFTER_S = 2 * PRESENCE_CHECK_S
+# A lane opens its presence a few Prefect requests after it starts or is given its first member (a
+# busy SQLite Prefect server answers some with a 503, and its client waits 2, 4, 8 s... before trying
+# again): one never seen is taken for lost only this long after both.
+FIRST_PRESENCE_S = 60.0
+
+
+def first_look_over(assigned_at: float, state: State) -> bool:
+    """Whether a lane never seen has had FIRST_PRESENCE_S, since it was assigned (``time.time()``)
+    and since its run started (``state``: Running), to open its presence."""
+    since = max(assigned_at, state.timestamp.timestamp())
+    return state.is_running() and time.time() - since >= FIRST_PRESENCE_S
+
+
+def when_lost(first: bool) -> str:
+    return "before its first member" if first else "between members"
 
 
 def absent(watched: dict[str, list[str]], members: dict[str, Member]) -> set[str]:
@@ -52,11 +70,12 @@ def absent(watched: dict[str, list[str]], members: dict[str, Member]) -> set[str
 
 
 def recover(environment: str, run_id: str, names: list[str], members: dict[str, Member],
-            undo: Undo | None, lease: str | None) -> dict[str, dict] | None:
+            undo: Undo | None, lease: str | None, first: bool = False) -> dict[str, dict] | None:
     """The lost lane's members pending, as the fleet's report classes them, where each database is said
     (and, with ``undo``, one left between revisions put back); the run set Crashed saying so, the
-    slots its records name freed (``lease``: its latest record's before these). None, nothing done,
-    when its run turns out to be over (it ended just now: the fleet's next poll reads how)."""
+    slots its records name freed (``lease``: its latest record's before these); ``first``: it had
+    taken no member yet. None, nothing done, when its run turns out to be over (it ended just now:
+    the fleet's next poll reads how)."""
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(UUID(run_id)).state
     if state is None or state.is_final():
@@ -75,7 +94,7 @@ def recover(environment: str, run_id: str, names: list[str], members: dict[str, 
         else:
             rows[name] = {"status": NOT_STARTED, "message": "its run was lost before it started"}
     not_started = [repr(name) for name, row in rows.items() if row["status"] == NOT_STARTED]
-    when = "during the migration" if said else "between members"
+    when = "during the migration" if said else when_lost(first)
     message = "; ".join(said) or (f"not started: {', '.join(not_started)}" if not_started
                                   else "it had nothing left to do")
     leases = {row["lease"] for name in names if (row := records.get(name)) and row.get("child_run") == run_id

@@ -536,3 +536,66 @@ def test_a_lane_lost_while_idle_between_waves_is_found_and_stops_the_fleet(serve
     finally:
         extra.kill_all()
         tenants.drop()
+
+
+def test_a_lane_lost_waiting_for_its_first_members_slot_is_found_and_stops_the_fleet(server, workers, pg_cluster,
+                                                                                     cli, project):
+    """2 members on one server whose cap is 1, no canary, one wave, two lanes; three workers taking one
+    run each. Both members' r2 take 20 s: one lane migrates its member while the other waits for the
+    server's slot, its presence already held on the server's maintenance database (not on a tenant
+    database, which the caps count). The waiting lane's worker is SIGKILLed with its process: the fleet
+    finds its presence gone, sets it Crashed saying it was lost before its first member, classes that
+    member `not started` (at r1, untouched) and ends Failed, instead of waiting for it for ever."""
+    from flows.fleet_state import RUNNING, read_records
+
+    tenants = Tenants(pg_cluster, cli, project, 2, "first")
+    extra = Worker(server, workers[0].environ, workers[0].log.with_name("worker-3.log"), limit=1)
+    try:
+        tenants.slow(20)
+        save_fleet(pg_cluster, "development", tenants.names)
+        with one_run_each(workers):
+            extra.start()
+            run_id = start_fleet("development", project, canary=0, wave_size=2, max_in_flight=2, per_server=1)
+
+            def lanes_present() -> dict | None:
+                lanes = {str(run.id): run for run in batch_runs(run_id)}
+                running = {name: row for name, row in read_records("development", tenants.names).items()
+                           if row["status"] == RUNNING}
+                if len(lanes) == 2 and len(running) == 1 and all(presences(pg_cluster, lane) for lane in lanes):
+                    return {"lanes": lanes, "running": running}
+                return None
+
+            seen = wait_until(lanes_present, 120, "one lane migrating, the other waiting for the slot", 0.5)
+            [(migrating, row)] = seen["running"].items()
+            [waiting] = [name for name in tenants.names if name != migrating]
+            [lane] = [run for run_id_, run in seen["lanes"].items() if run_id_ != row["child_run"]]
+            with pg_cluster.admin() as conn:
+                databases = {datname for (datname,) in conn.execute(
+                    "SELECT datname FROM pg_stat_activity WHERE application_name = ANY(%s)",
+                    ([f"dbmigrate run {run_id_}" for run_id_ in seen["lanes"]],))}
+            assert databases == {"postgres"}, databases
+            everyone = [*workers, extra]
+            pid = wait_until(lambda: parent_process(everyone, str(lane.id)), 30, "the waiting lane's process")
+            [worker] = [w for w in everyone if pid in w.flow_run_pids()]
+            time.sleep(3)  # three of the fleet's polls: it has seen the waiting lane's presence
+            since = time.monotonic()
+            worker.kill_all()  # a lost machine, while its lane waits for the server's slot
+            run = final(run_id, 90)
+            took = time.monotonic() - since
+        number = lane.name.rsplit("-", 1)[1]
+        assert run.state.is_failed(), run.state
+        assert f"lane {number} was lost before its first member" in run.state.message, run.state.message
+        assert took < 40, f"the fleet took {took:.0f} s after the kill"
+        [lost] = [r for r in batch_runs(run_id) if r.id == lane.id]
+        assert lost.state.is_crashed(), lost.state
+        assert lost.state.message == ("Run lost before its first member (its process and worker are gone): "
+                                      f"not started: '{waiting}'."), lost.state.message
+        assert tenants.revision(migrating) == "r3" and tenants.revision(waiting) == "r1"
+        home = Path(workers[0].environ["DBMIGRATE_HOME"])
+        rows = {row["member"]: row for row in fleet_report(home)["members"]}
+        assert rows[migrating]["status"] == "migrated", rows[migrating]
+        assert rows[waiting]["status"] == "not started", rows[waiting]
+        assert "its run was lost before it started" in rows[waiting]["message"], rows[waiting]
+    finally:
+        extra.kill_all()
+        tenants.drop()
