@@ -11,7 +11,7 @@ given its share of every wave through a Prefect variable, so a run's fixed cost 
 lane, not per wave; their states read in one request per poll. The first failure stops the fleet:
 no member starts after it, those running finish, and this run ends Failed naming the failed members
 and where every member is. A lane lost with its worker (nobody reports: Prefect shows it Running)
-is found by its presence connection, at work or idle (:mod:`flows.fleet_recovery`).
+is found by its presence connection, at work, waiting for a slot or idle (:mod:`flows.fleet_recovery`).
 
 Resumable: a new run of the same fleet reads each member's database and record first. Members at
 the target are unchanged; members assigned to a previous run's lanes still running are waited for,

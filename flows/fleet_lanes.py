@@ -79,7 +79,8 @@ class Lane:
     presence: str | None = None  # the member on whose server its presence was last said or seen to be
     lease: str | None = None  # of the slots its records last said it holds
     absent_since: float | None = None  # since when its presence has been gone at every look
-    assigned_at: float = 0.0  # when it was given its latest assignment (time.time())
+    assigned_at: float = 0.0  # when it was given its latest assignment (time.monotonic())
+    running_at: float | None = None  # when this parent first read its run Running (time.monotonic())
     recorded: bool = False  # a record of one of its members was read: it had taken a member
 
 
@@ -148,7 +149,7 @@ class Lanes:
         for index, lane in enumerate(idle):
             if share := self.queue[index::len(idle)]:
                 lane.seq += 1
-                lane.pending, lane.assigned_at = list(share), time.time()
+                lane.pending, lane.assigned_at = list(share), time.monotonic()
                 assign(self.fleet_run, lane.number, lane.seq, share)
         if idle:
             self.queue = []
@@ -197,25 +198,32 @@ class Lanes:
     def _lost(self, lanes: list[Lane], states: dict) -> list[str]:
         """Of ``lanes`` (looked at each poll), those whose presence has been gone at every look for
         LOST_AFTER_S, their run not over (:mod:`flows.fleet_recovery`). A lane is looked for where its
-        presence was last said or seen to be and on its next member's server (where it moves it next),
-        from the moment its run is Running; one never seen yet is lost only once it has had
-        FIRST_PRESENCE_S to open it (:func:`flows.fleet_recovery.first_look_over`)."""
+        presence was last said or seen to be and on its next member's server (where it moves it next);
+        one of this fleet run from the moment its run is read Running, and, never seen yet, lost only
+        once it has had FIRST_PRESENCE_S to open it; one a previous fleet run started (an older
+        version's may hold none) once its records say where."""
+        now = time.monotonic()
+        for lane in lanes:
+            if lane.running_at is None and (state := states.get(lane.run_id)) is not None and state.is_running():
+                lane.running_at = now
         watched = {lane.run_id: where for lane in lanes if not lane.ended
-                   and (lane.presence or ((state := states.get(lane.run_id)) is not None and state.is_running()))
+                   and (lane.presence or (lane.running_at is not None and lane.fleet_run == self.fleet_run))
                    and (where := [name for name in (lane.presence, *lane.pending[:1]) if name in self.by_name])}
-        gone = fleet_recovery.absent(watched, self.by_name) if watched else set()
-        now, lost = time.monotonic(), []
+        seen, unknown = fleet_recovery.look(watched, self.by_name) if watched else (set(), set())
+        lost = []
         for lane in self.lanes.values():
+            if lane.run_id in seen and lane.presence is None:  # at its first member's server: it has started
+                lane.presence = lane.pending[0]
+                get_run_logger().info("lane %d took its first member: its presence is on %s", lane.number,
+                                      self.by_name[lane.presence].server)
             state = states.get(lane.run_id)
-            if lane.run_id not in gone:
+            if lane.run_id not in watched or lane.run_id in seen | unknown:
                 lane.absent_since = None
-                if lane.run_id in watched and lane.presence is None:
-                    lane.presence = lane.pending[0]  # seen where its first member is: it has started
             elif lane.absent_since is None:
                 lane.absent_since = now
             elif now - lane.absent_since >= fleet_recovery.LOST_AFTER_S and state is not None \
                     and not state.is_final() and (lane.presence or fleet_recovery.first_look_over(lane.assigned_at,
-                                                                                                  state)):
+                                                                                                  lane.running_at)):
                 lost.append(lane.run_id)
         return lost
 
@@ -275,8 +283,9 @@ class Lanes:
                 lane.ended = (state := states.get(lane.run_id)) is not None and state.is_final()
             if live := [lane for lane in live if not lane.ended]:
                 time.sleep(POLL_S)
-        gone = fleet_recovery.absent({lane.run_id: [lane.presence] for lane in live if lane.presence in self.by_name},
-                                     self.by_name)
+        watched = {lane.run_id: [lane.presence] for lane in live if lane.presence in self.by_name}
+        seen, unknown = fleet_recovery.look(watched, self.by_name)
+        gone = set(watched) - seen - unknown
         for lane in live:
             lane.ended = True
             if lane.run_id in gone:

@@ -5,7 +5,8 @@ The lane holds it from the moment it takes its first member until it ends, on th
 member it migrates, waits for, or last migrated, and on that server's maintenance database
 (``postgres``), not on the member's: a lane waiting for a slot of its server's cap is then not one
 more session on a tenant database (what the caps count), and an idle lane keeps no tenant database
-from being dropped. Where the member's role may not connect there, it is on the member's database.
+from being dropped. Where it cannot connect there (the member's role may not), it is on the
+member's database.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ class LanePresence:
         self._wanted: Member | None = None  # where it was last asked to be
         self._conn: Connection | None = None
         self._on_maintenance = False  # on the server's maintenance database, not the member's
-        self._members_only: set[str] = set()  # servers whose maintenance database refused the member's role
         self._held = ExitStack()
         self._failing = False  # said once per outage, not at every attempt
         self._lock = threading.Lock()
@@ -80,16 +80,13 @@ class LanePresence:
 
     def _connect(self, member: Member, held: ExitStack) -> bool:
         """Connected on the maintenance database (True), else on the member's (False)."""
-        if member.server not in self._members_only:
-            try:
-                self._conn = held.enter_context(
-                    recovery.presence_connection(member.target.with_database(MAINTENANCE_DATABASE)))
-                return True
-            except ConnectionFailed:
-                pass
-        self._conn = held.enter_context(recovery.presence_connection(member.target))
-        self._members_only.add(member.server)
-        return False
+        try:
+            maintenance = member.target.with_database(MAINTENANCE_DATABASE)
+            self._conn = held.enter_context(recovery.presence_connection(maintenance))
+            return True
+        except ConnectionFailed:
+            self._conn = held.enter_context(recovery.presence_connection(member.target))
+            return False
 
     def _check(self) -> None:
         wait = PRESENCE_CHECK_S

@@ -1,13 +1,13 @@
 """A fleet's lane lost with its process: its worker SIGKILLed with its flow-run processes (a
 lost machine), nobody reports, and Prefect shows the run Running for ever.
 
-A lane holds a presence connection named after its run (:mod:`flows.fleet_presence`) from the
-moment it takes its first member to its end, waiting for a slot and idle too, on the server of the
-member it migrates, waits for or last migrated, moved make-before-break, and its member records say
-where it is. The fleet, at each poll, asks the servers where each lane it waits for should have it
-(where it was last said or seen to be, and its next member's server: one query per server), from
-the moment the lane's run is Running. A lane absent at every look for LOST_AFTER_S, its run not over,
-is lost (one never seen yet, once it has had FIRST_PRESENCE_S to open it): the fleet says where its member in flight, if any, left its database and applies the
+A lane holds a presence connection (:mod:`flows.fleet_presence`) from the moment it takes its first
+member to its end, and its member records say where it is. The fleet, at each poll, asks the servers
+where each lane it waits for should have it (where it was last said or seen to be, and its next
+member's server: one query per server), from the moment it reads the lane's run Running. A lane
+absent at every look for LOST_AFTER_S, its run not over, is lost (one of this fleet run never seen
+yet, once it has had FIRST_PRESENCE_S to open it; one a previous fleet run started is looked for
+once its records say where): the fleet says where its member in flight, if any, left its database and applies the
 single-database recovery (:func:`dbmigrate.interruption.where_left`: a database left between
 revisions is downgraded to its starting revision where the policy rolls back automatically), sets
 the run Crashed with that message, frees the slots of the fleet's caps its records name (by their
@@ -21,7 +21,6 @@ from collections import defaultdict
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import State
 from prefect.states import Crashed
 
 from dbmigrate import interruption
@@ -41,32 +40,33 @@ LOST_AFTER_S = 2 * PRESENCE_CHECK_S
 FIRST_PRESENCE_S = 60.0
 
 
-def first_look_over(assigned_at: float, state: State) -> bool:
-    """Whether a lane never seen has had FIRST_PRESENCE_S, since it was assigned (``time.time()``)
-    and since its run started (``state``: Running), to open its presence."""
-    since = max(assigned_at, state.timestamp.timestamp())
-    return state.is_running() and time.time() - since >= FIRST_PRESENCE_S
+def first_look_over(assigned_at: float, running_at: float) -> bool:
+    """Whether a lane never seen has had FIRST_PRESENCE_S to open its presence since its latest
+    assignment and since the fleet first read its run Running (both ``time.monotonic()``)."""
+    return time.monotonic() - max(assigned_at, running_at) >= FIRST_PRESENCE_S
 
 
 def when_lost(first: bool) -> str:
     return "before its first member" if first else "between members"
 
 
-def absent(watched: dict[str, list[str]], members: dict[str, Member]) -> set[str]:
+def look(watched: dict[str, list[str]], members: dict[str, Member]) -> tuple[set[str], set[str]]:
     """Of the lanes watched (run id -> members on whose servers its presence should be) those whose
-    presence is on none of them: one query per server; a server that cannot tell vouches for its lanes."""
+    presence is on one of them, and those not seen whose servers could not tell (not a reason to
+    call a lane lost): one query per server."""
     by_server: dict[str, set[str]] = defaultdict(set)
     for run_id, names in watched.items():
         for name in names:
             by_server[members[name].server].add(run_id)
     target = {members[name].server: members[name].target for names in watched.values() for name in names}
-    there: set[str] = set()
+    seen: set[str] = set()
+    unknown: set[str] = set()
     for server, run_ids in by_server.items():
         try:
-            there |= recovery.present(target[server], list(run_ids))
-        except DbMigrateError:  # the server cannot tell: not a reason to call a run lost
-            there |= run_ids
-    return set(watched) - there
+            seen |= recovery.present(target[server], list(run_ids))
+        except DbMigrateError:
+            unknown |= run_ids
+    return seen, unknown - seen
 
 
 def recover(environment: str, run_id: str, names: list[str], members: dict[str, Member],

@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.helpers import REPO, assert_no_canary, libpq_url, sql, wait_until
 from tests.support.pgcluster import CANARY_PASSWORD
-from tests.support.prefect_server import PrefectServer, Worker, deployed, final, flow_run, start_run
+from tests.support.prefect_server import PrefectServer, Worker, deployed, final, flow_run, run_log, start_run
 from tests.support.projects import linear, stock_project
 from tests.support.webhooks import Listener
 
@@ -267,6 +267,13 @@ def parent_process(workers: list[Worker], run_id: str) -> int:
     return 0
 
 
+def lane_worker(workers: list[Worker], run_id: str) -> Worker:
+    """The worker running the lane ``run_id`` (its flow-run process's parent)."""
+    pid = wait_until(lambda: parent_process(workers, run_id), 60, f"the process of lane run {run_id}")
+    [worker] = [w for w in workers if pid in w.flow_run_pids()]
+    return worker
+
+
 def migrations(environment: str, name: str) -> list[dict]:
     """Each time the run history records ``name`` migrated (the versions of its member record saying
     so, each naming its lane, ``child_run``, and its fleet run)."""
@@ -450,8 +457,7 @@ def test_a_worker_killed_with_a_member_in_flight_crashes_its_batch_and_stops_the
                        "the canary inside r3", 0.5)
             assert tenants.revision(canary) == "r2"
             [batch] = batch_runs(run_id)
-            pid = wait_until(lambda: parent_process(workers, str(batch.id)), 60, "the batch run's process")
-            [worker] = [w for w in workers if pid in w.flow_run_pids()]
+            worker = lane_worker(workers, str(batch.id))
             since = time.monotonic()
             worker.kill_all()  # a lost machine: the worker and its flow-run processes, SIGKILLed
             run = final(run_id, 60)
@@ -506,9 +512,7 @@ def test_a_lane_lost_while_idle_between_waves_is_found_and_stops_the_fleet(serve
             wait_until(lambda: migrations("development", quick), 300, f"{quick} migrated", 0.5)
             assert tenants.revision(slow) != "r3", "the slow member is still migrating"
             [lane] = [run for run in batch_runs(run_id) if run.name == "development-fleet-lane-1"]
-            everyone = [*workers, extra]
-            pid = wait_until(lambda: parent_process(everyone, str(lane.id)), 30, "lane 1's process")
-            [worker] = [w for w in everyone if pid in w.flow_run_pids()]
+            worker = lane_worker([*workers, extra], str(lane.id))
             # Its presence dropped by the server (as a restart would): the lane opens it again well
             # within the 10 s after which the fleet would take it for lost.
             [before] = presences(pg_cluster, str(lane.id))
@@ -574,15 +578,14 @@ def test_a_lane_lost_waiting_for_its_first_members_slot_is_found_and_stops_the_f
                     "SELECT datname FROM pg_stat_activity WHERE application_name = ANY(%s)",
                     ([f"dbmigrate run {run_id_}" for run_id_ in seen["lanes"]],))}
             assert databases == {"postgres"}, databases
-            everyone = [*workers, extra]
-            pid = wait_until(lambda: parent_process(everyone, str(lane.id)), 30, "the waiting lane's process")
-            [worker] = [w for w in everyone if pid in w.flow_run_pids()]
-            time.sleep(3)  # three of the fleet's polls: it has seen the waiting lane's presence
+            worker = lane_worker([*workers, extra], str(lane.id))
+            number = lane.name.rsplit("-", 1)[1]
+            wait_until(lambda: f"lane {number} took its first member" in run_log(run_id), 30,
+                       "the fleet's word that it saw the waiting lane's presence", 0.5)
             since = time.monotonic()
             worker.kill_all()  # a lost machine, while its lane waits for the server's slot
             run = final(run_id, 90)
             took = time.monotonic() - since
-        number = lane.name.rsplit("-", 1)[1]
         assert run.state.is_failed(), run.state
         assert f"lane {number} was lost before its first member" in run.state.message, run.state.message
         assert took < 40, f"the fleet took {took:.0f} s after the kill"
