@@ -21,8 +21,9 @@ creation to its final state), the ratio to the loop, the members' own time (the 
 from their reports), the lanes (db-migrate-fleet-batch runs) and the orchestration cost per member (the
 lanes' time beyond their members', per member), the parent run's time, and its API requests per minute
 (its polls: two requests each, plus three per lane started, one per lane and wave, and two per wave; the
-poll count from its own log line), and how many of the Prefect server's writes timed out on SQLite's
-lock meanwhile (the server's log): one such lock held 60 s stalls every lane's writes as long.
+poll count from its own log line), and how many of the Prefect server's writes SQLite refused
+meanwhile ("database is locked", in the server's log): each is a 503 after which Prefect's client
+waits 2 s, then 4, 8, 16 and 32 should the same request be refused again.
 """
 
 from __future__ import annotations
@@ -113,10 +114,10 @@ def fleet_run(wave_size: int, lanes: int, members: int) -> dict:
             "requests_per_min": requests / (parent_s / 60) if parent_s else 0.0}
 
 
-def sqlite_lock_timeouts(server_log: Path, offset: int) -> int:
-    """The Prefect server's writes that failed "database is locked" since ``offset``: each waited
-    SQLite's busy timeout (60 s) for a lock another of the server's transactions held, and the API's
-    writes stalled behind it meanwhile (PrefectHQ/prefect#10188)."""
+def sqlite_refusals(server_log: Path, offset: int) -> int:
+    """The Prefect server's writes that failed "database is locked" since ``offset`` (the ones its log
+    shows: a worker's heartbeat, a service's write). A transaction that read before another write
+    committed fails at once (SQLITE_BUSY_SNAPSHOT, PrefectHQ/prefect#8950); it does not wait."""
     with open(server_log, "rb") as log:
         log.seek(offset)
         return sum(line.startswith(b"sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) database is locked")
@@ -193,8 +194,8 @@ def main() -> int:
             print(f"fleet, {count} worker(s): {figures['wall_s']:.1f} s{ratio}; {figures['lanes']} lanes; "
                   f"members' own time {own:.1f} s; lanes' time beyond their members' {cost:.2f} s per member; "
                   f"parent run {figures['parent_run_s']:.0f} s, ~{figures['requests_per_min']:.0f} API requests/min; "
-                  f"Prefect server writes timed out on SQLite's lock (60 s): "
-                  f"{sqlite_lock_timeouts(server_log, logged)}")
+                  f"Prefect server writes refused by SQLite (logged): "
+                  f"{sqlite_refusals(server_log, logged)}")
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return 0
