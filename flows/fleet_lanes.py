@@ -9,14 +9,13 @@ more after a pause): at most L lanes, one per worker online in the batch deploym
 default, never more than C.
 
 A lane is created with ``run_deployment`` and an idempotency key (the fleet run, the revision, the
-lane's number), so a resumed parent gets its lanes back; one already over is passed by. Its work
-reaches it through a Prefect variable (:func:`flows.fleet_state.assign`). Per wave the parent
-splits the members over its lanes, then polls (one request for the lanes' states, one for the wave's
-member records) until every member has its final record or its lane ended; a lane lost with its
-worker, at work, waiting for a slot or idle, is found by its presence connection
-(:mod:`flows.fleet_recovery`). Before a
-pause that may last and at the end, the lanes are told they are done and waited for: none holds a
-worker through an approval.
+lane's number), so a resumed parent gets its lanes back; one already over is passed by. Its work reaches
+it through a Prefect variable (:func:`flows.fleet_state.assign`). Per wave the parent splits the members
+over its lanes, then polls (one request for the lanes' states, one for the wave's member records) until
+every member has its final record or its lane ended; a lane lost with its worker, at work, waiting for a
+slot or idle, is found by its presence connection (:mod:`flows.fleet_recovery`). Before a pause that may
+last and at the end, the lanes are told they are done and waited for: none holds a worker through an
+approval.
 """
 
 from __future__ import annotations

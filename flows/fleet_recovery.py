@@ -3,15 +3,15 @@ lost machine), nobody reports, and Prefect shows the run Running for ever.
 
 A lane holds a presence connection (:mod:`flows.fleet_presence`) from the moment it takes its first
 member to its end, and its member records say where it is. The fleet, at each poll, asks the servers
-where each lane it waits for should have it (where it was last said or seen to be, and its next
-member's server: one query per server), from the moment it reads the lane's run Running. A lane
-absent at every look for LOST_AFTER_S, its run not over, is lost (one of this fleet run never seen
-yet, once it has had FIRST_PRESENCE_S to open it; one a previous fleet run started is looked for
-once its records say where): the fleet says where its member in flight, if any, left its database and applies the
-single-database recovery (:func:`dbmigrate.interruption.where_left`: a database left between
-revisions is downgraded to its starting revision where the policy rolls back automatically), sets
-the run Crashed with that message, frees the slots of the fleet's caps its records name (by their
-lease), classes the rest of the lane's assignment not started, and stops.
+where each lane it waits for should have it (where it was last said or seen to be, and its next member's
+server: one query per server), from the moment it reads the lane's run Running. A lane absent at every
+look for LOST_AFTER_S, its run not over, is lost (one of this fleet run never seen yet, once it has had
+FIRST_PRESENCE_S to open it; one a previous fleet run started is looked for once its records say where):
+the fleet says where its member in flight, if any, left its database and applies the single-database
+recovery (:func:`dbmigrate.interruption.where_left`: a database left between revisions is downgraded to
+its starting revision where the policy rolls back automatically), sets the run Crashed with that
+message, frees the slots of the fleet's caps its records name (by their lease), classes the rest of the
+lane's assignment not started, and stops.
 """
 
 from __future__ import annotations
